@@ -1,0 +1,986 @@
+//! Save and load orchestration: the commit protocol across ranks, and the
+//! writer and reader that run the pipeline over any [`FileSystem`].
+//!
+//! Save: every rank offers a plan; the coordinator (rank 0) checks the
+//! location, dedups and assigns records, and scatters assignments; every rank
+//! writes its data files under names unique to this save; the coordinator
+//! gathers the results and, only if every rank succeeded, writes `.metadata`
+//! atomically, removes files of earlier saves that it no longer references,
+//! and broadcasts the outcome. Every rank returns the same `Ok` or the same
+//! error, naming the failing rank.
+//!
+//! Load: the coordinator reads and validates `.metadata` once and broadcasts
+//! it; every rank plans and reads only what its destination needs; the
+//! outcome is agreed by an all-gather.
+
+use crate::collective::Collective;
+use crate::error::{Error, ErrorKind, Result, WireError};
+use crate::metadata::{
+    ChunkMeta, DataFile, FormatKind, ItemMeta, Metadata, StorageInfo, MAX_METADATA_LEN,
+};
+use crate::model::{DestStateDict, Item, StateDict};
+use crate::pipeline::read::{read_plan, ReadConfig, ReadStats};
+use crate::pipeline::write::{write_file, FileJob, RecordJob, RecordResult, WriteConfig};
+use crate::plan::{
+    DefaultLoadPlanner, DefaultSavePlanner, LoadPlan, LoadPlanner, SavePlan, SavePlanner,
+    WriteIndex,
+};
+use crate::storage::{FileSystem, METADATA_FILE};
+use crate::transform::{ExtensionRegistry, StreamTransformExtension, TransformKind};
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+const ROOT: usize = 0;
+
+/// Options of a [`FileSystemWriter`], with the meaning torch DCP gives them.
+#[derive(Clone, Debug)]
+pub struct WriterOptions {
+    /// One data file per bucket per rank (`true`), or one per record.
+    pub single_file_per_rank: bool,
+    /// Make data files and the metadata durable before the save returns.
+    pub sync_files: bool,
+    /// Buckets (data files) per rank and writer threads.
+    pub thread_count: usize,
+    /// Bytes of staged output a worker may hold at once (transform pieces).
+    pub per_thread_copy_ahead: usize,
+    /// Replace an existing checkpoint (crash-safely). When `false`, a save
+    /// into a location holding `.metadata` fails with `AlreadyExists`.
+    pub overwrite: bool,
+    /// Transforms applied to every record, in order.
+    pub extensions: Vec<Arc<dyn StreamTransformExtension>>,
+    /// Record layout.
+    pub serialization_format: FormatKind,
+}
+
+impl Default for WriterOptions {
+    fn default() -> Self {
+        WriterOptions {
+            single_file_per_rank: true,
+            sync_files: true,
+            thread_count: 1,
+            per_thread_copy_ahead: 10_000_000,
+            overwrite: true,
+            extensions: Vec::new(),
+            serialization_format: FormatKind::Raw,
+        }
+    }
+}
+
+/// Options of a [`FileSystemReader`].
+#[derive(Clone, Debug)]
+pub struct ReaderOptions {
+    /// Reader threads per rank.
+    pub thread_count: usize,
+    /// Verify recorded checksums (reads each checksummed record whole).
+    pub verify_checksums: bool,
+    /// Resolves transform descriptors found in the metadata.
+    pub registry: ExtensionRegistry,
+    /// Merge two needed ranges of a file when at most this many bytes apart.
+    pub coalesce_gap: u64,
+    /// Largest single read request, except a single record read whole.
+    pub max_request: u64,
+}
+
+impl Default for ReaderOptions {
+    fn default() -> Self {
+        ReaderOptions {
+            thread_count: 4,
+            verify_checksums: true,
+            registry: ExtensionRegistry::new(),
+            coalesce_gap: 256 * 1024,
+            max_request: 64 << 20,
+        }
+    }
+}
+
+/// What one rank wrote.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RankWrite {
+    /// Data files written by this rank.
+    pub files: Vec<DataFile>,
+    /// Transform descriptor table the records refer to.
+    pub transforms: Vec<String>,
+    /// Each record: item name, which record, and where (file index into `files`).
+    pub records: Vec<(String, WriteIndex, StorageInfo)>,
+}
+
+impl RankWrite {
+    /// Bytes in this rank's data files.
+    pub fn bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.length).sum()
+    }
+}
+
+/// A record handed to a [`StorageWriter`]: the item name, which record, its
+/// dtype (`None` for bytes), whether it is the whole tensor, and its bytes.
+#[derive(Clone, Debug)]
+pub struct WriteRecord {
+    /// Item name.
+    pub name: String,
+    /// Which record.
+    pub index: WriteIndex,
+    /// Element type of a tensor chunk.
+    pub dtype: Option<crate::DType>,
+    /// True when the chunk covers its whole tensor.
+    pub whole: bool,
+    /// The bytes, shared with the caller's state dict.
+    pub data: Bytes,
+}
+
+/// Where a save's bytes go. [`FileSystemWriter`] implements it over any
+/// [`FileSystem`]; implement it directly for a wholly different store.
+#[async_trait]
+pub trait StorageWriter: Send + Sync {
+    /// The location, for messages.
+    fn location(&self) -> String;
+
+    /// The record layout this writer produces, recorded in the metadata.
+    fn format(&self) -> FormatKind;
+
+    /// Refuse a plan this writer cannot store (for example compression with
+    /// the safetensors format). Runs on every rank before anything is written.
+    fn check_plan(&self, plan: &SavePlan) -> Result<()>;
+
+    /// On the coordinator, before any rank writes: create the location, and
+    /// refuse an existing checkpoint unless overwriting.
+    async fn prepare(&self) -> Result<()>;
+
+    /// Write this rank's records under names unique to `save_id`.
+    async fn write_rank(
+        &self,
+        rank: usize,
+        save_id: &str,
+        records: Vec<WriteRecord>,
+    ) -> Result<RankWrite>;
+
+    /// On the coordinator, after every rank succeeded: make `metadata` the
+    /// checkpoint, atomically.
+    async fn commit(&self, metadata: &Metadata, encoded: &[u8]) -> Result<()>;
+
+    /// After the commit: remove data files that `metadata` does not reference
+    /// (earlier saves, killed saves). Returns the names removed.
+    async fn cleanup(&self, metadata: &Metadata) -> Result<Vec<String>>;
+
+    /// After a failed save: remove this rank's files (best effort).
+    async fn discard(&self, files: &[DataFile]);
+}
+
+/// Where a load's bytes come from.
+#[async_trait]
+pub trait StorageReader: Send + Sync {
+    /// The location, for messages.
+    fn location(&self) -> String;
+
+    /// The raw bytes of `.metadata`.
+    async fn read_metadata(&self) -> Result<Vec<u8>>;
+
+    /// Execute `plan`, filling `dest`.
+    async fn read(
+        &self,
+        metadata: Arc<Metadata>,
+        plan: LoadPlan,
+        dest: DestStateDict,
+    ) -> Result<(DestStateDict, ReadStats)>;
+}
+
+/// The writer of the design (torch's `FileSystemWriter`), generic over the
+/// [`FileSystem`]: local disk, or an object store through OpenDAL.
+#[derive(Clone, Debug)]
+pub struct FileSystemWriter {
+    fs: Arc<dyn FileSystem>,
+    options: WriterOptions,
+}
+
+impl FileSystemWriter {
+    /// A writer over `fs` with `options`. Refuses `thread_count == 0`.
+    pub fn new(fs: Arc<dyn FileSystem>, options: WriterOptions) -> Result<Self> {
+        if options.thread_count == 0 {
+            return Err(Error::invalid("thread_count must be at least 1"));
+        }
+        Ok(FileSystemWriter { fs, options })
+    }
+
+    /// The options.
+    pub fn options(&self) -> &WriterOptions {
+        &self.options
+    }
+
+    /// The file system.
+    pub fn fs(&self) -> &Arc<dyn FileSystem> {
+        &self.fs
+    }
+}
+
+/// Is `name` a data file dcp writes (and may therefore remove)?
+pub fn is_data_file_name(name: &str) -> bool {
+    name.starts_with("__") && (name.ends_with(".dcp") || name.ends_with(".safetensors"))
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::new(ErrorKind::Io, format!("a storage worker failed: {e}")))?
+}
+
+#[async_trait]
+impl StorageWriter for FileSystemWriter {
+    fn location(&self) -> String {
+        self.fs.location()
+    }
+
+    fn format(&self) -> FormatKind {
+        self.options.serialization_format
+    }
+
+    fn check_plan(&self, _plan: &SavePlan) -> Result<()> {
+        if self.options.serialization_format == FormatKind::Safetensors {
+            if let Some(t) = self
+                .options
+                .extensions
+                .iter()
+                .find(|t| t.kind() == TransformKind::Codec)
+            {
+                return Err(Error::invalid(format!(
+                    "the safetensors format cannot hold records transformed by {}: its files must stay valid safetensors; \
+                     use the raw format, or only checksum extensions",
+                    t.descriptor()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    async fn prepare(&self) -> Result<()> {
+        let fs = self.fs.clone();
+        let overwrite = self.options.overwrite;
+        blocking(move || {
+            fs.prepare()?;
+            if !overwrite && fs.file_len(METADATA_FILE)?.is_some() {
+                return Err(Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!(
+                        "a checkpoint already exists at {}; pass overwrite = true to replace it",
+                        fs.location()
+                    ),
+                ));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn write_rank(
+        &self,
+        rank: usize,
+        save_id: &str,
+        records: Vec<WriteRecord>,
+    ) -> Result<RankWrite> {
+        let opts = &self.options;
+        let ext = crate::format::extension(opts.serialization_format);
+        // Bucket: largest records first into the least-loaded bucket, then
+        // each bucket in state-dict order.
+        let mut buckets: Vec<Vec<usize>> = if opts.single_file_per_rank {
+            let n = opts.thread_count.min(records.len());
+            let mut order: Vec<usize> = (0..records.len()).collect();
+            order.sort_by_key(|&i| std::cmp::Reverse(records[i].data.len()));
+            let mut loads = vec![0usize; n];
+            let mut b: Vec<Vec<usize>> = vec![Vec::new(); n];
+            for i in order {
+                let k = (0..n)
+                    .min_by_key(|&k| (loads[k], k))
+                    .expect("n > 0 when records exist");
+                loads[k] += records[i].data.len();
+                b[k].push(i);
+            }
+            b
+        } else {
+            (0..records.len()).map(|i| vec![i]).collect()
+        };
+        for b in &mut buckets {
+            b.sort_unstable();
+        }
+        let jobs: Vec<FileJob> = buckets
+            .into_iter()
+            .enumerate()
+            .map(|(k, idx)| FileJob {
+                file_name: format!("__{rank}_{k}-{save_id}.{ext}"),
+                records: idx
+                    .into_iter()
+                    .map(|i| {
+                        let r = &records[i];
+                        RecordJob {
+                            name: r.name.clone(),
+                            index: r.index.clone(),
+                            dtype: r.dtype,
+                            whole: r.whole,
+                            data: r.data.clone(),
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        drop(records);
+        let transforms: Vec<String> = opts.extensions.iter().map(|t| t.descriptor()).collect();
+        let cfg = WriteConfig {
+            format: opts.serialization_format,
+            sync: opts.sync_files,
+            piece: opts.per_thread_copy_ahead,
+            save_id: save_id.to_string(),
+            transforms: opts
+                .extensions
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (i as u32, t.clone()))
+                .collect(),
+        };
+        let fs = self.fs.clone();
+        let threads = opts.thread_count;
+        let started = Instant::now();
+        let out = blocking(move || {
+            let next = AtomicUsize::new(0);
+            let done: Mutex<Vec<Option<Result<(DataFile, Vec<RecordResult>)>>>> =
+                Mutex::new((0..jobs.len()).map(|_| None).collect());
+            let failed = std::sync::atomic::AtomicBool::new(false);
+            std::thread::scope(|s| {
+                for _ in 0..threads.min(jobs.len()) {
+                    s.spawn(|| loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= jobs.len() || failed.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        let r = write_file(fs.as_ref(), &jobs[i], i as u32, &cfg);
+                        if r.is_err() {
+                            failed.store(true, Ordering::Relaxed);
+                        }
+                        done.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
+                    });
+                }
+            });
+            let done = done.into_inner().unwrap_or_else(|p| p.into_inner());
+            let mut rw = RankWrite {
+                transforms,
+                ..Default::default()
+            };
+            let mut first_err = None;
+            for r in done.into_iter().flatten() {
+                match r {
+                    Ok((file, recs)) => {
+                        rw.files.push(file);
+                        for rec in recs {
+                            let mut st = rec.storage;
+                            st.file = (rw.files.len() - 1) as u32;
+                            rw.records.push((rec.name, rec.index, st));
+                        }
+                    }
+                    Err(e) => {
+                        first_err.get_or_insert(e);
+                    }
+                }
+            }
+            if let Some(e) = first_err {
+                for f in &rw.files {
+                    let _ = fs.remove(&f.name);
+                }
+                return Err(e);
+            }
+            Ok(rw)
+        })
+        .await?;
+        tracing::debug!(
+            rank,
+            bytes = out.bytes(),
+            seconds = started.elapsed().as_secs_f64(),
+            "wrote rank"
+        );
+        Ok(out)
+    }
+
+    async fn commit(&self, _metadata: &Metadata, encoded: &[u8]) -> Result<()> {
+        let fs = self.fs.clone();
+        let sync = self.options.sync_files;
+        let data = encoded.to_vec();
+        blocking(move || {
+            if sync {
+                fs.sync_dir()?;
+            }
+            fs.write_atomic(METADATA_FILE, &data, sync)
+        })
+        .await
+    }
+
+    async fn cleanup(&self, metadata: &Metadata) -> Result<Vec<String>> {
+        let fs = self.fs.clone();
+        let keep: std::collections::HashSet<String> =
+            metadata.files.iter().map(|f| f.name.clone()).collect();
+        blocking(move || {
+            let mut removed = Vec::new();
+            for f in fs.list()? {
+                if is_data_file_name(&f.name) && !keep.contains(&f.name) {
+                    fs.remove(&f.name)?;
+                    removed.push(f.name);
+                }
+            }
+            Ok(removed)
+        })
+        .await
+    }
+
+    async fn discard(&self, files: &[DataFile]) {
+        let fs = self.fs.clone();
+        let names: Vec<String> = files.iter().map(|f| f.name.clone()).collect();
+        let _ = blocking(move || {
+            for n in names {
+                if let Err(e) = fs.remove(&n) {
+                    tracing::warn!("could not remove {n} after a failed save: {e}");
+                }
+            }
+            Ok(())
+        })
+        .await;
+    }
+}
+
+/// The reader of the design (torch's `FileSystemReader`), generic over the
+/// [`FileSystem`].
+#[derive(Clone, Debug)]
+pub struct FileSystemReader {
+    fs: Arc<dyn FileSystem>,
+    options: ReaderOptions,
+}
+
+impl FileSystemReader {
+    /// A reader over `fs` with `options`.
+    pub fn new(fs: Arc<dyn FileSystem>, options: ReaderOptions) -> Self {
+        FileSystemReader { fs, options }
+    }
+
+    /// The options.
+    pub fn options(&self) -> &ReaderOptions {
+        &self.options
+    }
+
+    /// The file system.
+    pub fn fs(&self) -> &Arc<dyn FileSystem> {
+        &self.fs
+    }
+}
+
+#[async_trait]
+impl StorageReader for FileSystemReader {
+    fn location(&self) -> String {
+        self.fs.location()
+    }
+
+    async fn read_metadata(&self) -> Result<Vec<u8>> {
+        let fs = self.fs.clone();
+        blocking(move || {
+            fs.read_small(METADATA_FILE, MAX_METADATA_LEN).map_err(|e| {
+                if e.kind() == ErrorKind::NotFound {
+                    Error::new(
+                        ErrorKind::NotFound,
+                        format!(
+                            "no checkpoint at {}: {METADATA_FILE} is missing",
+                            fs.location()
+                        ),
+                    )
+                } else {
+                    e
+                }
+            })
+        })
+        .await
+    }
+
+    async fn read(
+        &self,
+        md: Arc<Metadata>,
+        plan: LoadPlan,
+        dest: DestStateDict,
+    ) -> Result<(DestStateDict, ReadStats)> {
+        // Resolve only the transforms the planned records use.
+        let mut used = vec![false; md.transforms.len()];
+        let mut mark = |s: &StorageInfo| {
+            for t in &s.transforms {
+                used[t.descriptor as usize] = true;
+            }
+        };
+        for r in &plan.tensor_reads {
+            if let ItemMeta::Tensor { chunks, .. } = &md.items[r.md_item].1 {
+                mark(&chunks[r.saved_chunk].storage);
+            }
+        }
+        for b in &plan.bytes_reads {
+            if let ItemMeta::Bytes { storage, .. } = &md.items[b.md_item].1 {
+                mark(storage);
+            }
+        }
+        let mut resolved = Vec::with_capacity(md.transforms.len());
+        for (i, d) in md.transforms.iter().enumerate() {
+            resolved.push(if used[i] {
+                Some(self.options.registry.resolve(d)?)
+            } else {
+                None
+            });
+        }
+        let cfg = ReadConfig {
+            thread_count: self.options.thread_count.max(1),
+            verify_checksums: self.options.verify_checksums,
+            coalesce_gap: self.options.coalesce_gap,
+            max_request: self.options.max_request.max(1),
+        };
+        let fs = self.fs.clone();
+        blocking(move || read_plan(fs.as_ref(), &md, &plan, dest, &resolved, &cfg)).await
+    }
+}
+
+/// Options of [`save_with`].
+#[derive(Clone)]
+pub struct SaveOptions {
+    /// Decides who writes what.
+    pub planner: Arc<dyn SavePlanner>,
+    /// User key/value metadata stored in `.metadata` (taken from rank 0).
+    pub user_metadata: BTreeMap<String, String>,
+}
+
+impl Default for SaveOptions {
+    fn default() -> Self {
+        SaveOptions {
+            planner: Arc::new(DefaultSavePlanner::default()),
+            user_metadata: BTreeMap::new(),
+        }
+    }
+}
+
+/// Options of [`load_with`].
+#[derive(Clone)]
+pub struct LoadOptions {
+    /// Decides which stored bytes fill which destination.
+    pub planner: Arc<dyn LoadPlanner>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            planner: Arc::new(DefaultLoadPlanner::default()),
+        }
+    }
+}
+
+/// What a save returns on every rank.
+#[derive(Clone, Debug)]
+pub struct SaveResult {
+    /// The committed metadata.
+    pub metadata: Arc<Metadata>,
+    /// Bytes this rank wrote into data files.
+    pub bytes_written: u64,
+    /// Data files of earlier saves removed after the commit (rank 0 only).
+    pub removed: Vec<String>,
+}
+
+/// What a load returns on every rank.
+#[derive(Debug)]
+pub struct LoadResult {
+    /// The filled destination.
+    pub state_dict: DestStateDict,
+    /// What this rank read.
+    pub stats: ReadStats,
+    /// The checkpoint's metadata.
+    pub metadata: Arc<Metadata>,
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Bytes> {
+    postcard::to_allocvec(v)
+        .map(Bytes::from)
+        .map_err(|e| Error::invalid(format!("encode message: {e}")))
+}
+
+fn decode<'a, T: Deserialize<'a>>(b: &'a [u8]) -> Result<T> {
+    postcard::from_bytes(b).map_err(|e| {
+        Error::new(
+            ErrorKind::Collective,
+            format!("malformed message between ranks: {e}"),
+        )
+    })
+}
+
+fn wire<T>(r: Result<T>, rank: usize) -> std::result::Result<T, WireError> {
+    r.map_err(|e| {
+        let e = if e.rank().is_none() {
+            e.with_rank(rank)
+        } else {
+            e
+        };
+        e.to_wire()
+    })
+}
+
+/// First error among per-rank results, in rank order.
+fn first_error<T>(
+    results: Vec<std::result::Result<T, WireError>>,
+) -> std::result::Result<Vec<T>, WireError> {
+    results.into_iter().collect()
+}
+
+fn new_save_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// Save `state_dict` with the default planner. See [`save_with`].
+pub async fn save(
+    state_dict: &StateDict,
+    writer: &dyn StorageWriter,
+    collective: &dyn Collective,
+) -> Result<SaveResult> {
+    save_with(state_dict, writer, collective, &SaveOptions::default()).await
+}
+
+/// Save this rank's `state_dict` as part of a checkpoint written by every
+/// rank of `collective`. Returns the same outcome on every rank: the
+/// committed metadata, or the error of the first failing rank (named in it).
+/// Nothing is committed unless every rank succeeded.
+pub async fn save_with(
+    state_dict: &StateDict,
+    writer: &dyn StorageWriter,
+    collective: &dyn Collective,
+    options: &SaveOptions,
+) -> Result<SaveResult> {
+    let rank = collective.rank();
+    let n = collective.world_size();
+    let span = tracing::info_span!("save", rank, location = %writer.location());
+    let _g = span.enter();
+    let started = Instant::now();
+
+    // 1. Plan.
+    let local = options
+        .planner
+        .local_plan(state_dict, rank)
+        .and_then(|p| writer.check_plan(&p).map(|_| p));
+    let prep = if rank == ROOT {
+        writer.prepare().await
+    } else {
+        Ok(())
+    };
+    let gathered = collective.gather(encode(&wire(local, rank))?, ROOT).await?;
+    let mut global_plans: Vec<SavePlan> = Vec::new();
+    let assignment = if rank == ROOT {
+        let gathered = gathered.expect("root receives");
+        let outcome: std::result::Result<(String, Vec<SavePlan>), WireError> = (|| {
+            wire(prep, ROOT)?;
+            let plans = first_error(
+                gathered
+                    .iter()
+                    .enumerate()
+                    .map(|(r, b)| {
+                        decode::<std::result::Result<SavePlan, WireError>>(b)
+                            .map_err(|e| e.with_rank(r).to_wire())
+                            .and_then(|x| x)
+                    })
+                    .collect(),
+            )?;
+            let global = wire(options.planner.global_plan(&plans), ROOT)?;
+            if global.len() != n {
+                return Err(
+                    Error::plan("planner returned a plan per rank of the wrong count")
+                        .with_rank(ROOT)
+                        .to_wire(),
+                );
+            }
+            Ok((new_save_id(), global))
+        })();
+        let msgs = match &outcome {
+            Ok((id, g)) => {
+                global_plans = g.clone();
+                g.iter()
+                    .map(|p| encode(&Ok::<_, WireError>((id.clone(), p.clone()))))
+                    .collect::<Result<Vec<_>>>()?
+            }
+            Err(w) => vec![encode(&Err::<(String, SavePlan), _>(w.clone()))?; n],
+        };
+        collective.scatter(Some(msgs), ROOT).await?
+    } else {
+        collective.scatter(None, ROOT).await?
+    };
+    let (save_id, my_plan) =
+        decode::<std::result::Result<(String, SavePlan), WireError>>(&assignment)?
+            .map_err(Error::from_wire)?;
+    tracing::debug!(
+        rank,
+        records = my_plan.items.len(),
+        bytes = my_plan.bytes(),
+        "planned"
+    );
+
+    // 2. Write.
+    let written = match records_for(state_dict, &my_plan) {
+        Ok(records) => writer.write_rank(rank, &save_id, records).await,
+        Err(e) => Err(e),
+    };
+    let my_files = written
+        .as_ref()
+        .map(|w| w.files.clone())
+        .unwrap_or_default();
+    let bytes_written = written.as_ref().map(|w| w.bytes()).unwrap_or(0);
+    let gathered = collective
+        .gather(encode(&wire(written, rank))?, ROOT)
+        .await?;
+
+    // 3. Commit on the coordinator, then agree on the outcome.
+    let mut removed = Vec::new();
+    let outcome = if rank == ROOT {
+        let gathered = gathered.expect("root receives");
+        let result: std::result::Result<Vec<u8>, WireError> = async {
+            let writes = first_error(
+                gathered
+                    .iter()
+                    .enumerate()
+                    .map(|(r, b)| {
+                        decode::<std::result::Result<RankWrite, WireError>>(b)
+                            .map_err(|e| e.with_rank(r).to_wire())
+                            .and_then(|x| x)
+                    })
+                    .collect(),
+            )?;
+            let md = wire(
+                assemble(
+                    &save_id,
+                    &global_plans,
+                    writes,
+                    writer.format(),
+                    &options.user_metadata,
+                ),
+                ROOT,
+            )?;
+            let encoded = wire(md.encode(), ROOT)?;
+            wire(
+                writer
+                    .commit(&md, &encoded)
+                    .await
+                    .map_err(|e| e.context("commit")),
+                ROOT,
+            )?;
+            match writer.cleanup(&md).await {
+                Ok(r) => removed = r,
+                Err(e) => tracing::warn!(
+                    "checkpoint committed, but removing files of earlier saves failed: {e}"
+                ),
+            }
+            Ok(encoded)
+        }
+        .await;
+        let msg = encode(&result)?;
+        collective.broadcast(Some(msg), ROOT).await?
+    } else {
+        collective.broadcast(None, ROOT).await?
+    };
+    match decode::<std::result::Result<Vec<u8>, WireError>>(&outcome)? {
+        Ok(md_bytes) => {
+            let metadata = Arc::new(Metadata::decode(&md_bytes)?);
+            tracing::info!(
+                rank,
+                bytes_written,
+                seconds = started.elapsed().as_secs_f64(),
+                "saved"
+            );
+            Ok(SaveResult {
+                metadata,
+                bytes_written,
+                removed,
+            })
+        }
+        Err(w) => {
+            writer.discard(&my_files).await;
+            Err(Error::from_wire(w))
+        }
+    }
+}
+
+/// The records of `state_dict` that `plan` assigns to this rank.
+fn records_for(sd: &StateDict, plan: &SavePlan) -> Result<Vec<crate::checkpoint::WriteRecord>> {
+    let mut out = Vec::with_capacity(plan.items.len());
+    for it in &plan.items {
+        let item = sd.get(&it.name).ok_or_else(|| {
+            Error::plan(format!("{}: assigned but not in the state dict", it.name))
+        })?;
+        match (item, &it.index) {
+            (Item::Tensor(t), WriteIndex::Chunk(b)) => {
+                let c = t.chunks.iter().find(|c| &c.region == b).ok_or_else(|| {
+                    Error::plan(format!("{}: assigned chunk ({b}) not held", it.name))
+                })?;
+                out.push(WriteRecord {
+                    name: it.name.clone(),
+                    index: it.index.clone(),
+                    dtype: Some(t.dtype),
+                    whole: b.offsets.iter().all(|&o| o == 0) && b.sizes == t.shape,
+                    data: c.data.clone(),
+                });
+            }
+            (Item::Bytes { data, .. }, WriteIndex::Bytes) => out.push(WriteRecord {
+                name: it.name.clone(),
+                index: WriteIndex::Bytes,
+                dtype: None,
+                whole: true,
+                data: data.clone(),
+            }),
+            _ => {
+                return Err(Error::plan(format!(
+                    "{}: assigned record of the wrong kind",
+                    it.name
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Build the checkpoint's metadata from every rank's write results.
+fn assemble(
+    save_id: &str,
+    plans: &[SavePlan],
+    writes: Vec<RankWrite>,
+    format: FormatKind,
+    user: &BTreeMap<String, String>,
+) -> Result<Metadata> {
+    let mut kinds: HashMap<&str, (Option<crate::DType>, &[u64], u64)> = HashMap::new();
+    for p in plans {
+        for it in &p.items {
+            kinds.insert(&it.name, (it.dtype, &it.shape, it.nbytes));
+        }
+    }
+    let mut files = Vec::new();
+    let mut transforms: Vec<String> = Vec::new();
+    let mut items: BTreeMap<String, ItemMeta> = BTreeMap::new();
+    for w in writes {
+        let base = files.len() as u32;
+        let remap: Vec<u32> = w
+            .transforms
+            .iter()
+            .map(|t| match transforms.iter().position(|x| x == t) {
+                Some(i) => i as u32,
+                None => {
+                    transforms.push(t.clone());
+                    (transforms.len() - 1) as u32
+                }
+            })
+            .collect();
+        files.extend(w.files);
+        for (name, index, mut storage) in w.records {
+            storage.file += base;
+            for t in &mut storage.transforms {
+                t.descriptor = *remap
+                    .get(t.descriptor as usize)
+                    .ok_or_else(|| Error::corrupt("write result names an unknown transform"))?;
+            }
+            let (dtype, shape, nbytes) = kinds
+                .get(name.as_str())
+                .copied()
+                .ok_or_else(|| Error::plan(format!("{name}: written but never planned")))?;
+            match index {
+                WriteIndex::Chunk(region) => {
+                    let entry = items
+                        .entry(name.clone())
+                        .or_insert_with(|| ItemMeta::Tensor {
+                            dtype: dtype.unwrap_or(crate::DType::U8),
+                            shape: shape.to_vec(),
+                            chunks: Vec::new(),
+                        });
+                    if let ItemMeta::Tensor { chunks, .. } = entry {
+                        chunks.push(ChunkMeta { region, storage });
+                    }
+                }
+                WriteIndex::Bytes => {
+                    items.insert(
+                        name.clone(),
+                        ItemMeta::Bytes {
+                            length: nbytes,
+                            storage,
+                        },
+                    );
+                }
+            }
+        }
+    }
+    for item in items.values_mut() {
+        if let ItemMeta::Tensor { chunks, .. } = item {
+            chunks.sort_by(|a, b| a.region.offsets.cmp(&b.region.offsets));
+        }
+    }
+    Ok(Metadata {
+        save_id: save_id.to_string(),
+        world_size: plans.len() as u32,
+        format,
+        files,
+        transforms,
+        items: items.into_iter().collect(),
+        user: user.clone(),
+    })
+}
+
+/// Load with the default planner. See [`load_with`].
+pub async fn load(
+    dest: DestStateDict,
+    reader: &dyn StorageReader,
+    collective: &dyn Collective,
+) -> Result<LoadResult> {
+    load_with(dest, reader, collective, &LoadOptions::default()).await
+}
+
+/// Fill this rank's `dest` from the checkpoint. The coordinator reads the
+/// metadata once; every rank reads only what `dest` needs. Returns the same
+/// outcome on every rank: all succeed, or all fail with the first failing
+/// rank's error.
+pub async fn load_with(
+    dest: DestStateDict,
+    reader: &dyn StorageReader,
+    collective: &dyn Collective,
+    options: &LoadOptions,
+) -> Result<LoadResult> {
+    let rank = collective.rank();
+    let span = tracing::info_span!("load", rank, location = %reader.location());
+    let _g = span.enter();
+    let md_msg = if rank == ROOT {
+        let r = reader
+            .read_metadata()
+            .await
+            .and_then(|b| Metadata::decode(&b).map(|_| b));
+        let msg = encode(&wire(r, ROOT))?;
+        collective.broadcast(Some(msg), ROOT).await?
+    } else {
+        collective.broadcast(None, ROOT).await?
+    };
+    let md_bytes =
+        decode::<std::result::Result<Vec<u8>, WireError>>(&md_msg)?.map_err(Error::from_wire)?;
+    let metadata = Arc::new(Metadata::decode(&md_bytes)?);
+    let result = match options.planner.plan(&metadata, &dest) {
+        Ok(plan) => reader.read(metadata.clone(), plan, dest).await,
+        Err(e) => Err(e),
+    };
+    let status: std::result::Result<(), WireError> = match &result {
+        Ok(_) => Ok(()),
+        Err(e) => Err(if e.rank().is_some() {
+            e.to_wire()
+        } else {
+            Error::new(e.kind(), e.message()).with_rank(rank).to_wire()
+        }),
+    };
+    let all = collective.all_gather(encode(&status)?).await?;
+    for b in &all {
+        decode::<std::result::Result<(), WireError>>(b)?.map_err(Error::from_wire)?;
+    }
+    let (state_dict, stats) = result?;
+    Ok(LoadResult {
+        state_dict,
+        stats,
+        metadata,
+    })
+}
+
+/// Read and validate the metadata of a checkpoint (no collective).
+pub async fn read_metadata(reader: &dyn StorageReader) -> Result<Metadata> {
+    let b = reader.read_metadata().await?;
+    Metadata::decode(&b)
+}

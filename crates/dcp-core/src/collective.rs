@@ -1,0 +1,377 @@
+//! Collectives: how ranks exchange plans, results and outcomes.
+//!
+//! The one required operation is [`Collective::all_to_all`]; gather, scatter,
+//! broadcast, all-gather and barrier have default implementations on top of
+//! it, which an engine with native versions (MPI) overrides. Every operation
+//! has a deadline: a rank that stalls, panics or leaves makes every other
+//! rank fail with an error naming it, never hang.
+
+use crate::error::{Error, ErrorKind, Result};
+use async_trait::async_trait;
+use bytes::Bytes;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// Default deadline of one collective operation.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A group of ranks exchanging byte messages.
+#[async_trait]
+pub trait Collective: Send + Sync {
+    /// This rank, `0..world_size()`.
+    fn rank(&self) -> usize;
+
+    /// Number of ranks.
+    fn world_size(&self) -> usize;
+
+    /// Every rank sends `send[j]` to rank `j` and receives `recv[i]` from
+    /// rank `i`. `send.len()` must equal `world_size()`.
+    async fn all_to_all(&self, send: Vec<Bytes>) -> Result<Vec<Bytes>>;
+
+    /// Rank `root` receives every rank's `msg` (in rank order); others get `None`.
+    async fn gather(&self, msg: Bytes, root: usize) -> Result<Option<Vec<Bytes>>> {
+        let n = self.world_size();
+        let mut send = vec![Bytes::new(); n];
+        send[root] = msg;
+        let recv = self.all_to_all(send).await?;
+        Ok((self.rank() == root).then_some(recv))
+    }
+
+    /// Rank `root` sends `msgs[j]` to rank `j`; every rank returns its own.
+    async fn scatter(&self, msgs: Option<Vec<Bytes>>, root: usize) -> Result<Bytes> {
+        let n = self.world_size();
+        let send = if self.rank() == root {
+            let msgs = msgs.ok_or_else(|| Error::invalid("scatter root must provide messages"))?;
+            if msgs.len() != n {
+                return Err(Error::invalid("scatter needs one message per rank"));
+            }
+            msgs
+        } else {
+            vec![Bytes::new(); n]
+        };
+        let mut recv = self.all_to_all(send).await?;
+        Ok(std::mem::take(&mut recv[root]))
+    }
+
+    /// Rank `root`'s `msg` reaches every rank.
+    async fn broadcast(&self, msg: Option<Bytes>, root: usize) -> Result<Bytes> {
+        let n = self.world_size();
+        let send = if self.rank() == root {
+            let m = msg.ok_or_else(|| Error::invalid("broadcast root must provide a message"))?;
+            vec![m; n]
+        } else {
+            vec![Bytes::new(); n]
+        };
+        let mut recv = self.all_to_all(send).await?;
+        Ok(std::mem::take(&mut recv[root]))
+    }
+
+    /// Every rank receives every rank's `msg`, in rank order.
+    async fn all_gather(&self, msg: Bytes) -> Result<Vec<Bytes>> {
+        let n = self.world_size();
+        self.all_to_all(vec![msg; n]).await
+    }
+
+    /// Wait until every rank arrives.
+    async fn barrier(&self) -> Result<()> {
+        let n = self.world_size();
+        self.all_to_all(vec![Bytes::new(); n]).await.map(|_| ())
+    }
+}
+
+/// The trivial group of one rank.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Single;
+
+#[async_trait]
+impl Collective for Single {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    async fn all_to_all(&self, send: Vec<Bytes>) -> Result<Vec<Bytes>> {
+        if send.len() != 1 {
+            return Err(Error::invalid("all_to_all needs one message per rank"));
+        }
+        Ok(send)
+    }
+}
+
+struct GroupState {
+    /// Messages deposited in the current round, per sender.
+    deposits: Vec<Option<Vec<Bytes>>>,
+    arrived: usize,
+    /// Completed round results, per receiver, with the round number.
+    inbox: Vec<Option<(u64, Vec<Bytes>)>>,
+    /// Round number each rank is in.
+    round: Vec<u64>,
+    /// Set once the group is broken; every later operation fails with it.
+    failure: Option<String>,
+}
+
+struct GroupShared {
+    size: usize,
+    timeout: Duration,
+    state: Mutex<GroupState>,
+    notify: Notify,
+}
+
+/// N ranks as tasks or threads in one process, exchanging `Bytes` without
+/// copying. For tests, simulation and single-machine multi-rank jobs.
+///
+/// Dropping a member (its task ended or panicked) breaks the group for any
+/// operation still waiting or started later: it fails naming that rank
+/// instead of waiting for the deadline.
+pub struct LocalGroup {
+    rank: usize,
+    shared: Arc<GroupShared>,
+}
+
+impl std::fmt::Debug for LocalGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalGroup")
+            .field("rank", &self.rank)
+            .field("size", &self.shared.size)
+            .finish()
+    }
+}
+
+impl LocalGroup {
+    /// Create `size` members with the default deadline.
+    pub fn new(size: usize) -> Vec<LocalGroup> {
+        Self::with_timeout(size, DEFAULT_TIMEOUT)
+    }
+
+    /// Create `size` members whose operations fail after `timeout`.
+    pub fn with_timeout(size: usize, timeout: Duration) -> Vec<LocalGroup> {
+        assert!(size > 0, "a group needs at least one rank");
+        let shared = Arc::new(GroupShared {
+            size,
+            timeout,
+            state: Mutex::new(GroupState {
+                deposits: vec![None; size],
+                arrived: 0,
+                inbox: vec![None; size],
+                round: vec![0; size],
+                failure: None,
+            }),
+            notify: Notify::new(),
+        });
+        (0..size)
+            .map(|rank| LocalGroup {
+                rank,
+                shared: shared.clone(),
+            })
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, GroupState> {
+        // A poisoned lock means a rank panicked while holding it; the state is
+        // still consistent (we never panic mid-update), so keep going.
+        self.shared.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Drop for LocalGroup {
+    fn drop(&mut self) {
+        let mut st = self.lock();
+        if st.failure.is_none() {
+            st.failure = Some(format!(
+                "rank {} left the group (its task ended or panicked)",
+                self.rank
+            ));
+        }
+        drop(st);
+        self.shared.notify.notify_waiters();
+    }
+}
+
+#[async_trait]
+impl Collective for LocalGroup {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.shared.size
+    }
+
+    async fn all_to_all(&self, send: Vec<Bytes>) -> Result<Vec<Bytes>> {
+        let n = self.shared.size;
+        if send.len() != n {
+            return Err(Error::invalid(format!(
+                "all_to_all needs {n} messages, got {}",
+                send.len()
+            )));
+        }
+        let my_round;
+        {
+            let mut st = self.lock();
+            if let Some(f) = &st.failure {
+                return Err(Error::new(ErrorKind::Collective, f.clone()).with_rank(self.rank));
+            }
+            my_round = st.round[self.rank];
+            st.deposits[self.rank] = Some(send);
+            st.arrived += 1;
+            if st.arrived == n {
+                // Last to arrive: route every message and open the next round.
+                let deposits: Vec<Vec<Bytes>> = st
+                    .deposits
+                    .iter_mut()
+                    .map(|d| d.take().unwrap_or_default())
+                    .collect();
+                let mut recv: Vec<Vec<Bytes>> = vec![Vec::with_capacity(n); n];
+                for from in deposits {
+                    for (to, msg) in from.into_iter().enumerate() {
+                        recv[to].push(msg);
+                    }
+                }
+                for (to, r) in recv.into_iter().enumerate() {
+                    st.inbox[to] = Some((my_round, r));
+                    st.round[to] = my_round + 1;
+                }
+                st.arrived = 0;
+                drop(st);
+                self.shared.notify.notify_waiters();
+            }
+        }
+        let deadline = tokio::time::Instant::now() + self.shared.timeout;
+        loop {
+            let notified = self.shared.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut st = self.lock();
+                if let Some((r, _)) = &st.inbox[self.rank] {
+                    if *r == my_round {
+                        let (_, msgs) = st.inbox[self.rank].take().expect("checked");
+                        return Ok(msgs);
+                    }
+                }
+                if let Some(f) = &st.failure {
+                    return Err(Error::new(ErrorKind::Collective, f.clone()).with_rank(self.rank));
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                let mut st = self.lock();
+                if let Some((r, _)) = &st.inbox[self.rank] {
+                    if *r == my_round {
+                        let (_, msgs) = st.inbox[self.rank].take().expect("checked");
+                        return Ok(msgs);
+                    }
+                }
+                let missing: Vec<usize> = (0..n).filter(|&i| st.deposits[i].is_none()).collect();
+                let msg = format!(
+                    "collective deadline of {:?} passed waiting for rank(s) {missing:?}",
+                    self.shared.timeout
+                );
+                if st.failure.is_none() {
+                    st.failure = Some(msg.clone());
+                }
+                drop(st);
+                self.shared.notify.notify_waiters();
+                return Err(Error::new(ErrorKind::Collective, msg).with_rank(self.rank));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn run_group<F, Fut, T>(n: usize, timeout: Duration, f: F) -> Vec<Result<T>>
+    where
+        F: Fn(LocalGroup) -> Fut,
+        Fut: std::future::Future<Output = Result<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let handles: Vec<_> = LocalGroup::with_timeout(n, timeout)
+            .into_iter()
+            .map(|g| tokio::spawn(f(g)))
+            .collect();
+        let mut out = Vec::new();
+        for h in handles {
+            out.push(
+                h.await
+                    .unwrap_or_else(|e| Err(Error::invalid(format!("join: {e}")))),
+            );
+        }
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn all_to_all_routes_messages() {
+        let res = run_group(4, Duration::from_secs(10), |g| async move {
+            let mut last = Vec::new();
+            for round in 0..20u8 {
+                let send = (0..4)
+                    .map(|to| Bytes::from(vec![g.rank() as u8, to as u8, round]))
+                    .collect();
+                last = g.all_to_all(send).await?;
+                for (from, m) in last.iter().enumerate() {
+                    assert_eq!(&m[..], &[from as u8, g.rank() as u8, round]);
+                }
+            }
+            let all = g.all_gather(Bytes::from(vec![g.rank() as u8])).await?;
+            assert_eq!(
+                all.iter().map(|b| b[0]).collect::<Vec<_>>(),
+                vec![0, 1, 2, 3]
+            );
+            let b = g
+                .broadcast((g.rank() == 2).then(|| Bytes::from_static(b"hi")), 2)
+                .await?;
+            assert_eq!(&b[..], b"hi");
+            let gathered = g.gather(Bytes::from(vec![g.rank() as u8 * 2]), 1).await?;
+            assert_eq!(gathered.is_some(), g.rank() == 1);
+            g.barrier().await?;
+            Ok(last.len())
+        })
+        .await;
+        for r in res {
+            assert_eq!(r.unwrap(), 4);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stalled_rank_is_named_within_deadline() {
+        let start = std::time::Instant::now();
+        let res = run_group(3, Duration::from_millis(300), |g| async move {
+            if g.rank() == 1 {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                return Ok(());
+            }
+            let r = g.barrier().await;
+            r
+        })
+        .await;
+        assert!(start.elapsed() < Duration::from_secs(5));
+        for (rank, r) in res.into_iter().enumerate() {
+            if rank == 1 {
+                continue;
+            }
+            let e = r.unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Collective);
+            assert!(e.message().contains("[1]"), "{e}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dropped_rank_breaks_group() {
+        let res = run_group(3, Duration::from_secs(30), |g| async move {
+            if g.rank() == 2 {
+                drop(g);
+                return Ok(());
+            }
+            g.barrier().await?;
+            Ok(())
+        })
+        .await;
+        let e = res[0].as_ref().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Collective);
+        assert!(e.message().contains("rank 2 left"), "{e}");
+    }
+}

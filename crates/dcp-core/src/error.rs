@@ -1,0 +1,227 @@
+//! The one error type of dcp-core, with a small kind and a message that names
+//! what went wrong (item, file, offset, rank).
+
+use std::fmt;
+
+/// What class of failure an [`Error`] is. Callers branch on this; the message
+/// is for people.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// An I/O operation on storage failed (includes a full disk).
+    Io,
+    /// A file or item that should exist does not.
+    NotFound,
+    /// A checkpoint already exists and `overwrite` is off.
+    AlreadyExists,
+    /// Stored bytes or metadata are damaged, truncated or inconsistent.
+    Corrupt,
+    /// A checksum recorded at save time does not match the bytes read.
+    ChecksumMismatch,
+    /// The checkpoint needs a feature, version or extension this build lacks.
+    Unsupported,
+    /// The caller passed something invalid (shapes, dtypes, options).
+    InvalidInput,
+    /// Planning failed: conflicting or inconsistent items across ranks.
+    Plan,
+    /// Another rank failed; the message names it.
+    RankFailed,
+    /// A collective operation failed: a deadline passed or a rank left.
+    Collective,
+    /// A temporary storage failure that a retry may fix.
+    Temporary,
+}
+
+impl ErrorKind {
+    /// A stable lower-case name, used when errors cross ranks.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Io => "io",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::AlreadyExists => "already_exists",
+            ErrorKind::Corrupt => "corrupt",
+            ErrorKind::ChecksumMismatch => "checksum_mismatch",
+            ErrorKind::Unsupported => "unsupported",
+            ErrorKind::InvalidInput => "invalid_input",
+            ErrorKind::Plan => "plan",
+            ErrorKind::RankFailed => "rank_failed",
+            ErrorKind::Collective => "collective",
+            ErrorKind::Temporary => "temporary",
+        }
+    }
+
+    /// Inverse of [`ErrorKind::as_str`]; unknown names map to `Io`.
+    pub fn parse(s: &str) -> ErrorKind {
+        match s {
+            "not_found" => ErrorKind::NotFound,
+            "already_exists" => ErrorKind::AlreadyExists,
+            "corrupt" => ErrorKind::Corrupt,
+            "checksum_mismatch" => ErrorKind::ChecksumMismatch,
+            "unsupported" => ErrorKind::Unsupported,
+            "invalid_input" => ErrorKind::InvalidInput,
+            "plan" => ErrorKind::Plan,
+            "rank_failed" => ErrorKind::RankFailed,
+            "collective" => ErrorKind::Collective,
+            "temporary" => ErrorKind::Temporary,
+            _ => ErrorKind::Io,
+        }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The error of every dcp operation: a [`ErrorKind`], a message carrying
+/// context, the rank it happened on (when known) and an optional source.
+pub struct Error {
+    kind: ErrorKind,
+    message: String,
+    rank: Option<usize>,
+    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+/// `Result` with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// A new error of `kind` with `message`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Error {
+            kind,
+            message: message.into(),
+            rank: None,
+            source: None,
+        }
+    }
+
+    /// Attach the underlying cause.
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Box::new(source));
+        self
+    }
+
+    /// Record the rank the error happened on.
+    pub fn with_rank(mut self, rank: usize) -> Self {
+        self.rank = Some(rank);
+        self
+    }
+
+    /// Prefix the message with more context (`"{context}: {message}"`).
+    pub fn context(mut self, context: impl fmt::Display) -> Self {
+        self.message = format!("{context}: {}", self.message);
+        self
+    }
+
+    /// The kind of failure.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The message, without the kind or the source.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The rank the error happened on, when known.
+    pub fn rank(&self) -> Option<usize> {
+        self.rank
+    }
+
+    /// An I/O error on `path` during `op`.
+    pub fn io(op: &str, path: &str, err: std::io::Error) -> Self {
+        let kind = match err.kind() {
+            std::io::ErrorKind::NotFound => ErrorKind::NotFound,
+            std::io::ErrorKind::AlreadyExists => ErrorKind::AlreadyExists,
+            std::io::ErrorKind::UnexpectedEof => ErrorKind::Corrupt,
+            std::io::ErrorKind::Interrupted | std::io::ErrorKind::TimedOut => ErrorKind::Temporary,
+            _ => ErrorKind::Io,
+        };
+        Error::new(kind, format!("{op} {path}: {err}")).with_source(err)
+    }
+
+    /// Shorthand for a [`ErrorKind::Corrupt`] error.
+    pub fn corrupt(message: impl Into<String>) -> Self {
+        Error::new(ErrorKind::Corrupt, message)
+    }
+
+    /// Shorthand for an [`ErrorKind::InvalidInput`] error.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Error::new(ErrorKind::InvalidInput, message)
+    }
+
+    /// Shorthand for an [`ErrorKind::Unsupported`] error.
+    pub fn unsupported(message: impl Into<String>) -> Self {
+        Error::new(ErrorKind::Unsupported, message)
+    }
+
+    /// Shorthand for an [`ErrorKind::Plan`] error.
+    pub fn plan(message: impl Into<String>) -> Self {
+        Error::new(ErrorKind::Plan, message)
+    }
+
+    /// Encode as a small wire form so an error can travel between ranks.
+    pub(crate) fn to_wire(&self) -> WireError {
+        WireError {
+            kind: self.kind.as_str().to_string(),
+            message: self.message.clone(),
+            rank: self.rank.map(|r| r as u64),
+        }
+    }
+
+    /// Rebuild an error that travelled between ranks.
+    pub(crate) fn from_wire(w: WireError) -> Self {
+        let mut e = Error::new(ErrorKind::parse(&w.kind), w.message);
+        e.rank = w.rank.map(|r| r as usize);
+        e
+    }
+}
+
+/// An error as it travels between ranks.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) struct WireError {
+    pub kind: String,
+    pub message: String,
+    pub rank: Option<u64>,
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(rank) = self.rank {
+            if self.kind != ErrorKind::RankFailed {
+                write!(f, "rank {rank}: ")?;
+            }
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("Error");
+        d.field("kind", &self.kind).field("message", &self.message);
+        if let Some(rank) = self.rank {
+            d.field("rank", &rank);
+        }
+        if let Some(source) = &self.source {
+            d.field("source", source);
+        }
+        d.finish()
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_ref()
+            .map(|s| s.as_ref() as &(dyn std::error::Error + 'static))
+    }
+}
+
+impl From<postcard::Error> for Error {
+    fn from(e: postcard::Error) -> Self {
+        Error::corrupt(format!("decode: {e}")).with_source(e)
+    }
+}

@@ -1,0 +1,491 @@
+//! The data model: state dicts of tensor and bytes items, chunks as boxes in
+//! global coordinates, and the destination state dicts that loads fill.
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// An axis-aligned box of a tensor in global coordinates: `offsets[d]` is
+/// where the box starts on dimension `d`, `sizes[d]` how far it extends.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ChunkBox {
+    /// Start of the box on each dimension.
+    pub offsets: Vec<u64>,
+    /// Extent of the box on each dimension (zero allowed).
+    pub sizes: Vec<u64>,
+}
+
+impl fmt::Debug for ChunkBox {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+impl fmt::Display for ChunkBox {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "offsets {:?} sizes {:?}", self.offsets, self.sizes)
+    }
+}
+
+impl ChunkBox {
+    /// A box from offsets and sizes; refuses differing ranks.
+    pub fn new(offsets: Vec<u64>, sizes: Vec<u64>) -> Result<ChunkBox> {
+        if offsets.len() != sizes.len() {
+            return Err(Error::invalid(format!(
+                "chunk offsets {offsets:?} and sizes {sizes:?} differ in rank"
+            )));
+        }
+        Ok(ChunkBox { offsets, sizes })
+    }
+
+    /// The box covering a whole tensor of `shape`.
+    pub fn full(shape: &[u64]) -> ChunkBox {
+        ChunkBox {
+            offsets: vec![0; shape.len()],
+            sizes: shape.to_vec(),
+        }
+    }
+
+    /// Number of dimensions.
+    pub fn ndim(&self) -> usize {
+        self.sizes.len()
+    }
+
+    /// Number of elements, or `None` on overflow.
+    pub fn checked_numel(&self) -> Option<u64> {
+        self.sizes
+            .iter()
+            .try_fold(1u64, |acc, &s| acc.checked_mul(s))
+    }
+
+    /// Number of elements (saturating; validated boxes never overflow).
+    pub fn numel(&self) -> u64 {
+        self.checked_numel().unwrap_or(u64::MAX)
+    }
+
+    /// True when the box holds no element.
+    pub fn is_empty(&self) -> bool {
+        self.sizes.contains(&0)
+    }
+
+    /// Check that the box lies inside a tensor of `shape` (no overflow).
+    pub fn check_within(&self, shape: &[u64]) -> Result<()> {
+        if self.ndim() != shape.len() || self.offsets.len() != self.sizes.len() {
+            return Err(Error::invalid(format!(
+                "chunk ({self}) has a different rank than shape {shape:?}"
+            )));
+        }
+        for d in 0..shape.len() {
+            let end = self.offsets[d].checked_add(self.sizes[d]);
+            if end.is_none_or(|e| e > shape[d]) {
+                return Err(Error::invalid(format!(
+                    "chunk ({self}) extends past shape {shape:?} on dimension {d}"
+                )));
+            }
+        }
+        if self.checked_numel().is_none() {
+            return Err(Error::invalid(format!("chunk ({self}) is too large")));
+        }
+        Ok(())
+    }
+
+    /// The intersection with `other`, or `None` if they share no element.
+    /// Empty boxes intersect nothing.
+    pub fn intersect(&self, other: &ChunkBox) -> Option<ChunkBox> {
+        if self.ndim() != other.ndim() {
+            return None;
+        }
+        let mut offsets = Vec::with_capacity(self.ndim());
+        let mut sizes = Vec::with_capacity(self.ndim());
+        for d in 0..self.ndim() {
+            let lo = self.offsets[d].max(other.offsets[d]);
+            let hi = (self.offsets[d] + self.sizes[d]).min(other.offsets[d] + other.sizes[d]);
+            if hi <= lo {
+                return None;
+            }
+            offsets.push(lo);
+            sizes.push(hi - lo);
+        }
+        Some(ChunkBox { offsets, sizes })
+    }
+
+    /// True when `other` lies wholly inside `self`.
+    pub fn contains(&self, other: &ChunkBox) -> bool {
+        self.ndim() == other.ndim()
+            && (0..self.ndim()).all(|d| {
+                other.offsets[d] >= self.offsets[d]
+                    && other.offsets[d] + other.sizes[d] <= self.offsets[d] + self.sizes[d]
+            })
+    }
+}
+
+/// One locally held piece of a tensor: its box and its bytes, row-major and
+/// contiguous, `box.numel() * dtype.size()` long.
+#[derive(Clone, Debug)]
+pub struct TensorChunk {
+    /// Where the chunk sits in the global tensor.
+    pub region: ChunkBox,
+    /// The chunk's bytes, shared without copying.
+    pub data: Bytes,
+}
+
+/// A tensor as one rank holds it: dtype, global shape, and local chunks.
+#[derive(Clone, Debug)]
+pub struct TensorItem {
+    /// Element type.
+    pub dtype: DType,
+    /// Global shape.
+    pub shape: Vec<u64>,
+    /// The chunks this rank holds (possibly none).
+    pub chunks: Vec<TensorChunk>,
+    /// True when the same chunks (same boxes, same bytes) are present on
+    /// several ranks and should be written once.
+    pub replicated: bool,
+}
+
+/// One entry of a [`StateDict`].
+#[derive(Clone, Debug)]
+pub enum Item {
+    /// A (sharded) tensor.
+    Tensor(TensorItem),
+    /// Opaque bytes: data-loader state, RNG state, configuration.
+    Bytes {
+        /// The bytes.
+        data: Bytes,
+        /// True when every rank holding this key holds the same bytes.
+        replicated: bool,
+    },
+}
+
+/// What one rank saves: fully qualified names mapped to items, in name order.
+#[derive(Clone, Debug, Default)]
+pub struct StateDict {
+    items: BTreeMap<String, Item>,
+}
+
+impl StateDict {
+    /// An empty state dict.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Insert a tensor of which this rank holds `chunks`. Refuses chunks
+    /// outside `shape` or whose byte length does not match their box.
+    pub fn insert_tensor(
+        &mut self,
+        name: impl Into<String>,
+        dtype: DType,
+        shape: Vec<u64>,
+        chunks: Vec<TensorChunk>,
+        replicated: bool,
+    ) -> Result<()> {
+        let name = name.into();
+        check_name(&name)?;
+        for c in &chunks {
+            c.region
+                .check_within(&shape)
+                .map_err(|e| e.context(&name))?;
+            let want = c.region.numel() as u128 * dtype.size() as u128;
+            if c.data.len() as u128 != want {
+                return Err(Error::invalid(format!(
+                    "{name}: chunk ({}) has {} bytes, expected {want} for {dtype}",
+                    c.region,
+                    c.data.len()
+                )));
+            }
+        }
+        let item = Item::Tensor(TensorItem {
+            dtype,
+            shape,
+            chunks,
+            replicated,
+        });
+        self.items.insert(name, item);
+        Ok(())
+    }
+
+    /// Insert a whole (unsharded) tensor held by this rank alone.
+    pub fn insert_full_tensor(
+        &mut self,
+        name: impl Into<String>,
+        dtype: DType,
+        shape: Vec<u64>,
+        data: Bytes,
+    ) -> Result<()> {
+        let region = ChunkBox::full(&shape);
+        self.insert_tensor(
+            name,
+            dtype,
+            shape,
+            vec![TensorChunk { region, data }],
+            false,
+        )
+    }
+
+    /// Insert a bytes item.
+    pub fn insert_bytes(
+        &mut self,
+        name: impl Into<String>,
+        data: impl Into<Bytes>,
+        replicated: bool,
+    ) -> Result<()> {
+        let name = name.into();
+        check_name(&name)?;
+        self.items.insert(
+            name,
+            Item::Bytes {
+                data: data.into(),
+                replicated,
+            },
+        );
+        Ok(())
+    }
+
+    /// Look up an item.
+    pub fn get(&self, name: &str) -> Option<&Item> {
+        self.items.get(name)
+    }
+
+    /// Iterate over items in name order.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Item)> {
+        self.items.iter()
+    }
+
+    /// Number of items.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// True when there is no item.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Bytes held by this rank (every chunk and bytes item).
+    pub fn local_bytes(&self) -> u64 {
+        self.items
+            .values()
+            .map(|i| match i {
+                Item::Tensor(t) => t.chunks.iter().map(|c| c.data.len() as u64).sum(),
+                Item::Bytes { data, .. } => data.len() as u64,
+            })
+            .sum()
+    }
+}
+
+/// Item names must be non-empty valid strings without NUL; they are never
+/// used as file names.
+pub(crate) fn check_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.contains('\0') || name.len() > 64 * 1024 {
+        return Err(Error::invalid(format!("invalid item name {name:?}")));
+    }
+    Ok(())
+}
+
+/// A destination chunk that a load fills: its box and a buffer of exactly
+/// `box.numel() * dtype.size()` bytes, owned by the caller and returned filled.
+#[derive(Clone, Debug)]
+pub struct DestChunk {
+    /// Where the chunk sits in the global tensor.
+    pub region: ChunkBox,
+    /// The buffer to fill, row-major.
+    pub data: Vec<u8>,
+}
+
+/// A tensor to load: expected dtype and global shape, and the chunks wanted.
+#[derive(Clone, Debug)]
+pub struct DestTensor {
+    /// Expected dtype; a different saved dtype is an error.
+    pub dtype: DType,
+    /// Expected global shape; a different saved shape is an error.
+    pub shape: Vec<u64>,
+    /// The chunks to fill.
+    pub chunks: Vec<DestChunk>,
+}
+
+/// One entry of a [`DestStateDict`].
+#[derive(Clone, Debug)]
+pub enum DestItem {
+    /// A tensor to fill.
+    Tensor(DestTensor),
+    /// A bytes item; `None` before the load, the saved bytes after.
+    Bytes(Option<Vec<u8>>),
+}
+
+/// What one rank loads: names mapped to destinations, filled in place.
+#[derive(Clone, Debug, Default)]
+pub struct DestStateDict {
+    items: BTreeMap<String, DestItem>,
+}
+
+impl DestStateDict {
+    /// An empty destination.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Ask for `regions` of a tensor, allocating zeroed buffers.
+    pub fn want_tensor(
+        &mut self,
+        name: impl Into<String>,
+        dtype: DType,
+        shape: Vec<u64>,
+        regions: Vec<ChunkBox>,
+    ) -> Result<()> {
+        let mut chunks = Vec::with_capacity(regions.len());
+        for region in regions {
+            region.check_within(&shape)?;
+            let len = usize::try_from(region.numel() as u128 * dtype.size() as u128)
+                .map_err(|_| Error::invalid(format!("chunk ({region}) too large for memory")))?;
+            chunks.push(DestChunk {
+                region,
+                data: vec![0u8; len],
+            });
+        }
+        self.insert_tensor(name, dtype, shape, chunks)
+    }
+
+    /// Ask for a tensor into caller-provided buffers. Refuses buffers whose
+    /// length does not match their box.
+    pub fn insert_tensor(
+        &mut self,
+        name: impl Into<String>,
+        dtype: DType,
+        shape: Vec<u64>,
+        chunks: Vec<DestChunk>,
+    ) -> Result<()> {
+        let name = name.into();
+        check_name(&name)?;
+        for c in &chunks {
+            c.region
+                .check_within(&shape)
+                .map_err(|e| e.context(&name))?;
+            let want = c.region.numel() as u128 * dtype.size() as u128;
+            if c.data.len() as u128 != want {
+                return Err(Error::invalid(format!(
+                    "{name}: destination chunk ({}) has {} bytes, expected {want}",
+                    c.region,
+                    c.data.len()
+                )));
+            }
+        }
+        self.items.insert(
+            name,
+            DestItem::Tensor(DestTensor {
+                dtype,
+                shape,
+                chunks,
+            }),
+        );
+        Ok(())
+    }
+
+    /// Ask for a bytes item.
+    pub fn want_bytes(&mut self, name: impl Into<String>) -> Result<()> {
+        let name = name.into();
+        check_name(&name)?;
+        self.items.insert(name, DestItem::Bytes(None));
+        Ok(())
+    }
+
+    /// Look up an item.
+    pub fn get(&self, name: &str) -> Option<&DestItem> {
+        self.items.get(name)
+    }
+
+    /// The bytes of a loaded bytes item.
+    pub fn bytes(&self, name: &str) -> Option<&[u8]> {
+        match self.items.get(name) {
+            Some(DestItem::Bytes(Some(b))) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// The chunks of a loaded tensor.
+    pub fn tensor(&self, name: &str) -> Option<&DestTensor> {
+        match self.items.get(name) {
+            Some(DestItem::Tensor(t)) => Some(t),
+            _ => None,
+        }
+    }
+
+    /// Iterate in name order.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &DestItem)> {
+        self.items.iter()
+    }
+
+    /// Number of items.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// True when there is no item.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    pub(crate) fn into_items(self) -> BTreeMap<String, DestItem> {
+        self.items
+    }
+
+    pub(crate) fn from_items(items: BTreeMap<String, DestItem>) -> Self {
+        DestStateDict { items }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(o: &[u64], s: &[u64]) -> ChunkBox {
+        ChunkBox::new(o.to_vec(), s.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn intersect_boxes() {
+        let a = b(&[0, 0], &[4, 4]);
+        assert_eq!(a.intersect(&b(&[2, 3], &[4, 4])), Some(b(&[2, 3], &[2, 1])));
+        assert_eq!(a.intersect(&b(&[4, 0], &[1, 4])), None);
+        assert_eq!(a.intersect(&b(&[0, 0], &[0, 4])), None);
+        assert!(a.contains(&b(&[1, 1], &[2, 3])));
+        assert!(!a.contains(&b(&[1, 1], &[2, 4])));
+        let scalar = b(&[], &[]);
+        assert_eq!(scalar.numel(), 1);
+        assert_eq!(scalar.intersect(&scalar), Some(scalar.clone()));
+    }
+
+    #[test]
+    fn refuses_bad_chunks() {
+        let mut sd = StateDict::new();
+        let err = sd
+            .insert_tensor(
+                "w",
+                DType::F32,
+                vec![2, 2],
+                vec![TensorChunk {
+                    region: b(&[1, 0], &[2, 2]),
+                    data: Bytes::from(vec![0u8; 16]),
+                }],
+                false,
+            )
+            .unwrap_err();
+        assert!(err.message().contains("extends past"), "{err}");
+        let err = sd
+            .insert_tensor(
+                "w",
+                DType::F32,
+                vec![2, 2],
+                vec![TensorChunk {
+                    region: b(&[0, 0], &[2, 2]),
+                    data: Bytes::from(vec![0u8; 15]),
+                }],
+                false,
+            )
+            .unwrap_err();
+        assert!(err.message().contains("15 bytes"), "{err}");
+        assert!(b(&[u64::MAX], &[2]).check_within(&[u64::MAX]).is_err());
+    }
+}

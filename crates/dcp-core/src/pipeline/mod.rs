@@ -1,0 +1,7 @@
+//! The byte-moving paths: write workers, read workers, and the copy kernel.
+
+pub mod copy;
+pub(crate) mod read;
+pub(crate) mod write;
+
+pub use read::ReadStats;

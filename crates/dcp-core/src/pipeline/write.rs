@@ -1,0 +1,245 @@
+//! Writing records into data files.
+//!
+//! One worker per data file at a time, at most `thread_count` per rank. With
+//! no transform that changes bytes, a record's `Bytes` go to the file sink as
+//! they are (no serialization copy); codecs run over pieces of at most
+//! `per_thread_copy_ahead` bytes, so a worker holds at most that much staged
+//! output at once.
+
+use crate::error::{Error, Result};
+use crate::format::{padding, safetensors_header, safetensors_key, SafetensorsEntry, RAW_ALIGN};
+use crate::metadata::{AppliedTransform, DataFile, FormatKind, StorageInfo};
+use crate::plan::WriteIndex;
+use crate::storage::{FileSink, FileSystem};
+use crate::transform::{StreamTransformExtension, TransformKind};
+use crate::DType;
+use bytes::Bytes;
+use std::sync::Arc;
+
+static ZEROS: [u8; RAW_ALIGN as usize] = [0; RAW_ALIGN as usize];
+
+/// One record to write.
+#[derive(Clone, Debug)]
+pub(crate) struct RecordJob {
+    pub name: String,
+    pub index: WriteIndex,
+    pub dtype: Option<DType>,
+    pub whole: bool,
+    pub data: Bytes,
+}
+
+/// One data file to write.
+#[derive(Clone, Debug)]
+pub(crate) struct FileJob {
+    pub file_name: String,
+    pub records: Vec<RecordJob>,
+}
+
+/// Where a record went (file index local to the job list).
+#[derive(Clone, Debug)]
+pub(crate) struct RecordResult {
+    pub name: String,
+    pub index: WriteIndex,
+    pub storage: StorageInfo,
+}
+
+/// Settings shared by the workers of one save.
+pub(crate) struct WriteConfig {
+    pub format: FormatKind,
+    pub sync: bool,
+    pub piece: usize,
+    pub save_id: String,
+    /// Transforms in order of application, with their descriptor index in
+    /// the save's transform table.
+    pub transforms: Vec<(u32, Arc<dyn StreamTransformExtension>)>,
+}
+
+impl WriteConfig {
+    fn has_codec(&self) -> bool {
+        self.transforms
+            .iter()
+            .any(|(_, t)| t.kind() == TransformKind::Codec)
+    }
+}
+
+/// Write one data file; on any error the partial file is removed.
+pub(crate) fn write_file(
+    fs: &dyn FileSystem,
+    job: &FileJob,
+    file_index: u32,
+    cfg: &WriteConfig,
+) -> Result<(DataFile, Vec<RecordResult>)> {
+    let _span =
+        tracing::debug_span!("write_file", file = %job.file_name, records = job.records.len())
+            .entered();
+    let mut sink = fs.create(&job.file_name)?;
+    match write_records(sink.as_mut(), job, file_index, cfg) {
+        Ok(results) => {
+            let length = sink
+                .finish(cfg.sync)
+                .map_err(|e| e.context(format!("finish {}", job.file_name)))?;
+            Ok((
+                DataFile {
+                    name: job.file_name.clone(),
+                    length,
+                },
+                results,
+            ))
+        }
+        Err(e) => {
+            sink.abort();
+            Err(e)
+        }
+    }
+}
+
+fn write_records(
+    sink: &mut dyn FileSink,
+    job: &FileJob,
+    file_index: u32,
+    cfg: &WriteConfig,
+) -> Result<Vec<RecordResult>> {
+    let mut pos: u64 = 0;
+    if cfg.format == FormatKind::Safetensors {
+        if cfg.has_codec() {
+            return Err(Error::invalid(
+                "the safetensors format cannot hold compressed records; use the raw format",
+            ));
+        }
+        let entries: Vec<SafetensorsEntry> = job
+            .records
+            .iter()
+            .map(|r| match &r.index {
+                WriteIndex::Chunk(b) => SafetensorsEntry {
+                    key: safetensors_key(&r.name, Some(&b.offsets), r.whole),
+                    dtype: r.dtype.unwrap_or(DType::U8),
+                    shape: b.sizes.clone(),
+                    length: r.data.len() as u64,
+                },
+                WriteIndex::Bytes => SafetensorsEntry {
+                    key: r.name.clone(),
+                    dtype: DType::U8,
+                    shape: vec![r.data.len() as u64],
+                    length: r.data.len() as u64,
+                },
+            })
+            .collect();
+        let header = safetensors_header(&entries, &cfg.save_id)?;
+        pos = header.len() as u64;
+        sink.write(Bytes::from(header))?;
+    }
+    let mut results = Vec::with_capacity(job.records.len());
+    for rec in &job.records {
+        if cfg.format == FormatKind::Raw {
+            let pad = padding(pos, RAW_ALIGN);
+            if pad > 0 {
+                sink.write(Bytes::from_static(&ZEROS[..pad as usize]))?;
+                pos += pad;
+            }
+        }
+        let start = pos;
+        let transforms = if cfg.transforms.is_empty() {
+            sink.write(rec.data.clone())?;
+            pos += rec.data.len() as u64;
+            Vec::new()
+        } else {
+            let (written, applied) = encode_record(sink, &rec.data, cfg)
+                .map_err(|e| e.context(format!("{} in {}", rec.name, job.file_name)))?;
+            pos += written;
+            applied
+        };
+        results.push(RecordResult {
+            name: rec.name.clone(),
+            index: rec.index.clone(),
+            storage: StorageInfo {
+                file: file_index,
+                offset: start,
+                length: pos - start,
+                transforms,
+            },
+        });
+    }
+    Ok(results)
+}
+
+/// Run one record through the transform chain into the sink. Returns the
+/// stored length and the applied transforms with their values.
+fn encode_record(
+    sink: &mut dyn FileSink,
+    data: &Bytes,
+    cfg: &WriteConfig,
+) -> Result<(u64, Vec<AppliedTransform>)> {
+    let mut encoders = Vec::with_capacity(cfg.transforms.len());
+    for (idx, t) in &cfg.transforms {
+        encoders.push((*idx, t.kind(), t.encoder()?, 0u64));
+    }
+    let codec = cfg.has_codec();
+    let piece = if codec {
+        cfg.piece.max(64 * 1024)
+    } else {
+        data.len().max(1)
+    };
+    let mut written = 0u64;
+    let mut ignore = Vec::new();
+    let mut start = 0usize;
+    while start < data.len() {
+        let end = (start + piece).min(data.len());
+        let mut cur: Option<Vec<u8>> = None;
+        for (_, kind, enc, input_len) in encoders.iter_mut() {
+            let input: &[u8] = cur.as_deref().unwrap_or(&data[start..end]);
+            *input_len += input.len() as u64;
+            match kind {
+                TransformKind::Checksum => {
+                    enc.update(input, &mut ignore)?;
+                    debug_assert!(ignore.is_empty(), "checksum encoders must not emit bytes");
+                }
+                TransformKind::Codec => {
+                    let mut out = Vec::new();
+                    enc.update(input, &mut out)?;
+                    cur = Some(out);
+                }
+            }
+        }
+        match cur {
+            None => {
+                sink.write(data.slice(start..end))?;
+                written += (end - start) as u64;
+            }
+            Some(out) if !out.is_empty() => {
+                written += out.len() as u64;
+                sink.write(Bytes::from(out))?;
+            }
+            Some(_) => {}
+        }
+        start = end;
+    }
+    // Finish stage by stage: what a stage emits on finish passes through the
+    // stages after it.
+    let mut pending: Vec<u8> = Vec::new();
+    let mut applied = Vec::with_capacity(encoders.len());
+    for (idx, kind, mut enc, mut input_len) in encoders {
+        let mut out = Vec::new();
+        if !pending.is_empty() {
+            input_len += pending.len() as u64;
+            match kind {
+                TransformKind::Checksum => {
+                    enc.update(&pending, &mut ignore)?;
+                    out = std::mem::take(&mut pending);
+                }
+                TransformKind::Codec => enc.update(&pending, &mut out)?,
+            }
+        }
+        let value = enc.finish(&mut out)?;
+        pending = out;
+        applied.push(AppliedTransform {
+            descriptor: idx,
+            value,
+            input_len: (kind == TransformKind::Codec).then_some(input_len),
+        });
+    }
+    if !pending.is_empty() {
+        written += pending.len() as u64;
+        sink.write(Bytes::from(pending))?;
+    }
+    Ok((written, applied))
+}

@@ -1,0 +1,325 @@
+//! Save planning: each rank lists what it holds; the coordinator removes
+//! duplicates of replicated items, balancing bytes, and refuses conflicts.
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::model::{ChunkBox, Item, StateDict};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+/// Which record of an item a write item is.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum WriteIndex {
+    /// A tensor chunk, by its box.
+    Chunk(ChunkBox),
+    /// The bytes item itself.
+    Bytes,
+}
+
+/// One record a rank offers to write.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WriteItem {
+    /// Item name.
+    pub name: String,
+    /// Which record.
+    pub index: WriteIndex,
+    /// Element type (`None` for bytes items).
+    pub dtype: Option<DType>,
+    /// Global shape (empty for bytes items).
+    pub shape: Vec<u64>,
+    /// Logical bytes.
+    pub nbytes: u64,
+    /// Declared replicated: may be offered by several ranks.
+    pub replicated: bool,
+    /// CRC-32C of the data of replicated items, when replicas are checked.
+    pub digest: Option<u32>,
+}
+
+/// A list of write items: a rank's offer, or its assignment.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SavePlan {
+    /// The items, in state-dict order.
+    pub items: Vec<WriteItem>,
+}
+
+impl SavePlan {
+    /// Logical bytes of every item.
+    pub fn bytes(&self) -> u64 {
+        self.items.iter().map(|i| i.nbytes).sum()
+    }
+}
+
+/// Decides who writes what.
+pub trait SavePlanner: Send + Sync {
+    /// This rank's offer.
+    fn local_plan(&self, state_dict: &StateDict, rank: usize) -> Result<SavePlan>;
+
+    /// On the coordinator: from every rank's offer, each rank's assignment.
+    /// Every offered record must be assigned to exactly one rank that
+    /// offered it.
+    fn global_plan(&self, plans: &[SavePlan]) -> Result<Vec<SavePlan>>;
+}
+
+/// The default planner: dedups records declared replicated (to the holder
+/// with the fewest assigned bytes, largest records first), refuses the same
+/// record offered by several ranks without being declared replicated,
+/// refuses inconsistent dtypes or shapes, and refuses overlapping chunks.
+#[derive(Clone, Debug)]
+pub struct DefaultSavePlanner {
+    /// Compare a CRC-32C of every replicated record across its holders and
+    /// refuse differing copies (costs one checksum pass over replicated data).
+    pub check_replicas: bool,
+}
+
+impl Default for DefaultSavePlanner {
+    fn default() -> Self {
+        DefaultSavePlanner {
+            check_replicas: true,
+        }
+    }
+}
+
+impl SavePlanner for DefaultSavePlanner {
+    fn local_plan(&self, sd: &StateDict, _rank: usize) -> Result<SavePlan> {
+        let mut items = Vec::new();
+        for (name, item) in sd.iter() {
+            match item {
+                Item::Tensor(t) => {
+                    let mut seen = std::collections::HashSet::new();
+                    for c in &t.chunks {
+                        if !seen.insert(&c.region) {
+                            return Err(Error::plan(format!(
+                                "{name}: chunk ({}) appears twice on one rank",
+                                c.region
+                            )));
+                        }
+                        items.push(WriteItem {
+                            name: name.clone(),
+                            index: WriteIndex::Chunk(c.region.clone()),
+                            dtype: Some(t.dtype),
+                            shape: t.shape.clone(),
+                            nbytes: c.data.len() as u64,
+                            replicated: t.replicated,
+                            digest: (t.replicated && self.check_replicas)
+                                .then(|| crc32c::crc32c(&c.data)),
+                        });
+                    }
+                }
+                Item::Bytes { data, replicated } => items.push(WriteItem {
+                    name: name.clone(),
+                    index: WriteIndex::Bytes,
+                    dtype: None,
+                    shape: vec![],
+                    nbytes: data.len() as u64,
+                    replicated: *replicated,
+                    digest: (*replicated && self.check_replicas).then(|| crc32c::crc32c(data)),
+                }),
+            }
+        }
+        Ok(SavePlan { items })
+    }
+
+    fn global_plan(&self, plans: &[SavePlan]) -> Result<Vec<SavePlan>> {
+        // Consistency of each name across ranks.
+        let mut kinds: HashMap<&str, (Option<DType>, &[u64], usize)> = HashMap::new();
+        // Holders of each record.
+        let mut holders: HashMap<(&str, &WriteIndex), Vec<(usize, usize)>> = HashMap::new();
+        for (rank, plan) in plans.iter().enumerate() {
+            for (i, it) in plan.items.iter().enumerate() {
+                match kinds.get(it.name.as_str()) {
+                    Some((dt, shape, r0)) => {
+                        if *dt != it.dtype || *shape != it.shape.as_slice() {
+                            let show = |d: &Option<DType>, s: &[u64]| match d {
+                                Some(d) => format!("{d} tensor of shape {s:?}"),
+                                None => "bytes item".to_string(),
+                            };
+                            return Err(Error::plan(format!(
+                                "{}: rank {r0} offers a {} but rank {rank} a {}",
+                                it.name,
+                                show(dt, shape),
+                                show(&it.dtype, &it.shape)
+                            )));
+                        }
+                    }
+                    None => {
+                        kinds.insert(&it.name, (it.dtype, &it.shape, rank));
+                    }
+                }
+                holders
+                    .entry((&it.name, &it.index))
+                    .or_default()
+                    .push((rank, i));
+            }
+        }
+        let mut load = vec![0u64; plans.len()];
+        let mut assigned: Vec<Vec<usize>> = vec![Vec::new(); plans.len()];
+        let mut shared: Vec<(&(&str, &WriteIndex), &Vec<(usize, usize)>)> = Vec::new();
+        for (key, hs) in &holders {
+            if hs.len() == 1 {
+                let (r, i) = hs[0];
+                load[r] += plans[r].items[i].nbytes;
+                assigned[r].push(i);
+                continue;
+            }
+            let first = &plans[hs[0].0].items[hs[0].1];
+            for &(r, i) in hs {
+                let it = &plans[r].items[i];
+                if !it.replicated {
+                    let ranks: Vec<usize> = hs.iter().map(|h| h.0).collect();
+                    let what = match &it.index {
+                        WriteIndex::Chunk(b) => format!("chunk ({b})"),
+                        WriteIndex::Bytes => "bytes item".to_string(),
+                    };
+                    return Err(Error::plan(format!(
+                        "{}: {what} is offered by ranks {ranks:?} but rank {r} does not declare it replicated; \
+                         give per-rank items distinct names or mark them replicated",
+                        it.name
+                    )));
+                }
+                if it.nbytes != first.nbytes
+                    || (it.digest.is_some() && first.digest.is_some() && it.digest != first.digest)
+                {
+                    return Err(Error::plan(format!(
+                        "{}: replicated copies differ between rank {} and rank {r}",
+                        it.name, hs[0].0
+                    )));
+                }
+            }
+            shared.push((key, hs));
+        }
+        // Largest replicated records first, each to its least-loaded holder;
+        // ties broken by rank so the plan is deterministic.
+        shared.sort_by(|a, b| {
+            let na = plans[a.1[0].0].items[a.1[0].1].nbytes;
+            let nb = plans[b.1[0].0].items[b.1[0].1].nbytes;
+            nb.cmp(&na).then_with(|| a.0.cmp(b.0))
+        });
+        for (_, hs) in shared {
+            let &(r, i) = hs
+                .iter()
+                .min_by_key(|(r, _)| (load[*r], *r))
+                .expect("at least two holders");
+            load[r] += plans[r].items[i].nbytes;
+            assigned[r].push(i);
+        }
+        // Chunks of one tensor must not overlap.
+        let mut boxes: HashMap<&str, Vec<&ChunkBox>> = HashMap::new();
+        for (rank, idx) in assigned.iter().enumerate() {
+            for &i in idx {
+                if let WriteIndex::Chunk(b) = &plans[rank].items[i].index {
+                    boxes.entry(&plans[rank].items[i].name).or_default().push(b);
+                }
+            }
+        }
+        for (name, bs) in boxes {
+            crate::metadata::check_disjoint(name, bs).map_err(|e| {
+                Error::plan(e.message().replace(
+                    "invalid metadata: ",
+                    "chunks offered by the ranks overlap: ",
+                ))
+            })?;
+        }
+        Ok(assigned
+            .into_iter()
+            .enumerate()
+            .map(|(rank, mut idx)| {
+                idx.sort_unstable();
+                SavePlan {
+                    items: idx
+                        .into_iter()
+                        .map(|i| plans[rank].items[i].clone())
+                        .collect(),
+                }
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::TensorChunk;
+    use bytes::Bytes;
+
+    fn sd_with(chunks: &[(u64, u64)], replicated: bool, fill: u8) -> StateDict {
+        let mut sd = StateDict::new();
+        let chunks = chunks
+            .iter()
+            .map(|&(o, s)| TensorChunk {
+                region: ChunkBox::new(vec![o], vec![s]).unwrap(),
+                data: Bytes::from(vec![fill; s as usize * 4]),
+            })
+            .collect();
+        sd.insert_tensor("w", DType::F32, vec![8], chunks, replicated)
+            .unwrap();
+        sd
+    }
+
+    #[test]
+    fn dedups_replicated_and_balances() {
+        let p = DefaultSavePlanner::default();
+        let plans: Vec<SavePlan> = (0..3)
+            .map(|r| {
+                let mut sd = sd_with(&[(0, 8)], true, 1);
+                sd.insert_bytes(format!("rng.{r}"), vec![r as u8; 100], false)
+                    .unwrap();
+                sd.insert_bytes("step", b"7".to_vec(), true).unwrap();
+                p.local_plan(&sd, r).unwrap()
+            })
+            .collect();
+        let g = p.global_plan(&plans).unwrap();
+        let count = |name: &str| {
+            g.iter()
+                .flat_map(|p| &p.items)
+                .filter(|i| i.name == name)
+                .count()
+        };
+        assert_eq!(count("w"), 1);
+        assert_eq!(count("step"), 1);
+        assert_eq!(count("rng.1"), 1);
+        // The two replicated records land on different ranks.
+        let owner = |name: &str| {
+            g.iter()
+                .position(|p| p.items.iter().any(|i| i.name == name))
+                .unwrap()
+        };
+        assert_ne!(owner("w"), owner("step"));
+    }
+
+    #[test]
+    fn refuses_undeclared_duplicates_and_conflicts() {
+        let p = DefaultSavePlanner::default();
+        let a = p.local_plan(&sd_with(&[(0, 4)], false, 1), 0).unwrap();
+        let b = p.local_plan(&sd_with(&[(0, 4)], false, 1), 1).unwrap();
+        let e = p.global_plan(&[a, b]).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::Plan);
+        assert!(e.message().contains("offered by ranks [0, 1]"), "{e}");
+
+        let a = p.local_plan(&sd_with(&[(0, 4)], true, 1), 0).unwrap();
+        let b = p.local_plan(&sd_with(&[(0, 4)], true, 2), 1).unwrap();
+        assert!(p
+            .global_plan(&[a, b])
+            .unwrap_err()
+            .message()
+            .contains("differ"));
+
+        let a = p.local_plan(&sd_with(&[(0, 4)], false, 1), 0).unwrap();
+        let b = p.local_plan(&sd_with(&[(2, 4)], false, 1), 1).unwrap();
+        assert!(p
+            .global_plan(&[a, b])
+            .unwrap_err()
+            .message()
+            .contains("overlap"));
+
+        let a = p.local_plan(&sd_with(&[(0, 4)], false, 1), 0).unwrap();
+        let mut sd = StateDict::new();
+        sd.insert_full_tensor("w", DType::F16, vec![8], Bytes::from(vec![0u8; 16]))
+            .unwrap();
+        let b = p.local_plan(&sd, 1).unwrap();
+        assert!(p
+            .global_plan(&[a, b])
+            .unwrap_err()
+            .message()
+            .contains("rank 0 offers a f32"));
+    }
+}

@@ -1,0 +1,157 @@
+//! The `FileSystem` plug point: where a checkpoint's bytes go.
+//!
+//! A `FileSystem` is rooted at one checkpoint location (a directory, or a
+//! prefix in a bucket) and addresses files by plain names inside it. Its
+//! methods are blocking: dcp calls them from its own bounded pool of worker
+//! threads, never from an async executor thread, so a local implementation can
+//! use positional I/O directly and an object-store implementation can drive
+//! its async client with `Handle::block_on`.
+
+use crate::error::{Error, Result};
+use bytes::Bytes;
+use std::fmt;
+
+/// Name of the metadata file whose presence marks a complete checkpoint.
+pub const METADATA_FILE: &str = ".metadata";
+
+/// A file in a checkpoint location, as listed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileEntry {
+    /// Plain name inside the checkpoint location.
+    pub name: String,
+    /// Length in bytes.
+    pub length: u64,
+}
+
+/// What a backend can do; the pipeline and tests adapt to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    /// `finish(sync = true)` makes data durable (fsync or a completed upload).
+    pub durable_sync: bool,
+    /// `write_atomic` replaces a file atomically (rename, or a single PUT).
+    pub atomic_replace: bool,
+    /// `list` is supported.
+    pub list: bool,
+}
+
+/// A checkpoint location. Every method is blocking and may be called from
+/// several threads at once. Names are plain file names (see
+/// [`check_file_name`]); implementations refuse anything else.
+pub trait FileSystem: Send + Sync + fmt::Debug + 'static {
+    /// The location as a URL or path, for messages (`/ckpt/step100`, `s3://b/p`).
+    fn location(&self) -> String;
+
+    /// What this backend guarantees.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Make sure the location exists (create the directory).
+    fn prepare(&self) -> Result<()>;
+
+    /// Create (or truncate) `name` and return a sink that streams ordered
+    /// buffers into it. Nothing is visible under `name` as complete until
+    /// [`FileSink::finish`] returns.
+    fn create(&self, name: &str) -> Result<Box<dyn FileSink>>;
+
+    /// Fill `buf` from `name` starting at `offset`. Reading past the end is an
+    /// error of kind `Corrupt` naming the file, offset and length.
+    fn read_into(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<()>;
+
+    /// Length of `name`, or `None` if it does not exist.
+    fn file_len(&self, name: &str) -> Result<Option<u64>>;
+
+    /// Write a small file so that readers see either the old or the new
+    /// content, never a mix or nothing (temp file, fsync, rename, directory
+    /// fsync; or one PUT). This is the commit point of a save.
+    fn write_atomic(&self, name: &str, data: &[u8], sync: bool) -> Result<()>;
+
+    /// Every file directly in the location.
+    fn list(&self) -> Result<Vec<FileEntry>>;
+
+    /// Remove `name`; removing a missing file is not an error.
+    fn remove(&self, name: &str) -> Result<()>;
+
+    /// Make the location's directory entries durable (no-op where meaningless).
+    fn sync_dir(&self) -> Result<()>;
+
+    /// Read a whole small file, refusing files longer than `max_len`.
+    fn read_small(&self, name: &str, max_len: u64) -> Result<Vec<u8>> {
+        let len = self.file_len(name)?.ok_or_else(|| {
+            Error::new(
+                crate::ErrorKind::NotFound,
+                format!("{} not found in {}", name, self.location()),
+            )
+        })?;
+        if len > max_len {
+            return Err(Error::corrupt(format!(
+                "{name} in {} is {len} bytes, more than the limit of {max_len}",
+                self.location()
+            )));
+        }
+        let mut buf = vec![0u8; len as usize];
+        self.read_into(name, 0, &mut buf)?;
+        Ok(buf)
+    }
+}
+
+/// A file being written: ordered buffers in, then `finish` or `abort`.
+pub trait FileSink: Send {
+    /// Append `buf`. Implementations may keep the `Bytes` (no copy) until
+    /// written.
+    fn write(&mut self, buf: Bytes) -> Result<()>;
+
+    /// Complete the file; with `sync`, make it durable first. Returns the
+    /// file's length.
+    fn finish(self: Box<Self>, sync: bool) -> Result<u64>;
+
+    /// Give up: remove what was written (best effort, errors are logged).
+    fn abort(self: Box<Self>);
+}
+
+/// Check that `name` is a plain file name inside a checkpoint: 1 to 255
+/// bytes of `[A-Za-z0-9._-]`, not `.` or `..`, not containing `..`.
+/// Refuses separators, absolute paths and anything that could leave the
+/// checkpoint location.
+pub fn check_file_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 255
+        && !name.contains("..")
+        && name != "."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::corrupt(format!(
+            "file name {name:?} is not a plain name inside the checkpoint"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names() {
+        for good in ["__0_0-abc.dcp", ".metadata", ".metadata.tmp", "a-b_c.d"] {
+            check_file_name(good).unwrap();
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "a/b",
+            "/etc/passwd",
+            "a\\b",
+            "x..y",
+            "a\0b",
+            "é",
+        ] {
+            let e = check_file_name(bad).unwrap_err();
+            assert_eq!(e.kind(), crate::ErrorKind::Corrupt, "{bad:?}");
+        }
+        check_file_name(&"a".repeat(256)).unwrap_err();
+    }
+}

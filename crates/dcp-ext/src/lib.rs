@@ -1,0 +1,1 @@
+//! dcp-ext: arrives with its own issue.

@@ -1,0 +1,1 @@
+//! dcp-fsspec: arrives with its own issue.
