@@ -18,7 +18,7 @@ use crate::error::{Error, ErrorKind, Result, WireError};
 use crate::metadata::{
     ChunkMeta, DataFile, FormatKind, ItemMeta, Metadata, StorageInfo, MAX_METADATA_LEN,
 };
-use crate::model::{DestStateDict, Item, StateDict};
+use crate::model::{ChunkBox, DestStateDict, Item, StateDict};
 use crate::pipeline::read::{read_plan, ReadConfig, ReadStats};
 use crate::pipeline::write::{write_file, FileJob, RecordJob, RecordResult, WriteConfig};
 use crate::plan::{
@@ -561,12 +561,22 @@ impl Default for SaveOptions {
 pub struct LoadOptions {
     /// Decides which stored bytes fill which destination.
     pub planner: Arc<dyn LoadPlanner>,
+    /// When several ranks need parts of one saved chunk, read it once on one
+    /// rank and send the others their slices through the collective, instead
+    /// of every rank reading it (a resharded load then reads the checkpoint
+    /// about once in total, not once per rank).
+    pub share_reads: bool,
+    /// Bytes a rank may hold per exchange round (decoded chunks it read plus
+    /// slices in flight).
+    pub exchange_budget: u64,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
             planner: Arc::new(DefaultLoadPlanner::default()),
+            share_reads: true,
+            exchange_budget: 512 << 20,
         }
     }
 }
@@ -955,9 +965,22 @@ pub async fn load_with(
     let md_bytes =
         decode::<std::result::Result<Vec<u8>, WireError>>(&md_msg)?.map_err(Error::from_wire)?;
     let metadata = Arc::new(Metadata::decode(&md_bytes)?);
-    let result = match options.planner.plan(&metadata, &dest) {
-        Ok(plan) => reader.read(metadata.clone(), plan, dest).await,
-        Err(e) => Err(e),
+    let planned = options.planner.plan(&metadata, &dest);
+    let result = if options.share_reads && collective.world_size() > 1 {
+        read_shared(
+            planned,
+            dest,
+            &metadata,
+            reader,
+            collective,
+            options.exchange_budget,
+        )
+        .await?
+    } else {
+        match planned {
+            Ok(plan) => reader.read(metadata.clone(), plan, dest).await,
+            Err(e) => Err(e),
+        }
     };
     let status: std::result::Result<(), WireError> = match &result {
         Ok(_) => Ok(()),
@@ -977,6 +1000,228 @@ pub async fn load_with(
         stats,
         metadata,
     })
+}
+
+/// A rank's destination items by index, for filling in place.
+type DestVec = Vec<(String, crate::model::DestItem)>;
+
+/// Load with shared reads (see [`LoadOptions::share_reads`]). The outer
+/// `Result` is a collective failure; the inner one this rank's outcome, which
+/// every rank then agrees on.
+async fn read_shared(
+    planned: Result<LoadPlan>,
+    dest: DestStateDict,
+    md: &Arc<Metadata>,
+    reader: &dyn StorageReader,
+    collective: &dyn Collective,
+    budget: u64,
+) -> Result<Result<(DestStateDict, ReadStats)>> {
+    use crate::pipeline::exchange::{
+        compact, fill_from_chunk, fill_from_compact, needs_of, schedule, split_plan, Need,
+    };
+    let rank = collective.rank();
+    let n = collective.world_size();
+    let needs_msg = wire(
+        planned
+            .as_ref()
+            .map(needs_of)
+            .map_err(|e| Error::new(e.kind(), e.message())),
+        rank,
+    );
+    let all = collective.all_gather(encode(&needs_msg)?).await?;
+    let mut needs: Vec<Vec<Need>> = Vec::with_capacity(all.len());
+    for b in &all {
+        match decode::<std::result::Result<Vec<Need>, WireError>>(b)? {
+            Ok(x) => needs.push(x),
+            // Every rank sees the same failure and stops here together.
+            Err(w) => return Ok(Err(Error::from_wire(w))),
+        }
+    }
+    let plan = planned.expect("errors returned above");
+    let sched = schedule(md, &needs, budget);
+    let (local_plan, mut shared_reads) = split_plan(plan, &sched);
+    let mut state = reader.read(md.clone(), local_plan, dest).await;
+    for round in &sched.rounds {
+        // Read the shared chunks this rank serves in this round, whole.
+        let mine: Vec<usize> = round
+            .iter()
+            .copied()
+            .filter(|&s| sched.shared[s].reader == rank)
+            .collect();
+        let mut decoded: Result<Vec<Vec<u8>>> = Ok(Vec::new());
+        if state.is_ok() && !mine.is_empty() {
+            let want = mine
+                .iter()
+                .map(|&s| (sched.shared[s].item, sched.shared[s].chunk))
+                .collect();
+            decoded = read_saved_chunks(reader, md, want).await.map(|(v, st)| {
+                if let Ok((_, stats)) = &mut state {
+                    stats.bytes_read += st.bytes_read;
+                    stats.requests += st.requests;
+                    stats.records += st.records;
+                }
+                v
+            });
+        }
+        let err = match (&state, &decoded) {
+            (Err(e), _) | (_, Err(e)) => Some(Error::new(e.kind(), e.message()).with_rank(rank)),
+            _ => None,
+        };
+        let msgs: Vec<Bytes> = if let Some(e) = err {
+            let mut m = vec![1u8];
+            m.extend_from_slice(&encode(&e.to_wire())?);
+            state = Err(e);
+            vec![Bytes::from(m); n]
+        } else {
+            // Fill this rank's own needs and compact the slices the others
+            // need, off the executor.
+            let (dest_state, stats) = state.expect("checked ok");
+            let decoded = decoded.expect("checked ok");
+            let mut dest_vec: DestVec = dest_state.into_items().into_iter().collect();
+            let jobs: Vec<(usize, Vec<u8>, Vec<crate::plan::ReadItem>)> = mine
+                .iter()
+                .zip(decoded)
+                .map(|(&s, data)| (s, data, shared_reads.remove(&s).unwrap_or_default()))
+                .collect();
+            // For each receiver: (shared index, overlaps) in round order.
+            let sends: Vec<Vec<(usize, Vec<ChunkBox>)>> = (0..n)
+                .map(|r| {
+                    mine.iter()
+                        .filter_map(|&s| {
+                            let c = &sched.shared[s];
+                            c.users
+                                .iter()
+                                .find(|u| u.0 == r && r != rank)
+                                .map(|&(_, i)| (s, needs[r][i].overlaps.clone()))
+                        })
+                        .collect()
+                })
+                .collect();
+            let shared = sched.shared.clone();
+            let md_c = md.clone();
+            let (dv, built) = blocking(move || {
+                let mut out: Vec<Vec<u8>> = vec![vec![0u8]; n];
+                for (s, data, reads) in &jobs {
+                    let c = &shared[*s];
+                    let ItemMeta::Tensor { chunks, .. } = &md_c.items[c.item].1 else {
+                        return Err(Error::invalid("shared chunk is not a tensor"));
+                    };
+                    let saved_box = &chunks[c.chunk].region;
+                    fill_from_chunk(&mut dest_vec, saved_box, c.elem, data, reads);
+                    for (r, list) in sends.iter().enumerate() {
+                        for (s2, overlaps) in list {
+                            if s2 == s {
+                                compact(&mut out[r], saved_box, c.elem, data, overlaps);
+                            }
+                        }
+                    }
+                }
+                Ok((dest_vec, out))
+            })
+            .await?;
+            state = Ok((DestStateDict::from_items(dv.into_iter().collect()), stats));
+            built.into_iter().map(Bytes::from).collect()
+        };
+        let recv = collective.all_to_all(msgs).await?;
+        // Any rank's failure ends the exchange for everyone after this round.
+        for (from, m) in recv.iter().enumerate() {
+            if m.first() == Some(&1) {
+                let e = decode::<WireError>(&m[1..])
+                    .map(Error::from_wire)
+                    .unwrap_or_else(|e| e.with_rank(from));
+                return Ok(Err(e));
+            }
+        }
+        // Fill this rank's needs from the slices it received.
+        let (dest_state, stats) = state.expect("no failure in this round");
+        let mut dest_vec: DestVec = dest_state.into_items().into_iter().collect();
+        let mut jobs: Vec<(usize, usize, Vec<crate::plan::ReadItem>)> = Vec::new();
+        for &s in round {
+            let c = &sched.shared[s];
+            if c.reader != rank && c.users.iter().any(|u| u.0 == rank) {
+                jobs.push((
+                    c.reader,
+                    c.elem,
+                    shared_reads.remove(&s).unwrap_or_default(),
+                ));
+            }
+        }
+        let (dv, r) = blocking(move || {
+            let mut pos = vec![1usize; recv.len()];
+            let mut res = Ok(());
+            for (from, elem, reads) in &jobs {
+                if let Err(e) =
+                    fill_from_compact(&mut dest_vec, *elem, &recv[*from], &mut pos[*from], reads)
+                {
+                    res = Err(e);
+                    break;
+                }
+            }
+            Ok((dest_vec, res))
+        })
+        .await?;
+        state = r.map(|_| (DestStateDict::from_items(dv.into_iter().collect()), stats));
+    }
+    Ok(state)
+}
+
+/// Read whole saved chunks `(md_item, saved_chunk)`, decoded and verified,
+/// through the reader's ordinary path (the saved box as the destination).
+async fn read_saved_chunks(
+    reader: &dyn StorageReader,
+    md: &Arc<Metadata>,
+    chunks: Vec<(usize, usize)>,
+) -> Result<(Vec<Vec<u8>>, ReadStats)> {
+    let mut by_item: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for &(i, c) in &chunks {
+        by_item.entry(i).or_default().push(c);
+    }
+    let mut dest = DestStateDict::new();
+    let mut plan = LoadPlan::default();
+    for (di, (&i, cs)) in by_item.iter().enumerate() {
+        let (
+            name,
+            ItemMeta::Tensor {
+                dtype,
+                shape,
+                chunks: saved,
+            },
+        ) = &md.items[i]
+        else {
+            return Err(Error::invalid("shared chunk is not a tensor"));
+        };
+        dest.want_tensor(
+            name.clone(),
+            *dtype,
+            shape.clone(),
+            cs.iter().map(|&c| saved[c].region.clone()).collect(),
+        )?;
+        for (dc, &c) in cs.iter().enumerate() {
+            plan.tensor_reads.push(crate::plan::ReadItem {
+                dest_item: di,
+                dest_chunk: dc,
+                md_item: i,
+                saved_chunk: c,
+                overlap: saved[c].region.clone(),
+            });
+        }
+    }
+    // Item names are unique and sorted in the metadata, so the destination's
+    // name order is the metadata's index order, as the plan assumes.
+    let (filled, stats) = reader.read(md.clone(), plan, dest).await?;
+    let mut out_map: BTreeMap<(usize, usize), Vec<u8>> = BTreeMap::new();
+    for ((&i, cs), (_, item)) in by_item.iter().zip(filled.into_items()) {
+        if let crate::model::DestItem::Tensor(t) = item {
+            for (&c, ch) in cs.iter().zip(t.chunks) {
+                out_map.insert((i, c), ch.data);
+            }
+        }
+    }
+    let out = chunks
+        .iter()
+        .map(|k| out_map.remove(k).unwrap_or_default())
+        .collect();
+    Ok((out, stats))
 }
 
 /// Read and validate the metadata of a checkpoint (no collective).

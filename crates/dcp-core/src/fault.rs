@@ -122,7 +122,7 @@ impl FaultFs {
             n
         };
         let faults = self.faults.lock().unwrap_or_else(|p| p.into_inner());
-        if faults.iter().any(|f| *f == Fault::FailNth { op, nth: n }) {
+        if faults.contains(&Fault::FailNth { op, nth: n }) {
             return Err(Error::new(
                 ErrorKind::Io,
                 format!("injected fault: {op:?} #{n} ({what})"),

@@ -79,6 +79,7 @@ async fn reshard_rows_to_columns() {
             dest.want_bytes("step")?;
             let r = FileSystemReader::new(fs, ReaderOptions::default());
             let out = load(dest, &r, &g).await?;
+            assert!(out.stats.bytes_read > 0);
             let t = out.state_dict.tensor("w").unwrap();
             let mut expect = Vec::new();
             for r in 0..R {
@@ -92,7 +93,12 @@ async fn reshard_rows_to_columns() {
         }
     })
     .await;
-    for r in res {
-        r.unwrap();
-    }
+    let total: u64 = res.into_iter().map(|r| r.unwrap().bytes_read).sum();
+    // Shared reads: every saved byte is read once across the 3 ranks, not
+    // once per rank (the bytes item is read by each rank).
+    let saved = R * C * 2;
+    assert!(
+        total >= saved && total <= saved + 3 * 64,
+        "read {total} bytes for a {saved}-byte tensor"
+    );
 }

@@ -99,7 +99,6 @@ pub fn copy_region_from(
         dst[..elem].copy_from_slice(&src[..elem]);
         return;
     }
-    let src = &src[..];
     let ss = strides(src_box);
     let ds = strides(dst_box);
     // Merge trailing dimensions that are full in both boxes into one run.
@@ -161,8 +160,8 @@ mod tests {
             }
             let off = |b: &ChunkBox| {
                 let mut o = 0u64;
-                for d in 0..n {
-                    o = o * b.sizes[d] + (coord[d] - b.offsets[d]);
+                for (d, c) in coord.iter().enumerate() {
+                    o = o * b.sizes[d] + (c - b.offsets[d]);
                 }
                 o as usize * elem
             };

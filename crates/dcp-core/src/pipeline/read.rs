@@ -505,7 +505,7 @@ impl Ctx<'_> {
                 let mut buf = lock(&chunks[*dest_chunk].1);
                 let dst = &mut buf[*dest_start..*dest_start + *len];
                 self.read(rec.file, rec.offset + rel_start, dst)
-                    .map_err(|e| e.context(&rec.name))?;
+                    .map_err(|e| e.context(rec.name))?;
                 if *verify {
                     self.decode(rec, dst)?;
                 }
@@ -540,55 +540,14 @@ impl Ctx<'_> {
         }
     }
 
-    /// Undo a whole record's transforms (verifying checksums); the result has
-    /// exactly the record's logical length.
     fn decode<'b>(&self, rec: &Record<'_>, stored: &'b [u8]) -> Result<Cow<'b, [u8]>> {
-        let mut cur: Cow<'b, [u8]> = Cow::Borrowed(stored);
-        // A codec's recorded input length bounds what its decoder may produce;
-        // cap it so hostile metadata cannot ask for huge allocations.
-        let cap = rec.logical + rec.logical / 4 + (1 << 20);
-        for t in rec.transforms.iter().rev() {
-            let ext = self.resolved[t.descriptor as usize]
-                .as_ref()
-                .expect("resolved before reading");
-            let expected = match t.input_len {
-                Some(l) if l > cap => {
-                    return Err(Error::corrupt(format!(
-                        "{}: transform input length {l} is implausible for a {}-byte record",
-                        self.where_(rec),
-                        rec.logical
-                    )))
-                }
-                Some(l) => l as usize,
-                None => cur.len(),
-            };
-            match ext
-                .decode(&cur, &t.value, expected)
-                .map_err(|e| e.context(self.where_(rec)))?
-            {
-                Some(v) => {
-                    if v.len() != expected {
-                        return Err(Error::corrupt(format!(
-                            "{}: {} decoded to {} bytes, expected {expected}",
-                            self.where_(rec),
-                            ext.descriptor(),
-                            v.len()
-                        )));
-                    }
-                    cur = Cow::Owned(v);
-                }
-                None => {}
-            }
-        }
-        if cur.len() as u64 != rec.logical {
-            return Err(Error::corrupt(format!(
-                "{}: decoded to {} bytes, expected {}",
-                self.where_(rec),
-                cur.len(),
-                rec.logical
-            )));
-        }
-        Ok(cur)
+        decode_record(
+            self.resolved,
+            &self.where_(rec),
+            rec.transforms,
+            rec.logical,
+            stored,
+        )
     }
 
     fn scatter(&self, rec: &Record<'_>, p: &Piece, data: &[u8]) -> Result<()> {
@@ -625,4 +584,56 @@ impl Ctx<'_> {
         }
         Ok(())
     }
+}
+
+/// Undo a whole record's transforms (verifying checksums); the result has
+/// exactly `logical` bytes. `what` names the record in errors.
+pub(crate) fn decode_record<'b>(
+    resolved: &[Option<Arc<dyn StreamTransformExtension>>],
+    what: &str,
+    transforms: &[AppliedTransform],
+    logical: u64,
+    stored: &'b [u8],
+) -> Result<Cow<'b, [u8]>> {
+    let mut cur: Cow<'b, [u8]> = Cow::Borrowed(stored);
+    // A codec's recorded input length bounds what its decoder may produce;
+    // cap it so hostile metadata cannot ask for huge allocations.
+    let cap = logical + logical / 4 + (1 << 20);
+    for t in transforms.iter().rev() {
+        let ext = resolved
+            .get(t.descriptor as usize)
+            .and_then(|r| r.as_ref())
+            .ok_or_else(|| {
+                Error::unsupported(format!("{what}: transform {} not resolved", t.descriptor))
+            })?;
+        let expected = match t.input_len {
+            Some(l) if l > cap => {
+                return Err(Error::corrupt(format!(
+                    "{what}: transform input length {l} is implausible for a {logical}-byte record"
+                )))
+            }
+            Some(l) => l as usize,
+            None => cur.len(),
+        };
+        if let Some(v) = ext
+            .decode(&cur, &t.value, expected)
+            .map_err(|e| e.context(what))?
+        {
+            if v.len() != expected {
+                return Err(Error::corrupt(format!(
+                    "{what}: {} decoded to {} bytes, expected {expected}",
+                    ext.descriptor(),
+                    v.len()
+                )));
+            }
+            cur = Cow::Owned(v);
+        }
+    }
+    if cur.len() as u64 != logical {
+        return Err(Error::corrupt(format!(
+            "{what}: decoded to {} bytes, expected {logical}",
+            cur.len()
+        )));
+    }
+    Ok(cur)
 }

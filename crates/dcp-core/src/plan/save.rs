@@ -153,7 +153,8 @@ impl SavePlanner for DefaultSavePlanner {
         }
         let mut load = vec![0u64; plans.len()];
         let mut assigned: Vec<Vec<usize>> = vec![Vec::new(); plans.len()];
-        let mut shared: Vec<(&(&str, &WriteIndex), &Vec<(usize, usize)>)> = Vec::new();
+        type Holders = Vec<(usize, usize)>;
+        let mut shared: Vec<(&(&str, &WriteIndex), &Holders)> = Vec::new();
         for (key, hs) in &holders {
             if hs.len() == 1 {
                 let (r, i) = hs[0];

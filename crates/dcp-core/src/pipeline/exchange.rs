@@ -1,0 +1,340 @@
+//! Shared reads across ranks: when several ranks need parts of the same saved
+//! chunk (a resharded load, or a replicated tensor loaded everywhere), one
+//! rank reads it once and sends every other rank the slices it needs.
+//!
+//! Every rank all-gathers what it needs; every rank then computes the same
+//! schedule: which rank reads each shared chunk (the one needing most of it),
+//! and rounds that keep each rank's in-flight bytes under a budget. Each round
+//! is one `all_to_all`. Slices travel compacted (only the overlap's
+//! elements), so the scheme works for any transport, not only shared memory.
+
+use crate::metadata::{ItemMeta, Metadata};
+use crate::model::ChunkBox;
+use crate::plan::{LoadPlan, ReadItem};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// What one rank needs of one saved chunk: the overlaps, in the order of its
+/// plan's read items.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Need {
+    pub item: u32,
+    pub chunk: u32,
+    pub overlaps: Vec<ChunkBox>,
+}
+
+/// A saved chunk needed by several ranks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct SharedChunk {
+    pub item: usize,
+    pub chunk: usize,
+    pub elem: usize,
+    pub reader: usize,
+    /// For every rank needing it: (rank, index into that rank's needs).
+    pub users: Vec<(usize, usize)>,
+}
+
+/// The schedule every rank computes identically.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Schedule {
+    pub shared: Vec<SharedChunk>,
+    /// Indices into `shared`, one list per round.
+    pub rounds: Vec<Vec<usize>>,
+}
+
+/// This rank's needs, grouped by saved chunk in plan order.
+pub(crate) fn needs_of(plan: &LoadPlan) -> Vec<Need> {
+    let mut order: Vec<(u32, u32)> = Vec::new();
+    let mut map: BTreeMap<(u32, u32), Vec<ChunkBox>> = BTreeMap::new();
+    for r in &plan.tensor_reads {
+        let key = (r.md_item as u32, r.saved_chunk as u32);
+        let e = map.entry(key).or_default();
+        if e.is_empty() {
+            order.push(key);
+        }
+        e.push(r.overlap.clone());
+    }
+    order
+        .into_iter()
+        .map(|k| Need {
+            item: k.0,
+            chunk: k.1,
+            overlaps: map.remove(&k).unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// Compute the schedule from every rank's needs. `budget` bounds, per rank
+/// and round, the decoded chunks it reads plus the slices it receives.
+pub(crate) fn schedule(md: &Metadata, needs: &[Vec<Need>], budget: u64) -> Schedule {
+    // (rank, index into its needs, bytes needed) per saved chunk.
+    type Users = Vec<(usize, usize, u64)>;
+    let mut users: BTreeMap<(u32, u32), Users> = BTreeMap::new();
+    for (rank, list) in needs.iter().enumerate() {
+        for (i, n) in list.iter().enumerate() {
+            let elem = elem_size(md, n.item as usize) as u64;
+            let bytes: u64 = n.overlaps.iter().map(|o| o.numel() * elem).sum();
+            users
+                .entry((n.item, n.chunk))
+                .or_default()
+                .push((rank, i, bytes));
+        }
+    }
+    let world = needs.len();
+    let mut load = vec![0u64; world];
+    let mut out = Schedule::default();
+    let mut round_cost = vec![0u64; world];
+    let mut round: Vec<usize> = Vec::new();
+    for ((item, chunk), us) in users {
+        if us.len() < 2 {
+            continue;
+        }
+        let (item, chunk) = (item as usize, chunk as usize);
+        let elem = elem_size(md, item);
+        let logical = match &md.items[item].1 {
+            ItemMeta::Tensor { chunks, .. } => chunks[chunk].region.numel() * elem as u64,
+            ItemMeta::Bytes { .. } => continue,
+        };
+        let reader = us
+            .iter()
+            .max_by(|a, b| {
+                a.2.cmp(&b.2)
+                    .then(load[b.0].cmp(&load[a.0]))
+                    .then(b.0.cmp(&a.0))
+            })
+            .map(|u| u.0)
+            .expect("at least two users");
+        load[reader] += logical;
+        let mut cost = vec![0u64; world];
+        cost[reader] += logical;
+        for &(r, _, b) in &us {
+            if r != reader {
+                cost[r] += b;
+                cost[reader] += b;
+            }
+        }
+        let over = (0..world).any(|r| round_cost[r] + cost[r] > budget);
+        if over && !round.is_empty() {
+            out.rounds.push(std::mem::take(&mut round));
+            round_cost = vec![0; world];
+        }
+        for r in 0..world {
+            round_cost[r] += cost[r];
+        }
+        round.push(out.shared.len());
+        out.shared.push(SharedChunk {
+            item,
+            chunk,
+            elem,
+            reader,
+            users: us.iter().map(|&(r, i, _)| (r, i)).collect(),
+        });
+    }
+    if !round.is_empty() {
+        out.rounds.push(round);
+    }
+    out
+}
+
+fn elem_size(md: &Metadata, item: usize) -> usize {
+    match &md.items[item].1 {
+        ItemMeta::Tensor { dtype, .. } => dtype.size(),
+        ItemMeta::Bytes { .. } => 1,
+    }
+}
+
+/// Split `plan` into what this rank reads itself and the read items served by
+/// the exchange (by shared chunk index), keeping plan order.
+pub(crate) fn split_plan(
+    plan: LoadPlan,
+    sched: &Schedule,
+) -> (LoadPlan, BTreeMap<usize, Vec<ReadItem>>) {
+    let index: BTreeMap<(usize, usize), usize> = sched
+        .shared
+        .iter()
+        .enumerate()
+        .map(|(i, s)| ((s.item, s.chunk), i))
+        .collect();
+    let mut local = LoadPlan {
+        tensor_reads: Vec::new(),
+        bytes_reads: plan.bytes_reads,
+    };
+    let mut shared: BTreeMap<usize, Vec<ReadItem>> = BTreeMap::new();
+    for r in plan.tensor_reads {
+        match index.get(&(r.md_item, r.saved_chunk)) {
+            Some(&s) => shared.entry(s).or_default().push(r),
+            None => local.tensor_reads.push(r),
+        }
+    }
+    (local, shared)
+}
+
+/// Destination items by index, for in-place filling.
+type DestVec = Vec<(String, crate::model::DestItem)>;
+
+/// Copy every overlap of `reads` from a decoded saved chunk into `dest`.
+pub(crate) fn fill_from_chunk(
+    dest: &mut DestVec,
+    saved_box: &ChunkBox,
+    elem: usize,
+    data: &[u8],
+    reads: &[ReadItem],
+) {
+    for r in reads {
+        if let crate::model::DestItem::Tensor(t) = &mut dest[r.dest_item].1 {
+            let c = &mut t.chunks[r.dest_chunk];
+            crate::pipeline::copy::copy_region(
+                elem,
+                data,
+                saved_box,
+                &mut c.data,
+                &c.region,
+                &r.overlap,
+            );
+        }
+    }
+}
+
+/// Append the compacted elements of each overlap (in order) to `out`.
+pub(crate) fn compact(
+    out: &mut Vec<u8>,
+    saved_box: &ChunkBox,
+    elem: usize,
+    data: &[u8],
+    overlaps: &[ChunkBox],
+) {
+    for o in overlaps {
+        let start = out.len();
+        out.resize(start + o.numel() as usize * elem, 0);
+        crate::pipeline::copy::copy_region(elem, data, saved_box, &mut out[start..], o, o);
+    }
+}
+
+/// Copy compacted overlaps from `msg` (starting at `*pos`) into `dest`.
+/// Returns an error if the message is too short.
+pub(crate) fn fill_from_compact(
+    dest: &mut DestVec,
+    elem: usize,
+    msg: &[u8],
+    pos: &mut usize,
+    reads: &[ReadItem],
+) -> crate::Result<()> {
+    for r in reads {
+        let len = r.overlap.numel() as usize * elem;
+        let piece = msg.get(*pos..*pos + len).ok_or_else(|| {
+            crate::Error::new(
+                crate::ErrorKind::Collective,
+                "shared-read message shorter than planned",
+            )
+        })?;
+        *pos += len;
+        if let crate::model::DestItem::Tensor(t) = &mut dest[r.dest_item].1 {
+            let c = &mut t.chunks[r.dest_chunk];
+            crate::pipeline::copy::copy_region(
+                elem,
+                piece,
+                &r.overlap,
+                &mut c.data,
+                &c.region,
+                &r.overlap,
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metadata::{ChunkMeta, DataFile, FormatKind, StorageInfo};
+    use crate::DType;
+
+    fn md(chunks: Vec<ChunkBox>) -> Metadata {
+        let mut off = 0;
+        let chunks = chunks
+            .into_iter()
+            .map(|region| {
+                let length = region.numel() * 2;
+                let c = ChunkMeta {
+                    region,
+                    storage: StorageInfo {
+                        file: 0,
+                        offset: off,
+                        length,
+                        transforms: vec![],
+                    },
+                };
+                off += length;
+                c
+            })
+            .collect();
+        Metadata {
+            save_id: "x".into(),
+            world_size: 2,
+            format: FormatKind::Raw,
+            files: vec![DataFile {
+                name: "f".into(),
+                length: off,
+            }],
+            transforms: vec![],
+            items: vec![(
+                "t".into(),
+                ItemMeta::Tensor {
+                    dtype: DType::BF16,
+                    shape: vec![4, 6],
+                    chunks,
+                },
+            )],
+            user: Default::default(),
+        }
+    }
+
+    fn b(o: [u64; 2], s: [u64; 2]) -> ChunkBox {
+        ChunkBox::new(o.to_vec(), s.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn shared_chunks_get_one_reader_and_budgeted_rounds() {
+        let m = md(vec![b([0, 0], [2, 6]), b([2, 0], [2, 6])]);
+        // Rank 0 needs columns 0..4 of both chunks, rank 1 columns 4..6.
+        let needs = vec![
+            vec![
+                Need {
+                    item: 0,
+                    chunk: 0,
+                    overlaps: vec![b([0, 0], [2, 4])],
+                },
+                Need {
+                    item: 0,
+                    chunk: 1,
+                    overlaps: vec![b([2, 0], [2, 4])],
+                },
+            ],
+            vec![
+                Need {
+                    item: 0,
+                    chunk: 0,
+                    overlaps: vec![b([0, 4], [2, 2])],
+                },
+                Need {
+                    item: 0,
+                    chunk: 1,
+                    overlaps: vec![b([2, 4], [2, 2])],
+                },
+            ],
+        ];
+        let s = schedule(&m, &needs, 1 << 20);
+        assert_eq!(s.shared.len(), 2);
+        assert!(
+            s.shared.iter().all(|c| c.reader == 0),
+            "rank 0 needs more of each"
+        );
+        assert_eq!(s.rounds, vec![vec![0, 1]]);
+        // A tiny budget puts each chunk in its own round.
+        let s = schedule(&m, &needs, 1);
+        assert_eq!(s.rounds, vec![vec![0], vec![1]]);
+        // A chunk needed by one rank is not shared.
+        let s = schedule(&m, &[needs[0].clone(), vec![]], 1 << 20);
+        assert!(s.shared.is_empty() && s.rounds.is_empty());
+    }
+}
