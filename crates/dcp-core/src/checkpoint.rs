@@ -952,11 +952,14 @@ pub async fn load_with(
     let rank = collective.rank();
     let span = tracing::info_span!("load", rank, location = %reader.location());
     let _g = span.enter();
+    // Rank 0 reads and validates the metadata once; the others validate what
+    // they receive (a rank never trusts bytes it did not check).
+    let mut root_md = None;
     let md_msg = if rank == ROOT {
-        let r = reader
-            .read_metadata()
-            .await
-            .and_then(|b| Metadata::decode(&b).map(|_| b));
+        let r = reader.read_metadata().await.and_then(|b| {
+            root_md = Some(Metadata::decode(&b)?);
+            Ok(b)
+        });
         let msg = encode(&wire(r, ROOT))?;
         collective.broadcast(Some(msg), ROOT).await?
     } else {
@@ -964,7 +967,10 @@ pub async fn load_with(
     };
     let md_bytes =
         decode::<std::result::Result<Vec<u8>, WireError>>(&md_msg)?.map_err(Error::from_wire)?;
-    let metadata = Arc::new(Metadata::decode(&md_bytes)?);
+    let metadata = Arc::new(match root_md {
+        Some(md) => md,
+        None => Metadata::decode(&md_bytes)?,
+    });
     let planned = options.planner.plan(&metadata, &dest);
     let result = if options.share_reads && collective.world_size() > 1 {
         read_shared(

@@ -415,7 +415,7 @@ pub(crate) fn check_disjoint(name: &str, boxes: Vec<&ChunkBox>) -> Result<()> {
         let start = b.offsets[dim];
         active.retain(|a| a.offsets[dim] + a.sizes[dim] > start);
         for a in &active {
-            if a.intersect(b).is_some() {
+            if a.overlaps(b) {
                 return Err(Error::corrupt(format!(
                     "invalid metadata: {name}: chunks ({a}) and ({b}) overlap"
                 )));

@@ -112,6 +112,17 @@ impl ChunkBox {
         Some(ChunkBox { offsets, sizes })
     }
 
+    /// True when the boxes share at least one element (no allocation).
+    pub fn overlaps(&self, other: &ChunkBox) -> bool {
+        self.ndim() == other.ndim()
+            && !self.is_empty()
+            && !other.is_empty()
+            && (0..self.ndim()).all(|d| {
+                self.offsets[d] < other.offsets[d].saturating_add(other.sizes[d])
+                    && other.offsets[d] < self.offsets[d].saturating_add(self.sizes[d])
+            })
+    }
+
     /// True when `other` lies wholly inside `self`.
     pub fn contains(&self, other: &ChunkBox) -> bool {
         self.ndim() == other.ndim()
