@@ -1,1 +1,292 @@
-fn main() {}
+//! Project automation, run as `cargo xtask <command>`.
+//!
+//! * `cargo xtask test-matrix [--dry-run] [-p CRATE]...`: for every workspace
+//!   crate with features, `cargo test` with `--no-default-features`, with
+//!   each feature alone and with `--all-features`; crates without features
+//!   once. One PASS/FAIL line per combination, a summary naming every
+//!   failure, and a non-zero exit status on any.
+//! * `cargo xtask ci`: exactly what CI runs: `cargo fmt --all --check`,
+//!   `cargo clippy --workspace --all-targets -- -D warnings`,
+//!   `cargo test --workspace`, stopping at the first failure.
+//! * `cargo xtask bench`: not yet implemented (exit 2).
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::Instant;
+
+const USAGE: &str = "usage: cargo xtask <command>
+
+commands:
+  test-matrix [--dry-run] [-p CRATE]...
+                  cargo test every crate with no default features, each feature
+                  alone and all features (crates without features once)
+  ci              cargo fmt --all --check; cargo clippy --workspace --all-targets
+                  -- -D warnings; cargo test --workspace
+  bench           benchmarks (not yet implemented)";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("test-matrix") => test_matrix(&args[1..]),
+        Some("ci") if args.len() == 1 => ci(),
+        Some("bench") => {
+            eprintln!("cargo xtask bench: not yet implemented");
+            return ExitCode::from(2);
+        }
+        Some("-h" | "--help" | "help") => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The workspace root (the directory above `xtask/`).
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives inside the workspace")
+        .to_path_buf()
+}
+
+/// The cargo that runs us (cargo sets `CARGO`), or `cargo` from `PATH`.
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+/// One `cargo test` invocation of the matrix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Combination {
+    package: String,
+    /// Feature flags, empty for the plain run of a crate without features.
+    flags: Vec<String>,
+}
+
+impl Combination {
+    fn args(&self) -> Vec<String> {
+        let mut a = vec!["test".to_string(), "-p".to_string(), self.package.clone()];
+        a.extend(self.flags.iter().cloned());
+        a
+    }
+
+    fn label(&self) -> String {
+        if self.flags.is_empty() {
+            format!("{} (no features)", self.package)
+        } else {
+            format!("{} {}", self.package, self.flags.join(" "))
+        }
+    }
+}
+
+/// The matrix for the workspace members described by `cargo metadata
+/// --format-version 1 --no-deps`, in the order cargo lists them.
+fn combinations(metadata: &Value) -> Result<Vec<Combination>, String> {
+    let members: Vec<&str> = metadata["workspace_members"]
+        .as_array()
+        .ok_or("cargo metadata has no workspace_members")?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let packages = metadata["packages"]
+        .as_array()
+        .ok_or("cargo metadata has no packages")?;
+    let mut out = Vec::new();
+    for p in packages {
+        let id = p["id"].as_str().unwrap_or_default();
+        if !members.contains(&id) {
+            continue;
+        }
+        let name = p["name"].as_str().ok_or("a package without a name")?;
+        let mut features: Vec<&str> = p["features"]
+            .as_object()
+            .map(|f| f.keys().map(String::as_str).collect())
+            .unwrap_or_default();
+        features.retain(|f| *f != "default");
+        features.sort_unstable();
+        let combo = |flags: &[&str]| Combination {
+            package: name.to_string(),
+            flags: flags.iter().map(|s| s.to_string()).collect(),
+        };
+        if features.is_empty() {
+            out.push(combo(&[]));
+            continue;
+        }
+        out.push(combo(&["--no-default-features"]));
+        for f in &features {
+            out.push(combo(&["--no-default-features", "--features", f]));
+        }
+        out.push(combo(&["--all-features"]));
+    }
+    Ok(out)
+}
+
+fn cargo_metadata() -> Result<Value, String> {
+    let out = cargo()
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run cargo metadata: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("cargo metadata failed ({})", out.status));
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| format!("cargo metadata output: {e}"))
+}
+
+fn test_matrix(args: &[String]) -> Result<bool, String> {
+    let mut dry_run = false;
+    let mut only: Vec<String> = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--dry-run" => dry_run = true,
+            "-p" | "--package" => only.push(
+                it.next()
+                    .ok_or_else(|| format!("{a} needs a crate name"))?
+                    .clone(),
+            ),
+            other => return Err(format!("test-matrix: unknown argument {other:?}\n{USAGE}")),
+        }
+    }
+    let mut combos = combinations(&cargo_metadata()?)?;
+    if !only.is_empty() {
+        for name in &only {
+            if !combos.iter().any(|c| &c.package == name) {
+                return Err(format!("no workspace crate named {name}"));
+            }
+        }
+        combos.retain(|c| only.contains(&c.package));
+    }
+    if dry_run {
+        for c in &combos {
+            println!("cargo {}", c.args().join(" "));
+        }
+        return Ok(true);
+    }
+    let mut failed = Vec::new();
+    for c in &combos {
+        let started = Instant::now();
+        let out = cargo()
+            .args(c.args())
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run cargo: {e}"))?;
+        let secs = started.elapsed().as_secs_f64();
+        if out.status.success() {
+            println!("PASS  {:<60} {secs:>7.1}s", c.label());
+        } else {
+            println!("FAIL  {:<60} {secs:>7.1}s", c.label());
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let lines: Vec<&str> = text.lines().collect();
+            for l in &lines[lines.len().saturating_sub(40)..] {
+                println!("      | {l}");
+            }
+            failed.push(c);
+        }
+    }
+    println!();
+    if failed.is_empty() {
+        println!("test-matrix: all {} combinations passed", combos.len());
+        Ok(true)
+    } else {
+        println!(
+            "test-matrix: {} of {} combinations failed:",
+            failed.len(),
+            combos.len()
+        );
+        for c in failed {
+            println!("  cargo {}", c.args().join(" "));
+        }
+        Ok(false)
+    }
+}
+
+/// The commands CI runs, in order.
+const CI_STEPS: &[&[&str]] = &[
+    &["fmt", "--all", "--check"],
+    &[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ],
+    &["test", "--workspace"],
+];
+
+fn ci() -> Result<bool, String> {
+    for step in CI_STEPS {
+        let line = format!("cargo {}", step.join(" "));
+        eprintln!("==> {line}");
+        let status = cargo()
+            .args(*step)
+            .status()
+            .map_err(|e| format!("cannot run cargo: {e}"))?;
+        if !status.success() {
+            eprintln!("ci: FAILED: {line} ({status})");
+            return Ok(false);
+        }
+    }
+    eprintln!("ci: all steps passed");
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn check(metadata: Value, expected: &[&str]) {
+        let got: Vec<String> = combinations(&metadata)
+            .unwrap()
+            .iter()
+            .map(|c| c.args().join(" "))
+            .collect();
+        assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn matrix_of_crates_with_and_without_features() {
+        check(
+            json!({
+                "workspace_members": ["path+file:///w/a#0.1.0", "path+file:///w/b#0.1.0"],
+                "packages": [
+                    {"id": "path+file:///w/a#0.1.0", "name": "a", "features": {}},
+                    {"id": "path+file:///w/b#0.1.0", "name": "b",
+                     "features": {"default": ["zstd"], "zstd": [], "crc": ["dep:crc32c"]}},
+                    {"id": "registry+x#c@1.0.0", "name": "not-a-member", "features": {"x": []}}
+                ]
+            }),
+            &[
+                "test -p a",
+                "test -p b --no-default-features",
+                "test -p b --no-default-features --features crc",
+                "test -p b --no-default-features --features zstd",
+                "test -p b --all-features",
+            ],
+        );
+    }
+
+    #[test]
+    fn malformed_metadata_is_an_error() {
+        assert!(combinations(&json!({})).is_err());
+    }
+}

@@ -34,6 +34,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
+use tracing::Instrument;
 
 const ROOT: usize = 0;
 
@@ -659,10 +660,20 @@ pub async fn save_with(
     collective: &dyn Collective,
     options: &SaveOptions,
 ) -> Result<SaveResult> {
+    let span = tracing::info_span!("save", rank = collective.rank(), location = %writer.location());
+    save_inner(state_dict, writer, collective, options)
+        .instrument(span)
+        .await
+}
+
+async fn save_inner(
+    state_dict: &StateDict,
+    writer: &dyn StorageWriter,
+    collective: &dyn Collective,
+    options: &SaveOptions,
+) -> Result<SaveResult> {
     let rank = collective.rank();
     let n = collective.world_size();
-    let span = tracing::info_span!("save", rank, location = %writer.location());
-    let _g = span.enter();
     let started = Instant::now();
 
     // 1. Plan.
@@ -949,9 +960,19 @@ pub async fn load_with(
     collective: &dyn Collective,
     options: &LoadOptions,
 ) -> Result<LoadResult> {
+    let span = tracing::info_span!("load", rank = collective.rank(), location = %reader.location());
+    load_inner(dest, reader, collective, options)
+        .instrument(span)
+        .await
+}
+
+async fn load_inner(
+    dest: DestStateDict,
+    reader: &dyn StorageReader,
+    collective: &dyn Collective,
+    options: &LoadOptions,
+) -> Result<LoadResult> {
     let rank = collective.rank();
-    let span = tracing::info_span!("load", rank, location = %reader.location());
-    let _g = span.enter();
     // Rank 0 reads and validates the metadata once; the others validate what
     // they receive (a rank never trusts bytes it did not check).
     let mut root_md = None;

@@ -1,1 +1,743 @@
-//! placeholder
+//! dcp-fs: the local filesystem backend of dcp.
+//!
+//! [`LocalFs`] implements [`dcp_core::FileSystem`] for one directory holding
+//! one checkpoint: data files are streamed through a [`FileSink`] that
+//! coalesces small records and writes large ones straight from the caller's
+//! memory, read back with positional reads (`pread`) through a small cache of
+//! open handles, and `.metadata` is committed with a temp file, `fsync`, one
+//! atomic `rename` over the old file (never a delete first) and an `fsync` of
+//! the directory.
+//!
+//! What it refuses:
+//! * any name that is not a plain file name inside the checkpoint
+//!   ([`dcp_core::storage::check_file_name`]): no `..`, no separators, no
+//!   absolute paths;
+//! * symbolic links planted in a checkpoint: files are opened with
+//!   `O_NOFOLLOW`, so a link cannot make dcp read or overwrite a file
+//!   outside the checkpoint;
+//! * anything that is not a regular file where a data file should be (a
+//!   directory, a FIFO): a clear error of kind `Corrupt`, never a panic or a
+//!   hang;
+//! * reads past the end of a file: a `Corrupt` error naming the file, the
+//!   offset, the length and the file's actual size.
+//!
+//! I/O errors carry the operation and the path, and keep the system's text
+//! (a full disk says "No space left on device").
+//!
+//! ```
+//! use dcp_core::{save, load, ChunkBox, DType, DestStateDict, ReaderOptions, Single, StateDict,
+//!                WriterOptions};
+//! # fn main() -> dcp_core::Result<()> {
+//! let dir = tempfile::tempdir().unwrap();
+//! let path = dir.path().join("step100");
+//!
+//! let mut sd = StateDict::new();
+//! sd.insert_full_tensor("w", DType::U8, vec![4], bytes::Bytes::from_static(&[1, 2, 3, 4]))?;
+//! let writer = dcp_fs::writer(&path, WriterOptions::default())?;
+//! dcp_core::local::block_on(save(&sd, &writer, &Single))??;
+//! assert!(path.join(".metadata").is_file());
+//!
+//! let mut dest = DestStateDict::new();
+//! dest.want_tensor("w", DType::U8, vec![4], vec![ChunkBox::new(vec![1], vec![2])?])?;
+//! let reader = dcp_fs::reader(&path, ReaderOptions::default());
+//! let loaded = dcp_core::local::block_on(load(dest, &reader, &Single))??;
+//! assert_eq!(loaded.state_dict.tensor("w").unwrap().chunks[0].data, vec![2, 3]);
+//! # Ok(())
+//! # }
+//! ```
+
+use bytes::Bytes;
+use dcp_core::storage::check_file_name;
+use dcp_core::{
+    Capabilities, Error, ErrorKind, FileEntry, FileSink, FileSystem, FileSystemReader,
+    FileSystemWriter, ReaderOptions, Result, WriterOptions,
+};
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// Writes smaller than this are copied into the sink's buffer; larger ones
+/// are written straight from the caller's memory.
+pub const COALESCE_BELOW: usize = 256 * 1024;
+
+/// Capacity of a sink's coalescing buffer: it is flushed when the next small
+/// write would not fit.
+const BUFFER_CAP: usize = 1024 * 1024;
+
+/// At most this many read handles are kept open per [`LocalFs`].
+const MAX_CACHED_HANDLES: usize = 256;
+
+/// A cached read handle and the identity of the file it was opened on.
+#[derive(Debug)]
+struct Cached {
+    file: Arc<File>,
+    dev: u64,
+    ino: u64,
+}
+
+/// A checkpoint location in a local directory.
+///
+/// Cheap to share behind an `Arc`; every method may be called from several
+/// threads at once. Read handles are cached per name and dropped whenever
+/// this `LocalFs` creates, replaces or removes that name, or sees (through
+/// [`FileSystem::file_len`]) that another writer replaced it. The metadata
+/// file (`.metadata*`) is never cached: it is read once per load and is the
+/// one name a later save replaces in place.
+#[derive(Debug)]
+pub struct LocalFs {
+    root: PathBuf,
+    handles: Mutex<HashMap<String, Cached>>,
+}
+
+impl LocalFs {
+    /// A location rooted at the directory `root` (created by
+    /// [`FileSystem::prepare`] when a save starts).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        LocalFs {
+            root: root.into(),
+            handles: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The directory this location is rooted at.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The path of `name`, after checking it is a plain name.
+    fn path(&self, name: &str) -> Result<PathBuf> {
+        check_file_name(name)?;
+        Ok(self.root.join(name))
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, Cached>> {
+        self.handles.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Forget the cached read handle of `name`, if any.
+    fn invalidate(&self, name: &str) {
+        self.cache().remove(name);
+    }
+
+    /// A read handle for `name`: from the cache, or freshly opened (and
+    /// cached unless it is the metadata file). Returns whether it came from
+    /// the cache.
+    fn handle(&self, name: &str, path: &Path) -> Result<(Arc<File>, bool)> {
+        let cacheable = !name.starts_with(".metadata");
+        if !cacheable {
+            return Ok((Arc::new(open_read(path)?.0), false));
+        }
+        // Open under the lock, so an invalidation racing with the open
+        // cannot be overtaken by the insertion of a stale handle.
+        let mut cache = self.cache();
+        if let Some(c) = cache.get(name) {
+            return Ok((c.file.clone(), true));
+        }
+        let (file, md) = open_read(path)?;
+        let file = Arc::new(file);
+        if cache.len() >= MAX_CACHED_HANDLES {
+            cache.clear();
+        }
+        cache.insert(
+            name.to_string(),
+            Cached {
+                file: file.clone(),
+                dev: md.dev(),
+                ino: md.ino(),
+            },
+        );
+        Ok((file, false))
+    }
+
+    fn read_with(&self, file: &File, path: &Path, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let show = path.display().to_string();
+        let len = buf.len();
+        let past_end = |size: u64| {
+            Error::corrupt(format!(
+                "read {show} at offset {offset} length {len}: the file has only {size} bytes"
+            ))
+        };
+        if buf.is_empty() {
+            let size = file
+                .metadata()
+                .map_err(|e| Error::io("stat", &show, e))?
+                .len();
+            return if offset <= size {
+                Ok(())
+            } else {
+                Err(past_end(size))
+            };
+        }
+        match file.read_exact_at(buf, offset) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                let size = file
+                    .metadata()
+                    .map_err(|e| Error::io("stat", &show, e))?
+                    .len();
+                Err(past_end(size))
+            }
+            Err(e) => Err(Error::io("read", &show, e)),
+        }
+    }
+}
+
+/// Open `path` for reading without following a symlink and without blocking
+/// on a FIFO; refuse anything but a regular file.
+fn open_read(path: &Path) -> Result<(File, std::fs::Metadata)> {
+    let show = path.display().to_string();
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| open_error("open", &show, e))?;
+    let md = file.metadata().map_err(|e| Error::io("stat", &show, e))?;
+    if !md.is_file() {
+        return Err(not_regular(&show, &md));
+    }
+    Ok((file, md))
+}
+
+/// Map an error of `open(2)`: `ELOOP` under `O_NOFOLLOW` means a symlink.
+fn open_error(op: &str, show: &str, e: std::io::Error) -> Error {
+    if e.raw_os_error() == Some(libc::ELOOP) {
+        return Error::corrupt(format!(
+            "{op} {show}: it is a symbolic link; dcp does not follow links inside a checkpoint"
+        ))
+        .with_source(e);
+    }
+    Error::io(op, show, e)
+}
+
+fn not_regular(show: &str, md: &std::fs::Metadata) -> Error {
+    let what = if md.is_dir() {
+        "a directory"
+    } else if md.file_type().is_symlink() {
+        "a symbolic link"
+    } else {
+        "not a regular file"
+    };
+    Error::corrupt(format!(
+        "{show} is {what}; a checkpoint file must be a regular file"
+    ))
+}
+
+/// A data file being written by [`LocalFs::create`].
+struct LocalSink {
+    /// `None` once finished or aborted.
+    file: Option<File>,
+    path: PathBuf,
+    buf: Vec<u8>,
+    len: u64,
+}
+
+impl LocalSink {
+    fn show(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn write_out(&mut self, data: &[u8]) -> Result<()> {
+        let show = self.show();
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| Error::invalid(format!("write to {show} after it was closed")))?;
+        file.write_all(data)
+            .map_err(|e| Error::io("write", &show, e))
+    }
+
+    fn flush_buf(&mut self) -> Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let buf = std::mem::take(&mut self.buf);
+        let r = self.write_out(&buf);
+        // Keep the allocation for the next small writes.
+        self.buf = buf;
+        self.buf.clear();
+        r
+    }
+}
+
+impl FileSink for LocalSink {
+    fn write(&mut self, data: Bytes) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        if data.len() >= COALESCE_BELOW {
+            self.flush_buf()?;
+            self.write_out(&data)?;
+        } else {
+            if self.buf.len() + data.len() > BUFFER_CAP {
+                self.flush_buf()?;
+            }
+            if self.buf.capacity() == 0 {
+                self.buf.reserve(BUFFER_CAP);
+            }
+            self.buf.extend_from_slice(&data);
+        }
+        self.len += data.len() as u64;
+        Ok(())
+    }
+
+    fn finish(mut self: Box<Self>, sync: bool) -> Result<u64> {
+        let show = self.show();
+        let flushed = self.flush_buf();
+        let result = flushed.and_then(|()| {
+            if sync {
+                if let Some(f) = &self.file {
+                    f.sync_all().map_err(|e| Error::io("fsync", &show, e))?;
+                }
+            }
+            Ok(self.len)
+        });
+        match result {
+            Ok(len) => {
+                // Finished: the file stays.
+                self.file = None;
+                Ok(len)
+            }
+            // Dropping self removes the partial file.
+            Err(e) => Err(e),
+        }
+    }
+
+    fn abort(self: Box<Self>) {
+        // Drop removes the partial file.
+    }
+}
+
+impl Drop for LocalSink {
+    fn drop(&mut self) {
+        if let Some(f) = self.file.take() {
+            drop(f);
+            if let Err(e) = std::fs::remove_file(&self.path) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!("could not remove partial file {}: {e}", self.show());
+                }
+            }
+        }
+    }
+}
+
+impl FileSystem for LocalFs {
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            durable_sync: true,
+            atomic_replace: true,
+            list: true,
+        }
+    }
+
+    fn prepare(&self) -> Result<()> {
+        std::fs::create_dir_all(&self.root)
+            .map_err(|e| Error::io("create directory", &self.location(), e))
+    }
+
+    fn create(&self, name: &str) -> Result<Box<dyn FileSink>> {
+        let path = self.path(name)?;
+        self.invalidate(name);
+        let show = path.display().to_string();
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&path)
+            .map_err(|e| open_error("create", &show, e))?;
+        let md = file.metadata().map_err(|e| Error::io("stat", &show, e))?;
+        if !md.is_file() {
+            return Err(not_regular(&show, &md));
+        }
+        Ok(Box::new(LocalSink {
+            file: Some(file),
+            path,
+            buf: Vec::new(),
+            len: 0,
+        }))
+    }
+
+    fn read_into(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let path = self.path(name)?;
+        if offset.checked_add(buf.len() as u64).is_none() {
+            return Err(Error::corrupt(format!(
+                "read {} at offset {offset} length {}: the range overflows",
+                path.display(),
+                buf.len()
+            )));
+        }
+        let (file, cached) = self.handle(name, &path)?;
+        match self.read_with(&file, &path, offset, buf) {
+            Ok(()) => Ok(()),
+            Err(_) if cached => {
+                // The cached handle may be stale (the file was replaced by
+                // someone else): retry once with a fresh one.
+                self.invalidate(name);
+                let (file, _) = self.handle(name, &path)?;
+                self.read_with(&file, &path, offset, buf)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn file_len(&self, name: &str) -> Result<Option<u64>> {
+        let path = self.path(name)?;
+        let show = path.display().to_string();
+        match std::fs::symlink_metadata(&path) {
+            Ok(md) if md.is_file() => {
+                let mut cache = self.cache();
+                if let Some(c) = cache.get(name) {
+                    if c.dev != md.dev() || c.ino != md.ino() {
+                        cache.remove(name);
+                    }
+                }
+                Ok(Some(md.len()))
+            }
+            Ok(md) => Err(not_regular(&show, &md)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io("stat", &show, e)),
+        }
+    }
+
+    fn write_atomic(&self, name: &str, data: &[u8], sync: bool) -> Result<()> {
+        let path = self.path(name)?;
+        let tmp_name = format!("{name}.tmp");
+        let tmp = self.path(&tmp_name)?;
+        let show_tmp = tmp.display().to_string();
+        let write_tmp = || -> Result<()> {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(&tmp)
+                .map_err(|e| open_error("create", &show_tmp, e))?;
+            let md = f.metadata().map_err(|e| Error::io("stat", &show_tmp, e))?;
+            if !md.is_file() {
+                return Err(not_regular(&show_tmp, &md));
+            }
+            f.write_all(data)
+                .map_err(|e| Error::io("write", &show_tmp, e))?;
+            if sync {
+                f.sync_all().map_err(|e| Error::io("fsync", &show_tmp, e))?;
+            }
+            Ok(())
+        };
+        if let Err(e) = write_tmp() {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        // One atomic replace: readers see the old file or the new one.
+        if let Err(e) = std::fs::rename(&tmp, &path) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Error::io(
+                &format!("rename {show_tmp} to"),
+                &path.display().to_string(),
+                e,
+            ));
+        }
+        self.invalidate(name);
+        self.invalidate(&tmp_name);
+        if sync {
+            self.sync_dir()?;
+        }
+        Ok(())
+    }
+
+    fn list(&self) -> Result<Vec<FileEntry>> {
+        let show = self.location();
+        let rd = match std::fs::read_dir(&self.root) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io("list", &show, e)),
+        };
+        let mut out = Vec::new();
+        for entry in rd {
+            let entry = entry.map_err(|e| Error::io("list", &show, e))?;
+            // `file_type` does not follow symlinks: links, directories and
+            // other special files are not checkpoint files.
+            let ft = entry.file_type().map_err(|e| Error::io("list", &show, e))?;
+            if !ft.is_file() {
+                continue;
+            }
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
+            if check_file_name(&name).is_err() {
+                continue;
+            }
+            let md = match entry.metadata() {
+                Ok(md) => md,
+                // Removed between the listing and the stat.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io("stat", &entry.path().display().to_string(), e)),
+            };
+            out.push(FileEntry {
+                name,
+                length: md.len(),
+            });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    fn remove(&self, name: &str) -> Result<()> {
+        let path = self.path(name)?;
+        self.invalidate(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("remove", &path.display().to_string(), e)),
+        }
+    }
+
+    fn sync_dir(&self) -> Result<()> {
+        let show = self.location();
+        let dir = File::open(&self.root).map_err(|e| Error::io("open directory", &show, e))?;
+        dir.sync_all()
+            .map_err(|e| Error::io("fsync directory", &show, e))
+    }
+}
+
+/// A [`FileSystemWriter`] saving into the directory `path` (created when the
+/// save starts).
+pub fn writer(path: impl Into<PathBuf>, options: WriterOptions) -> Result<FileSystemWriter> {
+    FileSystemWriter::new(Arc::new(LocalFs::new(path)), options)
+}
+
+/// A [`FileSystemReader`] loading from the checkpoint in the directory `path`.
+pub fn reader(path: impl Into<PathBuf>, options: ReaderOptions) -> FileSystemReader {
+    FileSystemReader::new(Arc::new(LocalFs::new(path)), options)
+}
+
+/// Is `e` the error a full disk gives? (Its message says "No space left on
+/// device".)
+pub fn is_disk_full(e: &Error) -> bool {
+    e.kind() == ErrorKind::Io && e.message().contains("No space left on device")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    fn setup() -> (tempfile::TempDir, LocalFs) {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = LocalFs::new(dir.path().join("ckpt"));
+        fs.prepare().unwrap();
+        (dir, fs)
+    }
+
+    fn write(fs: &LocalFs, name: &str, parts: &[&[u8]]) -> u64 {
+        let mut s = fs.create(name).unwrap();
+        for p in parts {
+            s.write(Bytes::copy_from_slice(p)).unwrap();
+        }
+        s.finish(true).unwrap()
+    }
+
+    #[test]
+    fn write_read_small_and_large() {
+        let (_d, fs) = setup();
+        let big: Vec<u8> = (0..(COALESCE_BELOW + 77))
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let len = write(&fs, "__0_0-x.dcp", &[b"abc", &big, b"", b"de"]);
+        assert_eq!(len, 3 + big.len() as u64 + 2);
+        assert_eq!(fs.file_len("__0_0-x.dcp").unwrap(), Some(len));
+        let mut b = vec![0u8; 5];
+        fs.read_into("__0_0-x.dcp", 1, &mut b).unwrap();
+        assert_eq!(&b[..2], b"bc");
+        assert_eq!(&b[2..], &big[..3]);
+        let mut tail = [0u8; 2];
+        fs.read_into("__0_0-x.dcp", len - 2, &mut tail).unwrap();
+        assert_eq!(&tail, b"de");
+        let on_disk = std::fs::read(fs.root().join("__0_0-x.dcp")).unwrap();
+        assert_eq!(on_disk.len() as u64, len);
+        assert_eq!(&on_disk[3..3 + big.len()], &big[..]);
+    }
+
+    #[test]
+    fn short_file_is_corrupt_with_details() {
+        let (_d, fs) = setup();
+        write(&fs, "f.dcp", &[b"0123456789"]);
+        let mut b = vec![0u8; 8];
+        let e = fs.read_into("f.dcp", 5, &mut b).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt);
+        let m = e.message();
+        for part in ["f.dcp", "offset 5", "length 8", "only 10 bytes"] {
+            assert!(m.contains(part), "{m}");
+        }
+        let e = fs.read_into("f.dcp", 11, &mut []).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt);
+        fs.read_into("f.dcp", 10, &mut []).unwrap();
+        let e = fs.read_into("f.dcp", u64::MAX, &mut b).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt);
+        let e = fs.read_into("missing.dcp", 0, &mut b).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+        assert!(e.message().contains("missing.dcp"), "{e}");
+    }
+
+    #[test]
+    fn refuses_bad_names() {
+        let (_d, fs) = setup();
+        for bad in ["../x", "a/b", "/etc/passwd", "..", "", "x..y"] {
+            let e = fs.create(bad).err().expect("refused");
+            assert_eq!(e.kind(), ErrorKind::Corrupt, "{bad}");
+            let e = fs.read_into(bad, 0, &mut [0u8; 1]).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Corrupt, "{bad}");
+            assert!(fs.file_len(bad).is_err());
+            assert!(fs.remove(bad).is_err());
+            assert!(fs.write_atomic(bad, b"x", false).is_err());
+        }
+        // The temp name of a 255-byte name would be too long: refused, not
+        // silently truncated.
+        assert!(fs.write_atomic(&"a".repeat(255), b"x", false).is_err());
+    }
+
+    #[test]
+    fn symlink_is_refused() {
+        let (d, fs) = setup();
+        let secret = d.path().join("secret");
+        std::fs::write(&secret, b"outside the checkpoint").unwrap();
+        symlink(&secret, fs.root().join("__0_0-x.dcp")).unwrap();
+        let mut b = vec![0u8; 7];
+        let e = fs.read_into("__0_0-x.dcp", 0, &mut b).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt);
+        assert!(e.message().contains("symbolic link"), "{e}");
+        assert_eq!(b, vec![0u8; 7]);
+        assert!(fs.file_len("__0_0-x.dcp").is_err());
+        // Writing through a planted link must not clobber its target.
+        assert!(fs.create("__0_0-x.dcp").is_err());
+        symlink(&secret, fs.root().join(".metadata.tmp")).unwrap();
+        assert!(fs.write_atomic(".metadata", b"new", false).is_err());
+        assert_eq!(std::fs::read(&secret).unwrap(), b"outside the checkpoint");
+        // Links are not listed as checkpoint files.
+        assert!(fs.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn directory_as_data_file_is_a_clear_error() {
+        let (_d, fs) = setup();
+        std::fs::create_dir(fs.root().join("__0_0-x.dcp")).unwrap();
+        let e = fs.read_into("__0_0-x.dcp", 0, &mut [0u8; 4]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt);
+        assert!(e.message().contains("is a directory"), "{e}");
+        let e = fs.file_len("__0_0-x.dcp").unwrap_err();
+        assert!(e.message().contains("is a directory"), "{e}");
+        assert!(fs.create("__0_0-x.dcp").is_err());
+        assert!(fs.list().unwrap().is_empty());
+        // A FIFO must not block the reader forever.
+        let fifo = fs.root().join("__1_0-x.dcp");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .is_ok_and(|s| s.success());
+        if made {
+            let e = fs.read_into("__1_0-x.dcp", 0, &mut [0u8; 4]).unwrap_err();
+            assert!(e.message().contains("not a regular file"), "{e}");
+        }
+    }
+
+    #[test]
+    fn atomic_replace_and_cache_invalidation() {
+        let (_d, fs) = setup();
+        fs.write_atomic(".metadata", b"first", true).unwrap();
+        assert_eq!(fs.read_small(".metadata", 100).unwrap(), b"first");
+        fs.write_atomic(".metadata", b"second!", true).unwrap();
+        assert_eq!(fs.read_small(".metadata", 100).unwrap(), b"second!");
+        assert!(!fs.root().join(".metadata.tmp").exists());
+        assert!(fs.read_small(".metadata", 3).is_err());
+
+        // A cached data-file handle is dropped when the name is rewritten,
+        // whether by this LocalFs or (seen through file_len) by another.
+        write(&fs, "d.dcp", &[b"old-data"]);
+        let mut b = [0u8; 3];
+        fs.read_into("d.dcp", 0, &mut b).unwrap();
+        assert_eq!(&b, b"old");
+        write(&fs, "d.dcp", &[b"new-data"]);
+        fs.read_into("d.dcp", 0, &mut b).unwrap();
+        assert_eq!(&b, b"new");
+        fs.write_atomic("d.dcp", b"atomic", false).unwrap();
+        fs.read_into("d.dcp", 0, &mut b).unwrap();
+        assert_eq!(&b, b"ato");
+        let other = LocalFs::new(fs.root());
+        other.write_atomic("d.dcp", b"replaced", false).unwrap();
+        assert_eq!(fs.read_small("d.dcp", 100).unwrap(), b"replaced");
+        fs.remove("d.dcp").unwrap();
+        assert_eq!(fs.file_len("d.dcp").unwrap(), None);
+        assert_eq!(
+            fs.read_into("d.dcp", 0, &mut b).unwrap_err().kind(),
+            ErrorKind::NotFound
+        );
+    }
+
+    #[test]
+    fn list_and_remove() {
+        let (_d, fs) = setup();
+        write(&fs, "b.dcp", &[b"12"]);
+        write(&fs, "a.dcp", &[b"1"]);
+        std::fs::create_dir(fs.root().join("sub")).unwrap();
+        let names: Vec<(String, u64)> = fs
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|f| (f.name, f.length))
+            .collect();
+        assert_eq!(names, vec![("a.dcp".into(), 1), ("b.dcp".into(), 2)]);
+        fs.remove("a.dcp").unwrap();
+        fs.remove("a.dcp").unwrap();
+        assert_eq!(fs.list().unwrap().len(), 1);
+        fs.sync_dir().unwrap();
+        // A location that does not exist yet lists as empty.
+        let none = LocalFs::new(fs.root().join("not-yet"));
+        assert!(none.list().unwrap().is_empty());
+        assert_eq!(none.file_len(".metadata").unwrap(), None);
+    }
+
+    #[test]
+    fn abort_and_drop_remove_the_partial_file() {
+        let (_d, fs) = setup();
+        let mut s = fs.create("p.dcp").unwrap();
+        s.write(Bytes::from(vec![7u8; COALESCE_BELOW * 2])).unwrap();
+        assert!(fs.root().join("p.dcp").exists());
+        s.abort();
+        assert!(!fs.root().join("p.dcp").exists());
+        let mut s = fs.create("q.dcp").unwrap();
+        s.write(Bytes::from_static(b"x")).unwrap();
+        drop(s);
+        assert!(!fs.root().join("q.dcp").exists());
+        assert!(fs.capabilities().atomic_replace);
+        assert!(fs.location().ends_with("ckpt"));
+    }
+
+    #[test]
+    fn full_disk_says_so() {
+        // /dev/full fails every write with ENOSPC. The sink's path points at
+        // a file that does not exist, so its cleanup touches nothing real.
+        let Ok(file) = OpenOptions::new().write(true).open("/dev/full") else {
+            return;
+        };
+        let d = tempfile::tempdir().unwrap();
+        let mut sink: Box<dyn FileSink> = Box::new(LocalSink {
+            file: Some(file),
+            path: d.path().join("full.dcp"),
+            buf: Vec::new(),
+            len: 0,
+        });
+        sink.write(Bytes::from_static(b"small, buffered")).unwrap();
+        let e = sink
+            .write(Bytes::from(vec![0u8; COALESCE_BELOW]))
+            .unwrap_err();
+        assert!(is_disk_full(&e), "{e:?}");
+        assert!(e.message().contains("full.dcp"), "{e}");
+        sink.abort();
+    }
+}

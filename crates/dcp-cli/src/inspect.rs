@@ -1,0 +1,290 @@
+//! `dcp inspect`: what a checkpoint holds and where, from its metadata alone
+//! (no data file is read).
+
+use crate::{human_bytes, location::open_location, CliError};
+use clap::Args;
+use dcp_core::metadata::{ItemMeta, StorageInfo};
+use dcp_core::{FileSystemReader, Metadata, ReaderOptions};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+
+/// Arguments of `dcp inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Checkpoint location: a path or a URL.
+    pub path: String,
+    /// Print one JSON object instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The JSON form of a checkpoint's metadata.
+#[derive(Debug, Serialize)]
+pub struct InspectReport {
+    /// Checkpoint location.
+    pub location: String,
+    /// Id of the save that wrote it.
+    pub save_id: String,
+    /// Ranks that saved it.
+    pub world_size: u32,
+    /// Data file layout (`raw`, `safetensors`).
+    pub format: &'static str,
+    /// Transform descriptors used by any record.
+    pub transforms: Vec<String>,
+    /// User key/value metadata.
+    pub user: BTreeMap<String, String>,
+    /// Logical bytes of every item.
+    pub bytes: u64,
+    /// Bytes stored in data files (after transforms).
+    pub stored_bytes: u64,
+    /// Items in name order.
+    pub items: Vec<ItemReport>,
+    /// Data files.
+    pub files: Vec<FileReport>,
+}
+
+/// One item.
+#[derive(Debug, Serialize)]
+pub struct ItemReport {
+    /// Fully qualified name.
+    pub name: String,
+    /// `tensor` or `bytes`.
+    pub kind: &'static str,
+    /// Element type of a tensor (`null` for bytes).
+    pub dtype: Option<String>,
+    /// Global shape of a tensor (`null` for bytes).
+    pub shape: Option<Vec<u64>>,
+    /// Logical bytes.
+    pub bytes: u64,
+    /// Saved records: a tensor's chunks, or a bytes item's one record.
+    pub chunks: Vec<ChunkReport>,
+}
+
+/// One saved record.
+#[derive(Debug, Serialize)]
+pub struct ChunkReport {
+    /// Start of the chunk in global coordinates (`null` for bytes).
+    pub offsets: Option<Vec<u64>>,
+    /// Extent of the chunk (`null` for bytes).
+    pub sizes: Option<Vec<u64>>,
+    /// Data file holding it.
+    pub file: String,
+    /// Byte offset in the file.
+    pub offset: u64,
+    /// Stored length.
+    pub length: u64,
+    /// Transforms applied, in order.
+    pub transforms: Vec<TransformReport>,
+}
+
+/// A transform applied to a record.
+#[derive(Debug, Serialize)]
+pub struct TransformReport {
+    /// Descriptor (`name/version[:params]`).
+    pub name: String,
+    /// Recorded value (a checksum), hex.
+    pub value: String,
+    /// A codec's input length.
+    pub input_len: Option<u64>,
+}
+
+/// One data file.
+#[derive(Debug, Serialize)]
+pub struct FileReport {
+    /// Name inside the checkpoint.
+    pub name: String,
+    /// Length recorded at save time.
+    pub length: u64,
+}
+
+/// Run `dcp inspect`.
+pub fn run(args: InspectArgs) -> Result<ExitCode, CliError> {
+    let fs = open_location(&args.path)?;
+    let reader = FileSystemReader::new(fs.clone(), ReaderOptions::default());
+    let md = crate::runtime()?.block_on(dcp_core::read_metadata(&reader))?;
+    let report = InspectReport::new(fs.location(), &md);
+    if args.json {
+        let out = serde_json::to_string_pretty(&report)
+            .map_err(|e| CliError::msg(format!("cannot encode the report: {e}")))?;
+        crate::emit(&format!("{out}\n"))?;
+    } else {
+        crate::emit(&tables(&report))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+impl InspectReport {
+    /// Describe `md`, found at `location`.
+    pub fn new(location: String, md: &Metadata) -> Self {
+        let chunk =
+            |offsets: Option<Vec<u64>>, sizes: Option<Vec<u64>>, s: &StorageInfo| ChunkReport {
+                offsets,
+                sizes,
+                file: md.files[s.file as usize].name.clone(),
+                offset: s.offset,
+                length: s.length,
+                transforms: s
+                    .transforms
+                    .iter()
+                    .map(|t| TransformReport {
+                        name: md.transforms[t.descriptor as usize].clone(),
+                        value: t.value.iter().map(|b| format!("{b:02x}")).collect(),
+                        input_len: t.input_len,
+                    })
+                    .collect(),
+            };
+        let items = md
+            .items
+            .iter()
+            .map(|(name, item)| match item {
+                ItemMeta::Tensor {
+                    dtype,
+                    shape,
+                    chunks,
+                } => ItemReport {
+                    name: name.clone(),
+                    kind: "tensor",
+                    dtype: Some(dtype.name().to_string()),
+                    shape: Some(shape.clone()),
+                    bytes: chunks
+                        .iter()
+                        .map(|c| c.region.numel() * dtype.size() as u64)
+                        .sum(),
+                    chunks: chunks
+                        .iter()
+                        .map(|c| {
+                            chunk(
+                                Some(c.region.offsets.clone()),
+                                Some(c.region.sizes.clone()),
+                                &c.storage,
+                            )
+                        })
+                        .collect(),
+                },
+                ItemMeta::Bytes { length, storage } => ItemReport {
+                    name: name.clone(),
+                    kind: "bytes",
+                    dtype: None,
+                    shape: None,
+                    bytes: *length,
+                    chunks: vec![chunk(None, None, storage)],
+                },
+            })
+            .collect();
+        InspectReport {
+            location,
+            save_id: md.save_id.clone(),
+            world_size: md.world_size,
+            format: md.format.name(),
+            transforms: md.transforms.clone(),
+            user: md.user.clone(),
+            bytes: md.logical_bytes(),
+            stored_bytes: md.stored_bytes(),
+            items,
+            files: md
+                .files
+                .iter()
+                .map(|f| FileReport {
+                    name: f.name.clone(),
+                    length: f.length,
+                })
+                .collect(),
+        }
+    }
+}
+
+fn tables(r: &InspectReport) -> String {
+    let mut out = String::new();
+    let records: usize = r.items.iter().map(|i| i.chunks.len()).sum();
+    let file_bytes: u64 = r.files.iter().map(|f| f.length).sum();
+    outln!(out, "checkpoint  {}", r.location);
+    outln!(out, "save id     {}", r.save_id);
+    outln!(out, "world size  {}", r.world_size);
+    outln!(out, "format      {}", r.format);
+    outln!(
+        out,
+        "transforms  {}",
+        if r.transforms.is_empty() {
+            "(none)".to_string()
+        } else {
+            r.transforms.join(", ")
+        }
+    );
+    if r.user.is_empty() {
+        outln!(out, "user        (none)");
+    } else {
+        for (i, (k, v)) in r.user.iter().enumerate() {
+            outln!(out, "{:<12}{k} = {v}", if i == 0 { "user" } else { "" });
+        }
+    }
+    outln!(
+        out,
+        "items       {} ({} in {records} records)",
+        r.items.len(),
+        human_bytes(r.bytes)
+    );
+    outln!(
+        out,
+        "files       {} ({})",
+        r.files.len(),
+        human_bytes(file_bytes)
+    );
+    outln!(out);
+
+    let rows: Vec<[String; 6]> = r
+        .items
+        .iter()
+        .map(|i| {
+            [
+                i.name.clone(),
+                i.kind.to_string(),
+                i.dtype.clone().unwrap_or_else(|| "-".into()),
+                i.shape
+                    .as_ref()
+                    .map(|s| format!("{s:?}"))
+                    .unwrap_or_else(|| "-".into()),
+                i.chunks.len().to_string(),
+                i.bytes.to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &mut out,
+        ["ITEM", "KIND", "DTYPE", "SHAPE", "CHUNKS", "BYTES"],
+        &rows,
+    );
+    outln!(out);
+    let rows: Vec<[String; 2]> = r
+        .files
+        .iter()
+        .map(|f| [f.name.clone(), f.length.to_string()])
+        .collect();
+    table(&mut out, ["FILE", "BYTES"], &rows);
+    out
+}
+
+/// Append left-aligned columns; the last column (a number) right-aligned.
+fn table<const N: usize>(out: &mut String, header: [&str; N], rows: &[[String; N]]) {
+    let mut widths = header.map(str::len);
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut line = |cells: [&str; N]| {
+        let mut s = String::new();
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == N {
+                s.push_str(&format!("{cell:>w$}"));
+            } else {
+                s.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        outln!(out, "{}", s.trim_end());
+    };
+    line(header);
+    for row in rows {
+        line(std::array::from_fn(|i| row[i].as_str()));
+    }
+}

@@ -1,0 +1,420 @@
+//! Runs the built `dcp` binary on temporary directories.
+
+use serde_json::Value;
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// Small dimensions: every test stays well under a second of work.
+const SMALL: &[&str] = &["--layers", "2", "--hidden", "64", "--vocab", "96"];
+
+fn dcp(args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_dcp"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run dcp");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "dcp panicked: {stderr}");
+    out
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8(o.stdout.clone()).expect("utf-8 stdout")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8(o.stderr.clone()).expect("utf-8 stderr")
+}
+
+/// Run and expect success and exactly one JSON object on stdout.
+fn json(args: &[&str]) -> Value {
+    let o = dcp(args);
+    assert!(o.status.success(), "dcp {args:?} failed: {}", stderr(&o));
+    let s = stdout(&o);
+    serde_json::from_str(&s).unwrap_or_else(|e| panic!("not one JSON object ({e}): {s}"))
+}
+
+fn demo_args<'a>(dir: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec!["demo", "--dir", dir, "--json"];
+    v.extend_from_slice(SMALL);
+    v.extend_from_slice(extra);
+    v
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf-8 temp path")
+}
+
+#[test]
+fn demo_saves_loads_and_verifies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ck");
+    let r = json(&demo_args(path_str(&dir), &["--threads", "2"]));
+    assert_eq!(r["verified"], true);
+    assert_eq!(r["ranks"], 4);
+    assert_eq!(r["load_ranks"], 3);
+    assert_eq!(r["format"], "raw");
+    assert_eq!(r["dir"], path_str(&dir));
+    // 2 layers of 24 H^2 + 4 H bytes, the embedding, the step, the JSON state.
+    let tensors = 2 * (24 * 64 * 64 + 4 * 64) + 96 * 64 * 2 + 8;
+    let bytes = r["bytes"].as_u64().unwrap();
+    assert!(bytes > tensors && bytes < tensors + 200, "{bytes}");
+    assert_eq!(r["items"], 19);
+    // 4 ranks, 2 threads: 2 files each.
+    assert_eq!(r["files"], 8);
+    for k in ["save_seconds", "load_seconds", "save_gbps", "load_gbps"] {
+        assert!(r[k].as_f64().unwrap() > 0.0, "{k}: {r}");
+    }
+    assert!(r["bytes_read"].as_u64().unwrap() >= bytes);
+    assert!(dir.join(".metadata").is_file());
+
+    // The human summary names the throughput and the verification.
+    let o = dcp(&[
+        "demo",
+        "--dir",
+        path_str(&dir),
+        "--layers",
+        "1",
+        "--hidden",
+        "32",
+        "--vocab",
+        "8",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = stdout(&o);
+    assert!(s.contains(" MB/s") || s.contains(" GB/s"), "{s}");
+    assert!(s.contains("verified"), "{s}");
+    assert!(
+        stderr(&o).is_empty(),
+        "stderr is not a terminal, so quiet: {}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn save_with_4_ranks_load_with_3_and_5() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ck");
+    let dir = path_str(&dir);
+    let saved = json(&demo_args(dir, &["--save-only", "--seed", "42"]));
+    assert_eq!(saved["verified"], Value::Null);
+    assert_eq!(saved["load_seconds"], Value::Null);
+    assert!(saved["save_seconds"].as_f64().unwrap() > 0.0);
+    for m in ["3", "5"] {
+        // Dimensions and seed come from the checkpoint's user metadata.
+        let r = json(&[
+            "demo",
+            "--dir",
+            dir,
+            "--json",
+            "--load-only",
+            "--load-ranks",
+            m,
+        ]);
+        assert_eq!(r["verified"], true, "{r}");
+        assert_eq!(r["ranks"], 4);
+        assert_eq!(r["load_ranks"], m.parse::<u64>().unwrap());
+        assert_eq!(r["seed"], 42);
+        assert_eq!(r["hidden"], 64);
+        assert_eq!(r["save_seconds"], Value::Null);
+        assert_eq!(r["bytes"], saved["bytes"]);
+    }
+    // A dimension that contradicts the checkpoint is a usage error.
+    let o = dcp(&["demo", "--dir", dir, "--load-only", "--hidden", "128"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("saved with --hidden 64, not 128"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn more_ranks_than_rows() {
+    // Hidden 3 split over 5 savers and 7 loaders: some ranks hold nothing.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ck");
+    let r = json(&[
+        "demo",
+        "--dir",
+        path_str(&dir),
+        "--json",
+        "--layers",
+        "1",
+        "--hidden",
+        "3",
+        "--vocab",
+        "2",
+        "--ranks",
+        "5",
+        "--load-ranks",
+        "7",
+    ]);
+    assert_eq!(r["verified"], true, "{r}");
+}
+
+#[test]
+fn safetensors_format() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ck");
+    let r = json(&demo_args(
+        path_str(&dir),
+        &["--format", "safetensors", "--load-ranks", "2"],
+    ));
+    assert_eq!(r["verified"], true);
+    assert_eq!(r["format"], "safetensors");
+    let info = json(&["inspect", path_str(&dir), "--json"]);
+    assert_eq!(info["format"], "safetensors");
+    for f in info["files"].as_array().unwrap() {
+        let name = f["name"].as_str().unwrap();
+        assert!(name.ends_with(".safetensors"), "{name}");
+        // Each data file opens with a safetensors header.
+        let data = std::fs::read(dir.join(name)).unwrap();
+        let n = u64::from_le_bytes(data[..8].try_into().unwrap()) as usize;
+        let header: Value = serde_json::from_slice(&data[8..8 + n]).unwrap();
+        assert_eq!(header["__metadata__"]["format"], "dcp");
+    }
+}
+
+#[test]
+fn inspect_json_describes_the_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ck");
+    json(&demo_args(path_str(&dir), &["--save-only", "--seed", "7"]));
+    let info = json(&["inspect", path_str(&dir), "--json"]);
+    assert_eq!(info["world_size"], 4);
+    assert_eq!(info["format"], "raw");
+    assert_eq!(info["save_id"].as_str().unwrap().len(), 16);
+    assert_eq!(info["transforms"], serde_json::json!([]));
+    assert_eq!(info["user"]["dcp.demo.seed"], "7");
+    assert_eq!(info["user"]["dcp.demo.hidden"], "64");
+
+    let files = info["files"].as_array().unwrap();
+    assert_eq!(files.len(), 16, "4 ranks, 4 threads each");
+    for f in files {
+        let len = std::fs::metadata(dir.join(f["name"].as_str().unwrap()))
+            .unwrap()
+            .len();
+        assert_eq!(f["length"], len);
+    }
+    let file_names: Vec<&str> = files.iter().map(|f| f["name"].as_str().unwrap()).collect();
+
+    let items = info["items"].as_array().unwrap();
+    assert_eq!(items.len(), 19);
+    let item = |name: &str| items.iter().find(|i| i["name"] == name).unwrap().clone();
+    let q = item("layers.0.attn.q.weight");
+    assert_eq!(q["kind"], "tensor");
+    assert_eq!(q["dtype"], "bf16");
+    assert_eq!(q["shape"], serde_json::json!([64, 64]));
+    assert_eq!(q["bytes"], 64 * 64 * 2);
+    let chunks = q["chunks"].as_array().unwrap();
+    assert_eq!(chunks.len(), 4, "row-sharded by 4 ranks");
+    assert_eq!(chunks[1]["offsets"], serde_json::json!([16, 0]));
+    assert_eq!(chunks[1]["sizes"], serde_json::json!([16, 64]));
+    for c in chunks {
+        assert!(file_names.contains(&c["file"].as_str().unwrap()));
+        assert_eq!(c["length"], 16 * 64 * 2);
+        assert!(c["offset"].is_u64());
+        assert_eq!(c["transforms"], serde_json::json!([]));
+    }
+    // Replicated items are saved once.
+    assert_eq!(
+        item("layers.1.mlp_norm.weight")["chunks"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let step = item("optim.step");
+    assert_eq!(step["dtype"], "i64");
+    assert_eq!(step["shape"], serde_json::json!([]));
+    let dl = item("dataloader.state");
+    assert_eq!(dl["kind"], "bytes");
+    assert_eq!(dl["dtype"], Value::Null);
+    assert_eq!(dl["chunks"].as_array().unwrap().len(), 1);
+
+    // The tables, and a file:// URL for the same location.
+    let url = format!("file://{}", path_str(&dir));
+    let o = dcp(&["inspect", &url]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = stdout(&o);
+    assert!(s.contains("world size  4"), "{s}");
+    assert!(s.contains("layers.0.attn.q.weight"), "{s}");
+    assert!(s.contains("dcp.demo.seed = 7"), "{s}");
+    assert!(s.contains(file_names[0]), "{s}");
+}
+
+#[test]
+fn verify_sound_and_damaged_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ck");
+    let d = path_str(&dir);
+    json(&demo_args(d, &["--save-only"]));
+    for extra in [&[][..], &["--no-checksums"], &["--threads", "1"]] {
+        let mut args = vec!["verify", d];
+        args.extend_from_slice(extra);
+        let o = dcp(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let s = stdout(&o);
+        assert_eq!(s.lines().count(), 1, "{s}");
+        assert!(s.starts_with("ok: "), "{s}");
+    }
+
+    let info = json(&["inspect", d, "--json"]);
+    let files: Vec<String> = info["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap().to_string())
+        .collect();
+
+    // Truncate one data file: its length and the records past the end.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join(&files[1]))
+        .unwrap();
+    let len = f.metadata().unwrap().len();
+    f.set_len(len / 2).unwrap();
+    drop(f);
+    let o = dcp(&["verify", d]);
+    assert_eq!(o.status.code(), Some(1));
+    let s = stdout(&o);
+    assert!(s.lines().count() >= 2, "{s}");
+    for line in s.lines() {
+        assert!(line.starts_with("problem: "), "{line}");
+        assert!(line.contains(&files[1]), "{line}");
+    }
+    assert!(
+        s.contains(&format!("{} bytes, metadata records {len}", len / 2)),
+        "{s}"
+    );
+
+    // Delete another: one line saying it is missing.
+    std::fs::remove_file(dir.join(&files[2])).unwrap();
+    let o = dcp(&["verify", d, "--no-checksums"]);
+    assert_eq!(o.status.code(), Some(1));
+    let s = stdout(&o);
+    assert!(
+        s.lines()
+            .any(|l| l == format!("problem: {}: missing", files[2])),
+        "{s}"
+    );
+    assert!(
+        s.lines()
+            .all(|l| l.contains(&files[1]) || l.contains(&files[2])),
+        "{s}"
+    );
+    assert!(stderr(&o).starts_with("error: "), "{}", stderr(&o));
+}
+
+#[test]
+fn demo_reports_a_damaged_chunk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ck");
+    let d = path_str(&dir);
+    json(&demo_args(d, &["--save-only"]));
+    let info = json(&["inspect", d, "--json"]);
+    let item = info["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == "layers.1.mlp.down.weight")
+        .unwrap();
+    let chunk = &item["chunks"][2];
+    let path = dir.join(chunk["file"].as_str().unwrap());
+    let mut data = std::fs::read(&path).unwrap();
+    data[chunk["offset"].as_u64().unwrap() as usize + 3] ^= 0x40;
+    std::fs::write(&path, data).unwrap();
+
+    let o = dcp(&[
+        "demo",
+        "--dir",
+        d,
+        "--load-only",
+        "--json",
+        "--load-ranks",
+        "2",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let r: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(r["verified"], false);
+    let mismatches = r["mismatches"].as_array().unwrap();
+    assert_eq!(mismatches.len(), 1, "{r}");
+    let m = mismatches[0].as_str().unwrap();
+    assert!(m.contains("layers.1.mlp.down.weight chunk"), "{m}");
+    let err = stderr(&o);
+    assert!(err.contains(&format!("mismatch: {m}")), "{err}");
+    assert!(err.contains("error: verification failed"), "{err}");
+}
+
+#[test]
+fn errors_are_one_line_with_an_exit_status() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("nothing-here");
+    let o = dcp(&["inspect", path_str(&missing)]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(e.starts_with("error: "), "{e}");
+    assert!(e.contains(".metadata is missing"), "{e}");
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(stdout(&o).is_empty());
+
+    let o = dcp(&["verify", path_str(&missing)]);
+    assert_eq!(o.status.code(), Some(1));
+
+    let o = dcp(&["inspect", "s3://bucket/ckpt"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("not built with object-store support"),
+        "{}",
+        stderr(&o)
+    );
+
+    for args in [
+        &["demo", "--ranks", "0"][..],
+        &["frobnicate"],
+        &["demo", "--save-only", "--load-only"],
+        &["demo", "--format", "pickle"],
+    ] {
+        let o = dcp(args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+    }
+    let o = dcp(&["inspect", "ftp://host/x"]);
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn a_closed_pipe_is_not_a_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ck");
+    let d = path_str(&dir);
+    // About 1600 chunks: far more JSON than a pipe buffers.
+    json(&[
+        "demo",
+        "--dir",
+        d,
+        "--json",
+        "--save-only",
+        "--ranks",
+        "64",
+        "--threads",
+        "1",
+        "--layers",
+        "4",
+        "--hidden",
+        "64",
+        "--vocab",
+        "64",
+    ]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dcp"))
+        .args(["inspect", d, "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(out.status.success(), "{err}");
+}
