@@ -746,9 +746,16 @@ async fn save_inner(
         .map(|w| w.files.clone())
         .unwrap_or_default();
     let bytes_written = written.as_ref().map(|w| w.bytes()).unwrap_or(0);
-    let gathered = collective
-        .gather(encode(&wire(written, rank))?, ROOT)
-        .await?;
+    let gathered = match collective.gather(encode(&wire(written, rank))?, ROOT).await {
+        Ok(g) => g,
+        Err(e) => {
+            // The coordinator commits only after this gather completes, and a
+            // collective that fails on one rank completes on none (the
+            // `Collective` contract), so nothing references these files.
+            writer.discard(&my_files).await;
+            return Err(e);
+        }
+    };
 
     // 3. Commit on the coordinator, then agree on the outcome.
     let mut removed = Vec::new();
@@ -924,6 +931,15 @@ fn assemble(
                 }
             }
         }
+    }
+    for d in plans.iter().flat_map(|p| &p.declared) {
+        items
+            .entry(d.name.clone())
+            .or_insert_with(|| ItemMeta::Tensor {
+                dtype: d.dtype,
+                shape: d.shape.clone(),
+                chunks: Vec::new(),
+            });
     }
     for item in items.values_mut() {
         if let ItemMeta::Tensor { chunks, .. } = item {

@@ -17,6 +17,12 @@ use tokio::sync::Notify;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// A group of ranks exchanging byte messages.
+///
+/// Contract: an operation completes on every rank or fails on every rank
+/// (an implementation agrees on failure, as [`LocalGroup`] does by breaking
+/// the whole group). The save protocol relies on it: a rank whose gather of
+/// write results failed knows the coordinator cannot have committed, and
+/// removes its data files.
 #[async_trait]
 pub trait Collective: Send + Sync {
     /// This rank, `0..world_size()`.

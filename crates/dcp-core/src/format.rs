@@ -71,15 +71,19 @@ pub fn safetensors_header(entries: &[SafetensorsEntry], save_id: &str) -> Result
     Ok(out)
 }
 
-/// The key of a chunk record in a safetensors data file: the item name, and
-/// for a chunk that is not the whole tensor, `@` and its offsets.
+/// The key of a record in a safetensors data file: the item name with every
+/// `@` doubled, and for a chunk that is not the whole tensor, a single `@`
+/// and its offsets (`layers.0.w@128,0`). Keys are unique within a checkpoint:
+/// names are unique, escaping makes the name part unambiguous, and the
+/// non-empty chunks of a tensor have distinct offsets.
 pub fn safetensors_key(name: &str, offsets: Option<&[u64]>, whole: bool) -> String {
+    let escaped = name.replace('@', "@@");
     match offsets {
         Some(o) if !whole => {
             let o: Vec<String> = o.iter().map(|x| x.to_string()).collect();
-            format!("{name}@{}", o.join(","))
+            format!("{escaped}@{}", o.join(","))
         }
-        _ => name.to_string(),
+        _ => escaped,
     }
 }
 

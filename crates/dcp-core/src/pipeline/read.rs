@@ -218,6 +218,41 @@ pub(crate) fn read_plan(
         });
     }
 
+    // Check every record against the real length of its file before reading
+    // or allocating anything: hostile or damaged metadata can claim any
+    // length, but real files bound what a load may allocate.
+    let mut actual: BTreeMap<u32, u64> = BTreeMap::new();
+    for rec in &records {
+        let len = match actual.get(&rec.file) {
+            Some(l) => *l,
+            None => {
+                let name = &md.files[rec.file as usize].name;
+                let l = fs
+                    .file_len(name)
+                    .map_err(|e| e.context(rec.name))?
+                    .ok_or_else(|| {
+                        Error::new(
+                            crate::ErrorKind::NotFound,
+                            format!("{}: data file {name} is missing", rec.name),
+                        )
+                    })?;
+                actual.insert(rec.file, l);
+                l
+            }
+        };
+        if rec
+            .offset
+            .checked_add(rec.length)
+            .is_none_or(|end| end > len)
+        {
+            return Err(Error::corrupt(format!(
+                "{}: record in {} at offset {} of {} bytes lies past the end of the file ({len} bytes): \
+                 the file is truncated or the metadata is damaged",
+                rec.name, md.files[rec.file as usize].name, rec.offset, rec.length
+            )));
+        }
+    }
+
     // Decide how each record is read.
     let mut tasks: Vec<Task> = Vec::new();
     let mut spans: Vec<(u32, u64, u64, Piece)> = Vec::new();
@@ -586,6 +621,10 @@ impl Ctx<'_> {
     }
 }
 
+/// No codec expands data more than this (zstd's densest block, RLE, is
+/// about 32,768 to 1): a larger claim is refused before any allocation.
+const MAX_CODEC_RATIO: u64 = 1 << 16;
+
 /// Undo a whole record's transforms (verifying checksums); the result has
 /// exactly `logical` bytes. `what` names the record in errors.
 pub(crate) fn decode_record<'b>(
@@ -598,7 +637,7 @@ pub(crate) fn decode_record<'b>(
     let mut cur: Cow<'b, [u8]> = Cow::Borrowed(stored);
     // A codec's recorded input length bounds what its decoder may produce;
     // cap it so hostile metadata cannot ask for huge allocations.
-    let cap = logical + logical / 4 + (1 << 20);
+    let cap = logical.saturating_add(logical / 4).saturating_add(1 << 20);
     for t in transforms.iter().rev() {
         let ext = resolved
             .get(t.descriptor as usize)
@@ -607,9 +646,10 @@ pub(crate) fn decode_record<'b>(
                 Error::unsupported(format!("{what}: transform {} not resolved", t.descriptor))
             })?;
         let expected = match t.input_len {
-            Some(l) if l > cap => {
+            Some(l) if l > cap || l > (cur.len() as u64).saturating_mul(MAX_CODEC_RATIO).saturating_add(1 << 20) => {
                 return Err(Error::corrupt(format!(
-                    "{what}: transform input length {l} is implausible for a {logical}-byte record"
+                    "{what}: transform input length {l} is implausible for a {logical}-byte record stored in {} bytes",
+                    cur.len()
                 )))
             }
             Some(l) => l as usize,

@@ -117,7 +117,7 @@ fn write_records(
                     length: r.data.len() as u64,
                 },
                 WriteIndex::Bytes => SafetensorsEntry {
-                    key: r.name.clone(),
+                    key: safetensors_key(&r.name, None, true),
                     dtype: DType::U8,
                     shape: vec![r.data.len() as u64],
                     length: r.data.len() as u64,

@@ -5,4 +5,4 @@ mod load;
 mod save;
 
 pub use load::{BytesRead, DefaultLoadPlanner, LoadPlan, LoadPlanner, ReadItem};
-pub use save::{DefaultSavePlanner, SavePlan, SavePlanner, WriteIndex, WriteItem};
+pub use save::{DefaultSavePlanner, SavePlan, SavePlanner, TensorDecl, WriteIndex, WriteItem};

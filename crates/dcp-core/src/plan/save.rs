@@ -35,11 +35,26 @@ pub struct WriteItem {
     pub digest: Option<u32>,
 }
 
+/// A tensor that exists but holds no element on this rank (a zero-size
+/// tensor, or one whose chunks are all elsewhere): recorded so the checkpoint
+/// still knows its dtype and shape.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorDecl {
+    /// Item name.
+    pub name: String,
+    /// Element type.
+    pub dtype: DType,
+    /// Global shape.
+    pub shape: Vec<u64>,
+}
+
 /// A list of write items: a rank's offer, or its assignment.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct SavePlan {
     /// The items, in state-dict order.
     pub items: Vec<WriteItem>,
+    /// Tensors offered without any non-empty chunk (see [`TensorDecl`]).
+    pub declared: Vec<TensorDecl>,
 }
 
 impl SavePlan {
@@ -82,11 +97,20 @@ impl Default for DefaultSavePlanner {
 impl SavePlanner for DefaultSavePlanner {
     fn local_plan(&self, sd: &StateDict, _rank: usize) -> Result<SavePlan> {
         let mut items = Vec::new();
+        let mut declared = Vec::new();
         for (name, item) in sd.iter() {
             match item {
                 Item::Tensor(t) => {
                     let mut seen = std::collections::HashSet::new();
-                    for c in &t.chunks {
+                    // Empty chunks hold no data and are not written.
+                    if t.chunks.iter().all(|c| c.region.is_empty()) {
+                        declared.push(TensorDecl {
+                            name: name.clone(),
+                            dtype: t.dtype,
+                            shape: t.shape.clone(),
+                        });
+                    }
+                    for c in t.chunks.iter().filter(|c| !c.region.is_empty()) {
                         if !seen.insert(&c.region) {
                             return Err(Error::plan(format!(
                                 "{name}: chunk ({}) appears twice on one rank",
@@ -116,7 +140,7 @@ impl SavePlanner for DefaultSavePlanner {
                 }),
             }
         }
-        Ok(SavePlan { items })
+        Ok(SavePlan { items, declared })
     }
 
     fn global_plan(&self, plans: &[SavePlan]) -> Result<Vec<SavePlan>> {
@@ -149,6 +173,26 @@ impl SavePlanner for DefaultSavePlanner {
                     .entry((&it.name, &it.index))
                     .or_default()
                     .push((rank, i));
+            }
+        }
+        let mut declared: Vec<TensorDecl> = Vec::new();
+        for (rank, plan) in plans.iter().enumerate() {
+            for d in &plan.declared {
+                match kinds.get(d.name.as_str()) {
+                    Some((dt, shape, r0))
+                        if *dt != Some(d.dtype) || *shape != d.shape.as_slice() =>
+                    {
+                        return Err(Error::plan(format!(
+                            "{}: rank {r0} and rank {rank} offer different dtypes or shapes",
+                            d.name
+                        )));
+                    }
+                    Some(_) => {}
+                    None => {
+                        kinds.insert(&d.name, (Some(d.dtype), &d.shape, rank));
+                        declared.push(d.clone());
+                    }
+                }
             }
         }
         let mut load = vec![0u64; plans.len()];
@@ -230,6 +274,12 @@ impl SavePlanner for DefaultSavePlanner {
                         .into_iter()
                         .map(|i| plans[rank].items[i].clone())
                         .collect(),
+                    // The coordinator records declarations; nothing is written for them.
+                    declared: if rank == 0 {
+                        std::mem::take(&mut declared)
+                    } else {
+                        Vec::new()
+                    },
                 }
             })
             .collect())

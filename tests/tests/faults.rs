@@ -1,0 +1,467 @@
+//! Failures during a save (through `dcp_core::fault::FaultFs`) and damaged
+//! checkpoints: every rank errors, nothing new is committed, the previous
+//! checkpoint stays byte for byte and loads bit-exact; damage is a clear
+//! error of the right kind, never a panic.
+
+use dcp_core::fault::{Fault, FaultFs, Op};
+use dcp_core::metadata::{DataFile, FORMAT_VERSION};
+use dcp_core::{DType, Error, ErrorKind, FileSystem, ReaderOptions, WriterOptions};
+use dcp_tests::*;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+const WORLD: usize = 4;
+
+fn model() -> Model {
+    Model {
+        seed: 1,
+        ..Default::default()
+    }
+    .tensor("w", DType::F32, &[40, 16], Sharding::Rows)
+    .tensor("g", DType::BF16, &[12, 12], Sharding::Grid)
+    .tensor("r", DType::I32, &[7], Sharding::Replicated)
+    .tensor("u", DType::U8, &[33, 5], Sharding::Uneven)
+    .bytes("step", 8, false)
+    .bytes("rng", 32, true)
+}
+
+fn opts() -> WriterOptions {
+    WriterOptions {
+        thread_count: 2,
+        ..fast_writer()
+    }
+}
+
+fn faulty(f: &FaultFs) -> Arc<dyn FileSystem> {
+    Arc::new(f.clone())
+}
+
+/// The previous checkpoint `a` is untouched: same `.metadata` bytes, same
+/// files, and it loads bit-exact.
+async fn assert_previous_intact(store: &Store, a: &Model, md: &[u8], names: &[String], what: &str) {
+    assert_eq!(
+        store.read_raw(".metadata").as_deref(),
+        Some(md),
+        "{what}: .metadata changed"
+    );
+    assert_eq!(store.names(), names, "{what}: files changed");
+    load_and_check(
+        store.fresh_fs(),
+        a,
+        WORLD,
+        3,
+        ReaderOptions::default(),
+        &|_| Sharding::Cols,
+    )
+    .await;
+}
+
+/// Every rank returns the same error; it names a rank, and when a rank's own
+/// write failed, the data file of that rank.
+fn assert_agreed_error(errs: &[Error], what: &str) -> usize {
+    let first = &errs[0];
+    for e in errs {
+        assert_eq!(e.kind(), first.kind(), "{what}");
+        assert_eq!(e.message(), first.message(), "{what}");
+        assert_eq!(e.rank(), first.rank(), "{what}");
+    }
+    let rank = first
+        .rank()
+        .unwrap_or_else(|| panic!("{what}: error names no rank: {first:?}"));
+    assert!(rank < WORLD, "{what}");
+    assert!(
+        first.to_string().starts_with(&format!("rank {rank}: ")),
+        "{what}: {first}"
+    );
+    rank
+}
+
+/// How many calls of each op a clean overwrite save makes.
+async fn clean_counts(backend: Backend, a: &Model, b: &Model) -> HashMap<Op, u64> {
+    let store = backend.make_fs("count");
+    save_model(store.fs(), a, WORLD, opts()).await;
+    let f = store.faulty();
+    save_model(faulty(&f), b, WORLD, opts()).await;
+    [
+        Op::Create,
+        Op::Write,
+        Op::Finish,
+        Op::WriteAtomic,
+        Op::Remove,
+        Op::List,
+    ]
+    .into_iter()
+    .map(|op| (op, f.count(op)))
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_any_write_step_commits_nothing() {
+    let a = model();
+    let b = a.reseeded(2);
+    for backend in backends() {
+        let counts = clean_counts(backend, &a, &b).await;
+        assert!(counts[&Op::Create] >= WORLD as u64, "{counts:?}");
+        assert_eq!(counts[&Op::WriteAtomic], 1, "{counts:?}");
+
+        let store = backend.make_fs("fail");
+        save_model(store.fs(), &a, WORLD, opts()).await;
+        let md = store.read_raw(".metadata").unwrap();
+        let names = store.names();
+
+        let mut faults: Vec<(Fault, &str)> = Vec::new();
+        for op in [Op::Create, Op::Write, Op::Finish, Op::WriteAtomic] {
+            for nth in 0..counts[&op] {
+                faults.push((Fault::FailNth { op, nth }, "injected fault"));
+            }
+        }
+        let writes = counts[&Op::Write];
+        for nth in [0, writes / 2, writes - 1] {
+            faults.push((Fault::ShortWrite { nth }, "injected short write"));
+        }
+        let total: u64 = b.state_dicts(WORLD).iter().map(|s| s.local_bytes()).sum();
+        for bytes in [0, total / 3] {
+            faults.push((Fault::DiskFull { bytes }, "no space left on device"));
+        }
+
+        for (fault, text) in faults {
+            let what = format!("{} {fault:?}", backend.name());
+            let f = store.faulty();
+            f.arm(fault.clone());
+            let errs = all_err(
+                save_ranks(faulty(&f), opts(), b.state_dicts(WORLD)).await,
+                &what,
+            );
+            let rank = assert_agreed_error(&errs, &what);
+            let e = &errs[0];
+            assert!(e.message().contains(text), "{what}: {e}");
+            match fault {
+                Fault::FailNth {
+                    op: Op::WriteAtomic,
+                    ..
+                } => {
+                    assert_eq!(rank, 0, "{what}: the coordinator commits");
+                    assert!(e.message().contains("commit"), "{what}: {e}");
+                    assert!(e.message().contains(".metadata"), "{what}: {e}");
+                }
+                _ => {
+                    assert_eq!(e.kind(), ErrorKind::Io, "{what}");
+                    assert!(
+                        e.message().contains(&format!("__{rank}_")),
+                        "{what}: the error names rank {rank}'s data file: {e}"
+                    );
+                }
+            }
+            assert_previous_intact(&store, &a, &md, &names, &what).await;
+        }
+    }
+}
+
+/// Removing files of earlier saves happens after the commit: a failing
+/// `list` or `remove` cannot un-commit the new checkpoint. The save succeeds,
+/// the new checkpoint loads bit-exact, and the next save removes what was
+/// left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_cleanup_keeps_the_new_checkpoint() {
+    let a = model();
+    let b = a.reseeded(2);
+    let c = a.reseeded(3);
+    for backend in backends() {
+        let counts = clean_counts(backend, &a, &b).await;
+        assert_eq!(counts[&Op::List], 1, "{counts:?}");
+        assert!(counts[&Op::Remove] >= WORLD as u64, "{counts:?}");
+        for op in [Op::List, Op::Remove] {
+            for nth in 0..counts[&op] {
+                let what = format!("{} fail {op:?} #{nth}", backend.name());
+                let store = backend.make_fs("cleanup");
+                save_model(store.fs(), &a, WORLD, opts()).await;
+                let old = store.data_files();
+                let f = store.faulty();
+                f.arm(Fault::FailNth { op, nth });
+                let saved = save_model(faulty(&f), &b, WORLD, opts()).await;
+                let md = saved[0].metadata.clone();
+                assert_eq!(store.metadata(), *md, "{what}");
+                let stale: Vec<String> = store
+                    .data_files()
+                    .into_iter()
+                    .filter(|n| !md.files.iter().any(|f| &f.name == n))
+                    .collect();
+                assert!(!stale.is_empty(), "{what}: the failed cleanup left nothing");
+                assert!(stale.iter().all(|n| old.contains(n)), "{what}");
+                load_and_check(
+                    store.fresh_fs(),
+                    &b,
+                    WORLD,
+                    2,
+                    ReaderOptions::default(),
+                    &|_| Sharding::Grid,
+                )
+                .await;
+                let saved = save_model(store.fs(), &c, WORLD, opts()).await;
+                let mut want: Vec<String> = saved[0]
+                    .metadata
+                    .files
+                    .iter()
+                    .map(|f| f.name.clone())
+                    .collect();
+                want.sort();
+                assert_eq!(store.data_files(), want, "{what}: stale files remain");
+                for s in &stale {
+                    assert!(saved[0].removed.contains(s), "{what}: {s} not reported");
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fewer_files_leave_no_stale_data() {
+    let a = model();
+    for backend in backends() {
+        let store = backend.make_fs("fewer");
+        let mut last: Vec<String> = Vec::new();
+        for (i, (threads, single)) in [(3, true), (1, true), (2, false), (1, true)]
+            .into_iter()
+            .enumerate()
+        {
+            let m = a.reseeded(10 + i as u64);
+            let o = WriterOptions {
+                thread_count: threads,
+                single_file_per_rank: single,
+                ..fast_writer()
+            };
+            let saved = save_model(store.fs(), &m, WORLD, o).await;
+            let md = &saved[0].metadata;
+            let mut want: Vec<String> = md.files.iter().map(|f| f.name.clone()).collect();
+            want.sort();
+            assert_eq!(store.data_files(), want, "save {i}");
+            let mut removed = saved[0].removed.clone();
+            removed.sort();
+            assert_eq!(removed, last, "save {i}: rank 0 reports what it removed");
+            for s in &saved[1..] {
+                assert!(s.removed.is_empty());
+            }
+            if single {
+                assert!(md.files.len() <= WORLD * threads);
+            }
+            load_and_check(
+                store.fresh_fs(),
+                &m,
+                WORLD,
+                2,
+                ReaderOptions::default(),
+                &|_| Sharding::Rows,
+            )
+            .await;
+            last = want;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overwrite_false_refuses_before_writing() {
+    let a = model();
+    for backend in backends() {
+        let store = backend.make_fs("nooverwrite");
+        let no = WriterOptions {
+            overwrite: false,
+            ..opts()
+        };
+        // An empty location is fine.
+        save_model(store.fs(), &a, WORLD, no.clone()).await;
+        let md = store.read_raw(".metadata").unwrap();
+        let names = store.names();
+        let f = store.faulty();
+        let errs = all_err(
+            save_ranks(faulty(&f), no, a.reseeded(5).state_dicts(WORLD)).await,
+            "save over an existing checkpoint",
+        );
+        for e in &errs {
+            assert_error(
+                e,
+                ErrorKind::AlreadyExists,
+                &["rank 0: ", "already exists", "overwrite"],
+            );
+        }
+        for op in [Op::Create, Op::Write, Op::WriteAtomic, Op::Remove] {
+            assert_eq!(f.count(op), 0, "{op:?} happened");
+        }
+        assert_previous_intact(&store, &a, &md, &names, "overwrite=false").await;
+    }
+}
+
+async fn load_err(store: &Store, a: &Model, world: usize) -> Vec<Error> {
+    let dests = (0..world)
+        .map(|r| a.dest(r, world, WORLD, &|_| Sharding::Rows))
+        .collect();
+    all_err(
+        load_ranks(store.fresh_fs(), ReaderOptions::default(), dests).await,
+        "load",
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_checkpoints_are_clear_errors() {
+    let a = model();
+    for backend in backends() {
+        let store = backend.make_fs("damage");
+        save_model(store.fs(), &a, WORLD, opts()).await;
+        let good = store.read_raw(".metadata").unwrap();
+        let md = store.metadata();
+
+        // A truncated data file.
+        let victim: &DataFile = md.files.iter().max_by_key(|f| f.length).unwrap();
+        let data = store.read_raw(&victim.name).unwrap();
+        store.write_raw(&victim.name, data[..data.len() / 2].to_vec());
+        for e in load_err(&store, &a, 2).await {
+            assert_error(
+                &e,
+                ErrorKind::Corrupt,
+                &[
+                    &victim.name,
+                    "offset",
+                    &format!("({} bytes)", data.len() / 2),
+                    "truncated",
+                ],
+            );
+        }
+        store.write_raw(&victim.name, data);
+        load_and_check(
+            store.fresh_fs(),
+            &a,
+            WORLD,
+            2,
+            ReaderOptions::default(),
+            &|_| Sharding::Rows,
+        )
+        .await;
+
+        // Damaged metadata: a flipped body byte, a flipped magic byte, a
+        // truncated file, an unknown version.
+        let cases: Vec<(Vec<u8>, ErrorKind, &str)> = vec![
+            (
+                {
+                    let mut b = good.clone();
+                    let i = b.len() - 3;
+                    b[i] ^= 0x01;
+                    b
+                },
+                ErrorKind::ChecksumMismatch,
+                "CRC-32C",
+            ),
+            (
+                {
+                    let mut b = good.clone();
+                    b[0] ^= 0x20;
+                    b
+                },
+                ErrorKind::Corrupt,
+                "magic",
+            ),
+            (
+                good[..good.len() - 5].to_vec(),
+                ErrorKind::Corrupt,
+                "truncated",
+            ),
+            (good[..10].to_vec(), ErrorKind::Corrupt, "header"),
+            (
+                {
+                    let mut b = good.clone();
+                    b[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
+                    b
+                },
+                ErrorKind::Unsupported,
+                "format version 2",
+            ),
+        ];
+        for (bytes, kind, text) in cases {
+            store.write_raw(".metadata", bytes);
+            for e in load_err(&store, &a, 3).await {
+                assert_error(&e, kind, &[".metadata", text]);
+            }
+        }
+
+        // Hostile file names in otherwise valid metadata.
+        for bad in [
+            "../evil.dcp",
+            "sub/x.dcp",
+            "/etc/passwd",
+            "..",
+            ".metadata.tmp",
+        ] {
+            let mut m = md.clone();
+            m.files[0].name = bad.to_string();
+            store.write_raw(".metadata", encode_metadata_current(&m));
+            for e in load_err(&store, &a, 2).await {
+                assert_error(&e, ErrorKind::Corrupt, &["invalid metadata", bad]);
+            }
+        }
+        // A record past the end of its file.
+        let mut m = md.clone();
+        m.files[0].length = 1;
+        store.write_raw(".metadata", encode_metadata_current(&m));
+        for e in load_err(&store, &a, 1).await {
+            assert_error(&e, ErrorKind::Corrupt, &["past the end", &md.files[0].name]);
+        }
+
+        store.write_raw(".metadata", good.clone());
+        load_and_check(
+            store.fresh_fs(),
+            &a,
+            WORLD,
+            1,
+            ReaderOptions::default(),
+            &|_| Sharding::Full,
+        )
+        .await;
+    }
+}
+
+/// Local-disk specific damage: a data file replaced by a directory or by a
+/// symlink pointing outside the checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fs_refuses_directories_and_symlinks() {
+    if !backends().contains(&Backend::Fs) {
+        return;
+    }
+    let a = model();
+    let store = Backend::Fs.make_fs("fs-damage");
+    save_model(store.fs(), &a, WORLD, opts()).await;
+    let md = store.metadata();
+    let root = std::path::PathBuf::from(store.fs().location());
+    let victim = root.join(&md.files[0].name);
+    let saved = std::fs::read(&victim).unwrap();
+
+    std::fs::remove_file(&victim).unwrap();
+    std::fs::create_dir(&victim).unwrap();
+    for e in load_err(&store, &a, 2).await {
+        assert_error(
+            &e,
+            ErrorKind::Corrupt,
+            &[&md.files[0].name, "is a directory"],
+        );
+    }
+    std::fs::remove_dir(&victim).unwrap();
+
+    let outside = root.parent().unwrap().join("outside.bin");
+    std::fs::write(&outside, &saved).unwrap();
+    std::os::unix::fs::symlink(&outside, &victim).unwrap();
+    for e in load_err(&store, &a, 2).await {
+        assert_error(
+            &e,
+            ErrorKind::Corrupt,
+            &[&md.files[0].name, "symbolic link"],
+        );
+    }
+    std::fs::remove_file(&victim).unwrap();
+    std::fs::write(&victim, &saved).unwrap();
+    load_and_check(
+        store.fresh_fs(),
+        &a,
+        WORLD,
+        2,
+        ReaderOptions::default(),
+        &|_| Sharding::Rows,
+    )
+    .await;
+}

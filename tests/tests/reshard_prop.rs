@@ -1,0 +1,127 @@
+//! Property test: random shapes (1 to 3 dimensions, zero sizes included),
+//! dtypes, save and load shardings, world sizes 1 to 5, formats and writer
+//! options; every loaded byte equals the reference. Bounded to a few dozen
+//! cases so it stays fast.
+
+use dcp_core::metadata::FormatKind;
+use dcp_core::{DType, ReaderOptions, WriterOptions};
+use dcp_tests::*;
+use proptest::prelude::*;
+
+#[derive(Debug, Clone)]
+struct Case {
+    shape: Vec<u64>,
+    dtype: DType,
+    save: Sharding,
+    load: Sharding,
+    save_world: usize,
+    load_world: usize,
+    format: FormatKind,
+    threads: usize,
+    single_file_per_rank: bool,
+    seed: u64,
+}
+
+fn sharding() -> impl Strategy<Value = Sharding> {
+    prop_oneof![
+        Just(Sharding::Full),
+        Just(Sharding::Replicated),
+        Just(Sharding::Rows),
+        Just(Sharding::Cols),
+        Just(Sharding::Grid),
+        Just(Sharding::Uneven),
+        (1u64..=3).prop_map(Sharding::Blocks),
+    ]
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    (
+        prop::collection::vec(prop_oneof![1 => Just(0u64), 9 => 1u64..12], 1..=3),
+        0..DType::ALL.len(),
+        sharding(),
+        sharding(),
+        1usize..=5,
+        1usize..=5,
+        any::<bool>(),
+        1usize..=3,
+        any::<bool>(),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(shape, d, save, load, save_world, load_world, st, threads, single, seed)| Case {
+                shape,
+                dtype: DType::ALL[d],
+                save,
+                load,
+                save_world,
+                load_world,
+                format: if st {
+                    FormatKind::Safetensors
+                } else {
+                    FormatKind::Raw
+                },
+                threads,
+                single_file_per_rank: single,
+                seed,
+            },
+        )
+}
+
+async fn run(c: &Case, backend: Backend) {
+    let m = Model {
+        seed: c.seed,
+        ..Default::default()
+    }
+    .tensor("t", c.dtype, &c.shape, c.save)
+    // A second tensor with the same shape, sharded the other way round.
+    .tensor("u", DType::U8, &c.shape, c.load)
+    .bytes("b", (c.seed % 50) as usize, false);
+    let store = backend.make_fs("prop");
+    let opts = WriterOptions {
+        serialization_format: c.format,
+        thread_count: c.threads,
+        single_file_per_rank: c.single_file_per_rank,
+        ..fast_writer()
+    };
+    save_model(store.fs(), &m, c.save_world, opts).await;
+    let ropts = ReaderOptions {
+        thread_count: c.threads,
+        ..Default::default()
+    };
+    let (load, save) = (c.load, c.save);
+    load_and_check(
+        store.fs(),
+        &m,
+        c.save_world,
+        c.load_world,
+        ropts,
+        &move |spec| {
+            if spec.name == "t" {
+                load
+            } else {
+                save
+            }
+        },
+    )
+    .await;
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 64,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn random_reshards_match_the_reference(c in case()) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        for backend in backends() {
+            rt.block_on(run(&c, backend));
+        }
+    }
+}
