@@ -86,6 +86,16 @@ pub struct DemoArgs {
     /// Do not fsync data files and the directory.
     #[arg(long)]
     pub no_sync: bool,
+    /// Compress every record: zstd, lz4 or none (raw format only).
+    #[arg(long, default_value = "none", value_parser = ["zstd", "lz4", "none"])]
+    pub compress: String,
+    /// zstd level (1 to 22, or negative for faster levels).
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+    pub zstd_level: i32,
+    /// Checksum every record as stored: crc32c, crc32 or none. Loads and
+    /// `dcp verify` check it.
+    #[arg(long, default_value = "crc32c", value_parser = ["crc32c", "crc32", "none"])]
+    pub checksum: String,
     /// Print one JSON object instead of a summary.
     #[arg(long)]
     pub json: bool,
@@ -96,6 +106,10 @@ pub struct DemoArgs {
 pub struct DemoReport {
     /// Checkpoint location.
     pub dir: String,
+    /// Bytes stored in data files (after compression).
+    pub stored_bytes: u64,
+    /// Transform descriptors of the checkpoint (compression, checksum).
+    pub transforms: Vec<String>,
     /// Logical bytes of the state dict (each saved byte once).
     pub bytes: u64,
     /// Items in the state dict.
@@ -192,6 +206,10 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
                 sync_files: !args.no_sync,
                 overwrite: true,
                 serialization_format: args.format.into(),
+                extensions: dcp_ext::chain(
+                    dcp_ext::compression_from_name(&args.compress, args.zstd_level)?,
+                    dcp_ext::checksum_from_name(&args.checksum)?,
+                ),
                 ..WriterOptions::default()
             },
         )?;
@@ -212,6 +230,8 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
         (spec, md)
     };
     report.bytes = md.logical_bytes();
+    report.stored_bytes = md.stored_bytes();
+    report.transforms = md.transforms.clone();
     report.items = md.items.len();
     report.files = md.files.len();
     report.layers = spec.layers;
@@ -376,6 +396,15 @@ fn summary(r: &DemoReport) -> String {
             r.ranks,
             r.files,
             r.format
+        );
+    }
+    if !r.transforms.is_empty() {
+        outln!(
+            out,
+            "  stored {} ({:.2}x) with {}",
+            human_bytes(r.stored_bytes),
+            r.bytes as f64 / r.stored_bytes.max(1) as f64,
+            r.transforms.join(" > ")
         );
     }
     if let (Some(m), Some(s)) = (r.load_ranks, r.load_seconds) {

@@ -38,6 +38,8 @@ pub struct InspectReport {
     pub bytes: u64,
     /// Bytes stored in data files (after transforms).
     pub stored_bytes: u64,
+    /// `bytes / stored_bytes` (1.0 without compression).
+    pub compression_ratio: f64,
     /// Items in name order.
     pub items: Vec<ItemReport>,
     /// Data files.
@@ -57,6 +59,10 @@ pub struct ItemReport {
     pub shape: Option<Vec<u64>>,
     /// Logical bytes.
     pub bytes: u64,
+    /// Bytes stored (after transforms).
+    pub stored_bytes: u64,
+    /// Distinct transforms applied to its records, in order of application.
+    pub transforms: Vec<String>,
     /// Saved records: a tensor's chunks, or a bytes item's one record.
     pub chunks: Vec<ChunkReport>,
 }
@@ -151,6 +157,8 @@ impl InspectReport {
                         .iter()
                         .map(|c| c.region.numel() * dtype.size() as u64)
                         .sum(),
+                    stored_bytes: chunks.iter().map(|c| c.storage.length).sum(),
+                    transforms: transform_names(md, chunks.iter().map(|c| &c.storage)),
                     chunks: chunks
                         .iter()
                         .map(|c| {
@@ -168,6 +176,8 @@ impl InspectReport {
                     dtype: None,
                     shape: None,
                     bytes: *length,
+                    stored_bytes: storage.length,
+                    transforms: transform_names(md, std::iter::once(storage)),
                     chunks: vec![chunk(None, None, storage)],
                 },
             })
@@ -181,6 +191,7 @@ impl InspectReport {
             user: md.user.clone(),
             bytes: md.logical_bytes(),
             stored_bytes: md.stored_bytes(),
+            compression_ratio: ratio(md.logical_bytes(), md.stored_bytes()),
             items,
             files: md
                 .files
@@ -192,6 +203,32 @@ impl InspectReport {
                 .collect(),
         }
     }
+}
+
+/// `logical / stored`, 1.0 for an empty checkpoint.
+fn ratio(logical: u64, stored: u64) -> f64 {
+    if stored == 0 {
+        1.0
+    } else {
+        logical as f64 / stored as f64
+    }
+}
+
+/// The distinct transform descriptors of some records, in first-seen order.
+fn transform_names<'a>(
+    md: &Metadata,
+    records: impl Iterator<Item = &'a StorageInfo>,
+) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for s in records {
+        for t in &s.transforms {
+            let d = &md.transforms[t.descriptor as usize];
+            if !out.contains(d) {
+                out.push(d.clone());
+            }
+        }
+    }
+    out
 }
 
 fn tables(r: &InspectReport) -> String {
@@ -226,13 +263,19 @@ fn tables(r: &InspectReport) -> String {
     );
     outln!(
         out,
+        "stored      {} (compression ratio {:.2}x)",
+        human_bytes(r.stored_bytes),
+        r.compression_ratio
+    );
+    outln!(
+        out,
         "files       {} ({})",
         r.files.len(),
         human_bytes(file_bytes)
     );
     outln!(out);
 
-    let rows: Vec<[String; 6]> = r
+    let rows: Vec<[String; 9]> = r
         .items
         .iter()
         .map(|i| {
@@ -246,12 +289,29 @@ fn tables(r: &InspectReport) -> String {
                     .unwrap_or_else(|| "-".into()),
                 i.chunks.len().to_string(),
                 i.bytes.to_string(),
+                i.stored_bytes.to_string(),
+                format!("{:.2}", ratio(i.bytes, i.stored_bytes)),
+                if i.transforms.is_empty() {
+                    "-".to_string()
+                } else {
+                    i.transforms.join(" > ")
+                },
             ]
         })
         .collect();
     table(
         &mut out,
-        ["ITEM", "KIND", "DTYPE", "SHAPE", "CHUNKS", "BYTES"],
+        [
+            "ITEM",
+            "KIND",
+            "DTYPE",
+            "SHAPE",
+            "CHUNKS",
+            "BYTES",
+            "STORED",
+            "RATIO",
+            "TRANSFORMS",
+        ],
         &rows,
     );
     outln!(out);

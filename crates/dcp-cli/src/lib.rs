@@ -32,6 +32,7 @@ macro_rules! outln {
     }};
 }
 
+pub mod bench;
 pub mod demo;
 pub mod inspect;
 pub mod location;
@@ -68,6 +69,9 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Check that a checkpoint's files and checksums match its metadata.
     Verify(verify::VerifyArgs),
+    /// Measure save, load and resharded load against the raw speed of the
+    /// disk (the same bytes written and read with plain file I/O).
+    Bench(bench::BenchArgs),
 }
 
 /// An error of a `dcp` command: a message for people and an exit status.
@@ -114,13 +118,11 @@ impl From<dcp_core::Error> for CliError {
     }
 }
 
-/// The transform extensions (checksums, compression) this build can read.
-///
-/// SEAM: the lead wires the `dcp-ext` crate in here (its registry of
-/// checksum and compression extensions). Every command that reads a
+/// The transform extensions (checksums, compression) this build can read:
+/// every extension of the `dcp-ext` crate. Every command that reads a
 /// checkpoint resolves transform descriptors through this one function.
 pub fn registry() -> ExtensionRegistry {
-    ExtensionRegistry::new()
+    dcp_ext::registry()
 }
 
 /// Phase lines on stderr, printed only when stderr is a terminal.
@@ -213,6 +215,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Demo(a) => demo::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Verify(a) => verify::run(a),
+        Command::Bench(a) => bench::run(a),
     };
     match result {
         Ok(code) => code,

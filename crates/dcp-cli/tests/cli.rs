@@ -185,7 +185,9 @@ fn inspect_json_describes_the_checkpoint() {
     assert_eq!(info["world_size"], 4);
     assert_eq!(info["format"], "raw");
     assert_eq!(info["save_id"].as_str().unwrap().len(), 16);
-    assert_eq!(info["transforms"], serde_json::json!([]));
+    // Checksums are on by default.
+    assert_eq!(info["transforms"], serde_json::json!(["crc32c/1"]));
+    assert_eq!(info["compression_ratio"], 1.0);
     assert_eq!(info["user"]["dcp.demo.seed"], "7");
     assert_eq!(info["user"]["dcp.demo.hidden"], "64");
 
@@ -215,7 +217,10 @@ fn inspect_json_describes_the_checkpoint() {
         assert!(file_names.contains(&c["file"].as_str().unwrap()));
         assert_eq!(c["length"], 16 * 64 * 2);
         assert!(c["offset"].is_u64());
-        assert_eq!(c["transforms"], serde_json::json!([]));
+        let t = c["transforms"].as_array().unwrap();
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0]["name"], "crc32c/1");
+        assert_eq!(t[0]["value"].as_str().unwrap().len(), 8, "4 bytes, hex");
     }
     // Replicated items are saved once.
     assert_eq!(
@@ -307,13 +312,10 @@ fn verify_sound_and_damaged_checkpoints() {
     assert!(stderr(&o).starts_with("error: "), "{}", stderr(&o));
 }
 
-#[test]
-fn demo_reports_a_damaged_chunk() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("ck");
-    let d = path_str(&dir);
-    json(&demo_args(d, &["--save-only"]));
-    let info = json(&["inspect", d, "--json"]);
+/// Flip one byte of `layers.1.mlp.down.weight`'s third chunk; returns the
+/// data file's name.
+fn damage_a_chunk(dir: &std::path::Path) -> String {
+    let info = json(&["inspect", path_str(dir), "--json"]);
     let item = info["items"]
         .as_array()
         .unwrap()
@@ -325,6 +327,48 @@ fn demo_reports_a_damaged_chunk() {
     let mut data = std::fs::read(&path).unwrap();
     data[chunk["offset"].as_u64().unwrap() as usize + 3] ^= 0x40;
     std::fs::write(&path, data).unwrap();
+    chunk["file"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn a_damaged_chunk_is_refused_by_its_checksum() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ck");
+    let d = path_str(&dir);
+    json(&demo_args(d, &["--save-only"]));
+    let file = damage_a_chunk(&dir);
+    let o = dcp(&["demo", "--dir", d, "--load-only", "--load-ranks", "2"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(
+        err.contains("layers.1.mlp.down.weight") && err.contains(&file),
+        "{err}"
+    );
+    assert!(err.to_lowercase().contains("checksum"), "{err}");
+    // `dcp verify` names the same record.
+    let o = dcp(&["verify", d]);
+    assert_eq!(o.status.code(), Some(1));
+    let out = stdout(&o);
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("problem")).count(),
+        1,
+        "{out}"
+    );
+    assert!(
+        out.contains("layers.1.mlp.down.weight") && out.contains(&file),
+        "{out}"
+    );
+}
+
+#[test]
+fn demo_reports_a_damaged_chunk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ck");
+    let d = path_str(&dir);
+    // Without checksums the damage reaches the demo's own comparison.
+    json(&demo_args(d, &["--save-only", "--checksum", "none"]));
+    damage_a_chunk(&dir);
 
     let o = dcp(&[
         "demo",
@@ -417,4 +461,49 @@ fn a_closed_pipe_is_not_a_panic() {
     let err = stderr(&out);
     assert!(!err.contains("panicked"), "{err}");
     assert!(out.status.success(), "{err}");
+}
+
+#[test]
+fn compressed_demo_round_trips_and_reports_its_ratio() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ck");
+    let d = path_str(&dir);
+    for (compress, name) in [("zstd", "zstd/1:level=3"), ("lz4", "lz4/1")] {
+        let r = json(&demo_args(
+            d,
+            &[
+                "--compress",
+                compress,
+                "--zstd-level",
+                "3",
+                "--load-ranks",
+                "2",
+            ],
+        ));
+        assert_eq!(r["verified"], true, "{r}");
+        assert_eq!(r["transforms"], serde_json::json!([name, "crc32c/1"]));
+        let info = json(&["inspect", d, "--json"]);
+        assert_eq!(info["transforms"], serde_json::json!([name, "crc32c/1"]));
+        assert!(info["compression_ratio"].as_f64().unwrap() > 0.0);
+        assert_eq!(info["stored_bytes"], r["stored_bytes"]);
+        let o = dcp(&["verify", d]);
+        assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+    }
+}
+
+#[test]
+fn safetensors_refuses_compression_before_writing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ck");
+    let o = dcp(&demo_args(
+        path_str(&dir),
+        &["--format", "safetensors", "--compress", "zstd"],
+    ));
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(e.contains("safetensors") && e.contains("zstd"), "{e}");
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .map(|r| r.flatten().collect())
+        .unwrap_or_default();
+    assert!(leftovers.is_empty(), "nothing written: {leftovers:?}");
 }

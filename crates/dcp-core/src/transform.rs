@@ -187,7 +187,9 @@ impl ExtensionRegistry {
     pub fn resolve(&self, descriptor: &str) -> Result<Arc<dyn StreamTransformExtension>> {
         let d = Descriptor::parse(descriptor)?;
         match self.factories.get(&d.name) {
-            Some(f) => f.build(&d),
+            Some(f) => f
+                .build(&d)
+                .map_err(|e| e.context(format!("stream extension {descriptor:?}"))),
             None => {
                 let hint = KNOWN_PROVIDERS
                     .iter()

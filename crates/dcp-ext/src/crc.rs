@@ -28,7 +28,7 @@ fn check(name: &str, value: &[u8], input: &[u8], expected_len: usize, actual: u3
         return Err(Error::new(
             ErrorKind::ChecksumMismatch,
             format!(
-                "{name} mismatch over {} bytes: expected {expected:#010x}, actual {actual:#010x}",
+                "{name} checksum mismatch over {} bytes: expected {expected:#010x}, actual {actual:#010x}",
                 input.len()
             ),
         ));
