@@ -8,7 +8,14 @@
 //! * `cargo xtask ci`: exactly what CI runs: `cargo fmt --all --check`,
 //!   `cargo clippy --workspace --all-targets -- -D warnings`,
 //!   `cargo test --workspace`, stopping at the first failure.
-//! * `cargo xtask bench`: not yet implemented (exit 2).
+//! * `cargo xtask bench [--quick] [--reps N] [--dir DIR] [--micro]`: the
+//!   standard `dcp bench` set and its targets (see `bench.rs`).
+//! * `cargo xtask crash [--trials N] [--seed S]`: the SIGKILL crash harness
+//!   (`tests/tests/crash.rs`) with N trials, in release mode.
+//! * `cargo xtask fuzz [--seconds N]`: every cargo-fuzz target for N seconds
+//!   each (`fuzz/run.sh`; installs cargo-fuzz when missing).
+
+mod bench;
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -23,17 +30,23 @@ commands:
                   alone and all features (crates without features once)
   ci              cargo fmt --all --check; cargo clippy --workspace --all-targets
                   -- -D warnings; cargo test --workspace
-  bench           benchmarks (not yet implemented)";
+  crash [--trials N] [--seed S]
+                  SIGKILL a saving process N times (default 500) and check the
+                  directory holds exactly the old or the new checkpoint
+  fuzz [--seconds N]
+                  run every fuzz target for N seconds (default 60)
+  bench [--quick] [--reps N] [--dir DIR] [--out FILE] [--micro] [--dry-run]
+                  the standard dcp bench set (release, --json), a summary table
+                  and the issue's targets; --micro adds cargo bench -p dcp-core";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("test-matrix") => test_matrix(&args[1..]),
         Some("ci") if args.len() == 1 => ci(),
-        Some("bench") => {
-            eprintln!("cargo xtask bench: not yet implemented");
-            return ExitCode::from(2);
-        }
+        Some("bench") => bench::bench(&args[1..]),
+        Some("crash") => crash(&args[1..]),
+        Some("fuzz") => fuzz(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -51,6 +64,58 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// The value of `--flag N` in `args`, or `default`.
+fn flag_u64(args: &[String], flag: &str, default: u64) -> Result<u64, String> {
+    let mut it = args.iter();
+    let mut value = default;
+    while let Some(a) = it.next() {
+        if a == flag {
+            let v = it.next().ok_or(format!("{flag} needs a value"))?;
+            value = v
+                .parse()
+                .map_err(|_| format!("{flag}: not a number: {v}"))?;
+        } else if !a.starts_with("--") || !["--trials", "--seed", "--seconds"].contains(&a.as_str())
+        {
+            return Err(format!("unknown argument {a}"));
+        }
+    }
+    Ok(value)
+}
+
+/// `cargo xtask crash`: the crash harness with many trials.
+fn crash(args: &[String]) -> Result<bool, String> {
+    let trials = flag_u64(args, "--trials", 500)?;
+    let seed = flag_u64(args, "--seed", 1)?;
+    let status = cargo()
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "dcp-tests",
+            "--test",
+            "crash",
+            "--",
+            "--nocapture",
+        ])
+        .env("DCP_CRASH_TRIALS", trials.to_string())
+        .env("DCP_CRASH_SEED", seed.to_string())
+        .status()
+        .map_err(|e| format!("run cargo: {e}"))?;
+    Ok(status.success())
+}
+
+/// `cargo xtask fuzz`: every fuzz target for a while.
+fn fuzz(args: &[String]) -> Result<bool, String> {
+    let seconds = flag_u64(args, "--seconds", 60)?;
+    let status = Command::new("bash")
+        .arg(root().join("fuzz/run.sh"))
+        .arg(seconds.to_string())
+        .current_dir(root().join("fuzz"))
+        .status()
+        .map_err(|e| format!("run fuzz/run.sh: {e}"))?;
+    Ok(status.success())
 }
 
 /// The workspace root (the directory above `xtask/`).

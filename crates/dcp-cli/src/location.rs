@@ -6,20 +6,41 @@ use dcp_core::FileSystem;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-/// Schemes that name object stores. This build routes none of them; the
-/// dcp-fsspec crate will serve them.
+/// Schemes that name object stores, served by the dcp-fsspec crate when the
+/// `object-store` feature is on (the default).
 const OBJECT_STORE_SCHEMES: &[&str] = &[
-    "s3", "gs", "gcs", "az", "azure", "abfs", "memory", "http", "https",
+    "s3", "s3a", "gs", "gcs", "az", "azblob", "azure", "abfs", "memory", "http", "https",
 ];
 
 /// Open the checkpoint location `s`: a plain path (`ckpt/step100`,
-/// `/data/ckpt`) or a `file:///abs/path` URL opens the local file system.
-/// Object-store URLs (`s3://`, `gs://`, `memory://`, ...) are refused with an
-/// error saying this build lacks object-store support; any other scheme is
-/// refused as unknown.
+/// `/data/ckpt`) or a `file:///abs/path` URL opens the local file system
+/// (dcp-fs); an object-store URL (`s3://bucket/prefix`, `memory://name`, and
+/// with the `gcs`/`azblob` features `gs://`, `azblob://`) opens it through
+/// OpenDAL (dcp-fsspec), with S3 settings from the standard `AWS_*`
+/// environment variables. A build without the `object-store` feature refuses
+/// object-store URLs; any other scheme is refused as unknown.
 pub fn open_location(s: &str) -> Result<Arc<dyn FileSystem>, CliError> {
-    let path = local_path(s)?;
-    Ok(Arc::new(dcp_fs::LocalFs::new(path)))
+    match local_path(s) {
+        Ok(path) => Ok(Arc::new(dcp_fs::LocalFs::new(path))),
+        Err(e) => open_object_store(s, e),
+    }
+}
+
+#[cfg(feature = "object-store")]
+fn open_object_store(s: &str, local_error: CliError) -> Result<Arc<dyn FileSystem>, CliError> {
+    let scheme = s
+        .split_once("://")
+        .map(|(x, _)| x.to_ascii_lowercase())
+        .unwrap_or_default();
+    if !OBJECT_STORE_SCHEMES.contains(&scheme.as_str()) || scheme == "http" || scheme == "https" {
+        return Err(local_error);
+    }
+    dcp_fsspec::open(s, &std::collections::HashMap::new()).map_err(CliError::from)
+}
+
+#[cfg(not(feature = "object-store"))]
+fn open_object_store(_s: &str, local_error: CliError) -> Result<Arc<dyn FileSystem>, CliError> {
+    Err(local_error)
 }
 
 /// The local path `s` names, or why it names none.
@@ -93,6 +114,7 @@ mod tests {
         }
     }
 
+    #[cfg(not(feature = "object-store"))]
     #[test]
     fn object_stores_are_refused_by_open_location() {
         let e = open_location("s3://bucket/prefix").unwrap_err();
@@ -101,5 +123,16 @@ mod tests {
                 .starts_with("s3://bucket/prefix: s3:// locations"),
             "{e}"
         );
+    }
+
+    #[cfg(feature = "object-store")]
+    #[test]
+    fn object_store_urls_open_through_opendal() {
+        let fs = open_location("memory://cli-location-test").unwrap();
+        assert_eq!(fs.location(), "memory://cli-location-test");
+        let e = open_location("ftp://host/x").unwrap_err().to_string();
+        assert!(e.contains("unknown location scheme"), "{e}");
+        let e = open_location("https://host/x").unwrap_err().to_string();
+        assert!(e.contains("object-store"), "{e}");
     }
 }

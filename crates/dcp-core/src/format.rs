@@ -75,9 +75,14 @@ pub fn safetensors_header(entries: &[SafetensorsEntry], save_id: &str) -> Result
 /// `@` doubled, and for a chunk that is not the whole tensor, a single `@`
 /// and its offsets (`layers.0.w@128,0`). Keys are unique within a checkpoint:
 /// names are unique, escaping makes the name part unambiguous, and the
-/// non-empty chunks of a tensor have distinct offsets.
+/// non-empty chunks of a tensor have distinct offsets. An item named
+/// `__metadata__` (the header's reserved key) becomes `@__metadata__`: a
+/// single leading `@` never comes from an escaped name.
 pub fn safetensors_key(name: &str, offsets: Option<&[u64]>, whole: bool) -> String {
-    let escaped = name.replace('@', "@@");
+    let mut escaped = name.replace('@', "@@");
+    if escaped == "__metadata__" {
+        escaped.insert(0, '@');
+    }
     match offsets {
         Some(o) if !whole => {
             let o: Vec<String> = o.iter().map(|x| x.to_string()).collect();

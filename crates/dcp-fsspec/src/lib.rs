@@ -1,1 +1,93 @@
-//! dcp-fsspec: arrives with its own issue.
+//! dcp-fsspec: checkpoints on object storage (S3, GCS, Azure Blob), local
+//! files and memory, through [OpenDAL](https://opendal.apache.org).
+//!
+//! [`OpendalFs`] is a [`dcp_core::FileSystem`] over an [`opendal::Operator`]
+//! rooted at the checkpoint prefix; [`FsspecWriter`] and [`FsspecReader`]
+//! are dcp's [`FileSystemWriter`](dcp_core::FileSystemWriter) and
+//! [`FileSystemReader`](dcp_core::FileSystemReader) over it, with the
+//! same options, exactly as torch's `FsspecWriter` is its `FileSystemWriter`
+//! over an fsspec file system. [`open`] turns a URL into a file system for
+//! tools such as the `dcp` command.
+//!
+//! # What it fixes, compared with torch's `FsspecWriter`
+//! - **Throughput.** Each data file is a multipart upload whose parts
+//!   (`part_size`, 16 MiB by default) go up `write_concurrency` (8) at a
+//!   time, and `thread_count` files per rank upload at once; the bytes of the
+//!   state dict are handed to the HTTP client without copying. Large reads
+//!   are split into `read_chunk` ranges fetched concurrently and copied
+//!   straight into the destination.
+//! - **No fsync or rename on object stores, and no need for them.**
+//!   `sync_files` maps to "every upload completed": a data file exists only
+//!   once its multipart upload is completed, and a failed or aborted upload
+//!   is aborted so no partial object remains. The commit is the single PUT
+//!   of `.metadata`, written by the coordinator only after every rank
+//!   succeeded; a PUT replaces an object atomically, so readers see the old
+//!   checkpoint or the new one, never a mix.
+//! - **Crash-safe overwrite.** Data files are named per save, so a save
+//!   never overwrites an object that the committed `.metadata` references;
+//!   after the commit, unreferenced objects of earlier saves are removed
+//!   (dcp-core's cleanup does this through [`FileSystem::list`] and
+//!   [`FileSystem::remove`]). A save that dies mid-way leaves the previous
+//!   checkpoint intact and loadable.
+//! - **Transient errors** (throttling, resets, timeouts) are retried with
+//!   exponential backoff by OpenDAL's `RetryLayer`, and every request is
+//!   bounded by a `TimeoutLayer`, so a dead endpoint gives an error, not a
+//!   hang.
+//!
+//! # URLs and `storage_options`
+//! `s3://bucket/prefix` (feature `s3`, on by default), `gs://bucket/prefix`
+//! (feature `gcs`), `azblob://container/prefix` (feature `azblob`),
+//! `file:///abs/path` and `memory://name/prefix` (always). S3 settings come
+//! from `AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`,
+//! `AWS_SECRET_ACCESS_KEY`, then from `storage_options`, which override the
+//! environment. Other keys go to the OpenDAL service as they are; `dcp_*`
+//! keys tune [`OpendalOptions`]. An unknown scheme, or a scheme whose feature
+//! is off, is an [`ErrorKind::Unsupported`](dcp_core::ErrorKind::Unsupported)
+//! error naming the feature. `memory://name` is one store per name in the
+//! process, so a writer and a reader opened on the same URL share objects.
+//!
+//! # Errors
+//! OpenDAL errors map to dcp errors naming the object and location: temporary
+//! failures (still failing after the retries) to `Temporary`, missing objects
+//! to `NotFound`, a missing bucket to `NotFound` naming the bucket and the
+//! endpoint, denied access to `Io` naming the endpoint and the bucket, and a
+//! read past the end of an object to `Corrupt`.
+//!
+//! # Example
+//! ```
+//! use dcp_core::{load, save, ChunkBox, DType, DestStateDict, Single, StateDict};
+//! use dcp_fsspec::{FsspecReader, FsspecWriter};
+//! use std::collections::HashMap;
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let url = "memory://docs/step-100";
+//! let mut sd = StateDict::new();
+//! sd.insert_full_tensor("w", DType::F32, vec![2], bytes::Bytes::from(vec![7u8; 8])).unwrap();
+//! let writer = FsspecWriter::new(url, &HashMap::new(), Default::default()).unwrap();
+//! save(&sd, &writer, &Single).await.unwrap();
+//!
+//! let mut dest = DestStateDict::new();
+//! dest.want_tensor("w", DType::F32, vec![2], vec![ChunkBox::full(&[2])]).unwrap();
+//! let reader = FsspecReader::new(url, &HashMap::new(), Default::default()).unwrap();
+//! let loaded = load(dest, &reader, &Single).await.unwrap();
+//! assert_eq!(loaded.state_dict.tensor("w").unwrap().chunks[0].data, vec![7u8; 8]);
+//! # });
+//! ```
+
+mod config;
+mod fs;
+mod runtime;
+mod storage;
+
+pub use fs::{OpendalFs, OpendalOptions, S3_MAX_PART_SIZE, S3_MIN_PART_SIZE};
+pub use opendal;
+pub use storage::{FsspecReader, FsspecWriter};
+
+use dcp_core::{FileSystem, Result};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Open `url` (see the crate docs for schemes and `storage_options`) as a
+/// dcp [`FileSystem`]: what the `dcp` command uses for every URL argument.
+pub fn open(url: &str, storage_options: &HashMap<String, String>) -> Result<Arc<dyn FileSystem>> {
+    Ok(Arc::new(OpendalFs::from_url(url, storage_options)?))
+}

@@ -1,0 +1,381 @@
+//! Failures against a real S3 server (moto on 127.0.0.1): an injected fault
+//! mid-save, the server killed mid-save, transient errors retried, a wrong
+//! bucket and a dead endpoint. Skipped with a message when `moto_server` is
+//! missing and `CI` is unset.
+#![cfg(feature = "s3")]
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use dcp_core::fault::{Fault, FaultFs, Op};
+use dcp_core::*;
+use dcp_fsspec::{OpendalFs, OpendalOptions};
+use opendal::{Buffer, HttpBody, HttpTransport, HttpTransporter, Operator};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const T: Duration = Duration::from_secs(60);
+
+fn opts(threads: usize) -> WriterOptions {
+    WriterOptions {
+        thread_count: threads,
+        ..Default::default()
+    }
+}
+
+/// Every rank failed, with the same error.
+fn all_failed<T: std::fmt::Debug>(rs: &[Result<T>]) -> &Error {
+    let first = rs[0].as_ref().expect_err("rank 0 should fail");
+    for (i, r) in rs.iter().enumerate() {
+        let e = r.as_ref().expect_err("every rank should fail");
+        assert_eq!(
+            e.message(),
+            first.message(),
+            "rank {i} reports another error"
+        );
+        assert_eq!(e.kind(), first.kind());
+    }
+    first
+}
+
+/// A data file fails mid-save (a failed part write, or a failed completion):
+/// every rank errors, the previous checkpoint stays committed and loadable,
+/// no object of the failed save and no multipart upload remain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_mid_save_keeps_previous_checkpoint() {
+    let Some(moto) = Moto::shared() else { return };
+    let bucket = unique("fault");
+    moto.create_bucket(&bucket);
+    let s3 = Arc::new(s3_fs(&moto, &bucket, "ckpt", fast_options()));
+    let big_cols = 3 << 20; // 12 MiB rows: multipart uploads
+    all_ok(&save_ranks(s3.clone(), 4, 1, big_cols, opts(2), T).await);
+    let before = s3.list().unwrap();
+    let md_before = s3.read_small(".metadata", 1 << 20).unwrap();
+
+    for fault in [
+        Fault::FailNth {
+            op: Op::Write,
+            nth: 3,
+        },
+        Fault::FailNth {
+            op: Op::Finish,
+            nth: 2,
+        },
+        Fault::ShortWrite { nth: 5 },
+    ] {
+        let faulty = FaultFs::new(s3.clone());
+        faulty.arm(fault.clone());
+        let rs = save_ranks(Arc::new(faulty), 4, 2, big_cols, opts(2), T).await;
+        let e = all_failed(&rs);
+        assert!(e.message().contains("injected"), "{fault:?}: {e}");
+        assert_eq!(
+            s3.list().unwrap(),
+            before,
+            "{fault:?}: objects of the failed save remain"
+        );
+        assert_eq!(s3.read_small(".metadata", 1 << 20).unwrap(), md_before);
+        assert_eq!(
+            moto.pending_uploads(&bucket),
+            0,
+            "{fault:?}: multipart upload left"
+        );
+    }
+    all_ok(&load_and_check(s3, 3, 1, 4, big_cols, T).await);
+}
+
+/// A file system that passes everything through and runs `hook` at the
+/// `at`-th write (counting across all files and ranks).
+struct HookFs {
+    inner: Arc<dyn FileSystem>,
+    writes: Arc<AtomicU64>,
+    at: u64,
+    hook: Arc<dyn Fn() + Send + Sync>,
+}
+
+impl std::fmt::Debug for HookFs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HookFs")
+            .field("inner", &self.inner)
+            .finish()
+    }
+}
+
+struct HookSink {
+    inner: Box<dyn FileSink>,
+    writes: Arc<AtomicU64>,
+    at: u64,
+    hook: Arc<dyn Fn() + Send + Sync>,
+}
+
+impl FileSink for HookSink {
+    fn write(&mut self, buf: Bytes) -> Result<()> {
+        if self.writes.fetch_add(1, Ordering::SeqCst) == self.at {
+            (self.hook)();
+        }
+        self.inner.write(buf)
+    }
+    fn finish(self: Box<Self>, sync: bool) -> Result<u64> {
+        self.inner.finish(sync)
+    }
+    fn abort(self: Box<Self>) {
+        self.inner.abort()
+    }
+}
+
+impl FileSystem for HookFs {
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    fn prepare(&self) -> Result<()> {
+        self.inner.prepare()
+    }
+    fn create(&self, name: &str) -> Result<Box<dyn FileSink>> {
+        Ok(Box::new(HookSink {
+            inner: self.inner.create(name)?,
+            writes: self.writes.clone(),
+            at: self.at,
+            hook: self.hook.clone(),
+        }))
+    }
+    fn read_into(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.inner.read_into(name, offset, buf)
+    }
+    fn file_len(&self, name: &str) -> Result<Option<u64>> {
+        self.inner.file_len(name)
+    }
+    fn write_atomic(&self, name: &str, data: &[u8], sync: bool) -> Result<()> {
+        self.inner.write_atomic(name, data, sync)
+    }
+    fn list(&self) -> Result<Vec<FileEntry>> {
+        self.inner.list()
+    }
+    fn remove(&self, name: &str) -> Result<()> {
+        self.inner.remove(name)
+    }
+    fn sync_dir(&self) -> Result<()> {
+        self.inner.sync_dir()
+    }
+}
+
+/// The S3 server dies in the middle of a save: every rank returns the same
+/// error, promptly (limited retries, bounded timeouts, collective deadline),
+/// and nothing hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_killed_mid_save_fails_every_rank() {
+    let Some(moto) = Moto::start() else { return };
+    let moto = Arc::new(moto);
+    moto.create_bucket("killed");
+    let o = OpendalOptions {
+        max_retries: 2,
+        timeout: Duration::from_secs(5),
+        io_timeout: Duration::from_secs(5),
+        ..fast_options()
+    };
+    let s3: Arc<dyn FileSystem> = Arc::new(s3_fs(&moto, "killed", "ckpt", o));
+    let m2 = moto.clone();
+    let fs: Arc<dyn FileSystem> = Arc::new(HookFs {
+        inner: s3,
+        writes: Arc::default(),
+        at: 4,
+        hook: Arc::new(move || m2.kill()),
+    });
+    let started = Instant::now();
+    let rs = save_ranks(fs, 4, 3, 3 << 20, opts(2), Duration::from_secs(30)).await;
+    let took = started.elapsed();
+    let e = all_failed(&rs);
+    assert!(took < Duration::from_secs(60), "took {took:?}");
+    assert!(
+        matches!(e.kind(), ErrorKind::Temporary | ErrorKind::Io),
+        "{:?}: {e}",
+        e.kind()
+    );
+    assert!(e.message().contains("s3://killed/ckpt"), "{e}");
+    eprintln!("server killed mid-save: every rank failed after {took:?}: {e}");
+}
+
+/// S3 options for an operator built by hand (so a test can add layers or a
+/// transport below dcp's retry layer).
+fn s3_operator(moto: &Moto, bucket: &str, prefix: &str) -> Operator {
+    let cfg: HashMap<String, String> = [
+        ("bucket", bucket.to_string()),
+        ("root", format!("/{prefix}/")),
+        ("endpoint", moto.endpoint()),
+        ("region", "us-east-1".to_string()),
+        ("access_key_id", "testing".to_string()),
+        ("secret_access_key", "testing".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    Operator::from_iter::<opendal::services::S3>(cfg).unwrap()
+}
+
+fn chaos_options(retries: usize) -> OpendalOptions {
+    OpendalOptions {
+        max_retries: retries,
+        retry_min_delay: Duration::from_millis(1),
+        retry_max_delay: Duration::from_millis(20),
+        ..fast_options()
+    }
+}
+
+/// Reads through OpenDAL's `ChaosLayer` (30% of reads fail with a temporary
+/// error): the retry layer hides them and the load succeeds; with retries
+/// off the same load fails, so the chaos was real.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_layer_read_errors_are_retried() {
+    let Some(moto) = Moto::shared() else { return };
+    let bucket = unique("chaos-read");
+    moto.create_bucket(&bucket);
+    let s3: Arc<dyn FileSystem> = Arc::new(s3_fs(&moto, &bucket, "ckpt", fast_options()));
+    all_ok(&save_ranks(s3, 4, 4, 1 << 20, opts(2), T).await);
+
+    let chaotic = |retries| -> Arc<dyn FileSystem> {
+        let op = s3_operator(&moto, &bucket, "ckpt").layer(opendal::layers::ChaosLayer::new(0.3));
+        Arc::new(OpendalFs::from_operator(op, "s3://chaos", chaos_options(retries)).unwrap())
+    };
+    all_ok(&load_and_check(chaotic(12), 3, 4, 4, 1 << 20, T).await);
+    let rs = load_and_check(chaotic(0), 3, 4, 4, 1 << 20, T).await;
+    let e = all_failed(&rs);
+    assert_eq!(e.kind(), ErrorKind::Temporary, "{e}");
+    assert!(e.message().contains("chaos"), "{e}");
+}
+
+/// An HTTP transport that fails a share of requests before sending them,
+/// with a temporary error (a reset connection, say).
+struct ChaosTransport {
+    inner: HttpTransporter,
+    every: u64,
+    seen: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+}
+
+impl HttpTransport for ChaosTransport {
+    async fn fetch(&self, req: http::Request<Buffer>) -> opendal::Result<http::Response<HttpBody>> {
+        let n = self.seen.fetch_add(1, Ordering::SeqCst);
+        // Deterministic: fail every `every`-th request (but never two in a
+        // row), spread over every kind of request.
+        if n % self.every == self.every - 1 {
+            self.failed.fetch_add(1, Ordering::SeqCst);
+            return Err(opendal::Error::new(
+                opendal::ErrorKind::Unexpected,
+                "injected connection reset",
+            )
+            .set_temporary());
+        }
+        self.inner.fetch(req).await
+    }
+}
+
+fn chaos_http_fs(
+    moto: &Moto,
+    bucket: &str,
+    retries: usize,
+    every: u64,
+) -> (Arc<dyn FileSystem>, Arc<AtomicU64>) {
+    let op = s3_operator(moto, bucket, "ckpt");
+    let failed = Arc::new(AtomicU64::new(0));
+    let chaos = ChaosTransport {
+        inner: op.base_context().http_transport().clone(),
+        every,
+        seen: Arc::default(),
+        failed: failed.clone(),
+    };
+    let ctx = op
+        .base_context()
+        .with_http_transport(HttpTransporter::new(chaos));
+    let op = op.with_context(ctx);
+    let fs = OpendalFs::from_operator(op, &format!("s3://{bucket}/ckpt"), chaos_options(retries))
+        .unwrap();
+    (Arc::new(fs), failed)
+}
+
+/// A third of all HTTP requests (part uploads, upload initiation and
+/// completion, PUT of `.metadata`, list, delete, reads) fail with a temporary
+/// error: retried by the retry layer, the save and the load succeed and
+/// leave no multipart upload behind. With retries off, the save fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_http_errors_are_retried() {
+    let Some(moto) = Moto::shared() else { return };
+    let bucket = unique("chaos-http");
+    moto.create_bucket(&bucket);
+    let (fs, failed) = chaos_http_fs(&moto, &bucket, 8, 3);
+    let big_cols = 3 << 20;
+    all_ok(&save_ranks(fs.clone(), 4, 6, big_cols, opts(2), T).await);
+    // Save again so the cleanup of the first save's objects also runs.
+    all_ok(&save_ranks(fs.clone(), 4, 8, big_cols, opts(2), T).await);
+    all_ok(&load_and_check(fs.clone(), 3, 8, 4, big_cols, T).await);
+    assert!(
+        failed.load(Ordering::SeqCst) > 10,
+        "chaos injected too few errors"
+    );
+    assert_eq!(moto.pending_uploads(&bucket), 0);
+    let md = Metadata::decode(&fs.read_small(".metadata", 1 << 20).unwrap()).unwrap();
+    assert_only_referenced(fs.as_ref(), &md);
+
+    let bucket = unique("chaos-http-noretry");
+    moto.create_bucket(&bucket);
+    let (fs, _) = chaos_http_fs(&moto, &bucket, 0, 3);
+    let rs = save_ranks(fs.clone(), 4, 6, big_cols, opts(2), T).await;
+    let e = all_failed(&rs);
+    assert_eq!(e.kind(), ErrorKind::Temporary, "{e}");
+    let clean = s3_fs(&moto, &bucket, "ckpt", fast_options());
+    assert_eq!(clean.file_len(".metadata").unwrap(), None);
+}
+
+/// A bucket that does not exist: the save fails on every rank before any
+/// rank writes, naming the bucket and the endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_bucket_is_a_clear_error() {
+    let Some(moto) = Moto::shared() else { return };
+    let fs: Arc<dyn FileSystem> = Arc::new(s3_fs(&moto, "no-such-bucket", "ckpt", fast_options()));
+    let started = Instant::now();
+    let rs = save_ranks(fs.clone(), 2, 1, 0, opts(1), T).await;
+    let e = all_failed(&rs);
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    assert!(e.message().contains("no-such-bucket"), "{e}");
+    assert!(e.message().contains(&moto.endpoint()), "{e}");
+    assert!(e.message().contains("does not exist"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // Loading from it names the bucket too.
+    let rs = load_and_check(fs, 1, 1, 2, 0, T).await;
+    let e = all_failed(&rs);
+    assert!(e.message().contains("no-such-bucket"), "{e}");
+}
+
+/// Nothing listens at the endpoint: a clear error naming it, within a
+/// bounded time (limited retries), on every rank.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_endpoint_fails_fast_and_clearly() {
+    let port = free_port();
+    let so: HashMap<String, String> = [
+        ("endpoint", format!("http://127.0.0.1:{port}")),
+        ("access_key_id", "x".to_string()),
+        ("secret_access_key", "y".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let o = OpendalOptions {
+        max_retries: 2,
+        timeout: Duration::from_secs(5),
+        io_timeout: Duration::from_secs(5),
+        ..fast_options()
+    };
+    let fs: Arc<dyn FileSystem> =
+        Arc::new(OpendalFs::from_url_with("s3://bkt/ckpt", &so, o).unwrap());
+    let started = Instant::now();
+    let rs = save_ranks(fs, 2, 1, 0, opts(1), T).await;
+    let took = started.elapsed();
+    let e = all_failed(&rs);
+    assert_eq!(e.kind(), ErrorKind::Temporary, "{e}");
+    assert!(e.message().contains(&format!("127.0.0.1:{port}")), "{e}");
+    assert!(e.message().contains("reachable"), "{e}");
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+}

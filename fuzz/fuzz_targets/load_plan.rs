@@ -1,0 +1,332 @@
+//! Hostile metadata through the whole load: build metadata from the input
+//! (any shapes, boxes, offsets, lengths, claimed file lengths, transforms),
+//! encode it without validation and decode it (which validates); if it is
+//! accepted, plan a load with `DefaultLoadPlanner` for arbitrary destination
+//! boxes and run the read over a `MemoryFs` holding files of arbitrary bytes
+//! and lengths. Must never panic, hang or allocate beyond what the files
+//! and the destination justify (run with `-rss_limit_mb=2048`, which also
+//! caps single allocations).
+#![no_main]
+
+use arbitrary::Arbitrary;
+use dcp_core::mem::MemoryFs;
+use dcp_core::metadata::{AppliedTransform, ChunkMeta, DataFile, ItemMeta, Metadata, StorageInfo};
+use dcp_core::plan::{DefaultLoadPlanner, LoadPlanner};
+use dcp_core::{
+    load_with, ChunkBox, DestStateDict, FileSystem, FileSystemReader, FormatKind, LoadOptions,
+    ReaderOptions, Single,
+};
+use dcp_fuzz::{dtype, encode_unchecked, registry, runtime};
+use libfuzzer_sys::fuzz_target;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+#[derive(Arbitrary, Debug)]
+struct FFile {
+    /// Claimed length: small, or any u64.
+    claimed: u64,
+    huge: bool,
+    /// Actual bytes in the file.
+    actual: u16,
+    fill: u8,
+}
+
+#[derive(Arbitrary, Debug)]
+struct FTransform {
+    descriptor: u8,
+    value: Vec<u8>,
+    input_len: Option<u64>,
+    small_input_len: bool,
+}
+
+#[derive(Arbitrary, Debug)]
+struct FStorage {
+    file: u8,
+    offset: u32,
+    /// `None`: the length the chunk's box implies.
+    length: Option<u64>,
+    transforms: Vec<FTransform>,
+    good_crc: bool,
+}
+
+#[derive(Arbitrary, Debug)]
+struct FChunk {
+    offsets: Vec<u32>,
+    sizes: Vec<u32>,
+    storage: FStorage,
+}
+
+#[derive(Arbitrary, Debug)]
+enum FItem {
+    Tensor {
+        dtype: u8,
+        shape: Vec<u32>,
+        chunks: Vec<FChunk>,
+    },
+    Bytes {
+        length: u64,
+        auto: bool,
+        storage: FStorage,
+    },
+}
+
+#[derive(Arbitrary, Debug)]
+struct FDest {
+    item: u8,
+    boxes: Vec<(Vec<u32>, Vec<u32>)>,
+    wrong_dtype: bool,
+}
+
+#[derive(Arbitrary, Debug)]
+struct Input {
+    files: Vec<FFile>,
+    transforms: Vec<u8>,
+    items: Vec<FItem>,
+    dests: Vec<FDest>,
+    allow_missing: bool,
+    verify: bool,
+    threads: u8,
+    gap: u32,
+    max_request: u32,
+}
+
+const DESCRIPTORS: [&str; 4] = ["testcrc/1", "rev/1", "zstd/1", "testcrc/2"];
+/// Destination buffers the harness may allocate per input.
+const DEST_BUDGET: u64 = 4 << 20;
+
+fn storage(s: &FStorage, logical: u64, nfiles: usize, ntransforms: usize) -> StorageInfo {
+    let length = s.length.unwrap_or(logical);
+    StorageInfo {
+        file: if nfiles == 0 {
+            s.file as u32
+        } else {
+            (s.file as usize % (nfiles + 1)) as u32
+        },
+        offset: s.offset as u64,
+        length,
+        transforms: s
+            .transforms
+            .iter()
+            .take(3)
+            .map(|t| AppliedTransform {
+                descriptor: if ntransforms == 0 {
+                    t.descriptor as u32
+                } else {
+                    (t.descriptor as usize % (ntransforms + 1)) as u32
+                },
+                value: t.value.clone(),
+                input_len: if t.small_input_len {
+                    t.input_len.map(|l| l % logical.saturating_add(2))
+                } else {
+                    t.input_len
+                },
+            })
+            .collect(),
+    }
+}
+
+fn build(input: &Input) -> (Metadata, Vec<Vec<u8>>) {
+    let files: Vec<DataFile> = input
+        .files
+        .iter()
+        .take(4)
+        .enumerate()
+        .map(|(i, f)| DataFile {
+            name: format!("__{i}_0-fuzz.dcp"),
+            length: if f.huge {
+                f.claimed
+            } else {
+                f.claimed % 70_000
+            },
+        })
+        .collect();
+    let contents: Vec<Vec<u8>> = input
+        .files
+        .iter()
+        .take(4)
+        .map(|f| {
+            (0..f.actual as usize)
+                .map(|i| (i as u8).wrapping_mul(17) ^ f.fill)
+                .collect()
+        })
+        .collect();
+    let transforms: Vec<String> = input
+        .transforms
+        .iter()
+        .take(4)
+        .map(|&t| DESCRIPTORS[t as usize % DESCRIPTORS.len()].to_string())
+        .collect();
+    let mut items = Vec::new();
+    for (i, it) in input.items.iter().take(6).enumerate() {
+        let meta = match it {
+            FItem::Tensor {
+                dtype: d,
+                shape,
+                chunks,
+            } => {
+                let dt = dtype(*d);
+                let shape: Vec<u64> = shape.iter().take(4).map(|&s| s as u64).collect();
+                let chunks = chunks
+                    .iter()
+                    .take(8)
+                    .map(|c| {
+                        let region = ChunkBox {
+                            offsets: c.offsets.iter().take(4).map(|&x| x as u64).collect(),
+                            sizes: c.sizes.iter().take(4).map(|&x| x as u64).collect(),
+                        };
+                        let logical = region
+                            .checked_numel()
+                            .and_then(|n| n.checked_mul(dt.size() as u64))
+                            .unwrap_or(u64::MAX);
+                        ChunkMeta {
+                            storage: storage(&c.storage, logical, files.len(), transforms.len()),
+                            region,
+                        }
+                    })
+                    .collect();
+                ItemMeta::Tensor {
+                    dtype: dt,
+                    shape,
+                    chunks,
+                }
+            }
+            FItem::Bytes {
+                length,
+                auto,
+                storage: s,
+            } => {
+                let length = if *auto { *length % 70_000 } else { *length };
+                ItemMeta::Bytes {
+                    length,
+                    storage: storage(s, length, files.len(), transforms.len()),
+                }
+            }
+        };
+        items.push((format!("item{i}"), meta));
+    }
+    let mut md = Metadata {
+        save_id: "fuzz".into(),
+        world_size: 1,
+        format: FormatKind::Raw,
+        files,
+        transforms,
+        items,
+        user: BTreeMap::new(),
+    };
+    // Give checksums the right value when asked, so verified reads get past
+    // the CRC and into the copy paths.
+    let fixes: Vec<_> = input.items.iter().take(6).collect();
+    for ((_, item), f) in md.items.iter_mut().zip(fixes) {
+        let pairs: Vec<(&mut StorageInfo, &FStorage)> = match (item, f) {
+            (ItemMeta::Tensor { chunks, .. }, FItem::Tensor { chunks: fc, .. }) => chunks
+                .iter_mut()
+                .zip(fc.iter())
+                .map(|(c, f)| (&mut c.storage, &f.storage))
+                .collect(),
+            (ItemMeta::Bytes { storage, .. }, FItem::Bytes { storage: fs, .. }) => {
+                vec![(storage, fs)]
+            }
+            _ => vec![],
+        };
+        for (st, fs) in pairs {
+            if !fs.good_crc {
+                continue;
+            }
+            let Some(data) = contents.get(st.file as usize) else {
+                continue;
+            };
+            let (o, l) = (st.offset as usize, st.length as usize);
+            if o.checked_add(l).is_some_and(|e| e <= data.len()) {
+                let crc = crc32c::crc32c(&data[o..o + l]).to_le_bytes().to_vec();
+                for t in &mut st.transforms {
+                    t.value = crc.clone();
+                }
+            }
+        }
+    }
+    (md, contents)
+}
+
+fn dest_for(md: &Metadata, input: &Input) -> DestStateDict {
+    let mut dest = DestStateDict::new();
+    let mut budget = DEST_BUDGET;
+    for d in input.dests.iter().take(6) {
+        if md.items.is_empty() {
+            break;
+        }
+        let (name, item) = &md.items[d.item as usize % md.items.len()];
+        match item {
+            ItemMeta::Bytes { .. } => {
+                let _ = dest.want_bytes(name.clone());
+            }
+            ItemMeta::Tensor {
+                dtype: dt, shape, ..
+            } => {
+                let dt = if d.wrong_dtype {
+                    dtype(dt.code().wrapping_add(1))
+                } else {
+                    *dt
+                };
+                let mut regions = Vec::new();
+                for (offs, sizes) in d.boxes.iter().take(4) {
+                    let mut b = ChunkBox::full(shape);
+                    for k in 0..shape.len() {
+                        let o = offs.get(k).map_or(0, |&x| x as u64 % (shape[k] + 1));
+                        let s = sizes
+                            .get(k)
+                            .map_or(shape[k] - o, |&x| x as u64 % (shape[k] - o + 1));
+                        b.offsets[k] = o;
+                        b.sizes[k] = s;
+                    }
+                    let bytes = b
+                        .checked_numel()
+                        .and_then(|n| n.checked_mul(dt.size() as u64));
+                    match bytes {
+                        Some(n) if n <= budget => {
+                            budget -= n;
+                            regions.push(b);
+                        }
+                        _ => {}
+                    }
+                }
+                let _ = dest.want_tensor(name.clone(), dt, shape.clone(), regions);
+            }
+        }
+    }
+    dest
+}
+
+fuzz_target!(|input: Input| {
+    let (md, contents) = build(&input);
+    let encoded = encode_unchecked(&md);
+    let Ok(md) = Metadata::decode(&encoded) else {
+        return;
+    };
+    let mem = MemoryFs::new("memory://fuzz");
+    for (f, data) in md.files.iter().zip(&contents) {
+        mem.put(&f.name, data.clone());
+    }
+    mem.put(".metadata", encoded);
+    let dest = dest_for(&md, &input);
+    let planner = DefaultLoadPlanner {
+        allow_missing: input.allow_missing,
+    };
+    // The planner alone, then the whole load through the reader.
+    let _ = planner.plan(&md, &dest);
+    let fs: Arc<dyn FileSystem> = Arc::new(mem);
+    let reader = FileSystemReader::new(
+        fs,
+        ReaderOptions {
+            thread_count: 1 + input.threads as usize % 4,
+            verify_checksums: input.verify,
+            registry: registry(),
+            coalesce_gap: input.gap as u64,
+            max_request: input.max_request as u64,
+        },
+    );
+    let options = LoadOptions {
+        planner: Arc::new(planner),
+        ..Default::default()
+    };
+    let _ = runtime().block_on(load_with(dest, &reader, &Single, &options));
+});

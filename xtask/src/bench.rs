@@ -1,0 +1,369 @@
+//! `cargo xtask bench`: the standard benchmark set of `dcp bench`, run in a
+//! release build with `--json`, every line kept in a JSONL file, then one
+//! summary table and the targets, each marked met or missed.
+//!
+//! The set: the LLM model saved by 1 and by 4 ranks (sync on and off),
+//! loaded into the same sharding (warm and cold) and resharded into 3 ranks
+//! by columns; many small tensors; an optimizer state. `--quick` shrinks
+//! every size; `--micro` also runs dcp-core's criterion micro-benchmarks
+//! (metadata codec, read planning, copy kernels).
+
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::Stdio;
+
+/// Options of `cargo xtask bench`.
+#[derive(Debug, Default, PartialEq)]
+pub struct BenchOptions {
+    quick: bool,
+    micro: bool,
+    reps: Option<u32>,
+    dir: Option<String>,
+    out: Option<PathBuf>,
+    dry_run: bool,
+}
+
+/// Parse the arguments after `bench`.
+pub fn parse(args: &[String]) -> Result<BenchOptions, String> {
+    let mut o = BenchOptions::default();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("{a} needs a value"))
+        };
+        match a.as_str() {
+            "--quick" => o.quick = true,
+            "--micro" => o.micro = true,
+            "--dry-run" => o.dry_run = true,
+            "--reps" => {
+                let v = value()?;
+                o.reps = Some(
+                    v.parse()
+                        .ok()
+                        .filter(|&r| r > 0)
+                        .ok_or_else(|| format!("--reps {v}: not a positive number"))?,
+                )
+            }
+            "--dir" => o.dir = Some(value()?),
+            "--out" => o.out = Some(PathBuf::from(value()?)),
+            other => return Err(format!("bench: unknown argument {other:?}")),
+        }
+    }
+    Ok(o)
+}
+
+/// The `dcp bench` argument lists of the standard set.
+pub fn runs(o: &BenchOptions) -> Vec<Vec<String>> {
+    let reps = o.reps.unwrap_or(3).to_string();
+    let (llm, small, opt): (&[&str], &[&str], &[&str]) = if o.quick {
+        (
+            &["--layers", "2", "--hidden", "1024", "--vocab", "8192"],
+            &["--items", "10000"],
+            &["--layers", "2", "--hidden", "512", "--vocab", "8192"],
+        )
+    } else {
+        (&[], &[], &[])
+    };
+    let sets: Vec<Vec<&str>> = vec![
+        [
+            &["--workload", "llm", "--ranks", "1", "--load-ranks", "3"],
+            llm,
+        ]
+        .concat(),
+        [
+            &["--workload", "llm", "--ranks", "4", "--load-ranks", "3"],
+            llm,
+        ]
+        .concat(),
+        [&["--workload", "many-small"], small].concat(),
+        [&["--workload", "optimizer"], opt].concat(),
+    ];
+    sets.into_iter()
+        .map(|s| {
+            let mut a: Vec<String> = ["bench", "--json", "--reps", &reps]
+                .iter()
+                .chain(s.iter())
+                .map(|x| x.to_string())
+                .collect();
+            if let Some(d) = &o.dir {
+                a.extend(["--dir".to_string(), d.clone()]);
+            }
+            a
+        })
+        .collect()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::root().join("target"))
+}
+
+/// Run the standard set; `Ok(true)` when every run succeeded (targets
+/// missed are reported, not failures).
+pub fn bench(args: &[String]) -> Result<bool, String> {
+    let o = parse(args)?;
+    let runs = runs(&o);
+    let cargo_args = |a: &[String]| {
+        let mut v: Vec<String> = [
+            "run",
+            "--release",
+            "-q",
+            "-p",
+            "dcp-cli",
+            "--bin",
+            "dcp",
+            "--",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(a.iter().cloned());
+        v
+    };
+    if o.dry_run {
+        for a in &runs {
+            println!("cargo {}", cargo_args(a).join(" "));
+        }
+        if o.micro {
+            println!("cargo bench -p dcp-core --bench core");
+        }
+        return Ok(true);
+    }
+    let status = crate::cargo()
+        .args(["build", "--release", "-q", "-p", "dcp-cli", "--bin", "dcp"])
+        .status()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !status.success() {
+        return Err("building dcp (release) failed".into());
+    }
+    let mut lines: Vec<Value> = Vec::new();
+    let mut raw = String::new();
+    let mut ok = true;
+    for a in &runs {
+        eprintln!("==> dcp {}", a.join(" "));
+        let out = crate::cargo()
+            .args(cargo_args(a))
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .output()
+            .map_err(|e| format!("cannot run cargo: {e}"))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            eprintln!("bench: dcp {} failed ({})", a.join(" "), out.status);
+            ok = false;
+        }
+        for l in text.lines().filter(|l| l.starts_with('{')) {
+            match serde_json::from_str::<Value>(l) {
+                Ok(v) => {
+                    raw.push_str(l);
+                    raw.push('\n');
+                    lines.push(v);
+                }
+                Err(e) => eprintln!("bench: not JSON ({e}): {l}"),
+            }
+        }
+    }
+    let out = o
+        .out
+        .clone()
+        .unwrap_or_else(|| target_dir().join("dcp-bench.jsonl"));
+    if let Some(p) = out.parent() {
+        let _ = std::fs::create_dir_all(p);
+    }
+    std::fs::write(&out, &raw).map_err(|e| format!("write {}: {e}", out.display()))?;
+    println!("{}", summary(&lines));
+    println!("{}", targets(&lines));
+    println!("every line: {}", out.display());
+    if o.micro {
+        eprintln!("==> cargo bench -p dcp-core --bench core");
+        let status = crate::cargo()
+            .args(["bench", "-p", "dcp-core", "--bench", "core"])
+            .status()
+            .map_err(|e| format!("cannot run cargo: {e}"))?;
+        ok &= status.success();
+    }
+    Ok(ok)
+}
+
+fn num(v: &Value, k: &str) -> f64 {
+    v[k].as_f64().unwrap_or(0.0)
+}
+
+fn bytes(b: f64) -> String {
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else {
+        format!("{:.1} MB", b / 1e6)
+    }
+}
+
+/// One table of every scenario line.
+pub fn summary(lines: &[Value]) -> String {
+    let mut out = format!(
+        "{:<11} {:<13} {:>5} {:>9} {:>9} {:>9} {:>6} {:>9} {:>9} {:>10}\n",
+        "workload",
+        "scenario",
+        "ranks",
+        "size",
+        "dcp s",
+        "raw s",
+        "ratio",
+        "read/size",
+        "peak RSS",
+        "B/chunk"
+    );
+    for l in lines {
+        if num(l, "reps") == 0.0 {
+            out.push_str(&format!(
+                "{:<11} {:<13} cold not available\n",
+                l["workload"].as_str().unwrap_or("?"),
+                l["scenario"].as_str().unwrap_or("?")
+            ));
+            continue;
+        }
+        out.push_str(&format!(
+            "{:<11} {:<13} {:>5} {:>9} {:>9.3} {:>9.3} {:>6.2} {:>9.2} {:>9} {:>10.1}\n",
+            l["workload"].as_str().unwrap_or("?"),
+            l["scenario"].as_str().unwrap_or("?"),
+            format!("{}", l["ranks"].as_u64().unwrap_or(0)),
+            bytes(num(l, "bytes")),
+            num(l, "seconds"),
+            num(l, "raw_seconds"),
+            num(l, "ratio"),
+            num(l, "read_amplification"),
+            bytes(num(l, "peak_rss")),
+            num(l, "metadata_bytes_per_chunk"),
+        ));
+    }
+    out
+}
+
+fn find<'a>(
+    lines: &'a [Value],
+    workload: &str,
+    scenario: &str,
+    save_ranks: Option<u64>,
+) -> Option<&'a Value> {
+    lines.iter().find(|l| {
+        l["workload"] == workload
+            && l["scenario"] == scenario
+            && num(l, "reps") > 0.0
+            && save_ranks.is_none_or(|n| l["save_ranks"].as_u64() == Some(n))
+    })
+}
+
+/// The targets, each `MET`, `MISSED` or `NOT RUN`.
+pub fn targets(lines: &[Value]) -> String {
+    let mut out = String::from("targets:\n");
+    let mut line = |name: String, got: Option<(bool, String)>| {
+        let (mark, what) = match got {
+            Some((true, w)) => ("MET   ", w),
+            Some((false, w)) => ("MISSED", w),
+            None => ("NOT RUN", String::new()),
+        };
+        out.push_str(&format!("  {mark} {name:<44} {what}\n"));
+    };
+    for n in [1u64, 4] {
+        for s in ["save", "save_nosync", "load_warm", "load_cold"] {
+            let got = find(lines, "llm", s, Some(n)).map(|l| {
+                let r = num(l, "ratio");
+                (r >= 0.9, format!("ratio {r:.2}"))
+            });
+            line(format!("llm {s} {n} rank(s): ratio >= 0.9"), got);
+        }
+    }
+    for s in ["reshard_warm", "reshard_cold"] {
+        let got = find(lines, "llm", s, Some(4)).map(|l| {
+            let (r, a) = (num(l, "ratio"), num(l, "read_amplification"));
+            (
+                r >= 0.8 && a <= 1.1,
+                format!(
+                    "ratio {r:.2}, read {a:.2}x the checkpoint ({} -> {} ranks)",
+                    4, l["ranks"]
+                ),
+            )
+        });
+        line(format!("llm {s} 4 -> 3: ratio >= 0.8, read <= 1.1x"), got);
+    }
+    for save in ["save", "save_nosync"] {
+        let got = find(lines, "many-small", save, None)
+            .zip(find(lines, "many-small", "load_warm", None))
+            .map(|(s, l)| {
+                let per =
+                    (num(s, "seconds") + num(l, "seconds")) * 100_000.0 / num(s, "items").max(1.0);
+                (per < 3.0, format!("{per:.2} s per 100k items"))
+            });
+        line(format!("many-small {save} + load_warm < 3 s / 100k"), got);
+    }
+    let got = lines
+        .iter()
+        .filter(|l| num(l, "reps") > 0.0)
+        .map(|l| num(l, "metadata_bytes_per_chunk"))
+        .max_by(f64::total_cmp)
+        .map(|b| {
+            (
+                b < 40.0,
+                format!("{b:.1} B/chunk (largest of the checkpoints above)"),
+            )
+        });
+    line("metadata < 40 B/chunk".to_string(), got);
+    out.push_str("  (1M-chunk metadata encode+decode < 1 s: cargo xtask bench --micro)\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn parses_options_and_builds_the_set() {
+        assert!(parse(&s(&["--bogus"])).is_err());
+        assert!(parse(&s(&["--reps", "0"])).is_err());
+        let o = parse(&s(&["--quick", "--reps", "5", "--dir", "/d"])).unwrap();
+        let r = runs(&o);
+        assert_eq!(r.len(), 4);
+        assert!(r.iter().all(|a| a.join(" ").contains("--json --reps 5")));
+        assert!(r[1]
+            .join(" ")
+            .contains("--ranks 4 --load-ranks 3 --layers 2"));
+        assert!(r[0].ends_with(&s(&["--dir", "/d"])));
+        assert!(runs(&BenchOptions::default())[2]
+            .join(" ")
+            .ends_with("many-small"));
+    }
+
+    #[test]
+    fn targets_are_judged() {
+        let lines = vec![
+            json!({"workload": "llm", "scenario": "save", "save_ranks": 4, "ranks": 4, "reps": 3,
+                   "ratio": 0.95, "bytes": 1e9, "seconds": 1.0, "raw_seconds": 0.95,
+                   "metadata_bytes_per_chunk": 30.0}),
+            json!({"workload": "llm", "scenario": "reshard_warm", "save_ranks": 4, "ranks": 3,
+                   "reps": 3, "ratio": 0.5, "read_amplification": 1.0,
+                   "metadata_bytes_per_chunk": 30.0}),
+            json!({"workload": "many-small", "scenario": "save", "items": 100000, "reps": 3,
+                   "seconds": 1.0, "metadata_bytes_per_chunk": 35.0}),
+            json!({"workload": "many-small", "scenario": "load_warm", "items": 100000, "reps": 3,
+                   "seconds": 1.5, "metadata_bytes_per_chunk": 35.0}),
+            json!({"workload": "llm", "scenario": "load_cold", "save_ranks": 1, "reps": 0}),
+        ];
+        let t = targets(&lines);
+        assert!(t.contains("MET    llm save 4 rank(s)"), "{t}");
+        assert!(t.contains("MISSED llm reshard_warm 4 -> 3"), "{t}");
+        assert!(t.contains("NOT RUN llm load_cold 1 rank(s)"), "{t}");
+        assert!(t.contains("MET    many-small save + load_warm"), "{t}");
+        assert!(t.contains("2.50 s per 100k"), "{t}");
+        assert!(t.contains("MET    metadata < 40 B/chunk"), "{t}");
+        let table = summary(&lines);
+        assert!(table.contains("cold not available"), "{table}");
+        assert_eq!(table.lines().count(), 1 + lines.len());
+    }
+}
