@@ -1,10 +1,13 @@
 //! Shared helpers of the dcp conformance suite.
 //!
 //! * **Backends**: every case runs against every [`Backend`] chosen by the
-//!   environment variable `DCP_TEST_BACKEND` (`fs`, `memory`, or a comma
-//!   separated list; default: all of them). A new backend (`s3`,
-//!   `opendal-memory`) is one more variant and one more match arm in
-//!   [`Backend::make_fs`] and [`Store`]'s raw accessors.
+//!   environment variable `DCP_TEST_BACKEND`: a comma-separated list of
+//!   `fs`, `memory`, `opendal-memory`, `opendal-fs`, `s3`, or `all`
+//!   (default: all but `s3`, plus `s3` when `moto_server` is installed; see
+//!   [`backends`]). `s3` runs against a moto server on 127.0.0.1 started
+//!   once per test binary and stopped with it ([`s3`]). [`Store`] gives raw
+//!   access to the files of every backend (through the OS for `fs`, through
+//!   the `FileSystem` API for the OpenDAL ones) for cases that damage them.
 //! * **Data**: deterministic tensors from a seed ([`TensorSpec`]) and
 //!   sharding helpers ([`Sharding`], [`save_boxes`], [`load_boxes`]).
 //! * **Reference**: the expected bytes of any destination box are sliced from
@@ -24,9 +27,13 @@ use dcp_core::{
     FileSystemReader, FileSystemWriter, LoadResult, ReaderOptions, Result, SaveResult, StateDict,
     TensorChunk, WriterOptions,
 };
-use std::path::PathBuf;
+use dcp_fsspec::{OpendalFs, OpendalOptions};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+pub mod s3;
 
 /// Deadline of collectives in ordinary test runs (generous: debug builds on
 /// two cores).
@@ -37,23 +44,39 @@ pub const TIMEOUT: Duration = Duration::from_secs(60);
 // ---------------------------------------------------------------------------
 
 /// A storage backend the suite runs against.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Backend {
     /// `dcp_fs::LocalFs` in a fresh temporary directory.
     Fs,
     /// `dcp_core::mem::MemoryFs`.
     Memory,
+    /// `dcp_fsspec::OpendalFs` on `memory://<unique name>/ckpt`.
+    OpendalMemory,
+    /// `dcp_fsspec::OpendalFs` on `file:///<fresh temporary directory>/ckpt`.
+    OpendalFs,
+    /// `dcp_fsspec::OpendalFs` on `s3://<bucket>/<unique prefix>` of a moto
+    /// server on 127.0.0.1, started once per test binary ([`s3::Moto`]).
+    S3,
 }
 
 impl Backend {
     /// Every backend this build knows.
-    pub const ALL: [Backend; 2] = [Backend::Fs, Backend::Memory];
+    pub const ALL: [Backend; 5] = [
+        Backend::Fs,
+        Backend::Memory,
+        Backend::OpendalMemory,
+        Backend::OpendalFs,
+        Backend::S3,
+    ];
 
     /// The name used in `DCP_TEST_BACKEND`.
     pub fn name(self) -> &'static str {
         match self {
             Backend::Fs => "fs",
             Backend::Memory => "memory",
+            Backend::OpendalMemory => "opendal-memory",
+            Backend::OpendalFs => "opendal-fs",
+            Backend::S3 => "s3",
         }
     }
 
@@ -62,15 +85,36 @@ impl Backend {
         Backend::ALL.into_iter().find(|b| b.name() == s.trim())
     }
 
+    /// Whether the checkpoint is a directory of the local OS, so that a case
+    /// may put what only a file system has in it (a symlink, a directory in
+    /// place of a file). Only `fs`: the OpenDAL backends are reached through
+    /// the `FileSystem` API alone, even `opendal-fs`.
+    pub fn has_os_files(self) -> bool {
+        self == Backend::Fs
+    }
+
+    /// Whether every request goes to a server (slow per request): cases
+    /// that make hundreds of requests run fewer iterations on it.
+    pub fn is_remote(self) -> bool {
+        self == Backend::S3
+    }
+
+    /// Which of `n` iterations (`0..n`) a case makes hundreds of requests
+    /// for: all of them, or on a remote backend the first, the middle and
+    /// the last.
+    pub fn sample(self, n: u64) -> Vec<u64> {
+        if !self.is_remote() || n <= 3 {
+            return (0..n).collect();
+        }
+        vec![0, n / 2, n - 1]
+    }
+
     /// A fresh, empty checkpoint location on this backend. `label` names it
     /// in messages.
     pub fn make_fs(self, label: &str) -> Store {
         match self {
             Backend::Fs => {
-                let dir = tempfile::Builder::new()
-                    .prefix(&format!("dcp-{label}-"))
-                    .tempdir()
-                    .expect("create a temporary directory");
+                let dir = temp_dir(label);
                 // The checkpoint directory does not exist yet: saves create it.
                 let path = dir.path().join("ckpt");
                 Store {
@@ -87,26 +131,114 @@ impl Backend {
                     raw: Raw::Memory(mem),
                 }
             }
+            Backend::OpendalMemory => {
+                Store::opendal(self, format!("memory://{}/ckpt", unique(label)), None)
+            }
+            Backend::OpendalFs => {
+                let dir = temp_dir(label);
+                // The checkpoint directory does not exist yet: saves create it.
+                let url = format!("file://{}/ckpt", dir.path().display());
+                Store::opendal(self, url, Some(dir))
+            }
+            Backend::S3 => {
+                let url = format!("s3://{}/{}", s3::BUCKET, unique(label));
+                Store::opendal(self, url, None)
+            }
         }
     }
 }
 
-/// The backends selected by `DCP_TEST_BACKEND` (default: all). Panics on an
-/// unknown name, so a typo never silently runs nothing.
+fn temp_dir(label: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("dcp-{label}-"))
+        .tempdir()
+        .expect("create a temporary directory")
+}
+
+/// A name no other store of this process uses.
+pub fn unique(label: &str) -> String {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "{label}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// The default backend list: every backend, `s3` only when `moto_server`
+/// is installed. Under `CI` a missing moto is an error, not a skip.
+fn default_backends() -> Vec<Backend> {
+    let mut v = vec![
+        Backend::Fs,
+        Backend::Memory,
+        Backend::OpendalMemory,
+        Backend::OpendalFs,
+    ];
+    if s3::moto_installed() {
+        v.push(Backend::S3);
+    } else if std::env::var_os("CI").is_some() {
+        panic!(
+            "{} is not on PATH and CI is set: the s3 backend cannot run \
+             (pip install 'moto[server]'; .ci/run does this)",
+            s3::MOTO
+        );
+    } else {
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| {
+            eprintln!(
+                "SKIPPED backend s3: {} is not installed (pip install 'moto[server]')",
+                s3::MOTO
+            )
+        });
+    }
+    v
+}
+
+/// The backends selected by `DCP_TEST_BACKEND`: a comma-separated list of
+/// `fs`, `memory`, `opendal-memory`, `opendal-fs`, `s3`, or `all`. Unset or
+/// empty: `fs,memory,opendal-memory,opendal-fs`, plus `s3` when
+/// `moto_server` is on `PATH` (when `CI` is set, a missing moto fails
+/// instead). Panics on an unknown name, so a typo never silently runs
+/// nothing, and when `s3` is asked for but moto is not installed.
 pub fn backends() -> Vec<Backend> {
-    match std::env::var("DCP_TEST_BACKEND") {
-        Ok(v) if !v.trim().is_empty() && v.trim() != "all" => v
-            .split(',')
-            .map(|s| {
-                Backend::from_name(s).unwrap_or_else(|| {
+    let v = match std::env::var("DCP_TEST_BACKEND") {
+        Ok(v) if v.trim() == "all" => Backend::ALL.to_vec(),
+        Ok(v) if !v.trim().is_empty() => {
+            let mut out = Vec::new();
+            for s in v.split(',').filter(|s| !s.trim().is_empty()) {
+                let b = Backend::from_name(s).unwrap_or_else(|| {
                     panic!(
-                        "DCP_TEST_BACKEND: unknown backend {s:?}; known: {:?}",
+                        "DCP_TEST_BACKEND: unknown backend {s:?}; known: {:?} or \"all\"",
                         Backend::ALL.map(|b| b.name())
                     )
-                })
-            })
-            .collect(),
-        _ => Backend::ALL.to_vec(),
+                });
+                if !out.contains(&b) {
+                    out.push(b);
+                }
+            }
+            out
+        }
+        _ => return default_backends(),
+    };
+    if v.contains(&Backend::S3) && !s3::moto_installed() {
+        panic!(
+            "DCP_TEST_BACKEND asks for s3, but {} is not on PATH (pip install 'moto[server]')",
+            s3::MOTO
+        );
+    }
+    v
+}
+
+/// Tuning of the OpenDAL backends in tests: S3's smallest part size (every
+/// object of the suite is one PUT), short retry delays.
+pub fn opendal_options() -> OpendalOptions {
+    OpendalOptions {
+        part_size: dcp_fsspec::S3_MIN_PART_SIZE,
+        max_retries: 3,
+        retry_min_delay: Duration::from_millis(10),
+        retry_max_delay: Duration::from_millis(200),
+        ..OpendalOptions::default()
     }
 }
 
@@ -116,6 +248,12 @@ enum Raw {
         path: PathBuf,
     },
     Memory(MemoryFs),
+    /// Raw access through the `FileSystem` API of a second handle.
+    Opendal {
+        url: String,
+        fs: OpendalFs,
+        _dir: Option<tempfile::TempDir>,
+    },
 }
 
 /// One checkpoint location on one backend, with raw access to its files for
@@ -132,7 +270,43 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// Run `f` on a plain thread and wait for it. `FileSystem` methods are
+/// blocking and meant for dcp's worker threads, never an async executor
+/// thread (ARCHITECTURE.md); the tests' raw accessors are called from
+/// `#[tokio::test]` tasks, so they hop off the runtime like dcp does.
+/// (Called on the task's own thread, `OpendalFs` spins forever once the
+/// task's tokio coop budget is spent: see
+/// `opendal_fs_called_in_a_tokio_task_does_not_spin` in `tests/tests/backends.rs`.)
+fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| match s.spawn(f).join() {
+        Ok(v) => v,
+        Err(p) => std::panic::resume_unwind(p),
+    })
+}
+
+fn open_opendal(backend: Backend, url: &str) -> OpendalFs {
+    let opts = if backend == Backend::S3 {
+        s3::Moto::shared().options()
+    } else {
+        HashMap::new()
+    };
+    OpendalFs::from_url_with(url, &opts, opendal_options())
+        .unwrap_or_else(|e| panic!("open {url}: {e}"))
+}
+
 impl Store {
+    fn opendal(backend: Backend, url: String, dir: Option<tempfile::TempDir>) -> Store {
+        Store {
+            backend,
+            fs: Arc::new(open_opendal(backend, &url)),
+            raw: Raw::Opendal {
+                fs: open_opendal(backend, &url),
+                url,
+                _dir: dir,
+            },
+        }
+    }
+
     /// The backend.
     pub fn backend(&self) -> Backend {
         self.backend
@@ -149,6 +323,16 @@ impl Store {
         match &self.raw {
             Raw::Fs { path, .. } => Arc::new(dcp_fs::LocalFs::new(path)),
             Raw::Memory(m) => Arc::new(m.clone()),
+            Raw::Opendal { url, .. } => Arc::new(open_opendal(self.backend, url)),
+        }
+    }
+
+    /// The checkpoint directory on the local OS, for cases that need what
+    /// only a file system has (see [`Backend::has_os_files`]).
+    pub fn os_path(&self) -> Option<&Path> {
+        match &self.raw {
+            Raw::Fs { path, .. } => Some(path),
+            _ => None,
         }
     }
 
@@ -157,11 +341,20 @@ impl Store {
         FaultFs::new(self.fs())
     }
 
-    /// The bytes of a file, read behind dcp's back.
+    /// The bytes of a file, read behind dcp's back (`None` when missing).
     pub fn read_raw(&self, name: &str) -> Option<Vec<u8>> {
         match &self.raw {
             Raw::Fs { path, .. } => std::fs::read(path.join(name)).ok(),
             Raw::Memory(m) => m.get(name),
+            Raw::Opendal { fs, .. } => off_runtime(|| {
+                let len = fs
+                    .file_len(name)
+                    .unwrap_or_else(|e| panic!("raw stat {name}: {e}"))?;
+                let mut buf = vec![0u8; len as usize];
+                fs.read_into(name, 0, &mut buf)
+                    .unwrap_or_else(|e| panic!("raw read {name}: {e}"));
+                Some(buf)
+            }),
         }
     }
 
@@ -170,6 +363,30 @@ impl Store {
         match &self.raw {
             Raw::Fs { path, .. } => std::fs::write(path.join(name), data).expect("write raw"),
             Raw::Memory(m) => m.put(name, data),
+            Raw::Opendal { fs, .. } => off_runtime(|| {
+                let mut sink = fs
+                    .create(name)
+                    .unwrap_or_else(|e| panic!("raw create {name}: {e}"));
+                let n = data.len() as u64;
+                sink.write(Bytes::from(data))
+                    .unwrap_or_else(|e| panic!("raw write {name}: {e}"));
+                let written = sink
+                    .finish(true)
+                    .unwrap_or_else(|e| panic!("raw finish {name}: {e}"));
+                assert_eq!(written, n, "raw write {name}");
+            }),
+        }
+    }
+
+    /// Remove a file behind dcp's back.
+    pub fn remove_raw(&self, name: &str) {
+        match &self.raw {
+            Raw::Fs { path, .. } => std::fs::remove_file(path.join(name)).expect("remove raw"),
+            Raw::Memory(m) => m.remove(name).expect("remove raw"),
+            Raw::Opendal { fs, .. } => off_runtime(|| {
+                fs.remove(name)
+                    .unwrap_or_else(|e| panic!("raw remove {name}: {e}"))
+            }),
         }
     }
 
@@ -188,6 +405,13 @@ impl Store {
                 .into_iter()
                 .map(|f| f.name)
                 .collect(),
+            Raw::Opendal { fs, .. } => off_runtime(|| {
+                fs.list()
+                    .unwrap_or_else(|e| panic!("raw list: {e}"))
+                    .into_iter()
+                    .map(|f| f.name)
+                    .collect()
+            }),
         };
         v.sort();
         v

@@ -43,8 +43,11 @@ pub(crate) fn io_handle() -> Result<tokio::runtime::Handle> {
 ///
 /// Unlike `Handle::block_on`, this does not panic when the calling thread is
 /// itself inside an async context; it only blocks it, as every
-/// `FileSystem` method is documented to do.
+/// `FileSystem` method is documented to do. The future runs outside tokio's
+/// cooperative budget: a caller's task that has spent its budget would
+/// otherwise make every tokio resource return `Pending` and wake at once,
+/// and this loop would spin forever.
 pub(crate) fn block_on<F: Future>(handle: &tokio::runtime::Handle, fut: F) -> F::Output {
     let _entered = handle.enter();
-    futures::executor::block_on(fut)
+    futures::executor::block_on(tokio::task::coop::unconstrained(fut))
 }

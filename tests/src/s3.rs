@@ -1,0 +1,189 @@
+//! A real S3 server for the conformance suite: moto, started once per test
+//! binary on a free port of 127.0.0.1, and stopped by PID when the test
+//! process ends, however it ends.
+//!
+//! The server is started through a small `sh` wrapper whose standard input
+//! is a pipe from the test process. The test process never writes to it and
+//! keeps its end open until it exits (the handle lives in a `static`); the
+//! wrapper waits for end-of-file on it and then kills moto by its PID. A
+//! normal exit, a panic, `SIGKILL` of the test binary: in every case the
+//! kernel closes the pipe and the server goes with it, so no stray server
+//! is ever left behind.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// The executable that runs the server.
+pub const MOTO: &str = "moto_server";
+
+/// The wrapper: start moto, wait for EOF on stdin (the test process is
+/// gone), kill moto by PID. `$1` is the port, `$2` the log file.
+const WRAPPER: &str = r#"
+moto_server -H 127.0.0.1 -p "$1" </dev/null >"$2" 2>&1 &
+pid=$!
+echo "$pid"
+trap 'kill "$pid" 2>/dev/null; rm -f "$2"; exit 0' HUP INT TERM
+while read -r _; do :; done
+kill "$pid" 2>/dev/null
+wait "$pid" 2>/dev/null
+rm -f "$2"
+exit 0
+"#;
+
+/// Whether `moto_server` is an executable file on `PATH`.
+pub fn moto_installed() -> bool {
+    let Some(path) = std::env::var_os("PATH") else {
+        return false;
+    };
+    std::env::split_paths(&path).any(|dir| {
+        let p = dir.join(MOTO);
+        std::fs::metadata(&p)
+            .map(|m| {
+                use std::os::unix::fs::PermissionsExt;
+                m.is_file() && m.permissions().mode() & 0o111 != 0
+            })
+            .unwrap_or(false)
+    })
+}
+
+/// A running moto server (see the module docs for how it is stopped).
+#[derive(Debug)]
+pub struct Moto {
+    /// The port on 127.0.0.1.
+    pub port: u16,
+    /// The PID of the moto process itself.
+    pub pid: u32,
+    /// The wrapper; holding it holds the pipe that keeps the server alive.
+    _wrapper: Mutex<Child>,
+    log: PathBuf,
+}
+
+impl Moto {
+    /// The server of this test binary, started on first use. Panics when it
+    /// cannot be started (callers check [`moto_installed`] first).
+    pub fn shared() -> &'static Moto {
+        static SHARED: OnceLock<Moto> = OnceLock::new();
+        SHARED.get_or_init(Moto::start)
+    }
+
+    fn start() -> Moto {
+        let port = free_port();
+        let log =
+            std::env::temp_dir().join(format!("dcp-tests-moto-{}-{port}.log", std::process::id()));
+        let mut wrapper = Command::new("sh")
+            .args(["-c", WRAPPER, "dcp-moto"])
+            .arg(port.to_string())
+            .arg(&log)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start sh for {MOTO}: {e}"));
+        let mut line = String::new();
+        let mut out = wrapper.stdout.take().expect("piped stdout");
+        let mut byte = [0u8; 1];
+        while out.read(&mut byte).unwrap_or(0) == 1 && byte[0] != b'\n' {
+            line.push(byte[0] as char);
+        }
+        let pid: u32 = line
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("the {MOTO} wrapper printed no PID: {line:?}"));
+        let moto = Moto {
+            port,
+            pid,
+            _wrapper: Mutex::new(wrapper),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if http(port, "GET", "/", &[]).is_ok() {
+                break;
+            }
+            let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
+            assert!(
+                alive && Instant::now() < deadline,
+                "{MOTO} on port {port} {} (log {}):\n{}",
+                if alive {
+                    "did not answer within 60 s"
+                } else {
+                    "exited early"
+                },
+                moto.log.display(),
+                std::fs::read_to_string(&moto.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        moto.create_bucket(BUCKET);
+        moto
+    }
+
+    /// The endpoint URL.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Create `bucket` with a plain HTTP PUT.
+    pub fn create_bucket(&self, bucket: &str) {
+        let (status, body) =
+            http(self.port, "PUT", &format!("/{bucket}"), &[]).expect("create bucket");
+        assert_eq!(status, 200, "create bucket {bucket}: {body}");
+    }
+
+    /// `storage_options` for this server.
+    pub fn options(&self) -> HashMap<String, String> {
+        [
+            ("endpoint", self.endpoint()),
+            ("region", "us-east-1".to_string()),
+            ("access_key_id", "testing".to_string()),
+            ("secret_access_key", "testing".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+}
+
+/// The bucket every S3 store of the suite lives in (each under its own
+/// prefix).
+pub const BUCKET: &str = "dcp-conformance";
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// A minimal HTTP/1.1 request to 127.0.0.1; returns the status and body.
+pub fn http(port: u16, method: &str, path: &str, body: &[u8]) -> std::io::Result<(u16, String)> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )?;
+    s.write_all(body)?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)?;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad response: {text:?}")))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_string();
+    Ok((status, body))
+}

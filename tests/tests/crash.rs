@@ -1,0 +1,446 @@
+//! Crash safety of the commit protocol.
+//!
+//! * `sigkill_during_save_leaves_old_or_new`: a child process
+//!   (`dcp-crash-child`) saves generation `g + 1` over generation `g` in a
+//!   local directory with 2 to 4 ranks and `sync_files` on, and is killed with
+//!   SIGKILL after a random delay spread over the whole save. The directory
+//!   must then load as exactly generation `g` or exactly `g + 1`, bit for bit
+//!   and with every record's checksum verified, and every later successful
+//!   save must leave only the files its `.metadata` references. Trials:
+//!   `DCP_CRASH_TRIALS` (default 50); seed: `DCP_CRASH_SEED`.
+//! * `fault_at_every_operation_leaves_old_or_new`: in process, over
+//!   [`FaultFs`], fail each operation of a save's sequence in turn (every
+//!   create, write, finish, directory sync, atomic write, list and remove a
+//!   clean save performs), plus short writes and a full disk, and check the
+//!   same promise, and that every rank returns the same error naming the
+//!   failing rank.
+
+#[path = "../src/bin/crash_common/mod.rs"]
+mod crash_common;
+
+use crash_common::{model, registry, world_of, TestCrc, GEN_KEY};
+use dcp_core::fault::{Fault, FaultFs, Op};
+use dcp_core::local::run_ranks;
+use dcp_core::mem::MemoryFs;
+use dcp_core::metadata::Metadata;
+use dcp_core::{
+    load, save_with, Collective, Error, FileSystem, FileSystemReader, FileSystemWriter,
+    ReaderOptions, SaveOptions, Single, StateDict, WriterOptions,
+};
+use dcp_tests::Sharding;
+use rand::{Rng, SeedableRng};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const CHILD: &str = env!("CARGO_BIN_EXE_dcp-crash-child");
+
+fn spawn_child(dir: &Path, g: u64) -> Child {
+    Command::new(CHILD)
+        .arg(dir)
+        .arg(g.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn dcp-crash-child")
+}
+
+/// Run the child to completion (bounded); panics unless it exits 0.
+fn run_child(dir: &Path, g: u64) -> Duration {
+    let start = Instant::now();
+    let mut child = spawn_child(dir, g);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for child") {
+            let mut err = String::new();
+            if let Some(mut s) = child.stderr.take() {
+                use std::io::Read;
+                let _ = s.read_to_string(&mut err);
+            }
+            assert!(
+                status.success(),
+                "save of generation {g} failed: {status}: {err}"
+            );
+            return start.elapsed();
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("save of generation {g} hung for 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Load everything in the checkpoint of `fs` on one rank, verify every
+/// checksum and every byte against the generation its metadata names, and
+/// check every data file with `verify`. Returns the generation.
+fn check_checkpoint(fs: Arc<dyn FileSystem>, allowed: &[u64], what: &str) -> u64 {
+    let raw = fs
+        .read_small(".metadata", 1 << 30)
+        .unwrap_or_else(|e| panic!("{what}: no loadable .metadata: {e}"));
+    let md = Metadata::decode(&raw).unwrap_or_else(|e| panic!("{what}: bad .metadata: {e}"));
+    let g: u64 = md
+        .user
+        .get(GEN_KEY)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{what}: .metadata has no generation"));
+    assert!(
+        allowed.contains(&g),
+        "{what}: checkpoint holds generation {g}, expected one of {allowed:?}"
+    );
+    // Every record carries the checksum.
+    assert_eq!(md.transforms, vec!["testcrc32c/1".to_string()], "{what}");
+    assert!(md.records().all(|(_, _, s)| s.transforms.len() == 1));
+    // Files present with their recorded lengths, every checksum good.
+    let report = dcp_core::verify::verify(fs.as_ref(), &md, &registry(), true, 2)
+        .unwrap_or_else(|e| panic!("{what}: verify failed: {e}"));
+    assert!(
+        report.is_sound(),
+        "{what}: generation {g}: {:?}",
+        report.problems
+    );
+    assert_eq!(report.checksummed_records as usize, md.record_count());
+    // Bit-exact load of every item against the generator.
+    let m = model(g);
+    let saved_world = md.world_size as usize;
+    let dest = m.dest(0, 1, saved_world, &|_| Sharding::Full);
+    let reader = FileSystemReader::new(
+        fs,
+        ReaderOptions {
+            registry: registry(),
+            verify_checksums: true,
+            ..Default::default()
+        },
+    );
+    let loaded = dcp_core::local::block_on(load(dest, &reader, &Single))
+        .expect("no runtime here")
+        .unwrap_or_else(|e| panic!("{what}: load of generation {g} failed: {e}"));
+    assert_eq!(loaded.state_dict.len(), m.tensors.len() + 1 + saved_world);
+    m.check(&loaded.state_dict, saved_world);
+    g
+}
+
+/// Assert the location holds `.metadata` and exactly the data files it
+/// references: nothing left by killed or failed saves.
+fn assert_no_stale(names: Vec<String>, md: &Metadata, what: &str) {
+    let got: BTreeSet<String> = names.into_iter().collect();
+    let mut want: BTreeSet<String> = md.files.iter().map(|f| f.name.clone()).collect();
+    want.insert(".metadata".into());
+    assert_eq!(
+        got, want,
+        "{what}: files other than the checkpoint's remain"
+    );
+}
+
+fn dir_names(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .expect("list checkpoint dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+fn local(dir: &Path) -> Arc<dyn FileSystem> {
+    Arc::new(dcp_fs::LocalFs::new(dir))
+}
+
+fn decode_md(dir: &Path) -> Metadata {
+    Metadata::decode(&std::fs::read(dir.join(".metadata")).expect(".metadata")).expect("decodes")
+}
+
+#[test]
+fn sigkill_during_save_leaves_old_or_new() {
+    let trials: usize = std::env::var("DCP_CRASH_TRIALS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(50);
+    let seed: u64 = std::env::var("DCP_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0xdc9_c4a5);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir: PathBuf = tmp.path().join("ckpt");
+    let started = Instant::now();
+
+    // Generation 0, then an uninterrupted save of 1 to measure the span
+    // over which kills are spread.
+    run_child(&dir, 0);
+    assert_eq!(check_checkpoint(local(&dir), &[0], "generation 0"), 0);
+    assert_no_stale(dir_names(&dir), &decode_md(&dir), "generation 0");
+    let mut span = Duration::ZERO;
+    for g in 1..=2 {
+        span = span.max(run_child(&dir, g));
+        assert_eq!(check_checkpoint(local(&dir), &[g], "clean save"), g);
+        assert_no_stale(dir_names(&dir), &decode_md(&dir), "clean save");
+    }
+    let max_delay = span.mul_f64(1.2);
+    eprintln!("crash: an uninterrupted save takes {span:?}; kills spread over 0..{max_delay:?}");
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut g = 2u64;
+    let (mut kept_old, mut got_new, mut completed) = (0usize, 0usize, 0usize);
+    let mut max_stale = 0usize;
+    for t in 0..trials {
+        let delay = Duration::from_micros(rng.random_range(0..=max_delay.as_micros() as u64));
+        let mut child = spawn_child(&dir, g + 1);
+        std::thread::sleep(delay);
+        let finished = match child.try_wait().expect("poll child") {
+            Some(status) => {
+                assert!(status.success(), "trial {t}: child failed: {status}");
+                true
+            }
+            None => {
+                child.kill().expect("SIGKILL the child");
+                let status = child.wait().expect("reap child");
+                // It may have exited just before the kill landed.
+                status.success()
+            }
+        };
+        let what = format!("trial {t} (seed {seed:#x}, kill after {delay:?})");
+        let now = check_checkpoint(local(&dir), &[g, g + 1], &what);
+        let md = decode_md(&dir);
+        assert_eq!(md.world_size as usize, world_of(now), "{what}");
+        let extra = dir_names(&dir).len() - md.files.len() - 1;
+        max_stale = max_stale.max(extra);
+        if finished {
+            assert_eq!(now, g + 1, "{what}: a completed save must be visible");
+            // A successful save leaves nothing of the killed ones before it.
+            assert_no_stale(dir_names(&dir), &md, &what);
+            completed += 1;
+        } else if now == g {
+            kept_old += 1;
+        } else {
+            got_new += 1;
+        }
+        g = now;
+    }
+    // The next successful save removes whatever the last killed one left.
+    run_child(&dir, g + 1);
+    let md = decode_md(&dir);
+    assert_eq!(check_checkpoint(local(&dir), &[g + 1], "final save"), g + 1);
+    assert_no_stale(dir_names(&dir), &md, "final save");
+    eprintln!(
+        "crash: {trials} SIGKILL trials in {:?}: {kept_old} killed before the commit (old kept), \
+         {got_new} killed after the commit (new), {completed} completed; at most {max_stale} stale \
+         files between saves, none after a successful save",
+        started.elapsed()
+    );
+    if trials >= 20 {
+        assert!(
+            kept_old > 0,
+            "no kill landed before the commit: the delays do not cover the save"
+        );
+        assert!(
+            got_new + completed > 0,
+            "no save ever committed: the delays are too short"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// In process: a fault at every operation index
+// ---------------------------------------------------------------------------
+
+const FAULT_WORLD: usize = 3;
+
+struct Gens {
+    cache: HashMap<u64, Arc<Vec<StateDict>>>,
+}
+
+impl Gens {
+    fn get(&mut self, g: u64) -> Arc<Vec<StateDict>> {
+        self.cache
+            .entry(g)
+            .or_insert_with(|| Arc::new(model(g).state_dicts(FAULT_WORLD)))
+            .clone()
+    }
+}
+
+fn save_gen(fs: Arc<dyn FileSystem>, sds: Arc<Vec<StateDict>>, g: u64) -> Vec<Result<(), Error>> {
+    let writer = Arc::new(
+        FileSystemWriter::new(
+            fs,
+            WriterOptions {
+                sync_files: true,
+                thread_count: 2,
+                extensions: vec![Arc::new(TestCrc)],
+                ..Default::default()
+            },
+        )
+        .expect("writer"),
+    );
+    let options = Arc::new(SaveOptions {
+        user_metadata: BTreeMap::from([(GEN_KEY.to_string(), g.to_string())]),
+        ..Default::default()
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(run_ranks(sds.len(), Duration::from_secs(60), move |grp| {
+        let (sds, writer, options) = (sds.clone(), writer.clone(), options.clone());
+        async move {
+            let rank = grp.rank();
+            save_with(&sds[rank], writer.as_ref(), &grp, &options)
+                .await
+                .map(|_| ())
+        }
+    }))
+}
+
+/// The generation in a location (no full check: see `check_checkpoint`).
+fn gen_of(fs: &dyn FileSystem) -> u64 {
+    let md = Metadata::decode(&fs.read_small(".metadata", 1 << 30).expect(".metadata"))
+        .expect("decodes");
+    md.user[GEN_KEY].parse().expect("generation")
+}
+
+fn names_of(fs: &dyn FileSystem) -> Vec<String> {
+    fs.list()
+        .expect("list")
+        .into_iter()
+        .map(|f| f.name)
+        .collect()
+}
+
+#[test]
+fn fault_at_every_operation_leaves_old_or_new() {
+    let started = Instant::now();
+    let mut gens = Gens {
+        cache: HashMap::new(),
+    };
+    let mut summary = Vec::new();
+    for backend in ["fs", "memory"] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let inner: Arc<dyn FileSystem> = match backend {
+            "fs" => local(&tmp.path().join("ckpt")),
+            _ => Arc::new(MemoryFs::new("memory://faults")),
+        };
+        let faulty = FaultFs::new(inner.clone());
+        let ffs: Arc<dyn FileSystem> = Arc::new(faulty.clone());
+
+        // Generation 0, then a clean save of 1 counted operation by operation.
+        for r in save_gen(ffs.clone(), gens.get(0), 0) {
+            r.expect("clean save of generation 0");
+        }
+        faulty.reset();
+        for r in save_gen(ffs.clone(), gens.get(1), 1) {
+            r.expect("clean save of generation 1");
+        }
+        let ops = [
+            Op::Create,
+            Op::Write,
+            Op::Finish,
+            Op::SyncDir,
+            Op::WriteAtomic,
+            Op::List,
+            Op::Remove,
+        ];
+        let counts: Vec<(Op, u64)> = ops.iter().map(|&op| (op, faulty.count(op))).collect();
+        faulty.reset();
+        assert_eq!(check_checkpoint(inner.clone(), &[1], "clean save"), 1);
+        assert_no_stale(
+            names_of(inner.as_ref()),
+            &Metadata::decode(&inner.read_small(".metadata", 1 << 30).unwrap()).unwrap(),
+            "clean save",
+        );
+
+        let mut faults: Vec<Fault> = Vec::new();
+        for &(op, n) in &counts {
+            assert!(n > 0, "a clean save performs no {op:?}");
+            faults.extend((0..n).map(|nth| Fault::FailNth { op, nth }));
+        }
+        let writes = counts[1].1;
+        faults.extend((0..writes).step_by(3).map(|nth| Fault::ShortWrite { nth }));
+        let total_bytes: u64 = 1_400_000;
+        faults.extend(
+            [0u64, 1, 4096, 100_000, 500_000, total_bytes / 2]
+                .into_iter()
+                .map(|bytes| Fault::DiskFull { bytes }),
+        );
+
+        let mut g = 1u64;
+        let (mut failed, mut committed, mut cleanup_only) = (0, 0, 0);
+        for fault in &faults {
+            faulty.reset();
+            faulty.arm(fault.clone());
+            let results = save_gen(ffs.clone(), gens.get(g + 1), g + 1);
+            faulty.reset();
+            let what = format!("{backend}: {fault:?} while saving generation {}", g + 1);
+            let oks = results.iter().filter(|r| r.is_ok()).count();
+            if oks == results.len() {
+                // Only a failure after the commit (cleanup) may let the save
+                // succeed; the new generation is then complete.
+                let now = check_checkpoint(inner.clone(), &[g + 1], &what);
+                let md =
+                    Metadata::decode(&inner.read_small(".metadata", 1 << 30).unwrap()).unwrap();
+                match fault {
+                    Fault::FailNth {
+                        op: Op::List | Op::Remove,
+                        ..
+                    } => cleanup_only += 1,
+                    _ => {
+                        assert_no_stale(names_of(inner.as_ref()), &md, &what);
+                        committed += 1;
+                    }
+                }
+                g = now;
+            } else {
+                assert_eq!(oks, 0, "{what}: some ranks succeeded, others failed");
+                let errs: Vec<Error> = results.into_iter().map(|r| r.unwrap_err()).collect();
+                let first = &errs[0];
+                let rank = first
+                    .rank()
+                    .unwrap_or_else(|| panic!("{what}: error names no rank: {first:?}"));
+                assert!(rank < FAULT_WORLD, "{what}");
+                let text = first.to_string();
+                assert!(
+                    text.contains(&format!("rank {rank}")),
+                    "{what}: message does not name rank {rank}: {text}"
+                );
+                assert!(
+                    text.contains("injected") || text.contains("no space left"),
+                    "{what}: the cause is lost: {text}"
+                );
+                for e in &errs[1..] {
+                    assert_eq!(
+                        (e.kind(), e.message(), e.rank()),
+                        (first.kind(), first.message(), first.rank()),
+                        "{what}: ranks disagree on the error"
+                    );
+                }
+                // The old checkpoint is intact and nothing committed.
+                let now = check_checkpoint(inner.clone(), &[g], &what);
+                assert_eq!(now, g);
+                failed += 1;
+            }
+        }
+        // After all that, one clean save leaves exactly its own files.
+        for r in save_gen(ffs.clone(), gens.get(g + 1), g + 1) {
+            r.expect("final clean save");
+        }
+        assert_eq!(gen_of(inner.as_ref()), g + 1);
+        let md = Metadata::decode(&inner.read_small(".metadata", 1 << 30).unwrap()).unwrap();
+        check_checkpoint(inner.clone(), &[g + 1], "final clean save");
+        assert_no_stale(names_of(inner.as_ref()), &md, "final clean save");
+        summary.push(format!(
+            "{backend}: {} faults ({}): {failed} failed saves kept the old checkpoint, \
+             {committed} committed despite the fault, {cleanup_only} committed with a failed cleanup",
+            faults.len(),
+            counts
+                .iter()
+                .map(|(op, n)| format!("{op:?} x{n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        assert!(failed > 0);
+    }
+    eprintln!(
+        "faults in {:?}:\n  {}",
+        started.elapsed(),
+        summary.join("\n  ")
+    );
+}
