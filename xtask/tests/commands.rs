@@ -54,10 +54,19 @@ fn dry_run_lists_the_combinations() {
 }
 
 #[test]
-fn bench_is_a_stub_and_unknown_commands_are_usage_errors() {
-    let out = xtask(&["bench"]);
+fn bench_dry_run_and_unknown_commands_are_usage_errors() {
+    let out = xtask(&["bench", "--dry-run", "--quick", "--micro"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(s.matches(" -- bench --json --reps 3 ").count(), 4, "{s}");
+    assert!(s.contains("cargo bench -p dcp-core --bench core"), "{s}");
+    let out = xtask(&["bench", "--bogus"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not yet implemented"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown argument"));
     let out = xtask(&["frobnicate"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("usage: cargo xtask"));

@@ -90,6 +90,10 @@ pub struct BenchArgs {
     /// Data file layout.
     #[arg(long, value_enum, default_value_t = Format::Raw)]
     pub format: Format,
+    /// Checksum every record as stored: none (bytes moved as they are),
+    /// crc32c or crc32 (then loads verify, reading each record whole).
+    #[arg(long, default_value = "none", value_parser = ["none", "crc32c", "crc32"])]
+    pub checksum: String,
     /// Repetitions of every timed phase (medians are reported).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub reps: u32,
@@ -125,6 +129,8 @@ pub struct BenchRecord {
     pub sync: bool,
     /// Data file layout.
     pub format: &'static str,
+    /// Checksum of every record (`none`, `crc32c`, `crc32`).
+    pub checksum: String,
     /// `warm` or `cold` for loads.
     pub cache: Option<&'static str>,
     /// How cold loads were made cold.
@@ -203,10 +209,19 @@ struct Bench {
 /// Run `dcp bench`.
 pub fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
     let (workload, ranks, load_ranks) = build_workload(&args);
-    let root = args
-        .dir
-        .clone()
-        .unwrap_or_else(|| std::env::temp_dir().join("dcp-bench"));
+    let root = match args.dir.as_deref().and_then(Path::to_str) {
+        Some(d) if d.starts_with("file://") => PathBuf::from(&d["file://".len()..]),
+        // The baseline and cold loads need local files.
+        Some(d) if d.contains("://") => {
+            return Err(CliError::usage(format!(
+                "{d}: dcp bench measures a local directory (a path or file:///path)"
+            )))
+        }
+        _ => args
+            .dir
+            .clone()
+            .unwrap_or_else(|| std::env::temp_dir().join("dcp-bench")),
+    };
     std::fs::create_dir_all(&root)
         .map_err(|e| CliError::msg(format!("cannot create {}: {e}", root.display())))?;
     let name = workload.kind.name();
@@ -345,6 +360,9 @@ impl Bench {
                 sync_files: sync,
                 overwrite: true,
                 serialization_format: self.args.format.into(),
+                extensions: dcp_ext::checksum_from_name(&self.args.checksum)?
+                    .into_iter()
+                    .collect(),
                 ..WriterOptions::default()
             },
         )?)
@@ -579,6 +597,7 @@ impl Bench {
             threads: self.args.threads,
             sync,
             format: FormatKind::from(self.args.format).name(),
+            checksum: self.args.checksum.clone(),
             cache: None,
             cold_method: None,
             items: md.items.len(),

@@ -226,12 +226,16 @@ pub fn run(cli: Cli) -> ExitCode {
     }
 }
 
-/// The whole program: logging from `RUST_LOG` (default `warn`) to stderr,
-/// argument parsing (usage errors exit 2), then [`run`].
+/// The whole program: logging from `RUST_LOG` (default `warn`, with the S3
+/// signer's credential probing and OpenDAL's retry notices at `error`) to
+/// stderr, argument parsing (usage errors exit 2), then [`run`].
 pub fn main() -> ExitCode {
-    let filter = tracing_subscriber::EnvFilter::builder()
-        .with_default_directive(tracing_subscriber::filter::LevelFilter::WARN.into())
-        .from_env_lossy();
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.is_empty() => tracing_subscriber::EnvFilter::new(v),
+        _ => tracing_subscriber::EnvFilter::new(
+            "warn,reqsign_core=error,reqsign=error,opendal=error",
+        ),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

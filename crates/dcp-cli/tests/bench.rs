@@ -187,4 +187,11 @@ fn bench_table_and_selection() {
     assert!(!text.contains("load_warm"), "{text}");
     assert!(!text.lines().any(|l| l.starts_with("save ")), "{text}");
     assert!(text.contains("ratio"), "{text}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_dcp"))
+        .args(["bench", "--dir", "s3://bucket/x"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("local directory"));
 }
