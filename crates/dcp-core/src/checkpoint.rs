@@ -85,6 +85,9 @@ pub struct ReaderOptions {
     pub coalesce_gap: u64,
     /// Largest single read request, except a single record read whole.
     pub max_request: u64,
+    /// Records shorter than this are read in coalesced requests with their
+    /// neighbours (then copied) instead of one request each.
+    pub small_record: u64,
 }
 
 impl Default for ReaderOptions {
@@ -93,8 +96,9 @@ impl Default for ReaderOptions {
             thread_count: 4,
             verify_checksums: true,
             registry: ExtensionRegistry::new(),
-            coalesce_gap: 256 * 1024,
+            coalesce_gap: 4096,
             max_request: 64 << 20,
+            small_record: 256 * 1024,
         }
     }
 }
@@ -533,6 +537,7 @@ impl StorageReader for FileSystemReader {
             verify_checksums: self.options.verify_checksums,
             coalesce_gap: self.options.coalesce_gap,
             max_request: self.options.max_request.max(1),
+            small_record: self.options.small_record,
         };
         let fs = self.fs.clone();
         blocking(move || read_plan(fs.as_ref(), &md, &plan, dest, &resolved, &cfg)).await
@@ -1110,92 +1115,139 @@ async fn read_shared(
             (Err(e), _) | (_, Err(e)) => Some(Error::new(e.kind(), e.message()).with_rank(rank)),
             _ => None,
         };
-        let msgs: Vec<Bytes> = if let Some(e) = err {
+        // Each message: a status buffer ([0], or [1] and the error), then
+        // either the decoded chunks themselves (ranks sharing memory: no
+        // copy) or one buffer of compacted slices (any other transport).
+        let zero_copy = collective.shares_memory();
+        let msgs: Vec<Vec<Bytes>> = if let Some(e) = err {
             let mut m = vec![1u8];
             m.extend_from_slice(&encode(&e.to_wire())?);
             state = Err(e);
-            vec![Bytes::from(m); n]
+            vec![vec![Bytes::from(m)]; n]
         } else {
-            // Fill this rank's own needs and compact the slices the others
-            // need, off the executor.
             let (dest_state, stats) = state.expect("checked ok");
             let decoded = decoded.expect("checked ok");
             let mut dest_vec: DestVec = dest_state.into_items().into_iter().collect();
-            let jobs: Vec<(usize, Vec<u8>, Vec<crate::plan::ReadItem>)> = mine
-                .iter()
-                .zip(decoded)
-                .map(|(&s, data)| (s, data, shared_reads.remove(&s).unwrap_or_default()))
-                .collect();
-            // For each receiver: (shared index, overlaps) in round order.
-            let sends: Vec<Vec<(usize, Vec<ChunkBox>)>> = (0..n)
-                .map(|r| {
-                    mine.iter()
-                        .filter_map(|&s| {
-                            let c = &sched.shared[s];
-                            c.users
-                                .iter()
-                                .find(|u| u.0 == r && r != rank)
-                                .map(|&(_, i)| (s, needs[r][i].overlaps.clone()))
-                        })
-                        .collect()
-                })
-                .collect();
-            let shared = sched.shared.clone();
-            let md_c = md.clone();
+            // Per served chunk: its box and element size, the decoded bytes,
+            // this rank's own read items, and each other user's overlaps
+            // (receivers in rank order; each receiver's chunks in round
+            // order, which is the order it unpacks them in).
+            type Job = (
+                ChunkBox,
+                usize,
+                Vec<u8>,
+                Vec<crate::plan::ReadItem>,
+                Vec<(usize, Vec<ChunkBox>)>,
+            );
+            let mut sizes = vec![0usize; n];
+            let mut jobs: Vec<Job> = Vec::with_capacity(mine.len());
+            for (&s, data) in mine.iter().zip(decoded) {
+                let c = &sched.shared[s];
+                let ItemMeta::Tensor { chunks, .. } = &md.items[c.item].1 else {
+                    return Err(Error::invalid("shared chunk is not a tensor"));
+                };
+                let mut to: Vec<(usize, Vec<ChunkBox>)> = Vec::new();
+                for &(r, i) in &c.users {
+                    if r != rank {
+                        let overlaps = std::mem::take(&mut needs[r][i].overlaps);
+                        sizes[r] += overlaps
+                            .iter()
+                            .map(|o| o.numel() as usize * c.elem)
+                            .sum::<usize>();
+                        to.push((r, overlaps));
+                    }
+                }
+                let own = shared_reads.remove(&s).unwrap_or_default();
+                jobs.push((chunks[c.chunk].region.clone(), c.elem, data, own, to));
+            }
+            // Fill this rank's own needs (and compact the others' slices) off
+            // the executor.
             let (dv, built) = blocking(move || {
-                let mut out: Vec<Vec<u8>> = vec![vec![0u8]; n];
-                for (s, data, reads) in &jobs {
-                    let c = &shared[*s];
-                    let ItemMeta::Tensor { chunks, .. } = &md_c.items[c.item].1 else {
-                        return Err(Error::invalid("shared chunk is not a tensor"));
-                    };
-                    let saved_box = &chunks[c.chunk].region;
-                    fill_from_chunk(&mut dest_vec, saved_box, c.elem, data, reads);
-                    for (r, list) in sends.iter().enumerate() {
-                        for (s2, overlaps) in list {
-                            if s2 == s {
-                                compact(&mut out[r], saved_box, c.elem, data, overlaps);
-                            }
+                let mut out: Vec<Vec<Bytes>> = vec![vec![Bytes::from_static(&[0])]; n];
+                let mut compacted: Vec<Vec<u8>> = if zero_copy {
+                    Vec::new()
+                } else {
+                    sizes.iter().map(|&len| Vec::with_capacity(len)).collect()
+                };
+                for (saved_box, elem, data, own, to) in jobs {
+                    fill_from_chunk(&mut dest_vec, &saved_box, elem, &data, &own);
+                    if zero_copy {
+                        let shared = Bytes::from(data);
+                        for (r, _) in &to {
+                            out[*r].push(shared.clone());
                         }
+                    } else {
+                        for (r, overlaps) in &to {
+                            compact(&mut compacted[*r], &saved_box, elem, &data, overlaps);
+                        }
+                    }
+                }
+                if !zero_copy {
+                    for (r, c) in compacted.into_iter().enumerate() {
+                        out[r].push(Bytes::from(c));
                     }
                 }
                 Ok((dest_vec, out))
             })
             .await?;
             state = Ok((DestStateDict::from_items(dv.into_iter().collect()), stats));
-            built.into_iter().map(Bytes::from).collect()
+            built
         };
-        let recv = collective.all_to_all(msgs).await?;
+        let recv = collective.all_to_all_v(msgs).await?;
         // Any rank's failure ends the exchange for everyone after this round.
         for (from, m) in recv.iter().enumerate() {
-            if m.first() == Some(&1) {
-                let e = decode::<WireError>(&m[1..])
+            let status = m.first().cloned().unwrap_or_default();
+            if status.first() != Some(&0) {
+                let e = status
+                    .get(1..)
+                    .ok_or_else(|| Error::new(ErrorKind::Collective, "empty shared-read message"))
+                    .and_then(decode::<WireError>)
                     .map(Error::from_wire)
                     .unwrap_or_else(|e| e.with_rank(from));
                 return Ok(Err(e));
             }
         }
-        // Fill this rank's needs from the slices it received.
+        // Fill this rank's needs from what it received.
         let (dest_state, stats) = state.expect("no failure in this round");
         let mut dest_vec: DestVec = dest_state.into_items().into_iter().collect();
-        let mut jobs: Vec<(usize, usize, Vec<crate::plan::ReadItem>)> = Vec::new();
+        let mut jobs: Vec<(usize, usize, ChunkBox, Vec<crate::plan::ReadItem>)> = Vec::new();
         for &s in round {
             let c = &sched.shared[s];
             if c.reader != rank && c.users.iter().any(|u| u.0 == rank) {
+                let ItemMeta::Tensor { chunks, .. } = &md.items[c.item].1 else {
+                    return Err(Error::invalid("shared chunk is not a tensor"));
+                };
                 jobs.push((
                     c.reader,
                     c.elem,
+                    chunks[c.chunk].region.clone(),
                     shared_reads.remove(&s).unwrap_or_default(),
                 ));
             }
         }
         let (dv, r) = blocking(move || {
-            let mut pos = vec![1usize; recv.len()];
+            let mut next = vec![1usize; recv.len()];
+            let mut pos = vec![0usize; recv.len()];
             let mut res = Ok(());
-            for (from, elem, reads) in &jobs {
-                if let Err(e) =
-                    fill_from_compact(&mut dest_vec, *elem, &recv[*from], &mut pos[*from], reads)
-                {
+            for (from, elem, saved_box, reads) in &jobs {
+                let r = if zero_copy {
+                    let i = next[*from];
+                    next[*from] += 1;
+                    match recv[*from].get(i) {
+                        Some(chunk) if chunk.len() as u64 == saved_box.numel() * *elem as u64 => {
+                            fill_from_chunk(&mut dest_vec, saved_box, *elem, chunk, reads);
+                            Ok(())
+                        }
+                        _ => Err(Error::new(
+                            ErrorKind::Collective,
+                            "shared-read message does not match the plan",
+                        )),
+                    }
+                } else {
+                    let buf = recv[*from].get(1).cloned().unwrap_or_default();
+                    fill_from_compact(&mut dest_vec, *elem, &buf, &mut pos[*from], reads)
+                };
+                if let Err(e) = r {
                     res = Err(e);
                     break;
                 }

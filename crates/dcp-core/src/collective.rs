@@ -35,6 +35,35 @@ pub trait Collective: Send + Sync {
     /// rank `i`. `send.len()` must equal `world_size()`.
     async fn all_to_all(&self, send: Vec<Bytes>) -> Result<Vec<Bytes>>;
 
+    /// True when every rank lives in this process's address space, so a
+    /// message can be a shared buffer rather than a copy. Shared reads then
+    /// send whole decoded chunks instead of compacted slices.
+    fn shares_memory(&self) -> bool {
+        false
+    }
+
+    /// Like [`Collective::all_to_all`], with any number of buffers per
+    /// destination. The default frames them into one message each
+    /// (length-prefixed, one copy); an in-process group passes them as they
+    /// are.
+    async fn all_to_all_v(&self, send: Vec<Vec<Bytes>>) -> Result<Vec<Vec<Bytes>>> {
+        let framed = send
+            .into_iter()
+            .map(|bufs| {
+                let total: usize = bufs.iter().map(|b| b.len() + 8).sum::<usize>() + 8;
+                let mut out = Vec::with_capacity(total);
+                out.extend_from_slice(&(bufs.len() as u64).to_le_bytes());
+                for b in &bufs {
+                    out.extend_from_slice(&(b.len() as u64).to_le_bytes());
+                    out.extend_from_slice(b);
+                }
+                Bytes::from(out)
+            })
+            .collect();
+        let recv = self.all_to_all(framed).await?;
+        recv.into_iter().map(unframe).collect()
+    }
+
     /// Rank `root` receives every rank's `msg` (in rank order); others get `None`.
     async fn gather(&self, msg: Bytes, root: usize) -> Result<Option<Vec<Bytes>>> {
         let n = self.world_size();
@@ -86,6 +115,34 @@ pub trait Collective: Send + Sync {
     }
 }
 
+/// Split a message framed by the default [`Collective::all_to_all_v`].
+fn unframe(msg: Bytes) -> Result<Vec<Bytes>> {
+    let bad = || {
+        Error::new(
+            ErrorKind::Collective,
+            "malformed multi-buffer message between ranks",
+        )
+    };
+    let word = |at: usize| -> Result<usize> {
+        let b = msg.get(at..at + 8).ok_or_else(bad)?;
+        usize::try_from(u64::from_le_bytes(b.try_into().expect("8 bytes"))).map_err(|_| bad())
+    };
+    let count = word(0)?;
+    let mut out = Vec::with_capacity(count.min(msg.len() / 8));
+    let mut at = 8;
+    for _ in 0..count {
+        let len = word(at)?;
+        at += 8;
+        let end = at
+            .checked_add(len)
+            .filter(|&e| e <= msg.len())
+            .ok_or_else(bad)?;
+        out.push(msg.slice(at..end));
+        at = end;
+    }
+    Ok(out)
+}
+
 /// The trivial group of one rank.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Single;
@@ -107,11 +164,11 @@ impl Collective for Single {
 }
 
 struct GroupState {
-    /// Messages deposited in the current round, per sender.
-    deposits: Vec<Option<Vec<Bytes>>>,
+    /// Messages deposited in the current round, per sender, per destination.
+    deposits: Vec<Option<Vec<Vec<Bytes>>>>,
     arrived: usize,
     /// Completed round results, per receiver, with the round number.
-    inbox: Vec<Option<(u64, Vec<Bytes>)>>,
+    inbox: Vec<Option<(u64, Vec<Vec<Bytes>>)>>,
     /// Round number each rank is in.
     round: Vec<u64>,
     /// Set once the group is broken; every later operation fails with it.
@@ -205,7 +262,21 @@ impl Collective for LocalGroup {
         self.shared.size
     }
 
+    fn shares_memory(&self) -> bool {
+        true
+    }
+
     async fn all_to_all(&self, send: Vec<Bytes>) -> Result<Vec<Bytes>> {
+        let recv = self
+            .all_to_all_v(send.into_iter().map(|b| vec![b]).collect())
+            .await?;
+        Ok(recv
+            .into_iter()
+            .map(|mut v| v.pop().unwrap_or_default())
+            .collect())
+    }
+
+    async fn all_to_all_v(&self, send: Vec<Vec<Bytes>>) -> Result<Vec<Vec<Bytes>>> {
         let n = self.shared.size;
         if send.len() != n {
             return Err(Error::invalid(format!(
@@ -224,12 +295,12 @@ impl Collective for LocalGroup {
             st.arrived += 1;
             if st.arrived == n {
                 // Last to arrive: route every message and open the next round.
-                let deposits: Vec<Vec<Bytes>> = st
+                let deposits: Vec<Vec<Vec<Bytes>>> = st
                     .deposits
                     .iter_mut()
                     .map(|d| d.take().unwrap_or_default())
                     .collect();
-                let mut recv: Vec<Vec<Bytes>> = vec![Vec::with_capacity(n); n];
+                let mut recv: Vec<Vec<Vec<Bytes>>> = vec![Vec::with_capacity(n); n];
                 for from in deposits {
                     for (to, msg) in from.into_iter().enumerate() {
                         recv[to].push(msg);
@@ -340,6 +411,57 @@ mod tests {
         for r in res {
             assert_eq!(r.unwrap(), 4);
         }
+    }
+
+    /// A collective that only implements `all_to_all` (as a byte transport
+    /// would), to exercise the default framing of `all_to_all_v`.
+    struct Framed(LocalGroup);
+
+    #[async_trait]
+    impl Collective for Framed {
+        fn rank(&self) -> usize {
+            self.0.rank()
+        }
+        fn world_size(&self) -> usize {
+            self.0.world_size()
+        }
+        async fn all_to_all(&self, send: Vec<Bytes>) -> Result<Vec<Bytes>> {
+            self.0.all_to_all(send).await
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn all_to_all_v_native_and_framed_agree() {
+        let res = run_group(3, Duration::from_secs(10), |g| async move {
+            let me = g.rank() as u8;
+            let send = |_: ()| -> Vec<Vec<Bytes>> {
+                (0..3u8)
+                    .map(|to| {
+                        (0..to + 1)
+                            .map(|k| Bytes::from([me, to, k].repeat(k as usize + 1)))
+                            .collect()
+                    })
+                    .collect()
+            };
+            let native = g.all_to_all_v(send(())).await?;
+            assert!(g.shares_memory());
+            let framed = Framed(g);
+            assert!(!framed.shares_memory());
+            let via_frames = framed.all_to_all_v(send(())).await?;
+            assert_eq!(native, via_frames);
+            for (from, bufs) in native.iter().enumerate() {
+                assert_eq!(bufs.len(), me as usize + 1);
+                for (k, b) in bufs.iter().enumerate() {
+                    assert_eq!(&b[..], &[from as u8, me, k as u8].repeat(k + 1)[..]);
+                }
+            }
+            Ok(())
+        })
+        .await;
+        for r in res {
+            r.unwrap();
+        }
+        assert!(unframe(Bytes::from_static(&[1, 0, 0, 0, 0, 0, 0, 0, 9])).is_err());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

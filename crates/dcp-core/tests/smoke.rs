@@ -25,8 +25,34 @@ fn rows(lo: u64, hi: u64) -> Vec<u8> {
     v
 }
 
+/// A collective that exposes only `all_to_all`, as a byte transport between
+/// processes would: shared reads then send compacted slices.
+struct BytesOnly(LocalGroup);
+
+#[async_trait::async_trait]
+impl Collective for BytesOnly {
+    fn rank(&self) -> usize {
+        self.0.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.0.world_size()
+    }
+    async fn all_to_all(&self, send: Vec<Bytes>) -> Result<Vec<Bytes>> {
+        self.0.all_to_all(send).await
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reshard_rows_to_columns() {
+    reshard(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reshard_rows_to_columns_over_a_byte_transport() {
+    reshard(true).await;
+}
+
+async fn reshard(bytes_only: bool) {
     let mem = MemoryFs::new("memory://smoke");
     let fs: Arc<dyn FileSystem> = Arc::new(mem.clone());
     let fs2 = fs.clone();
@@ -78,7 +104,16 @@ async fn reshard_rows_to_columns() {
             )?;
             dest.want_bytes("step")?;
             let r = FileSystemReader::new(fs, ReaderOptions::default());
-            let out = load(dest, &r, &g).await?;
+            // A small exchange budget forces several rounds.
+            let opts = LoadOptions {
+                exchange_budget: 2048,
+                ..Default::default()
+            };
+            let out = if bytes_only {
+                load_with(dest, &r, &BytesOnly(g), &opts).await?
+            } else {
+                load_with(dest, &r, &g, &opts).await?
+            };
             assert!(out.stats.bytes_read > 0);
             let t = out.state_dict.tensor("w").unwrap();
             let mut expect = Vec::new();

@@ -58,6 +58,55 @@ pub fn spanning_range(elem: usize, outer: &ChunkBox, region: &ChunkBox) -> (usiz
     (start, (last - first + 1) as usize * elem)
 }
 
+/// Call `f(offset, len)` for each contiguous run of `region`'s bytes inside
+/// `outer`'s row-major buffer, in row-major order of `region`: appending the
+/// runs in order gives `region`'s own row-major bytes (its compact form).
+pub fn for_each_run(
+    elem: usize,
+    outer: &ChunkBox,
+    region: &ChunkBox,
+    mut f: impl FnMut(usize, usize),
+) {
+    assert!(outer.contains(region), "region outside chunk");
+    if region.is_empty() {
+        return;
+    }
+    let n = region.ndim();
+    if n == 0 {
+        f(0, elem);
+        return;
+    }
+    let st = strides(outer);
+    let mut k = n;
+    let mut run: u64 = 1;
+    loop {
+        k -= 1;
+        run *= region.sizes[k];
+        if k == 0 || region.sizes[k] != outer.sizes[k] {
+            break;
+        }
+    }
+    let run_bytes = run as usize * elem;
+    let base = first_offset(outer, region, &st) as usize * elem;
+    let mut idx = vec![0u64; k];
+    loop {
+        let off = base + (0..k).map(|d| idx[d] * st[d]).sum::<u64>() as usize * elem;
+        f(off, run_bytes);
+        let mut d = k;
+        loop {
+            if d == 0 {
+                return;
+            }
+            d -= 1;
+            idx[d] += 1;
+            if idx[d] < region.sizes[d] {
+                break;
+            }
+            idx[d] = 0;
+        }
+    }
+}
+
 /// Copy the elements of `region` from `src` (the bytes of box `src_box`) to
 /// `dst` (the bytes of box `dst_box`). `region` must lie inside both boxes
 /// and the buffers must hold their boxes exactly; violations panic (they are
@@ -206,6 +255,11 @@ mod tests {
             let mut c = vec![0u8; a.len()];
             copy_region(elem, &masked, &sb, &mut c, &db, &r);
             prop_assert_eq!(&c, &a);
+            let mut compact = Vec::new();
+            for_each_run(elem, &sb, &r, |o, l| compact.extend_from_slice(&src[o..o + l]));
+            let mut expect = vec![0u8; r.numel() as usize * elem];
+            copy_region(elem, &src, &sb, &mut expect, &r, &r);
+            prop_assert_eq!(compact, expect);
             if let Some((cs, cl)) = contiguous_range(elem, &sb, &r) {
                 prop_assert_eq!((cs, cl), (start, len));
                 prop_assert_eq!(cl as u64, r.numel() * elem as u64);

@@ -195,7 +195,8 @@ pub(crate) fn fill_from_chunk(
     }
 }
 
-/// Append the compacted elements of each overlap (in order) to `out`.
+/// Append the compacted elements of each overlap (in order) to `out`: one
+/// `memcpy` per contiguous run, no zero-fill.
 pub(crate) fn compact(
     out: &mut Vec<u8>,
     saved_box: &ChunkBox,
@@ -204,9 +205,9 @@ pub(crate) fn compact(
     overlaps: &[ChunkBox],
 ) {
     for o in overlaps {
-        let start = out.len();
-        out.resize(start + o.numel() as usize * elem, 0);
-        crate::pipeline::copy::copy_region(elem, data, saved_box, &mut out[start..], o, o);
+        crate::pipeline::copy::for_each_run(elem, saved_box, o, |off, len| {
+            out.extend_from_slice(&data[off..off + len])
+        });
     }
 }
 
