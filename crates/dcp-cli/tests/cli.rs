@@ -430,6 +430,25 @@ fn errors_are_one_line_with_an_exit_status() {
     assert_eq!(e.lines().count(), 1, "{e}");
     assert!(started.elapsed() < std::time::Duration::from_secs(60));
 
+    // No credentials at all: an error that says so, not a retry loop.
+    let o = Command::new(env!("CARGO_BIN_EXE_dcp"))
+        .args(["inspect", "s3://bucket/ckpt"])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", tmp.path())
+        .env("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains("no usable credentials") && e.contains("AWS_ACCESS_KEY_ID"),
+        "{e}"
+    );
+    assert_eq!(e.lines().count(), 1, "{e}");
+
     for args in [
         &["demo", "--ranks", "0"][..],
         &["frobnicate"],

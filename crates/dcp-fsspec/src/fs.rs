@@ -273,7 +273,28 @@ fn map_error(inner: &Inner, op: &str, name: &str, e: opendal::Error) -> Error {
         format!("{}/{name}", inner.location)
     };
     let text = e.to_string();
-    let (kind, msg) = if text.contains("NoSuchBucket") {
+    let (kind, msg) = if text.contains("signing credential") || text.contains("load credential") {
+        (
+            ErrorKind::InvalidInput,
+            format!(
+                "{op} {what}: no usable credentials for {}: set AWS_ACCESS_KEY_ID and \
+                 AWS_SECRET_ACCESS_KEY (or `key` and `secret` in storage_options)",
+                inner.endpoint
+            ),
+        )
+    } else if ["InvalidAccessKeyId", "SignatureDoesNotMatch"]
+        .iter()
+        .any(|c| text.contains(c))
+    {
+        (
+            ErrorKind::InvalidInput,
+            format!(
+                "{op} {what}: {} refused the credentials (bucket {:?}); check \
+                 AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or storage_options",
+                inner.endpoint, inner.bucket
+            ),
+        )
+    } else if text.contains("NoSuchBucket") {
         (
             ErrorKind::NotFound,
             format!(
