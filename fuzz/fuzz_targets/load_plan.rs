@@ -322,6 +322,8 @@ fuzz_target!(|input: Input| {
             registry: registry(),
             coalesce_gap: input.gap as u64,
             max_request: input.max_request as u64,
+            // Both read paths: straight into destinations and through spans.
+            small_record: if input.verify { 0 } else { 256 * 1024 },
         },
     );
     let options = LoadOptions {
