@@ -39,6 +39,7 @@ use tracing::Instrument;
 const ROOT: usize = 0;
 
 /// Options of a [`FileSystemWriter`], with the meaning torch DCP gives them.
+/// Build it with `..Default::default()`: fields may be added.
 #[derive(Clone, Debug)]
 pub struct WriterOptions {
     /// One data file per bucket per rank (`true`), or one per record.
@@ -72,7 +73,8 @@ impl Default for WriterOptions {
     }
 }
 
-/// Options of a [`FileSystemReader`].
+/// Options of a [`FileSystemReader`]. Build it with `..Default::default()`:
+/// fields may be added.
 #[derive(Clone, Debug)]
 pub struct ReaderOptions {
     /// Reader threads per rank.
