@@ -88,10 +88,19 @@ pub fn for_each_run(
     }
     let run_bytes = run as usize * elem;
     let base = first_offset(outer, region, &st) as usize * elem;
+    odometer(&region.sizes[..k], |idx| {
+        let off = base + idx.iter().zip(&st).map(|(i, s)| i * s).sum::<u64>() as usize * elem;
+        f(off, run_bytes);
+    });
+}
+
+/// Call `f` with every index vector of a box of `sizes`, in row-major order
+/// (once, with an empty index, when `sizes` is empty).
+fn odometer(sizes: &[u64], mut f: impl FnMut(&[u64])) {
+    let k = sizes.len();
     let mut idx = vec![0u64; k];
     loop {
-        let off = base + (0..k).map(|d| idx[d] * st[d]).sum::<u64>() as usize * elem;
-        f(off, run_bytes);
+        f(&idx);
         let mut d = k;
         loop {
             if d == 0 {
@@ -99,7 +108,7 @@ pub fn for_each_run(
             }
             d -= 1;
             idx[d] += 1;
-            if idx[d] < region.sizes[d] {
+            if idx[d] < sizes[d] {
                 break;
             }
             idx[d] = 0;
@@ -163,25 +172,11 @@ pub fn copy_region_from(
     let run_bytes = run as usize * elem;
     let src_base = first_offset(src_box, region, &ss) as usize * elem - src_start;
     let dst_base = first_offset(dst_box, region, &ds) as usize * elem;
-    // Odometer over dimensions 0..k.
-    let mut idx = vec![0u64; k];
-    loop {
-        let so = src_base + (0..k).map(|d| idx[d] * ss[d]).sum::<u64>() as usize * elem;
-        let doff = dst_base + (0..k).map(|d| idx[d] * ds[d]).sum::<u64>() as usize * elem;
+    odometer(&region.sizes[..k], |idx| {
+        let so = src_base + idx.iter().zip(&ss).map(|(i, s)| i * s).sum::<u64>() as usize * elem;
+        let doff = dst_base + idx.iter().zip(&ds).map(|(i, s)| i * s).sum::<u64>() as usize * elem;
         dst[doff..doff + run_bytes].copy_from_slice(&src[so..so + run_bytes]);
-        let mut d = k;
-        loop {
-            if d == 0 {
-                return;
-            }
-            d -= 1;
-            idx[d] += 1;
-            if idx[d] < region.sizes[d] {
-                break;
-            }
-            idx[d] = 0;
-        }
-    }
+    });
 }
 
 #[cfg(test)]
