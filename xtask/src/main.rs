@@ -66,22 +66,39 @@ fn main() -> ExitCode {
     }
 }
 
-/// The value of `--flag N` in `args`, or `default`.
+/// The value of `--flag N` in `args`, or `default`. Every argument must be
+/// one of `--trials`, `--seed`, `--seconds` followed by its value.
 fn flag_u64(args: &[String], flag: &str, default: u64) -> Result<u64, String> {
-    let mut it = args.iter();
     let mut value = default;
+    let mut it = args.iter();
     while let Some(a) = it.next() {
-        if a == flag {
-            let v = it.next().ok_or(format!("{flag} needs a value"))?;
-            value = v
-                .parse()
-                .map_err(|_| format!("{flag}: not a number: {v}"))?;
-        } else if !a.starts_with("--") || !["--trials", "--seed", "--seconds"].contains(&a.as_str())
-        {
+        if !["--trials", "--seed", "--seconds"].contains(&a.as_str()) {
             return Err(format!("unknown argument {a}"));
+        }
+        let v = it.next().ok_or(format!("{a} needs a value"))?;
+        let n = v.parse().map_err(|_| format!("{a}: not a number: {v}"))?;
+        if a == flag {
+            value = n;
         }
     }
     Ok(value)
+}
+
+#[cfg(test)]
+mod flag_tests {
+    use super::flag_u64;
+
+    #[test]
+    fn flags() {
+        let a = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let args = a(&["--trials", "100", "--seed", "11"]);
+        assert_eq!(flag_u64(&args, "--trials", 5), Ok(100));
+        assert_eq!(flag_u64(&args, "--seed", 1), Ok(11));
+        assert_eq!(flag_u64(&a(&[]), "--seconds", 60), Ok(60));
+        assert!(flag_u64(&a(&["--trials"]), "--trials", 5).is_err());
+        assert!(flag_u64(&a(&["--bogus", "1"]), "--trials", 5).is_err());
+        assert!(flag_u64(&a(&["--seed", "x"]), "--seed", 5).is_err());
+    }
 }
 
 /// `cargo xtask crash`: the crash harness with many trials.
