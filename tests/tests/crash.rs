@@ -18,18 +18,14 @@
 #[path = "../src/bin/crash_common/mod.rs"]
 mod crash_common;
 
-use crash_common::{model, registry, world_of, TestCrc, GEN_KEY};
+use crash_common::{model, registry, save_gen, world_of, GEN_KEY};
 use dcp_core::fault::{Fault, FaultFs, Op};
-use dcp_core::local::run_ranks;
 use dcp_core::mem::MemoryFs;
 use dcp_core::metadata::Metadata;
-use dcp_core::{
-    load, save_with, Collective, Error, FileSystem, FileSystemReader, FileSystemWriter,
-    ReaderOptions, SaveOptions, Single, StateDict, WriterOptions,
-};
+use dcp_core::{load, Error, FileSystem, FileSystemReader, ReaderOptions, Single, StateDict};
 use dcp_tests::Sharding;
 use rand::{Rng, SeedableRng};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -256,39 +252,6 @@ impl Gens {
             .or_insert_with(|| Arc::new(model(g).state_dicts(FAULT_WORLD)))
             .clone()
     }
-}
-
-fn save_gen(fs: Arc<dyn FileSystem>, sds: Arc<Vec<StateDict>>, g: u64) -> Vec<Result<(), Error>> {
-    let writer = Arc::new(
-        FileSystemWriter::new(
-            fs,
-            WriterOptions {
-                sync_files: true,
-                thread_count: 2,
-                extensions: vec![Arc::new(TestCrc)],
-                ..Default::default()
-            },
-        )
-        .expect("writer"),
-    );
-    let options = Arc::new(SaveOptions {
-        user_metadata: BTreeMap::from([(GEN_KEY.to_string(), g.to_string())]),
-        ..Default::default()
-    });
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(run_ranks(sds.len(), Duration::from_secs(60), move |grp| {
-        let (sds, writer, options) = (sds.clone(), writer.clone(), options.clone());
-        async move {
-            let rank = grp.rank();
-            save_with(&sds[rank], writer.as_ref(), &grp, &options)
-                .await
-                .map(|_| ())
-        }
-    }))
 }
 
 /// The generation in a location (no full check: see `check_checkpoint`).

@@ -8,12 +8,9 @@
 #[path = "crash_common/mod.rs"]
 mod crash_common;
 
-use crash_common::{model, world_of, TestCrc, GEN_KEY};
-use dcp_core::local::run_ranks;
-use dcp_core::{save_with, Collective, SaveOptions, WriterOptions};
-use std::collections::BTreeMap;
+use crash_common::{model, save_gen, world_of};
+use dcp_core::FileSystem;
 use std::sync::Arc;
-use std::time::Duration;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -25,35 +22,8 @@ fn main() {
     let g: u64 = args[2].parse().expect("generation is a number");
     let world = world_of(g);
     let sds = Arc::new(model(g).state_dicts(world));
-    let writer = Arc::new(
-        dcp_fs::writer(
-            &dir,
-            WriterOptions {
-                sync_files: true,
-                thread_count: 2,
-                extensions: vec![Arc::new(TestCrc)],
-                ..Default::default()
-            },
-        )
-        .expect("writer"),
-    );
-    let options = Arc::new(SaveOptions {
-        user_metadata: BTreeMap::from([(GEN_KEY.to_string(), g.to_string())]),
-        ..Default::default()
-    });
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let results = rt.block_on(run_ranks(world, Duration::from_secs(60), move |grp| {
-        let (sds, writer, options) = (sds.clone(), writer.clone(), options.clone());
-        async move {
-            let rank = grp.rank();
-            save_with(&sds[rank], writer.as_ref(), &grp, &options).await
-        }
-    }));
-    for (rank, r) in results.into_iter().enumerate() {
+    let fs: Arc<dyn FileSystem> = Arc::new(dcp_fs::LocalFs::new(dir));
+    for (rank, r) in save_gen(fs, sds, g).into_iter().enumerate() {
         if let Err(e) = r {
             eprintln!("rank {rank}: save of generation {g} failed: {e}");
             std::process::exit(1);

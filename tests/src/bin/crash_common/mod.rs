@@ -117,3 +117,48 @@ pub fn model(g: u64) -> Model {
 
 /// User metadata key recording the generation.
 pub const GEN_KEY: &str = "crash.generation";
+
+/// Save generation `g` (each rank its state dict of `sds`) into `fs` with
+/// `sync_files` on, 2 threads per rank and the test checksum on every record,
+/// recording `g` in the user metadata. One result per rank.
+pub fn save_gen(
+    fs: Arc<dyn dcp_core::FileSystem>,
+    sds: Arc<Vec<dcp_core::StateDict>>,
+    g: u64,
+) -> Vec<Result<()>> {
+    use dcp_core::{save_with, Collective, FileSystemWriter, SaveOptions, WriterOptions};
+    let writer = Arc::new(
+        FileSystemWriter::new(
+            fs,
+            WriterOptions {
+                sync_files: true,
+                thread_count: 2,
+                extensions: vec![Arc::new(TestCrc)],
+                ..Default::default()
+            },
+        )
+        .expect("writer"),
+    );
+    let options = Arc::new(SaveOptions {
+        user_metadata: std::collections::BTreeMap::from([(GEN_KEY.to_string(), g.to_string())]),
+        ..Default::default()
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(dcp_core::local::run_ranks(
+        sds.len(),
+        std::time::Duration::from_secs(60),
+        move |grp| {
+            let (sds, writer, options) = (sds.clone(), writer.clone(), options.clone());
+            async move {
+                let rank = grp.rank();
+                save_with(&sds[rank], writer.as_ref(), &grp, &options)
+                    .await
+                    .map(|_| ())
+            }
+        },
+    ))
+}
