@@ -88,7 +88,7 @@ fn check_checkpoint(fs: Arc<dyn FileSystem>, allowed: &[u64], what: &str) -> u64
         "{what}: checkpoint holds generation {g}, expected one of {allowed:?}"
     );
     // Every record carries the checksum.
-    assert_eq!(md.transforms, vec!["testcrc32c/1".to_string()], "{what}");
+    assert_eq!(md.transforms, vec!["crc32c/1".to_string()], "{what}");
     assert!(md.records().all(|(_, _, s)| s.transforms.len() == 1));
     // Files present with their recorded lengths, every checksum good.
     let report = dcp_core::verify::verify(fs.as_ref(), &md, &registry(), true, 2)

@@ -1,94 +1,23 @@
 //! Shared by the crash child (`dcp-crash-child`) and the reliability tests
 //! (`tests/crash.rs`, `tests/hostile.rs`): the deterministic model each
-//! checkpoint generation holds, and a small CRC-32C checksum extension so
-//! loads verify every record without depending on `dcp-ext`.
+//! checkpoint generation holds, the CRC-32C checksum every record carries,
+//! and the save of one generation.
 //!
 //! This directory has no `main.rs`, so cargo does not build it as a binary;
 //! each user includes it with `#[path]`.
 
 #![allow(dead_code)]
 
-use dcp_core::transform::Descriptor;
-use dcp_core::{
-    DType, Error, ErrorKind, ExtensionFactory, ExtensionRegistry, Result, StreamEncoder,
-    StreamTransformExtension, TransformKind,
-};
+use dcp_core::{DType, ExtensionRegistry, Result};
 use dcp_tests::{Model, Sharding};
 use std::sync::Arc;
 
-/// Descriptor name of the test checksum (distinct from `dcp-ext`'s `crc32c`,
-/// so the two can never be confused in a checkpoint).
-pub const CRC_NAME: &str = "testcrc32c";
+/// The checksum every crash-test record carries: `dcp-ext`'s CRC-32C.
+pub type TestCrc = dcp_ext::Crc32c;
 
-/// A `Checksum` transform: CRC-32C of a record's bytes, 4 bytes LE.
-#[derive(Debug, Default)]
-pub struct TestCrc;
-
-struct TestCrcEncoder(u32);
-
-impl StreamEncoder for TestCrcEncoder {
-    fn update(&mut self, input: &[u8], _out: &mut Vec<u8>) -> Result<()> {
-        self.0 = crc32c::crc32c_append(self.0, input);
-        Ok(())
-    }
-    fn finish(self: Box<Self>, _out: &mut Vec<u8>) -> Result<Vec<u8>> {
-        Ok(self.0.to_le_bytes().to_vec())
-    }
-}
-
-impl StreamTransformExtension for TestCrc {
-    fn descriptor(&self) -> String {
-        format!("{CRC_NAME}/1")
-    }
-    fn kind(&self) -> TransformKind {
-        TransformKind::Checksum
-    }
-    fn encoder(&self) -> Result<Box<dyn StreamEncoder>> {
-        Ok(Box::new(TestCrcEncoder(0)))
-    }
-    fn decode(&self, input: &[u8], value: &[u8], expected_len: usize) -> Result<Option<Vec<u8>>> {
-        if input.len() != expected_len {
-            return Err(Error::corrupt(format!(
-                "{} bytes where {expected_len} were expected",
-                input.len()
-            )));
-        }
-        let want: [u8; 4] = value
-            .try_into()
-            .map_err(|_| Error::corrupt(format!("checksum value of {} bytes", value.len())))?;
-        let got = crc32c::crc32c(input);
-        if got != u32::from_le_bytes(want) {
-            return Err(Error::new(
-                ErrorKind::ChecksumMismatch,
-                format!(
-                    "CRC-32C {got:#010x}, recorded {:#010x}",
-                    u32::from_le_bytes(want)
-                ),
-            ));
-        }
-        Ok(None)
-    }
-}
-
-struct TestCrcFactory;
-
-impl ExtensionFactory for TestCrcFactory {
-    fn name(&self) -> &str {
-        CRC_NAME
-    }
-    fn build(&self, d: &Descriptor) -> Result<Arc<dyn StreamTransformExtension>> {
-        if d.version != 1 || !d.params.is_empty() {
-            return Err(Error::unsupported(format!("{CRC_NAME}: unknown {d}")));
-        }
-        Ok(Arc::new(TestCrc))
-    }
-}
-
-/// A registry that resolves the test checksum.
+/// A registry that resolves every `dcp-ext` extension.
 pub fn registry() -> ExtensionRegistry {
-    let mut r = ExtensionRegistry::new();
-    r.register(Arc::new(TestCrcFactory));
-    r
+    dcp_ext::registry()
 }
 
 /// Ranks that save generation `g` (2 to 4, so consecutive generations differ
@@ -133,7 +62,7 @@ pub fn save_gen(
             WriterOptions {
                 sync_files: true,
                 thread_count: 2,
-                extensions: vec![Arc::new(TestCrc)],
+                extensions: vec![Arc::new(TestCrc::new())],
                 ..Default::default()
             },
         )
