@@ -626,6 +626,11 @@ fn decode<'a, T: Deserialize<'a>>(b: &'a [u8]) -> Result<T> {
     })
 }
 
+/// `e` as seen from `rank` (keeping the rank it already names, if any).
+fn on_rank(e: &Error, rank: usize) -> Error {
+    Error::new(e.kind(), e.message()).with_rank(e.rank().unwrap_or(rank))
+}
+
 fn wire<T>(r: Result<T>, rank: usize) -> std::result::Result<T, WireError> {
     r.map_err(|e| {
         let e = if e.rank().is_none() {
@@ -766,6 +771,7 @@ async fn save_inner(
 
     // 3. Commit on the coordinator, then agree on the outcome.
     let mut removed = Vec::new();
+    let mut committed: Option<Metadata> = None;
     let outcome = if rank == ROOT {
         let gathered = gathered.expect("root receives");
         let result: std::result::Result<Vec<u8>, WireError> = async {
@@ -804,6 +810,7 @@ async fn save_inner(
                     "checkpoint committed, but removing files of earlier saves failed: {e}"
                 ),
             }
+            committed = Some(md);
             Ok(encoded)
         }
         .await;
@@ -814,7 +821,12 @@ async fn save_inner(
     };
     match decode::<std::result::Result<Vec<u8>, WireError>>(&outcome)? {
         Ok(md_bytes) => {
-            let metadata = Arc::new(Metadata::decode(&md_bytes)?);
+            // The coordinator keeps what it built; the others check what
+            // they received.
+            let metadata = Arc::new(match committed {
+                Some(md) => md,
+                None => Metadata::decode(&md_bytes)?,
+            });
             tracing::info!(
                 rank,
                 bytes_written,
@@ -1034,11 +1046,7 @@ async fn load_inner(
     };
     let status: std::result::Result<(), WireError> = match &result {
         Ok(_) => Ok(()),
-        Err(e) => Err(if e.rank().is_some() {
-            e.to_wire()
-        } else {
-            Error::new(e.kind(), e.message()).with_rank(rank).to_wire()
-        }),
+        Err(e) => Err(on_rank(e, rank).to_wire()),
     };
     let all = collective.all_gather(encode(&status)?).await?;
     for b in &all {
@@ -1114,7 +1122,7 @@ async fn read_shared(
             });
         }
         let err = match (&state, &decoded) {
-            (Err(e), _) | (_, Err(e)) => Some(Error::new(e.kind(), e.message()).with_rank(rank)),
+            (Err(e), _) | (_, Err(e)) => Some(on_rank(e, rank)),
             _ => None,
         };
         // Each message: a status buffer ([0], or [1] and the error), then
