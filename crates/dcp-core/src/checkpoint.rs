@@ -193,6 +193,14 @@ pub trait StorageReader: Send + Sync {
         plan: LoadPlan,
         dest: DestStateDict,
     ) -> Result<(DestStateDict, ReadStats)>;
+
+    /// The [`FileSystemReader`] this reader is, if it is one. Ranks of one
+    /// process whose readers all are then read each shared saved chunk once,
+    /// straight into the buffers of every rank that needs it (see
+    /// [`LoadOptions::share_reads`]). The default, `None`, exchanges bytes.
+    fn file_system_reader(&self) -> Option<&FileSystemReader> {
+        None
+    }
 }
 
 /// The writer of the design (torch's `FileSystemWriter`), generic over the
@@ -509,6 +517,22 @@ impl StorageReader for FileSystemReader {
         plan: LoadPlan,
         dest: DestStateDict,
     ) -> Result<(DestStateDict, ReadStats)> {
+        let (resolved, cfg) = self.prepare_read(&md, &plan)?;
+        let fs = self.fs.clone();
+        blocking(move || read_plan(fs.as_ref(), &md, &plan, dest, &resolved, &cfg)).await
+    }
+
+    fn file_system_reader(&self) -> Option<&FileSystemReader> {
+        Some(self)
+    }
+}
+
+/// Transforms resolved for the records a plan reads, by descriptor index.
+type Resolved = Vec<Option<Arc<dyn crate::transform::StreamTransformExtension>>>;
+
+impl FileSystemReader {
+    /// Resolve the transforms `plan` needs and the settings of its read.
+    fn prepare_read(&self, md: &Metadata, plan: &LoadPlan) -> Result<(Resolved, ReadConfig)> {
         // Resolve only the transforms the planned records use.
         let mut used = vec![false; md.transforms.len()];
         let mut mark = |s: &StorageInfo| {
@@ -541,8 +565,7 @@ impl StorageReader for FileSystemReader {
             max_request: self.options.max_request.max(1),
             small_record: self.options.small_record,
         };
-        let fs = self.fs.clone();
-        blocking(move || read_plan(fs.as_ref(), &md, &plan, dest, &resolved, &cfg)).await
+        Ok((resolved, cfg))
     }
 }
 
@@ -1079,26 +1102,39 @@ async fn read_shared(
     };
     let rank = collective.rank();
     let n = collective.world_size();
+    // Ranks of one process whose readers are all file-system readers lend
+    // each other their buffers instead of exchanging bytes.
+    let can_lend = collective.shares_memory() && reader.file_system_reader().is_some();
     let needs_msg = wire(
         planned
             .as_ref()
-            .map(needs_of)
+            .map(|p| (needs_of(p), can_lend))
             .map_err(|e| Error::new(e.kind(), e.message())),
         rank,
     );
     let all = collective.all_gather(encode(&needs_msg)?).await?;
     let mut needs: Vec<Vec<Need>> = Vec::with_capacity(all.len());
+    let mut lend = true;
     for b in &all {
-        match decode::<std::result::Result<Vec<Need>, WireError>>(b)? {
-            Ok(x) => needs.push(x),
+        match decode::<std::result::Result<(Vec<Need>, bool), WireError>>(b)? {
+            Ok((x, l)) => {
+                needs.push(x);
+                lend &= l;
+            }
             // Every rank sees the same failure and stops here together.
             Err(w) => return Ok(Err(Error::from_wire(w))),
         }
     }
     let plan = planned.expect("errors returned above");
-    let sched = schedule(md, &needs, budget);
+    let sched = schedule(md, &needs, budget, lend);
     let (local_plan, mut shared_reads) = split_plan(plan, &sched);
     let mut state = reader.read(md.clone(), local_plan, dest).await;
+    if lend {
+        let fsr = reader
+            .file_system_reader()
+            .expect("every rank said it has a file-system reader");
+        return read_lent(state, md, fsr, collective, &sched, &needs).await;
+    }
     for round in &sched.rounds {
         // Read the shared chunks this rank serves in this round, whole.
         let mine: Vec<usize> = round
@@ -1268,6 +1304,117 @@ async fn read_shared(
         state = r.map(|_| (DestStateDict::from_items(dv.into_iter().collect()), stats));
     }
     Ok(state)
+}
+
+/// A rank's destination, lent to the other ranks of its process while they
+/// read shared chunks into it (`None`: the rank already failed).
+struct Lent(Option<crate::pipeline::read::DestSlots>);
+
+/// Shared reads for ranks in one process (see [`read_shared`]): every rank
+/// lends its destination buffers to the others (`all_gather_local`), then
+/// reads the shared chunks it was scheduled to serve straight into the
+/// buffers of every rank that needs them, with one scattered read each. No
+/// chunk is staged in memory or copied between ranks, so no rounds or
+/// budget are needed. An all-gather of the outcome then ends the lending:
+/// after it no rank writes into another's buffers, and each takes its own
+/// back.
+async fn read_lent(
+    state: Result<(DestStateDict, ReadStats)>,
+    md: &Arc<Metadata>,
+    reader: &FileSystemReader,
+    collective: &dyn Collective,
+    sched: &crate::pipeline::exchange::Schedule,
+    needs: &[Vec<crate::pipeline::exchange::Need>],
+) -> Result<Result<(DestStateDict, ReadStats)>> {
+    use crate::pipeline::read::{read_slots, DestSlots, Slot};
+    let rank = collective.rank();
+    let (mine, mut stats, mut outcome) = match state {
+        Ok((dest, stats)) => (Arc::new(Lent(Some(DestSlots::new(dest)))), stats, Ok(())),
+        Err(e) => (Arc::new(Lent(None)), ReadStats::default(), Err(e)),
+    };
+    let values = collective
+        .all_gather_local(mine.clone() as crate::collective::LocalValue)
+        .await?;
+    let mut lent: Vec<Arc<Lent>> = Vec::with_capacity(values.len());
+    for v in values {
+        lent.push(v.downcast::<Lent>().map_err(|_| {
+            Error::new(
+                ErrorKind::Collective,
+                "a rank lent something other than its destination buffers",
+            )
+        })?);
+    }
+    // Serve only when every rank lent its buffers (a failed rank has none;
+    // the outcome exchange below then fails the load everywhere).
+    if outcome.is_ok() && lent.iter().all(|l| l.0.is_some()) {
+        // Every rank's destination items, one flat index space.
+        let mut base = Vec::with_capacity(lent.len());
+        let mut count = 0usize;
+        for l in &lent {
+            base.push(count);
+            count += l.0.as_ref().map_or(0, |d| d.slots.len());
+        }
+        let mut plan = LoadPlan::default();
+        for c in sched.shared.iter().filter(|c| c.reader == rank) {
+            for &(r, i) in &c.users {
+                let need = &needs[r][i];
+                for (o, &(di, dc)) in need.overlaps.iter().zip(&need.dests) {
+                    plan.tensor_reads.push(crate::plan::ReadItem {
+                        dest_item: base[r] + di as usize,
+                        dest_chunk: dc as usize,
+                        md_item: c.item,
+                        saved_chunk: c.chunk,
+                        overlap: o.clone(),
+                    });
+                }
+            }
+        }
+        if !plan.tensor_reads.is_empty() {
+            let served = reader.prepare_read(md, &plan).map(|(resolved, cfg)| {
+                let (fs, md, lent) = (reader.fs.clone(), md.clone(), lent.clone());
+                blocking(move || {
+                    let slots: Vec<&Slot> = lent
+                        .iter()
+                        .flat_map(|l| l.0.as_ref().map(|d| d.slots.iter()).into_iter().flatten())
+                        .collect();
+                    read_slots(fs.as_ref(), &md, &plan, &slots, &resolved, &cfg)
+                })
+            });
+            match served {
+                Ok(task) => match task.await {
+                    Ok(s) => {
+                        stats.bytes_read += s.bytes_read;
+                        stats.requests += s.requests;
+                        stats.records += s.records;
+                    }
+                    Err(e) => outcome = Err(e),
+                },
+                Err(e) => outcome = Err(e),
+            }
+        }
+    }
+    drop(lent);
+    // The end of the lending: once every rank is past this, nobody writes
+    // into another rank's buffers.
+    let status: std::result::Result<(), WireError> = match &outcome {
+        Ok(()) => Ok(()),
+        Err(e) => Err(on_rank(e, rank).to_wire()),
+    };
+    let all = collective.all_gather(encode(&status)?).await?;
+    if let Err(e) = outcome {
+        return Ok(Err(e));
+    }
+    for b in &all {
+        if let Err(w) = decode::<std::result::Result<(), WireError>>(b)? {
+            return Ok(Err(Error::from_wire(w)));
+        }
+    }
+    let dest = mine
+        .0
+        .as_ref()
+        .map(DestSlots::take)
+        .expect("a rank that did not fail lent its buffers");
+    Ok(Ok((dest, stats)))
 }
 
 /// Read whole saved chunks `(md_item, saved_chunk)`, decoded and verified,

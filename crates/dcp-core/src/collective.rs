@@ -16,6 +16,10 @@ use tokio::sync::Notify;
 /// Default deadline of one collective operation.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// A value handed between ranks of one process, shared rather than copied;
+/// see [`Collective::all_gather_local`].
+pub type LocalValue = Arc<dyn std::any::Any + Send + Sync>;
+
 /// A group of ranks exchanging byte messages.
 ///
 /// Contract: an operation completes on every rank or fails on every rank
@@ -40,6 +44,20 @@ pub trait Collective: Send + Sync {
     /// send whole decoded chunks instead of compacted slices.
     fn shares_memory(&self) -> bool {
         false
+    }
+
+    /// For ranks in one address space: every rank receives every rank's
+    /// `value`, in rank order, shared (an `Arc` clone), never serialized.
+    /// Loads use it to lend each other their destination buffers, so a
+    /// saved chunk several ranks need is read once, straight into all of
+    /// them. The default refuses with [`ErrorKind::Unsupported`] (ranks in
+    /// different processes cannot share values); loads then exchange bytes
+    /// instead. An implementation must refuse on every rank or on none.
+    async fn all_gather_local(&self, value: LocalValue) -> Result<Vec<LocalValue>> {
+        let _ = value;
+        Err(Error::unsupported(
+            "this collective cannot share in-process values between ranks",
+        ))
     }
 
     /// Like [`Collective::all_to_all`], with any number of buffers per
@@ -163,12 +181,19 @@ impl Collective for Single {
     }
 }
 
+/// What one rank sends another in one round of a [`LocalGroup`].
+#[derive(Clone)]
+enum Parcel {
+    Bufs(Vec<Bytes>),
+    Value(LocalValue),
+}
+
 struct GroupState {
     /// Messages deposited in the current round, per sender, per destination.
-    deposits: Vec<Option<Vec<Vec<Bytes>>>>,
+    deposits: Vec<Option<Vec<Parcel>>>,
     arrived: usize,
     /// Completed round results, per receiver, with the round number.
-    inbox: Vec<Option<(u64, Vec<Vec<Bytes>>)>>,
+    inbox: Vec<Option<(u64, Vec<Parcel>)>>,
     /// Round number each rank is in.
     round: Vec<u64>,
     /// Set once the group is broken; every later operation fails with it.
@@ -277,6 +302,40 @@ impl Collective for LocalGroup {
     }
 
     async fn all_to_all_v(&self, send: Vec<Vec<Bytes>>) -> Result<Vec<Vec<Bytes>>> {
+        let recv = self
+            .exchange(send.into_iter().map(Parcel::Bufs).collect())
+            .await?;
+        recv.into_iter()
+            .map(|p| match p {
+                Parcel::Bufs(b) => Ok(b),
+                Parcel::Value(_) => Err(self.mismatch()),
+            })
+            .collect()
+    }
+
+    async fn all_gather_local(&self, value: LocalValue) -> Result<Vec<LocalValue>> {
+        let n = self.shared.size;
+        let recv = self.exchange(vec![Parcel::Value(value); n]).await?;
+        recv.into_iter()
+            .map(|p| match p {
+                Parcel::Value(v) => Ok(v),
+                Parcel::Bufs(_) => Err(self.mismatch()),
+            })
+            .collect()
+    }
+}
+
+impl LocalGroup {
+    fn mismatch(&self) -> Error {
+        Error::new(
+            ErrorKind::Collective,
+            "ranks called different collective operations in the same round",
+        )
+        .with_rank(self.rank)
+    }
+
+    /// One round: deposit a parcel for every rank, wait for every rank's.
+    async fn exchange(&self, send: Vec<Parcel>) -> Result<Vec<Parcel>> {
         let n = self.shared.size;
         if send.len() != n {
             return Err(Error::invalid(format!(
@@ -295,12 +354,12 @@ impl Collective for LocalGroup {
             st.arrived += 1;
             if st.arrived == n {
                 // Last to arrive: route every message and open the next round.
-                let deposits: Vec<Vec<Vec<Bytes>>> = st
+                let deposits: Vec<Vec<Parcel>> = st
                     .deposits
                     .iter_mut()
                     .map(|d| d.take().unwrap_or_default())
                     .collect();
-                let mut recv: Vec<Vec<Vec<Bytes>>> = vec![Vec::with_capacity(n); n];
+                let mut recv: Vec<Vec<Parcel>> = vec![Vec::with_capacity(n); n];
                 for from in deposits {
                     for (to, msg) in from.into_iter().enumerate() {
                         recv[to].push(msg);

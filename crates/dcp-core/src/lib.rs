@@ -53,7 +53,7 @@ pub use checkpoint::{
     LoadOptions, LoadResult, ReaderOptions, SaveOptions, SaveResult, StorageReader, StorageWriter,
     WriterOptions,
 };
-pub use collective::{Collective, LocalGroup, Single};
+pub use collective::{Collective, LocalGroup, LocalValue, Single};
 pub use dtype::DType;
 pub use error::{Error, ErrorKind, Result};
 pub use metadata::{FormatKind, Metadata};

@@ -56,6 +56,35 @@ pub trait FileSystem: Send + Sync + fmt::Debug + 'static {
     /// error of kind `Corrupt` naming the file, offset and length.
     fn read_into(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<()>;
 
+    /// Fill `bufs`, in order, from one contiguous range of `name` starting
+    /// at `offset`: the first buffer gets the first bytes, and so on. This is
+    /// a scattered read (`preadv`): it lets a load put a saved region's bytes
+    /// straight into many destination rows, or into several ranks' buffers,
+    /// with one copy. Reading past the end is an error of kind `Corrupt`, as
+    /// for [`FileSystem::read_into`]; on error the buffers' contents are
+    /// unspecified.
+    ///
+    /// The default reads the range into one temporary buffer with
+    /// [`FileSystem::read_into`] (a single request: right for object stores)
+    /// and copies it out.
+    fn read_scattered(
+        &self,
+        name: &str,
+        offset: u64,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+    ) -> Result<()> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let mut tmp = vec![0u8; total];
+        self.read_into(name, offset, &mut tmp)?;
+        let mut at = 0;
+        for b in bufs.iter_mut() {
+            let n = b.len();
+            b.copy_from_slice(&tmp[at..at + n]);
+            at += n;
+        }
+        Ok(())
+    }
+
     /// Length of `name`, or `None` if it does not exist.
     fn file_len(&self, name: &str) -> Result<Option<u64>>;
 

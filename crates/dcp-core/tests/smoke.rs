@@ -44,15 +44,22 @@ impl Collective for BytesOnly {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reshard_rows_to_columns() {
-    reshard(false).await;
+    reshard(false, ReaderOptions::default().small_record).await;
+}
+
+/// Every record, however small, read with one scattered read straight into
+/// the three ranks' buffers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reshard_rows_to_columns_scattered() {
+    reshard(false, 0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reshard_rows_to_columns_over_a_byte_transport() {
-    reshard(true).await;
+    reshard(true, 0).await;
 }
 
-async fn reshard(bytes_only: bool) {
+async fn reshard(bytes_only: bool, small_record: u64) {
     let mem = MemoryFs::new("memory://smoke");
     let fs: Arc<dyn FileSystem> = Arc::new(mem.clone());
     let fs2 = fs.clone();
@@ -103,7 +110,13 @@ async fn reshard(bytes_only: bool) {
                 vec![ChunkBox::new(vec![0, lo], vec![R, hi - lo])?],
             )?;
             dest.want_bytes("step")?;
-            let r = FileSystemReader::new(fs, ReaderOptions::default());
+            let r = FileSystemReader::new(
+                fs,
+                ReaderOptions {
+                    small_record,
+                    ..Default::default()
+                },
+            );
             // A small exchange budget forces several rounds.
             let opts = LoadOptions {
                 exchange_budget: 2048,

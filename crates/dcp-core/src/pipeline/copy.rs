@@ -144,22 +144,39 @@ pub fn copy_region_from(
     dst_box: &ChunkBox,
     region: &ChunkBox,
 ) {
+    assert_eq!(dst.len() as u64, dst_box.numel() * elem as u64);
+    for_each_common_run(elem, src_box, dst_box, region, |so, doff, len| {
+        let so = so - src_start;
+        dst[doff..doff + len].copy_from_slice(&src[so..so + len]);
+    });
+}
+
+/// Call `f(src_offset, dst_offset, len)` for each run of `region`'s bytes
+/// that is contiguous both in `src_box`'s row-major buffer and in
+/// `dst_box`'s, in row-major order of `region`. Trailing dimensions that are
+/// full in both boxes merge into one run. Panics if `region` is not inside
+/// both boxes (a planner bug, checked before any copy is planned).
+pub fn for_each_common_run(
+    elem: usize,
+    src_box: &ChunkBox,
+    dst_box: &ChunkBox,
+    region: &ChunkBox,
+    mut f: impl FnMut(usize, usize, usize),
+) {
     assert!(
         src_box.contains(region) && dst_box.contains(region),
         "region outside chunk"
     );
-    assert_eq!(dst.len() as u64, dst_box.numel() * elem as u64);
     if region.is_empty() {
         return;
     }
     let n = region.ndim();
     if n == 0 {
-        dst[..elem].copy_from_slice(&src[..elem]);
+        f(0, 0, elem);
         return;
     }
     let ss = strides(src_box);
     let ds = strides(dst_box);
-    // Merge trailing dimensions that are full in both boxes into one run.
     let mut k = n;
     let mut run: u64 = 1;
     loop {
@@ -170,12 +187,12 @@ pub fn copy_region_from(
         }
     }
     let run_bytes = run as usize * elem;
-    let src_base = first_offset(src_box, region, &ss) as usize * elem - src_start;
+    let src_base = first_offset(src_box, region, &ss) as usize * elem;
     let dst_base = first_offset(dst_box, region, &ds) as usize * elem;
     odometer(&region.sizes[..k], |idx| {
         let so = src_base + idx.iter().zip(&ss).map(|(i, s)| i * s).sum::<u64>() as usize * elem;
         let doff = dst_base + idx.iter().zip(&ds).map(|(i, s)| i * s).sum::<u64>() as usize * elem;
-        dst[doff..doff + run_bytes].copy_from_slice(&src[so..so + run_bytes]);
+        f(so, doff, run_bytes);
     });
 }
 

@@ -21,6 +21,9 @@ pub(crate) struct Need {
     pub item: u32,
     pub chunk: u32,
     pub overlaps: Vec<ChunkBox>,
+    /// The destination (item index, chunk index) of each overlap, for ranks
+    /// that fill each other's buffers in one process.
+    pub dests: Vec<(u32, u32)>,
 }
 
 /// A saved chunk needed by several ranks.
@@ -44,29 +47,72 @@ pub(crate) struct Schedule {
 
 /// This rank's needs, grouped by saved chunk in plan order.
 pub(crate) fn needs_of(plan: &LoadPlan) -> Vec<Need> {
+    type Overlaps = (Vec<ChunkBox>, Vec<(u32, u32)>);
     let mut order: Vec<(u32, u32)> = Vec::new();
-    let mut map: BTreeMap<(u32, u32), Vec<ChunkBox>> = BTreeMap::new();
+    let mut map: BTreeMap<(u32, u32), Overlaps> = BTreeMap::new();
     for r in &plan.tensor_reads {
         let key = (r.md_item as u32, r.saved_chunk as u32);
         let e = map.entry(key).or_default();
-        if e.is_empty() {
+        if e.0.is_empty() {
             order.push(key);
         }
-        e.push(r.overlap.clone());
+        e.0.push(r.overlap.clone());
+        e.1.push((r.dest_item as u32, r.dest_chunk as u32));
     }
     order
         .into_iter()
-        .map(|k| Need {
-            item: k.0,
-            chunk: k.1,
-            overlaps: map.remove(&k).unwrap_or_default(),
+        .map(|k| {
+            let (overlaps, dests) = map.remove(&k).unwrap_or_default();
+            Need {
+                item: k.0,
+                chunk: k.1,
+                overlaps,
+                dests,
+            }
         })
         .collect()
 }
 
 /// Compute the schedule from every rank's needs. `budget` bounds, per rank
 /// and round, the decoded chunks it reads plus the slices it receives.
-pub(crate) fn schedule(md: &Metadata, needs: &[Vec<Need>], budget: u64) -> Schedule {
+///
+/// When slices travel between ranks, each shared chunk's reader is the user
+/// needing most of it (so little is sent), the least loaded on ties. When
+/// ranks `lend` each other their buffers nothing travels, so the readers
+/// split the shared chunks, in file order, into contiguous runs of about
+/// equal bytes: balanced, and each rank reads neighbouring records (spans
+/// coalesced across small records never pull in another reader's bytes,
+/// except at the runs' ends).
+pub(crate) fn schedule(md: &Metadata, needs: &[Vec<Need>], budget: u64, lend: bool) -> Schedule {
+    let mut out = schedule_by_need(md, needs, budget);
+    if lend && !out.shared.is_empty() {
+        let world = needs.len() as u64;
+        let place = |c: &SharedChunk| match &md.items[c.item].1 {
+            ItemMeta::Tensor { chunks, .. } => {
+                let st = &chunks[c.chunk].storage;
+                (st.file, st.offset, st.length)
+            }
+            ItemMeta::Bytes { .. } => (0, 0, 0),
+        };
+        let mut order: Vec<usize> = (0..out.shared.len()).collect();
+        order.sort_by_key(|&i| place(&out.shared[i]));
+        let total: u64 = order.iter().map(|&i| place(&out.shared[i]).2).sum();
+        let mut before = 0u64;
+        for i in order {
+            let len = place(&out.shared[i]).2;
+            // The rank whose equal share holds this record's middle byte.
+            let mid = before + len / 2;
+            let reader = (u128::from(mid) * u128::from(world) / u128::from(total.max(1))) as usize;
+            out.shared[i].reader = reader.min(needs.len() - 1);
+            before += len;
+        }
+        // Nothing is staged: one round holds every shared chunk.
+        out.rounds = vec![(0..out.shared.len()).collect()];
+    }
+    out
+}
+
+fn schedule_by_need(md: &Metadata, needs: &[Vec<Need>], budget: u64) -> Schedule {
     // (rank, index into its needs, bytes needed) per saved chunk.
     type Users = Vec<(usize, usize, u64)>;
     let mut users: BTreeMap<(u32, u32), Users> = BTreeMap::new();
@@ -304,11 +350,13 @@ mod tests {
                     item: 0,
                     chunk: 0,
                     overlaps: vec![b([0, 0], [2, 4])],
+                    dests: vec![(0, 0)],
                 },
                 Need {
                     item: 0,
                     chunk: 1,
                     overlaps: vec![b([2, 0], [2, 4])],
+                    dests: vec![(0, 0)],
                 },
             ],
             vec![
@@ -316,26 +364,34 @@ mod tests {
                     item: 0,
                     chunk: 0,
                     overlaps: vec![b([0, 4], [2, 2])],
+                    dests: vec![(0, 0)],
                 },
                 Need {
                     item: 0,
                     chunk: 1,
                     overlaps: vec![b([2, 4], [2, 2])],
+                    dests: vec![(0, 0)],
                 },
             ],
         ];
-        let s = schedule(&m, &needs, 1 << 20);
+        let s = schedule(&m, &needs, 1 << 20, false);
         assert_eq!(s.shared.len(), 2);
         assert!(
             s.shared.iter().all(|c| c.reader == 0),
             "rank 0 needs more of each"
         );
         assert_eq!(s.rounds, vec![vec![0, 1]]);
+        // Ranks lending buffers split the shared chunks in file order into
+        // runs of equal bytes instead, in one round.
+        let s = schedule(&m, &needs, 1, true);
+        let readers: Vec<usize> = s.shared.iter().map(|c| c.reader).collect();
+        assert_eq!(readers, vec![0, 1]);
+        assert_eq!(s.rounds, vec![vec![0, 1]]);
         // A tiny budget puts each chunk in its own round.
-        let s = schedule(&m, &needs, 1);
+        let s = schedule(&m, &needs, 1, false);
         assert_eq!(s.rounds, vec![vec![0], vec![1]]);
         // A chunk needed by one rank is not shared.
-        let s = schedule(&m, &[needs[0].clone(), vec![]], 1 << 20);
+        let s = schedule(&m, &[needs[0].clone(), vec![]], 1 << 20, false);
         assert!(s.shared.is_empty() && s.rounds.is_empty());
     }
 }

@@ -87,6 +87,16 @@ enum Task {
         len: usize,
         verify: bool,
     },
+    /// Read a contiguous part of a record once, scattered straight into the
+    /// destination runs it feeds (one `preadv`: a single copy, however the
+    /// destinations are strided). `runs` are in record order and tile the
+    /// part without gaps; with `verify`, the part is the whole record and its
+    /// checksums are checked over the runs afterwards.
+    Scatter {
+        record: usize,
+        runs: Vec<Run>,
+        verify: bool,
+    },
     /// Read `[start, start+len)` of a file once and serve several pieces.
     Span {
         file: u32,
@@ -96,10 +106,25 @@ enum Task {
     },
 }
 
+/// One contiguous run of a scattered read: `len` bytes at `rel` in the
+/// record go to byte `dest` of target `target`'s destination chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Run {
+    rel: u64,
+    target: usize,
+    dest: usize,
+    len: usize,
+}
+
+/// Largest part of a record one scatter task reads when it need not verify
+/// the whole record: big records are split so several workers share them.
+const SCATTER_PART: u64 = 8 << 20;
+
 impl Task {
     fn cost(&self) -> u64 {
         match self {
             Task::Direct { len, .. } => *len as u64,
+            Task::Scatter { runs, .. } => runs.iter().map(|r| r.len as u64).sum(),
             Task::Span { len, .. } => *len,
         }
     }
@@ -111,14 +136,187 @@ impl Task {
                 let r = &records[*record];
                 (r.file, r.offset + rel_start)
             }
+            Task::Scatter { record, runs, .. } => {
+                let r = &records[*record];
+                (r.file, r.offset + runs.first().map_or(0, |x| x.rel))
+            }
             Task::Span { file, start, .. } => (*file, *start),
         }
     }
 }
 
-enum Slot {
+/// The runs that read record `rec` whole into its targets with one copy, or
+/// `None` when it cannot be: the targets' overlaps must be disjoint and
+/// cover the saved chunk exactly (every stored byte has exactly one
+/// destination), and the record must be stored as it is (no codec).
+fn scatter_runs(rec: &Record<'_>, slots: &[&Slot]) -> Option<Vec<Run>> {
+    const MAX_TARGETS: usize = 256;
+    let saved_box = rec.saved_box?;
+    if rec.targets.is_empty() || rec.targets.len() > MAX_TARGETS || rec.length != rec.logical {
+        return None;
+    }
+    let mut boxes: Vec<(&ChunkBox, &ChunkBox)> = Vec::with_capacity(rec.targets.len());
+    for t in &rec.targets {
+        let Target::Tensor {
+            dest_item,
+            dest_chunk,
+            overlap,
+        } = t
+        else {
+            return None;
+        };
+        let Slot::Tensor(chunks) = slots.get(*dest_item)? else {
+            return None;
+        };
+        boxes.push((overlap, &chunks.get(*dest_chunk)?.0));
+    }
+    let covered: u64 = boxes.iter().map(|(o, _)| o.numel()).sum();
+    if covered != saved_box.numel() {
+        return None;
+    }
+    for (i, (a, _)) in boxes.iter().enumerate() {
+        if boxes[i + 1..].iter().any(|(b, _)| a.overlaps(b)) {
+            return None;
+        }
+    }
+    let mut runs: Vec<Run> = Vec::new();
+    for (ti, (overlap, dest_box)) in boxes.iter().enumerate() {
+        crate::pipeline::copy::for_each_common_run(
+            rec.elem,
+            saved_box,
+            dest_box,
+            overlap,
+            |src, dest, len| {
+                runs.push(Run {
+                    rel: src as u64,
+                    target: ti,
+                    dest,
+                    len,
+                })
+            },
+        );
+    }
+    runs.sort_unstable_by_key(|r| r.rel);
+    // Merge neighbours that continue each other in the file and in the
+    // destination (full rows), then check the runs tile the record.
+    let mut merged: Vec<Run> = Vec::with_capacity(runs.len());
+    for r in runs {
+        if let Some(last) = merged.last_mut() {
+            if last.target == r.target
+                && last.rel + last.len as u64 == r.rel
+                && last.dest + last.len == r.dest
+            {
+                last.len += r.len;
+                continue;
+            }
+        }
+        merged.push(r);
+    }
+    let mut at = 0u64;
+    for r in &merged {
+        if r.rel != at {
+            return None;
+        }
+        at += r.len as u64;
+    }
+    (at == rec.length).then_some(merged)
+}
+
+/// Cut `runs` (tiling a record) into consecutive parts of at most `part`
+/// bytes, splitting runs at the cuts.
+fn split_runs(runs: Vec<Run>, part: u64) -> Vec<Vec<Run>> {
+    let part = part.max(1) as usize;
+    let mut out: Vec<Vec<Run>> = Vec::new();
+    let mut cur: Vec<Run> = Vec::new();
+    let mut size = 0usize;
+    for mut r in runs {
+        while r.len > 0 {
+            let take = r.len.min(part - size);
+            cur.push(Run { len: take, ..r });
+            size += take;
+            r.rel += take as u64;
+            r.dest += take;
+            r.len -= take;
+            if size == part {
+                out.push(std::mem::take(&mut cur));
+                size = 0;
+            }
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// One destination item while reads fill it: each chunk's buffer behind its
+/// own lock, so workers (and, in one process, other ranks) write disjoint
+/// parts of it.
+pub(crate) enum Slot {
     Tensor(Vec<(ChunkBox, Mutex<Vec<u8>>)>),
     Bytes(Mutex<Option<Vec<u8>>>),
+}
+
+/// A rank's destination state dict as [`Slot`]s, by destination item index
+/// (name order, as plans address it).
+pub(crate) struct DestSlots {
+    names: Vec<String>,
+    meta: Vec<Option<(crate::DType, Vec<u64>)>>,
+    pub(crate) slots: Vec<Slot>,
+}
+
+impl DestSlots {
+    pub(crate) fn new(dest: DestStateDict) -> DestSlots {
+        let items = dest.into_items();
+        let names: Vec<String> = items.keys().cloned().collect();
+        let mut meta: Vec<Option<(crate::DType, Vec<u64>)>> = Vec::with_capacity(items.len());
+        let slots: Vec<Slot> = items
+            .into_values()
+            .map(|item| match item {
+                DestItem::Tensor(t) => {
+                    meta.push(Some((t.dtype, t.shape)));
+                    Slot::Tensor(
+                        t.chunks
+                            .into_iter()
+                            .map(|c| (c.region, Mutex::new(c.data)))
+                            .collect(),
+                    )
+                }
+                DestItem::Bytes(b) => {
+                    meta.push(None);
+                    Slot::Bytes(Mutex::new(b))
+                }
+            })
+            .collect();
+        DestSlots { names, meta, slots }
+    }
+
+    /// Move the buffers back out into a state dict (through the locks, so it
+    /// works on a shared `DestSlots`; what is left behind is empty).
+    pub(crate) fn take(&self) -> DestStateDict {
+        let mut out = BTreeMap::new();
+        for ((name, slot), m) in self.names.iter().zip(&self.slots).zip(&self.meta) {
+            let item = match (slot, m) {
+                (Slot::Tensor(chunks), Some((dtype, shape))) => {
+                    DestItem::Tensor(crate::model::DestTensor {
+                        dtype: *dtype,
+                        shape: shape.clone(),
+                        chunks: chunks
+                            .iter()
+                            .map(|(region, data)| crate::model::DestChunk {
+                                region: region.clone(),
+                                data: std::mem::take(&mut *lock(data)),
+                            })
+                            .collect(),
+                    })
+                }
+                (Slot::Bytes(b), _) => DestItem::Bytes(lock(b).take()),
+                (Slot::Tensor(_), None) => unreachable!("tensor slots carry their meta"),
+            };
+            out.insert(name.clone(), item);
+        }
+        DestStateDict::from_items(out)
+    }
 }
 
 /// Execute `plan` against `fs`, filling `dest`. Blocking: runs up to
@@ -131,29 +329,41 @@ pub(crate) fn read_plan(
     resolved: &[Option<Arc<dyn StreamTransformExtension>>],
     cfg: &ReadConfig,
 ) -> Result<(DestStateDict, ReadStats)> {
+    let dest = DestSlots::new(dest);
+    let slots: Vec<&Slot> = dest.slots.iter().collect();
+    let stats = read_slots(fs, md, plan, &slots, resolved, cfg)?;
+    Ok((dest.take(), stats))
+}
+
+/// Execute `plan` against `fs`, filling `slots` (indexed by the plan's
+/// `dest_item`; they may belong to several ranks of one process). Blocking:
+/// runs up to `thread_count` scoped worker threads.
+pub(crate) fn read_slots(
+    fs: &dyn FileSystem,
+    md: &Metadata,
+    plan: &LoadPlan,
+    slots: &[&Slot],
+    resolved: &[Option<Arc<dyn StreamTransformExtension>>],
+    cfg: &ReadConfig,
+) -> Result<ReadStats> {
     let _span = tracing::debug_span!("read", reads = plan.tensor_reads.len()).entered();
-    // Destination slots, by destination item index.
-    let items = dest.into_items();
-    let names: Vec<String> = items.keys().cloned().collect();
-    let mut meta: Vec<Option<(crate::DType, Vec<u64>)>> = Vec::with_capacity(items.len());
-    let slots: Vec<Slot> = items
-        .into_values()
-        .map(|item| match item {
-            DestItem::Tensor(t) => {
-                meta.push(Some((t.dtype, t.shape)));
-                Slot::Tensor(
-                    t.chunks
-                        .into_iter()
-                        .map(|c| (c.region, Mutex::new(c.data)))
-                        .collect(),
-                )
+    for r in &plan.tensor_reads {
+        match slots.get(r.dest_item) {
+            Some(Slot::Tensor(chunks)) if r.dest_chunk < chunks.len() => {}
+            _ => {
+                return Err(Error::invalid(
+                    "load plan names a destination chunk that does not exist",
+                ))
             }
-            DestItem::Bytes(b) => {
-                meta.push(None);
-                Slot::Bytes(Mutex::new(b))
-            }
-        })
-        .collect();
+        }
+    }
+    for b in &plan.bytes_reads {
+        if !matches!(slots.get(b.dest_item), Some(Slot::Bytes(_))) {
+            return Err(Error::invalid(
+                "load plan names a destination bytes item that does not exist",
+            ));
+        }
+    }
 
     let kind_of = |t: &AppliedTransform| -> Result<TransformKind> {
         resolved
@@ -284,6 +494,47 @@ pub(crate) fn read_plan(
             ));
             continue;
         };
+        // A record that is stored as it is and whose targets tile it exactly
+        // is read with one copy, straight into every target, unless plain
+        // direct reads already do that (every target contiguous, nothing
+        // to verify) or it is small enough to ride in a coalesced span.
+        if !has_codec && rec.length >= cfg.small_record.max(1) {
+            let all_direct = rec.targets.iter().all(|t| match t {
+                Target::Tensor {
+                    dest_item,
+                    dest_chunk,
+                    overlap,
+                } => match slots[*dest_item] {
+                    Slot::Tensor(chunks) => {
+                        contiguous_range(rec.elem, saved_box, overlap).is_some()
+                            && contiguous_range(rec.elem, &chunks[*dest_chunk].0, overlap).is_some()
+                    }
+                    Slot::Bytes(_) => false,
+                },
+                Target::Bytes { .. } => false,
+            });
+            if whole || !all_direct {
+                if let Some(runs) = scatter_runs(rec, slots) {
+                    if whole {
+                        tasks.push(Task::Scatter {
+                            record: ri,
+                            runs,
+                            verify: true,
+                        });
+                    } else {
+                        let part = SCATTER_PART.min(cfg.max_request);
+                        for runs in split_runs(runs, part) {
+                            tasks.push(Task::Scatter {
+                                record: ri,
+                                runs,
+                                verify: false,
+                            });
+                        }
+                    }
+                    continue;
+                }
+            }
+        }
         let mut rest: Vec<usize> = Vec::new();
         for (ti, t) in rec.targets.iter().enumerate() {
             let Target::Tensor {
@@ -419,7 +670,7 @@ pub(crate) fn read_plan(
         fs,
         md,
         records: &records,
-        slots: &slots,
+        slots,
         resolved,
         bytes: &stats_bytes,
         requests: &stats_requests,
@@ -456,43 +707,18 @@ pub(crate) fn read_plan(
     for r in results {
         r?;
     }
-
-    let mut out = BTreeMap::new();
-    for ((name, slot), m) in names.into_iter().zip(slots).zip(meta) {
-        let item = match slot {
-            Slot::Tensor(chunks) => {
-                let (dtype, shape) = m.expect("tensor meta");
-                DestItem::Tensor(crate::model::DestTensor {
-                    dtype,
-                    shape,
-                    chunks: chunks
-                        .into_iter()
-                        .map(|(region, data)| crate::model::DestChunk {
-                            region,
-                            data: data.into_inner().unwrap_or_else(|p| p.into_inner()),
-                        })
-                        .collect(),
-                })
-            }
-            Slot::Bytes(b) => DestItem::Bytes(b.into_inner().unwrap_or_else(|p| p.into_inner())),
-        };
-        out.insert(name, item);
-    }
-    Ok((
-        DestStateDict::from_items(out),
-        ReadStats {
-            bytes_read: stats_bytes.into_inner(),
-            requests: stats_requests.into_inner(),
-            records: records.len() as u64,
-        },
-    ))
+    Ok(ReadStats {
+        bytes_read: stats_bytes.into_inner(),
+        requests: stats_requests.into_inner(),
+        records: records.len() as u64,
+    })
 }
 
 struct Ctx<'a> {
     fs: &'a dyn FileSystem,
     md: &'a Metadata,
     records: &'a [Record<'a>],
-    slots: &'a [Slot],
+    slots: &'a [&'a Slot],
     resolved: &'a [Option<Arc<dyn StreamTransformExtension>>],
     bytes: &'a AtomicU64,
     requests: &'a AtomicU64,
@@ -554,6 +780,11 @@ impl Ctx<'_> {
                 }
                 Ok(())
             }
+            Task::Scatter {
+                record,
+                runs,
+                verify,
+            } => self.scatter_read(&self.records[*record], runs, *verify),
             Task::Span {
                 file,
                 start,
@@ -581,6 +812,133 @@ impl Ctx<'_> {
                 Ok(())
             }
         }
+    }
+
+    /// Lock every destination chunk `runs` feed (in address order, so
+    /// workers and ranks locking overlapping sets cannot deadlock), cut their
+    /// buffers into the runs' disjoint slices, and read the part of the
+    /// record with one scattered read.
+    fn scatter_read(&self, rec: &Record<'_>, runs: &[Run], verify: bool) -> Result<()> {
+        let Some(first) = runs.first() else {
+            return Ok(());
+        };
+        let chunk_of = |target: usize| -> &Mutex<Vec<u8>> {
+            let Target::Tensor {
+                dest_item,
+                dest_chunk,
+                ..
+            } = &rec.targets[target]
+            else {
+                unreachable!("scatter targets are tensors")
+            };
+            let Slot::Tensor(chunks) = self.slots[*dest_item] else {
+                unreachable!("planned as tensor")
+            };
+            &chunks[*dest_chunk].1
+        };
+        // Distinct chunks, by address; each run's index into them.
+        let mut chunks: Vec<&Mutex<Vec<u8>>> = runs.iter().map(|r| chunk_of(r.target)).collect();
+        chunks.sort_by_key(|m| std::ptr::from_ref(*m) as usize);
+        chunks.dedup_by_key(|m| std::ptr::from_ref(*m) as usize);
+        let mut guards: Vec<_> = chunks.iter().map(|m| lock(m)).collect();
+        let mut by_chunk: Vec<Vec<usize>> = vec![Vec::new(); chunks.len()];
+        for (i, r) in runs.iter().enumerate() {
+            let m = std::ptr::from_ref(chunk_of(r.target)) as usize;
+            let c = chunks
+                .binary_search_by_key(&m, |x| std::ptr::from_ref(*x) as usize)
+                .expect("every run's chunk is locked");
+            by_chunk[c].push(i);
+        }
+        let mut slices: Vec<Option<&mut [u8]>> = (0..runs.len()).map(|_| None).collect();
+        for (guard, list) in guards.iter_mut().zip(&mut by_chunk) {
+            list.sort_unstable_by_key(|&i| runs[i].dest);
+            let mut rest: &mut [u8] = guard.as_mut_slice();
+            let mut pos = 0usize;
+            for &i in list.iter() {
+                let r = &runs[i];
+                let end = r.dest.checked_add(r.len);
+                if r.dest < pos || end.is_none_or(|e| e - pos > rest.len()) {
+                    return Err(Error::invalid(format!(
+                        "{}: planned destination runs overlap or overflow their chunk",
+                        self.where_(rec)
+                    )));
+                }
+                let (_, tail) = std::mem::take(&mut rest).split_at_mut(r.dest - pos);
+                let (piece, tail) = tail.split_at_mut(r.len);
+                slices[i] = Some(piece);
+                rest = tail;
+                pos = r.dest + r.len;
+            }
+        }
+        let mut slices: Vec<&mut [u8]> = slices
+            .into_iter()
+            .map(|s| s.expect("every run has a slice"))
+            .collect();
+        let total: u64 = runs.iter().map(|r| r.len as u64).sum();
+        let start = rec.offset + first.rel;
+        let mut iov: Vec<std::io::IoSliceMut<'_>> = slices
+            .iter_mut()
+            .map(|s| std::io::IoSliceMut::new(s))
+            .collect();
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(total, Ordering::Relaxed);
+        self.fs
+            .read_scattered(self.file_name(rec.file), start, &mut iov)
+            .map_err(|e| e.context(rec.name))?;
+        drop(iov);
+        if verify {
+            self.verify_runs(rec, slices.iter().map(|b| &**b))?;
+        }
+        Ok(())
+    }
+
+    /// Check a record's checksums over its bytes, given in order as pieces
+    /// (the record has no codec, so every transform observes these bytes).
+    fn verify_runs<'b>(
+        &self,
+        rec: &Record<'_>,
+        pieces: impl Iterator<Item = &'b [u8]> + Clone,
+    ) -> Result<()> {
+        for t in rec.transforms {
+            let ext = self
+                .resolved
+                .get(t.descriptor as usize)
+                .and_then(|r| r.as_ref())
+                .ok_or_else(|| {
+                    Error::unsupported(format!(
+                        "{}: transform {} not resolved",
+                        self.where_(rec),
+                        t.descriptor
+                    ))
+                })?;
+            if ext.kind() != TransformKind::Checksum {
+                return Err(Error::invalid(format!(
+                    "{}: {} is not a checksum",
+                    self.where_(rec),
+                    ext.descriptor()
+                )));
+            }
+            let mut enc = ext.encoder().map_err(|e| e.context(rec.name))?;
+            let mut sink = Vec::new();
+            for p in pieces.clone() {
+                enc.update(p, &mut sink)?;
+            }
+            let actual = enc.finish(&mut sink)?;
+            if actual != t.value {
+                return Err(Error::new(
+                    crate::ErrorKind::ChecksumMismatch,
+                    format!(
+                        "{}: {} checksum mismatch over {} bytes: expected {}, actual {}",
+                        self.where_(rec),
+                        ext.descriptor(),
+                        rec.length,
+                        hex(&t.value),
+                        hex(&actual)
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn decode<'b>(&self, rec: &Record<'_>, stored: &'b [u8]) -> Result<Cow<'b, [u8]>> {
@@ -628,6 +986,10 @@ impl Ctx<'_> {
         }
         Ok(())
     }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// No codec expands data more than this (zstd's densest block, RLE, is
@@ -690,4 +1052,144 @@ pub(crate) fn decode_record<'b>(
         )));
     }
     Ok(cur)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(o: [u64; 2], s: [u64; 2]) -> ChunkBox {
+        ChunkBox::new(o.to_vec(), s.to_vec()).unwrap()
+    }
+
+    fn slot(region: &ChunkBox) -> Slot {
+        Slot::Tensor(vec![(
+            region.clone(),
+            Mutex::new(vec![0u8; region.numel() as usize * 2]),
+        )])
+    }
+
+    fn record<'a>(saved: &'a ChunkBox, overlaps: &[ChunkBox]) -> Record<'a> {
+        Record {
+            name: "t",
+            file: 0,
+            offset: 100,
+            length: saved.numel() * 2,
+            logical: saved.numel() * 2,
+            transforms: &[],
+            saved_box: Some(saved),
+            elem: 2,
+            targets: overlaps
+                .iter()
+                .enumerate()
+                .map(|(i, o)| Target::Tensor {
+                    dest_item: i,
+                    dest_chunk: 0,
+                    overlap: o.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn scatter_runs_tile_exact_covers_only() {
+        // Rows 4..8 of a [8, 6] bf16 tensor, loaded as three column shards.
+        let saved = b([4, 0], [4, 6]);
+        let dests = [b([0, 0], [8, 2]), b([0, 2], [8, 2]), b([0, 4], [8, 2])];
+        let slots: Vec<Slot> = dests.iter().map(slot).collect();
+        let refs: Vec<&Slot> = slots.iter().collect();
+        let overlaps: Vec<ChunkBox> = dests.iter().map(|d| d.intersect(&saved).unwrap()).collect();
+        let runs = scatter_runs(&record(&saved, &overlaps), &refs).expect("exact cover");
+        assert_eq!(runs.len(), 12, "4 rows x 3 shards");
+        for (i, r) in runs.iter().enumerate() {
+            let (row, shard) = (i / 3, i % 3);
+            assert_eq!(
+                *r,
+                Run {
+                    rel: i as u64 * 4,
+                    target: shard,
+                    dest: (4 + row) * 4,
+                    len: 4
+                }
+            );
+        }
+        // Row shards: each target's rows are contiguous in file and
+        // destination, so runs merge into one per target.
+        let rows = [b([4, 0], [1, 6]), b([5, 0], [3, 6])];
+        let slots: Vec<Slot> = rows.iter().map(slot).collect();
+        let refs: Vec<&Slot> = slots.iter().collect();
+        let runs = scatter_runs(&record(&saved, &rows), &refs).expect("exact cover");
+        assert_eq!(
+            runs,
+            vec![
+                Run {
+                    rel: 0,
+                    target: 0,
+                    dest: 0,
+                    len: 12
+                },
+                Run {
+                    rel: 12,
+                    target: 1,
+                    dest: 0,
+                    len: 36
+                },
+            ]
+        );
+        // A gap (a shard nobody loads) or a byte wanted twice: not scattered.
+        let refs3: Vec<&Slot> = refs.iter().copied().chain([refs[0]]).collect();
+        assert!(scatter_runs(&record(&saved, &rows[..1]), &refs).is_none());
+        let twice = [rows[0].clone(), rows[1].clone(), rows[0].clone()];
+        assert!(scatter_runs(&record(&saved, &twice), &refs3).is_none());
+    }
+
+    #[test]
+    fn split_runs_cut_parts_at_the_size() {
+        let runs = vec![
+            Run {
+                rel: 0,
+                target: 0,
+                dest: 10,
+                len: 5,
+            },
+            Run {
+                rel: 5,
+                target: 1,
+                dest: 0,
+                len: 12,
+            },
+        ];
+        let parts = split_runs(runs, 8);
+        assert_eq!(
+            parts,
+            vec![
+                vec![
+                    Run {
+                        rel: 0,
+                        target: 0,
+                        dest: 10,
+                        len: 5
+                    },
+                    Run {
+                        rel: 5,
+                        target: 1,
+                        dest: 0,
+                        len: 3
+                    }
+                ],
+                vec![Run {
+                    rel: 8,
+                    target: 1,
+                    dest: 3,
+                    len: 8
+                }],
+                vec![Run {
+                    rel: 16,
+                    target: 1,
+                    dest: 11,
+                    len: 1
+                }],
+            ]
+        );
+    }
 }
