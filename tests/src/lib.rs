@@ -1055,7 +1055,10 @@ pub struct ReadCall {
     pub len: u64,
 }
 
-/// Wraps a [`FileSystem`] and records every `read_into`.
+/// Wraps a [`FileSystem`] and records every `read_into` and
+/// `read_scattered` (one call each, with the total length). It never
+/// claims data is cached (`read_if_cached` is the default `false`), so
+/// loads through it scatter with `read_scattered`.
 #[derive(Debug)]
 pub struct RecordingFs {
     inner: Arc<dyn FileSystem>,
@@ -1100,6 +1103,22 @@ impl FileSystem for RecordingFs {
                 len: buf.len() as u64,
             });
         self.inner.read_into(name, offset, buf)
+    }
+    fn read_scattered(
+        &self,
+        name: &str,
+        offset: u64,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+    ) -> Result<()> {
+        self.reads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(ReadCall {
+                name: name.to_string(),
+                offset,
+                len: bufs.iter().map(|b| b.len() as u64).sum(),
+            });
+        self.inner.read_scattered(name, offset, bufs)
     }
     fn file_len(&self, name: &str) -> Result<Option<u64>> {
         self.inner.file_len(name)

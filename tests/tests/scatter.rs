@@ -60,8 +60,16 @@ async fn resharded_load_reads_every_byte_once_and_verifies() {
     let saved = save_model(fs.clone(), &m, 4, writer()).await;
     let md = saved[0].metadata.clone();
     let size: u64 = md.files.iter().map(|f| f.length).sum();
-    for verify in [true, false] {
-        let out = load_and_check(fs.clone(), &m, 4, 3, reader(verify), &sharding).await;
+    // From the page cache (blocks copied out), and through a file system
+    // that never reports data cached (one `preadv` per part, as from disk).
+    let recording = Arc::new(RecordingFs::new(fs.clone()));
+    for (verify, via) in [
+        (true, fs.clone()),
+        (false, fs.clone()),
+        (true, recording.clone() as Arc<dyn FileSystem>),
+        (false, recording.clone() as Arc<dyn FileSystem>),
+    ] {
+        let out = load_and_check(via, &m, 4, 3, reader(verify), &sharding).await;
         let read: u64 = out.iter().map(|o| o.stats.bytes_read).sum();
         // Each record once across the three ranks, and nothing else (the
         // raw format pads records to 64 bytes; padding is never read).
@@ -81,6 +89,17 @@ async fn resharded_load_reads_every_byte_once_and_verifies() {
         let requests: u64 = out.iter().map(|o| o.stats.requests).sum();
         assert!(requests <= 16, "verify={verify}: {requests} requests");
     }
+    // Through the recording file system, each load read every record once.
+    let calls = recording.reads();
+    let scattered: u64 = calls
+        .iter()
+        .filter(|c| c.name != ".metadata")
+        .map(|c| c.len)
+        .sum();
+    assert!(
+        scattered >= 2 * (size - 4096) && scattered <= 2 * size,
+        "{calls:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -107,12 +126,15 @@ async fn flipped_byte_fails_every_rank_or_lands_in_one_element() {
     bytes[at as usize] ^= 0x40;
     std::fs::write(&path, &bytes).unwrap();
 
-    let errs = all_err(
-        load_ranks(fs.clone(), reader(true), dests(&m, 3)).await,
-        "load of a damaged checkpoint",
-    );
-    for e in &errs {
-        assert_error(e, ErrorKind::ChecksumMismatch, &[name, &file]);
+    let recording: Arc<dyn FileSystem> = Arc::new(RecordingFs::new(fs.clone()));
+    for via in [fs.clone(), recording] {
+        let errs = all_err(
+            load_ranks(via, reader(true), dests(&m, 3)).await,
+            "load of a damaged checkpoint",
+        );
+        for e in &errs {
+            assert_error(e, ErrorKind::ChecksumMismatch, &[name, &file]);
+        }
     }
 
     // Without verification the load succeeds; exactly one element differs.

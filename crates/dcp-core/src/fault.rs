@@ -221,6 +221,10 @@ impl FileSystem for FaultFs {
         self.tick(Op::Read, name)?;
         self.inner.read_into(name, offset, buf)
     }
+    fn read_if_cached(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<bool> {
+        self.tick(Op::Read, name)?;
+        self.inner.read_if_cached(name, offset, buf)
+    }
     fn file_len(&self, name: &str) -> Result<Option<u64>> {
         self.tick(Op::Stat, name)?;
         self.inner.file_len(name)

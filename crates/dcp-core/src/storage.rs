@@ -85,6 +85,22 @@ pub trait FileSystem: Send + Sync + fmt::Debug + 'static {
         Ok(())
     }
 
+    /// Fill `buf` from `name` at `offset` only if every byte is already in
+    /// memory (the page cache), without waiting for a device: `Ok(true)`
+    /// when `buf` was filled, `Ok(false)` when filling it would have to wait
+    /// (then `buf`'s contents are unspecified). Errors as
+    /// [`FileSystem::read_into`].
+    ///
+    /// A load uses it to pick how to scatter a strided read: from memory it
+    /// copies cache-sized blocks out itself (cheapest per byte); otherwise it
+    /// hands the kernel one large scattered read ([`FileSystem::read_scattered`]),
+    /// which keeps the device busy. The default, `Ok(false)`, suits object
+    /// stores, where every request is a round trip.
+    fn read_if_cached(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<bool> {
+        let _ = (name, offset, buf);
+        Ok(false)
+    }
+
     /// Length of `name`, or `None` if it does not exist.
     fn file_len(&self, name: &str) -> Result<Option<u64>>;
 

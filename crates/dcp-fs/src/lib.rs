@@ -475,6 +475,29 @@ impl FileSystem for LocalFs {
         }
     }
 
+    /// `preadv2(RWF_NOWAIT)`: reads only what the page cache holds.
+    fn read_if_cached(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<bool> {
+        let path = self.path(name)?;
+        let (file, _) = self.handle(name, &path)?;
+        let mut at = 0usize;
+        while at < buf.len() {
+            let mut iov = [std::io::IoSliceMut::new(&mut buf[at..])];
+            match rustix::io::preadv2(
+                &*file,
+                &mut iov,
+                offset + at as u64,
+                rustix::io::ReadWriteFlags::NOWAIT,
+            ) {
+                Ok(0) => return Ok(false),
+                Ok(n) => at += n,
+                Err(rustix::io::Errno::INTR) => {}
+                // AGAIN: not cached; OPNOTSUPP/INVAL: no NOWAIT here.
+                Err(_) => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+
     fn file_len(&self, name: &str) -> Result<Option<u64>> {
         let path = self.path(name)?;
         let show = path.display().to_string();

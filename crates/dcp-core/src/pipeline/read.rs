@@ -11,7 +11,7 @@
 use crate::error::{Error, Result};
 use crate::metadata::{AppliedTransform, ItemMeta, Metadata};
 use crate::model::{ChunkBox, DestItem, DestStateDict};
-use crate::pipeline::copy::{contiguous_range, copy_region_from, spanning_range};
+use crate::pipeline::copy::{contiguous_range, copy_region_from, spanning_range, LineStreamer};
 use crate::plan::LoadPlan;
 use crate::storage::FileSystem;
 use crate::transform::{StreamTransformExtension, TransformKind};
@@ -115,6 +115,11 @@ struct Run {
     dest: usize,
     len: usize,
 }
+
+/// Block size of scattered reads on backends where small reads are cheap:
+/// large enough for few requests, small enough to stay in a core's cache
+/// while it is copied out.
+const SCATTER_BLOCK: usize = 1 << 20;
 
 /// Largest part of a record one scatter task reads when it need not verify
 /// the whole record: big records are split so several workers share them.
@@ -682,11 +687,12 @@ pub(crate) fn read_slots(
             .map(|list| {
                 let (ctx, tasks, cancel) = (&ctx, &tasks, &cancel);
                 scope.spawn(move || -> Result<()> {
+                    let mut scratch = Vec::new();
                     for &i in list {
                         if cancel.load(Ordering::Relaxed) {
                             return Ok(());
                         }
-                        if let Err(e) = ctx.run(&tasks[i]) {
+                        if let Err(e) = ctx.run(&tasks[i], &mut scratch) {
                             cancel.store(true, Ordering::Relaxed);
                             return Err(e);
                         }
@@ -749,7 +755,8 @@ impl Ctx<'_> {
         self.fs.read_into(self.file_name(file), offset, buf)
     }
 
-    fn run(&self, task: &Task) -> Result<()> {
+    /// Run one task; `scratch` is the worker's reusable block buffer.
+    fn run(&self, task: &Task, scratch: &mut Vec<u8>) -> Result<()> {
         match task {
             Task::Direct {
                 record,
@@ -784,7 +791,7 @@ impl Ctx<'_> {
                 record,
                 runs,
                 verify,
-            } => self.scatter_read(&self.records[*record], runs, *verify),
+            } => self.scatter_read(&self.records[*record], runs, *verify, scratch),
             Task::Span {
                 file,
                 start,
@@ -818,7 +825,13 @@ impl Ctx<'_> {
     /// workers and ranks locking overlapping sets cannot deadlock), cut their
     /// buffers into the runs' disjoint slices, and read the part of the
     /// record with one scattered read.
-    fn scatter_read(&self, rec: &Record<'_>, runs: &[Run], verify: bool) -> Result<()> {
+    fn scatter_read(
+        &self,
+        rec: &Record<'_>,
+        runs: &[Run],
+        verify: bool,
+        scratch: &mut Vec<u8>,
+    ) -> Result<()> {
         let Some(first) = runs.first() else {
             return Ok(());
         };
@@ -849,20 +862,46 @@ impl Ctx<'_> {
                 .expect("every run's chunk is locked");
             by_chunk[c].push(i);
         }
-        let mut slices: Vec<Option<&mut [u8]>> = (0..runs.len()).map(|_| None).collect();
-        for (guard, list) in guards.iter_mut().zip(&mut by_chunk) {
+        let mut run_chunk = vec![0usize; runs.len()];
+        for (c, list) in by_chunk.iter_mut().enumerate() {
             list.sort_unstable_by_key(|&i| runs[i].dest);
-            let mut rest: &mut [u8] = guard.as_mut_slice();
+            let len = guards[c].len();
             let mut pos = 0usize;
             for &i in list.iter() {
                 let r = &runs[i];
-                let end = r.dest.checked_add(r.len);
-                if r.dest < pos || end.is_none_or(|e| e - pos > rest.len()) {
+                if r.dest < pos || r.dest.checked_add(r.len).is_none_or(|e| e > len) {
                     return Err(Error::invalid(format!(
                         "{}: planned destination runs overlap or overflow their chunk",
                         self.where_(rec)
                     )));
                 }
+                run_chunk[i] = c;
+                pos = r.dest + r.len;
+            }
+        }
+        let total: u64 = runs.iter().map(|r| r.len as u64).sum();
+        let start = rec.offset + first.rel;
+        // From memory, copy cache-sized blocks out ourselves; from a device
+        // (or an object store), one large scattered read keeps it busy.
+        let first_block = total.min(SCATTER_BLOCK as u64) as usize;
+        if scratch.len() < first_block {
+            scratch.resize(SCATTER_BLOCK, 0);
+        }
+        if self
+            .fs
+            .read_if_cached(self.file_name(rec.file), start, &mut scratch[..first_block])
+            .map_err(|e| e.context(rec.name))?
+        {
+            self.requests.fetch_add(1, Ordering::Relaxed);
+            self.bytes.fetch_add(first_block as u64, Ordering::Relaxed);
+            return self.block_scatter(rec, runs, &run_chunk, &mut guards, start, verify, scratch);
+        }
+        let mut slices: Vec<Option<&mut [u8]>> = (0..runs.len()).map(|_| None).collect();
+        for (guard, list) in guards.iter_mut().zip(&by_chunk) {
+            let mut rest: &mut [u8] = guard.as_mut_slice();
+            let mut pos = 0usize;
+            for &i in list {
+                let r = &runs[i];
                 let (_, tail) = std::mem::take(&mut rest).split_at_mut(r.dest - pos);
                 let (piece, tail) = tail.split_at_mut(r.len);
                 slices[i] = Some(piece);
@@ -874,8 +913,6 @@ impl Ctx<'_> {
             .into_iter()
             .map(|s| s.expect("every run has a slice"))
             .collect();
-        let total: u64 = runs.iter().map(|r| r.len as u64).sum();
-        let start = rec.offset + first.rel;
         let mut iov: Vec<std::io::IoSliceMut<'_>> = slices
             .iter_mut()
             .map(|s| std::io::IoSliceMut::new(s))
@@ -887,30 +924,87 @@ impl Ctx<'_> {
             .map_err(|e| e.context(rec.name))?;
         drop(iov);
         if verify {
-            self.verify_runs(rec, slices.iter().map(|b| &**b))?;
+            let mut enc = self.checksum_encoders(rec)?;
+            for p in &slices {
+                for (e, _) in &mut enc {
+                    e.update(p, &mut Vec::new())?;
+                }
+            }
+            self.check_checksums(rec, enc)?;
         }
         Ok(())
     }
 
-    /// Check a record's checksums over its bytes, given in order as pieces
-    /// (the record has no codec, so every transform observes these bytes).
-    fn verify_runs<'b>(
+    /// The scattered read of a part found in memory: read it in cache-sized
+    /// blocks into the worker's `scratch` (which already holds the first
+    /// block) and copy each block out to its runs, one [`LineStreamer`] per
+    /// destination chunk (whole lines bypass the cache). Checksums, if
+    /// verified, are computed over the blocks as they arrive.
+    #[allow(clippy::too_many_arguments)]
+    fn block_scatter(
         &self,
         rec: &Record<'_>,
-        pieces: impl Iterator<Item = &'b [u8]> + Clone,
+        runs: &[Run],
+        run_chunk: &[usize],
+        guards: &mut [std::sync::MutexGuard<'_, Vec<u8>>],
+        start: u64,
+        verify: bool,
+        scratch: &mut [u8],
     ) -> Result<()> {
-        for t in rec.transforms {
-            let ext = self
-                .resolved
-                .get(t.descriptor as usize)
-                .and_then(|r| r.as_ref())
-                .ok_or_else(|| {
-                    Error::unsupported(format!(
-                        "{}: transform {} not resolved",
-                        self.where_(rec),
-                        t.descriptor
-                    ))
-                })?;
+        let total: u64 = runs.iter().map(|r| r.len as u64).sum();
+        let mut enc = if verify {
+            self.checksum_encoders(rec)?
+        } else {
+            Vec::new()
+        };
+        let mut writers: Vec<LineStreamer<'_>> = guards
+            .iter_mut()
+            .map(|g| LineStreamer::new(g.as_mut_slice()))
+            .collect();
+        let (mut ri, mut r_at) = (0usize, 0usize);
+        let mut done = 0u64;
+        while done < total {
+            let n = (total - done).min(SCATTER_BLOCK as u64) as usize;
+            let block = &mut scratch[..n];
+            if done > 0 {
+                self.read(rec.file, start + done, block)
+                    .map_err(|e| e.context(rec.name))?;
+            }
+            for (e, _) in &mut enc {
+                e.update(block, &mut Vec::new())?;
+            }
+            let mut at = 0;
+            while at < n {
+                let r = &runs[ri];
+                let k = (r.len - r_at).min(n - at);
+                writers[run_chunk[ri]].write(r.dest + r_at, &block[at..at + k]);
+                at += k;
+                r_at += k;
+                if r_at == r.len {
+                    ri += 1;
+                    r_at = 0;
+                }
+            }
+            done += n as u64;
+        }
+        for w in writers {
+            w.finish();
+        }
+        if verify {
+            self.check_checksums(rec, enc)?;
+        }
+        Ok(())
+    }
+
+    /// A fresh encoder for each of a record's transforms, all checksums
+    /// (scattered records have no codec), with the transform's index.
+    fn checksum_encoders(
+        &self,
+        rec: &Record<'_>,
+    ) -> Result<Vec<(Box<dyn crate::transform::StreamEncoder>, usize)>> {
+        let mut out = Vec::with_capacity(rec.transforms.len());
+        for (i, t) in rec.transforms.iter().enumerate() {
+            let ext = self.ext(rec, t)?;
             if ext.kind() != TransformKind::Checksum {
                 return Err(Error::invalid(format!(
                     "{}: {} is not a checksum",
@@ -918,19 +1012,45 @@ impl Ctx<'_> {
                     ext.descriptor()
                 )));
             }
-            let mut enc = ext.encoder().map_err(|e| e.context(rec.name))?;
-            let mut sink = Vec::new();
-            for p in pieces.clone() {
-                enc.update(p, &mut sink)?;
-            }
-            let actual = enc.finish(&mut sink)?;
+            out.push((ext.encoder().map_err(|e| e.context(rec.name))?, i));
+        }
+        Ok(out)
+    }
+
+    fn ext(
+        &self,
+        rec: &Record<'_>,
+        t: &AppliedTransform,
+    ) -> Result<&Arc<dyn StreamTransformExtension>> {
+        self.resolved
+            .get(t.descriptor as usize)
+            .and_then(|r| r.as_ref())
+            .ok_or_else(|| {
+                Error::unsupported(format!(
+                    "{}: transform {} not resolved",
+                    self.where_(rec),
+                    t.descriptor
+                ))
+            })
+    }
+
+    /// Compare what `encoders` computed over the record with what was
+    /// recorded: a difference is a `ChecksumMismatch` naming the record.
+    fn check_checksums(
+        &self,
+        rec: &Record<'_>,
+        encoders: Vec<(Box<dyn crate::transform::StreamEncoder>, usize)>,
+    ) -> Result<()> {
+        for (enc, i) in encoders {
+            let t = &rec.transforms[i];
+            let actual = enc.finish(&mut Vec::new())?;
             if actual != t.value {
                 return Err(Error::new(
                     crate::ErrorKind::ChecksumMismatch,
                     format!(
                         "{}: {} checksum mismatch over {} bytes: expected {}, actual {}",
                         self.where_(rec),
-                        ext.descriptor(),
+                        self.ext(rec, t)?.descriptor(),
                         rec.length,
                         hex(&t.value),
                         hex(&actual)
