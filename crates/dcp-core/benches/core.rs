@@ -1,13 +1,14 @@
 //! Micro-benchmarks of dcp-core's parts: metadata encode and decode at 10 k,
 //! 100 k and 1 M chunks (and bytes per chunk), read planning for 1,000 saved
-//! chunks by 1,000 destination chunks, and the copy kernel against a plain
-//! memcpy of the same bytes. Run: `cargo bench -p dcp-core --bench core`.
+//! chunks by 1,000 destination chunks, and the copy and scatter kernels
+//! against a plain memcpy of the same bytes. Run:
+//! `cargo bench -p dcp-core --bench core`.
 
 #![allow(missing_docs)]
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use dcp_core::metadata::{ChunkMeta, DataFile, FormatKind, ItemMeta, Metadata, StorageInfo};
-use dcp_core::pipeline::copy::copy_region;
+use dcp_core::pipeline::copy::{copy_region, LineStreamer};
 use dcp_core::plan::{DefaultLoadPlanner, LoadPlanner};
 use dcp_core::{ChunkBox, DType, DestStateDict};
 use std::hint::black_box;
@@ -186,6 +187,57 @@ fn copy(c: &mut Criterion) {
     let rows_box = ChunkBox::new(vec![1024, 0], vec![2048, 4096]).unwrap();
     g.bench_function("contiguous_rows_16MiB", |b| {
         b.iter(|| copy_region(2, black_box(&src), &src_box, &mut dst, &rows_box, &rows_box))
+    });
+    g.finish();
+
+    // Scattering rows of a cache-resident 1 MiB block (256 rows of 4 KiB, as
+    // a resharded load copies them out) into three column shards of a 48 MiB
+    // destination, against a plain copy of the block into 48 MiB: the kernel
+    // of loads resharded from rows to columns.
+    let mut g = c.benchmark_group("scatter");
+    let (row, rows) = (4096usize, 12288usize);
+    let cuts = [0usize, 1366, 2730, 4096];
+    let block: Vec<u8> = (0..256 * row).map(|i| (i * 7) as u8).collect();
+    let mut shards: Vec<Vec<u8>> = (0..3)
+        .map(|k| vec![0u8; rows * (cuts[k + 1] - cuts[k])])
+        .collect();
+    let mut flat = vec![0u8; rows * row];
+    g.throughput(Throughput::Bytes((rows * row) as u64));
+    g.bench_function("memcpy_48MiB", |b| {
+        b.iter(|| {
+            for (i, out) in flat.chunks_mut(block.len()).enumerate() {
+                out.copy_from_slice(black_box(&block[..out.len()]));
+                black_box(i);
+            }
+        })
+    });
+    g.bench_function("pieces_copy_from_slice_48MiB", |b| {
+        b.iter(|| {
+            for r in 0..rows {
+                let src = &block[(r % 256) * row..(r % 256 + 1) * row];
+                for (k, shard) in shards.iter_mut().enumerate() {
+                    let w = cuts[k + 1] - cuts[k];
+                    shard[r * w..(r + 1) * w].copy_from_slice(&src[cuts[k]..cuts[k + 1]]);
+                }
+            }
+            black_box(&shards);
+        })
+    });
+    g.bench_function("pieces_line_streamer_48MiB", |b| {
+        b.iter(|| {
+            let mut w: Vec<LineStreamer<'_>> =
+                shards.iter_mut().map(|s| LineStreamer::new(s)).collect();
+            for r in 0..rows {
+                let src = &block[(r % 256) * row..(r % 256 + 1) * row];
+                for (k, w) in w.iter_mut().enumerate() {
+                    let width = cuts[k + 1] - cuts[k];
+                    w.write(r * width, &src[cuts[k]..cuts[k + 1]]);
+                }
+            }
+            for w in w {
+                w.finish();
+            }
+        })
     });
     g.finish();
 }

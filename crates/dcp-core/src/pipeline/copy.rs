@@ -215,7 +215,7 @@ pub fn for_each_common_run(
 /// when all 64 of its bytes belong to the runs; partial lines are written
 /// with ordinary copies. Call [`LineStreamer::finish`] (or drop it) before
 /// anything reads the buffer.
-pub(crate) struct LineStreamer<'a> {
+pub struct LineStreamer<'a> {
     buf: &'a mut [u8],
     /// Offset of the first pending (not yet written) byte.
     pos: usize,
@@ -228,7 +228,7 @@ pub(crate) struct LineStreamer<'a> {
 
 impl<'a> LineStreamer<'a> {
     /// A streamer over `buf`.
-    pub(crate) fn new(buf: &'a mut [u8]) -> LineStreamer<'a> {
+    pub fn new(buf: &'a mut [u8]) -> LineStreamer<'a> {
         LineStreamer {
             buf,
             pos: 0,
@@ -245,7 +245,7 @@ impl<'a> LineStreamer<'a> {
 
     /// Write `src` at byte `dest` of the buffer. Panics if the run does not
     /// fit in the buffer (a planner bug, checked before any read).
-    pub(crate) fn write(&mut self, dest: usize, mut src: &[u8]) {
+    pub fn write(&mut self, dest: usize, mut src: &[u8]) {
         assert!(
             dest.checked_add(src.len())
                 .is_some_and(|e| e <= self.buf.len()),
@@ -312,7 +312,7 @@ impl<'a> LineStreamer<'a> {
     /// Write what is pending and order the streamed stores before any later
     /// store (another thread may read the buffer once this returns and a
     /// lock is released).
-    pub(crate) fn finish(mut self) {
+    pub fn finish(mut self) {
         self.flush();
         self.fence();
     }
