@@ -1129,7 +1129,7 @@ async fn read_shared(
     let sched = schedule(md, &needs, budget, lend);
     let (local_plan, mut shared_reads) = split_plan(plan, &sched);
     let mut state = reader.read(md.clone(), local_plan, dest).await;
-    if lend {
+    if lend && !sched.shared.is_empty() {
         let fsr = reader
             .file_system_reader()
             .expect("every rank said it has a file-system reader");

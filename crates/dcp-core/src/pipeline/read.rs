@@ -652,20 +652,22 @@ pub(crate) fn read_slots(
         tasks.push(t);
     }
 
-    // Balance tasks over workers, largest first; each worker then reads in
-    // file and offset order.
+    // Give each worker a contiguous run of the tasks in file and offset
+    // order, of about equal bytes: every worker then reads forward through
+    // its own stretch of the files, which keeps the kernel's readahead
+    // sequential (workers interleaving one file's parts defeat it).
     let workers = cfg.thread_count.max(1).min(tasks.len().max(1));
     let mut order: Vec<usize> = (0..tasks.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(tasks[i].cost()));
-    let mut loads = vec![0u64; workers];
+    order.sort_by_key(|&i| tasks[i].key(&records));
+    let total_cost: u64 = tasks.iter().map(Task::cost).sum();
     let mut assigned: Vec<Vec<usize>> = vec![Vec::new(); workers];
+    let mut before = 0u64;
     for i in order {
-        let w = (0..workers).min_by_key(|&w| loads[w]).expect("a worker");
-        loads[w] += tasks[i].cost();
-        assigned[w].push(i);
-    }
-    for a in &mut assigned {
-        a.sort_by_key(|&i| tasks[i].key(&records));
+        let cost = tasks[i].cost();
+        let mid = before + cost / 2;
+        let w = (u128::from(mid) * workers as u128 / u128::from(total_cost.max(1))) as usize;
+        assigned[w.min(workers - 1)].push(i);
+        before += cost;
     }
 
     let stats_bytes = AtomicU64::new(0);
