@@ -802,25 +802,87 @@ impl Ctx<'_> {
             } => {
                 let n = usize::try_from(*len)
                     .map_err(|_| Error::corrupt("read too large for memory"))?;
-                let mut buf = vec![0u8; n];
-                self.read(*file, *start, &mut buf).map_err(|e| {
-                    let first = &self.records[pieces[0].record];
-                    e.context(first.name)
-                })?;
-                for p in pieces {
-                    let rec = &self.records[p.record];
-                    let at = (rec.offset + p.rel_start - start) as usize;
-                    let raw = &buf[at..at + p.len as usize];
-                    let data = if p.whole {
-                        self.decode(rec, raw)?
-                    } else {
-                        Cow::Borrowed(raw)
-                    };
-                    self.scatter(rec, p, &data)?;
+                let context = |e: Error| e.context(self.records[pieces[0].record].name);
+                // From memory, read the span in cache-sized groups of whole
+                // pieces into the reused `scratch` (no fresh buffer to fault
+                // in and zero, and the copies out come from cache); from a
+                // device or an object store, read it with one request.
+                if n > SCATTER_BLOCK {
+                    let groups = self.piece_groups(pieces);
+                    let (g_start, g_len, g_end) = groups[0];
+                    if scratch.len() < g_len {
+                        scratch.resize(g_len.max(SCATTER_BLOCK), 0);
+                    }
+                    if self
+                        .fs
+                        .read_if_cached(self.file_name(*file), g_start, &mut scratch[..g_len])
+                        .map_err(context)?
+                    {
+                        self.requests.fetch_add(1, Ordering::Relaxed);
+                        self.bytes.fetch_add(g_len as u64, Ordering::Relaxed);
+                        self.serve_pieces(g_start, &scratch[..g_len], &pieces[..g_end])?;
+                        let mut from = g_end;
+                        for &(g_start, g_len, g_end) in &groups[1..] {
+                            if scratch.len() < g_len {
+                                scratch.resize(g_len, 0);
+                            }
+                            self.read(*file, g_start, &mut scratch[..g_len])
+                                .map_err(context)?;
+                            self.serve_pieces(g_start, &scratch[..g_len], &pieces[from..g_end])?;
+                            from = g_end;
+                        }
+                        return Ok(());
+                    }
                 }
-                Ok(())
+                let mut buf = vec![0u8; n];
+                self.read(*file, *start, &mut buf).map_err(context)?;
+                self.serve_pieces(*start, &buf, pieces)
             }
         }
+    }
+
+    /// Cut a span's pieces (in offset order) into consecutive groups whose
+    /// extent is at most [`SCATTER_BLOCK`] bytes (or one piece, if larger):
+    /// `(file offset, length, end index into pieces)` each.
+    fn piece_groups(&self, pieces: &[Piece]) -> Vec<(u64, usize, usize)> {
+        let extent = |p: &Piece| {
+            let s = self.records[p.record].offset + p.rel_start;
+            (s, s + p.len)
+        };
+        let mut out = Vec::new();
+        let mut cur: Option<(u64, u64)> = None;
+        for (i, p) in pieces.iter().enumerate() {
+            let (s, e) = extent(p);
+            cur = match cur {
+                Some((gs, ge)) if e.max(ge) - gs <= SCATTER_BLOCK as u64 => Some((gs, e.max(ge))),
+                Some((gs, ge)) => {
+                    out.push((gs, (ge - gs) as usize, i));
+                    Some((s, e))
+                }
+                None => Some((s, e)),
+            };
+        }
+        if let Some((gs, ge)) = cur {
+            out.push((gs, (ge - gs) as usize, pieces.len()));
+        }
+        out
+    }
+
+    /// Decode (if whole) and scatter each of `pieces` out of `buf`, which
+    /// holds the file's bytes from offset `buf_start`.
+    fn serve_pieces(&self, buf_start: u64, buf: &[u8], pieces: &[Piece]) -> Result<()> {
+        for p in pieces {
+            let rec = &self.records[p.record];
+            let at = (rec.offset + p.rel_start - buf_start) as usize;
+            let raw = &buf[at..at + p.len as usize];
+            let data = if p.whole {
+                self.decode(rec, raw)?
+            } else {
+                Cow::Borrowed(raw)
+            };
+            self.scatter(rec, p, &data)?;
+        }
+        Ok(())
     }
 
     /// Lock every destination chunk `runs` feed (in address order, so
