@@ -1074,6 +1074,17 @@ impl RecordingFs {
         }
     }
 
+    fn record(&self, name: &str, offset: u64, len: u64) {
+        self.reads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(ReadCall {
+                name: name.to_string(),
+                offset,
+                len,
+            });
+    }
+
     /// The reads so far.
     pub fn reads(&self) -> Vec<ReadCall> {
         self.reads.lock().unwrap_or_else(|p| p.into_inner()).clone()
@@ -1094,14 +1105,7 @@ impl FileSystem for RecordingFs {
         self.inner.create(name)
     }
     fn read_into(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.reads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(ReadCall {
-                name: name.to_string(),
-                offset,
-                len: buf.len() as u64,
-            });
+        self.record(name, offset, buf.len() as u64);
         self.inner.read_into(name, offset, buf)
     }
     fn read_scattered(
@@ -1110,14 +1114,7 @@ impl FileSystem for RecordingFs {
         offset: u64,
         bufs: &mut [std::io::IoSliceMut<'_>],
     ) -> Result<()> {
-        self.reads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(ReadCall {
-                name: name.to_string(),
-                offset,
-                len: bufs.iter().map(|b| b.len() as u64).sum(),
-            });
+        self.record(name, offset, bufs.iter().map(|b| b.len() as u64).sum());
         self.inner.read_scattered(name, offset, bufs)
     }
     fn file_len(&self, name: &str) -> Result<Option<u64>> {

@@ -52,13 +52,34 @@ fn dests(m: &Model, world: usize) -> Vec<dcp_core::DestStateDict> {
     (0..world).map(|r| m.dest(r, world, 4, &sharding)).collect()
 }
 
+/// `m` saved by `world` ranks with `opts` into a fresh local directory.
+async fn saved(
+    m: &Model,
+    world: usize,
+    opts: WriterOptions,
+) -> (tempfile::TempDir, Arc<dyn FileSystem>, dcp_core::Metadata) {
+    let dir = tempfile::tempdir().unwrap();
+    let fs: Arc<dyn FileSystem> = Arc::new(dcp_fs::LocalFs::new(dir.path()));
+    let out = save_model(fs.clone(), m, world, opts).await;
+    let md = out[0].metadata.as_ref().clone();
+    (dir, fs, md)
+}
+
+/// Bytes of every record of the checkpoint (files less padding).
+fn record_bytes(md: &dcp_core::Metadata) -> u64 {
+    md.items
+        .iter()
+        .map(|(_, it)| match it {
+            ItemMeta::Tensor { chunks, .. } => chunks.iter().map(|c| c.storage.length).sum::<u64>(),
+            ItemMeta::Bytes { storage, .. } => storage.length,
+        })
+        .sum()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resharded_load_reads_every_byte_once_and_verifies() {
     let m = model();
-    let dir = tempfile::tempdir().unwrap();
-    let fs: Arc<dyn FileSystem> = Arc::new(dcp_fs::LocalFs::new(dir.path()));
-    let saved = save_model(fs.clone(), &m, 4, writer()).await;
-    let md = saved[0].metadata.clone();
+    let (_dir, fs, md) = saved(&m, 4, writer()).await;
     let size: u64 = md.files.iter().map(|f| f.length).sum();
     // From the page cache (blocks copied out), and through a file system
     // that never reports data cached (one `preadv` per part, as from disk).
@@ -73,16 +94,7 @@ async fn resharded_load_reads_every_byte_once_and_verifies() {
         let read: u64 = out.iter().map(|o| o.stats.bytes_read).sum();
         // Each record once across the three ranks, and nothing else (the
         // raw format pads records to 64 bytes; padding is never read).
-        let records: u64 = md
-            .items
-            .iter()
-            .map(|(_, it)| match it {
-                ItemMeta::Tensor { chunks, .. } => {
-                    chunks.iter().map(|c| c.storage.length).sum::<u64>()
-                }
-                ItemMeta::Bytes { storage, .. } => storage.length,
-            })
-            .sum();
+        let records = record_bytes(&md);
         assert_eq!(read, records, "verify={verify}");
         assert!(records <= size);
         // One request per record part (8 MiB parts): far fewer than rows.
@@ -105,10 +117,7 @@ async fn resharded_load_reads_every_byte_once_and_verifies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flipped_byte_fails_every_rank_or_lands_in_one_element() {
     let m = model();
-    let dir = tempfile::tempdir().unwrap();
-    let fs: Arc<dyn FileSystem> = Arc::new(dcp_fs::LocalFs::new(dir.path()));
-    let saved = save_model(fs.clone(), &m, 4, writer()).await;
-    let md = saved[0].metadata.clone();
+    let (dir, fs, md) = saved(&m, 4, writer()).await;
     let (name, ItemMeta::Tensor { chunks, .. }) = &md.items[md
         .items
         .iter()
@@ -180,18 +189,8 @@ async fn spans_of_small_records_read_in_blocks_or_whole() {
         };
         m = m.tensor(&format!("t{i:04}"), DType::F32, &[16, 64], s);
     }
-    let dir = tempfile::tempdir().unwrap();
-    let fs: Arc<dyn FileSystem> = Arc::new(dcp_fs::LocalFs::new(dir.path()));
-    let saved = save_model(fs.clone(), &m, 2, fast_writer()).await;
-    let md = saved[0].metadata.clone();
-    let records: u64 = md
-        .items
-        .iter()
-        .map(|(_, it)| match it {
-            ItemMeta::Tensor { chunks, .. } => chunks.iter().map(|c| c.storage.length).sum::<u64>(),
-            ItemMeta::Bytes { storage, .. } => storage.length,
-        })
-        .sum();
+    let (_dir, fs, md) = saved(&m, 2, fast_writer()).await;
+    let records = record_bytes(&md);
     let recording = Arc::new(RecordingFs::new(fs.clone()));
     for via in [fs.clone(), recording.clone() as Arc<dyn FileSystem>] {
         for world in [2usize, 3] {

@@ -593,12 +593,16 @@ pub struct LoadOptions {
     /// Decides which stored bytes fill which destination.
     pub planner: Arc<dyn LoadPlanner>,
     /// When several ranks need parts of one saved chunk, read it once on one
-    /// rank and send the others their slices through the collective, instead
-    /// of every rank reading it (a resharded load then reads the checkpoint
-    /// about once in total, not once per rank).
+    /// rank instead of on every rank (a resharded load then reads the
+    /// checkpoint about once in total, not once per rank). Ranks of one
+    /// process ([`Collective::shares_memory`]) with [`FileSystemReader`]s
+    /// lend each other their destination buffers, and the reading rank
+    /// writes every rank's part straight into them; other ranks receive
+    /// their slices through the collective.
     pub share_reads: bool,
     /// Bytes a rank may hold per exchange round (decoded chunks it read plus
-    /// slices in flight).
+    /// slices in flight) when slices travel through the collective. Lent
+    /// buffers need no staging, so this does not apply to them.
     pub exchange_budget: u64,
 }
 

@@ -40,8 +40,11 @@ pub trait Collective: Send + Sync {
     async fn all_to_all(&self, send: Vec<Bytes>) -> Result<Vec<Bytes>>;
 
     /// True when every rank lives in this process's address space, so a
-    /// message can be a shared buffer rather than a copy. Shared reads then
-    /// send whole decoded chunks instead of compacted slices.
+    /// message can be a shared buffer rather than a copy. Loads then have
+    /// ranks lend each other their destination buffers through
+    /// [`Collective::all_gather_local`], which such a collective must
+    /// implement (a load through one that returns true but refuses it fails
+    /// with `Unsupported`).
     fn shares_memory(&self) -> bool {
         false
     }

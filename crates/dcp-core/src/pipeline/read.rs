@@ -5,8 +5,15 @@
 //! Only the bytes a destination needs are read, except where a record must be
 //! read whole: a codec was applied, or a checksum is verified. A needed range
 //! that is contiguous both in the saved chunk and in the destination chunk is
-//! read straight into the destination buffer; everything else is read once
-//! into a buffer and scattered.
+//! read straight into the destination buffer. A record stored as it is whose
+//! destinations tile it exactly (column shards of saved rows; several ranks'
+//! buffers when ranks of one process lend them) is scattered with one copy:
+//! from the page cache in 1 MiB blocks copied out by [`LineStreamer`], from a
+//! device or object store with one [`FileSystem::read_scattered`] per part.
+//! Everything else is read once into a buffer and scattered.
+//!
+//! Destinations are [`Slot`]s: each chunk's buffer behind its own lock, so
+//! workers, and other ranks of the process, write disjoint parts of it.
 
 use crate::error::{Error, Result};
 use crate::metadata::{AppliedTransform, ItemMeta, Metadata};
