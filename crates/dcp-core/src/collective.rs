@@ -564,4 +564,40 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Collective);
         assert!(e.message().contains("rank 2 left"), "{e}");
     }
+
+    /// In-process values arrive in rank order, shared (the same allocation
+    /// on every rank); a rank calling a byte collective in the same round is
+    /// a `Collective` error on every rank, never a hang or a mix-up; a
+    /// collective without in-process values refuses with `Unsupported`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn all_gather_local_shares_values_in_rank_order() {
+        let res = run_group(3, Duration::from_secs(30), |g| async move {
+            let v: LocalValue = Arc::new(g.rank() * 10);
+            let all = g.all_gather_local(v.clone()).await?;
+            let got: Vec<usize> = all
+                .iter()
+                .map(|x| *x.downcast_ref::<usize>().expect("usize"))
+                .collect();
+            assert_eq!(got, vec![0, 10, 20]);
+            assert!(Arc::ptr_eq(&all[g.rank()], &v));
+            // Mismatched calls in one round.
+            let r = if g.rank() == 1 {
+                g.all_gather(Bytes::from_static(b"x")).await.map(|_| ())
+            } else {
+                g.all_gather_local(v).await.map(|_| ())
+            };
+            Ok(r)
+        })
+        .await;
+        for r in res {
+            let e = r.unwrap().unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Collective);
+            assert!(
+                e.message().contains("different collective operations"),
+                "{e}"
+            );
+        }
+        let e = Single.all_gather_local(Arc::new(0u8)).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unsupported);
+    }
 }

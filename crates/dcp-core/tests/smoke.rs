@@ -42,6 +42,86 @@ impl Collective for BytesOnly {
     }
 }
 
+/// Claims one address space but cannot share in-process values: a load
+/// that would lend buffers through it refuses, on every rank, naming why.
+struct SharesWithoutValues(LocalGroup);
+
+#[async_trait::async_trait]
+impl Collective for SharesWithoutValues {
+    fn rank(&self) -> usize {
+        self.0.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.0.world_size()
+    }
+    fn shares_memory(&self) -> bool {
+        true
+    }
+    async fn all_to_all(&self, send: Vec<Bytes>) -> Result<Vec<Bytes>> {
+        self.0.all_to_all(send).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lending_through_a_collective_without_local_values_is_refused() {
+    let fs: Arc<dyn FileSystem> = Arc::new(MemoryFs::new("memory://refuse"));
+    let fs2 = fs.clone();
+    let saved = run_ranks(2, Duration::from_secs(20), move |g| {
+        let fs = fs2.clone();
+        async move {
+            let rank = g.rank() as u64;
+            let mut sd = StateDict::new();
+            sd.insert_tensor(
+                "w",
+                DType::BF16,
+                vec![R, C],
+                vec![TensorChunk {
+                    region: ChunkBox::new(
+                        vec![rank * 20, 0],
+                        vec![if rank == 0 { 20 } else { R - 20 }, C],
+                    )?,
+                    data: Bytes::from(rows(rank * 20, if rank == 0 { 20 } else { R })),
+                }],
+                false,
+            )?;
+            save(
+                &sd,
+                &FileSystemWriter::new(fs, WriterOptions::default())?,
+                &g,
+            )
+            .await
+        }
+    })
+    .await;
+    for r in saved {
+        r.unwrap();
+    }
+    let res = run_ranks(2, Duration::from_secs(20), move |g| {
+        let fs = fs.clone();
+        async move {
+            let rank = g.rank() as u64;
+            let mut dest = DestStateDict::new();
+            dest.want_tensor(
+                "w",
+                DType::BF16,
+                vec![R, C],
+                vec![ChunkBox::new(
+                    vec![0, rank * 11],
+                    vec![R, if rank == 0 { 11 } else { C - 11 }],
+                )?],
+            )?;
+            let r = FileSystemReader::new(fs, ReaderOptions::default());
+            load(dest, &r, &SharesWithoutValues(g)).await
+        }
+    })
+    .await;
+    for r in res {
+        let e = r.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+        assert!(e.message().contains("in-process values"), "{e}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reshard_rows_to_columns() {
     reshard(false, ReaderOptions::default().small_record).await;
