@@ -26,42 +26,42 @@ fn rows(lo: u64, hi: u64) -> Vec<u8> {
 }
 
 /// A collective that exposes only `all_to_all`, as a byte transport between
-/// processes would: shared reads then send compacted slices.
-struct BytesOnly(LocalGroup);
+/// processes would: shared reads then send compacted slices. With
+/// `claims_shared_memory` it says its ranks share one address space but
+/// still cannot share in-process values.
+struct BytesOnly {
+    g: LocalGroup,
+    claims_shared_memory: bool,
+}
+
+impl BytesOnly {
+    fn new(g: LocalGroup) -> Self {
+        BytesOnly {
+            g,
+            claims_shared_memory: false,
+        }
+    }
+}
 
 #[async_trait::async_trait]
 impl Collective for BytesOnly {
     fn rank(&self) -> usize {
-        self.0.rank()
+        self.g.rank()
     }
     fn world_size(&self) -> usize {
-        self.0.world_size()
-    }
-    async fn all_to_all(&self, send: Vec<Bytes>) -> Result<Vec<Bytes>> {
-        self.0.all_to_all(send).await
-    }
-}
-
-/// Claims one address space but cannot share in-process values: a load
-/// that would lend buffers through it refuses, on every rank, naming why.
-struct SharesWithoutValues(LocalGroup);
-
-#[async_trait::async_trait]
-impl Collective for SharesWithoutValues {
-    fn rank(&self) -> usize {
-        self.0.rank()
-    }
-    fn world_size(&self) -> usize {
-        self.0.world_size()
+        self.g.world_size()
     }
     fn shares_memory(&self) -> bool {
-        true
+        self.claims_shared_memory
     }
     async fn all_to_all(&self, send: Vec<Bytes>) -> Result<Vec<Bytes>> {
-        self.0.all_to_all(send).await
+        self.g.all_to_all(send).await
     }
 }
 
+/// A collective claiming one address space without in-process values: a
+/// load that would lend buffers through it refuses, on every rank, naming
+/// why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lending_through_a_collective_without_local_values_is_refused() {
     let fs: Arc<dyn FileSystem> = Arc::new(MemoryFs::new("memory://refuse"));
@@ -111,7 +111,15 @@ async fn lending_through_a_collective_without_local_values_is_refused() {
                 )?],
             )?;
             let r = FileSystemReader::new(fs, ReaderOptions::default());
-            load(dest, &r, &SharesWithoutValues(g)).await
+            load(
+                dest,
+                &r,
+                &BytesOnly {
+                    g,
+                    claims_shared_memory: true,
+                },
+            )
+            .await
         }
     })
     .await;
@@ -203,7 +211,7 @@ async fn reshard(bytes_only: bool, small_record: u64) {
                 ..Default::default()
             };
             let out = if bytes_only {
-                load_with(dest, &r, &BytesOnly(g), &opts).await?
+                load_with(dest, &r, &BytesOnly::new(g), &opts).await?
             } else {
                 load_with(dest, &r, &g, &opts).await?
             };
