@@ -65,37 +65,7 @@ impl Collective for BytesOnly {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lending_through_a_collective_without_local_values_is_refused() {
     let fs: Arc<dyn FileSystem> = Arc::new(MemoryFs::new("memory://refuse"));
-    let fs2 = fs.clone();
-    let saved = run_ranks(2, Duration::from_secs(20), move |g| {
-        let fs = fs2.clone();
-        async move {
-            let rank = g.rank() as u64;
-            let mut sd = StateDict::new();
-            sd.insert_tensor(
-                "w",
-                DType::BF16,
-                vec![R, C],
-                vec![TensorChunk {
-                    region: ChunkBox::new(
-                        vec![rank * 20, 0],
-                        vec![if rank == 0 { 20 } else { R - 20 }, C],
-                    )?,
-                    data: Bytes::from(rows(rank * 20, if rank == 0 { 20 } else { R })),
-                }],
-                false,
-            )?;
-            save(
-                &sd,
-                &FileSystemWriter::new(fs, WriterOptions::default())?,
-                &g,
-            )
-            .await
-        }
-    })
-    .await;
-    for r in saved {
-        r.unwrap();
-    }
+    save_rows(fs.clone()).await;
     let res = run_ranks(2, Duration::from_secs(20), move |g| {
         let fs = fs.clone();
         async move {
@@ -147,12 +117,10 @@ async fn reshard_rows_to_columns_over_a_byte_transport() {
     reshard(true, 0).await;
 }
 
-async fn reshard(bytes_only: bool, small_record: u64) {
-    let mem = MemoryFs::new("memory://smoke");
-    let fs: Arc<dyn FileSystem> = Arc::new(mem.clone());
-    let fs2 = fs.clone();
+/// 4 ranks save `w` split by rows, and a replicated bytes item `step`.
+async fn save_rows(fs: Arc<dyn FileSystem>) -> Vec<SaveResult> {
     let res = run_ranks(4, Duration::from_secs(20), move |g| {
-        let fs = fs2.clone();
+        let fs = fs.clone();
         async move {
             let rank = g.rank() as u64;
             let (lo, hi) = (R * rank / 4, R * (rank + 1) / 4);
@@ -177,10 +145,14 @@ async fn reshard(bytes_only: bool, small_record: u64) {
         }
     })
     .await;
-    for r in &res {
-        r.as_ref().unwrap();
-    }
-    let md = &res[0].as_ref().unwrap().metadata;
+    res.into_iter().map(|r| r.unwrap()).collect()
+}
+
+async fn reshard(bytes_only: bool, small_record: u64) {
+    let mem = MemoryFs::new("memory://smoke");
+    let fs: Arc<dyn FileSystem> = Arc::new(mem.clone());
+    let res = save_rows(fs.clone()).await;
+    let md = &res[0].metadata;
     assert_eq!(md.world_size, 4);
     assert!(mem.get(".metadata").is_some());
 
