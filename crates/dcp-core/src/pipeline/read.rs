@@ -191,39 +191,59 @@ fn scatter_runs(rec: &Record<'_>, slots: &[&Slot]) -> Option<Vec<Run>> {
             return None;
         }
     }
-    let mut runs: Vec<Run> = Vec::new();
-    for (ti, (overlap, dest_box)) in boxes.iter().enumerate() {
-        crate::pipeline::copy::for_each_common_run(
-            rec.elem,
-            saved_box,
-            dest_box,
-            overlap,
-            |src, dest, len| {
-                runs.push(Run {
-                    rel: src as u64,
-                    target: ti,
-                    dest,
-                    len,
-                })
-            },
-        );
-    }
-    runs.sort_unstable_by_key(|r| r.rel);
-    // Merge neighbours that continue each other in the file and in the
-    // destination (full rows), then check the runs tile the record.
-    let mut merged: Vec<Run> = Vec::with_capacity(runs.len());
-    for r in runs {
+    // Each target's runs come in record order (row-major order of its
+    // overlap inside the saved chunk): merge the lists rather than sort.
+    let lists: Vec<Vec<Run>> = boxes
+        .iter()
+        .enumerate()
+        .map(|(ti, (overlap, dest_box))| {
+            let mut l = Vec::new();
+            crate::pipeline::copy::for_each_common_run(
+                rec.elem,
+                saved_box,
+                dest_box,
+                overlap,
+                |src, dest, len| {
+                    l.push(Run {
+                        rel: src as u64,
+                        target: ti,
+                        dest,
+                        len,
+                    })
+                },
+            );
+            l
+        })
+        .collect();
+    // Neighbours that continue each other in the file and in the
+    // destination (full rows) merge into one run.
+    let mut merged: Vec<Run> = Vec::with_capacity(lists.iter().map(Vec::len).sum());
+    let mut push = |r: Run| {
         if let Some(last) = merged.last_mut() {
             if last.target == r.target
                 && last.rel + last.len as u64 == r.rel
                 && last.dest + last.len == r.dest
             {
                 last.len += r.len;
-                continue;
+                return;
             }
         }
         merged.push(r);
+    };
+    let mut heads: std::collections::BinaryHeap<std::cmp::Reverse<(u64, usize)>> = lists
+        .iter()
+        .enumerate()
+        .filter_map(|(t, l)| l.first().map(|r| std::cmp::Reverse((r.rel, t))))
+        .collect();
+    let mut next = vec![0usize; lists.len()];
+    while let Some(std::cmp::Reverse((_, t))) = heads.pop() {
+        push(lists[t][next[t]]);
+        next[t] += 1;
+        if let Some(r) = lists[t].get(next[t]) {
+            heads.push(std::cmp::Reverse((r.rel, t)));
+        }
     }
+    // The runs must tile the record.
     let mut at = 0u64;
     for r in &merged {
         if r.rel != at {
