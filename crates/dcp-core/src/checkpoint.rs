@@ -1102,27 +1102,31 @@ async fn read_shared(
     budget: u64,
 ) -> Result<Result<(DestStateDict, ReadStats)>> {
     use crate::pipeline::exchange::{
-        compact, fill_from_chunk, fill_from_compact, needs_of, schedule, split_plan, Need,
+        chunk_keys, compact, fill_from_chunk, fill_from_compact, needs_of, schedule, split_plan,
+        Need,
     };
     let rank = collective.rank();
     let n = collective.world_size();
     // Ranks of one process whose readers are all file-system readers lend
     // each other their buffers instead of exchanging bytes.
     let can_lend = collective.shares_memory() && reader.file_system_reader().is_some();
-    let needs_msg = wire(
+    // Round 1: the saved chunks each rank reads, as sorted (item, chunk)
+    // pairs (a few bytes each), so that ranks sharing nothing (a load into
+    // the sharding that was saved) stop here without exchanging overlaps.
+    let keys_msg = wire(
         planned
             .as_ref()
-            .map(|p| (needs_of(p), can_lend))
+            .map(|p| (chunk_keys(p), can_lend))
             .map_err(|e| Error::new(e.kind(), e.message())),
         rank,
     );
-    let all = collective.all_gather(encode(&needs_msg)?).await?;
-    let mut needs: Vec<Vec<Need>> = Vec::with_capacity(all.len());
+    let all = collective.all_gather(encode(&keys_msg)?).await?;
+    let mut every: Vec<(u32, u32)> = Vec::new();
     let mut lend = true;
     for b in &all {
-        match decode::<std::result::Result<(Vec<Need>, bool), WireError>>(b)? {
-            Ok((x, l)) => {
-                needs.push(x);
+        match decode::<std::result::Result<(Vec<(u32, u32)>, bool), WireError>>(b)? {
+            Ok((keys, l)) => {
+                every.extend(keys);
                 lend &= l;
             }
             // Every rank sees the same failure and stops here together.
@@ -1130,6 +1134,29 @@ async fn read_shared(
         }
     }
     let plan = planned.expect("errors returned above");
+    // Each rank's keys are distinct, so a repeated key is a chunk two or
+    // more ranks read.
+    every.sort_unstable();
+    let shared: std::collections::BTreeSet<(u32, u32)> = every
+        .windows(2)
+        .filter(|w| w[0] == w[1])
+        .map(|w| w[0])
+        .collect();
+    drop(every);
+    if shared.is_empty() {
+        return Ok(reader.read(md.clone(), plan, dest).await);
+    }
+    // Round 2: what each rank needs of the chunks it shares.
+    let mine: Vec<Need> = needs_of(&plan)
+        .into_iter()
+        .filter(|n| shared.contains(&(n.item, n.chunk)))
+        .collect();
+    let all = collective.all_gather(encode(&mine)?).await?;
+    drop(mine);
+    let mut needs: Vec<Vec<Need>> = all
+        .iter()
+        .map(|b| decode::<Vec<Need>>(b))
+        .collect::<Result<_>>()?;
     let sched = schedule(md, &needs, budget, lend);
     let (local_plan, mut shared_reads) = split_plan(plan, &sched);
     let mut state = reader.read(md.clone(), local_plan, dest).await;

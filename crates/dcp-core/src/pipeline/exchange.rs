@@ -45,6 +45,18 @@ pub(crate) struct Schedule {
     pub rounds: Vec<Vec<usize>>,
 }
 
+/// The saved chunks `plan` reads, as sorted, distinct `(item, chunk)`.
+pub(crate) fn chunk_keys(plan: &LoadPlan) -> Vec<(u32, u32)> {
+    let mut k: Vec<(u32, u32)> = plan
+        .tensor_reads
+        .iter()
+        .map(|r| (r.md_item as u32, r.saved_chunk as u32))
+        .collect();
+    k.sort_unstable();
+    k.dedup();
+    k
+}
+
 /// This rank's needs, grouped by saved chunk in plan order.
 pub(crate) fn needs_of(plan: &LoadPlan) -> Vec<Need> {
     type Overlaps = (Vec<ChunkBox>, Vec<(u32, u32)>);
