@@ -710,9 +710,12 @@ fn bytes_item_claiming_2_pow_40_bytes() {
     });
 }
 
-#[test]
-fn chunk_claiming_2_pow_40_bytes_read_as_a_column() {
-    bounded_memory("chunk_claiming_2_pow_40_bytes_read_as_a_column", || {
+/// A 1 TiB chunk claimed in a checkpoint whose data file is tiny: loading
+/// the 1 MiB destination `dest` out of it fails as `Corrupt`, naming the
+/// item and the file, within the memory bound (nothing sized by the claim
+/// is allocated).
+fn huge_chunk_refused(label: &'static str, dest: ChunkBox) {
+    bounded_memory(label, || {
         let c = Ckpt::new(false);
         let name = c.data_file();
         let mut md = c.md.clone();
@@ -731,53 +734,30 @@ fn chunk_claiming_2_pow_40_bytes_read_as_a_column() {
             }],
         };
         c.put_md(&md);
-        // One column: 1 MiB of destination, spread over the whole chunk.
         let mut d = DestStateDict::new();
-        d.want_tensor(
-            "w",
-            DType::U8,
-            vec![1 << 20, 1 << 20],
-            vec![ChunkBox::new(vec![0, 0], vec![1 << 20, 1]).unwrap()],
-        )
-        .unwrap();
+        d.want_tensor("w", DType::U8, vec![1 << 20, 1 << 20], vec![dest])
+            .unwrap();
         let e = load_err(&c, d);
         assert_error(&e, ErrorKind::Corrupt, &["w", &name]);
     });
 }
 
 #[test]
+fn chunk_claiming_2_pow_40_bytes_read_as_a_column() {
+    // One column: 1 MiB of destination, spread over the whole chunk.
+    huge_chunk_refused(
+        "chunk_claiming_2_pow_40_bytes_read_as_a_column",
+        ChunkBox::new(vec![0, 0], vec![1 << 20, 1]).unwrap(),
+    );
+}
+
+#[test]
 fn chunk_claiming_2_pow_40_bytes_read_as_a_row() {
-    bounded_memory("chunk_claiming_2_pow_40_bytes_read_as_a_row", || {
-        let c = Ckpt::new(false);
-        let name = c.data_file();
-        let mut md = c.md.clone();
-        md.files[0].length = 1 << 41;
-        md.items[1].1 = ItemMeta::Tensor {
-            dtype: DType::U8,
-            shape: vec![1 << 20, 1 << 20],
-            chunks: vec![ChunkMeta {
-                region: ChunkBox::full(&[1 << 20, 1 << 20]),
-                storage: dcp_core::metadata::StorageInfo {
-                    file: 0,
-                    offset: 0,
-                    length: 1 << 40,
-                    transforms: vec![],
-                },
-            }],
-        };
-        c.put_md(&md);
-        // The last row: 1 MiB of destination, read straight into it.
-        let mut d = DestStateDict::new();
-        d.want_tensor(
-            "w",
-            DType::U8,
-            vec![1 << 20, 1 << 20],
-            vec![ChunkBox::new(vec![(1 << 20) - 1, 0], vec![1, 1 << 20]).unwrap()],
-        )
-        .unwrap();
-        let e = load_err(&c, d);
-        assert_error(&e, ErrorKind::Corrupt, &["w", &name]);
-    });
+    // The last row: 1 MiB of destination, read straight into it.
+    huge_chunk_refused(
+        "chunk_claiming_2_pow_40_bytes_read_as_a_row",
+        ChunkBox::new(vec![(1 << 20) - 1, 0], vec![1, 1 << 20]).unwrap(),
+    );
 }
 
 #[test]
