@@ -1,0 +1,126 @@
+//! [`FileSystemReader`]: the reader of the design (torch's
+//! `FileSystemReader`) over any [`FileSystem`].
+
+use crate::checkpoint::{ReaderOptions, StorageReader};
+use crate::error::{Error, ErrorKind, Result};
+use crate::metadata::{ItemMeta, Metadata, StorageInfo, MAX_METADATA_LEN};
+use crate::model::DestStateDict;
+use crate::pipeline::blocking;
+use crate::pipeline::read::{read_plan, ReadConfig, ReadStats};
+use crate::plan::LoadPlan;
+use crate::storage::{FileSystem, METADATA_FILE};
+use async_trait::async_trait;
+use std::sync::Arc;
+
+/// The reader of the design (torch's `FileSystemReader`), generic over the
+/// [`FileSystem`].
+#[derive(Clone, Debug)]
+pub struct FileSystemReader {
+    fs: Arc<dyn FileSystem>,
+    options: ReaderOptions,
+}
+
+impl FileSystemReader {
+    /// A reader over `fs` with `options`.
+    pub fn new(fs: Arc<dyn FileSystem>, options: ReaderOptions) -> Self {
+        FileSystemReader { fs, options }
+    }
+
+    /// The options.
+    pub fn options(&self) -> &ReaderOptions {
+        &self.options
+    }
+
+    /// The file system.
+    pub fn fs(&self) -> &Arc<dyn FileSystem> {
+        &self.fs
+    }
+}
+
+#[async_trait]
+impl StorageReader for FileSystemReader {
+    fn location(&self) -> String {
+        self.fs.location()
+    }
+
+    async fn read_metadata(&self) -> Result<Vec<u8>> {
+        let fs = self.fs.clone();
+        blocking(move || {
+            fs.read_small(METADATA_FILE, MAX_METADATA_LEN).map_err(|e| {
+                if e.kind() == ErrorKind::NotFound {
+                    Error::new(
+                        ErrorKind::NotFound,
+                        format!(
+                            "no checkpoint at {}: {METADATA_FILE} is missing",
+                            fs.location()
+                        ),
+                    )
+                } else {
+                    e
+                }
+            })
+        })
+        .await
+    }
+
+    async fn read(
+        &self,
+        md: Arc<Metadata>,
+        plan: LoadPlan,
+        dest: DestStateDict,
+    ) -> Result<(DestStateDict, ReadStats)> {
+        let (resolved, cfg) = self.prepare_read(&md, &plan)?;
+        let fs = self.fs.clone();
+        blocking(move || read_plan(fs.as_ref(), &md, &plan, dest, &resolved, &cfg)).await
+    }
+
+    fn file_system_reader(&self) -> Option<&FileSystemReader> {
+        Some(self)
+    }
+}
+
+/// Transforms resolved for the records a plan reads, by descriptor index.
+pub(crate) type Resolved = Vec<Option<Arc<dyn crate::transform::StreamTransformExtension>>>;
+
+impl FileSystemReader {
+    /// Resolve the transforms `plan` needs and the settings of its read.
+    pub(crate) fn prepare_read(
+        &self,
+        md: &Metadata,
+        plan: &LoadPlan,
+    ) -> Result<(Resolved, ReadConfig)> {
+        // Resolve only the transforms the planned records use.
+        let mut used = vec![false; md.transforms.len()];
+        let mut mark = |s: &StorageInfo| {
+            for t in &s.transforms {
+                used[t.descriptor as usize] = true;
+            }
+        };
+        for r in &plan.tensor_reads {
+            if let ItemMeta::Tensor { chunks, .. } = &md.items[r.md_item].1 {
+                mark(&chunks[r.saved_chunk].storage);
+            }
+        }
+        for b in &plan.bytes_reads {
+            if let ItemMeta::Bytes { storage, .. } = &md.items[b.md_item].1 {
+                mark(storage);
+            }
+        }
+        let mut resolved = Vec::with_capacity(md.transforms.len());
+        for (i, d) in md.transforms.iter().enumerate() {
+            resolved.push(if used[i] {
+                Some(self.options.registry.resolve(d)?)
+            } else {
+                None
+            });
+        }
+        let cfg = ReadConfig {
+            thread_count: self.options.thread_count.max(1),
+            verify_checksums: self.options.verify_checksums,
+            coalesce_gap: self.options.coalesce_gap,
+            max_request: self.options.max_request.max(1),
+            small_record: self.options.small_record,
+        };
+        Ok((resolved, cfg))
+    }
+}

@@ -1,0 +1,266 @@
+//! [`FileSystemWriter`]: the writer of the design (torch's
+//! `FileSystemWriter`) over any [`FileSystem`].
+
+use crate::checkpoint::{RankWrite, StorageWriter, WriteRecord, WriterOptions};
+use crate::error::{Error, ErrorKind, Result};
+use crate::metadata::{DataFile, FormatKind, Metadata};
+use crate::pipeline::blocking;
+use crate::pipeline::write::{write_file, FileJob, RecordJob, RecordResult, WriteConfig};
+use crate::plan::SavePlan;
+use crate::storage::{FileSystem, METADATA_FILE};
+use crate::transform::TransformKind;
+use async_trait::async_trait;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// The writer of the design (torch's `FileSystemWriter`), generic over the
+/// [`FileSystem`]: local disk, or an object store through OpenDAL.
+#[derive(Clone, Debug)]
+pub struct FileSystemWriter {
+    fs: Arc<dyn FileSystem>,
+    options: WriterOptions,
+}
+
+impl FileSystemWriter {
+    /// A writer over `fs` with `options`. Refuses `thread_count == 0`.
+    pub fn new(fs: Arc<dyn FileSystem>, options: WriterOptions) -> Result<Self> {
+        if options.thread_count == 0 {
+            return Err(Error::invalid("thread_count must be at least 1"));
+        }
+        Ok(FileSystemWriter { fs, options })
+    }
+
+    /// The options.
+    pub fn options(&self) -> &WriterOptions {
+        &self.options
+    }
+
+    /// The file system.
+    pub fn fs(&self) -> &Arc<dyn FileSystem> {
+        &self.fs
+    }
+}
+
+/// Is `name` a data file dcp writes (and may therefore remove)?
+pub fn is_data_file_name(name: &str) -> bool {
+    name.starts_with("__") && (name.ends_with(".dcp") || name.ends_with(".safetensors"))
+}
+
+#[async_trait]
+impl StorageWriter for FileSystemWriter {
+    fn location(&self) -> String {
+        self.fs.location()
+    }
+
+    fn format(&self) -> FormatKind {
+        self.options.serialization_format
+    }
+
+    fn check_plan(&self, _plan: &SavePlan) -> Result<()> {
+        if self.options.serialization_format == FormatKind::Safetensors {
+            if let Some(t) = self
+                .options
+                .extensions
+                .iter()
+                .find(|t| t.kind() == TransformKind::Codec)
+            {
+                return Err(Error::invalid(format!(
+                    "the safetensors format cannot hold records transformed by {}: its files must stay valid safetensors; \
+                     use the raw format, or only checksum extensions",
+                    t.descriptor()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    async fn prepare(&self) -> Result<()> {
+        let fs = self.fs.clone();
+        let overwrite = self.options.overwrite;
+        blocking(move || {
+            fs.prepare()?;
+            if !overwrite && fs.file_len(METADATA_FILE)?.is_some() {
+                return Err(Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!(
+                        "a checkpoint already exists at {}; pass overwrite = true to replace it",
+                        fs.location()
+                    ),
+                ));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn write_rank(
+        &self,
+        rank: usize,
+        save_id: &str,
+        records: Vec<WriteRecord>,
+    ) -> Result<RankWrite> {
+        let opts = &self.options;
+        let ext = crate::format::extension(opts.serialization_format);
+        // Bucket: largest records first into the least-loaded bucket, then
+        // each bucket in state-dict order.
+        let mut buckets: Vec<Vec<usize>> = if opts.single_file_per_rank {
+            let n = opts.thread_count.min(records.len());
+            let mut order: Vec<usize> = (0..records.len()).collect();
+            order.sort_by_key(|&i| std::cmp::Reverse(records[i].data.len()));
+            let mut loads = vec![0usize; n];
+            let mut b: Vec<Vec<usize>> = vec![Vec::new(); n];
+            for i in order {
+                let k = (0..n)
+                    .min_by_key(|&k| (loads[k], k))
+                    .expect("n > 0 when records exist");
+                loads[k] += records[i].data.len();
+                b[k].push(i);
+            }
+            b
+        } else {
+            (0..records.len()).map(|i| vec![i]).collect()
+        };
+        for b in &mut buckets {
+            b.sort_unstable();
+        }
+        let jobs: Vec<FileJob> = buckets
+            .into_iter()
+            .enumerate()
+            .map(|(k, idx)| FileJob {
+                file_name: format!("__{rank}_{k}-{save_id}.{ext}"),
+                records: idx
+                    .into_iter()
+                    .map(|i| {
+                        let r = &records[i];
+                        RecordJob {
+                            name: r.name.clone(),
+                            index: r.index.clone(),
+                            dtype: r.dtype,
+                            whole: r.whole,
+                            data: r.data.clone(),
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        drop(records);
+        let transforms: Vec<String> = opts.extensions.iter().map(|t| t.descriptor()).collect();
+        let cfg = WriteConfig {
+            format: opts.serialization_format,
+            sync: opts.sync_files,
+            piece: opts.per_thread_copy_ahead,
+            save_id: save_id.to_string(),
+            transforms: opts
+                .extensions
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (i as u32, t.clone()))
+                .collect(),
+        };
+        let fs = self.fs.clone();
+        let threads = opts.thread_count;
+        let started = Instant::now();
+        let out = blocking(move || {
+            let next = AtomicUsize::new(0);
+            let done: Mutex<Vec<Option<Result<(DataFile, Vec<RecordResult>)>>>> =
+                Mutex::new((0..jobs.len()).map(|_| None).collect());
+            let failed = std::sync::atomic::AtomicBool::new(false);
+            std::thread::scope(|s| {
+                for _ in 0..threads.min(jobs.len()) {
+                    s.spawn(|| loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= jobs.len() || failed.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        let r = write_file(fs.as_ref(), &jobs[i], i as u32, &cfg);
+                        if r.is_err() {
+                            failed.store(true, Ordering::Relaxed);
+                        }
+                        done.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
+                    });
+                }
+            });
+            let done = done.into_inner().unwrap_or_else(|p| p.into_inner());
+            let mut rw = RankWrite {
+                transforms,
+                ..Default::default()
+            };
+            let mut first_err = None;
+            for r in done.into_iter().flatten() {
+                match r {
+                    Ok((file, recs)) => {
+                        rw.files.push(file);
+                        for rec in recs {
+                            let mut st = rec.storage;
+                            st.file = (rw.files.len() - 1) as u32;
+                            rw.records.push((rec.name, rec.index, st));
+                        }
+                    }
+                    Err(e) => {
+                        first_err.get_or_insert(e);
+                    }
+                }
+            }
+            if let Some(e) = first_err {
+                for f in &rw.files {
+                    let _ = fs.remove(&f.name);
+                }
+                return Err(e);
+            }
+            Ok(rw)
+        })
+        .await?;
+        tracing::debug!(
+            rank,
+            bytes = out.bytes(),
+            seconds = started.elapsed().as_secs_f64(),
+            "wrote rank"
+        );
+        Ok(out)
+    }
+
+    async fn commit(&self, _metadata: &Metadata, encoded: &[u8]) -> Result<()> {
+        let fs = self.fs.clone();
+        let sync = self.options.sync_files;
+        let data = encoded.to_vec();
+        blocking(move || {
+            if sync {
+                fs.sync_dir()?;
+            }
+            fs.write_atomic(METADATA_FILE, &data, sync)
+        })
+        .await
+    }
+
+    async fn cleanup(&self, metadata: &Metadata) -> Result<Vec<String>> {
+        let fs = self.fs.clone();
+        let keep: std::collections::HashSet<String> =
+            metadata.files.iter().map(|f| f.name.clone()).collect();
+        blocking(move || {
+            let mut removed = Vec::new();
+            for f in fs.list()? {
+                if is_data_file_name(&f.name) && !keep.contains(&f.name) {
+                    fs.remove(&f.name)?;
+                    removed.push(f.name);
+                }
+            }
+            Ok(removed)
+        })
+        .await
+    }
+
+    async fn discard(&self, files: &[DataFile]) {
+        let fs = self.fs.clone();
+        let names: Vec<String> = files.iter().map(|f| f.name.clone()).collect();
+        let _ = blocking(move || {
+            for n in names {
+                if let Err(e) = fs.remove(&n) {
+                    tracing::warn!("could not remove {n} after a failed save: {e}");
+                }
+            }
+            Ok(())
+        })
+        .await;
+    }
+}

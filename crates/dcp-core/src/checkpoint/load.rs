@@ -1,0 +1,113 @@
+//! The load protocol: read the metadata once, plan, read, agree.
+
+use crate::checkpoint::wire::{decode, encode, on_rank, wire};
+use crate::checkpoint::{LoadOptions, StorageReader, ROOT};
+use crate::collective::Collective;
+use crate::error::{Error, Result, WireError};
+use crate::metadata::Metadata;
+use crate::model::DestStateDict;
+use crate::pipeline::shared::read_shared;
+use crate::pipeline::ReadStats;
+use std::sync::Arc;
+use tracing::Instrument;
+
+/// What a load returns on every rank.
+#[derive(Debug)]
+pub struct LoadResult {
+    /// The filled destination.
+    pub state_dict: DestStateDict,
+    /// What this rank read.
+    pub stats: ReadStats,
+    /// The checkpoint's metadata.
+    pub metadata: Arc<Metadata>,
+}
+
+/// Load with the default planner. See [`load_with`].
+pub async fn load(
+    dest: DestStateDict,
+    reader: &dyn StorageReader,
+    collective: &dyn Collective,
+) -> Result<LoadResult> {
+    load_with(dest, reader, collective, &LoadOptions::default()).await
+}
+
+/// Fill this rank's `dest` from the checkpoint. The coordinator reads the
+/// metadata once; every rank reads only what `dest` needs. Returns the same
+/// outcome on every rank: all succeed, or all fail with the first failing
+/// rank's error.
+pub async fn load_with(
+    dest: DestStateDict,
+    reader: &dyn StorageReader,
+    collective: &dyn Collective,
+    options: &LoadOptions,
+) -> Result<LoadResult> {
+    let span = tracing::info_span!("load", rank = collective.rank(), location = %reader.location());
+    load_inner(dest, reader, collective, options)
+        .instrument(span)
+        .await
+}
+
+async fn load_inner(
+    dest: DestStateDict,
+    reader: &dyn StorageReader,
+    collective: &dyn Collective,
+    options: &LoadOptions,
+) -> Result<LoadResult> {
+    let rank = collective.rank();
+    // Rank 0 reads and validates the metadata once; the others validate what
+    // they receive (a rank never trusts bytes it did not check).
+    let mut root_md = None;
+    let md_msg = if rank == ROOT {
+        let r = reader.read_metadata().await.and_then(|b| {
+            root_md = Some(Metadata::decode(&b)?);
+            Ok(b)
+        });
+        let msg = encode(&wire(r, ROOT))?;
+        collective.broadcast(Some(msg), ROOT).await?
+    } else {
+        collective.broadcast(None, ROOT).await?
+    };
+    let md_bytes =
+        decode::<std::result::Result<Vec<u8>, WireError>>(&md_msg)?.map_err(Error::from_wire)?;
+    let metadata = Arc::new(match root_md {
+        Some(md) => md,
+        None => Metadata::decode(&md_bytes)?,
+    });
+    let planned = options.planner.plan(&metadata, &dest);
+    let result = if options.share_reads && collective.world_size() > 1 {
+        read_shared(
+            planned,
+            dest,
+            &metadata,
+            reader,
+            collective,
+            options.exchange_budget,
+        )
+        .await?
+    } else {
+        match planned {
+            Ok(plan) => reader.read(metadata.clone(), plan, dest).await,
+            Err(e) => Err(e),
+        }
+    };
+    let status: std::result::Result<(), WireError> = match &result {
+        Ok(_) => Ok(()),
+        Err(e) => Err(on_rank(e, rank).to_wire()),
+    };
+    let all = collective.all_gather(encode(&status)?).await?;
+    for b in &all {
+        decode::<std::result::Result<(), WireError>>(b)?.map_err(Error::from_wire)?;
+    }
+    let (state_dict, stats) = result?;
+    Ok(LoadResult {
+        state_dict,
+        stats,
+        metadata,
+    })
+}
+
+/// Read and validate the metadata of a checkpoint (no collective).
+pub async fn read_metadata(reader: &dyn StorageReader) -> Result<Metadata> {
+    let b = reader.read_metadata().await?;
+    Metadata::decode(&b)
+}

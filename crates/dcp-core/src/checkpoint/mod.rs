@@ -1,0 +1,32 @@
+//! Save and load orchestration: the commit protocol across ranks, and the
+//! writer and reader that run the pipeline over any [`FileSystem`](crate::FileSystem).
+//!
+//! Save: every rank offers a plan; the coordinator (rank 0) checks the
+//! location, dedups and assigns records, and scatters assignments; every rank
+//! writes its data files under names unique to this save; the coordinator
+//! gathers the results and, only if every rank succeeded, writes `.metadata`
+//! atomically, removes files of earlier saves that it no longer references,
+//! and broadcasts the outcome. Every rank returns the same `Ok` or the same
+//! error, naming the failing rank.
+//!
+//! Load: the coordinator reads and validates `.metadata` once and broadcasts
+//! it; every rank plans and reads only what its destination needs; the
+//! outcome is agreed by an all-gather.
+
+mod fs_reader;
+mod fs_writer;
+mod load;
+mod options;
+mod save;
+mod store;
+pub(crate) mod wire;
+
+pub use fs_reader::FileSystemReader;
+pub use fs_writer::{is_data_file_name, FileSystemWriter};
+pub use load::{load, load_with, read_metadata, LoadResult};
+pub use options::{LoadOptions, ReaderOptions, SaveOptions, WriterOptions};
+pub use save::{save, save_with, SaveResult};
+pub use store::{RankWrite, StorageReader, StorageWriter, WriteRecord};
+
+/// The coordinator of saves and loads.
+pub(crate) const ROOT: usize = 0;

@@ -1,0 +1,435 @@
+//! Shared reads across ranks: each saved chunk that several ranks need is
+//! read once, then lent (ranks of one process) or exchanged.
+
+use crate::checkpoint::wire::{decode, encode, on_rank, wire};
+use crate::checkpoint::{FileSystemReader, StorageReader};
+use crate::collective::Collective;
+use crate::error::{Error, ErrorKind, Result, WireError};
+use crate::metadata::{ItemMeta, Metadata};
+use crate::model::{ChunkBox, DestStateDict};
+use crate::pipeline::blocking;
+use crate::pipeline::read::ReadStats;
+use crate::plan::LoadPlan;
+use bytes::Bytes;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// A rank's destination items by index, for filling in place.
+type DestVec = Vec<(String, crate::model::DestItem)>;
+
+/// Load with shared reads (see [`LoadOptions::share_reads`]). The outer
+/// `Result` is a collective failure; the inner one this rank's outcome, which
+/// every rank then agrees on.
+pub(crate) async fn read_shared(
+    planned: Result<LoadPlan>,
+    dest: DestStateDict,
+    md: &Arc<Metadata>,
+    reader: &dyn StorageReader,
+    collective: &dyn Collective,
+    budget: u64,
+) -> Result<Result<(DestStateDict, ReadStats)>> {
+    use crate::pipeline::exchange::{
+        chunk_keys, compact, fill_from_chunk, fill_from_compact, needs_of, schedule, split_plan,
+        Need,
+    };
+    let rank = collective.rank();
+    let n = collective.world_size();
+    // Ranks of one process whose readers are all file-system readers lend
+    // each other their buffers instead of exchanging bytes.
+    let can_lend = collective.shares_memory() && reader.file_system_reader().is_some();
+    // Round 1: the saved chunks each rank reads, as sorted (item, chunk)
+    // pairs (a few bytes each), so that ranks sharing nothing (a load into
+    // the sharding that was saved) stop here without exchanging overlaps.
+    let keys_msg = wire(
+        planned
+            .as_ref()
+            .map(|p| (chunk_keys(p), can_lend))
+            .map_err(|e| Error::new(e.kind(), e.message())),
+        rank,
+    );
+    let all = collective.all_gather(encode(&keys_msg)?).await?;
+    let mut every: Vec<(u32, u32)> = Vec::new();
+    let mut lend = true;
+    for b in &all {
+        match decode::<std::result::Result<(Vec<(u32, u32)>, bool), WireError>>(b)? {
+            Ok((keys, l)) => {
+                every.extend(keys);
+                lend &= l;
+            }
+            // Every rank sees the same failure and stops here together.
+            Err(w) => return Ok(Err(Error::from_wire(w))),
+        }
+    }
+    let plan = planned.expect("errors returned above");
+    // Each rank's keys are distinct, so a repeated key is a chunk two or
+    // more ranks read.
+    every.sort_unstable();
+    let shared: std::collections::BTreeSet<(u32, u32)> = every
+        .windows(2)
+        .filter(|w| w[0] == w[1])
+        .map(|w| w[0])
+        .collect();
+    drop(every);
+    if shared.is_empty() {
+        return Ok(reader.read(md.clone(), plan, dest).await);
+    }
+    // Round 2: what each rank needs of the chunks it shares.
+    let mine: Vec<Need> = needs_of(&plan)
+        .into_iter()
+        .filter(|n| shared.contains(&(n.item, n.chunk)))
+        .collect();
+    let all = collective.all_gather(encode(&mine)?).await?;
+    drop(mine);
+    let mut needs: Vec<Vec<Need>> = all
+        .iter()
+        .map(|b| decode::<Vec<Need>>(b))
+        .collect::<Result<_>>()?;
+    let sched = schedule(md, &needs, budget, lend);
+    let (local_plan, mut shared_reads) = split_plan(plan, &sched);
+    let mut state = reader.read(md.clone(), local_plan, dest).await;
+    if lend && !sched.shared.is_empty() {
+        let fsr = reader
+            .file_system_reader()
+            .expect("every rank said it has a file-system reader");
+        return read_lent(state, md, fsr, collective, &sched, &needs).await;
+    }
+    for round in &sched.rounds {
+        // Read the shared chunks this rank serves in this round, whole.
+        let mine: Vec<usize> = round
+            .iter()
+            .copied()
+            .filter(|&s| sched.shared[s].reader == rank)
+            .collect();
+        let mut decoded: Result<Vec<Vec<u8>>> = Ok(Vec::new());
+        if state.is_ok() && !mine.is_empty() {
+            let want = mine
+                .iter()
+                .map(|&s| (sched.shared[s].item, sched.shared[s].chunk))
+                .collect();
+            decoded = read_saved_chunks(reader, md, want).await.map(|(v, st)| {
+                if let Ok((_, stats)) = &mut state {
+                    stats.bytes_read += st.bytes_read;
+                    stats.requests += st.requests;
+                    stats.records += st.records;
+                }
+                v
+            });
+        }
+        let err = match (&state, &decoded) {
+            (Err(e), _) | (_, Err(e)) => Some(on_rank(e, rank)),
+            _ => None,
+        };
+        // Each message: a status buffer ([0], or [1] and the error), then
+        // either the decoded chunks themselves (ranks sharing memory: no
+        // copy) or one buffer of compacted slices (any other transport).
+        let zero_copy = collective.shares_memory();
+        let msgs: Vec<Vec<Bytes>> = if let Some(e) = err {
+            let mut m = vec![1u8];
+            m.extend_from_slice(&encode(&e.to_wire())?);
+            state = Err(e);
+            vec![vec![Bytes::from(m)]; n]
+        } else {
+            let (dest_state, stats) = state.expect("checked ok");
+            let decoded = decoded.expect("checked ok");
+            let mut dest_vec: DestVec = dest_state.into_items().into_iter().collect();
+            // Per served chunk: its box and element size, the decoded bytes,
+            // this rank's own read items, and each other user's overlaps
+            // (receivers in rank order; each receiver's chunks in round
+            // order, which is the order it unpacks them in).
+            type Job = (
+                ChunkBox,
+                usize,
+                Vec<u8>,
+                Vec<crate::plan::ReadItem>,
+                Vec<(usize, Vec<ChunkBox>)>,
+            );
+            let mut sizes = vec![0usize; n];
+            let mut jobs: Vec<Job> = Vec::with_capacity(mine.len());
+            for (&s, data) in mine.iter().zip(decoded) {
+                let c = &sched.shared[s];
+                let ItemMeta::Tensor { chunks, .. } = &md.items[c.item].1 else {
+                    return Err(Error::invalid("shared chunk is not a tensor"));
+                };
+                let mut to: Vec<(usize, Vec<ChunkBox>)> = Vec::new();
+                for &(r, i) in &c.users {
+                    if r != rank {
+                        let overlaps = std::mem::take(&mut needs[r][i].overlaps);
+                        sizes[r] += overlaps
+                            .iter()
+                            .map(|o| o.numel() as usize * c.elem)
+                            .sum::<usize>();
+                        to.push((r, overlaps));
+                    }
+                }
+                let own = shared_reads.remove(&s).unwrap_or_default();
+                jobs.push((chunks[c.chunk].region.clone(), c.elem, data, own, to));
+            }
+            // Fill this rank's own needs (and compact the others' slices) off
+            // the executor.
+            let (dv, built) = blocking(move || {
+                let mut out: Vec<Vec<Bytes>> = vec![vec![Bytes::from_static(&[0])]; n];
+                let mut compacted: Vec<Vec<u8>> = if zero_copy {
+                    Vec::new()
+                } else {
+                    sizes.iter().map(|&len| Vec::with_capacity(len)).collect()
+                };
+                for (saved_box, elem, data, own, to) in jobs {
+                    fill_from_chunk(&mut dest_vec, &saved_box, elem, &data, &own);
+                    if zero_copy {
+                        let shared = Bytes::from(data);
+                        for (r, _) in &to {
+                            out[*r].push(shared.clone());
+                        }
+                    } else {
+                        for (r, overlaps) in &to {
+                            compact(&mut compacted[*r], &saved_box, elem, &data, overlaps);
+                        }
+                    }
+                }
+                if !zero_copy {
+                    for (r, c) in compacted.into_iter().enumerate() {
+                        out[r].push(Bytes::from(c));
+                    }
+                }
+                Ok((dest_vec, out))
+            })
+            .await?;
+            state = Ok((DestStateDict::from_items(dv.into_iter().collect()), stats));
+            built
+        };
+        let recv = collective.all_to_all_v(msgs).await?;
+        // Any rank's failure ends the exchange for everyone after this round.
+        for (from, m) in recv.iter().enumerate() {
+            let status = m.first().cloned().unwrap_or_default();
+            if status.first() != Some(&0) {
+                let e = status
+                    .get(1..)
+                    .ok_or_else(|| Error::new(ErrorKind::Collective, "empty shared-read message"))
+                    .and_then(decode::<WireError>)
+                    .map(Error::from_wire)
+                    .unwrap_or_else(|e| e.with_rank(from));
+                return Ok(Err(e));
+            }
+        }
+        // Fill this rank's needs from what it received.
+        let (dest_state, stats) = state.expect("no failure in this round");
+        let mut dest_vec: DestVec = dest_state.into_items().into_iter().collect();
+        let mut jobs: Vec<(usize, usize, ChunkBox, Vec<crate::plan::ReadItem>)> = Vec::new();
+        for &s in round {
+            let c = &sched.shared[s];
+            if c.reader != rank && c.users.iter().any(|u| u.0 == rank) {
+                let ItemMeta::Tensor { chunks, .. } = &md.items[c.item].1 else {
+                    return Err(Error::invalid("shared chunk is not a tensor"));
+                };
+                jobs.push((
+                    c.reader,
+                    c.elem,
+                    chunks[c.chunk].region.clone(),
+                    shared_reads.remove(&s).unwrap_or_default(),
+                ));
+            }
+        }
+        let (dv, r) = blocking(move || {
+            let mut next = vec![1usize; recv.len()];
+            let mut pos = vec![0usize; recv.len()];
+            let mut res = Ok(());
+            for (from, elem, saved_box, reads) in &jobs {
+                let r = if zero_copy {
+                    let i = next[*from];
+                    next[*from] += 1;
+                    match recv[*from].get(i) {
+                        Some(chunk) if chunk.len() as u64 == saved_box.numel() * *elem as u64 => {
+                            fill_from_chunk(&mut dest_vec, saved_box, *elem, chunk, reads);
+                            Ok(())
+                        }
+                        _ => Err(Error::new(
+                            ErrorKind::Collective,
+                            "shared-read message does not match the plan",
+                        )),
+                    }
+                } else {
+                    let buf = recv[*from].get(1).cloned().unwrap_or_default();
+                    fill_from_compact(&mut dest_vec, *elem, &buf, &mut pos[*from], reads)
+                };
+                if let Err(e) = r {
+                    res = Err(e);
+                    break;
+                }
+            }
+            Ok((dest_vec, res))
+        })
+        .await?;
+        state = r.map(|_| (DestStateDict::from_items(dv.into_iter().collect()), stats));
+    }
+    Ok(state)
+}
+
+/// A rank's destination, lent to the other ranks of its process while they
+/// read shared chunks into it (`None`: the rank already failed).
+struct Lent(Option<crate::pipeline::read::DestSlots>);
+
+/// Shared reads for ranks in one process (see [`read_shared`]): every rank
+/// lends its destination buffers to the others (`all_gather_local`), then
+/// reads the shared chunks it was scheduled to serve straight into the
+/// buffers of every rank that needs them, with one scattered read each. No
+/// chunk is staged in memory or copied between ranks, so no rounds or
+/// budget are needed. An all-gather of the outcome then ends the lending:
+/// after it no rank writes into another's buffers, and each takes its own
+/// back.
+async fn read_lent(
+    state: Result<(DestStateDict, ReadStats)>,
+    md: &Arc<Metadata>,
+    reader: &FileSystemReader,
+    collective: &dyn Collective,
+    sched: &crate::pipeline::exchange::Schedule,
+    needs: &[Vec<crate::pipeline::exchange::Need>],
+) -> Result<Result<(DestStateDict, ReadStats)>> {
+    use crate::pipeline::read::{read_slots, DestSlots, Slot};
+    let rank = collective.rank();
+    let (mine, mut stats, mut outcome) = match state {
+        Ok((dest, stats)) => (Arc::new(Lent(Some(DestSlots::new(dest)))), stats, Ok(())),
+        Err(e) => (Arc::new(Lent(None)), ReadStats::default(), Err(e)),
+    };
+    let values = collective
+        .all_gather_local(mine.clone() as crate::collective::LocalValue)
+        .await?;
+    let mut lent: Vec<Arc<Lent>> = Vec::with_capacity(values.len());
+    for v in values {
+        lent.push(v.downcast::<Lent>().map_err(|_| {
+            Error::new(
+                ErrorKind::Collective,
+                "a rank lent something other than its destination buffers",
+            )
+        })?);
+    }
+    // Serve only when every rank lent its buffers (a failed rank has none;
+    // the outcome exchange below then fails the load everywhere).
+    if outcome.is_ok() && lent.iter().all(|l| l.0.is_some()) {
+        // Every rank's destination items, one flat index space.
+        let mut base = Vec::with_capacity(lent.len());
+        let mut count = 0usize;
+        for l in &lent {
+            base.push(count);
+            count += l.0.as_ref().map_or(0, |d| d.slots.len());
+        }
+        let mut plan = LoadPlan::default();
+        for c in sched.shared.iter().filter(|c| c.reader == rank) {
+            for &(r, i) in &c.users {
+                let need = &needs[r][i];
+                for (o, &(di, dc)) in need.overlaps.iter().zip(&need.dests) {
+                    plan.tensor_reads.push(crate::plan::ReadItem {
+                        dest_item: base[r] + di as usize,
+                        dest_chunk: dc as usize,
+                        md_item: c.item,
+                        saved_chunk: c.chunk,
+                        overlap: o.clone(),
+                    });
+                }
+            }
+        }
+        if !plan.tensor_reads.is_empty() {
+            let served = reader.prepare_read(md, &plan).map(|(resolved, cfg)| {
+                let (fs, md, lent) = (reader.fs().clone(), md.clone(), lent.clone());
+                blocking(move || {
+                    let slots: Vec<&Slot> = lent
+                        .iter()
+                        .flat_map(|l| l.0.as_ref().map(|d| d.slots.iter()).into_iter().flatten())
+                        .collect();
+                    read_slots(fs.as_ref(), &md, &plan, &slots, &resolved, &cfg)
+                })
+            });
+            match served {
+                Ok(task) => match task.await {
+                    Ok(s) => {
+                        stats.bytes_read += s.bytes_read;
+                        stats.requests += s.requests;
+                        stats.records += s.records;
+                    }
+                    Err(e) => outcome = Err(e),
+                },
+                Err(e) => outcome = Err(e),
+            }
+        }
+    }
+    drop(lent);
+    // The end of the lending: once every rank is past this, nobody writes
+    // into another rank's buffers.
+    let status: std::result::Result<(), WireError> = match &outcome {
+        Ok(()) => Ok(()),
+        Err(e) => Err(on_rank(e, rank).to_wire()),
+    };
+    let all = collective.all_gather(encode(&status)?).await?;
+    if let Err(e) = outcome {
+        return Ok(Err(e));
+    }
+    for b in &all {
+        if let Err(w) = decode::<std::result::Result<(), WireError>>(b)? {
+            return Ok(Err(Error::from_wire(w)));
+        }
+    }
+    let dest = mine
+        .0
+        .as_ref()
+        .map(DestSlots::take)
+        .expect("a rank that did not fail lent its buffers");
+    Ok(Ok((dest, stats)))
+}
+
+/// Read whole saved chunks `(md_item, saved_chunk)`, decoded and verified,
+/// through the reader's ordinary path (the saved box as the destination).
+async fn read_saved_chunks(
+    reader: &dyn StorageReader,
+    md: &Arc<Metadata>,
+    chunks: Vec<(usize, usize)>,
+) -> Result<(Vec<Vec<u8>>, ReadStats)> {
+    let mut by_item: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for &(i, c) in &chunks {
+        by_item.entry(i).or_default().push(c);
+    }
+    let mut dest = DestStateDict::new();
+    let mut plan = LoadPlan::default();
+    for (di, (&i, cs)) in by_item.iter().enumerate() {
+        let (
+            name,
+            ItemMeta::Tensor {
+                dtype,
+                shape,
+                chunks: saved,
+            },
+        ) = &md.items[i]
+        else {
+            return Err(Error::invalid("shared chunk is not a tensor"));
+        };
+        dest.want_tensor(
+            name.clone(),
+            *dtype,
+            shape.clone(),
+            cs.iter().map(|&c| saved[c].region.clone()).collect(),
+        )?;
+        for (dc, &c) in cs.iter().enumerate() {
+            plan.tensor_reads.push(crate::plan::ReadItem {
+                dest_item: di,
+                dest_chunk: dc,
+                md_item: i,
+                saved_chunk: c,
+                overlap: saved[c].region.clone(),
+            });
+        }
+    }
+    // Item names are unique and sorted in the metadata, so the destination's
+    // name order is the metadata's index order, as the plan assumes.
+    let (filled, stats) = reader.read(md.clone(), plan, dest).await?;
+    let mut out_map: BTreeMap<(usize, usize), Vec<u8>> = BTreeMap::new();
+    for ((&i, cs), (_, item)) in by_item.iter().zip(filled.into_items()) {
+        if let crate::model::DestItem::Tensor(t) = item {
+            for (&c, ch) in cs.iter().zip(t.chunks) {
+                out_map.insert((i, c), ch.data);
+            }
+        }
+    }
+    let out = chunks
+        .iter()
+        .map(|k| out_map.remove(k).unwrap_or_default())
+        .collect();
+    Ok((out, stats))
+}
