@@ -326,9 +326,7 @@ fuzz_target!(|input: Input| {
             small_record: if input.verify { 0 } else { 256 * 1024 },
         },
     );
-    let options = LoadOptions {
-        planner: Arc::new(planner),
-        ..Default::default()
-    };
+    let options = LoadOptions::default()
+.planner(Arc::new(planner));
     let _ = runtime().block_on(load_with(dest, &reader, &Single, &options));
 });

@@ -165,17 +165,15 @@ fn save_case(input: &Input) {
     let fs: Arc<dyn FileSystem> = Arc::new(mem.clone());
     let writer = FileSystemWriter::new(
         fs,
-        WriterOptions {
-            serialization_format: FormatKind::Safetensors,
-            thread_count: 1 + input.threads as usize % 3,
-            sync_files: false,
-            extensions: if input.checksum {
+        WriterOptions::default()
+.serialization_format(dcp_core::format::builtin(&FormatKind::Safetensors).unwrap())
+.thread_count(1 + input.threads as usize % 3)
+.sync_files(false)
+.extensions(if input.checksum {
                 vec![Arc::new(TestCrc)]
             } else {
                 vec![]
-            },
-            ..Default::default()
-        },
+            }),
     )
     .expect("writer");
     let Ok(res) = runtime().block_on(save(&sd, &writer, &Single)) else {

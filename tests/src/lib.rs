@@ -925,10 +925,7 @@ pub fn check_tensor(spec: &TensorSpec, t: &DestTensor) {
 /// Writer options for fast tests: no fsync (one test per backend checks the
 /// synced path), everything else default.
 pub fn fast_writer() -> WriterOptions {
-    WriterOptions {
-        sync_files: false,
-        ..Default::default()
-    }
+    WriterOptions::default().sync_files(false)
 }
 
 /// Save `sds[rank]` on every rank of a `sds.len()`-rank group.

@@ -105,11 +105,9 @@ fn check_checkpoint(fs: Arc<dyn FileSystem>, allowed: &[u64], what: &str) -> u64
     let dest = m.dest(0, 1, saved_world, &|_| Sharding::Full);
     let reader = FileSystemReader::new(
         fs,
-        ReaderOptions {
-            registry: registry(),
-            verify_checksums: true,
-            ..Default::default()
-        },
+        ReaderOptions::default()
+            .registry(registry())
+            .verify_checksums(true),
     );
     let loaded = dcp_core::local::block_on(load(dest, &reader, &Single))
         .expect("no runtime here")

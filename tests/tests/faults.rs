@@ -26,10 +26,7 @@ fn model() -> Model {
 }
 
 fn opts() -> WriterOptions {
-    WriterOptions {
-        thread_count: 2,
-        ..fast_writer()
-    }
+    fast_writer().thread_count(2)
 }
 
 fn faulty(f: &FaultFs) -> Arc<dyn FileSystem> {
@@ -230,11 +227,9 @@ async fn fewer_files_leave_no_stale_data() {
             .enumerate()
         {
             let m = a.reseeded(10 + i as u64);
-            let o = WriterOptions {
-                thread_count: threads,
-                single_file_per_rank: single,
-                ..fast_writer()
-            };
+            let o = fast_writer()
+                .thread_count(threads)
+                .single_file_per_rank(single);
             let saved = save_model(store.fs(), &m, WORLD, o).await;
             let md = &saved[0].metadata;
             let mut want: Vec<String> = md.files.iter().map(|f| f.name.clone()).collect();
@@ -268,10 +263,7 @@ async fn overwrite_false_refuses_before_writing() {
     let a = model();
     for backend in backends() {
         let store = backend.make_fs("nooverwrite");
-        let no = WriterOptions {
-            overwrite: false,
-            ..opts()
-        };
+        let no = opts().overwrite(false);
         // An empty location is fine.
         save_model(store.fs(), &a, WORLD, no.clone()).await;
         let md = store.read_raw(".metadata").unwrap();

@@ -87,15 +87,13 @@ impl Ckpt {
         sd.insert_bytes("cfg", cfg_bytes(), false).unwrap();
         let writer = dcp_fs::writer(
             &dir,
-            WriterOptions {
-                sync_files: false,
-                extensions: if checksums {
+            WriterOptions::default()
+                .sync_files(false)
+                .extensions(if checksums {
                     vec![Arc::new(TestCrc::new())]
                 } else {
                     vec![]
-                },
-                ..Default::default()
-            },
+                }),
         )
         .unwrap();
         let md = dcp_core::local::block_on(save(&sd, &writer, &Single))
@@ -127,13 +125,7 @@ impl Ckpt {
 
     /// Load `dest` on one rank, bounded by `DEADLINE`.
     fn load(&self, dest: DestStateDict) -> Result<LoadResult, Error> {
-        let reader = dcp_fs::reader(
-            &self.dir,
-            ReaderOptions {
-                registry: registry(),
-                ..Default::default()
-            },
-        );
+        let reader = dcp_fs::reader(&self.dir, ReaderOptions::default().registry(registry()));
         bounded_time(move || {
             dcp_core::local::block_on(load(dest, &reader, &Single)).expect("no runtime here")
         })
@@ -815,11 +807,9 @@ fn safetensors_files_stay_valid_for_colliding_names() {
     }
     let writer = dcp_core::FileSystemWriter::new(
         fs,
-        WriterOptions {
-            serialization_format: dcp_core::FormatKind::Safetensors,
-            sync_files: false,
-            ..Default::default()
-        },
+        WriterOptions::default()
+            .serialization_format(Arc::new(dcp_core::format::Safetensors))
+            .sync_files(false),
     )
     .unwrap();
     let res = dcp_core::local::block_on(save(&sd, &writer, &Single))
@@ -843,11 +833,9 @@ fn safetensors_item_named_like_the_header_metadata() {
         .unwrap();
     let writer = dcp_core::FileSystemWriter::new(
         fs,
-        WriterOptions {
-            serialization_format: dcp_core::FormatKind::Safetensors,
-            sync_files: false,
-            ..Default::default()
-        },
+        WriterOptions::default()
+            .serialization_format(Arc::new(dcp_core::format::Safetensors))
+            .sync_files(false),
     )
     .unwrap();
     // Refusing the name with a clear error is as good as a valid file.

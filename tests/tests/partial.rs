@@ -102,10 +102,7 @@ async fn partial_loads_read_only_requested_keys() {
                 d
             })
             .collect();
-        let opts = ReaderOptions {
-            coalesce_gap: 0,
-            ..Default::default()
-        };
+        let opts = ReaderOptions::default().coalesce_gap(0);
         let out = all_ok(load_ranks(fs, opts, dests).await, "load a by columns");
         let mut total = 0;
         for o in &out {

@@ -4,7 +4,7 @@
 //! cases so it stays fast (64 on local backends, 16 on S3).
 
 use dcp_core::metadata::FormatKind;
-use dcp_core::{DType, ReaderOptions, WriterOptions};
+use dcp_core::{DType, ReaderOptions};
 use dcp_tests::*;
 use proptest::prelude::*;
 
@@ -77,24 +77,20 @@ async fn run(c: &Case, backend: Backend) {
     .tensor("u", DType::U8, &c.shape, c.load)
     .bytes("b", (c.seed % 50) as usize, false);
     let store = backend.make_fs("prop");
-    let opts = WriterOptions {
-        serialization_format: c.format,
-        thread_count: c.threads,
-        single_file_per_rank: c.single_file_per_rank,
-        ..fast_writer()
-    };
+    let opts = fast_writer()
+        .serialization_format(dcp_core::format::builtin(&c.format).expect("dcp's own format"))
+        .thread_count(c.threads)
+        .single_file_per_rank(c.single_file_per_rank);
     save_model(store.fs(), &m, c.save_world, opts).await;
-    let ropts = ReaderOptions {
-        thread_count: c.threads,
-        // Half the cases read every record directly or scattered, however
-        // small (one copy); the others coalesce small records into spans.
-        small_record: if c.seed.is_multiple_of(2) {
+    // Half the cases read every record directly or scattered, however
+    // small (one copy); the others coalesce small records into spans.
+    let ropts = ReaderOptions::default()
+        .thread_count(c.threads)
+        .small_record(if c.seed.is_multiple_of(2) {
             0
         } else {
             ReaderOptions::default().small_record
-        },
-        ..Default::default()
-    };
+        });
     let (load, save) = (c.load, c.save);
     load_and_check(
         store.fs(),

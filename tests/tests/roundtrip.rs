@@ -142,14 +142,12 @@ async fn round_trips(format: FormatKind) {
                     backend.name()
                 );
                 let store = backend.make_fs("roundtrip");
-                let opts = WriterOptions {
-                    thread_count: threads,
-                    single_file_per_rank,
-                    serialization_format: format,
+                let opts = WriterOptions::default()
+                    .thread_count(threads)
+                    .single_file_per_rank(single_file_per_rank)
+                    .serialization_format(dcp_core::format::builtin(&format).unwrap())
                     // The synced path once per format and backend.
-                    sync_files: threads == 1 && single_file_per_rank,
-                    ..Default::default()
-                };
+                    .sync_files(threads == 1 && single_file_per_rank);
                 let saved = save_model(store.fs(), &m, SAVE_WORLD, opts).await;
                 let md = saved[0].metadata.clone();
                 for s in &saved {
@@ -185,17 +183,15 @@ async fn round_trips(format: FormatKind) {
                     check_safetensors_files(&store, &m);
                 }
                 for (k, world) in [1usize, 2, 3, 5].into_iter().enumerate() {
-                    let ropts = ReaderOptions {
-                        thread_count: threads,
-                        // With 3 threads every record, however small, takes
-                        // the direct and scattered paths (one copy).
-                        small_record: if threads == 3 {
+                    // With 3 threads every record, however small, takes
+                    // the direct and scattered paths (one copy).
+                    let ropts = ReaderOptions::default().thread_count(threads).small_record(
+                        if threads == 3 {
                             0
                         } else {
                             ReaderOptions::default().small_record
                         },
-                        ..Default::default()
-                    };
+                    );
                     // A fresh handle: nothing cached from the save.
                     load_and_check(
                         store.fresh_fs(),
@@ -236,10 +232,8 @@ async fn every_dtype_whole() {
                 m = m.tensor(d.name(), d, &[5, 2, 3], Sharding::Full);
             }
             let store = backend.make_fs("dtypes");
-            let opts = WriterOptions {
-                serialization_format: format,
-                ..fast_writer()
-            };
+            let opts =
+                fast_writer().serialization_format(dcp_core::format::builtin(&format).unwrap());
             save_model(store.fs(), &m, 1, opts).await;
             if format == FormatKind::Safetensors {
                 check_safetensors_files(&store, &m);
@@ -303,10 +297,8 @@ async fn safetensors_keys_are_unique_with_at_in_names() {
     .tensor("x", DType::U8, &[6], Sharding::Blocks(2));
     for backend in backends() {
         let store = backend.make_fs("at-names");
-        let opts = WriterOptions {
-            serialization_format: FormatKind::Safetensors,
-            ..fast_writer()
-        };
+        let opts = fast_writer()
+            .serialization_format(dcp_core::format::builtin(&FormatKind::Safetensors).unwrap());
         save_model(store.fs(), &m, 1, opts).await;
         load_and_check(store.fs(), &m, 1, 1, ReaderOptions::default(), &|_| {
             Sharding::Full
@@ -359,11 +351,9 @@ async fn large_and_tiny_records() {
     for backend in backends() {
         for format in [FormatKind::Raw, FormatKind::Safetensors] {
             let store = backend.make_fs("large");
-            let opts = WriterOptions {
-                serialization_format: format,
-                thread_count: 2,
-                ..Default::default()
-            };
+            let opts = WriterOptions::default()
+                .serialization_format(dcp_core::format::builtin(&format).unwrap())
+                .thread_count(2);
             save_model(store.fs(), &m, 4, opts).await;
             load_and_check(
                 store.fresh_fs(),

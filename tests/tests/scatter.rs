@@ -33,19 +33,14 @@ fn sharding(spec: &TensorSpec) -> Sharding {
 }
 
 fn writer() -> WriterOptions {
-    WriterOptions {
-        extensions: vec![Arc::new(dcp_ext::Crc32c::new())],
-        ..fast_writer()
-    }
+    fast_writer().extensions(vec![Arc::new(dcp_ext::Crc32c::new())])
 }
 
 fn reader(verify: bool) -> ReaderOptions {
-    ReaderOptions {
-        registry: dcp_ext::registry(),
-        verify_checksums: verify,
-        thread_count: 2,
-        ..Default::default()
-    }
+    ReaderOptions::default()
+        .registry(dcp_ext::registry())
+        .verify_checksums(verify)
+        .thread_count(2)
 }
 
 fn dests(m: &Model, world: usize) -> Vec<dcp_core::DestStateDict> {
@@ -194,10 +189,7 @@ async fn spans_of_small_records_read_in_blocks_or_whole() {
     let recording = Arc::new(RecordingFs::new(fs.clone()));
     for via in [fs.clone(), recording.clone() as Arc<dyn FileSystem>] {
         for world in [2usize, 3] {
-            let opts = ReaderOptions {
-                thread_count: 2,
-                ..Default::default()
-            };
+            let opts = ReaderOptions::default().thread_count(2);
             let out = load_and_check(via.clone(), &m, 2, world, opts, &|s| {
                 if s.name.ends_with('0') {
                     Sharding::Cols

@@ -150,10 +150,7 @@ fn registry(xor: bool, addsum: bool) -> ExtensionRegistry {
 }
 
 fn reader(xor: bool, addsum: bool) -> ReaderOptions {
-    ReaderOptions {
-        registry: registry(xor, addsum),
-        ..Default::default()
-    }
+    ReaderOptions::default().registry(registry(xor, addsum))
 }
 
 fn model() -> Model {
@@ -169,12 +166,10 @@ fn model() -> Model {
 }
 
 fn writer(ext: Vec<Arc<dyn StreamTransformExtension>>, format: FormatKind) -> WriterOptions {
-    WriterOptions {
-        extensions: ext,
-        serialization_format: format,
-        thread_count: 2,
-        ..fast_writer()
-    }
+    fast_writer()
+        .extensions(ext)
+        .serialization_format(dcp_core::format::builtin(&format).unwrap())
+        .thread_count(2)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -29,8 +29,8 @@ use crate::{human_bytes, CliError, Progress};
 use clap::{Args, ValueEnum};
 use dcp_core::local::run_ranks;
 use dcp_core::{
-    Collective, DestStateDict, FileSystemReader, FileSystemWriter, FormatKind, Metadata,
-    ReaderOptions, SaveOptions, StateDict, WriterOptions,
+    Collective, DestStateDict, FileSystemReader, FileSystemWriter, Metadata, ReaderOptions,
+    SaveOptions, StateDict, WriterOptions,
 };
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -355,16 +355,16 @@ impl Bench {
     fn writer(&self, sync: bool) -> Result<FileSystemWriter, CliError> {
         Ok(FileSystemWriter::new(
             Arc::new(dcp_fs::LocalFs::new(&self.ckpt)),
-            WriterOptions {
-                thread_count: self.args.threads as usize,
-                sync_files: sync,
-                overwrite: true,
-                serialization_format: self.args.format.into(),
-                extensions: dcp_ext::checksum_from_name(&self.args.checksum)?
-                    .into_iter()
-                    .collect(),
-                ..WriterOptions::default()
-            },
+            WriterOptions::default()
+                .thread_count(self.args.threads as usize)
+                .sync_files(sync)
+                .overwrite(true)
+                .serialization_format(self.args.format.serialization_format())
+                .extensions(
+                    dcp_ext::checksum_from_name(&self.args.checksum)?
+                        .into_iter()
+                        .collect(),
+                ),
         )?)
     }
 
@@ -479,11 +479,9 @@ impl Bench {
         };
         let reader = FileSystemReader::new(
             Arc::new(dcp_fs::LocalFs::new(&self.ckpt)),
-            ReaderOptions {
-                thread_count: self.args.threads as usize,
-                registry: crate::registry(),
-                ..ReaderOptions::default()
-            },
+            ReaderOptions::default()
+                .thread_count(self.args.threads as usize)
+                .registry(crate::registry()),
         );
         let ckpt_files = sys::files_in(&self.ckpt).map_err(|e| self.io_err(&self.ckpt, e))?;
         let raw_files: Vec<PathBuf> = (0..raw_lens.len())
@@ -596,7 +594,7 @@ impl Bench {
             save_ranks: self.ranks as u32,
             threads: self.args.threads,
             sync,
-            format: FormatKind::from(self.args.format).name(),
+            format: self.args.format.name(),
             checksum: self.args.checksum.clone(),
             cache: None,
             cold_method: None,

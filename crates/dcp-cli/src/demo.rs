@@ -10,8 +10,8 @@ use crate::{human_bytes, human_rate, location::open_location, CliError, Progress
 use clap::{Args, ValueEnum};
 use dcp_core::local::run_ranks;
 use dcp_core::{
-    Collective, DestStateDict, FileSystem, FileSystemReader, FileSystemWriter, FormatKind,
-    Metadata, ReaderOptions, SaveOptions, WriterOptions,
+    Collective, DestStateDict, FileSystem, FileSystemReader, FileSystemWriter, Metadata,
+    ReaderOptions, SaveOptions, SerializationFormat, WriterOptions,
 };
 use serde::Serialize;
 use std::process::ExitCode;
@@ -38,11 +38,20 @@ pub enum Format {
     Safetensors,
 }
 
-impl From<Format> for FormatKind {
-    fn from(f: Format) -> FormatKind {
-        match f {
-            Format::Raw => FormatKind::Raw,
-            Format::Safetensors => FormatKind::Safetensors,
+impl Format {
+    /// The serialization format this choice names.
+    pub fn serialization_format(self) -> Arc<dyn SerializationFormat> {
+        match self {
+            Format::Raw => Arc::new(dcp_core::format::Raw),
+            Format::Safetensors => Arc::new(dcp_core::format::Safetensors),
+        }
+    }
+
+    /// The name recorded in the metadata.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Safetensors => "safetensors",
         }
     }
 }
@@ -121,7 +130,7 @@ pub struct DemoReport {
     /// Data files in the checkpoint.
     pub files: usize,
     /// Data file layout.
-    pub format: &'static str,
+    pub format: String,
     /// Model dimensions and seed.
     pub layers: u64,
     /// See `layers`.
@@ -166,7 +175,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
     let mut report = DemoReport {
         dir: fs.location(),
         ranks: args.ranks,
-        format: FormatKind::from(args.format).name(),
+        format: args.format.name().to_string(),
         threads: args.threads,
         sync: !args.no_sync,
         ..DemoReport::default()
@@ -183,7 +192,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
             ))
         })?;
         report.ranks = md.world_size;
-        report.format = md.format.name();
+        report.format = md.format.name().to_string();
         (spec, md)
     } else {
         let spec = ModelSpec {
@@ -201,22 +210,17 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
         progress.phase(format_args!("saving with {n} ranks to {}", fs.location()));
         let writer = FileSystemWriter::new(
             fs.clone(),
-            WriterOptions {
-                thread_count: args.threads as usize,
-                sync_files: !args.no_sync,
-                overwrite: true,
-                serialization_format: args.format.into(),
-                extensions: dcp_ext::chain(
+            WriterOptions::default()
+                .thread_count(args.threads as usize)
+                .sync_files(!args.no_sync)
+                .overwrite(true)
+                .serialization_format(args.format.serialization_format())
+                .extensions(dcp_ext::chain(
                     dcp_ext::compression_from_name(&args.compress, args.zstd_level)?,
                     dcp_ext::checksum_from_name(&args.checksum)?,
-                ),
-                ..WriterOptions::default()
-            },
+                )),
         )?;
-        let options = SaveOptions {
-            user_metadata: spec.user_metadata(),
-            ..SaveOptions::default()
-        };
+        let options = SaveOptions::default().user_metadata(spec.user_metadata());
         let started = Instant::now();
         let results = rt.block_on(run_ranks(n, COLLECTIVE_TIMEOUT, move |g| {
             let (sds, writer, options) = (sds.clone(), writer.clone(), options.clone());
@@ -333,11 +337,9 @@ fn spec_for_load(args: &DemoArgs, md: &Metadata) -> Result<ModelSpec, CliError> 
 fn reader(fs: &Arc<dyn FileSystem>, threads: u32) -> FileSystemReader {
     FileSystemReader::new(
         fs.clone(),
-        ReaderOptions {
-            thread_count: threads as usize,
-            registry: crate::registry(),
-            ..ReaderOptions::default()
-        },
+        ReaderOptions::default()
+            .thread_count(threads as usize)
+            .registry(crate::registry()),
     )
 }
 

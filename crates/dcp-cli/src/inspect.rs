@@ -29,7 +29,7 @@ pub struct InspectReport {
     /// Ranks that saved it.
     pub world_size: u32,
     /// Data file layout (`raw`, `safetensors`).
-    pub format: &'static str,
+    pub format: String,
     /// Transform descriptors used by any record.
     pub transforms: Vec<String>,
     /// User key/value metadata.
@@ -186,7 +186,7 @@ impl InspectReport {
             location,
             save_id: md.save_id.clone(),
             world_size: md.world_size,
-            format: md.format.name(),
+            format: md.format.name().to_string(),
             transforms: md.transforms.clone(),
             user: md.user.clone(),
             bytes: md.logical_bytes(),

@@ -390,9 +390,9 @@ pub fn rank_dest(spec: &ModelSpec, rank: usize, n: usize) -> dcp_core::Result<De
             ItemKind::Tensor { dtype, shape } => {
                 let chunks = shard(shape, it.save.transposed(), rank, n)
                     .into_iter()
-                    .map(|region| DestChunk {
-                        data: vec![POISON; region.numel() as usize * dtype.size()],
-                        region,
+                    .map(|region| {
+                        let len = region.numel() as usize * dtype.size();
+                        DestChunk::new(region, vec![POISON; len])
                     })
                     .collect();
                 dest.insert_tensor(&it.name, *dtype, shape.clone(), chunks)?;
@@ -716,10 +716,7 @@ mod tests {
                             if name == corrupt {
                                 data[5] ^= 1;
                             }
-                            dcp_core::DestChunk {
-                                region: c.region.clone(),
-                                data,
-                            }
+                            dcp_core::DestChunk::new(c.region.clone(), data)
                         })
                         .collect();
                     out.insert_tensor(name, t.dtype, t.shape.clone(), chunks)

@@ -28,10 +28,7 @@ pub fn run(args: VerifyArgs) -> Result<ExitCode, CliError> {
     let registry = crate::registry();
     let reader = FileSystemReader::new(
         fs.clone(),
-        ReaderOptions {
-            registry: registry.clone(),
-            ..ReaderOptions::default()
-        },
+        ReaderOptions::default().registry(registry.clone()),
     );
     let rt = crate::runtime()?;
     let md = rt.block_on(dcp_core::read_metadata(&reader))?;

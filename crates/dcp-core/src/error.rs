@@ -8,8 +8,11 @@ use std::fmt;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ErrorKind {
-    /// An I/O operation on storage failed (includes a full disk).
+    /// An I/O operation on storage failed.
     Io,
+    /// The storage is full, or a quota is exhausted (`ENOSPC`, `EDQUOT`):
+    /// free space or write elsewhere; retrying as it is will not help.
+    StorageFull,
     /// A file or item that should exist does not.
     NotFound,
     /// A checkpoint already exists and `overwrite` is off.
@@ -37,6 +40,7 @@ impl ErrorKind {
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorKind::Io => "io",
+            ErrorKind::StorageFull => "storage_full",
             ErrorKind::NotFound => "not_found",
             ErrorKind::AlreadyExists => "already_exists",
             ErrorKind::Corrupt => "corrupt",
@@ -53,6 +57,7 @@ impl ErrorKind {
     /// Inverse of [`ErrorKind::as_str`]; unknown names map to `Io`.
     pub fn parse(s: &str) -> ErrorKind {
         match s {
+            "storage_full" => ErrorKind::StorageFull,
             "not_found" => ErrorKind::NotFound,
             "already_exists" => ErrorKind::AlreadyExists,
             "corrupt" => ErrorKind::Corrupt,
@@ -75,11 +80,15 @@ impl fmt::Display for ErrorKind {
 }
 
 /// The error of every dcp operation: a [`ErrorKind`], a message carrying
-/// context, the rank it happened on (when known) and an optional source.
+/// context, the rank it happened on (when known), whether a retry may
+/// succeed ([`Error::is_temporary`]) and an optional source. The kind, the
+/// message, the rank and the temporary flag survive crossing ranks; the
+/// source stays on the rank where it happened.
 pub struct Error {
     kind: ErrorKind,
     message: String,
     rank: Option<usize>,
+    temporary: bool,
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
@@ -93,8 +102,23 @@ impl Error {
             kind,
             message: message.into(),
             rank: None,
+            temporary: kind == ErrorKind::Temporary,
             source: None,
         }
+    }
+
+    /// Mark whether a retry of the failed operation may succeed (a timeout,
+    /// a throttled request, a connection reset) or not (a missing file, a
+    /// full disk, bad input). Errors of kind [`ErrorKind::Temporary`] are
+    /// temporary from the start; any other kind can be marked.
+    pub fn with_temporary(mut self, temporary: bool) -> Self {
+        self.temporary = temporary;
+        self
+    }
+
+    /// Whether a retry may succeed. Survives crossing ranks.
+    pub fn is_temporary(&self) -> bool {
+        self.temporary
     }
 
     /// Attach the underlying cause.
@@ -133,6 +157,9 @@ impl Error {
     /// An I/O error on `path` during `op`.
     pub fn io(op: &str, path: &str, err: std::io::Error) -> Self {
         let kind = match err.kind() {
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => {
+                ErrorKind::StorageFull
+            }
             std::io::ErrorKind::NotFound => ErrorKind::NotFound,
             std::io::ErrorKind::AlreadyExists => ErrorKind::AlreadyExists,
             std::io::ErrorKind::UnexpectedEof => ErrorKind::Corrupt,
@@ -162,12 +189,25 @@ impl Error {
         Error::new(ErrorKind::Plan, message)
     }
 
+    /// A copy of everything that crosses ranks (kind, message, rank,
+    /// temporary flag), without the source.
+    pub(crate) fn detached(&self) -> Error {
+        Error {
+            kind: self.kind,
+            message: self.message.clone(),
+            rank: self.rank,
+            temporary: self.temporary,
+            source: None,
+        }
+    }
+
     /// Encode as a small wire form so an error can travel between ranks.
     pub(crate) fn to_wire(&self) -> WireError {
         WireError {
             kind: self.kind.as_str().to_string(),
             message: self.message.clone(),
             rank: self.rank.map(|r| r as u64),
+            temporary: self.temporary,
         }
     }
 
@@ -175,6 +215,7 @@ impl Error {
     pub(crate) fn from_wire(w: WireError) -> Self {
         let mut e = Error::new(ErrorKind::parse(&w.kind), w.message);
         e.rank = w.rank.map(|r| r as usize);
+        e.temporary = w.temporary;
         e
     }
 }
@@ -185,6 +226,7 @@ pub(crate) struct WireError {
     pub kind: String,
     pub message: String,
     pub rank: Option<u64>,
+    pub temporary: bool,
 }
 
 impl fmt::Display for Error {
@@ -205,6 +247,9 @@ impl fmt::Debug for Error {
         if let Some(rank) = self.rank {
             d.field("rank", &rank);
         }
+        if self.temporary {
+            d.field("temporary", &true);
+        }
         if let Some(source) = &self.source {
             d.field("source", source);
         }
@@ -223,5 +268,51 @@ impl std::error::Error for Error {
 impl From<postcard::Error> for Error {
     fn from(e: postcard::Error) -> Self {
         Error::corrupt(format!("decode: {e}")).with_source(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_disks_are_a_kind_of_their_own() {
+        for raw in [28 /* ENOSPC */, 122 /* EDQUOT */] {
+            let e = Error::io("write", "/x", std::io::Error::from_raw_os_error(raw));
+            assert_eq!(e.kind(), ErrorKind::StorageFull, "{e}");
+            assert!(!e.is_temporary());
+        }
+        let e = Error::io(
+            "read",
+            "/x",
+            std::io::Error::from(std::io::ErrorKind::TimedOut),
+        );
+        assert_eq!(e.kind(), ErrorKind::Temporary);
+        assert!(e.is_temporary());
+    }
+
+    #[test]
+    fn kind_rank_and_temporary_survive_the_wire() {
+        let e = Error::new(ErrorKind::Io, "connection reset")
+            .with_temporary(true)
+            .with_rank(3);
+        let back = Error::from_wire(e.to_wire());
+        assert_eq!(
+            (
+                back.kind(),
+                back.message(),
+                back.rank(),
+                back.is_temporary()
+            ),
+            (ErrorKind::Io, "connection reset", Some(3), true)
+        );
+        let full = Error::from_wire(Error::new(ErrorKind::StorageFull, "disk").to_wire());
+        assert_eq!(full.kind(), ErrorKind::StorageFull);
+        assert!(!full.is_temporary());
+        let d = e.detached();
+        assert_eq!(
+            (d.kind(), d.rank(), d.is_temporary()),
+            (ErrorKind::Io, Some(3), true)
+        );
     }
 }

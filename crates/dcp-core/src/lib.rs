@@ -43,6 +43,7 @@ pub mod mem;
 pub mod metadata;
 pub mod model;
 pub mod pipeline;
+pub mod placement;
 pub mod plan;
 pub mod storage;
 pub mod transform;
@@ -56,13 +57,15 @@ pub use checkpoint::{
 pub use collective::{Collective, LocalGroup, LocalValue, Single};
 pub use dtype::DType;
 pub use error::{Error, ErrorKind, Result};
+pub use format::{FormatRegistry, SerializationFormat};
 pub use metadata::{FormatKind, Metadata};
 pub use model::{
-    ChunkBox, DestChunk, DestItem, DestStateDict, DestTensor, Item, StateDict, TensorChunk,
-    TensorItem,
+    ChunkBox, DestChunk, DestData, DestItem, DestStateDict, DestTensor, Item, StateDict,
+    TensorBuffer, TensorChunk, TensorItem,
 };
 pub use pipeline::ReadStats;
 pub use storage::{Capabilities, FileEntry, FileSink, FileSystem};
 pub use transform::{
-    ExtensionFactory, ExtensionRegistry, StreamEncoder, StreamTransformExtension, TransformKind,
+    Crc32c, ExtensionFactory, ExtensionRegistry, StreamEncoder, StreamTransformExtension,
+    TransformKind,
 };

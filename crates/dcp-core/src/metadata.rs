@@ -29,22 +29,39 @@ pub const MAX_METADATA_LEN: u64 = 4 << 30;
 /// The most dimensions a tensor may have.
 pub const MAX_NDIM: usize = 64;
 
-/// How records are laid out in data files.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+/// The name of the [`SerializationFormat`](crate::format::SerializationFormat)
+/// that laid out a checkpoint's data files, as the metadata records it.
+/// dcp's own formats are variants; any other is [`FormatKind::Named`]
+/// (encoded after them, so metadata written before it existed decodes
+/// unchanged).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 pub enum FormatKind {
-    /// Records back to back, each aligned to 64 bytes.
+    /// [`Raw`](crate::format::Raw): records back to back, each aligned to 64 bytes.
     #[default]
     Raw,
-    /// Every data file is a valid safetensors file.
+    /// [`Safetensors`](crate::format::Safetensors): every data file is a
+    /// valid safetensors file.
     Safetensors,
+    /// Another format, by its [`SerializationFormat::name`](crate::format::SerializationFormat::name).
+    Named(String),
 }
 
 impl FormatKind {
-    /// Lower-case name.
-    pub fn name(self) -> &'static str {
+    /// The format's name (`raw`, `safetensors`, or the name of another).
+    pub fn name(&self) -> &str {
         match self {
             FormatKind::Raw => "raw",
             FormatKind::Safetensors => "safetensors",
+            FormatKind::Named(n) => n,
+        }
+    }
+
+    /// The kind recorded for a format called `name`.
+    pub fn from_name(name: &str) -> FormatKind {
+        match name {
+            "raw" => FormatKind::Raw,
+            "safetensors" => FormatKind::Safetensors,
+            other => FormatKind::Named(other.to_string()),
         }
     }
 }
@@ -265,6 +282,9 @@ impl Metadata {
         }
         if self.save_id.is_empty() || self.save_id.len() > 64 {
             return bad(format!("save id {:?} is not 1 to 64 bytes", self.save_id));
+        }
+        if let FormatKind::Named(n) = &self.format {
+            crate::format::check_format_name(n).map_err(|e| e.context("invalid metadata"))?;
         }
         for f in &self.files {
             check_file_name(&f.name).map_err(|e| e.context("invalid metadata"))?;

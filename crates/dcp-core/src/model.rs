@@ -296,14 +296,187 @@ pub(crate) fn check_name(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Memory a load fills in place: a framework's tensor storage, a pinned
+/// buffer, a memory-mapped file. Implement it to load straight into memory
+/// the caller owns, with no copy beyond the read itself.
+///
+/// Both methods must return the same memory, of the same length, every
+/// time they are called: a load writes through
+/// [`TensorBuffer::as_mut_bytes`] from a worker thread and hands the buffer
+/// back when it is done.
+pub trait TensorBuffer: Send + Sync + 'static {
+    /// The bytes, for reading.
+    fn as_bytes(&self) -> &[u8];
+    /// The bytes, to fill.
+    fn as_mut_bytes(&mut self) -> &mut [u8];
+}
+
+impl TensorBuffer for Vec<u8> {
+    fn as_bytes(&self) -> &[u8] {
+        self
+    }
+    fn as_mut_bytes(&mut self) -> &mut [u8] {
+        self
+    }
+}
+
+impl TensorBuffer for Box<[u8]> {
+    fn as_bytes(&self) -> &[u8] {
+        self
+    }
+    fn as_mut_bytes(&mut self) -> &mut [u8] {
+        self
+    }
+}
+
+impl TensorBuffer for bytes::BytesMut {
+    fn as_bytes(&self) -> &[u8] {
+        self
+    }
+    fn as_mut_bytes(&mut self) -> &mut [u8] {
+        self
+    }
+}
+
+/// The buffer of a destination chunk: one dcp allocated ([`DestData::Owned`],
+/// the simple default), or memory the caller provided
+/// ([`DestData::Provided`]), filled in place. It dereferences to its bytes.
+pub enum DestData {
+    /// A buffer owned as a `Vec`.
+    Owned(Vec<u8>),
+    /// Caller-provided memory, handed back filled.
+    Provided(Box<dyn TensorBuffer>),
+}
+
+impl DestData {
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        self
+    }
+
+    /// Whether this is caller-provided memory.
+    pub fn is_provided(&self) -> bool {
+        matches!(self, DestData::Provided(_))
+    }
+
+    /// The bytes as a `Vec`: the owned buffer itself, or a copy of
+    /// provided memory.
+    pub fn into_vec(self) -> Vec<u8> {
+        match self {
+            DestData::Owned(v) => v,
+            DestData::Provided(b) => b.as_bytes().to_vec(),
+        }
+    }
+
+    /// The caller's buffer, if it is one.
+    pub fn into_provided(self) -> Option<Box<dyn TensorBuffer>> {
+        match self {
+            DestData::Provided(b) => Some(b),
+            DestData::Owned(_) => None,
+        }
+    }
+}
+
+impl Default for DestData {
+    fn default() -> Self {
+        DestData::Owned(Vec::new())
+    }
+}
+
+impl std::ops::Deref for DestData {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            DestData::Owned(v) => v,
+            DestData::Provided(b) => b.as_bytes(),
+        }
+    }
+}
+
+impl std::ops::DerefMut for DestData {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        match self {
+            DestData::Owned(v) => v,
+            DestData::Provided(b) => b.as_mut_bytes(),
+        }
+    }
+}
+
+impl From<Vec<u8>> for DestData {
+    fn from(v: Vec<u8>) -> Self {
+        DestData::Owned(v)
+    }
+}
+
+/// Cloning copies the bytes into an owned buffer (provided memory cannot be
+/// duplicated).
+impl Clone for DestData {
+    fn clone(&self) -> Self {
+        DestData::Owned(self.to_vec())
+    }
+}
+
+impl fmt::Debug for DestData {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DestData::Owned(v) => f.debug_tuple("Owned").field(v).finish(),
+            DestData::Provided(b) => write!(f, "Provided({} bytes)", b.as_bytes().len()),
+        }
+    }
+}
+
+impl PartialEq for DestData {
+    fn eq(&self, other: &DestData) -> bool {
+        self[..] == other[..]
+    }
+}
+
+impl PartialEq<Vec<u8>> for DestData {
+    fn eq(&self, other: &Vec<u8>) -> bool {
+        self[..] == other[..]
+    }
+}
+
+impl PartialEq<[u8]> for DestData {
+    fn eq(&self, other: &[u8]) -> bool {
+        &self[..] == other
+    }
+}
+
+impl PartialEq<DestData> for Vec<u8> {
+    fn eq(&self, other: &DestData) -> bool {
+        self[..] == other[..]
+    }
+}
+
 /// A destination chunk that a load fills: its box and a buffer of exactly
-/// `box.numel() * dtype.size()` bytes, owned by the caller and returned filled.
+/// `box.numel() * dtype.size()` bytes, returned filled.
 #[derive(Clone, Debug)]
 pub struct DestChunk {
     /// Where the chunk sits in the global tensor.
     pub region: ChunkBox,
     /// The buffer to fill, row-major.
-    pub data: Vec<u8>,
+    pub data: DestData,
+}
+
+impl DestChunk {
+    /// A chunk filling `data`, a buffer dcp owns from now on.
+    pub fn new(region: ChunkBox, data: Vec<u8>) -> DestChunk {
+        DestChunk {
+            region,
+            data: DestData::Owned(data),
+        }
+    }
+
+    /// A chunk filling memory the caller owns, in place: no other buffer of
+    /// its size is allocated by the load (except for records a codec must
+    /// decode first). Get it back with [`DestData::into_provided`].
+    pub fn provided(region: ChunkBox, buffer: impl TensorBuffer) -> DestChunk {
+        DestChunk {
+            region,
+            data: DestData::Provided(Box::new(buffer)),
+        }
+    }
 }
 
 /// A tensor to load: expected dtype and global shape, and the chunks wanted.
@@ -351,16 +524,15 @@ impl DestStateDict {
             region.check_within(&shape)?;
             let len = usize::try_from(region.numel() as u128 * dtype.size() as u128)
                 .map_err(|_| Error::invalid(format!("chunk ({region}) too large for memory")))?;
-            chunks.push(DestChunk {
-                region,
-                data: vec![0u8; len],
-            });
+            chunks.push(DestChunk::new(region, vec![0u8; len]));
         }
         self.insert_tensor(name, dtype, shape, chunks)
     }
 
-    /// Ask for a tensor into caller-provided buffers. Refuses buffers whose
-    /// length does not match their box.
+    /// Ask for a tensor into caller-provided buffers ([`DestChunk::new`] for
+    /// a `Vec`, [`DestChunk::provided`] for any [`TensorBuffer`]), filled in
+    /// place. Refuses buffers whose length does not match their box, and
+    /// boxes outside `shape`.
     pub fn insert_tensor(
         &mut self,
         name: impl Into<String>,

@@ -136,10 +136,7 @@ async fn save_rows(fs: Arc<dyn FileSystem>) -> Vec<SaveResult> {
                 false,
             )?;
             sd.insert_bytes("step", b"42".to_vec(), true)?;
-            let opts = WriterOptions {
-                thread_count: 2,
-                ..Default::default()
-            };
+            let opts = WriterOptions::default().thread_count(2);
             let w = FileSystemWriter::new(fs, opts)?;
             save(&sd, &w, &g).await
         }
@@ -170,18 +167,9 @@ async fn reshard(bytes_only: bool, small_record: u64) {
                 vec![ChunkBox::new(vec![0, lo], vec![R, hi - lo])?],
             )?;
             dest.want_bytes("step")?;
-            let r = FileSystemReader::new(
-                fs,
-                ReaderOptions {
-                    small_record,
-                    ..Default::default()
-                },
-            );
+            let r = FileSystemReader::new(fs, ReaderOptions::default().small_record(small_record));
             // A small exchange budget forces several rounds.
-            let opts = LoadOptions {
-                exchange_budget: 2048,
-                ..Default::default()
-            };
+            let opts = LoadOptions::default().exchange_budget(2048);
             let out = if bytes_only {
                 load_with(dest, &r, &BytesOnly::new(g), &opts).await?
             } else {

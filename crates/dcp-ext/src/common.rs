@@ -1,32 +1,6 @@
 //! Helpers shared by the transforms: descriptor checks and bounded buffers.
 
-use dcp_core::transform::Descriptor;
 use dcp_core::{Error, ErrorKind, Result};
-
-/// Refuse a descriptor whose version is not `version`.
-pub(crate) fn check_version(d: &Descriptor, version: u32) -> Result<()> {
-    if d.version != version {
-        return Err(Error::new(
-            ErrorKind::Unsupported,
-            format!(
-                "stream extension {d}: version {} is not supported (this build of dcp-ext reads {}/{version})",
-                d.version, d.name
-            ),
-        ));
-    }
-    Ok(())
-}
-
-/// Refuse any parameter not in `allowed`.
-pub(crate) fn check_params(d: &Descriptor, allowed: &[&str]) -> Result<()> {
-    if let Some(k) = d.params.keys().find(|k| !allowed.contains(&k.as_str())) {
-        return Err(Error::new(
-            ErrorKind::Unsupported,
-            format!("stream extension {d}: unknown parameter {k:?}"),
-        ));
-    }
-    Ok(())
-}
 
 /// A codec's recorded value must be empty: codecs record nothing.
 pub(crate) fn check_empty_value(name: &str, value: &[u8]) -> Result<()> {

@@ -51,7 +51,7 @@
 //!     dcp_ext::compression_from_name("zstd", 3).unwrap(),
 //!     dcp_ext::checksum_from_name("crc32c").unwrap(),
 //! );
-//! let opts = WriterOptions { extensions, ..Default::default() };
+//! let opts = WriterOptions::default().extensions(extensions);
 //! let saved = save(&sd, &FileSystemWriter::new(fs.clone(), opts).unwrap(), &Single).await.unwrap();
 //! assert_eq!(saved.metadata.transforms, ["zstd/1:level=3", "crc32c/1"]);
 //! assert!(saved.metadata.stored_bytes() < data.len() as u64);
@@ -60,7 +60,7 @@
 //! dest.want_tensor("w", DType::F32, vec![4096], vec![ChunkBox::full(&[4096])]).unwrap();
 //! let reader = FileSystemReader::new(
 //!     fs,
-//!     ReaderOptions { registry: dcp_ext::registry(), ..Default::default() },
+//!     ReaderOptions::default().registry(dcp_ext::registry()),
 //! );
 //! let loaded = load(dest, &reader, &Single).await.unwrap();
 //! assert_eq!(loaded.state_dict.tensor("w").unwrap().chunks[0].data, data);
@@ -72,7 +72,8 @@ mod crc;
 mod lz4_codec;
 mod zstd_codec;
 
-pub use crc::{Crc32, Crc32Factory, Crc32c, Crc32cFactory};
+pub use crc::{Crc32, Crc32Factory};
+pub use dcp_core::transform::{Crc32c, Crc32cFactory};
 pub use lz4_codec::{Lz4, Lz4Factory};
 pub use zstd_codec::{Zstd, ZstdFactory};
 

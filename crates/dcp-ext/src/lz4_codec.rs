@@ -1,6 +1,6 @@
 //! lz4 compression (`lz4/1`), LZ4 frame format.
 
-use crate::common::{check_empty_value, check_params, check_version, with_capacity};
+use crate::common::{check_empty_value, with_capacity};
 use dcp_core::transform::Descriptor;
 use dcp_core::{
     Error, ErrorKind, ExtensionFactory, Result, StreamEncoder, StreamTransformExtension,
@@ -193,8 +193,8 @@ impl ExtensionFactory for Lz4Factory {
         Lz4::NAME
     }
     fn build(&self, d: &Descriptor) -> Result<Arc<dyn StreamTransformExtension>> {
-        check_version(d, 1)?;
-        check_params(d, &[])?;
+        d.check_version(1)?;
+        d.check_params(&[])?;
         Ok(Arc::new(Lz4))
     }
 }

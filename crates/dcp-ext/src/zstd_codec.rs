@@ -1,6 +1,6 @@
 //! zstd compression (`zstd/1:level=N`).
 
-use crate::common::{check_empty_value, check_params, check_version, with_capacity};
+use crate::common::{check_empty_value, with_capacity};
 use dcp_core::transform::Descriptor;
 use dcp_core::{
     Error, ErrorKind, ExtensionFactory, Result, StreamEncoder, StreamTransformExtension,
@@ -235,8 +235,8 @@ impl ExtensionFactory for ZstdFactory {
         Zstd::NAME
     }
     fn build(&self, d: &Descriptor) -> Result<Arc<dyn StreamTransformExtension>> {
-        check_version(d, 1)?;
-        check_params(d, &["level"])?;
+        d.check_version(1)?;
+        d.check_params(&["level"])?;
         let level = match d.params.get("level") {
             None => Zstd::DEFAULT_LEVEL,
             Some(s) => s.parse::<i32>().map_err(|_| {

@@ -173,10 +173,7 @@ fn without_verification_a_flip_in_a_plain_record_loads() {
     assert_eq!(e.kind(), ErrorKind::ChecksumMismatch, "{e}");
 
     // Unverified: the flipped byte is what comes back.
-    let opts = ReaderOptions {
-        verify_checksums: false,
-        ..reader_options()
-    };
+    let opts = reader_options().verify_checksums(false);
     let out = block_on(async {
         let dest = wanted_state(0, 1, 4)?;
         load(dest, &FileSystemReader::new(c.fs.clone(), opts), &Single).await

@@ -24,7 +24,7 @@ async fn case(format: FormatKind, compression: &str, checksum: &str) {
     let (mem, fs) = memfs(&what.replace(' ', ""));
     let ext = extensions(compression, checksum);
     let want: Vec<String> = ext.iter().map(|t| t.descriptor()).collect();
-    let saved = save_world(fs.clone(), 4, writer_options(format, ext)).await;
+    let saved = save_world(fs.clone(), 4, writer_options(format.clone(), ext)).await;
 
     if format == FormatKind::Safetensors && compression != "none" {
         // Refused at plan time on every rank, before any file is written.
@@ -125,7 +125,7 @@ async fn every_format_compression_and_checksum_reshards() {
     for format in [FormatKind::Raw, FormatKind::Safetensors] {
         for c in COMPRESSIONS {
             for k in CHECKSUMS {
-                case(format, c, k).await;
+                case(format.clone(), c, k).await;
             }
         }
     }
@@ -143,10 +143,7 @@ async fn unknown_descriptors_are_unsupported_and_named() {
     saved[0].as_ref().unwrap();
 
     // A reader without dcp-ext's factories.
-    let bare = ReaderOptions {
-        registry: ExtensionRegistry::new(),
-        ..Default::default()
-    };
+    let bare = ReaderOptions::default().registry(ExtensionRegistry::new());
     let e = load_world(fs.clone(), 1, 1, bare)
         .await
         .remove(0)

@@ -22,10 +22,7 @@ async fn save_with(mem: &MemoryFs, ext: Vec<Arc<dyn StreamTransformExtension>>) 
         .unwrap();
     let w = FileSystemWriter::new(
         Arc::new(mem.clone()),
-        WriterOptions {
-            extensions: ext,
-            ..Default::default()
-        },
+        WriterOptions::default().extensions(ext),
     )
     .unwrap();
     save(&sd, &w, &Single)
@@ -46,14 +43,12 @@ async fn load_w(mem: &MemoryFs, verify_checksums: bool) -> Result<Vec<u8>> {
     )?;
     let r = FileSystemReader::new(
         Arc::new(mem.clone()),
-        ReaderOptions {
-            registry: dcp_ext::registry(),
-            verify_checksums,
-            ..Default::default()
-        },
+        ReaderOptions::default()
+            .registry(dcp_ext::registry())
+            .verify_checksums(verify_checksums),
     );
     let out = load(dest, &r, &Single).await?;
-    Ok(out.state_dict.tensor("w").unwrap().chunks[0].data.clone())
+    Ok(out.state_dict.tensor("w").unwrap().chunks[0].data.to_vec())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,8 +21,9 @@
 //! * reads past the end of a file: a `Corrupt` error naming the file, the
 //!   offset, the length and the file's actual size.
 //!
-//! I/O errors carry the operation and the path, and keep the system's text
-//! (a full disk says "No space left on device").
+//! I/O errors carry the operation and the path, and keep the system's text;
+//! a full disk or an exhausted quota is
+//! [`ErrorKind::StorageFull`](dcp_core::ErrorKind::StorageFull).
 //!
 //! ```
 //! use dcp_core::{save, load, ChunkBox, DType, DestStateDict, ReaderOptions, Single, StateDict,
@@ -628,10 +629,10 @@ pub fn reader(path: impl Into<PathBuf>, options: ReaderOptions) -> FileSystemRea
     FileSystemReader::new(Arc::new(LocalFs::new(path)), options)
 }
 
-/// Is `e` the error a full disk gives? (Its message says "No space left on
-/// device".)
+/// Is `e` the error a full disk or an exhausted quota gives? The same as
+/// `e.kind() == ErrorKind::StorageFull`.
 pub fn is_disk_full(e: &Error) -> bool {
-    e.kind() == ErrorKind::Io && e.message().contains("No space left on device")
+    e.kind() == ErrorKind::StorageFull
 }
 
 #[cfg(test)]

@@ -225,10 +225,7 @@ async fn run() -> Result<(), String> {
             let w = FsspecWriter::with_opendal_options(
                 &url,
                 &so,
-                WriterOptions {
-                    thread_count: threads,
-                    ..Default::default()
-                },
+                WriterOptions::default().thread_count(threads),
                 dal.clone(),
             )
             .map_err(|e| e.to_string())?;
@@ -272,10 +269,7 @@ async fn run() -> Result<(), String> {
             let r = FsspecReader::with_opendal_options(
                 &url,
                 &so,
-                ReaderOptions {
-                    thread_count: threads,
-                    ..Default::default()
-                },
+                ReaderOptions::default().thread_count(threads),
                 dal.clone(),
             )
             .map_err(|e| e.to_string())?;

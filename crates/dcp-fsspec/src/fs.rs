@@ -263,6 +263,12 @@ impl OpendalFs {
     }
 }
 
+/// Whether `op` serves a store whose objects live in buckets (or
+/// containers) that may be missing, as opposed to a directory or memory.
+fn has_buckets(op: &Operator) -> bool {
+    matches!(op.info().scheme(), "s3" | "gcs" | "azblob")
+}
+
 /// Map an OpenDAL error to a dcp error whose message names the object, the
 /// location and (for access and connection problems) the endpoint.
 fn map_error(inner: &Inner, op: &str, name: &str, e: opendal::Error) -> Error {
@@ -294,16 +300,18 @@ fn map_error(inner: &Inner, op: &str, name: &str, e: opendal::Error) -> Error {
                 inner.endpoint, inner.bucket
             ),
         )
-    } else if text.contains("NoSuchBucket") {
-        (
-            ErrorKind::NotFound,
-            format!(
-                "{op} {what}: bucket {:?} does not exist at {}",
-                inner.bucket, inner.endpoint
-            ),
-        )
     } else {
         match e.kind() {
+            // OpenDAL reports a missing bucket (S3's `NoSuchBucket`, GCS's and
+            // Azure's missing container) as an invalid configuration: the
+            // configured bucket is wrong.
+            K::ConfigInvalid if has_buckets(&inner.op) => (
+                ErrorKind::NotFound,
+                format!(
+                    "{op} {what}: bucket {:?} does not exist at {} (or the service refused its configuration)",
+                    inner.bucket, inner.endpoint
+                ),
+            ),
             K::NotFound => (ErrorKind::NotFound, format!("{op} {what}: not found")),
             K::PermissionDenied => (
                 ErrorKind::Io,
@@ -449,7 +457,9 @@ impl FileSystem for OpendalFs {
             }
         })
         .or_else(|e| {
-            if e.kind() == opendal::ErrorKind::NotFound && !e.to_string().contains("NoSuchBucket") {
+            // A missing prefix (a new local directory) is fine: saves create
+            // it. A missing bucket is `ConfigInvalid` and fails here.
+            if e.kind() == opendal::ErrorKind::NotFound {
                 Ok(())
             } else {
                 Err(e)
@@ -563,13 +573,7 @@ impl FileSystem for OpendalFs {
         match self.block_on(self.inner.op.stat(&self.path(name))) {
             Ok(m) if m.is_file() => Ok(Some(m.content_length())),
             Ok(_) => Ok(None),
-            Err(e) if e.kind() == opendal::ErrorKind::NotFound => {
-                if e.to_string().contains("NoSuchBucket") {
-                    Err(self.err("stat", name, e))
-                } else {
-                    Ok(None)
-                }
-            }
+            Err(e) if e.kind() == opendal::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(self.err("stat", name, e)),
         }
     }
@@ -595,12 +599,7 @@ impl FileSystem for OpendalFs {
         };
         let entries = match self.block_on(self.inner.op.list(&dir)) {
             Ok(v) => v,
-            Err(e) if e.kind() == opendal::ErrorKind::NotFound => {
-                if e.to_string().contains("NoSuchBucket") {
-                    return Err(self.err("list", "", e));
-                }
-                Vec::new()
-            }
+            Err(e) if e.kind() == opendal::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(self.err("list", "", e)),
         };
         let mut out = Vec::new();

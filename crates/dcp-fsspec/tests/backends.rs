@@ -76,10 +76,7 @@ impl Backend {
 }
 
 fn opts(threads: usize) -> WriterOptions {
-    WriterOptions {
-        thread_count: threads,
-        ..Default::default()
-    }
+    WriterOptions::default().thread_count(threads)
 }
 
 async fn roundtrip(kind: &str) {
@@ -177,10 +174,7 @@ async fn overwrite_false_refused(kind: &str) {
         2,
         2,
         0,
-        WriterOptions {
-            overwrite: false,
-            ..Default::default()
-        },
+        WriterOptions::default().overwrite(false),
         T,
     )
     .await;

@@ -20,10 +20,7 @@ use std::time::{Duration, Instant};
 const T: Duration = Duration::from_secs(60);
 
 fn opts(threads: usize) -> WriterOptions {
-    WriterOptions {
-        thread_count: threads,
-        ..Default::default()
-    }
+    WriterOptions::default().thread_count(threads)
 }
 
 /// Every rank failed, with the same error.

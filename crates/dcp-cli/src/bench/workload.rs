@@ -301,9 +301,9 @@ impl Workload {
                     }
                     let chunks = region
                         .into_iter()
-                        .map(|region| DestChunk {
-                            data: vec![model::POISON; region.numel() as usize * dtype.size()],
-                            region,
+                        .map(|region| {
+                            let len = region.numel() as usize * dtype.size();
+                            DestChunk::new(region, vec![model::POISON; len])
                         })
                         .collect();
                     dest.insert_tensor(&it.name, *dtype, shape.clone(), chunks)?;

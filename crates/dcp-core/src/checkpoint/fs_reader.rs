@@ -3,6 +3,7 @@
 
 use crate::checkpoint::{ReaderOptions, StorageReader};
 use crate::error::{Error, ErrorKind, Result};
+use crate::format::SerializationFormat;
 use crate::metadata::{ItemMeta, Metadata, StorageInfo, MAX_METADATA_LEN};
 use crate::model::DestStateDict;
 use crate::pipeline::blocking;
@@ -69,9 +70,13 @@ impl StorageReader for FileSystemReader {
         plan: LoadPlan,
         dest: DestStateDict,
     ) -> Result<(DestStateDict, ReadStats)> {
-        let (resolved, cfg) = self.prepare_read(&md, &plan)?;
+        let (resolved, cfg, format) = self.prepare_read(&md, &plan)?;
         let fs = self.fs.clone();
-        blocking(move || read_plan(fs.as_ref(), &md, &plan, dest, &resolved, &cfg)).await
+        blocking(move || {
+            let md = located(fs.as_ref(), format.as_ref(), md, &plan)?;
+            read_plan(fs.as_ref(), &md, &plan, dest, &resolved, &cfg)
+        })
+        .await
     }
 
     fn file_system_reader(&self) -> Option<&FileSystemReader> {
@@ -83,12 +88,14 @@ impl StorageReader for FileSystemReader {
 pub(crate) type Resolved = Vec<Option<Arc<dyn crate::transform::StreamTransformExtension>>>;
 
 impl FileSystemReader {
-    /// Resolve the transforms `plan` needs and the settings of its read.
+    /// Resolve the serialization format and the transforms `plan` needs,
+    /// and the settings of its read.
     pub(crate) fn prepare_read(
         &self,
         md: &Metadata,
         plan: &LoadPlan,
-    ) -> Result<(Resolved, ReadConfig)> {
+    ) -> Result<(Resolved, ReadConfig, Arc<dyn SerializationFormat>)> {
+        let format = self.options.formats.resolve(&md.format)?;
         // Resolve only the transforms the planned records use.
         let mut used = vec![false; md.transforms.len()];
         let mut mark = |s: &StorageInfo| {
@@ -121,6 +128,60 @@ impl FileSystemReader {
             max_request: self.options.max_request.max(1),
             small_record: self.options.small_record,
         };
-        Ok((resolved, cfg))
+        Ok((resolved, cfg, format))
     }
+}
+
+/// `md` with the records `plan` reads where `format` finds them
+/// ([`SerializationFormat::locate`]); `md` itself when the format never
+/// moves records. Blocking: a format may read the data files.
+pub(crate) fn located(
+    fs: &dyn FileSystem,
+    format: &dyn SerializationFormat,
+    md: Arc<Metadata>,
+    plan: &LoadPlan,
+) -> Result<Arc<Metadata>> {
+    if !format.relocates() {
+        return Ok(md);
+    }
+    let mut out = (*md).clone();
+    let relocate = |name: &str, s: &mut StorageInfo| -> Result<()> {
+        let file = &md.files[s.file as usize];
+        if let Some(found) = format
+            .locate(fs, &file.name, s)
+            .map_err(|e| e.context(name))?
+        {
+            if found.file != s.file
+                || found
+                    .offset
+                    .checked_add(found.length)
+                    .is_none_or(|end| end > file.length)
+            {
+                return Err(Error::corrupt(format!(
+                    "{name}: format {} located the record outside {} ({} bytes)",
+                    format.name(),
+                    file.name,
+                    file.length
+                )));
+            }
+            *s = found;
+        }
+        Ok(())
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for r in &plan.tensor_reads {
+        if seen.insert((r.md_item, r.saved_chunk)) {
+            let (name, item) = &mut out.items[r.md_item];
+            if let ItemMeta::Tensor { chunks, .. } = item {
+                relocate(name, &mut chunks[r.saved_chunk].storage)?;
+            }
+        }
+    }
+    for b in &plan.bytes_reads {
+        let (name, item) = &mut out.items[b.md_item];
+        if let ItemMeta::Bytes { storage, .. } = item {
+            relocate(name, storage)?;
+        }
+    }
+    Ok(Arc::new(out))
 }

@@ -8,7 +8,6 @@ use crate::pipeline::blocking;
 use crate::pipeline::write::{write_file, FileJob, RecordJob, RecordResult, WriteConfig};
 use crate::plan::SavePlan;
 use crate::storage::{FileSystem, METADATA_FILE};
-use crate::transform::TransformKind;
 use async_trait::async_trait;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,11 +22,20 @@ pub struct FileSystemWriter {
 }
 
 impl FileSystemWriter {
-    /// A writer over `fs` with `options`. Refuses `thread_count == 0`.
+    /// A writer over `fs` with `options`. Refuses `thread_count == 0`, and a
+    /// serialization format whose name or file extension is not valid
+    /// ([`check_format_name`](crate::format::check_format_name); extensions
+    /// are 1 to 16 bytes of `[a-z0-9]`).
     pub fn new(fs: Arc<dyn FileSystem>, options: WriterOptions) -> Result<Self> {
         if options.thread_count == 0 {
             return Err(Error::invalid("thread_count must be at least 1"));
         }
+        let format = &options.serialization_format;
+        crate::format::check_format_name(format.name())
+            .and_then(|_| check_extension(format.file_extension()))
+            .map_err(|e| {
+                Error::invalid(format!("serialization format {format:?}: {}", e.message()))
+            })?;
         Ok(FileSystemWriter { fs, options })
     }
 
@@ -42,9 +50,44 @@ impl FileSystemWriter {
     }
 }
 
-/// Is `name` a data file dcp writes (and may therefore remove)?
+/// Is `name` a data file dcp writes (and may therefore remove)? Data files
+/// are named `__{rank}_{n}-{save_id}.{extension}`: a rank and a file number
+/// in decimal, the save's 16 hex digits, and the format's extension
+/// (`[a-z0-9]`, 1 to 16 bytes). Nothing else is ever removed.
 pub fn is_data_file_name(name: &str) -> bool {
-    name.starts_with("__") && (name.ends_with(".dcp") || name.ends_with(".safetensors"))
+    let Some(rest) = name.strip_prefix("__") else {
+        return false;
+    };
+    let Some((stem, ext)) = rest.rsplit_once('.') else {
+        return false;
+    };
+    let Some((ranks, id)) = stem.split_once('-') else {
+        return false;
+    };
+    let Some((rank, n)) = ranks.split_once('_') else {
+        return false;
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    digits(rank)
+        && digits(n)
+        && id.len() == 16
+        && id.bytes().all(|b| b.is_ascii_hexdigit())
+        && check_extension(ext).is_ok()
+}
+
+/// Check a format's data-file extension: 1 to 16 bytes of `[a-z0-9]`.
+fn check_extension(ext: &str) -> Result<()> {
+    if (1..=16).contains(&ext.len())
+        && ext
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "data-file extension {ext:?} is not 1 to 16 bytes of [a-z0-9]"
+        )))
+    }
 }
 
 #[async_trait]
@@ -54,25 +97,13 @@ impl StorageWriter for FileSystemWriter {
     }
 
     fn format(&self) -> FormatKind {
-        self.options.serialization_format
+        FormatKind::from_name(self.options.serialization_format.name())
     }
 
     fn check_plan(&self, _plan: &SavePlan) -> Result<()> {
-        if self.options.serialization_format == FormatKind::Safetensors {
-            if let Some(t) = self
-                .options
-                .extensions
-                .iter()
-                .find(|t| t.kind() == TransformKind::Codec)
-            {
-                return Err(Error::invalid(format!(
-                    "the safetensors format cannot hold records transformed by {}: its files must stay valid safetensors; \
-                     use the raw format, or only checksum extensions",
-                    t.descriptor()
-                )));
-            }
-        }
-        Ok(())
+        self.options
+            .serialization_format
+            .check_transforms(&self.options.extensions)
     }
 
     async fn prepare(&self) -> Result<()> {
@@ -101,7 +132,7 @@ impl StorageWriter for FileSystemWriter {
         records: Vec<WriteRecord>,
     ) -> Result<RankWrite> {
         let opts = &self.options;
-        let ext = crate::format::extension(opts.serialization_format);
+        let ext = opts.serialization_format.file_extension();
         // Bucket: largest records first into the least-loaded bucket, then
         // each bucket in state-dict order.
         let mut buckets: Vec<Vec<usize>> = if opts.single_file_per_rank {
@@ -147,7 +178,7 @@ impl StorageWriter for FileSystemWriter {
         drop(records);
         let transforms: Vec<String> = opts.extensions.iter().map(|t| t.descriptor()).collect();
         let cfg = WriteConfig {
-            format: opts.serialization_format,
+            format: opts.serialization_format.clone(),
             sync: opts.sync_files,
             piece: opts.per_thread_copy_ahead,
             save_id: save_id.to_string(),

@@ -21,6 +21,7 @@ mod save;
 mod store;
 pub(crate) mod wire;
 
+pub(crate) use fs_reader::located;
 pub use fs_reader::FileSystemReader;
 pub use fs_writer::{is_data_file_name, FileSystemWriter};
 pub use load::{load, load_with, read_metadata, LoadResult};

@@ -1,31 +1,78 @@
 //! Options of the writer, the reader, a save and a load, with the meaning
 //! torch DCP gives them where torch has the option.
+//!
+//! Each options type is `#[non_exhaustive]` (fields will be added) and is
+//! built from its `Default` with one method per field:
+//! `WriterOptions::default().thread_count(4).sync_files(false)`. The fields
+//! stay public to read, and to set on a value you already have.
 
-use crate::metadata::FormatKind;
+use crate::format::{FormatRegistry, Raw, SerializationFormat};
 use crate::plan::{DefaultLoadPlanner, DefaultSavePlanner, LoadPlanner, SavePlanner};
-use crate::transform::{ExtensionRegistry, StreamTransformExtension};
+use crate::transform::{Crc32c, ExtensionRegistry, StreamTransformExtension};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-/// Options of a [`FileSystemWriter`](crate::FileSystemWriter), with the meaning torch DCP gives them.
-/// Build it with `..Default::default()`: fields may be added.
+/// Generates one builder method per field: `fn field(mut self, v) -> Self`.
+macro_rules! setters {
+    ($ty:ident { $($(#[$doc:meta])* $field:ident : $t:ty),* $(,)? }) => {
+        impl $ty {
+            $(
+                $(#[$doc])*
+                #[must_use]
+                pub fn $field(mut self, value: $t) -> Self {
+                    self.$field = value;
+                    self
+                }
+            )*
+        }
+    };
+}
+
+/// Options of a [`FileSystemWriter`](crate::FileSystemWriter): the
+/// arguments of torch's `FileSystemWriter`/`FsspecWriter`, with their
+/// meaning. The default writes one raw data file per rank, fsyncs it, and
+/// records a CRC-32C checksum of every record (verified on every load).
+///
+/// ```
+/// use dcp_core::WriterOptions;
+/// let o = WriterOptions::default().thread_count(4).sync_files(false);
+/// assert_eq!((o.thread_count, o.sync_files, o.extensions.len()), (4, false, 1));
+/// ```
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct WriterOptions {
-    /// One data file per bucket per rank (`true`), or one per record.
+    /// torch's `single_file_per_rank`: each rank writes its records into
+    /// `thread_count` data files (`true`, the default), or one data file per
+    /// record (`false`).
     pub single_file_per_rank: bool,
-    /// Make data files and the metadata durable before the save returns.
+    /// torch's `sync_files`: make every data file, the directory and the
+    /// metadata durable (fsync; a completed upload on object stores) before
+    /// the save returns. Default `true`.
     pub sync_files: bool,
-    /// Buckets (data files) per rank and writer threads.
+    /// torch's `thread_count`: writer threads per rank, and data files per
+    /// rank with `single_file_per_rank`. Default 1; 0 is refused.
     pub thread_count: usize,
-    /// Bytes of staged output a worker may hold at once (transform pieces).
+    /// torch's `per_thread_copy_ahead` ("bytes to copy from the GPU ahead of
+    /// saving them"). Today it bounds the staged output of one writer
+    /// thread: codecs (compression) run over pieces of at most this many
+    /// bytes (at least 64 KiB). Records without a codec are written straight
+    /// from the caller's memory and stage nothing. Default 10,000,000.
     pub per_thread_copy_ahead: usize,
-    /// Replace an existing checkpoint (crash-safely). When `false`, a save
-    /// into a location holding `.metadata` fails with `AlreadyExists`.
+    /// torch's `overwrite`: replace an existing checkpoint (crash-safely:
+    /// the old one stays loadable until the new `.metadata` is committed).
+    /// When `false`, a save into a location holding `.metadata` fails with
+    /// [`ErrorKind::AlreadyExists`](crate::ErrorKind::AlreadyExists).
+    /// Default `true`.
     pub overwrite: bool,
-    /// Transforms applied to every record, in order.
+    /// torch's `_extensions`: stream transforms applied to every record, in
+    /// order (compression first, then a checksum that covers the stored
+    /// bytes). Default: CRC-32C ([`Crc32c`]) alone; an empty chain writes
+    /// no checksum.
     pub extensions: Vec<Arc<dyn StreamTransformExtension>>,
-    /// Record layout.
-    pub serialization_format: FormatKind,
+    /// torch's `serialization_format`: how records sit in data files.
+    /// Default [`Raw`]; [`Safetensors`](crate::format::Safetensors) makes
+    /// every data file a valid safetensors file.
+    pub serialization_format: Arc<dyn SerializationFormat>,
 }
 
 impl Default for WriterOptions {
@@ -36,28 +83,63 @@ impl Default for WriterOptions {
             thread_count: 1,
             per_thread_copy_ahead: 10_000_000,
             overwrite: true,
-            extensions: Vec::new(),
-            serialization_format: FormatKind::Raw,
+            extensions: vec![Arc::new(Crc32c)],
+            serialization_format: Arc::new(Raw),
         }
     }
 }
 
-/// Options of a [`FileSystemReader`](crate::FileSystemReader). Build it with `..Default::default()`:
-/// fields may be added.
+setters!(WriterOptions {
+    /// Set [`WriterOptions::single_file_per_rank`].
+    single_file_per_rank: bool,
+    /// Set [`WriterOptions::sync_files`].
+    sync_files: bool,
+    /// Set [`WriterOptions::thread_count`].
+    thread_count: usize,
+    /// Set [`WriterOptions::per_thread_copy_ahead`].
+    per_thread_copy_ahead: usize,
+    /// Set [`WriterOptions::overwrite`].
+    overwrite: bool,
+    /// Set [`WriterOptions::extensions`] (an empty chain: no checksum).
+    extensions: Vec<Arc<dyn StreamTransformExtension>>,
+    /// Set [`WriterOptions::serialization_format`].
+    serialization_format: Arc<dyn SerializationFormat>,
+});
+
+/// Options of a [`FileSystemReader`](crate::FileSystemReader). torch's
+/// `FileSystemReader`/`FsspecReader` take only a path and storage options;
+/// these tune how dcp reads.
+///
+/// ```
+/// use dcp_core::ReaderOptions;
+/// let o = ReaderOptions::default().thread_count(8);
+/// assert_eq!(o.thread_count, 8);
+/// assert!(o.registry.contains("crc32c"));
+/// ```
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct ReaderOptions {
-    /// Reader threads per rank.
+    /// Reader threads per rank. Default 4.
     pub thread_count: usize,
-    /// Verify recorded checksums (reads each checksummed record whole).
+    /// Verify recorded checksums. A checksummed record is then read whole
+    /// (or scattered whole into its destinations) so its checksum can be
+    /// checked. Default `true`.
     pub verify_checksums: bool,
-    /// Resolves transform descriptors found in the metadata.
+    /// Resolves the transform descriptors found in the metadata. The
+    /// default resolves CRC-32C; the `dcp` facade's readers add every
+    /// transform of the enabled crates.
     pub registry: ExtensionRegistry,
-    /// Merge two needed ranges of a file when at most this many bytes apart.
+    /// Resolves the serialization format recorded in the metadata. Default:
+    /// dcp's raw and safetensors formats.
+    pub formats: FormatRegistry,
+    /// Merge two needed ranges of a file when at most this many bytes
+    /// apart. Default 4 KiB.
     pub coalesce_gap: u64,
     /// Largest single read request, except a single record read whole.
+    /// Default 64 MiB.
     pub max_request: u64,
     /// Records shorter than this are read in coalesced requests with their
-    /// neighbours (then copied) instead of one request each.
+    /// neighbours (then copied) instead of one request each. Default 256 KiB.
     pub small_record: u64,
 }
 
@@ -67,6 +149,7 @@ impl Default for ReaderOptions {
             thread_count: 4,
             verify_checksums: true,
             registry: ExtensionRegistry::new(),
+            formats: FormatRegistry::new(),
             coalesce_gap: 4096,
             max_request: 64 << 20,
             small_record: 256 * 1024,
@@ -74,10 +157,29 @@ impl Default for ReaderOptions {
     }
 }
 
+setters!(ReaderOptions {
+    /// Set [`ReaderOptions::thread_count`].
+    thread_count: usize,
+    /// Set [`ReaderOptions::verify_checksums`].
+    verify_checksums: bool,
+    /// Set [`ReaderOptions::registry`].
+    registry: ExtensionRegistry,
+    /// Set [`ReaderOptions::formats`].
+    formats: FormatRegistry,
+    /// Set [`ReaderOptions::coalesce_gap`].
+    coalesce_gap: u64,
+    /// Set [`ReaderOptions::max_request`].
+    max_request: u64,
+    /// Set [`ReaderOptions::small_record`].
+    small_record: u64,
+});
+
 /// Options of [`save_with`](crate::save_with).
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct SaveOptions {
-    /// Decides who writes what.
+    /// torch's `planner`: decides who writes what. Default: deduplicate
+    /// items declared replicated, balance bytes across ranks.
     pub planner: Arc<dyn SavePlanner>,
     /// User key/value metadata stored in `.metadata` (taken from rank 0).
     pub user_metadata: BTreeMap<String, String>,
@@ -92,22 +194,34 @@ impl Default for SaveOptions {
     }
 }
 
+setters!(SaveOptions {
+    /// Set [`SaveOptions::planner`].
+    planner: Arc<dyn SavePlanner>,
+    /// Set [`SaveOptions::user_metadata`].
+    user_metadata: BTreeMap<String, String>,
+});
+
 /// Options of [`load_with`](crate::load_with).
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct LoadOptions {
-    /// Decides which stored bytes fill which destination.
+    /// torch's `planner`: decides which stored bytes fill which
+    /// destination. Default: intersect every destination chunk with the
+    /// saved chunks; dtype or shape differences are errors.
     pub planner: Arc<dyn LoadPlanner>,
     /// When several ranks need parts of one saved chunk, read it once on one
     /// rank instead of on every rank (a resharded load then reads the
     /// checkpoint about once in total, not once per rank). Ranks of one
-    /// process ([`Collective::shares_memory`](crate::Collective::shares_memory)) with [`FileSystemReader`](crate::FileSystemReader)s
+    /// process ([`Collective::shares_memory`](crate::Collective::shares_memory))
+    /// whose readers are all [`FileSystemReader`](crate::FileSystemReader)s
     /// lend each other their destination buffers, and the reading rank
     /// writes every rank's part straight into them; other ranks receive
-    /// their slices through the collective.
+    /// their slices through the collective. Default `true`.
     pub share_reads: bool,
     /// Bytes a rank may hold per exchange round (decoded chunks it read plus
     /// slices in flight) when slices travel through the collective. Lent
-    /// buffers need no staging, so this does not apply to them.
+    /// buffers need no staging, so this does not apply to them. Default
+    /// 512 MiB.
     pub exchange_budget: u64,
 }
 
@@ -120,3 +234,12 @@ impl Default for LoadOptions {
         }
     }
 }
+
+setters!(LoadOptions {
+    /// Set [`LoadOptions::planner`].
+    planner: Arc<dyn LoadPlanner>,
+    /// Set [`LoadOptions::share_reads`].
+    share_reads: bool,
+    /// Set [`LoadOptions::exchange_budget`].
+    exchange_budget: u64,
+});

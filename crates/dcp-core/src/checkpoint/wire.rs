@@ -22,7 +22,7 @@ pub(crate) fn decode<'a, T: Deserialize<'a>>(b: &'a [u8]) -> Result<T> {
 
 /// `e` as seen from `rank` (keeping the rank it already names, if any).
 pub(crate) fn on_rank(e: &Error, rank: usize) -> Error {
-    Error::new(e.kind(), e.message()).with_rank(e.rank().unwrap_or(rank))
+    e.detached().with_rank(e.rank().unwrap_or(rank))
 }
 
 pub(crate) fn wire<T>(r: Result<T>, rank: usize) -> std::result::Result<T, WireError> {

@@ -2,7 +2,7 @@
 //! read once, then lent (ranks of one process) or exchanged.
 
 use crate::checkpoint::wire::{decode, encode, on_rank, wire};
-use crate::checkpoint::{FileSystemReader, StorageReader};
+use crate::checkpoint::{located, FileSystemReader, StorageReader};
 use crate::collective::Collective;
 use crate::error::{Error, ErrorKind, Result, WireError};
 use crate::metadata::{ItemMeta, Metadata};
@@ -44,7 +44,7 @@ pub(crate) async fn read_shared(
         planned
             .as_ref()
             .map(|p| (chunk_keys(p), can_lend))
-            .map_err(|e| Error::new(e.kind(), e.message())),
+            .map_err(Error::detached),
         rank,
     );
     let all = collective.all_gather(encode(&keys_msg)?).await?;
@@ -328,16 +328,21 @@ async fn read_lent(
             }
         }
         if !plan.tensor_reads.is_empty() {
-            let served = reader.prepare_read(md, &plan).map(|(resolved, cfg)| {
-                let (fs, md, lent) = (reader.fs().clone(), md.clone(), lent.clone());
-                blocking(move || {
-                    let slots: Vec<&Slot> = lent
-                        .iter()
-                        .flat_map(|l| l.0.as_ref().map(|d| d.slots.iter()).into_iter().flatten())
-                        .collect();
-                    read_slots(fs.as_ref(), &md, &plan, &slots, &resolved, &cfg)
-                })
-            });
+            let served = reader
+                .prepare_read(md, &plan)
+                .map(|(resolved, cfg, format)| {
+                    let (fs, md, lent) = (reader.fs().clone(), md.clone(), lent.clone());
+                    blocking(move || {
+                        let md = located(fs.as_ref(), format.as_ref(), md, &plan)?;
+                        let slots: Vec<&Slot> = lent
+                            .iter()
+                            .flat_map(|l| {
+                                l.0.as_ref().map(|d| d.slots.iter()).into_iter().flatten()
+                            })
+                            .collect();
+                        read_slots(fs.as_ref(), &md, &plan, &slots, &resolved, &cfg)
+                    })
+                });
             match served {
                 Ok(task) => match task.await {
                     Ok(s) => {
@@ -423,7 +428,7 @@ async fn read_saved_chunks(
     for ((&i, cs), (_, item)) in by_item.iter().zip(filled.into_items()) {
         if let crate::model::DestItem::Tensor(t) = item {
             for (&c, ch) in cs.iter().zip(t.chunks) {
-                out_map.insert((i, c), ch.data);
+                out_map.insert((i, c), ch.data.into_vec());
             }
         }
     }

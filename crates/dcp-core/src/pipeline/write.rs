@@ -6,9 +6,9 @@
 //! `per_thread_copy_ahead` bytes, so a worker holds at most that much staged
 //! output at once.
 
-use crate::error::{Error, Result};
-use crate::format::{padding, safetensors_header, safetensors_key, SafetensorsEntry, RAW_ALIGN};
-use crate::metadata::{AppliedTransform, DataFile, FormatKind, StorageInfo};
+use crate::error::Result;
+use crate::format::{padding, RecordLayout, SerializationFormat};
+use crate::metadata::{AppliedTransform, DataFile, StorageInfo};
 use crate::plan::WriteIndex;
 use crate::storage::{FileSink, FileSystem};
 use crate::transform::{StreamTransformExtension, TransformKind};
@@ -16,7 +16,8 @@ use crate::DType;
 use bytes::Bytes;
 use std::sync::Arc;
 
-static ZEROS: [u8; RAW_ALIGN as usize] = [0; RAW_ALIGN as usize];
+/// Zeros for alignment padding, written in slices of at most this size.
+static ZEROS: [u8; 4096] = [0; 4096];
 
 /// One record to write.
 #[derive(Clone, Debug)]
@@ -45,7 +46,7 @@ pub(crate) struct RecordResult {
 
 /// Settings shared by the workers of one save.
 pub(crate) struct WriteConfig {
-    pub format: FormatKind,
+    pub format: Arc<dyn SerializationFormat>,
     pub sync: bool,
     pub piece: usize,
     pub save_id: String,
@@ -99,43 +100,39 @@ fn write_records(
     file_index: u32,
     cfg: &WriteConfig,
 ) -> Result<Vec<RecordResult>> {
-    let mut pos: u64 = 0;
-    if cfg.format == FormatKind::Safetensors {
-        if cfg.has_codec() {
-            return Err(Error::invalid(
-                "the safetensors format cannot hold compressed records; use the raw format",
-            ));
-        }
-        let entries: Vec<SafetensorsEntry> = job
-            .records
-            .iter()
-            .map(|r| match &r.index {
-                WriteIndex::Chunk(b) => SafetensorsEntry {
-                    key: safetensors_key(&r.name, Some(&b.offsets), r.whole),
-                    dtype: r.dtype.unwrap_or(DType::U8),
-                    shape: b.sizes.clone(),
-                    length: r.data.len() as u64,
-                },
-                WriteIndex::Bytes => SafetensorsEntry {
-                    key: safetensors_key(&r.name, None, true),
-                    dtype: DType::U8,
-                    shape: vec![r.data.len() as u64],
-                    length: r.data.len() as u64,
-                },
-            })
-            .collect();
-        let header = safetensors_header(&entries, &cfg.save_id)?;
-        pos = header.len() as u64;
+    let layouts: Vec<RecordLayout<'_>> = job
+        .records
+        .iter()
+        .map(|r| RecordLayout {
+            name: &r.name,
+            index: &r.index,
+            dtype: r.dtype,
+            whole: r.whole,
+            length: r.data.len() as u64,
+        })
+        .collect();
+    let header = cfg
+        .format
+        .header(&layouts, &cfg.save_id)
+        .map_err(|e| e.context(format!("header of {}", job.file_name)))?;
+    let mut pos = header.len() as u64;
+    if !header.is_empty() {
         sink.write(Bytes::from(header))?;
     }
+    let align = cfg.format.record_alignment();
     let mut results = Vec::with_capacity(job.records.len());
-    for rec in &job.records {
-        if cfg.format == FormatKind::Raw {
-            let pad = padding(pos, RAW_ALIGN);
-            if pad > 0 {
-                sink.write(Bytes::from_static(&ZEROS[..pad as usize]))?;
-                pos += pad;
-            }
+    for (rec, layout) in job.records.iter().zip(&layouts) {
+        let prefix = cfg.format.record_prefix(layout)?;
+        let mut pad = padding(pos + prefix.len() as u64, align);
+        while pad > 0 {
+            let n = pad.min(ZEROS.len() as u64);
+            sink.write(Bytes::from_static(&ZEROS[..n as usize]))?;
+            pos += n;
+            pad -= n;
+        }
+        if !prefix.is_empty() {
+            pos += prefix.len() as u64;
+            sink.write(Bytes::from(prefix))?;
         }
         let start = pos;
         let transforms = if cfg.transforms.is_empty() {
@@ -158,6 +155,14 @@ fn write_records(
                 transforms,
             },
         });
+    }
+    let placed: Vec<StorageInfo> = results.iter().map(|r| r.storage.clone()).collect();
+    let footer = cfg
+        .format
+        .footer(&layouts, &placed)
+        .map_err(|e| e.context(format!("footer of {}", job.file_name)))?;
+    if !footer.is_empty() {
+        sink.write(Bytes::from(footer))?;
     }
     Ok(results)
 }

@@ -213,14 +213,13 @@ pub fn writer_options(
     format: FormatKind,
     extensions: Vec<Arc<dyn StreamTransformExtension>>,
 ) -> WriterOptions {
-    WriterOptions {
-        thread_count: 2,
-        sync_files: false,
-        per_thread_copy_ahead: 1, // the pipeline raises it to 64 KiB pieces
-        extensions,
-        serialization_format: format,
-        ..Default::default()
-    }
+    WriterOptions::default()
+        .thread_count(2)
+        .sync_files(false)
+        .per_thread_copy_ahead(1)
+        // the pipeline raises it to 64 KiB pieces
+        .extensions(extensions)
+        .serialization_format(dcp_core::format::builtin(&format).unwrap())
 }
 
 /// Save the test state dict from `world` ranks; every rank's result.
@@ -264,11 +263,9 @@ pub async fn load_world(
 }
 
 pub fn reader_options() -> ReaderOptions {
-    ReaderOptions {
-        registry: dcp_ext::registry(),
-        thread_count: 2,
-        ..Default::default()
-    }
+    ReaderOptions::default()
+        .registry(dcp_ext::registry())
+        .thread_count(2)
 }
 
 pub fn memfs(name: &str) -> (MemoryFs, Arc<dyn FileSystem>) {

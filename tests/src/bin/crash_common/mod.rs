@@ -59,19 +59,19 @@ pub fn save_gen(
     let writer = Arc::new(
         FileSystemWriter::new(
             fs,
-            WriterOptions {
-                sync_files: true,
-                thread_count: 2,
-                extensions: vec![Arc::new(TestCrc::new())],
-                ..Default::default()
-            },
+            WriterOptions::default()
+                .sync_files(true)
+                .thread_count(2)
+                .extensions(vec![Arc::new(TestCrc::new())]),
         )
         .expect("writer"),
     );
-    let options = Arc::new(SaveOptions {
-        user_metadata: std::collections::BTreeMap::from([(GEN_KEY.to_string(), g.to_string())]),
-        ..Default::default()
-    });
+    let options = Arc::new(
+        SaveOptions::default().user_metadata(std::collections::BTreeMap::from([(
+            GEN_KEY.to_string(),
+            g.to_string(),
+        )])),
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

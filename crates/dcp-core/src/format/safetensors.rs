@@ -1,24 +1,12 @@
-//! Serialization formats: how records sit in a data file.
-//!
-//! * [`FormatKind::Raw`]: records back to back, each starting at a multiple
-//!   of [`RAW_ALIGN`] bytes, so a data file can be memory-mapped and every
-//!   record viewed in place.
-//! * [`FormatKind::Safetensors`]: every data file is a valid safetensors
-//!   file. Its header is computed from the plan and written first, so
-//!   transforms that change lengths (compression) are refused for it.
+//! [`Safetensors`]: every data file is a valid safetensors file.
 
+use super::{RecordLayout, SerializationFormat};
 use crate::error::{Error, Result};
-use crate::metadata::FormatKind;
+use crate::plan::WriteIndex;
+use crate::transform::{StreamTransformExtension, TransformKind};
 use crate::DType;
 use std::fmt::Write as _;
-
-/// Alignment of records in `Raw` data files.
-pub const RAW_ALIGN: u64 = 64;
-
-/// Padding needed to bring `pos` to the next multiple of `align`.
-pub fn padding(pos: u64, align: u64) -> u64 {
-    (align - pos % align) % align
-}
+use std::sync::Arc;
 
 /// What the safetensors header needs to know of one record.
 #[derive(Clone, Debug)]
@@ -92,10 +80,52 @@ pub fn safetensors_key(name: &str, offsets: Option<&[u64]>, whole: bool) -> Stri
     }
 }
 
-/// The format's file-name extension.
-pub fn extension(format: FormatKind) -> &'static str {
-    match format {
-        FormatKind::Raw => "dcp",
-        FormatKind::Safetensors => "safetensors",
+/// Every data file is a valid safetensors file that any safetensors reader
+/// opens: a header computed from the plan, then the records back to back.
+/// Keys come from [`safetensors_key`]. The header records each record's
+/// length before it is written, so codecs (compression) are refused;
+/// checksums work. Data files end in `.safetensors`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Safetensors;
+
+impl SerializationFormat for Safetensors {
+    fn name(&self) -> &str {
+        "safetensors"
+    }
+
+    fn file_extension(&self) -> &str {
+        "safetensors"
+    }
+
+    fn check_transforms(&self, transforms: &[Arc<dyn StreamTransformExtension>]) -> Result<()> {
+        match transforms.iter().find(|t| t.kind() == TransformKind::Codec) {
+            Some(t) => Err(Error::invalid(format!(
+                "the safetensors format cannot hold records transformed by {}: its files must stay valid safetensors; \
+                 use the raw format, or only checksum extensions",
+                t.descriptor()
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    fn header(&self, records: &[RecordLayout<'_>], save_id: &str) -> Result<Vec<u8>> {
+        let entries: Vec<SafetensorsEntry> = records
+            .iter()
+            .map(|r| match r.index {
+                WriteIndex::Chunk(b) => SafetensorsEntry {
+                    key: safetensors_key(r.name, Some(&b.offsets), r.whole),
+                    dtype: r.dtype.unwrap_or(DType::U8),
+                    shape: b.sizes.clone(),
+                    length: r.length,
+                },
+                WriteIndex::Bytes => SafetensorsEntry {
+                    key: safetensors_key(r.name, None, true),
+                    dtype: DType::U8,
+                    shape: vec![r.length],
+                    length: r.length,
+                },
+            })
+            .collect();
+        safetensors_header(&entries, save_id)
     }
 }

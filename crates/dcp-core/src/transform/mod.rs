@@ -6,6 +6,10 @@
 //! each chain from an [`ExtensionRegistry`]; an unknown descriptor is an
 //! `Unsupported` error that says which crate provides it, never a misread.
 
+mod crc32c;
+
+pub use self::crc32c::{check_checksum32, Crc32c, Crc32cFactory};
+
 use crate::error::{Error, ErrorKind, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -87,6 +91,35 @@ impl Descriptor {
     }
 }
 
+impl Descriptor {
+    /// Refuse this descriptor, as [`ErrorKind::Unsupported`], unless its
+    /// version is `version`: a factory reads exactly the stream versions it
+    /// knows.
+    pub fn check_version(&self, version: u32) -> Result<()> {
+        if self.version != version {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "stream extension {self}: version {} is not supported (this build reads {}/{version})",
+                    self.version, self.name
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Refuse, as [`ErrorKind::Unsupported`], any parameter not in `allowed`.
+    pub fn check_params(&self, allowed: &[&str]) -> Result<()> {
+        if let Some(k) = self.params.keys().find(|k| !allowed.contains(&k.as_str())) {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("stream extension {self}: unknown parameter {k:?}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl fmt::Display for Descriptor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.name, self.version)?;
@@ -143,8 +176,9 @@ pub trait ExtensionFactory: Send + Sync {
 }
 
 /// Maps descriptor names to factories. Readers resolve every descriptor of a
-/// checkpoint through it before reading any byte.
-#[derive(Clone, Default)]
+/// checkpoint through it before reading any byte. Every registry, a new one
+/// included, resolves `crc32c` (the checksum saves record by default).
+#[derive(Clone)]
 pub struct ExtensionRegistry {
     factories: HashMap<String, Arc<dyn ExtensionFactory>>,
 }
@@ -163,14 +197,30 @@ impl fmt::Debug for ExtensionRegistry {
 const KNOWN_PROVIDERS: &[(&str, &str)] = &[
     ("zstd", "dcp-ext"),
     ("lz4", "dcp-ext"),
-    ("crc32c", "dcp-ext"),
     ("crc32", "dcp-ext"),
 ];
 
+impl Default for ExtensionRegistry {
+    fn default() -> Self {
+        let mut r = ExtensionRegistry {
+            factories: HashMap::new(),
+        };
+        r.register(Arc::new(Crc32cFactory));
+        r
+    }
+}
+
 impl ExtensionRegistry {
-    /// An empty registry.
+    /// A registry holding dcp-core's own transforms (`crc32c`).
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The names registered, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.factories.keys().cloned().collect();
+        names.sort();
+        names
     }
 
     /// Register a factory; a later one with the same name replaces it.
@@ -196,7 +246,7 @@ impl ExtensionRegistry {
                     .find(|(n, _)| *n == d.name)
                     .map(|(_, c)| {
                         format!(
-                            " (provided by the {c} crate: register its extensions with the reader)"
+                            " (provided by the {c} crate: register its extensions with the reader, or open the reader with the dcp crate, which does)"
                         )
                     })
                     .unwrap_or_default();

@@ -1,0 +1,589 @@
+//! Running a [`Schedule`]: each worker thread runs its tasks in order,
+//! reading through the [`FileSystem`] into the destination slots, undoing
+//! transforms and verifying checksums.
+
+use super::plan::{Piece, Record, Run, Schedule, Target, Task, SCATTER_BLOCK};
+use super::{lock, ReadConfig, ReadStats, Slot};
+use crate::error::{Error, Result};
+use crate::metadata::{AppliedTransform, Metadata};
+use crate::model::DestData;
+use crate::pipeline::copy::{copy_region_from, LineStreamer};
+use crate::storage::FileSystem;
+use crate::transform::{StreamTransformExtension, TransformKind};
+use std::borrow::Cow;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Run `sched` on `cfg.thread_count` scoped worker threads at most.
+pub(super) fn execute(
+    fs: &dyn FileSystem,
+    md: &Metadata,
+    sched: &Schedule<'_>,
+    slots: &[&Slot],
+    resolved: &[Option<Arc<dyn StreamTransformExtension>>],
+    cfg: &ReadConfig,
+) -> Result<ReadStats> {
+    let (records, tasks, assigned) = (&sched.records, &sched.tasks, &sched.workers);
+    let stats_bytes = AtomicU64::new(0);
+    let stats_requests = AtomicU64::new(0);
+    let cancel = AtomicBool::new(false);
+    let ctx = Ctx {
+        fs,
+        md,
+        records,
+        slots,
+        resolved,
+        bytes: &stats_bytes,
+        requests: &stats_requests,
+        verify: cfg.verify_checksums,
+    };
+    let results: Vec<Result<()>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = assigned
+            .iter()
+            .map(|list| {
+                let (ctx, tasks, cancel) = (&ctx, tasks, &cancel);
+                scope.spawn(move || -> Result<()> {
+                    let mut scratch = Vec::new();
+                    for &i in list {
+                        if cancel.load(Ordering::Relaxed) {
+                            return Ok(());
+                        }
+                        if let Err(e) = ctx.run(&tasks[i], &mut scratch) {
+                            cancel.store(true, Ordering::Relaxed);
+                            return Err(e);
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(Error::new(crate::ErrorKind::Io, "a read worker panicked"))
+                })
+            })
+            .collect()
+    });
+    for r in results {
+        r?;
+    }
+    Ok(ReadStats {
+        bytes_read: stats_bytes.into_inner(),
+        requests: stats_requests.into_inner(),
+        records: records.len() as u64,
+    })
+}
+
+struct Ctx<'a> {
+    fs: &'a dyn FileSystem,
+    md: &'a Metadata,
+    records: &'a [Record<'a>],
+    slots: &'a [&'a Slot],
+    resolved: &'a [Option<Arc<dyn StreamTransformExtension>>],
+    bytes: &'a AtomicU64,
+    requests: &'a AtomicU64,
+    verify: bool,
+}
+
+impl Ctx<'_> {
+    fn file_name(&self, file: u32) -> &str {
+        &self.md.files[file as usize].name
+    }
+
+    fn where_(&self, rec: &Record<'_>) -> String {
+        format!(
+            "{}: record in {} at offset {}",
+            rec.name,
+            self.file_name(rec.file),
+            rec.offset
+        )
+    }
+
+    fn read(&self, file: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.fs.read_into(self.file_name(file), offset, buf)
+    }
+
+    /// Run one task; `scratch` is the worker's reusable block buffer.
+    fn run(&self, task: &Task, scratch: &mut Vec<u8>) -> Result<()> {
+        match task {
+            Task::Direct {
+                record,
+                target,
+                rel_start,
+                dest_start,
+                len,
+                verify,
+            } => {
+                let rec = &self.records[*record];
+                let Target::Tensor {
+                    dest_item,
+                    dest_chunk,
+                    ..
+                } = &rec.targets[*target]
+                else {
+                    unreachable!()
+                };
+                let Slot::Tensor(chunks) = &self.slots[*dest_item] else {
+                    unreachable!()
+                };
+                let mut buf = lock(&chunks[*dest_chunk].1);
+                let dst = &mut buf[*dest_start..*dest_start + *len];
+                self.read(rec.file, rec.offset + rel_start, dst)
+                    .map_err(|e| e.context(rec.name))?;
+                if *verify {
+                    self.decode(rec, dst)?;
+                }
+                Ok(())
+            }
+            Task::Scatter {
+                record,
+                runs,
+                verify,
+            } => self.scatter_read(&self.records[*record], runs, *verify, scratch),
+            Task::Span {
+                file,
+                start,
+                len,
+                pieces,
+            } => {
+                let n = usize::try_from(*len)
+                    .map_err(|_| Error::corrupt("read too large for memory"))?;
+                let context = |e: Error| e.context(self.records[pieces[0].record].name);
+                // From memory, read the span in cache-sized groups of whole
+                // pieces into the reused `scratch` (no fresh buffer to fault
+                // in and zero, and the copies out come from cache); from a
+                // device or an object store, read it with one request.
+                if n > SCATTER_BLOCK {
+                    let groups = self.piece_groups(pieces);
+                    let (g_start, g_len, g_end) = groups[0];
+                    if scratch.len() < g_len {
+                        scratch.resize(g_len.max(SCATTER_BLOCK), 0);
+                    }
+                    if self
+                        .fs
+                        .read_if_cached(self.file_name(*file), g_start, &mut scratch[..g_len])
+                        .map_err(context)?
+                    {
+                        self.requests.fetch_add(1, Ordering::Relaxed);
+                        self.bytes.fetch_add(g_len as u64, Ordering::Relaxed);
+                        self.serve_pieces(g_start, &scratch[..g_len], &pieces[..g_end])?;
+                        let mut from = g_end;
+                        for &(g_start, g_len, g_end) in &groups[1..] {
+                            if scratch.len() < g_len {
+                                scratch.resize(g_len, 0);
+                            }
+                            self.read(*file, g_start, &mut scratch[..g_len])
+                                .map_err(context)?;
+                            self.serve_pieces(g_start, &scratch[..g_len], &pieces[from..g_end])?;
+                            from = g_end;
+                        }
+                        return Ok(());
+                    }
+                }
+                let mut buf = vec![0u8; n];
+                self.read(*file, *start, &mut buf).map_err(context)?;
+                self.serve_pieces(*start, &buf, pieces)
+            }
+        }
+    }
+
+    /// Cut a span's pieces (in offset order) into consecutive groups whose
+    /// extent is at most [`SCATTER_BLOCK`] bytes (or one piece, if larger):
+    /// `(file offset, length, end index into pieces)` each.
+    fn piece_groups(&self, pieces: &[Piece]) -> Vec<(u64, usize, usize)> {
+        let extent = |p: &Piece| {
+            let s = self.records[p.record].offset + p.rel_start;
+            (s, s + p.len)
+        };
+        let mut out = Vec::new();
+        let mut cur: Option<(u64, u64)> = None;
+        for (i, p) in pieces.iter().enumerate() {
+            let (s, e) = extent(p);
+            cur = match cur {
+                Some((gs, ge)) if e.max(ge) - gs <= SCATTER_BLOCK as u64 => Some((gs, e.max(ge))),
+                Some((gs, ge)) => {
+                    out.push((gs, (ge - gs) as usize, i));
+                    Some((s, e))
+                }
+                None => Some((s, e)),
+            };
+        }
+        if let Some((gs, ge)) = cur {
+            out.push((gs, (ge - gs) as usize, pieces.len()));
+        }
+        out
+    }
+
+    /// Decode (if whole) and scatter each of `pieces` out of `buf`, which
+    /// holds the file's bytes from offset `buf_start`.
+    fn serve_pieces(&self, buf_start: u64, buf: &[u8], pieces: &[Piece]) -> Result<()> {
+        for p in pieces {
+            let rec = &self.records[p.record];
+            let at = (rec.offset + p.rel_start - buf_start) as usize;
+            let raw = &buf[at..at + p.len as usize];
+            let data = if p.whole {
+                self.decode(rec, raw)?
+            } else {
+                Cow::Borrowed(raw)
+            };
+            self.scatter(rec, p, &data)?;
+        }
+        Ok(())
+    }
+
+    /// Lock every destination chunk `runs` feed (in address order, so
+    /// workers and ranks locking overlapping sets cannot deadlock), cut their
+    /// buffers into the runs' disjoint slices, and read the part of the
+    /// record with one scattered read.
+    fn scatter_read(
+        &self,
+        rec: &Record<'_>,
+        runs: &[Run],
+        verify: bool,
+        scratch: &mut Vec<u8>,
+    ) -> Result<()> {
+        let Some(first) = runs.first() else {
+            return Ok(());
+        };
+        let chunk_of = |target: usize| -> &Mutex<DestData> {
+            let Target::Tensor {
+                dest_item,
+                dest_chunk,
+                ..
+            } = &rec.targets[target]
+            else {
+                unreachable!("scatter targets are tensors")
+            };
+            let Slot::Tensor(chunks) = self.slots[*dest_item] else {
+                unreachable!("planned as tensor")
+            };
+            &chunks[*dest_chunk].1
+        };
+        // Distinct chunks, by address; each run's index into them.
+        let mut chunks: Vec<&Mutex<DestData>> = runs.iter().map(|r| chunk_of(r.target)).collect();
+        chunks.sort_by_key(|m| std::ptr::from_ref(*m) as usize);
+        chunks.dedup_by_key(|m| std::ptr::from_ref(*m) as usize);
+        let mut guards: Vec<_> = chunks.iter().map(|m| lock(m)).collect();
+        let mut by_chunk: Vec<Vec<usize>> = vec![Vec::new(); chunks.len()];
+        for (i, r) in runs.iter().enumerate() {
+            let m = std::ptr::from_ref(chunk_of(r.target)) as usize;
+            let c = chunks
+                .binary_search_by_key(&m, |x| std::ptr::from_ref(*x) as usize)
+                .expect("every run's chunk is locked");
+            by_chunk[c].push(i);
+        }
+        let mut run_chunk = vec![0usize; runs.len()];
+        for (c, list) in by_chunk.iter_mut().enumerate() {
+            list.sort_unstable_by_key(|&i| runs[i].dest);
+            let len = guards[c].len();
+            let mut pos = 0usize;
+            for &i in list.iter() {
+                let r = &runs[i];
+                if r.dest < pos || r.dest.checked_add(r.len).is_none_or(|e| e > len) {
+                    return Err(Error::invalid(format!(
+                        "{}: planned destination runs overlap or overflow their chunk",
+                        self.where_(rec)
+                    )));
+                }
+                run_chunk[i] = c;
+                pos = r.dest + r.len;
+            }
+        }
+        let total: u64 = runs.iter().map(|r| r.len as u64).sum();
+        let start = rec.offset + first.rel;
+        // From memory, copy cache-sized blocks out ourselves; from a device
+        // (or an object store), one large scattered read keeps it busy.
+        let first_block = total.min(SCATTER_BLOCK as u64) as usize;
+        if scratch.len() < first_block {
+            scratch.resize(SCATTER_BLOCK, 0);
+        }
+        if self
+            .fs
+            .read_if_cached(self.file_name(rec.file), start, &mut scratch[..first_block])
+            .map_err(|e| e.context(rec.name))?
+        {
+            self.requests.fetch_add(1, Ordering::Relaxed);
+            self.bytes.fetch_add(first_block as u64, Ordering::Relaxed);
+            return self.block_scatter(rec, runs, &run_chunk, &mut guards, start, verify, scratch);
+        }
+        let mut slices: Vec<Option<&mut [u8]>> = (0..runs.len()).map(|_| None).collect();
+        for (guard, list) in guards.iter_mut().zip(&by_chunk) {
+            let mut rest: &mut [u8] = &mut guard[..];
+            let mut pos = 0usize;
+            for &i in list {
+                let r = &runs[i];
+                let (_, tail) = std::mem::take(&mut rest).split_at_mut(r.dest - pos);
+                let (piece, tail) = tail.split_at_mut(r.len);
+                slices[i] = Some(piece);
+                rest = tail;
+                pos = r.dest + r.len;
+            }
+        }
+        let mut slices: Vec<&mut [u8]> = slices
+            .into_iter()
+            .map(|s| s.expect("every run has a slice"))
+            .collect();
+        let mut iov: Vec<std::io::IoSliceMut<'_>> = slices
+            .iter_mut()
+            .map(|s| std::io::IoSliceMut::new(s))
+            .collect();
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(total, Ordering::Relaxed);
+        self.fs
+            .read_scattered(self.file_name(rec.file), start, &mut iov)
+            .map_err(|e| e.context(rec.name))?;
+        drop(iov);
+        if verify {
+            let mut enc = self.checksum_encoders(rec)?;
+            for p in &slices {
+                for (e, _) in &mut enc {
+                    e.update(p, &mut Vec::new())?;
+                }
+            }
+            self.check_checksums(rec, enc)?;
+        }
+        Ok(())
+    }
+
+    /// The scattered read of a part found in memory: read it in cache-sized
+    /// blocks into the worker's `scratch` (which already holds the first
+    /// block) and copy each block out to its runs, one [`LineStreamer`] per
+    /// destination chunk (whole lines bypass the cache). Checksums, if
+    /// verified, are computed over the blocks as they arrive.
+    #[allow(clippy::too_many_arguments)]
+    fn block_scatter(
+        &self,
+        rec: &Record<'_>,
+        runs: &[Run],
+        run_chunk: &[usize],
+        guards: &mut [std::sync::MutexGuard<'_, DestData>],
+        start: u64,
+        verify: bool,
+        scratch: &mut [u8],
+    ) -> Result<()> {
+        let total: u64 = runs.iter().map(|r| r.len as u64).sum();
+        let mut enc = if verify {
+            self.checksum_encoders(rec)?
+        } else {
+            Vec::new()
+        };
+        let mut writers: Vec<LineStreamer<'_>> = guards
+            .iter_mut()
+            .map(|g| LineStreamer::new(&mut g[..]))
+            .collect();
+        let (mut ri, mut r_at) = (0usize, 0usize);
+        let mut done = 0u64;
+        while done < total {
+            let n = (total - done).min(SCATTER_BLOCK as u64) as usize;
+            let block = &mut scratch[..n];
+            if done > 0 {
+                self.read(rec.file, start + done, block)
+                    .map_err(|e| e.context(rec.name))?;
+            }
+            for (e, _) in &mut enc {
+                e.update(block, &mut Vec::new())?;
+            }
+            let mut at = 0;
+            while at < n {
+                let r = &runs[ri];
+                let k = (r.len - r_at).min(n - at);
+                writers[run_chunk[ri]].write(r.dest + r_at, &block[at..at + k]);
+                at += k;
+                r_at += k;
+                if r_at == r.len {
+                    ri += 1;
+                    r_at = 0;
+                }
+            }
+            done += n as u64;
+        }
+        for w in writers {
+            w.finish();
+        }
+        if verify {
+            self.check_checksums(rec, enc)?;
+        }
+        Ok(())
+    }
+
+    /// A fresh encoder for each of a record's transforms, all checksums
+    /// (scattered records have no codec), with the transform's index.
+    fn checksum_encoders(
+        &self,
+        rec: &Record<'_>,
+    ) -> Result<Vec<(Box<dyn crate::transform::StreamEncoder>, usize)>> {
+        let mut out = Vec::with_capacity(rec.transforms.len());
+        for (i, t) in rec.transforms.iter().enumerate() {
+            let ext = self.ext(rec, t)?;
+            if ext.kind() != TransformKind::Checksum {
+                return Err(Error::invalid(format!(
+                    "{}: {} is not a checksum",
+                    self.where_(rec),
+                    ext.descriptor()
+                )));
+            }
+            out.push((ext.encoder().map_err(|e| e.context(rec.name))?, i));
+        }
+        Ok(out)
+    }
+
+    fn ext(
+        &self,
+        rec: &Record<'_>,
+        t: &AppliedTransform,
+    ) -> Result<&Arc<dyn StreamTransformExtension>> {
+        self.resolved
+            .get(t.descriptor as usize)
+            .and_then(|r| r.as_ref())
+            .ok_or_else(|| {
+                Error::unsupported(format!(
+                    "{}: transform {} not resolved",
+                    self.where_(rec),
+                    t.descriptor
+                ))
+            })
+    }
+
+    /// Compare what `encoders` computed over the record with what was
+    /// recorded: a difference is a `ChecksumMismatch` naming the record.
+    fn check_checksums(
+        &self,
+        rec: &Record<'_>,
+        encoders: Vec<(Box<dyn crate::transform::StreamEncoder>, usize)>,
+    ) -> Result<()> {
+        for (enc, i) in encoders {
+            let t = &rec.transforms[i];
+            let actual = enc.finish(&mut Vec::new())?;
+            if actual != t.value {
+                return Err(Error::new(
+                    crate::ErrorKind::ChecksumMismatch,
+                    format!(
+                        "{}: {} checksum mismatch over {} bytes: expected {}, actual {}",
+                        self.where_(rec),
+                        self.ext(rec, t)?.descriptor(),
+                        rec.length,
+                        hex(&t.value),
+                        hex(&actual)
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn decode<'b>(&self, rec: &Record<'_>, stored: &'b [u8]) -> Result<Cow<'b, [u8]>> {
+        decode_record(
+            self.resolved,
+            &self.where_(rec),
+            rec.transforms,
+            rec.logical,
+            stored,
+            self.verify,
+        )
+    }
+
+    fn scatter(&self, rec: &Record<'_>, p: &Piece, data: &[u8]) -> Result<()> {
+        for &ti in &p.targets {
+            match &rec.targets[ti] {
+                Target::Bytes { dest_item } => {
+                    let Slot::Bytes(b) = &self.slots[*dest_item] else {
+                        unreachable!()
+                    };
+                    *lock(b) = Some(data.to_vec());
+                }
+                Target::Tensor {
+                    dest_item,
+                    dest_chunk,
+                    overlap,
+                } => {
+                    let Slot::Tensor(chunks) = &self.slots[*dest_item] else {
+                        unreachable!()
+                    };
+                    let (dest_box, m) = &chunks[*dest_chunk];
+                    let saved_box = rec.saved_box.expect("tensor record");
+                    let mut dst = lock(m);
+                    copy_region_from(
+                        rec.elem,
+                        data,
+                        p.rel_start as usize,
+                        saved_box,
+                        &mut dst,
+                        dest_box,
+                        overlap,
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// No codec expands data more than this (zstd's densest block, RLE, is
+/// about 32,768 to 1): a larger claim is refused before any allocation.
+const MAX_CODEC_RATIO: u64 = 1 << 16;
+
+/// Undo a whole record's transforms (verifying checksums unless `verify` is
+/// off); the result has exactly `logical` bytes. `what` names the record in
+/// errors.
+pub(crate) fn decode_record<'b>(
+    resolved: &[Option<Arc<dyn StreamTransformExtension>>],
+    what: &str,
+    transforms: &[AppliedTransform],
+    logical: u64,
+    stored: &'b [u8],
+    verify: bool,
+) -> Result<Cow<'b, [u8]>> {
+    let mut cur: Cow<'b, [u8]> = Cow::Borrowed(stored);
+    // A codec's recorded input length bounds what its decoder may produce;
+    // cap it so hostile metadata cannot ask for huge allocations.
+    let cap = logical.saturating_add(logical / 4).saturating_add(1 << 20);
+    for t in transforms.iter().rev() {
+        let ext = resolved
+            .get(t.descriptor as usize)
+            .and_then(|r| r.as_ref())
+            .ok_or_else(|| {
+                Error::unsupported(format!("{what}: transform {} not resolved", t.descriptor))
+            })?;
+        if !verify && ext.kind() == TransformKind::Checksum {
+            continue;
+        }
+        let expected = match t.input_len {
+            Some(l) if l > cap || l > (cur.len() as u64).saturating_mul(MAX_CODEC_RATIO).saturating_add(1 << 20) => {
+                return Err(Error::corrupt(format!(
+                    "{what}: transform input length {l} is implausible for a {logical}-byte record stored in {} bytes",
+                    cur.len()
+                )))
+            }
+            Some(l) => l as usize,
+            None => cur.len(),
+        };
+        if let Some(v) = ext
+            .decode(&cur, &t.value, expected)
+            .map_err(|e| e.context(what))?
+        {
+            if v.len() != expected {
+                return Err(Error::corrupt(format!(
+                    "{what}: {} decoded to {} bytes, expected {expected}",
+                    ext.descriptor(),
+                    v.len()
+                )));
+            }
+            cur = Cow::Owned(v);
+        }
+    }
+    if cur.len() as u64 != logical {
+        return Err(Error::corrupt(format!(
+            "{what}: decoded to {} bytes, expected {logical}",
+            cur.len()
+        )));
+    }
+    Ok(cur)
+}

@@ -1,0 +1,908 @@
+//! Planning a rank's reads, without touching storage: which records the
+//! load plan touches, how each is read (straight into its destination,
+//! scattered with one copy, or through a coalesced span), and which worker
+//! runs which task. Pure: file lengths come in through a function, so every
+//! step is unit-tested on its own.
+
+use super::{ReadConfig, Slot};
+use crate::error::{Error, Result};
+use crate::metadata::{AppliedTransform, ItemMeta, Metadata};
+use crate::model::ChunkBox;
+use crate::pipeline::copy::{contiguous_range, spanning_range};
+use crate::plan::LoadPlan;
+use crate::transform::TransformKind;
+use std::collections::BTreeMap;
+
+#[derive(Clone, Debug)]
+pub(super) enum Target {
+    Tensor {
+        dest_item: usize,
+        dest_chunk: usize,
+        overlap: ChunkBox,
+    },
+    Bytes {
+        dest_item: usize,
+    },
+}
+
+pub(super) struct Record<'a> {
+    pub(super) name: &'a str,
+    pub(super) file: u32,
+    pub(super) offset: u64,
+    pub(super) length: u64,
+    pub(super) logical: u64,
+    pub(super) transforms: &'a [AppliedTransform],
+    pub(super) saved_box: Option<&'a ChunkBox>,
+    pub(super) elem: usize,
+    pub(super) targets: Vec<Target>,
+}
+
+/// A piece of a record inside a span: record index, byte range relative to
+/// the record's start, and the targets it feeds.
+pub(super) struct Piece {
+    pub(super) record: usize,
+    pub(super) rel_start: u64,
+    pub(super) len: u64,
+    pub(super) whole: bool,
+    pub(super) targets: Vec<usize>,
+}
+
+pub(super) enum Task {
+    /// Read straight into a destination buffer.
+    Direct {
+        record: usize,
+        target: usize,
+        rel_start: u64,
+        dest_start: usize,
+        len: usize,
+        verify: bool,
+    },
+    /// Read a contiguous part of a record once, scattered straight into the
+    /// destination runs it feeds (one `preadv`: a single copy, however the
+    /// destinations are strided). `runs` are in record order and tile the
+    /// part without gaps; with `verify`, the part is the whole record and its
+    /// checksums are checked over the runs afterwards.
+    Scatter {
+        record: usize,
+        runs: Vec<Run>,
+        verify: bool,
+    },
+    /// Read `[start, start+len)` of a file once and serve several pieces.
+    Span {
+        file: u32,
+        start: u64,
+        len: u64,
+        pieces: Vec<Piece>,
+    },
+}
+
+/// One contiguous run of a scattered read: `len` bytes at `rel` in the
+/// record go to byte `dest` of target `target`'s destination chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Run {
+    pub(super) rel: u64,
+    pub(super) target: usize,
+    pub(super) dest: usize,
+    pub(super) len: usize,
+}
+
+/// Block size of scattered reads on backends where small reads are cheap:
+/// large enough for few requests, small enough to stay in a core's cache
+/// while it is copied out.
+pub(super) const SCATTER_BLOCK: usize = 1 << 20;
+
+/// Largest part of a record one scatter task reads when it need not verify
+/// the whole record: big records are split so several workers share them.
+pub(super) const SCATTER_PART: u64 = 8 << 20;
+
+impl Task {
+    fn cost(&self) -> u64 {
+        match self {
+            Task::Direct { len, .. } => *len as u64,
+            Task::Scatter { runs, .. } => runs.iter().map(|r| r.len as u64).sum(),
+            Task::Span { len, .. } => *len,
+        }
+    }
+    fn key(&self, records: &[Record<'_>]) -> (u32, u64) {
+        match self {
+            Task::Direct {
+                record, rel_start, ..
+            } => {
+                let r = &records[*record];
+                (r.file, r.offset + rel_start)
+            }
+            Task::Scatter { record, runs, .. } => {
+                let r = &records[*record];
+                (r.file, r.offset + runs.first().map_or(0, |x| x.rel))
+            }
+            Task::Span { file, start, .. } => (*file, *start),
+        }
+    }
+}
+
+/// The runs that read record `rec` whole into its targets with one copy, or
+/// `None` when it cannot be: the targets' overlaps must be disjoint and
+/// cover the saved chunk exactly (every stored byte has exactly one
+/// destination), and the record must be stored as it is (no codec).
+fn scatter_runs(rec: &Record<'_>, slots: &[&Slot]) -> Option<Vec<Run>> {
+    const MAX_TARGETS: usize = 256;
+    let saved_box = rec.saved_box?;
+    if rec.targets.is_empty() || rec.targets.len() > MAX_TARGETS || rec.length != rec.logical {
+        return None;
+    }
+    let mut boxes: Vec<(&ChunkBox, &ChunkBox)> = Vec::with_capacity(rec.targets.len());
+    for t in &rec.targets {
+        let Target::Tensor {
+            dest_item,
+            dest_chunk,
+            overlap,
+        } = t
+        else {
+            return None;
+        };
+        let Slot::Tensor(chunks) = slots.get(*dest_item)? else {
+            return None;
+        };
+        boxes.push((overlap, &chunks.get(*dest_chunk)?.0));
+    }
+    let covered: u64 = boxes.iter().map(|(o, _)| o.numel()).sum();
+    if covered != saved_box.numel() {
+        return None;
+    }
+    for (i, (a, _)) in boxes.iter().enumerate() {
+        if boxes[i + 1..].iter().any(|(b, _)| a.overlaps(b)) {
+            return None;
+        }
+    }
+    // Each target's runs come in record order (row-major order of its
+    // overlap inside the saved chunk): merge the lists rather than sort.
+    let lists: Vec<Vec<Run>> = boxes
+        .iter()
+        .enumerate()
+        .map(|(ti, (overlap, dest_box))| {
+            let mut l = Vec::new();
+            crate::pipeline::copy::for_each_common_run(
+                rec.elem,
+                saved_box,
+                dest_box,
+                overlap,
+                |src, dest, len| {
+                    l.push(Run {
+                        rel: src as u64,
+                        target: ti,
+                        dest,
+                        len,
+                    })
+                },
+            );
+            l
+        })
+        .collect();
+    // Neighbours that continue each other in the file and in the
+    // destination (full rows) merge into one run.
+    let mut merged: Vec<Run> = Vec::with_capacity(lists.iter().map(Vec::len).sum());
+    let mut push = |r: Run| {
+        if let Some(last) = merged.last_mut() {
+            if last.target == r.target
+                && last.rel + last.len as u64 == r.rel
+                && last.dest + last.len == r.dest
+            {
+                last.len += r.len;
+                return;
+            }
+        }
+        merged.push(r);
+    };
+    let mut heads: std::collections::BinaryHeap<std::cmp::Reverse<(u64, usize)>> = lists
+        .iter()
+        .enumerate()
+        .filter_map(|(t, l)| l.first().map(|r| std::cmp::Reverse((r.rel, t))))
+        .collect();
+    let mut next = vec![0usize; lists.len()];
+    while let Some(std::cmp::Reverse((_, t))) = heads.pop() {
+        push(lists[t][next[t]]);
+        next[t] += 1;
+        if let Some(r) = lists[t].get(next[t]) {
+            heads.push(std::cmp::Reverse((r.rel, t)));
+        }
+    }
+    // The runs must tile the record.
+    let mut at = 0u64;
+    for r in &merged {
+        if r.rel != at {
+            return None;
+        }
+        at += r.len as u64;
+    }
+    (at == rec.length).then_some(merged)
+}
+
+/// Cut `runs` (tiling a record) into consecutive parts of at most `part`
+/// bytes, splitting runs at the cuts.
+fn split_runs(runs: Vec<Run>, part: u64) -> Vec<Vec<Run>> {
+    let part = part.max(1) as usize;
+    let mut out: Vec<Vec<Run>> = Vec::new();
+    let mut cur: Vec<Run> = Vec::new();
+    let mut size = 0usize;
+    for mut r in runs {
+        while r.len > 0 {
+            let take = r.len.min(part - size);
+            cur.push(Run { len: take, ..r });
+            size += take;
+            r.rel += take as u64;
+            r.dest += take;
+            r.len -= take;
+            if size == part {
+                out.push(std::mem::take(&mut cur));
+                size = 0;
+            }
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// How one rank's reads run: the records the plan touches, the tasks that
+/// read them, and the tasks of each worker (in file and offset order).
+pub(super) struct Schedule<'a> {
+    pub records: Vec<Record<'a>>,
+    pub tasks: Vec<Task>,
+    pub workers: Vec<Vec<usize>>,
+}
+
+/// Plan the reads of `plan` into `slots`. `kinds` gives the kind of each
+/// transform of the metadata's table that the plan uses (`None`: not
+/// resolved); `file_len` the real length of a data file, or `None` when it
+/// is missing.
+pub(super) fn schedule<'a>(
+    md: &'a Metadata,
+    plan: &LoadPlan,
+    slots: &[&Slot],
+    kinds: &[Option<TransformKind>],
+    cfg: &ReadConfig,
+    file_len: impl FnMut(&str) -> Result<Option<u64>>,
+) -> Result<Schedule<'a>> {
+    check_destinations(plan, slots)?;
+    let records = collect_records(md, plan)?;
+    check_lengths(md, &records, file_len)?;
+    let (mut tasks, spans) = choose_tasks(md, &records, slots, kinds, cfg)?;
+    coalesce(spans, cfg, &mut tasks);
+    let workers = assign_workers(&tasks, &records, cfg.thread_count);
+    Ok(Schedule {
+        records,
+        tasks,
+        workers,
+    })
+}
+
+/// Refuse a plan that names destinations `slots` does not have.
+fn check_destinations(plan: &LoadPlan, slots: &[&Slot]) -> Result<()> {
+    for r in &plan.tensor_reads {
+        match slots.get(r.dest_item) {
+            Some(Slot::Tensor(chunks)) if r.dest_chunk < chunks.len() => {}
+            _ => {
+                return Err(Error::invalid(
+                    "load plan names a destination chunk that does not exist",
+                ))
+            }
+        }
+    }
+    for b in &plan.bytes_reads {
+        if !matches!(slots.get(b.dest_item), Some(Slot::Bytes(_))) {
+            return Err(Error::invalid(
+                "load plan names a destination bytes item that does not exist",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The records `plan` touches, each with the destinations it feeds.
+fn collect_records<'a>(md: &'a Metadata, plan: &LoadPlan) -> Result<Vec<Record<'a>>> {
+    // Records touched by the plan.
+    let mut records: Vec<Record<'_>> = Vec::new();
+    let mut by_key: BTreeMap<(usize, usize), usize> = BTreeMap::new();
+    for r in &plan.tensor_reads {
+        let (name, item) = &md.items[r.md_item];
+        let ItemMeta::Tensor { dtype, chunks, .. } = item else {
+            return Err(Error::invalid(format!(
+                "{name}: plan reads a bytes item as a tensor"
+            )));
+        };
+        let c = &chunks[r.saved_chunk];
+        let idx = *by_key.entry((r.md_item, r.saved_chunk)).or_insert_with(|| {
+            records.push(Record {
+                name,
+                file: c.storage.file,
+                offset: c.storage.offset,
+                length: c.storage.length,
+                logical: c.region.numel() * dtype.size() as u64,
+                transforms: &c.storage.transforms,
+                saved_box: Some(&c.region),
+                elem: dtype.size(),
+                targets: Vec::new(),
+            });
+            records.len() - 1
+        });
+        records[idx].targets.push(Target::Tensor {
+            dest_item: r.dest_item,
+            dest_chunk: r.dest_chunk,
+            overlap: r.overlap.clone(),
+        });
+    }
+    for b in &plan.bytes_reads {
+        let (name, item) = &md.items[b.md_item];
+        let ItemMeta::Bytes { length, storage } = item else {
+            return Err(Error::invalid(format!(
+                "{name}: plan reads a tensor as bytes"
+            )));
+        };
+        records.push(Record {
+            name,
+            file: storage.file,
+            offset: storage.offset,
+            length: storage.length,
+            logical: *length,
+            transforms: &storage.transforms,
+            saved_box: None,
+            elem: 1,
+            targets: vec![Target::Bytes {
+                dest_item: b.dest_item,
+            }],
+        });
+    }
+    Ok(records)
+}
+
+/// Check every record against the real length of its file before reading
+/// or allocating anything: hostile or damaged metadata can claim any
+/// length, but real files bound what a load may allocate.
+fn check_lengths(
+    md: &Metadata,
+    records: &[Record<'_>],
+    mut file_len: impl FnMut(&str) -> Result<Option<u64>>,
+) -> Result<()> {
+    let mut actual: BTreeMap<u32, u64> = BTreeMap::new();
+    for rec in records {
+        let len = match actual.get(&rec.file) {
+            Some(l) => *l,
+            None => {
+                let name = &md.files[rec.file as usize].name;
+                let l = file_len(name)
+                    .map_err(|e| e.context(rec.name))?
+                    .ok_or_else(|| {
+                        Error::new(
+                            crate::ErrorKind::NotFound,
+                            format!("{}: data file {name} is missing", rec.name),
+                        )
+                    })?;
+                actual.insert(rec.file, l);
+                l
+            }
+        };
+        if rec
+            .offset
+            .checked_add(rec.length)
+            .is_none_or(|end| end > len)
+        {
+            return Err(Error::corrupt(format!(
+                "{}: record in {} at offset {} of {} bytes lies past the end of the file ({len} bytes): \
+                 the file is truncated or the metadata is damaged",
+                rec.name, md.files[rec.file as usize].name, rec.offset, rec.length
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A piece of a record to read through a span, before coalescing: file,
+/// start, length and the piece.
+type SpanPiece = (u32, u64, u64, Piece);
+
+/// Decide how each record is read: tasks that read straight into
+/// destinations (direct or scattered), and pieces left for coalesced spans.
+fn choose_tasks(
+    md: &Metadata,
+    records: &[Record<'_>],
+    slots: &[&Slot],
+    kinds: &[Option<TransformKind>],
+    cfg: &ReadConfig,
+) -> Result<(Vec<Task>, Vec<SpanPiece>)> {
+    let kind_of = |t: &AppliedTransform| -> Result<TransformKind> {
+        kinds
+            .get(t.descriptor as usize)
+            .copied()
+            .flatten()
+            .ok_or_else(|| {
+                Error::unsupported(format!(
+                    "transform {} not resolved",
+                    md.transforms[t.descriptor as usize]
+                ))
+            })
+    };
+    // Decide how each record is read.
+    let mut tasks: Vec<Task> = Vec::new();
+    let mut spans: Vec<(u32, u64, u64, Piece)> = Vec::new();
+    for (ri, rec) in records.iter().enumerate() {
+        let mut has_codec = false;
+        let mut has_checksum = false;
+        for t in rec.transforms {
+            match kind_of(t)? {
+                TransformKind::Codec => has_codec = true,
+                TransformKind::Checksum => has_checksum = true,
+            }
+        }
+        let whole = has_codec || (cfg.verify_checksums && has_checksum);
+        let Some(saved_box) = rec.saved_box else {
+            spans.push((
+                rec.file,
+                rec.offset,
+                rec.length,
+                Piece {
+                    record: ri,
+                    rel_start: 0,
+                    len: rec.length,
+                    whole: true,
+                    targets: vec![0],
+                },
+            ));
+            continue;
+        };
+        // A record that is stored as it is and whose targets tile it exactly
+        // is read with one copy, straight into every target, unless plain
+        // direct reads already do that (every target contiguous, nothing
+        // to verify) or it is small enough to ride in a coalesced span.
+        if !has_codec && rec.length >= cfg.small_record.max(1) {
+            let all_direct = rec.targets.iter().all(|t| match t {
+                Target::Tensor {
+                    dest_item,
+                    dest_chunk,
+                    overlap,
+                } => match slots[*dest_item] {
+                    Slot::Tensor(chunks) => {
+                        contiguous_range(rec.elem, saved_box, overlap).is_some()
+                            && contiguous_range(rec.elem, &chunks[*dest_chunk].0, overlap).is_some()
+                    }
+                    Slot::Bytes(_) => false,
+                },
+                Target::Bytes { .. } => false,
+            });
+            if whole || !all_direct {
+                if let Some(runs) = scatter_runs(rec, slots) {
+                    if whole {
+                        tasks.push(Task::Scatter {
+                            record: ri,
+                            runs,
+                            verify: true,
+                        });
+                    } else {
+                        let part = SCATTER_PART.min(cfg.max_request);
+                        for runs in split_runs(runs, part) {
+                            tasks.push(Task::Scatter {
+                                record: ri,
+                                runs,
+                                verify: false,
+                            });
+                        }
+                    }
+                    continue;
+                }
+            }
+        }
+        let mut rest: Vec<usize> = Vec::new();
+        for (ti, t) in rec.targets.iter().enumerate() {
+            let Target::Tensor {
+                dest_item,
+                dest_chunk,
+                overlap,
+            } = t
+            else {
+                unreachable!("tensor record")
+            };
+            let Slot::Tensor(chunks) = &slots[*dest_item] else {
+                unreachable!("planned as tensor")
+            };
+            let dest_box = &chunks[*dest_chunk].0;
+            // Small records go through coalesced span reads: one request for
+            // many neighbours beats a request each, and the extra copy of a
+            // few KiB is cheaper than a system call or an HTTP round trip.
+            let direct = if has_codec || rec.length < cfg.small_record {
+                None
+            } else {
+                match (
+                    contiguous_range(rec.elem, saved_box, overlap),
+                    contiguous_range(rec.elem, dest_box, overlap),
+                ) {
+                    (Some((s, l)), Some((d, _)))
+                        if !whole
+                            || (s == 0 && l as u64 == rec.logical && rec.targets.len() == 1) =>
+                    {
+                        Some((s, d, l))
+                    }
+                    _ => None,
+                }
+            };
+            match direct {
+                Some((s, d, l)) => tasks.push(Task::Direct {
+                    record: ri,
+                    target: ti,
+                    rel_start: s as u64,
+                    dest_start: d,
+                    len: l,
+                    verify: whole,
+                }),
+                None => rest.push(ti),
+            }
+        }
+        if rest.is_empty() {
+            continue;
+        }
+        let (rel_start, len) = if whole {
+            (0, rec.length)
+        } else {
+            let mut lo = u64::MAX;
+            let mut hi = 0u64;
+            for &ti in &rest {
+                let Target::Tensor { overlap, .. } = &rec.targets[ti] else {
+                    unreachable!()
+                };
+                let (s, l) = spanning_range(rec.elem, saved_box, overlap);
+                lo = lo.min(s as u64);
+                hi = hi.max((s + l) as u64);
+            }
+            (lo, hi - lo)
+        };
+        spans.push((
+            rec.file,
+            rec.offset + rel_start,
+            len,
+            Piece {
+                record: ri,
+                rel_start,
+                len,
+                whole,
+                targets: rest,
+            },
+        ));
+    }
+    Ok((tasks, spans))
+}
+
+/// Merge span pieces of one file that lie at most `coalesce_gap` apart into
+/// span tasks of at most `max_request` bytes.
+fn coalesce(mut spans: Vec<SpanPiece>, cfg: &ReadConfig, tasks: &mut Vec<Task>) {
+    // Coalesce spans per file.
+    spans.sort_by_key(|(f, s, _, _)| (*f, *s));
+    let mut cur: Option<Task> = None;
+    for (file, start, len, piece) in spans {
+        if let Some(Task::Span {
+            file: cf,
+            start: cs,
+            len: cl,
+            pieces,
+        }) = &mut cur
+        {
+            let end = start + len;
+            if *cf == file
+                && start <= *cs + *cl + cfg.coalesce_gap
+                && end.max(*cs + *cl) - *cs <= cfg.max_request
+            {
+                *cl = end.max(*cs + *cl) - *cs;
+                pieces.push(piece);
+                continue;
+            }
+        }
+        if let Some(t) = cur.take() {
+            tasks.push(t);
+        }
+        cur = Some(Task::Span {
+            file,
+            start,
+            len,
+            pieces: vec![piece],
+        });
+    }
+    if let Some(t) = cur.take() {
+        tasks.push(t);
+    }
+}
+
+/// Give each worker a contiguous run of the tasks in file and offset
+/// order, of about equal bytes: every worker then reads forward through
+/// its own stretch of the files, which keeps the kernel's readahead
+/// sequential (workers interleaving one file's parts defeat it).
+fn assign_workers(tasks: &[Task], records: &[Record<'_>], thread_count: usize) -> Vec<Vec<usize>> {
+    let workers = thread_count.max(1).min(tasks.len().max(1));
+    let mut order: Vec<usize> = (0..tasks.len()).collect();
+    order.sort_by_key(|&i| tasks[i].key(records));
+    let total_cost: u64 = tasks.iter().map(Task::cost).sum();
+    let mut assigned: Vec<Vec<usize>> = vec![Vec::new(); workers];
+    let mut before = 0u64;
+    for i in order {
+        let cost = tasks[i].cost();
+        let mid = before + cost / 2;
+        let w = (u128::from(mid) * workers as u128 / u128::from(total_cost.max(1))) as usize;
+        assigned[w.min(workers - 1)].push(i);
+        before += cost;
+    }
+    assigned
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    fn b(o: [u64; 2], s: [u64; 2]) -> ChunkBox {
+        ChunkBox::new(o.to_vec(), s.to_vec()).unwrap()
+    }
+
+    fn slot(region: &ChunkBox) -> Slot {
+        Slot::Tensor(vec![(
+            region.clone(),
+            Mutex::new(vec![0u8; region.numel() as usize * 2].into()),
+        )])
+    }
+
+    fn record<'a>(saved: &'a ChunkBox, overlaps: &[ChunkBox]) -> Record<'a> {
+        Record {
+            name: "t",
+            file: 0,
+            offset: 100,
+            length: saved.numel() * 2,
+            logical: saved.numel() * 2,
+            transforms: &[],
+            saved_box: Some(saved),
+            elem: 2,
+            targets: overlaps
+                .iter()
+                .enumerate()
+                .map(|(i, o)| Target::Tensor {
+                    dest_item: i,
+                    dest_chunk: 0,
+                    overlap: o.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn scatter_runs_tile_exact_covers_only() {
+        // Rows 4..8 of a [8, 6] bf16 tensor, loaded as three column shards.
+        let saved = b([4, 0], [4, 6]);
+        let dests = [b([0, 0], [8, 2]), b([0, 2], [8, 2]), b([0, 4], [8, 2])];
+        let slots: Vec<Slot> = dests.iter().map(slot).collect();
+        let refs: Vec<&Slot> = slots.iter().collect();
+        let overlaps: Vec<ChunkBox> = dests.iter().map(|d| d.intersect(&saved).unwrap()).collect();
+        let runs = scatter_runs(&record(&saved, &overlaps), &refs).expect("exact cover");
+        assert_eq!(runs.len(), 12, "4 rows x 3 shards");
+        for (i, r) in runs.iter().enumerate() {
+            let (row, shard) = (i / 3, i % 3);
+            assert_eq!(
+                *r,
+                Run {
+                    rel: i as u64 * 4,
+                    target: shard,
+                    dest: (4 + row) * 4,
+                    len: 4
+                }
+            );
+        }
+        // Row shards: each target's rows are contiguous in file and
+        // destination, so runs merge into one per target.
+        let rows = [b([4, 0], [1, 6]), b([5, 0], [3, 6])];
+        let slots: Vec<Slot> = rows.iter().map(slot).collect();
+        let refs: Vec<&Slot> = slots.iter().collect();
+        let runs = scatter_runs(&record(&saved, &rows), &refs).expect("exact cover");
+        assert_eq!(
+            runs,
+            vec![
+                Run {
+                    rel: 0,
+                    target: 0,
+                    dest: 0,
+                    len: 12
+                },
+                Run {
+                    rel: 12,
+                    target: 1,
+                    dest: 0,
+                    len: 36
+                },
+            ]
+        );
+        // A gap (a shard nobody loads) or a byte wanted twice: not scattered.
+        let refs3: Vec<&Slot> = refs.iter().copied().chain([refs[0]]).collect();
+        assert!(scatter_runs(&record(&saved, &rows[..1]), &refs).is_none());
+        let twice = [rows[0].clone(), rows[1].clone(), rows[0].clone()];
+        assert!(scatter_runs(&record(&saved, &twice), &refs3).is_none());
+    }
+
+    #[test]
+    fn split_runs_cut_parts_at_the_size() {
+        let runs = vec![
+            Run {
+                rel: 0,
+                target: 0,
+                dest: 10,
+                len: 5,
+            },
+            Run {
+                rel: 5,
+                target: 1,
+                dest: 0,
+                len: 12,
+            },
+        ];
+        let parts = split_runs(runs, 8);
+        assert_eq!(
+            parts,
+            vec![
+                vec![
+                    Run {
+                        rel: 0,
+                        target: 0,
+                        dest: 10,
+                        len: 5
+                    },
+                    Run {
+                        rel: 5,
+                        target: 1,
+                        dest: 0,
+                        len: 3
+                    }
+                ],
+                vec![Run {
+                    rel: 8,
+                    target: 1,
+                    dest: 3,
+                    len: 8
+                }],
+                vec![Run {
+                    rel: 16,
+                    target: 1,
+                    dest: 11,
+                    len: 1
+                }],
+            ]
+        );
+    }
+
+    /// Metadata of one f32 tensor `w` of shape [n] saved as `n / per` chunks
+    /// of `per` elements, back to back in one file (each 4 * per bytes).
+    fn row_md(n: u64, per: u64) -> Metadata {
+        use crate::metadata::{ChunkMeta, DataFile, StorageInfo};
+        let chunks = (0..n / per)
+            .map(|i| ChunkMeta {
+                region: ChunkBox::new(vec![i * per], vec![per]).unwrap(),
+                storage: StorageInfo {
+                    file: 0,
+                    offset: i * per * 4,
+                    length: per * 4,
+                    transforms: Vec::new(),
+                },
+            })
+            .collect();
+        Metadata {
+            save_id: "0".repeat(16),
+            world_size: 1,
+            format: crate::metadata::FormatKind::Raw,
+            files: vec![DataFile {
+                name: "__0_0-x.dcp".into(),
+                length: n * 4,
+            }],
+            transforms: Vec::new(),
+            items: vec![(
+                "w".into(),
+                ItemMeta::Tensor {
+                    dtype: crate::DType::F32,
+                    shape: vec![n],
+                    chunks,
+                },
+            )],
+            user: Default::default(),
+        }
+    }
+
+    fn cfg(threads: usize, small: u64) -> ReadConfig {
+        ReadConfig {
+            thread_count: threads,
+            verify_checksums: true,
+            coalesce_gap: 4096,
+            max_request: 64 << 20,
+            small_record: small,
+        }
+    }
+
+    /// Whole-chunk reads of every saved chunk into one destination.
+    fn whole_plan(md: &Metadata) -> LoadPlan {
+        let ItemMeta::Tensor { chunks, .. } = &md.items[0].1 else {
+            unreachable!()
+        };
+        LoadPlan {
+            tensor_reads: chunks
+                .iter()
+                .enumerate()
+                .map(|(i, c)| crate::plan::ReadItem {
+                    dest_item: 0,
+                    dest_chunk: 0,
+                    md_item: 0,
+                    saved_chunk: i,
+                    overlap: c.region.clone(),
+                })
+                .collect(),
+            bytes_reads: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn small_records_coalesce_into_one_span() {
+        let md = row_md(1024, 64); // 16 records of 256 bytes
+        let dest = slot(&ChunkBox::full(&[1024]));
+        let slots = [&dest];
+        let s = schedule(&md, &whole_plan(&md), &slots, &[], &cfg(4, 1 << 20), |_| {
+            Ok(Some(4096))
+        })
+        .unwrap();
+        assert_eq!(s.records.len(), 16);
+        assert_eq!(s.tasks.len(), 1, "one coalesced request");
+        let Task::Span {
+            start, len, pieces, ..
+        } = &s.tasks[0]
+        else {
+            panic!("expected a span")
+        };
+        assert_eq!((*start, *len, pieces.len()), (0, 4096, 16));
+        assert_eq!(s.workers.len(), 1, "one task, one worker");
+    }
+
+    #[test]
+    fn large_contiguous_records_read_directly_and_split_across_workers() {
+        let md = row_md(1 << 20, 1 << 18); // 4 records of 1 MiB
+        let dest = slot(&ChunkBox::full(&[1 << 20]));
+        let slots = [&dest];
+        let s = schedule(&md, &whole_plan(&md), &slots, &[], &cfg(2, 4096), |_| {
+            Ok(Some(4 << 20))
+        })
+        .unwrap();
+        assert_eq!(s.tasks.len(), 4);
+        assert!(s.tasks.iter().all(|t| matches!(t, Task::Direct { .. })));
+        // Two workers, each a contiguous stretch in file order.
+        let starts: Vec<Vec<u64>> = s
+            .workers
+            .iter()
+            .map(|w| w.iter().map(|&i| s.tasks[i].key(&s.records).1).collect())
+            .collect();
+        assert_eq!(starts, vec![vec![0, 1 << 20], vec![2 << 20, 3 << 20]]);
+    }
+
+    #[test]
+    fn missing_and_short_files_are_refused_before_reading() {
+        let md = row_md(1024, 64);
+        let dest = slot(&ChunkBox::full(&[1024]));
+        let slots = [&dest];
+        let plan = whole_plan(&md);
+        let e = schedule(&md, &plan, &slots, &[], &cfg(1, 0), |_| Ok(None))
+            .err()
+            .unwrap();
+        assert_eq!(e.kind(), crate::ErrorKind::NotFound);
+        assert!(e.message().contains("__0_0-x.dcp is missing"), "{e}");
+        let e = schedule(&md, &plan, &slots, &[], &cfg(1, 0), |_| Ok(Some(4000)))
+            .err()
+            .unwrap();
+        assert_eq!(e.kind(), crate::ErrorKind::Corrupt);
+        assert!(
+            e.message()
+                .contains("past the end of the file (4000 bytes)"),
+            "{e}"
+        );
+        let mut bad = plan.clone();
+        bad.tensor_reads[0].dest_chunk = 7;
+        let e = schedule(&md, &bad, &slots, &[], &cfg(1, 0), |_| Ok(Some(4096)))
+            .err()
+            .unwrap();
+        assert_eq!(e.kind(), crate::ErrorKind::InvalidInput);
+    }
+}
