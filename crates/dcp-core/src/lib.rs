@@ -38,6 +38,7 @@ pub mod dtype;
 pub mod error;
 pub mod fault;
 pub mod format;
+pub mod layer;
 pub mod local;
 pub mod mem;
 pub mod metadata;
@@ -56,6 +57,7 @@ pub use checkpoint::{
 pub use collective::{Collective, LocalGroup, LocalValue, Single};
 pub use dtype::DType;
 pub use error::{Error, ErrorKind, Result};
+pub use layer::FileSystemLayer;
 pub use metadata::{FormatKind, Metadata};
 pub use model::{
     ChunkBox, DestChunk, DestItem, DestStateDict, DestTensor, Item, StateDict, TensorChunk,
