@@ -1,11 +1,11 @@
-//! Failures during a save (through `dcp_core::fault::FaultFs`) and damaged
+//! Failures during a save (through `dcp_testkit::FaultFs`) and damaged
 //! checkpoints: every rank errors, nothing new is committed, the previous
 //! checkpoint stays byte for byte and loads bit-exact; damage is a clear
 //! error of the right kind, never a panic.
 
-use dcp_core::fault::{Fault, FaultFs, Op};
 use dcp_core::metadata::{DataFile, FORMAT_VERSION};
 use dcp_core::{DType, Error, ErrorKind, FileSystem, ReaderOptions, WriterOptions};
+use dcp_testkit::{Fault, FaultFs, Op};
 use dcp_tests::*;
 use std::collections::HashMap;
 use std::sync::Arc;

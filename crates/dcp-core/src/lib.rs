@@ -36,7 +36,6 @@ pub mod checkpoint;
 pub mod collective;
 pub mod dtype;
 pub mod error;
-pub mod fault;
 pub mod format;
 pub mod layer;
 pub mod local;

@@ -8,9 +8,10 @@ mod common;
 
 use bytes::Bytes;
 use common::*;
-use dcp_core::fault::{Fault, FaultFs, Op};
 use dcp_core::*;
 use dcp_fsspec::{OpendalFs, OpendalOptions};
+use dcp_testkit::moto::free_port;
+use dcp_testkit::{Fault, FaultFs, Op};
 use opendal::{Buffer, HttpBody, HttpTransport, HttpTransporter, Operator};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -125,15 +126,11 @@ impl FileSink for HookSink {
     }
 }
 
-impl FileSystem for HookFs {
-    fn location(&self) -> String {
-        self.inner.location()
-    }
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-    fn prepare(&self) -> Result<()> {
-        self.inner.prepare()
+/// Only `create` changes (its sink runs the hook); everything else is the
+/// inner file system's own.
+impl FileSystemLayer for HookFs {
+    fn inner(&self) -> &dyn FileSystem {
+        &*self.inner
     }
     fn create(&self, name: &str) -> Result<Box<dyn FileSink>> {
         Ok(Box::new(HookSink {
@@ -142,24 +139,6 @@ impl FileSystem for HookFs {
             at: self.at,
             hook: self.hook.clone(),
         }))
-    }
-    fn read_into(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.inner.read_into(name, offset, buf)
-    }
-    fn file_len(&self, name: &str) -> Result<Option<u64>> {
-        self.inner.file_len(name)
-    }
-    fn write_atomic(&self, name: &str, data: &[u8], sync: bool) -> Result<()> {
-        self.inner.write_atomic(name, data, sync)
-    }
-    fn list(&self) -> Result<Vec<FileEntry>> {
-        self.inner.list()
-    }
-    fn remove(&self, name: &str) -> Result<()> {
-        self.inner.remove(name)
-    }
-    fn sync_dir(&self) -> Result<()> {
-        self.inner.sync_dir()
     }
 }
 
