@@ -50,7 +50,7 @@ async fn fault_mid_save_keeps_previous_checkpoint() {
     let Some(moto) = Moto::shared() else { return };
     let bucket = unique("fault");
     moto.create_bucket(&bucket);
-    let s3 = Arc::new(s3_fs(&moto, &bucket, "ckpt", fast_options()));
+    let s3 = Arc::new(s3_fs(moto, &bucket, "ckpt", fast_options()));
     let big_cols = 3 << 20; // 12 MiB rows: multipart uploads
     all_ok(&save_ranks(s3.clone(), 4, 1, big_cols, opts(2), T).await);
     let before = s3.list().unwrap();
@@ -212,11 +212,11 @@ async fn chaos_layer_read_errors_are_retried() {
     let Some(moto) = Moto::shared() else { return };
     let bucket = unique("chaos-read");
     moto.create_bucket(&bucket);
-    let s3: Arc<dyn FileSystem> = Arc::new(s3_fs(&moto, &bucket, "ckpt", fast_options()));
+    let s3: Arc<dyn FileSystem> = Arc::new(s3_fs(moto, &bucket, "ckpt", fast_options()));
     all_ok(&save_ranks(s3, 4, 4, 1 << 20, opts(2), T).await);
 
     let chaotic = |retries| -> Arc<dyn FileSystem> {
-        let op = s3_operator(&moto, &bucket, "ckpt").layer(opendal::layers::ChaosLayer::new(0.3));
+        let op = s3_operator(moto, &bucket, "ckpt").layer(opendal::layers::ChaosLayer::new(0.3));
         Arc::new(OpendalFs::from_operator(op, "s3://chaos", chaos_options(retries)).unwrap())
     };
     all_ok(&load_and_check(chaotic(12), 3, 4, 4, 1 << 20, T).await);
@@ -284,7 +284,7 @@ async fn transient_http_errors_are_retried() {
     let Some(moto) = Moto::shared() else { return };
     let bucket = unique("chaos-http");
     moto.create_bucket(&bucket);
-    let (fs, failed) = chaos_http_fs(&moto, &bucket, 8, 3);
+    let (fs, failed) = chaos_http_fs(moto, &bucket, 8, 3);
     let big_cols = 3 << 20;
     all_ok(&save_ranks(fs.clone(), 4, 6, big_cols, opts(2), T).await);
     // Save again so the cleanup of the first save's objects also runs.
@@ -300,11 +300,11 @@ async fn transient_http_errors_are_retried() {
 
     let bucket = unique("chaos-http-noretry");
     moto.create_bucket(&bucket);
-    let (fs, _) = chaos_http_fs(&moto, &bucket, 0, 3);
+    let (fs, _) = chaos_http_fs(moto, &bucket, 0, 3);
     let rs = save_ranks(fs.clone(), 4, 6, big_cols, opts(2), T).await;
     let e = all_failed(&rs);
     assert_eq!(e.kind(), ErrorKind::Temporary, "{e}");
-    let clean = s3_fs(&moto, &bucket, "ckpt", fast_options());
+    let clean = s3_fs(moto, &bucket, "ckpt", fast_options());
     assert_eq!(clean.file_len(".metadata").unwrap(), None);
 }
 
@@ -313,7 +313,7 @@ async fn transient_http_errors_are_retried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_bucket_is_a_clear_error() {
     let Some(moto) = Moto::shared() else { return };
-    let fs: Arc<dyn FileSystem> = Arc::new(s3_fs(&moto, "no-such-bucket", "ckpt", fast_options()));
+    let fs: Arc<dyn FileSystem> = Arc::new(s3_fs(moto, "no-such-bucket", "ckpt", fast_options()));
     let started = Instant::now();
     let rs = save_ranks(fs.clone(), 2, 1, 0, opts(1), T).await;
     let e = all_failed(&rs);
