@@ -8,8 +8,12 @@
 //!   once per test binary and stopped with it ([`moto_server`]). [`Store`] gives raw
 //!   access to the files of every backend (through the OS for `fs`, through
 //!   the `FileSystem` API for the OpenDAL ones) for cases that damage them.
-//! * **Data**: deterministic tensors from a seed ([`TensorSpec`]) and
-//!   sharding helpers ([`Sharding`], [`save_boxes`], [`load_boxes`]).
+//! * **Data**: deterministic tensors from a seed ([`TensorSpec`], from
+//!   `dcp_testkit::data`) and sharding helpers ([`Sharding`], [`save_boxes`],
+//!   [`load_boxes`]).
+//! * **Wrappers, S3, hand-made metadata**: re-exported from `dcp-testkit`
+//!   ([`RecordingFs`], [`moto`], [`encode_metadata_unchecked`]); `FaultFs`
+//!   is used from there directly.
 //! * **Reference**: the expected bytes of any destination box are sliced from
 //!   the assembled global tensor with a naive per-element loop
 //!   ([`slice_box`]), independent of dcp-core's copy kernel.
