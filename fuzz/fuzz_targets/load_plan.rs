@@ -16,7 +16,7 @@ use dcp_core::{
     load_with, ChunkBox, DestStateDict, FileSystem, FileSystemReader, FormatKind, LoadOptions,
     ReaderOptions, Single,
 };
-use dcp_fuzz::{dtype, encode_unchecked, registry, runtime};
+use dcp_fuzz::{dtype, encode_metadata_current, registry, runtime};
 use libfuzzer_sys::fuzz_target;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -298,7 +298,7 @@ fn dest_for(md: &Metadata, input: &Input) -> DestStateDict {
 
 fuzz_target!(|input: Input| {
     let (md, contents) = build(&input);
-    let encoded = encode_unchecked(&md);
+    let encoded = encode_metadata_current(&md);
     let Ok(md) = Metadata::decode(&encoded) else {
         return;
     };

@@ -4,8 +4,9 @@
 //! reaches the postcard decoder and `validate`.
 #![no_main]
 
+use dcp_core::metadata::FORMAT_VERSION;
 use dcp_core::Metadata;
-use dcp_fuzz::{frame, samples};
+use dcp_fuzz::{frame_metadata, samples};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -51,7 +52,7 @@ fuzz_target!(|data: &[u8]| {
             _ => {}
         }
     }
-    if let Ok(md) = Metadata::decode(&frame(&body)) {
+    if let Ok(md) = Metadata::decode(&frame_metadata(&body, FORMAT_VERSION)) {
         let again = md
             .encode()
             .expect("decoded metadata validates, so it encodes");

@@ -5,7 +5,6 @@
 
 use dcp_core::metadata::{
     AppliedTransform, ChunkMeta, DataFile, FormatKind, ItemMeta, Metadata, StorageInfo,
-    FORMAT_VERSION, MAGIC,
 };
 use dcp_core::transform::Descriptor;
 use dcp_core::{
@@ -15,22 +14,9 @@ use dcp_core::{
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 
-/// Prefix `body` with a `.metadata` header that matches it (length, CRC).
-pub fn frame(body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(28 + body.len());
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes());
-    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
-    out.extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
-    out.extend_from_slice(body);
-    out
-}
-
-/// Encode `md` without validating it.
-pub fn encode_unchecked(md: &Metadata) -> Vec<u8> {
-    frame(&postcard::to_allocvec(md).expect("postcard encodes"))
-}
+/// `.metadata` framing (a header whose length and CRC match the body, so
+/// mutated bodies get past the CRC), shared with the test suites.
+pub use dcp_testkit::{encode_metadata_current, frame_metadata};
 
 fn st(file: u32, offset: u64, length: u64, transforms: Vec<AppliedTransform>) -> StorageInfo {
     StorageInfo {

@@ -5,11 +5,15 @@
 //!   `fs`, `memory`, `opendal-memory`, `opendal-fs`, `s3`, or `all`
 //!   (default: all but `s3`, plus `s3` when `moto_server` is installed; see
 //!   [`backends`]). `s3` runs against a moto server on 127.0.0.1 started
-//!   once per test binary and stopped with it ([`s3`]). [`Store`] gives raw
+//!   once per test binary and stopped with it ([`moto_server`]). [`Store`] gives raw
 //!   access to the files of every backend (through the OS for `fs`, through
 //!   the `FileSystem` API for the OpenDAL ones) for cases that damage them.
-//! * **Data**: deterministic tensors from a seed ([`TensorSpec`]) and
-//!   sharding helpers ([`Sharding`], [`save_boxes`], [`load_boxes`]).
+//! * **Data**: deterministic tensors from a seed ([`TensorSpec`], from
+//!   `dcp_testkit::data`) and sharding helpers ([`Sharding`], [`save_boxes`],
+//!   [`load_boxes`]).
+//! * **Wrappers, S3, hand-made metadata**: re-exported from `dcp-testkit`
+//!   ([`RecordingFs`], [`moto`], [`encode_metadata_unchecked`]); `FaultFs`
+//!   is used from there directly.
 //! * **Reference**: the expected bytes of any destination box are sliced from
 //!   the assembled global tensor with a naive per-element loop
 //!   ([`slice_box`]), independent of dcp-core's copy kernel.
@@ -18,22 +22,21 @@
 
 use bytes::Bytes;
 use dcp_core::checkpoint::is_data_file_name;
-use dcp_core::fault::FaultFs;
 use dcp_core::local::run_ranks;
 use dcp_core::mem::MemoryFs;
-use dcp_core::metadata::{Metadata, FORMAT_VERSION, MAGIC};
+use dcp_core::metadata::Metadata;
 use dcp_core::{
     load, save, ChunkBox, DType, DestItem, DestStateDict, DestTensor, Error, ErrorKind, FileSystem,
     FileSystemReader, FileSystemWriter, LoadResult, ReaderOptions, Result, SaveResult, StateDict,
     TensorChunk, WriterOptions,
 };
 use dcp_fsspec::{OpendalFs, OpendalOptions};
+use dcp_testkit::moto::Moto;
+use dcp_testkit::FaultFs;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-pub mod s3;
 
 /// Deadline of collectives in ordinary test runs (generous: debug builds on
 /// two cores).
@@ -55,7 +58,7 @@ pub enum Backend {
     /// `dcp_fsspec::OpendalFs` on `file:///<fresh temporary directory>/ckpt`.
     OpendalFs,
     /// `dcp_fsspec::OpendalFs` on `s3://<bucket>/<unique prefix>` of a moto
-    /// server on 127.0.0.1, started once per test binary ([`s3::Moto`]).
+    /// server on 127.0.0.1, started once per test binary ([`moto_server`]).
     S3,
 }
 
@@ -141,7 +144,7 @@ impl Backend {
                 Store::opendal(self, url, Some(dir))
             }
             Backend::S3 => {
-                let url = format!("s3://{}/{}", s3::BUCKET, unique(label));
+                let url = format!("s3://{}/{}", BUCKET, unique(label));
                 Store::opendal(self, url, None)
             }
         }
@@ -167,7 +170,8 @@ pub fn unique(label: &str) -> String {
 }
 
 /// The default backend list: every backend, `s3` only when `moto_server`
-/// is installed. Under `CI` a missing moto is an error, not a skip.
+/// is installed. Under CI a missing moto is an error, not a skip
+/// ([`moto::moto_available`]).
 fn default_backends() -> Vec<Backend> {
     let mut v = vec![
         Backend::Fs,
@@ -175,22 +179,8 @@ fn default_backends() -> Vec<Backend> {
         Backend::OpendalMemory,
         Backend::OpendalFs,
     ];
-    if s3::moto_installed() {
+    if moto::moto_available() {
         v.push(Backend::S3);
-    } else if std::env::var_os("CI").is_some() {
-        panic!(
-            "{} is not on PATH and CI is set: the s3 backend cannot run \
-             (pip install 'moto[server]'; .ci/run does this)",
-            s3::MOTO
-        );
-    } else {
-        static SAID: std::sync::Once = std::sync::Once::new();
-        SAID.call_once(|| {
-            eprintln!(
-                "SKIPPED backend s3: {} is not installed (pip install 'moto[server]')",
-                s3::MOTO
-            )
-        });
     }
     v
 }
@@ -221,13 +211,27 @@ pub fn backends() -> Vec<Backend> {
         }
         _ => return default_backends(),
     };
-    if v.contains(&Backend::S3) && !s3::moto_installed() {
+    if v.contains(&Backend::S3) && !moto::moto_installed() {
         panic!(
             "DCP_TEST_BACKEND asks for s3, but {} is not on PATH (pip install 'moto[server]')",
-            s3::MOTO
+            moto::MOTO
         );
     }
     v
+}
+
+/// The bucket every S3 store of the suite lives in (each under its own
+/// prefix).
+pub const BUCKET: &str = "dcp-conformance";
+
+/// The moto server of this test binary ([`Moto::shared`]), with [`BUCKET`]
+/// created. Panics when moto is not installed: [`backends`] selects `s3`
+/// only when it is.
+pub fn moto_server() -> &'static Moto {
+    static BUCKET_MADE: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    let m = Moto::shared().expect("the s3 backend is selected only when moto is installed");
+    BUCKET_MADE.get_or_init(|| m.create_bucket(BUCKET));
+    m
 }
 
 /// Tuning of the OpenDAL backends in tests: S3's smallest part size (every
@@ -286,7 +290,7 @@ fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
 
 fn open_opendal(backend: Backend, url: &str) -> OpendalFs {
     let opts = if backend == Backend::S3 {
-        s3::Moto::shared().options()
+        moto_server().options()
     } else {
         HashMap::new()
     };
@@ -433,123 +437,12 @@ impl Store {
 }
 
 // ---------------------------------------------------------------------------
-// Deterministic data and the independent reference
+// Deterministic data and the independent reference: in dcp-testkit
 // ---------------------------------------------------------------------------
 
-/// SplitMix64: a small, good 64-bit mixer.
-pub fn splitmix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
-}
+pub use dcp_testkit::moto;
 
-fn name_hash(name: &str) -> u64 {
-    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-    })
-}
-
-/// A tensor whose every element is a function of its name, seed and global
-/// linear index.
-#[derive(Clone, Debug)]
-pub struct TensorSpec {
-    /// Item name.
-    pub name: String,
-    /// Element type.
-    pub dtype: DType,
-    /// Global shape.
-    pub shape: Vec<u64>,
-    /// Seed: two specs differing only in seed hold different data.
-    pub seed: u64,
-}
-
-impl TensorSpec {
-    /// A spec.
-    pub fn new(name: &str, dtype: DType, shape: &[u64], seed: u64) -> Self {
-        TensorSpec {
-            name: name.to_string(),
-            dtype,
-            shape: shape.to_vec(),
-            seed,
-        }
-    }
-
-    /// Number of elements.
-    pub fn numel(&self) -> u64 {
-        self.shape.iter().product()
-    }
-
-    /// Bytes of the whole tensor.
-    pub fn nbytes(&self) -> u64 {
-        self.numel() * self.dtype.size() as u64
-    }
-
-    /// The whole tensor, row-major, assembled element by element from the
-    /// generator.
-    pub fn global(&self) -> Vec<u8> {
-        let elem = self.dtype.size();
-        let base = splitmix(self.seed ^ name_hash(&self.name));
-        let mut out = Vec::with_capacity(self.nbytes() as usize);
-        for i in 0..self.numel() {
-            let v = splitmix(base ^ i.wrapping_mul(0xD6E8_FEB8_6659_FD93));
-            let bytes = v.to_le_bytes();
-            if self.dtype == DType::Bool {
-                out.push(bytes[0] & 1);
-            } else {
-                out.extend_from_slice(&bytes[..elem]);
-            }
-        }
-        out
-    }
-
-    /// The expected bytes of box `b` (reference: naive slicing of
-    /// [`TensorSpec::global`]).
-    pub fn slice(&self, b: &ChunkBox) -> Vec<u8> {
-        slice_box(&self.global(), &self.shape, self.dtype.size(), b)
-    }
-}
-
-/// Slice box `b` out of the row-major tensor `global` of `shape`, one
-/// element at a time (the independent reference: no run detection, no
-/// shared code with dcp-core).
-pub fn slice_box(global: &[u8], shape: &[u64], elem: usize, b: &ChunkBox) -> Vec<u8> {
-    let n = shape.len();
-    assert_eq!(b.ndim(), n, "box rank differs from shape");
-    let numel: u64 = b.sizes.iter().product();
-    let mut out = Vec::with_capacity(numel as usize * elem);
-    if numel == 0 {
-        return out;
-    }
-    let mut strides = vec![1u64; n];
-    for d in (0..n.saturating_sub(1)).rev() {
-        strides[d] = strides[d + 1] * shape[d + 1];
-    }
-    let mut idx = vec![0u64; n];
-    for _ in 0..numel {
-        let mut linear = 0u64;
-        for d in 0..n {
-            linear += (b.offsets[d] + idx[d]) * strides[d];
-        }
-        let at = linear as usize * elem;
-        out.extend_from_slice(&global[at..at + elem]);
-        // Odometer increment, last dimension fastest.
-        for d in (0..n).rev() {
-            idx[d] += 1;
-            if idx[d] < b.sizes[d] {
-                break;
-            }
-            idx[d] = 0;
-        }
-    }
-    out
-}
-
-/// Deterministic bytes for a bytes item.
-pub fn bytes_value(name: &str, seed: u64, len: usize) -> Vec<u8> {
-    let base = splitmix(seed ^ name_hash(name));
-    (0..len as u64).map(|i| splitmix(base ^ i) as u8).collect()
-}
+pub use dcp_testkit::data::{bytes_value, slice_box, splitmix64, TensorSpec};
 
 // ---------------------------------------------------------------------------
 // Shardings
@@ -1038,122 +931,12 @@ pub async fn load_and_check(
 }
 
 // ---------------------------------------------------------------------------
-// A file system that records reads
+// Recording reads, hand-crafted metadata: in dcp-testkit
 // ---------------------------------------------------------------------------
 
-/// One `read_into` call: file, offset, length.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ReadCall {
-    /// File name.
-    pub name: String,
-    /// Offset of the read.
-    pub offset: u64,
-    /// Length of the read.
-    pub len: u64,
-}
-
-/// Wraps a [`FileSystem`] and records every `read_into` and
-/// `read_scattered` (one call each, with the total length). It never
-/// claims data is cached (`read_if_cached` is the default `false`), so
-/// loads through it scatter with `read_scattered`.
-#[derive(Debug)]
-pub struct RecordingFs {
-    inner: Arc<dyn FileSystem>,
-    reads: Mutex<Vec<ReadCall>>,
-}
-
-impl RecordingFs {
-    /// Wrap `inner`.
-    pub fn new(inner: Arc<dyn FileSystem>) -> Self {
-        RecordingFs {
-            inner,
-            reads: Mutex::new(Vec::new()),
-        }
-    }
-
-    fn record(&self, name: &str, offset: u64, len: u64) {
-        self.reads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(ReadCall {
-                name: name.to_string(),
-                offset,
-                len,
-            });
-    }
-
-    /// The reads so far.
-    pub fn reads(&self) -> Vec<ReadCall> {
-        self.reads.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-}
-
-impl FileSystem for RecordingFs {
-    fn location(&self) -> String {
-        self.inner.location()
-    }
-    fn capabilities(&self) -> dcp_core::Capabilities {
-        self.inner.capabilities()
-    }
-    fn prepare(&self) -> Result<()> {
-        self.inner.prepare()
-    }
-    fn create(&self, name: &str) -> Result<Box<dyn dcp_core::FileSink>> {
-        self.inner.create(name)
-    }
-    fn read_into(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.record(name, offset, buf.len() as u64);
-        self.inner.read_into(name, offset, buf)
-    }
-    fn read_scattered(
-        &self,
-        name: &str,
-        offset: u64,
-        bufs: &mut [std::io::IoSliceMut<'_>],
-    ) -> Result<()> {
-        self.record(name, offset, bufs.iter().map(|b| b.len() as u64).sum());
-        self.inner.read_scattered(name, offset, bufs)
-    }
-    fn file_len(&self, name: &str) -> Result<Option<u64>> {
-        self.inner.file_len(name)
-    }
-    fn write_atomic(&self, name: &str, data: &[u8], sync: bool) -> Result<()> {
-        self.inner.write_atomic(name, data, sync)
-    }
-    fn list(&self) -> Result<Vec<dcp_core::FileEntry>> {
-        self.inner.list()
-    }
-    fn remove(&self, name: &str) -> Result<()> {
-        self.inner.remove(name)
-    }
-    fn sync_dir(&self) -> Result<()> {
-        self.inner.sync_dir()
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Hand-crafted metadata
-// ---------------------------------------------------------------------------
-
-/// Encode `md` with the `.metadata` header layout of `dcp_core::metadata`
-/// (magic, version, flags, body length, CRC-32C of the body, postcard body)
-/// **without** validating it, to craft hostile checkpoints.
-pub fn encode_metadata_unchecked(md: &Metadata, version: u32) -> Vec<u8> {
-    let body = postcard::to_allocvec(md).expect("postcard encodes metadata");
-    let mut out = Vec::with_capacity(28 + body.len());
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&version.to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes());
-    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
-    out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
-    out.extend_from_slice(&body);
-    out
-}
-
-/// [`encode_metadata_unchecked`] with the current format version.
-pub fn encode_metadata_current(md: &Metadata) -> Vec<u8> {
-    encode_metadata_unchecked(md, FORMAT_VERSION)
-}
+pub use dcp_testkit::{
+    encode_metadata_current, encode_metadata_unchecked, frame_metadata, ReadCall, RecordingFs,
+};
 
 /// Assert that `e` has `kind` and that its message contains every part.
 pub fn assert_error(e: &Error, kind: ErrorKind, parts: &[&str]) {
@@ -1167,27 +950,6 @@ pub fn assert_error(e: &Error, kind: ErrorKind, parts: &[&str]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn reference_slicing() {
-        let spec = TensorSpec::new("t", DType::U16, &[3, 4], 7);
-        let g = spec.global();
-        assert_eq!(g.len(), 24);
-        let b = ChunkBox::new(vec![1, 1], vec![2, 2]).unwrap();
-        let s = spec.slice(&b);
-        let at = |r: usize, c: usize| &g[(r * 4 + c) * 2..(r * 4 + c) * 2 + 2];
-        let want = [at(1, 1), at(1, 2), at(2, 1), at(2, 2)].concat();
-        assert_eq!(s, want);
-        assert_eq!(slice_box(&g, &[3, 4], 2, &ChunkBox::full(&[3, 4])), g);
-        let scalar = TensorSpec::new("s", DType::F64, &[], 1);
-        assert_eq!(scalar.global().len(), 8);
-        assert_eq!(scalar.slice(&ChunkBox::full(&[])), scalar.global());
-        assert_ne!(
-            TensorSpec::new("t", DType::U16, &[3, 4], 8).global(),
-            g,
-            "seeds differ"
-        );
-    }
 
     #[test]
     fn shardings_cover_exactly() {

@@ -34,7 +34,7 @@ fn backend_names_round_trip() {
         }
         assert_eq!(
             selected.contains(&Backend::S3),
-            s3::moto_installed(),
+            moto::moto_installed(),
             "s3 runs by default exactly when moto is installed"
         );
     }
@@ -105,7 +105,7 @@ fn moto_child() {
     if std::env::var_os(CHILD).is_none() {
         return;
     }
-    let moto = s3::Moto::shared();
+    let moto = moto_server();
     println!("MOTO_PID={}", moto.pid);
     std::thread::sleep(Duration::from_secs(120));
 }
@@ -149,6 +149,28 @@ fn moto_stops_when_the_test_process_dies() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A private server ([`moto::Moto::start`], as `dcp-fsspec`'s tests use to
+/// kill one mid-save) is gone once `kill` returns, and `kill` twice is
+/// harmless.
+#[test]
+fn a_private_moto_is_gone_when_killed() {
+    if !backends().contains(&Backend::S3) {
+        eprintln!("SKIPPED: the s3 backend is not selected");
+        return;
+    }
+    let m = moto::Moto::start().expect("moto is installed");
+    m.create_bucket("private");
+    assert!(std::path::Path::new(&format!("/proc/{}", m.pid)).exists());
+    m.kill();
+    assert!(
+        !std::path::Path::new(&format!("/proc/{}", m.pid)).exists(),
+        "moto (PID {}) still runs after kill",
+        m.pid
+    );
+    assert!(moto::http(m.port, "GET", "/", &[]).is_err());
+    m.kill();
 }
 
 /// `OpendalFs` methods called on an async executor thread (here a tokio

@@ -19,10 +19,10 @@
 mod crash_common;
 
 use crash_common::{model, registry, save_gen, world_of, GEN_KEY};
-use dcp_core::fault::{Fault, FaultFs, Op};
 use dcp_core::mem::MemoryFs;
 use dcp_core::metadata::Metadata;
 use dcp_core::{load, Error, FileSystem, FileSystemReader, ReaderOptions, Single, StateDict};
+use dcp_testkit::{Fault, FaultFs, Op};
 use dcp_tests::Sharding;
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeSet, HashMap};

@@ -1,11 +1,11 @@
-//! Failures during a save (through `dcp_core::fault::FaultFs`) and damaged
+//! Failures during a save (through `dcp_testkit::FaultFs`) and damaged
 //! checkpoints: every rank errors, nothing new is committed, the previous
 //! checkpoint stays byte for byte and loads bit-exact; damage is a clear
 //! error of the right kind, never a panic.
 
-use dcp_core::fault::{Fault, FaultFs, Op};
 use dcp_core::metadata::{DataFile, FORMAT_VERSION};
 use dcp_core::{DType, Error, ErrorKind, FileSystem, ReaderOptions, WriterOptions};
+use dcp_testkit::{Fault, FaultFs, Op};
 use dcp_tests::*;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -468,4 +468,87 @@ async fn os_damage(backend: Backend, a: &Model) {
         &|_| Sharding::Rows,
     )
     .await;
+}
+
+/// A fault in a scattered read, over local disk. `FaultFs` is a
+/// `FileSystemLayer`, so its `read_scattered` is `dcp_fs::LocalFs`'s own
+/// (`preadv`), not the trait's read-and-copy default (which would show up as
+/// `Op::Read` calls). With the page cache hidden (`Fault::Uncached`), a load
+/// resharded from rows to columns scatters every saved record with one
+/// `read_scattered`: clean, it is correct byte for byte; with the second
+/// scattered read failed, every rank fails with the injected error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scattered_read_fault_on_local_disk() {
+    // Rows by 4 ranks, loaded as columns by 3: each saved record is 768 KiB
+    // (above the 256 KiB `small_record`), one part, tiled exactly by the
+    // three ranks' column pieces of its rows: the scatter path.
+    let m = Model {
+        seed: 9,
+        ..Default::default()
+    }
+    .tensor("w", DType::BF16, &[1024, 1536], Sharding::Rows);
+    let dir = tempfile::tempdir().unwrap();
+    let local: Arc<dyn FileSystem> = Arc::new(dcp_fs::LocalFs::new(dir.path().join("ckpt")));
+    let saved = save_model(local.clone(), &m, WORLD, opts()).await;
+    let md = saved[0].metadata.clone();
+    let records = md
+        .items
+        .iter()
+        .map(|(_, it)| match it {
+            dcp_core::metadata::ItemMeta::Tensor { chunks, .. } => chunks.len() as u64,
+            dcp_core::metadata::ItemMeta::Bytes { .. } => 1,
+        })
+        .sum::<u64>();
+    assert_eq!(records, WORLD as u64, "one record per saving rank");
+    let fault = FaultFs::new(local.clone());
+    let cols = |_: &TensorSpec| Sharding::Cols;
+
+    // No fault armed (the cache hidden): every byte right, every record
+    // scattered once by the inner LocalFs, nothing read and copied.
+    fault.arm(Fault::Uncached);
+    load_and_check(
+        faulty(&fault),
+        &m,
+        WORLD,
+        3,
+        ReaderOptions::default(),
+        &cols,
+    )
+    .await;
+    assert_eq!(
+        fault.count(Op::ReadScattered),
+        records,
+        "one scattered read per saved record, reaching LocalFs"
+    );
+    assert_eq!(
+        fault.count(Op::ReadIfCached),
+        records,
+        "each part was probed once (and declined) first"
+    );
+    assert_eq!(fault.count(Op::Read), 0, "no read fell back to read_into");
+    assert_eq!(fault.count(Op::ReadSmall), 1, ".metadata read once");
+
+    // The second scattered read fails: every rank fails with the injected
+    // error, naming the item and a data file of the checkpoint.
+    fault.reset();
+    fault.arm(Fault::Uncached);
+    fault.arm(Fault::FailNth {
+        op: Op::ReadScattered,
+        nth: 1,
+    });
+    let dests = (0..3).map(|r| m.dest(r, 3, WORLD, &cols)).collect();
+    let errs = all_err(
+        load_ranks(faulty(&fault), ReaderOptions::default(), dests).await,
+        "load with a failed scattered read",
+    );
+    for e in &errs {
+        assert_error(e, ErrorKind::Io, &["injected fault: ReadScattered #1", "w"]);
+        assert!(
+            md.files.iter().any(|f| e.message().contains(&f.name)),
+            "{e}: names no data file of {:?}",
+            md.files
+        );
+        assert_eq!(e.message(), errs[0].message(), "the ranks agree");
+    }
+    assert!(fault.count(Op::ReadScattered) >= 2);
 }

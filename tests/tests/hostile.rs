@@ -21,7 +21,7 @@ use dcp_core::{
     load, read_metadata, save, ChunkBox, DType, DestStateDict, Error, ErrorKind, FileSystem,
     LoadResult, ReaderOptions, Single, StateDict, TensorChunk, WriterOptions,
 };
-use dcp_tests::{assert_error, encode_metadata_current};
+use dcp_tests::{assert_error, encode_metadata_current, frame_metadata};
 use std::collections::BTreeMap;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
@@ -475,13 +475,7 @@ fn body_claiming_2_pow_60_entries() {
             let mut body = good[..pos].to_vec();
             body.extend_from_slice(&huge);
             body.extend_from_slice(&good[pos + 1..]);
-            let mut framed = Vec::new();
-            framed.extend_from_slice(&dcp_core::metadata::MAGIC);
-            framed.extend_from_slice(&dcp_core::metadata::FORMAT_VERSION.to_le_bytes());
-            framed.extend_from_slice(&0u32.to_le_bytes());
-            framed.extend_from_slice(&(body.len() as u64).to_le_bytes());
-            framed.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
-            framed.extend_from_slice(&body);
+            let framed = frame_metadata(&body, dcp_core::metadata::FORMAT_VERSION);
             std::fs::write(c.dir.join(".metadata"), &framed).unwrap();
             let started = Instant::now();
             let e = load_err(&c, dest_all());

@@ -3,7 +3,7 @@
 
 use dcp_core::local::run_ranks;
 use dcp_core::{
-    save, Collective, DType, ErrorKind, FileEntry, FileSink, FileSystem, FileSystemWriter,
+    save, Collective, DType, ErrorKind, FileSink, FileSystem, FileSystemLayer, FileSystemWriter,
     ReaderOptions, Result, StateDict,
 };
 use dcp_tests::*;
@@ -38,15 +38,9 @@ struct BadRankFs {
     how: Misbehave,
 }
 
-impl FileSystem for BadRankFs {
-    fn location(&self) -> String {
-        self.inner.location()
-    }
-    fn capabilities(&self) -> dcp_core::Capabilities {
-        self.inner.capabilities()
-    }
-    fn prepare(&self) -> Result<()> {
-        self.inner.prepare()
+impl FileSystemLayer for BadRankFs {
+    fn inner(&self) -> &dyn FileSystem {
+        &*self.inner
     }
     fn create(&self, name: &str) -> Result<Box<dyn FileSink>> {
         if name.starts_with(&format!("__{}_", self.rank)) {
@@ -56,24 +50,6 @@ impl FileSystem for BadRankFs {
             }
         }
         self.inner.create(name)
-    }
-    fn read_into(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.inner.read_into(name, offset, buf)
-    }
-    fn file_len(&self, name: &str) -> Result<Option<u64>> {
-        self.inner.file_len(name)
-    }
-    fn write_atomic(&self, name: &str, data: &[u8], sync: bool) -> Result<()> {
-        self.inner.write_atomic(name, data, sync)
-    }
-    fn list(&self) -> Result<Vec<FileEntry>> {
-        self.inner.list()
-    }
-    fn remove(&self, name: &str) -> Result<()> {
-        self.inner.remove(name)
-    }
-    fn sync_dir(&self) -> Result<()> {
-        self.inner.sync_dir()
     }
 }
 

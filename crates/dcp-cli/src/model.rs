@@ -298,12 +298,22 @@ pub fn item_key(seed: u64, name: &str) -> u64 {
     splitmix64(seed) ^ fnv1a(name)
 }
 
+/// The 64 random bits of the element at global (row-major) `index` of the
+/// item with `key`: the one deterministic byte generator of dcp. The demo
+/// shapes them into bf16 values ([`element`]); the test suites
+/// (`dcp_testkit::data`) take their low bytes for any dtype. Stable: saved
+/// checkpoints are verified against it, so it must never change.
+#[inline]
+pub fn element_bits(key: u64, index: u64) -> u64 {
+    splitmix64(key ^ index.wrapping_mul(0xD6E8_FEB8_6659_FD93))
+}
+
 /// The bf16 bits of the element at global (row-major) `index` of the item
 /// with `key`: a random sign and mantissa with an exponent between 2^-9 and
 /// 2^-2, so every value is a finite, weight-like number.
 #[inline]
 pub fn element(key: u64, index: u64) -> u16 {
-    let h = splitmix64(key ^ index.wrapping_mul(0xD6E8_FEB8_6659_FD93));
+    let h = element_bits(key, index);
     let sign = (h >> 63) as u16;
     let exp = 118 + ((h >> 32) & 7) as u16;
     let mant = (h & 0x7F) as u16;

@@ -36,8 +36,8 @@ pub mod checkpoint;
 pub mod collective;
 pub mod dtype;
 pub mod error;
-pub mod fault;
 pub mod format;
+pub mod layer;
 pub mod local;
 pub mod mem;
 pub mod metadata;
@@ -58,6 +58,7 @@ pub use collective::{Collective, LocalGroup, LocalValue, Single};
 pub use dtype::DType;
 pub use error::{Error, ErrorKind, Result};
 pub use format::{FormatRegistry, SerializationFormat};
+pub use layer::FileSystemLayer;
 pub use metadata::{FormatKind, Metadata};
 pub use model::{
     ChunkBox, DestChunk, DestData, DestItem, DestStateDict, DestTensor, Item, StateDict,

@@ -37,6 +37,13 @@ pub struct Capabilities {
 /// A checkpoint location. Every method is blocking and may be called from
 /// several threads at once. Names are plain file names (see
 /// [`check_file_name`]); implementations refuse anything else.
+///
+/// Wrappers of another file system implement
+/// [`FileSystemLayer`](crate::layer::FileSystemLayer) instead, which forwards
+/// every method they do not override. **A method added to this trait must be
+/// added to `FileSystemLayer` too** (a forwarding default, and a line in its
+/// blanket impl and in its unit test's list), or every wrapper would run this
+/// trait's default in place of the wrapped backend's method.
 pub trait FileSystem: Send + Sync + fmt::Debug + 'static {
     /// The location as a URL or path, for messages (`/ckpt/step100`, `s3://b/p`).
     fn location(&self) -> String;

@@ -19,7 +19,7 @@ const T: Duration = Duration::from_secs(60);
 struct Backend {
     url: String,
     options: HashMap<String, String>,
-    moto: Option<Arc<Moto>>,
+    moto: Option<&'static Moto>,
     bucket: String,
     _dir: Option<tempfile::TempDir>,
 }

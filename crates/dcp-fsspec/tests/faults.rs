@@ -8,9 +8,10 @@ mod common;
 
 use bytes::Bytes;
 use common::*;
-use dcp_core::fault::{Fault, FaultFs, Op};
 use dcp_core::*;
 use dcp_fsspec::{OpendalFs, OpendalOptions};
+use dcp_testkit::moto::free_port;
+use dcp_testkit::{Fault, FaultFs, Op};
 use opendal::{Buffer, HttpBody, HttpTransport, HttpTransporter, Operator};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,7 +47,7 @@ async fn fault_mid_save_keeps_previous_checkpoint() {
     let Some(moto) = Moto::shared() else { return };
     let bucket = unique("fault");
     moto.create_bucket(&bucket);
-    let s3 = Arc::new(s3_fs(&moto, &bucket, "ckpt", fast_options()));
+    let s3 = Arc::new(s3_fs(moto, &bucket, "ckpt", fast_options()));
     let big_cols = 3 << 20; // 12 MiB rows: multipart uploads
     all_ok(&save_ranks(s3.clone(), 4, 1, big_cols, opts(2), T).await);
     let before = s3.list().unwrap();
@@ -122,15 +123,11 @@ impl FileSink for HookSink {
     }
 }
 
-impl FileSystem for HookFs {
-    fn location(&self) -> String {
-        self.inner.location()
-    }
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-    fn prepare(&self) -> Result<()> {
-        self.inner.prepare()
+/// Only `create` changes (its sink runs the hook); everything else is the
+/// inner file system's own.
+impl FileSystemLayer for HookFs {
+    fn inner(&self) -> &dyn FileSystem {
+        &*self.inner
     }
     fn create(&self, name: &str) -> Result<Box<dyn FileSink>> {
         Ok(Box::new(HookSink {
@@ -139,24 +136,6 @@ impl FileSystem for HookFs {
             at: self.at,
             hook: self.hook.clone(),
         }))
-    }
-    fn read_into(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.inner.read_into(name, offset, buf)
-    }
-    fn file_len(&self, name: &str) -> Result<Option<u64>> {
-        self.inner.file_len(name)
-    }
-    fn write_atomic(&self, name: &str, data: &[u8], sync: bool) -> Result<()> {
-        self.inner.write_atomic(name, data, sync)
-    }
-    fn list(&self) -> Result<Vec<FileEntry>> {
-        self.inner.list()
-    }
-    fn remove(&self, name: &str) -> Result<()> {
-        self.inner.remove(name)
-    }
-    fn sync_dir(&self) -> Result<()> {
-        self.inner.sync_dir()
     }
 }
 
@@ -230,11 +209,11 @@ async fn chaos_layer_read_errors_are_retried() {
     let Some(moto) = Moto::shared() else { return };
     let bucket = unique("chaos-read");
     moto.create_bucket(&bucket);
-    let s3: Arc<dyn FileSystem> = Arc::new(s3_fs(&moto, &bucket, "ckpt", fast_options()));
+    let s3: Arc<dyn FileSystem> = Arc::new(s3_fs(moto, &bucket, "ckpt", fast_options()));
     all_ok(&save_ranks(s3, 4, 4, 1 << 20, opts(2), T).await);
 
     let chaotic = |retries| -> Arc<dyn FileSystem> {
-        let op = s3_operator(&moto, &bucket, "ckpt").layer(opendal::layers::ChaosLayer::new(0.3));
+        let op = s3_operator(moto, &bucket, "ckpt").layer(opendal::layers::ChaosLayer::new(0.3));
         Arc::new(OpendalFs::from_operator(op, "s3://chaos", chaos_options(retries)).unwrap())
     };
     all_ok(&load_and_check(chaotic(12), 3, 4, 4, 1 << 20, T).await);
@@ -302,7 +281,7 @@ async fn transient_http_errors_are_retried() {
     let Some(moto) = Moto::shared() else { return };
     let bucket = unique("chaos-http");
     moto.create_bucket(&bucket);
-    let (fs, failed) = chaos_http_fs(&moto, &bucket, 8, 3);
+    let (fs, failed) = chaos_http_fs(moto, &bucket, 8, 3);
     let big_cols = 3 << 20;
     all_ok(&save_ranks(fs.clone(), 4, 6, big_cols, opts(2), T).await);
     // Save again so the cleanup of the first save's objects also runs.
@@ -318,11 +297,11 @@ async fn transient_http_errors_are_retried() {
 
     let bucket = unique("chaos-http-noretry");
     moto.create_bucket(&bucket);
-    let (fs, _) = chaos_http_fs(&moto, &bucket, 0, 3);
+    let (fs, _) = chaos_http_fs(moto, &bucket, 0, 3);
     let rs = save_ranks(fs.clone(), 4, 6, big_cols, opts(2), T).await;
     let e = all_failed(&rs);
     assert_eq!(e.kind(), ErrorKind::Temporary, "{e}");
-    let clean = s3_fs(&moto, &bucket, "ckpt", fast_options());
+    let clean = s3_fs(moto, &bucket, "ckpt", fast_options());
     assert_eq!(clean.file_len(".metadata").unwrap(), None);
 }
 
@@ -331,7 +310,7 @@ async fn transient_http_errors_are_retried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_bucket_is_a_clear_error() {
     let Some(moto) = Moto::shared() else { return };
-    let fs: Arc<dyn FileSystem> = Arc::new(s3_fs(&moto, "no-such-bucket", "ckpt", fast_options()));
+    let fs: Arc<dyn FileSystem> = Arc::new(s3_fs(moto, "no-such-bucket", "ckpt", fast_options()));
     let started = Instant::now();
     let rs = save_ranks(fs.clone(), 2, 1, 0, opts(1), T).await;
     let e = all_failed(&rs);

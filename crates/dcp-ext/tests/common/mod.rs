@@ -1,6 +1,7 @@
-//! Shared helpers of the dcp-ext integration tests: a reproducible RNG, a
-//! synthetic sharded state dict whose every byte is a function of its global
-//! position, and save/load drivers over `MemoryFs`.
+//! Shared helpers of the dcp-ext integration tests: a reproducible RNG
+//! (`dcp_testkit::data::Rng`), a synthetic sharded state dict whose every
+//! byte is a function of its global position, and save/load drivers over
+//! `MemoryFs`.
 #![allow(dead_code)]
 
 use bytes::Bytes;
@@ -10,34 +11,11 @@ use dcp_core::*;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// splitmix64: tiny, seeded and stable forever (unlike library RNGs whose
-/// streams may change between versions).
-#[derive(Clone, Debug)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform in `0..n` (n > 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next_u64() as u8).collect()
-    }
-}
+/// The seeded SplitMix64 stream of `dcp_testkit::data`.
+pub use dcp_testkit::data::Rng;
 
 fn mix(a: u64, b: u64) -> u64 {
-    let mut r = Rng::new(a.wrapping_mul(0x1000_0000_01b3) ^ b);
-    r.next_u64()
+    dcp_testkit::data::splitmix64(a.wrapping_mul(0x1000_0000_01b3) ^ b)
 }
 
 /// A tensor of the test state dict: row-sharded on save, column-sharded on

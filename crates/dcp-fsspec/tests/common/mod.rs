@@ -1,166 +1,16 @@
-//! Shared test support: a moto S3 server on 127.0.0.1, a sharded state dict
-//! with a reference, and save/load helpers over N ranks.
+//! Shared test support: a moto S3 server on 127.0.0.1 (`dcp_testkit::moto`),
+//! a sharded state dict with a reference, and save/load helpers over N
+//! ranks.
 #![allow(dead_code)]
 
 use bytes::Bytes;
 use dcp_core::local::run_ranks;
 use dcp_core::*;
 use dcp_fsspec::{OpendalFs, OpendalOptions};
-use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
-/// A moto S3 server child process, killed (by its PID) on drop.
-pub struct Moto {
-    child: Mutex<Option<Child>>,
-    pub port: u16,
-}
-
-impl Moto {
-    /// Start a private server. `None` (after printing why) when
-    /// `moto_server` is not installed and `CI` is unset; panics under `CI`.
-    pub fn start() -> Option<Moto> {
-        let port = free_port();
-        let child = Command::new("moto_server")
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        let child = match child {
-            Ok(c) => c,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if std::env::var_os("CI").is_some() {
-                    panic!(
-                        "moto_server is not installed (pip install 'moto[server]'), and CI is set"
-                    );
-                }
-                eprintln!("SKIPPED: moto_server is not installed (pip install 'moto[server]')");
-                return None;
-            }
-            Err(e) => panic!("cannot start moto_server: {e}"),
-        };
-        let moto = Moto {
-            child: Mutex::new(Some(child)),
-            port,
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if http(port, "GET", "/", &[]).is_ok() {
-                return Some(moto);
-            }
-            if let Some(c) = moto.child.lock().unwrap().as_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
-                    panic!("moto_server exited early: {status}");
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "moto_server did not answer within 60 s"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// A server shared by the tests of this binary that run at the same
-    /// time (each uses its own bucket); stopped when the last one is done.
-    pub fn shared() -> Option<Arc<Moto>> {
-        static SHARED: Mutex<Option<Weak<Moto>>> = Mutex::new(None);
-        let mut slot = SHARED.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(m) = slot.as_ref().and_then(Weak::upgrade) {
-            return Some(m);
-        }
-        let m = Arc::new(Moto::start()?);
-        *slot = Some(Arc::downgrade(&m));
-        Some(m)
-    }
-
-    /// The endpoint URL.
-    pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    /// Create `bucket` with a plain HTTP PUT.
-    pub fn create_bucket(&self, bucket: &str) {
-        let (status, body) = http(self.port, "PUT", &format!("/{bucket}"), &[]).unwrap();
-        assert_eq!(status, 200, "create bucket {bucket}: {body}");
-    }
-
-    /// Multipart uploads still in progress in `bucket`.
-    pub fn pending_uploads(&self, bucket: &str) -> usize {
-        let (status, body) = http(self.port, "GET", &format!("/{bucket}?uploads"), &[]).unwrap();
-        assert_eq!(status, 200, "{body}");
-        body.matches("<Upload>").count()
-    }
-
-    /// Storage options for this server.
-    pub fn options(&self) -> HashMap<String, String> {
-        [
-            ("endpoint", self.endpoint()),
-            ("region", "us-east-1".to_string()),
-            ("access_key_id", "testing".to_string()),
-            ("secret_access_key", "testing".to_string()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect()
-    }
-
-    /// Kill the server now.
-    pub fn kill(&self) {
-        if let Some(mut c) = self.child.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// A port nobody listens on right now.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A minimal HTTP/1.1 request; returns the status and body.
-pub fn http(port: u16, method: &str, path: &str, body: &[u8]) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(
-        &format!("127.0.0.1:{port}").parse().unwrap(),
-        Duration::from_secs(2),
-    )?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    )?;
-    s.write_all(body)?;
-    let mut out = Vec::new();
-    s.read_to_end(&mut out)?;
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad response: {text:?}")))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|x| x.1)
-        .unwrap_or("")
-        .to_string();
-    Ok((status, body))
-}
+pub use dcp_testkit::moto::Moto;
 
 /// A unique name for buckets and memory stores.
 pub fn unique(tag: &str) -> String {
@@ -193,10 +43,10 @@ pub fn fast_options() -> OpendalOptions {
 pub const ROWS: u64 = 41;
 pub const COLS: u64 = 29;
 
-/// The value of element `i` of a tensor, as bytes, varied by `seed`.
+/// The value of element `i` of a tensor, as bytes, varied by `seed`: the
+/// low bytes of dcp's generator (`dcp_testkit::data`).
 pub fn elem(seed: u32, i: u64, width: usize) -> Vec<u8> {
-    let v = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed);
-    v.to_le_bytes()[..width].to_vec()
+    dcp_testkit::data::element_bits(seed as u64, i).to_le_bytes()[..width].to_vec()
 }
 
 fn fill(seed: u32, idx: impl Iterator<Item = u64>, width: usize) -> Vec<u8> {

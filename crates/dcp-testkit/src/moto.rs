@@ -1,14 +1,23 @@
-//! A real S3 server for the conformance suite: moto, started once per test
-//! binary on a free port of 127.0.0.1, and stopped by PID when the test
-//! process ends, however it ends.
+//! A real S3 server for tests: moto (`pip install 'moto[server]'`), on a
+//! free port of 127.0.0.1.
+//!
+//! * [`Moto::shared`]: one server per test binary, started on first use and
+//!   stopped when the binary exits. Tests share it and keep apart by using
+//!   their own bucket or prefix.
+//! * [`Moto::start`]: a private server, for a test that kills it
+//!   ([`Moto::kill`]); stopped when dropped, or with the binary.
+//!
+//! When `moto_server` is not on `PATH` both print a `SKIPPED` notice and
+//! return `None`, so the S3 cases skip; under CI ([`under_ci`]) a missing
+//! moto panics instead, so a CI run never skips S3 silently.
 //!
 //! The server is started through a small `sh` wrapper whose standard input
 //! is a pipe from the test process. The test process never writes to it and
-//! keeps its end open until it exits (the handle lives in a `static`); the
-//! wrapper waits for end-of-file on it and then kills moto by its PID. A
-//! normal exit, a panic, `SIGKILL` of the test binary: in every case the
-//! kernel closes the pipe and the server goes with it, so no stray server
-//! is ever left behind.
+//! keeps its end open for as long as the server is to run (for the shared
+//! server: until it exits; the handle lives in a `static`). The wrapper waits
+//! for end-of-file on it and then kills moto by its PID. A normal exit, a
+//! panic, `SIGKILL` of the test binary: in every case the kernel closes the
+//! pipe and the server goes with it, so no stray server is ever left behind.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -22,7 +31,8 @@ use std::time::{Duration, Instant};
 pub const MOTO: &str = "moto_server";
 
 /// The wrapper: start moto, wait for EOF on stdin (the test process is
-/// gone), kill moto by PID. `$1` is the port, `$2` the log file.
+/// gone, or the server is killed), kill moto by PID. `$1` is the port, `$2`
+/// the log file.
 const WRAPPER: &str = r#"
 moto_server -H 127.0.0.1 -p "$1" </dev/null >"$2" 2>&1 &
 pid=$!
@@ -34,6 +44,15 @@ wait "$pid" 2>/dev/null
 rm -f "$2"
 exit 0
 "#;
+
+/// Whether this is a CI run: the environment variable `CI` is set to
+/// anything but empty, `0` or `false` (CI services set `CI=true`). Under CI
+/// a missing tool fails a test instead of skipping it.
+pub fn under_ci() -> bool {
+    std::env::var("CI")
+        .map(|v| !matches!(v.trim(), "" | "0" | "false"))
+        .unwrap_or(false)
+}
 
 /// Whether `moto_server` is an executable file on `PATH`.
 pub fn moto_installed() -> bool {
@@ -51,6 +70,22 @@ pub fn moto_installed() -> bool {
     })
 }
 
+/// `true` when moto can run; otherwise print a `SKIPPED` notice (once per
+/// test binary) and return `false`, or panic under CI ([`under_ci`]).
+pub fn moto_available() -> bool {
+    if moto_installed() {
+        return true;
+    }
+    if under_ci() {
+        panic!("{MOTO} is not on PATH and CI is set: the S3 tests cannot run (pip install 'moto[server]'; .ci/run does this)");
+    }
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| {
+        eprintln!("SKIPPED: the S3 tests: {MOTO} is not installed (pip install 'moto[server]')")
+    });
+    false
+}
+
 /// A running moto server (see the module docs for how it is stopped).
 #[derive(Debug)]
 pub struct Moto {
@@ -59,22 +94,36 @@ pub struct Moto {
     /// The PID of the moto process itself.
     pub pid: u32,
     /// The wrapper; holding it holds the pipe that keeps the server alive.
-    _wrapper: Mutex<Child>,
+    wrapper: Mutex<Option<Child>>,
     log: PathBuf,
 }
 
 impl Moto {
-    /// The server of this test binary, started on first use. Panics when it
-    /// cannot be started (callers check [`moto_installed`] first).
-    pub fn shared() -> &'static Moto {
+    /// The server of this test binary, started on first use and stopped when
+    /// the binary exits. `None` when moto is not installed (after a notice;
+    /// a panic under CI, see [`moto_available`]). Panics when it is
+    /// installed but does not start.
+    pub fn shared() -> Option<&'static Moto> {
         static SHARED: OnceLock<Moto> = OnceLock::new();
-        SHARED.get_or_init(Moto::start)
+        if let Some(m) = SHARED.get() {
+            return Some(m);
+        }
+        if !moto_available() {
+            return None;
+        }
+        Some(SHARED.get_or_init(Moto::launch))
     }
 
-    fn start() -> Moto {
+    /// A private server, stopped when dropped (or killed with
+    /// [`Moto::kill`]). `None` when moto is not installed, as for
+    /// [`Moto::shared`].
+    pub fn start() -> Option<Moto> {
+        moto_available().then(Moto::launch)
+    }
+
+    fn launch() -> Moto {
         let port = free_port();
-        let log =
-            std::env::temp_dir().join(format!("dcp-tests-moto-{}-{port}.log", std::process::id()));
+        let log = std::env::temp_dir().join(format!("dcp-moto-{}-{port}.log", std::process::id()));
         let mut wrapper = Command::new("sh")
             .args(["-c", WRAPPER, "dcp-moto"])
             .arg(port.to_string())
@@ -97,7 +146,7 @@ impl Moto {
         let moto = Moto {
             port,
             pid,
-            _wrapper: Mutex::new(wrapper),
+            wrapper: Mutex::new(Some(wrapper)),
             log,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -119,7 +168,6 @@ impl Moto {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        moto.create_bucket(BUCKET);
         moto
     }
 
@@ -135,7 +183,15 @@ impl Moto {
         assert_eq!(status, 200, "create bucket {bucket}: {body}");
     }
 
-    /// `storage_options` for this server.
+    /// Multipart uploads still in progress in `bucket`.
+    pub fn pending_uploads(&self, bucket: &str) -> usize {
+        let (status, body) =
+            http(self.port, "GET", &format!("/{bucket}?uploads"), &[]).expect("list uploads");
+        assert_eq!(status, 200, "{body}");
+        body.matches("<Upload>").count()
+    }
+
+    /// `storage_options` for this server (`dcp_fsspec::OpendalFs::from_url_with`).
     pub fn options(&self) -> HashMap<String, String> {
         [
             ("endpoint", self.endpoint()),
@@ -147,11 +203,27 @@ impl Moto {
         .map(|(k, v)| (k.to_string(), v))
         .collect()
     }
+
+    /// Stop the server now and wait until it is gone: closing the wrapper's
+    /// pipe makes it kill moto and wait for it. Later calls do nothing.
+    pub fn kill(&self) {
+        let child = self
+            .wrapper
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(mut c) = child {
+            drop(c.stdin.take());
+            let _ = c.wait();
+        }
+    }
 }
 
-/// The bucket every S3 store of the suite lives in (each under its own
-/// prefix).
-pub const BUCKET: &str = "dcp-conformance";
+impl Drop for Moto {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
 
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {

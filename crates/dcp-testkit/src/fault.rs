@@ -2,12 +2,16 @@
 //!
 //! Used by the conformance and reliability suites to prove that a failure
 //! anywhere (the n-th write, fsync, rename, list or remove; a short write; a
-//! full disk) gives an error on every rank, no `.metadata`, and an intact
-//! previous checkpoint.
+//! full disk; a failed read) gives an error on every rank, no `.metadata`,
+//! and an intact previous checkpoint.
+//!
+//! [`FaultFs`] is a [`FileSystemLayer`]: every operation it does not fail is
+//! the inner file system's own, including its scattered read (`preadv` on
+//! `dcp_fs::LocalFs`) and its page-cache probe.
 
-use crate::error::{Error, ErrorKind, Result};
-use crate::storage::{Capabilities, FileEntry, FileSink, FileSystem};
 use bytes::Bytes;
+use dcp_core::layer::FileSystemLayer;
+use dcp_core::{Error, ErrorKind, FileEntry, FileSink, FileSystem, Result};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -24,6 +28,12 @@ pub enum Op {
     WriteAtomic,
     /// `read_into`.
     Read,
+    /// `read_scattered` (one call, whatever the number of buffers).
+    ReadScattered,
+    /// `read_if_cached` (the page-cache probe before a scattered read).
+    ReadIfCached,
+    /// `read_small` (the metadata read).
+    ReadSmall,
     /// `list`.
     List,
     /// `remove`.
@@ -55,6 +65,12 @@ pub enum Fault {
         /// Capacity in bytes.
         bytes: u64,
     },
+    /// Answer every `read_if_cached` with `Ok(false)` ("not in memory")
+    /// without asking the inner file system, as with a cold page cache: a
+    /// load then scatters every strided part with one `read_scattered` (one
+    /// `preadv` on local disk) instead of copying blocks out of memory. The
+    /// calls are still counted as [`Op::ReadIfCached`].
+    Uncached,
 }
 
 #[derive(Debug, Default)]
@@ -64,6 +80,10 @@ struct Counters {
 
 /// Wraps a [`FileSystem`] and injects [`Fault`]s. Counters are shared by all
 /// clones and all threads, so "the n-th write" is counted across ranks.
+///
+/// An injected failure is an error of kind [`ErrorKind::Io`] whose message
+/// starts `injected fault: {op:?} #{n} ({file name})` (short writes and a
+/// full disk have their own messages, below).
 #[derive(Clone, Debug)]
 pub struct FaultFs {
     inner: Arc<dyn FileSystem>,
@@ -110,6 +130,14 @@ impl FaultFs {
             .get(&op)
             .copied()
             .unwrap_or(0)
+    }
+
+    /// Whether `fault` is armed.
+    fn armed(&self, fault: &Fault) -> bool {
+        self.faults
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(fault)
     }
 
     /// Count a call of `op`; fail it if a `FailNth` fault matches.
@@ -199,15 +227,11 @@ impl FileSink for FaultSink {
     }
 }
 
-impl FileSystem for FaultFs {
-    fn location(&self) -> String {
-        self.inner.location()
-    }
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-    fn prepare(&self) -> Result<()> {
-        self.inner.prepare()
+/// Overrides what it counts or fails; `location`, `capabilities` and
+/// `prepare` are forwarded by the layer.
+impl FileSystemLayer for FaultFs {
+    fn inner(&self) -> &dyn FileSystem {
+        &*self.inner
     }
     fn create(&self, name: &str) -> Result<Box<dyn FileSink>> {
         self.tick(Op::Create, name)?;
@@ -221,8 +245,20 @@ impl FileSystem for FaultFs {
         self.tick(Op::Read, name)?;
         self.inner.read_into(name, offset, buf)
     }
+    fn read_scattered(
+        &self,
+        name: &str,
+        offset: u64,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+    ) -> Result<()> {
+        self.tick(Op::ReadScattered, name)?;
+        self.inner.read_scattered(name, offset, bufs)
+    }
     fn read_if_cached(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<bool> {
-        self.tick(Op::Read, name)?;
+        self.tick(Op::ReadIfCached, name)?;
+        if self.armed(&Fault::Uncached) {
+            return Ok(false);
+        }
         self.inner.read_if_cached(name, offset, buf)
     }
     fn file_len(&self, name: &str) -> Result<Option<u64>> {
@@ -244,5 +280,9 @@ impl FileSystem for FaultFs {
     fn sync_dir(&self) -> Result<()> {
         self.tick(Op::SyncDir, "")?;
         self.inner.sync_dir()
+    }
+    fn read_small(&self, name: &str, max_len: u64) -> Result<Vec<u8>> {
+        self.tick(Op::ReadSmall, name)?;
+        self.inner.read_small(name, max_len)
     }
 }
