@@ -25,6 +25,7 @@ use dcp_core::checkpoint::is_data_file_name;
 use dcp_core::local::run_ranks;
 use dcp_core::mem::MemoryFs;
 use dcp_core::metadata::Metadata;
+use dcp_core::placement::{DeviceMesh, Placement};
 use dcp_core::{
     load, save, ChunkBox, DType, DestItem, DestStateDict, DestTensor, Error, ErrorKind, FileSystem,
     FileSystemReader, FileSystemWriter, LoadResult, ReaderOptions, Result, SaveResult, StateDict,
@@ -453,13 +454,14 @@ pub use dcp_testkit::data::{bytes_value, slice_box, splitmix64, TensorSpec};
 pub enum Sharding {
     /// Rank 0 holds the whole tensor.
     Full,
-    /// Every rank holds the whole tensor (declared replicated on save).
+    /// Every rank holds the whole tensor (declared replicated on save):
+    /// `Replicate` on a flat mesh.
     Replicated,
-    /// Even split of dimension 0.
+    /// `Shard(0)` on a flat mesh (torch.chunk's split of dimension 0).
     Rows,
-    /// Even split of the last dimension.
+    /// `Shard(last)` on a flat mesh.
     Cols,
-    /// A 2-D grid over dimensions 0 and 1 (`a x b = world`).
+    /// `[Shard(0), Shard(1)]` on an `a x b = world` mesh.
     Grid,
     /// Uneven split of dimension 0 (rank `i` gets a share growing with
     /// `(i+1)^2`; small tensors give some ranks nothing).
@@ -542,18 +544,30 @@ pub fn load_boxes(shape: &[u64], sharding: Sharding, world: usize) -> Vec<Vec<Ch
         (1, Sharding::Grid) => Sharding::Rows,
         (_, s) => s,
     };
+    // DTensor-style placements over a device mesh, through dcp-core's
+    // helper (torch.chunk's split); the other shardings are built here.
+    let mut placed = |mesh: &[usize], placements: &[Placement]| {
+        let mesh = DeviceMesh::new(mesh.to_vec()).expect("valid mesh");
+        for (r, b) in mesh
+            .boxes(shape, placements)
+            .expect("valid placements")
+            .into_iter()
+            .enumerate()
+        {
+            out[r].extend(b);
+        }
+    };
     match sharding {
         Sharding::Full => out[0].push(full),
-        Sharding::Replicated => out.iter_mut().for_each(|v| v.push(full.clone())),
-        Sharding::Rows => {
-            for (r, p) in split_even(shape[0], w).into_iter().enumerate() {
-                out[r].push(box_along(shape, 0, p));
-            }
-        }
-        Sharding::Cols => {
-            for (r, p) in split_even(shape[nd - 1], w).into_iter().enumerate() {
-                out[r].push(box_along(shape, nd - 1, p));
-            }
+        Sharding::Replicated => placed(&[world], &[Placement::Replicate]),
+        Sharding::Rows => placed(&[world], &[Placement::Shard(0)]),
+        Sharding::Cols => placed(&[world], &[Placement::Shard(nd - 1)]),
+        Sharding::Grid => {
+            let (a, b) = grid_factors(w);
+            placed(
+                &[a as usize, b as usize],
+                &[Placement::Shard(0), Placement::Shard(1)],
+            )
         }
         Sharding::Uneven => {
             for (r, p) in split_uneven(shape[0], w).into_iter().enumerate() {

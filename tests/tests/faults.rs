@@ -144,6 +144,15 @@ async fn failing_any_write_step_commits_nothing() {
                     assert!(e.message().contains("commit"), "{what}: {e}");
                     assert!(e.message().contains(".metadata"), "{what}: {e}");
                 }
+                Fault::DiskFull { .. } => {
+                    // The kind survives crossing ranks.
+                    assert_eq!(e.kind(), ErrorKind::StorageFull, "{what}");
+                    assert!(!e.is_temporary(), "{what}");
+                    assert!(
+                        e.message().contains(&format!("__{rank}_")),
+                        "{what}: the error names rank {rank}'s data file: {e}"
+                    );
+                }
                 _ => {
                     assert_eq!(e.kind(), ErrorKind::Io, "{what}");
                     assert!(

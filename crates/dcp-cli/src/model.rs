@@ -8,6 +8,7 @@
 
 use bytes::Bytes;
 use dcp_core::metadata::ItemMeta;
+use dcp_core::placement::{DeviceMesh, Placement};
 use dcp_core::{ChunkBox, DType, DestChunk, DestStateDict, Metadata, StateDict, TensorChunk};
 use std::collections::BTreeMap;
 
@@ -250,31 +251,22 @@ impl ModelSpec {
     }
 }
 
-/// The band `[lo, hi)` of `len` that rank `rank` of `n` holds.
-pub fn band(len: u64, rank: usize, n: usize) -> (u64, u64) {
-    let (r, n) = (rank as u128, n as u128);
-    let len128 = len as u128;
-    ((len128 * r / n) as u64, (len128 * (r + 1) / n) as u64)
-}
-
 /// The box of a tensor of `shape` that rank `rank` of `n` holds under
-/// `sharding`, or `None` when the rank's band is empty. One-dimensional
-/// tensors sharded by columns are sharded by rows; scalars are whole.
+/// `sharding` (torch DTensor's `Shard(dim)` or `Replicate` on a flat mesh of
+/// `n` ranks, through [`dcp_core::placement`]), or `None` when the rank's
+/// piece is empty. One-dimensional tensors sharded by columns are sharded by
+/// rows; scalars are whole.
 pub fn shard(shape: &[u64], sharding: Sharding, rank: usize, n: usize) -> Option<ChunkBox> {
-    let dim = match sharding {
-        Sharding::Replicated => return Some(ChunkBox::full(shape)),
+    let placement = match sharding {
+        Sharding::Replicated => Placement::Replicate,
         _ if shape.is_empty() => return Some(ChunkBox::full(shape)),
-        Sharding::Rows => 0,
-        Sharding::Columns => usize::from(shape.len() > 1),
+        Sharding::Rows => Placement::Shard(0),
+        Sharding::Columns => Placement::Shard(usize::from(shape.len() > 1)),
     };
-    let (lo, hi) = band(shape[dim], rank, n);
-    if hi == lo {
-        return None;
-    }
-    let mut b = ChunkBox::full(shape);
-    b.offsets[dim] = lo;
-    b.sizes[dim] = hi - lo;
-    Some(b)
+    DeviceMesh::flat(n)
+        .and_then(|mesh| mesh.local_box(shape, &[placement], rank))
+        .ok()
+        .flatten()
 }
 
 /// SplitMix64's finaliser: a cheap, well-mixed 64-bit hash.

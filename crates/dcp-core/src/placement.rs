@@ -88,7 +88,8 @@ impl DeviceMesh {
 
     /// The box of a tensor of `shape` that `rank` holds under `placements`
     /// (one per mesh dimension), or `None` when its piece is empty (a short
-    /// dimension split across many ranks). Refuses a placement count that
+    /// dimension split across many ranks). A tensor with no elements gives
+    /// every rank its (empty) box, so that saving declares it. Refuses a placement count that
     /// differs from the mesh's dimensions, and a `Shard` of a dimension the
     /// tensor does not have.
     pub fn local_box(
@@ -118,7 +119,9 @@ impl DeviceMesh {
             b.offsets[d] += off;
             b.sizes[d] = len;
         }
-        Ok((!b.is_empty()).then_some(b))
+        // A tensor with no elements is held, empty, by every rank, so that it
+        // is still declared when saved; otherwise an empty piece is `None`.
+        Ok((!b.is_empty() || shape.contains(&0)).then_some(b))
     }
 
     /// Whether `rank` holds a copy that other ranks hold too (some mesh

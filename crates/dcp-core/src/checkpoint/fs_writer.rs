@@ -133,28 +133,12 @@ impl StorageWriter for FileSystemWriter {
     ) -> Result<RankWrite> {
         let opts = &self.options;
         let ext = opts.serialization_format.file_extension();
-        // Bucket: largest records first into the least-loaded bucket, then
-        // each bucket in state-dict order.
-        let mut buckets: Vec<Vec<usize>> = if opts.single_file_per_rank {
-            let n = opts.thread_count.min(records.len());
-            let mut order: Vec<usize> = (0..records.len()).collect();
-            order.sort_by_key(|&i| std::cmp::Reverse(records[i].data.len()));
-            let mut loads = vec![0usize; n];
-            let mut b: Vec<Vec<usize>> = vec![Vec::new(); n];
-            for i in order {
-                let k = (0..n)
-                    .min_by_key(|&k| (loads[k], k))
-                    .expect("n > 0 when records exist");
-                loads[k] += records[i].data.len();
-                b[k].push(i);
-            }
-            b
+        let sizes: Vec<usize> = records.iter().map(|r| r.data.len()).collect();
+        let buckets = if opts.single_file_per_rank {
+            bucket(&sizes, opts.thread_count)
         } else {
             (0..records.len()).map(|i| vec![i]).collect()
         };
-        for b in &mut buckets {
-            b.sort_unstable();
-        }
         let jobs: Vec<FileJob> = buckets
             .into_iter()
             .enumerate()
@@ -176,7 +160,6 @@ impl StorageWriter for FileSystemWriter {
             })
             .collect();
         drop(records);
-        let transforms: Vec<String> = opts.extensions.iter().map(|t| t.descriptor()).collect();
         let cfg = WriteConfig {
             format: opts.serialization_format.clone(),
             sync: opts.sync_files,
@@ -189,57 +172,16 @@ impl StorageWriter for FileSystemWriter {
                 .map(|(i, t)| (i as u32, t.clone()))
                 .collect(),
         };
+        let transforms: Vec<String> = opts.extensions.iter().map(|t| t.descriptor()).collect();
         let fs = self.fs.clone();
         let threads = opts.thread_count;
         let started = Instant::now();
         let out = blocking(move || {
-            let next = AtomicUsize::new(0);
-            let done: Mutex<Vec<Option<Result<(DataFile, Vec<RecordResult>)>>>> =
-                Mutex::new((0..jobs.len()).map(|_| None).collect());
-            let failed = std::sync::atomic::AtomicBool::new(false);
-            std::thread::scope(|s| {
-                for _ in 0..threads.min(jobs.len()) {
-                    s.spawn(|| loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= jobs.len() || failed.load(Ordering::Relaxed) {
-                            break;
-                        }
-                        let r = write_file(fs.as_ref(), &jobs[i], i as u32, &cfg);
-                        if r.is_err() {
-                            failed.store(true, Ordering::Relaxed);
-                        }
-                        done.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
-                    });
-                }
-            });
-            let done = done.into_inner().unwrap_or_else(|p| p.into_inner());
-            let mut rw = RankWrite {
-                transforms,
-                ..Default::default()
-            };
-            let mut first_err = None;
-            for r in done.into_iter().flatten() {
-                match r {
-                    Ok((file, recs)) => {
-                        rw.files.push(file);
-                        for rec in recs {
-                            let mut st = rec.storage;
-                            st.file = (rw.files.len() - 1) as u32;
-                            rw.records.push((rec.name, rec.index, st));
-                        }
-                    }
-                    Err(e) => {
-                        first_err.get_or_insert(e);
-                    }
-                }
-            }
-            if let Some(e) = first_err {
-                for f in &rw.files {
-                    let _ = fs.remove(&f.name);
-                }
-                return Err(e);
-            }
-            Ok(rw)
+            let rw = write_files(fs.as_ref(), &jobs, &cfg, threads);
+            rw.map(|mut rw| {
+                rw.transforms = transforms;
+                rw
+            })
         })
         .await?;
         tracing::debug!(
@@ -293,5 +235,116 @@ impl StorageWriter for FileSystemWriter {
             Ok(())
         })
         .await;
+    }
+}
+
+/// Bucket records of `sizes` bytes into at most `buckets` files: largest
+/// first into the least-loaded bucket (ties to the lowest index), then each
+/// bucket in state-dict order. Returns record indices per bucket.
+fn bucket(sizes: &[usize], buckets: usize) -> Vec<Vec<usize>> {
+    let n = buckets.min(sizes.len());
+    let mut order: Vec<usize> = (0..sizes.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(sizes[i]));
+    let mut loads = vec![0usize; n];
+    let mut out: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for i in order {
+        let k = (0..n)
+            .min_by_key(|&k| (loads[k], k))
+            .expect("n > 0 when records exist");
+        loads[k] += sizes[i];
+        out[k].push(i);
+    }
+    for b in &mut out {
+        b.sort_unstable();
+    }
+    out
+}
+
+/// Write `jobs` on at most `threads` scoped worker threads, each taking the
+/// next job. After the first failure no new file is started, and the files
+/// already written are removed. Blocking.
+fn write_files(
+    fs: &dyn FileSystem,
+    jobs: &[FileJob],
+    cfg: &WriteConfig,
+    threads: usize,
+) -> Result<RankWrite> {
+    let next = AtomicUsize::new(0);
+    let done: Mutex<Vec<Option<Result<(DataFile, Vec<RecordResult>)>>>> =
+        Mutex::new((0..jobs.len()).map(|_| None).collect());
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        for _ in 0..threads.min(jobs.len()) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= jobs.len() || failed.load(Ordering::Relaxed) {
+                    break;
+                }
+                let r = write_file(fs, &jobs[i], i as u32, cfg);
+                if r.is_err() {
+                    failed.store(true, Ordering::Relaxed);
+                }
+                done.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
+            });
+        }
+    });
+    let done = done.into_inner().unwrap_or_else(|p| p.into_inner());
+    let mut rw = RankWrite::default();
+    let mut first_err = None;
+    for r in done.into_iter().flatten() {
+        match r {
+            Ok((file, recs)) => {
+                rw.files.push(file);
+                for rec in recs {
+                    let mut st = rec.storage;
+                    st.file = (rw.files.len() - 1) as u32;
+                    rw.records.push((rec.name, rec.index, st));
+                }
+            }
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = first_err {
+        for f in &rw.files {
+            let _ = fs.remove(&f.name);
+        }
+        return Err(e);
+    }
+    Ok(rw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_balance_bytes_and_keep_state_dict_order() {
+        assert_eq!(bucket(&[10, 50, 30, 20], 2), vec![vec![1], vec![0, 2, 3]]);
+        assert_eq!(bucket(&[5, 5, 5], 8), vec![vec![0], vec![1], vec![2]]);
+        assert!(bucket(&[], 4).is_empty());
+    }
+
+    #[test]
+    fn data_file_names_of_any_format_are_recognised() {
+        for good in [
+            "__0_0-0123456789abcdef.dcp",
+            "__12_3-0123456789ABCDEF.safetensors",
+            "__1_0-0123456789abcdef.frm",
+        ] {
+            assert!(is_data_file_name(good), "{good}");
+        }
+        for bad in [
+            "__0_0.distcp",
+            "__0_0-0123.dcp",
+            "__x_0-0123456789abcdef.dcp",
+            "__0_0-0123456789abcdef.",
+            "__0_0-0123456789abcdef.D",
+            "model.safetensors",
+            ".metadata",
+        ] {
+            assert!(!is_data_file_name(bad), "{bad}");
+        }
     }
 }
