@@ -1217,8 +1217,3 @@ mod tests {
         assert_eq!(split_uneven(10, 3).iter().map(|p| p.1).sum::<u64>(), 10);
     }
 }
-
-/// The README's code blocks, compiled as doctests so they stay true.
-#[cfg(doctest)]
-#[doc = include_str!("../../README.md")]
-pub struct ReadmeDoctests;
