@@ -354,13 +354,13 @@ impl Bench {
 
     fn writer(&self, sync: bool) -> Result<FileSystemWriter, CliError> {
         Ok(FileSystemWriter::new(
-            Arc::new(dcp_fs::LocalFs::new(&self.ckpt)),
+            Arc::new(dcp::fs::LocalFs::new(&self.ckpt)),
             WriterOptions {
                 thread_count: self.args.threads as usize,
                 sync_files: sync,
                 overwrite: true,
                 serialization_format: self.args.format.into(),
-                extensions: dcp_ext::checksum_from_name(&self.args.checksum)?
+                extensions: dcp::ext::checksum_from_name(&self.args.checksum)?
                     .into_iter()
                     .collect(),
                 ..WriterOptions::default()
@@ -478,7 +478,7 @@ impl Bench {
             }
         };
         let reader = FileSystemReader::new(
-            Arc::new(dcp_fs::LocalFs::new(&self.ckpt)),
+            Arc::new(dcp::fs::LocalFs::new(&self.ckpt)),
             ReaderOptions {
                 thread_count: self.args.threads as usize,
                 registry: crate::registry(),

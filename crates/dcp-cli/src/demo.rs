@@ -206,9 +206,9 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
                 sync_files: !args.no_sync,
                 overwrite: true,
                 serialization_format: args.format.into(),
-                extensions: dcp_ext::chain(
-                    dcp_ext::compression_from_name(&args.compress, args.zstd_level)?,
-                    dcp_ext::checksum_from_name(&args.checksum)?,
+                extensions: dcp::ext::chain(
+                    dcp::ext::compression_from_name(&args.compress, args.zstd_level)?,
+                    dcp::ext::checksum_from_name(&args.checksum)?,
                 ),
                 ..WriterOptions::default()
             },
