@@ -1,6 +1,8 @@
 //! Every checkpoint `dcp demo` writes, with every compression and checksum it
-//! offers, loads through `dcp::reader` with default options, byte for byte
-//! equal to the demo's model generator.
+//! offers, loads through the facade's `dcp::reader` with default options,
+//! byte for byte equal to the demo's model generator. (Here rather than in
+//! the dcp crate's tests: as a dev-dependency of dcp, dcp-cli would turn on
+//! dcp's `fs` and `ext` features in every test build of its feature matrix.)
 
 use dcp::{load, ChunkBox, DestStateDict, ReaderOptions, Single};
 use dcp_cli::demo::{DemoArgs, Format};
