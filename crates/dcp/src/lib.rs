@@ -51,10 +51,10 @@
 //!
 //! | location | served by | feature |
 //! |---|---|---|
-//! | `ckpt/step100`, `/data/ckpt`, `file:///abs/path` | [`fs::LocalFs`] | `fs` |
-//! | `s3://bucket/prefix` (`s3a://`) | [`fsspec::OpendalFs`] (OpenDAL S3) | `s3` |
-//! | `gs://bucket/prefix` (`gcs://`) | [`fsspec::OpendalFs`] (OpenDAL GCS) | `gcs` |
-//! | `azblob://container/prefix` (`az://`, `azure://`, `abfs://`, `abfss://`) | [`fsspec::OpendalFs`] (OpenDAL Azure Blob) | `azblob` |
+//! | `ckpt/step100`, `/data/ckpt`, `file:///abs/path` | `fs::LocalFs` (dcp-fs) | `fs` |
+//! | `s3://bucket/prefix` (`s3a://`) | `fsspec::OpendalFs` (OpenDAL S3) | `s3` |
+//! | `gs://bucket/prefix` (`gcs://`) | `fsspec::OpendalFs` (OpenDAL GCS) | `gcs` |
+//! | `azblob://container/prefix` (`az://`, `azure://`, `abfs://`, `abfss://`) | `fsspec::OpendalFs` (OpenDAL Azure Blob) | `azblob` |
 //! | `memory://name/prefix` | see below | none |
 //!
 //! A location whose feature is off is refused with
@@ -72,7 +72,7 @@
 //! `storage_options` are fsspec's: settings for the object store (S3's
 //! `endpoint`, `region`, `access_key_id`, ..., and s3fs's spellings
 //! `endpoint_url`, `key`, `secret`; any field of OpenDAL's configuration of
-//! the service) and `dcp_*` tuning keys (see [`fsspec`]). An unknown key is
+//! the service) and `dcp_*` tuning keys (see dcp-fsspec, `dcp::fsspec`). An unknown key is
 //! an [`ErrorKind::InvalidInput`] error naming it and listing the accepted
 //! ones. Local paths take none, nor does `memory://` without dcp-fsspec.
 //!
@@ -81,12 +81,12 @@
 //! Like tokio's, dcp's features add what you name and nothing else:
 //!
 //! - `fs` *(default)*: local paths and `file://` URLs, through dcp-fs
-//!   (re-exported as [`fs`]): positional I/O, fsync, atomic rename.
+//!   (re-exported as `dcp::fs`): positional I/O, fsync, atomic rename.
 //! - `ext` *(default)*: compression (zstd, lz4) and checksums (CRC-32C,
-//!   CRC-32) from dcp-ext (re-exported as [`ext`]), and their factories in
+//!   CRC-32) from dcp-ext (re-exported as `dcp::ext`), and their factories in
 //!   [`default_registry`], so every checkpoint they wrote loads.
 //! - `s3`: `s3://` and `s3a://` through dcp-fsspec on OpenDAL (re-exported
-//!   as [`fsspec`]), with settings from `AWS_ENDPOINT_URL`, `AWS_REGION`,
+//!   as `dcp::fsspec`), with settings from `AWS_ENDPOINT_URL`, `AWS_REGION`,
 //!   `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and `storage_options`.
 //! - `gcs`: `gs://` and `gcs://` through dcp-fsspec.
 //! - `azblob`: `azblob://`, `az://`, `azure://`, `abfs://`, `abfss://`
@@ -100,10 +100,14 @@
 pub use dcp_core::location::{Backend, Location};
 pub use dcp_core::*;
 
+/// Compression and checksums: the dcp-ext crate (feature `ext`).
 #[cfg(feature = "ext")]
 pub use dcp_ext as ext;
+/// The local file system backend: the dcp-fs crate (feature `fs`).
 #[cfg(feature = "fs")]
 pub use dcp_fs as fs;
+/// Object stores through OpenDAL: the dcp-fsspec crate (features `s3`,
+/// `gcs`, `azblob`).
 #[cfg(any(feature = "s3", feature = "gcs", feature = "azblob"))]
 pub use dcp_fsspec as fsspec;
 
