@@ -574,19 +574,6 @@ pub fn load_boxes(shape: &[u64], sharding: Sharding, world: usize) -> Vec<Vec<Ch
                 out[r].push(box_along(shape, 0, p));
             }
         }
-        Sharding::Grid => {
-            let (a, b) = grid_factors(w);
-            let rows = split_even(shape[0], a);
-            let cols = split_even(shape[1], b);
-            for (i, &(r0, rl)) in rows.iter().enumerate() {
-                for (j, &(c0, cl)) in cols.iter().enumerate() {
-                    let mut bx = box_along(shape, 0, (r0, rl));
-                    bx.offsets[1] = c0;
-                    bx.sizes[1] = cl;
-                    out[i * b as usize + j].push(bx);
-                }
-            }
-        }
         Sharding::Blocks(k) => {
             let k = k.max(1);
             for (j, p) in split_even(shape[0], k * w).into_iter().enumerate() {
@@ -990,8 +977,3 @@ mod tests {
         assert_eq!(split_uneven(10, 3).iter().map(|p| p.1).sum::<u64>(), 10);
     }
 }
-
-/// The README's code blocks, compiled as doctests so they stay true.
-#[cfg(doctest)]
-#[doc = include_str!("../../README.md")]
-pub struct ReadmeDoctests;

@@ -2,9 +2,11 @@
 //!
 //! * `cargo xtask test-matrix [--dry-run] [-p CRATE]...`: for every workspace
 //!   crate with features, `cargo test` with `--no-default-features`, with
-//!   each feature alone and with `--all-features`; crates without features
-//!   once. One PASS/FAIL line per combination, a summary naming every
-//!   failure, and a non-zero exit status on any.
+//!   each feature alone and with `--all-features`, plus the combinations of
+//!   [`EXTRA_COMBINATIONS`] (the `dcp` facade's default features, and its
+//!   defaults with S3); crates without features once. One PASS/FAIL line per
+//!   combination, a summary naming every failure, and a non-zero exit status
+//!   on any.
 //! * `cargo xtask ci`: exactly what CI runs: `cargo fmt --all --check`,
 //!   `cargo clippy --workspace --all-targets -- -D warnings`,
 //!   `cargo test --workspace`, stopping at the first failure.
@@ -27,7 +29,8 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   test-matrix [--dry-run] [-p CRATE]...
                   cargo test every crate with no default features, each feature
-                  alone and all features (crates without features once)
+                  alone and all features (crates without features once), and
+                  the dcp facade with its defaults and with s3
   ci              cargo fmt --all --check; cargo clippy --workspace --all-targets
                   -- -D warnings; cargo test --workspace
   crash [--trials N] [--seed S]
@@ -150,12 +153,23 @@ fn cargo() -> Command {
     c
 }
 
+/// Combinations tested besides every feature alone, none and all: the
+/// feature sets users of the crate ask for most (package, flags).
+const EXTRA_COMBINATIONS: &[(&str, &[&str])] = &[
+    // The facade as `dcp = "0.1"`: local paths, compression, checksums.
+    ("dcp", &[]),
+    // ... and S3, as the `dcp` command builds it.
+    ("dcp", &["--features", "s3"]),
+];
+
 /// One `cargo test` invocation of the matrix.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Combination {
     package: String,
-    /// Feature flags, empty for the plain run of a crate without features.
+    /// Feature flags; empty for the plain run (default features).
     flags: Vec<String>,
+    /// Whether the package has features (for the label of a plain run).
+    has_features: bool,
 }
 
 impl Combination {
@@ -166,7 +180,9 @@ impl Combination {
     }
 
     fn label(&self) -> String {
-        if self.flags.is_empty() {
+        if self.flags.is_empty() && self.has_features {
+            format!("{} (default features)", self.package)
+        } else if self.flags.is_empty() {
             format!("{} (no features)", self.package)
         } else {
             format!("{} {}", self.package, self.flags.join(" "))
@@ -202,6 +218,7 @@ fn combinations(metadata: &Value) -> Result<Vec<Combination>, String> {
         let combo = |flags: &[&str]| Combination {
             package: name.to_string(),
             flags: flags.iter().map(|s| s.to_string()).collect(),
+            has_features: !features.is_empty(),
         };
         if features.is_empty() {
             out.push(combo(&[]));
@@ -212,6 +229,9 @@ fn combinations(metadata: &Value) -> Result<Vec<Combination>, String> {
             out.push(combo(&["--no-default-features", "--features", f]));
         }
         out.push(combo(&["--all-features"]));
+        for (_, flags) in EXTRA_COMBINATIONS.iter().filter(|(p, _)| *p == name) {
+            out.push(combo(flags));
+        }
     }
     Ok(out)
 }
@@ -365,6 +385,34 @@ mod tests {
                 "test -p b --all-features",
             ],
         );
+    }
+
+    #[test]
+    fn the_facade_gets_its_extra_combinations() {
+        check(
+            json!({
+                "workspace_members": ["path+file:///w/dcp#0.1.0"],
+                "packages": [
+                    {"id": "path+file:///w/dcp#0.1.0", "name": "dcp",
+                     "features": {"default": ["fs"], "fs": [], "s3": []}}
+                ]
+            }),
+            &[
+                "test -p dcp --no-default-features",
+                "test -p dcp --no-default-features --features fs",
+                "test -p dcp --no-default-features --features s3",
+                "test -p dcp --all-features",
+                "test -p dcp",
+                "test -p dcp --features s3",
+            ],
+        );
+        let plain = combinations(&json!({
+            "workspace_members": ["path+file:///w/dcp#0.1.0"],
+            "packages": [{"id": "path+file:///w/dcp#0.1.0", "name": "dcp",
+                          "features": {"default": ["fs"], "fs": []}}]
+        }))
+        .unwrap();
+        assert_eq!(plain[3].label(), "dcp (default features)");
     }
 
     #[test]

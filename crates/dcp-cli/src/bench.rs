@@ -354,14 +354,14 @@ impl Bench {
 
     fn writer(&self, sync: bool) -> Result<FileSystemWriter, CliError> {
         Ok(FileSystemWriter::new(
-            Arc::new(dcp_fs::LocalFs::new(&self.ckpt)),
+            Arc::new(dcp::fs::LocalFs::new(&self.ckpt)),
             WriterOptions::default()
                 .thread_count(self.args.threads as usize)
                 .sync_files(sync)
                 .overwrite(true)
                 .serialization_format(self.args.format.serialization_format())
                 .extensions(
-                    dcp_ext::checksum_from_name(&self.args.checksum)?
+                    dcp::ext::checksum_from_name(&self.args.checksum)?
                         .into_iter()
                         .collect(),
                 ),
@@ -478,7 +478,7 @@ impl Bench {
             }
         };
         let reader = FileSystemReader::new(
-            Arc::new(dcp_fs::LocalFs::new(&self.ckpt)),
+            Arc::new(dcp::fs::LocalFs::new(&self.ckpt)),
             ReaderOptions::default()
                 .thread_count(self.args.threads as usize)
                 .registry(crate::registry()),

@@ -215,9 +215,9 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
                 .sync_files(!args.no_sync)
                 .overwrite(true)
                 .serialization_format(args.format.serialization_format())
-                .extensions(dcp_ext::chain(
-                    dcp_ext::compression_from_name(&args.compress, args.zstd_level)?,
-                    dcp_ext::checksum_from_name(&args.checksum)?,
+                .extensions(dcp::ext::chain(
+                    dcp::ext::compression_from_name(&args.compress, args.zstd_level)?,
+                    dcp::ext::checksum_from_name(&args.checksum)?,
                 )),
         )?;
         let options = SaveOptions::default().user_metadata(spec.user_metadata());

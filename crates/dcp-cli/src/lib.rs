@@ -9,8 +9,8 @@
 //!   every record inside its file, every recorded checksum matching
 //!   ([`verify`]).
 //!
-//! Every command takes a path or a URL; [`location::open_location`] is the
-//! one place that maps them to storage backends. Exit status: 0 on success,
+//! Every command takes a path or a URL; [`location::open_location`] maps
+//! them to storage backends through [`dcp::open`]. Exit status: 0 on success,
 //! 1 on an error, a damaged checkpoint or a failed verification, 2 on a
 //! usage error. Errors print as one `error: ...` line, never a panic.
 //!
@@ -119,10 +119,11 @@ impl From<dcp_core::Error> for CliError {
 }
 
 /// The transform extensions (checksums, compression) this build can read:
-/// every extension of the `dcp-ext` crate. Every command that reads a
-/// checkpoint resolves transform descriptors through this one function.
+/// [`dcp::default_registry`], every extension of the `dcp-ext` crate. Every
+/// command that reads a checkpoint resolves transform descriptors through
+/// this one function.
 pub fn registry() -> ExtensionRegistry {
-    dcp_ext::registry()
+    dcp::default_registry()
 }
 
 /// Phase lines on stderr, printed only when stderr is a terminal.

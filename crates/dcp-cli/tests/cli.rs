@@ -413,7 +413,8 @@ fn errors_are_one_line_with_an_exit_status() {
         let o = dcp(&["inspect", "s3://bucket/ckpt"]);
         assert_eq!(o.status.code(), Some(1));
         let e = stderr(&o);
-        assert!(e.contains("not built with object-store support"), "{e}");
+        assert!(e.contains("\"s3\" feature of the dcp crate"), "{e}");
+        assert!(e.contains("\"object-store\" feature"), "{e}");
     }
 
     for args in [
@@ -427,6 +428,9 @@ fn errors_are_one_line_with_an_exit_status() {
     }
     let o = dcp(&["inspect", "ftp://host/x"]);
     assert_eq!(o.status.code(), Some(2));
+    let e = stderr(&o);
+    assert!(e.contains("unknown location scheme ftp://"), "{e}");
+    assert_eq!(e.lines().count(), 1, "{e}");
 }
 
 #[test]

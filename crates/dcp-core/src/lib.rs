@@ -39,6 +39,7 @@ pub mod error;
 pub mod format;
 pub mod layer;
 pub mod local;
+pub mod location;
 pub mod mem;
 pub mod metadata;
 pub mod model;

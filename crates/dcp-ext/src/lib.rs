@@ -77,7 +77,7 @@ pub use dcp_core::transform::{Crc32c, Crc32cFactory};
 pub use lz4_codec::{Lz4, Lz4Factory};
 pub use zstd_codec::{Zstd, ZstdFactory};
 
-use dcp_core::{Error, ExtensionRegistry, Result, StreamTransformExtension};
+use dcp_core::{Error, ExtensionFactory, ExtensionRegistry, Result, StreamTransformExtension};
 use std::sync::Arc;
 
 /// Names [`compression_from_name`] accepts.
@@ -86,13 +86,23 @@ pub const COMPRESSION_NAMES: &[&str] = &["none", "zstd", "lz4"];
 /// Names [`checksum_from_name`] accepts.
 pub const CHECKSUM_NAMES: &[&str] = &["none", "crc32c", "crc32"];
 
-/// Register the factories of every transform of this crate (`zstd`, `lz4`,
-/// `crc32c`, `crc32`) into `registry`, replacing any of the same names.
+/// The factories of every transform of this crate: `zstd`, `lz4`, `crc32c`,
+/// `crc32`.
+pub fn factories() -> Vec<Arc<dyn ExtensionFactory>> {
+    vec![
+        Arc::new(ZstdFactory),
+        Arc::new(Lz4Factory),
+        Arc::new(Crc32cFactory),
+        Arc::new(Crc32Factory),
+    ]
+}
+
+/// Register the factories of every transform of this crate ([`factories`])
+/// into `registry`, replacing any of the same names.
 pub fn register_all(registry: &mut ExtensionRegistry) {
-    registry.register(Arc::new(ZstdFactory));
-    registry.register(Arc::new(Lz4Factory));
-    registry.register(Arc::new(Crc32cFactory));
-    registry.register(Arc::new(Crc32Factory));
+    for f in factories() {
+        registry.register(f);
+    }
 }
 
 /// A registry holding every transform of this crate: pass it as

@@ -7,7 +7,7 @@
 //! ```
 //! Without `--endpoint` it starts `moto_server` on a free port on 127.0.0.1
 //! itself (and stops it at the end). For 1 and 4 writer threads it prints
-//! the median of `--reps` runs of: a dcp save (`FsspecWriter`, one rank), a
+//! the median of `--reps` runs of: a dcp save (`dcp_fsspec::writer`, one rank), a
 //! raw OpenDAL upload of the same bytes as the same number of objects (same
 //! part size and part concurrency), a dcp load of everything, and a raw
 //! concurrent ranged download; `ratio` is raw seconds / dcp seconds (1.0
@@ -17,7 +17,7 @@ use bytes::Bytes;
 use dcp_core::{
     load, save, ChunkBox, DType, DestStateDict, ReaderOptions, Single, StateDict, WriterOptions,
 };
-use dcp_fsspec::{FsspecReader, FsspecWriter, OpendalFs, OpendalOptions};
+use dcp_fsspec::{OpendalFs, OpendalOptions};
 use futures::StreamExt;
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -222,7 +222,7 @@ async fn run() -> Result<(), String> {
         let (mut save_s, mut up_s, mut load_s, mut down_s) = (vec![], vec![], vec![], vec![]);
         for _ in 0..args.reps {
             // dcp save
-            let w = FsspecWriter::with_opendal_options(
+            let w = dcp_fsspec::writer_with(
                 &url,
                 &so,
                 WriterOptions::default().thread_count(threads),
@@ -266,7 +266,7 @@ async fn run() -> Result<(), String> {
             up_s.push(t.elapsed().as_secs_f64());
 
             // dcp load
-            let r = FsspecReader::with_opendal_options(
+            let r = dcp_fsspec::reader_with(
                 &url,
                 &so,
                 ReaderOptions::default().thread_count(threads),

@@ -3,52 +3,36 @@
 //! [`OpendalOptions`].
 
 use crate::OpendalOptions;
+use dcp_core::location::{Backend, Location};
 use dcp_core::{Error, Result};
 use opendal::Operator;
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-/// The storage backend a URL names.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Scheme {
-    S3,
-    Gcs,
-    Azblob,
-    Fs,
-    Memory,
+/// Whether this build of dcp-fsspec serves `backend`.
+// The arms depend on the features; with none on they look like `matches!`.
+#[allow(clippy::match_like_matches_macro)]
+fn enabled(backend: Backend) -> bool {
+    match backend {
+        Backend::S3 => cfg!(feature = "s3"),
+        Backend::Gcs => cfg!(feature = "gcs"),
+        Backend::Azblob => cfg!(feature = "azblob"),
+        _ => true,
+    }
 }
 
-impl Scheme {
-    /// The Cargo feature of dcp-fsspec that enables this backend, if any.
-    fn feature(self) -> Option<&'static str> {
-        match self {
-            Scheme::S3 => Some("s3"),
-            Scheme::Gcs => Some("gcs"),
-            Scheme::Azblob => Some("azblob"),
-            Scheme::Fs | Scheme::Memory => None,
-        }
-    }
-
-    fn enabled(self) -> bool {
-        match self {
-            Scheme::S3 => cfg!(feature = "s3"),
-            Scheme::Gcs => cfg!(feature = "gcs"),
-            Scheme::Azblob => cfg!(feature = "azblob"),
-            Scheme::Fs | Scheme::Memory => true,
-        }
-    }
-
-    /// Whether a completed write is durable (an upload, or an fsynced file).
-    pub(crate) fn durable(self) -> bool {
-        !matches!(self, Scheme::Memory)
-    }
+/// Whether a completed write is durable (an upload, or an fsynced file).
+pub(crate) fn durable(backend: Backend) -> bool {
+    backend != Backend::Memory
 }
 
 /// A parsed checkpoint URL.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Target {
-    pub scheme: Scheme,
+    /// The backend, from dcp-core's one table of location schemes
+    /// ([`dcp_core::location`]); `Local` is OpenDAL's `fs` service here.
+    pub scheme: Backend,
     /// Bucket, container, or memory store name (empty for `file://`).
     pub bucket: String,
     /// The prefix inside the bucket, without leading or trailing `/`; for
@@ -58,56 +42,27 @@ pub(crate) struct Target {
     pub url: String,
 }
 
-/// Parse `url`: `s3://bucket/prefix`, `gs://bucket/prefix`,
-/// `azblob://container/prefix`, `file:///abs/path`, `memory://name/prefix`,
-/// or a plain local path.
+/// Parse `url` with [`Location::parse`]: `s3://bucket/prefix`,
+/// `gs://bucket/prefix`, `azblob://container/prefix`, `file:///abs/path`,
+/// `memory://name/prefix`, or a plain local path (made absolute, as fsspec
+/// does). A scheme outside dcp-core's table is `InvalidInput`; one whose
+/// feature this build lacks is `Unsupported`, naming the feature.
 pub(crate) fn parse_url(url: &str) -> Result<Target> {
-    let Some((scheme_str, rest)) = url.split_once("://") else {
-        // fsspec treats a plain path as local.
-        if url.is_empty() {
-            return Err(Error::invalid("empty checkpoint URL"));
-        }
-        let path = std::path::absolute(url)
-            .map_err(|e| Error::invalid(format!("cannot make {url:?} absolute: {e}")))?;
-        let path = path.to_string_lossy().into_owned();
-        return Ok(Target {
-            scheme: Scheme::Fs,
-            bucket: String::new(),
-            url: format!("file://{path}"),
-            prefix: path,
-        });
-    };
-    let scheme = match scheme_str.to_ascii_lowercase().as_str() {
-        "s3" | "s3a" => Scheme::S3,
-        "gs" | "gcs" => Scheme::Gcs,
-        "azblob" | "az" => Scheme::Azblob,
-        "file" => Scheme::Fs,
-        "memory" => Scheme::Memory,
-        other => {
-            return Err(Error::unsupported(format!(
-                "unsupported URL scheme {other:?} in {url}: dcp-fsspec handles s3://, gs://, azblob://, file:// and memory://"
-            )))
-        }
-    };
-    if !scheme.enabled() {
+    let loc = Location::parse(url)?;
+    let scheme = loc.backend();
+    if !enabled(scheme) {
         let feature = scheme.feature().unwrap_or("?");
         return Err(Error::unsupported(format!(
-            "{url}: {scheme_str}:// needs the `{feature}` feature of dcp-fsspec, which this build lacks \
-             (enable it: dcp-fsspec = {{ features = [\"{feature}\"] }})"
+            "{url}: {}:// needs the `{feature}` feature of dcp-fsspec, which this build lacks \
+             (enable it: dcp-fsspec = {{ features = [\"{feature}\"] }}, or the \"{feature}\" feature of the dcp crate)",
+            loc.scheme()
         )));
     }
-    if scheme == Scheme::Fs {
-        let path = if rest.starts_with('/') {
-            rest.to_string()
-        } else if let Some(p) = rest.strip_prefix("localhost/") {
-            format!("/{p}")
-        } else {
-            return Err(Error::invalid(format!(
-                "{url}: a file URL needs an absolute path (file:///abs/path)"
-            )));
-        };
-        let trimmed = path.trim_end_matches('/');
-        let path = if trimmed.is_empty() { "/" } else { trimmed }.to_string();
+    if let Some(path) = loc.local_path() {
+        // fsspec treats a plain path as local, relative to the working directory.
+        let path = std::path::absolute(path)
+            .map_err(|e| Error::invalid(format!("cannot make {url:?} absolute: {e}")))?;
+        let path = path.to_string_lossy().into_owned();
         return Ok(Target {
             scheme,
             bucket: String::new(),
@@ -115,32 +70,11 @@ pub(crate) fn parse_url(url: &str) -> Result<Target> {
             prefix: path,
         });
     }
-    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-    if bucket.is_empty() && scheme != Scheme::Memory {
-        return Err(Error::invalid(format!(
-            "{url}: the URL names no bucket ({scheme_str}://bucket/prefix)"
-        )));
-    }
-    let prefix = prefix
-        .split('/')
-        .filter(|s| !s.is_empty())
-        .collect::<Vec<_>>();
-    if prefix.iter().any(|s| *s == "." || *s == "..") {
-        return Err(Error::invalid(format!(
-            "{url}: the prefix may not contain `.` or `..` segments"
-        )));
-    }
-    let prefix = prefix.join("/");
-    let url = if prefix.is_empty() {
-        format!("{scheme_str}://{bucket}")
-    } else {
-        format!("{scheme_str}://{bucket}/{prefix}")
-    };
     Ok(Target {
         scheme,
-        bucket: bucket.to_string(),
-        prefix,
-        url,
+        bucket: loc.bucket().to_string(),
+        prefix: loc.prefix().to_string(),
+        url: loc.url(),
     })
 }
 
@@ -165,6 +99,130 @@ const DCP_KEYS: &[&str] = &[
     "dcp_timeout_ms",
     "dcp_io_timeout_ms",
 ];
+
+/// Keys the URL sets (the service's bucket or container, and root, with
+/// OpenDAL's aliases for them): a storage option may not change them.
+const URL_KEYS: &[&str] = &[
+    "root",
+    "bucket",
+    "aws_bucket",
+    "aws_bucket_name",
+    "bucket_name",
+    "google_bucket",
+    "google_bucket_name",
+    "container",
+    "azure_container_name",
+    "container_name",
+];
+
+/// fsspec (s3fs) and AWS spellings of S3 settings that dcp maps to
+/// OpenDAL's names itself (see [`s3_alias`]).
+const S3_FSSPEC_KEYS: &[&str] = &[
+    "key",
+    "secret",
+    "token",
+    "aws_access_key_id",
+    "aws_secret_access_key",
+    "aws_session_token",
+    "endpoint_url",
+    "aws_endpoint_url",
+    "aws_endpoint",
+    "region_name",
+    "aws_region",
+];
+
+/// The field names (with their serde aliases) of an OpenDAL service's
+/// configuration struct, read from its `Deserialize` implementation.
+#[cfg(any(feature = "s3", feature = "gcs", feature = "azblob"))]
+fn config_fields<T: serde::de::DeserializeOwned>() -> &'static [&'static str] {
+    use serde::de::{self, Visitor};
+    struct Fields<'a>(&'a mut &'static [&'static str]);
+    impl<'de> de::Deserializer<'de> for Fields<'_> {
+        type Error = de::value::Error;
+        fn deserialize_any<V: Visitor<'de>>(
+            self,
+            _: V,
+        ) -> std::result::Result<V::Value, Self::Error> {
+            Err(de::Error::custom("not a struct"))
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _name: &'static str,
+            fields: &'static [&'static str],
+            _visitor: V,
+        ) -> std::result::Result<V::Value, Self::Error> {
+            *self.0 = fields;
+            Err(de::Error::custom("fields read"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+            bytes byte_buf option unit unit_struct newtype_struct seq tuple
+            tuple_struct map enum identifier ignored_any
+        }
+    }
+    let mut fields: &'static [&'static str] = &[];
+    let _ = T::deserialize(Fields(&mut fields));
+    fields
+}
+
+/// The OpenDAL configuration keys of `backend`'s service that dcp passes
+/// through (empty for services this build lacks, `file://` and memory).
+fn service_keys(backend: Backend) -> &'static [&'static str] {
+    match backend {
+        #[cfg(feature = "s3")]
+        Backend::S3 => config_fields::<opendal::services::S3Config>(),
+        #[cfg(feature = "gcs")]
+        Backend::Gcs => config_fields::<opendal::services::GcsConfig>(),
+        #[cfg(feature = "azblob")]
+        Backend::Azblob => config_fields::<opendal::services::AzblobConfig>(),
+        _ => &[],
+    }
+}
+
+/// Every `storage_options` key accepted for `backend`, sorted: the `dcp_*`
+/// keys, the s3fs spellings dcp maps for S3, and the OpenDAL configuration
+/// keys of the service, less the ones the URL sets.
+pub(crate) fn accepted_keys(backend: Backend) -> Vec<&'static str> {
+    let mut keys: Vec<&'static str> = DCP_KEYS.to_vec();
+    if backend == Backend::S3 {
+        keys.extend_from_slice(S3_FSSPEC_KEYS);
+    }
+    keys.extend(
+        service_keys(backend)
+            .iter()
+            .filter(|k| !URL_KEYS.contains(k)),
+    );
+    keys.sort_unstable();
+    keys.dedup();
+    keys
+}
+
+/// Refuse any key of `storage_options` that [`accepted_keys`] does not list
+/// for `t` (OpenDAL would ignore it silently), and the keys the URL sets,
+/// with [`ErrorKind::InvalidInput`](dcp_core::ErrorKind::InvalidInput).
+pub(crate) fn check_keys(t: &Target, storage_options: &HashMap<String, String>) -> Result<()> {
+    let accepted = accepted_keys(t.scheme);
+    let mut keys: Vec<&str> = storage_options.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    for k in keys {
+        if accepted.contains(&k) {
+            continue;
+        }
+        if URL_KEYS.contains(&k) && !service_keys(t.scheme).is_empty() {
+            return Err(Error::invalid(format!(
+                "storage option {k:?} for {}: the URL sets it ({})",
+                t.url,
+                t.scheme.info().example
+            )));
+        }
+        return Err(Error::invalid(format!(
+            "unknown storage option {k:?} for {}; accepted: {}",
+            t.url,
+            accepted.join(", ")
+        )));
+    }
+    Ok(())
+}
 
 fn parse_size(key: &str, v: &str) -> Result<usize> {
     let t = v.trim();
@@ -248,7 +306,7 @@ pub(crate) fn service_config(
         .iter()
         .filter(|(k, _)| !DCP_KEYS.contains(&k.as_str()));
     match t.scheme {
-        Scheme::S3 => {
+        Backend::S3 => {
             let from_env = [
                 ("endpoint", &["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"][..]),
                 ("region", &["AWS_REGION", "AWS_DEFAULT_REGION"][..]),
@@ -270,26 +328,27 @@ pub(crate) fn service_config(
             cfg.entry("region".into())
                 .or_insert_with(|| "us-east-1".into());
         }
-        Scheme::Gcs => {
+        Backend::Gcs => {
             cfg.insert("bucket".into(), t.bucket.clone());
             cfg.insert("root".into(), root_of(&t.prefix));
             cfg.extend(user.map(|(k, v)| (k.clone(), v.clone())));
         }
-        Scheme::Azblob => {
+        Backend::Azblob => {
             cfg.insert("container".into(), t.bucket.clone());
             cfg.insert("root".into(), root_of(&t.prefix));
             cfg.extend(user.map(|(k, v)| (k.clone(), v.clone())));
         }
-        Scheme::Fs => {
+        Backend::Local => {
             cfg.insert("root".into(), t.prefix.clone());
             // Writes go to a temporary file that is fsynced and renamed into
             // place on close: nothing is visible under a name until complete,
             // and `abort` removes the temporary file.
             let tmp = format!("{}/.dcp-opendal-tmp", t.prefix.trim_end_matches('/'));
             cfg.insert("atomic_write_dir".into(), tmp);
-            cfg.extend(user.map(|(k, v)| (k.clone(), v.clone())));
         }
-        Scheme::Memory => {
+        // Memory, and any backend dcp-core adds later (refused by
+        // `build_operator`): no service settings.
+        _ => {
             cfg.insert("root".into(), root_of(&t.prefix));
         }
     }
@@ -299,20 +358,20 @@ pub(crate) fn service_config(
 /// The endpoint the configuration talks to, for messages.
 pub(crate) fn endpoint_of(t: &Target, cfg: &HashMap<String, String>) -> String {
     match t.scheme {
-        Scheme::S3 => cfg
+        Backend::S3 => cfg
             .get("endpoint")
             .cloned()
             .unwrap_or_else(|| "https://s3.amazonaws.com (default)".into()),
-        Scheme::Gcs => cfg
+        Backend::Gcs => cfg
             .get("endpoint")
             .cloned()
             .unwrap_or_else(|| "https://storage.googleapis.com (default)".into()),
-        Scheme::Azblob => cfg
+        Backend::Azblob => cfg
             .get("endpoint")
             .cloned()
             .unwrap_or_else(|| "(endpoint not set)".into()),
-        Scheme::Fs => "local file system".into(),
-        Scheme::Memory => "process memory".into(),
+        Backend::Local => "local file system".into(),
+        _ => "process memory".into(),
     }
 }
 
@@ -337,19 +396,19 @@ fn memory_store(name: &str) -> Result<Operator> {
 /// Build the operator for `t` with the service configuration `cfg`.
 pub(crate) fn build_operator(t: &Target, cfg: HashMap<String, String>) -> Result<Operator> {
     let built = match t.scheme {
-        Scheme::Memory => {
+        Backend::Memory => {
             // The store is shared per name; the prefix is a layer of paths
             // inside it, handled by `OpendalFs` (the memory service's own
             // root would give each prefix a separate map).
             return memory_store(&t.bucket);
         }
-        Scheme::Fs => Operator::from_iter::<opendal::services::Fs>(cfg),
+        Backend::Local => Operator::from_iter::<opendal::services::Fs>(cfg),
         #[cfg(feature = "s3")]
-        Scheme::S3 => Operator::from_iter::<opendal::services::S3>(cfg),
+        Backend::S3 => Operator::from_iter::<opendal::services::S3>(cfg),
         #[cfg(feature = "gcs")]
-        Scheme::Gcs => Operator::from_iter::<opendal::services::Gcs>(cfg),
+        Backend::Gcs => Operator::from_iter::<opendal::services::Gcs>(cfg),
         #[cfg(feature = "azblob")]
-        Scheme::Azblob => Operator::from_iter::<opendal::services::Azblob>(cfg),
+        Backend::Azblob => Operator::from_iter::<opendal::services::Azblob>(cfg),
         #[allow(unreachable_patterns)]
         _ => {
             return Err(Error::unsupported(format!(
@@ -375,7 +434,7 @@ mod tests {
     #[test]
     fn s3_urls() {
         let t = parse_url("s3://bkt/a/b/").unwrap();
-        assert_eq!(t.scheme, Scheme::S3);
+        assert_eq!(t.scheme, Backend::S3);
         assert_eq!(t.bucket, "bkt");
         assert_eq!(t.prefix, "a/b");
         assert_eq!(t.url, "s3://bkt/a/b");
@@ -394,12 +453,12 @@ mod tests {
     #[test]
     fn urls() {
         let t = parse_url("file:///tmp/x/").unwrap();
-        assert_eq!((t.scheme, t.prefix.as_str()), (Scheme::Fs, "/tmp/x"));
+        assert_eq!((t.scheme, t.prefix.as_str()), (Backend::Local, "/tmp/x"));
         let t = parse_url("memory://m/p").unwrap();
-        assert_eq!((t.scheme, t.bucket.as_str()), (Scheme::Memory, "m"));
+        assert_eq!((t.scheme, t.bucket.as_str()), (Backend::Memory, "m"));
         assert_eq!(
             parse_url("ftp://x/y").unwrap_err().kind(),
-            dcp_core::ErrorKind::Unsupported
+            dcp_core::ErrorKind::InvalidInput
         );
         assert_eq!(
             parse_url("memory://m/../p").unwrap_err().kind(),
@@ -448,6 +507,88 @@ mod tests {
         let cfg = service_config(&t, &HashMap::new(), &|_| None);
         assert_eq!(cfg["region"], "us-east-1");
         assert!(!cfg.contains_key("endpoint"));
+    }
+
+    #[test]
+    fn unknown_storage_options_are_refused() {
+        let opts =
+            |k: &str| -> HashMap<String, String> { [(k.to_string(), "1".to_string())].into() };
+        let t = parse_url("memory://m/p").unwrap();
+        check_keys(&t, &opts("dcp_part_size")).unwrap();
+        let e = check_keys(&t, &opts("foo")).unwrap_err();
+        assert_eq!(e.kind(), dcp_core::ErrorKind::InvalidInput);
+        assert!(
+            e.message()
+                .starts_with("unknown storage option \"foo\" for memory://m/p; accepted: "),
+            "{e}"
+        );
+        assert!(e.message().contains("dcp_read_chunk"), "{e}");
+        // file:// takes the dcp keys only: dcp sets the fs service's root.
+        let t = parse_url("file:///tmp/x").unwrap();
+        let e = check_keys(&t, &opts("root")).unwrap_err();
+        assert!(
+            e.message().contains("unknown storage option \"root\""),
+            "{e}"
+        );
+        check_keys(&t, &opts("dcp_timeout_ms")).unwrap();
+    }
+
+    #[cfg(feature = "s3")]
+    #[test]
+    fn s3_storage_options() {
+        let t = parse_url("s3://b/p").unwrap();
+        let keys = accepted_keys(Backend::S3);
+        // dcp's own keys, s3fs spellings, OpenDAL's fields and their aliases.
+        for k in [
+            "dcp_part_size",
+            "endpoint_url",
+            "key",
+            "endpoint",
+            "access_key_id",
+            "region",
+            "role_arn",
+            "enable_virtual_host_style",
+            "aws_session_token",
+        ] {
+            assert!(keys.contains(&k), "{k}: {keys:?}");
+            check_keys(&t, &[(k.to_string(), "x".to_string())].into()).unwrap();
+        }
+        let e = check_keys(&t, &[("endpiont".to_string(), "x".to_string())].into()).unwrap_err();
+        assert_eq!(e.kind(), dcp_core::ErrorKind::InvalidInput);
+        let m = e.message();
+        assert!(
+            m.starts_with("unknown storage option \"endpiont\" for s3://b/p; accepted: "),
+            "{m}"
+        );
+        assert!(
+            m.contains("endpoint_url") && m.contains("secret_access_key"),
+            "{m}"
+        );
+        for k in ["bucket", "root", "aws_bucket"] {
+            let e = check_keys(&t, &[(k.to_string(), "x".to_string())].into()).unwrap_err();
+            assert_eq!(e.kind(), dcp_core::ErrorKind::InvalidInput);
+            assert!(e.message().contains("the URL sets it"), "{e}");
+        }
+    }
+
+    #[cfg(feature = "gcs")]
+    #[test]
+    fn gcs_storage_options() {
+        let keys = accepted_keys(Backend::Gcs);
+        for k in ["credential", "credential_path", "endpoint", "dcp_part_size"] {
+            assert!(keys.contains(&k), "{k}: {keys:?}");
+        }
+        assert!(!keys.contains(&"bucket") && !keys.contains(&"access_key_id"));
+    }
+
+    #[cfg(feature = "azblob")]
+    #[test]
+    fn azblob_storage_options() {
+        let keys = accepted_keys(Backend::Azblob);
+        for k in ["account_name", "account_key", "sas_token", "endpoint"] {
+            assert!(keys.contains(&k), "{k}: {keys:?}");
+        }
+        assert!(!keys.contains(&"container") && !keys.contains(&"root"));
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! [`OpendalFs`]: a dcp [`FileSystem`] over an OpenDAL [`Operator`].
 
-use crate::config::{self, Scheme, Target};
+use crate::config::{self, Target};
 use crate::runtime;
 use bytes::Bytes;
+use dcp_core::location::Backend;
 use dcp_core::storage::check_file_name;
 use dcp_core::{Capabilities, Error, ErrorKind, FileEntry, FileSink, FileSystem, Result};
 use futures::{StreamExt, TryStreamExt};
@@ -127,8 +128,11 @@ impl OpendalFs {
     /// `storage_options`, which override the environment; both OpenDAL's
     /// names (`endpoint`, `region`, `access_key_id`, ...) and s3fs's
     /// (`endpoint_url`, `region_name`, `key`, `secret`, `token`) are accepted.
-    /// An unknown scheme, or one whose Cargo feature is off, is
-    /// [`ErrorKind::Unsupported`].
+    /// Refuses with [`ErrorKind::InvalidInput`] a scheme outside
+    /// [`dcp_core::location::SCHEMES`], a malformed URL, and a
+    /// `storage_options` key the service does not take (naming it and
+    /// listing the accepted ones); with [`ErrorKind::Unsupported`] a scheme
+    /// whose Cargo feature is off.
     pub fn from_url(url: &str, storage_options: &HashMap<String, String>) -> Result<Self> {
         Self::from_url_with(url, storage_options, OpendalOptions::default())
     }
@@ -141,6 +145,7 @@ impl OpendalFs {
         mut options: OpendalOptions,
     ) -> Result<Self> {
         let target = config::parse_url(url)?;
+        config::check_keys(&target, storage_options)?;
         config::apply_dcp_options(&mut options, storage_options)?;
         let cfg = config::service_config(&target, storage_options, &|k| std::env::var(k).ok());
         let endpoint = config::endpoint_of(&target, &cfg);
@@ -155,11 +160,11 @@ impl OpendalFs {
     pub fn from_operator(op: Operator, location: &str, options: OpendalOptions) -> Result<Self> {
         let info = op.info();
         let scheme = match info.scheme() {
-            "s3" => Scheme::S3,
-            "gcs" => Scheme::Gcs,
-            "azblob" => Scheme::Azblob,
-            "fs" => Scheme::Fs,
-            _ => Scheme::Memory,
+            "s3" => Backend::S3,
+            "gcs" => Backend::Gcs,
+            "azblob" => Backend::Azblob,
+            "fs" => Backend::Local,
+            _ => Backend::Memory,
         };
         let target = Target {
             scheme,
@@ -186,7 +191,7 @@ impl OpendalFs {
                 "part_size, write_concurrency, read_chunk and read_concurrency must be at least 1",
             ));
         }
-        if target.scheme == Scheme::S3
+        if target.scheme == Backend::S3
             && !(S3_MIN_PART_SIZE..=S3_MAX_PART_SIZE).contains(&options.part_size)
         {
             return Err(Error::invalid(format!(
@@ -195,7 +200,7 @@ impl OpendalFs {
             )));
         }
         // The memory store is shared per name; the prefix lives in paths.
-        let base = if target.scheme == Scheme::Memory && !target.prefix.is_empty() {
+        let base = if target.scheme == Backend::Memory && !target.prefix.is_empty() {
             format!("{}/", target.prefix)
         } else {
             String::new()
@@ -225,7 +230,7 @@ impl OpendalFs {
                 location: target.url.clone(),
                 endpoint,
                 bucket: target.bucket.clone(),
-                durable: target.scheme.durable(),
+                durable: config::durable(target.scheme),
                 options,
                 handle: runtime::io_handle()?,
             }),

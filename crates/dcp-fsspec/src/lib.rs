@@ -2,12 +2,13 @@
 //! files and memory, through [OpenDAL](https://opendal.apache.org).
 //!
 //! [`OpendalFs`] is a [`dcp_core::FileSystem`] over an [`opendal::Operator`]
-//! rooted at the checkpoint prefix; [`FsspecWriter`] and [`FsspecReader`]
-//! are dcp's [`FileSystemWriter`](dcp_core::FileSystemWriter) and
-//! [`FileSystemReader`](dcp_core::FileSystemReader) over it, with the
-//! same options, exactly as torch's `FsspecWriter` is its `FileSystemWriter`
-//! over an fsspec file system. [`open`] turns a URL into a file system for
-//! tools such as the `dcp` command.
+//! rooted at the checkpoint prefix; [`writer`] and [`reader`] return dcp's
+//! own [`FileSystemWriter`](dcp_core::FileSystemWriter) and
+//! [`FileSystemReader`](dcp_core::FileSystemReader) over it, with the same
+//! options, exactly as torch's `FsspecWriter` is its `FileSystemWriter` over
+//! an fsspec file system (they are not wrappers, so no fast path of the
+//! reader is lost). [`open`] turns a URL into a file system; the `dcp` crate's
+//! `dcp::open`, `dcp::writer` and `dcp::reader` use it for object stores.
 //!
 //! # What it fixes, compared with torch's `FsspecWriter`
 //! - **Throughput.** Each data file is a multipart upload whose parts
@@ -40,11 +41,18 @@
 //! `file:///abs/path` and `memory://name/prefix` (always). S3 settings come
 //! from `AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`,
 //! `AWS_SECRET_ACCESS_KEY`, then from `storage_options`, which override the
-//! environment. Other keys go to the OpenDAL service as they are; `dcp_*`
-//! keys tune [`OpendalOptions`]. An unknown scheme, or a scheme whose feature
-//! is off, is an [`ErrorKind::Unsupported`](dcp_core::ErrorKind::Unsupported)
-//! error naming the feature. `memory://name` is one store per name in the
-//! process, so a writer and a reader opened on the same URL share objects.
+//! environment. The other keys of the service's OpenDAL configuration
+//! (`S3Config`, `GcsConfig`, `AzblobConfig`, with their aliases) go to it as
+//! they are, except those the URL sets (bucket, container, root); `dcp_*`
+//! keys tune [`OpendalOptions`]; any other key is an
+//! [`ErrorKind::InvalidInput`](dcp_core::ErrorKind::InvalidInput) error
+//! naming it and listing the accepted ones (`file://` and `memory://` take
+//! the `dcp_*` keys only). Schemes come from dcp-core's one table
+//! ([`dcp_core::location`]): a scheme outside it is `InvalidInput`, and a
+//! scheme whose feature is off is
+//! [`ErrorKind::Unsupported`](dcp_core::ErrorKind::Unsupported), naming the
+//! feature. `memory://name` is one store per name in the process, so a
+//! writer and a reader opened on the same URL share objects.
 //!
 //! # Errors
 //! OpenDAL errors map to dcp errors naming the object and location: temporary
@@ -56,18 +64,17 @@
 //! # Example
 //! ```
 //! use dcp_core::{load, save, ChunkBox, DType, DestStateDict, Single, StateDict};
-//! use dcp_fsspec::{FsspecReader, FsspecWriter};
 //! use std::collections::HashMap;
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
 //! let url = "memory://docs/step-100";
 //! let mut sd = StateDict::new();
 //! sd.insert_full_tensor("w", DType::F32, vec![2], bytes::Bytes::from(vec![7u8; 8])).unwrap();
-//! let writer = FsspecWriter::new(url, &HashMap::new(), Default::default()).unwrap();
+//! let writer = dcp_fsspec::writer(url, &HashMap::new(), Default::default()).unwrap();
 //! save(&sd, &writer, &Single).await.unwrap();
 //!
 //! let mut dest = DestStateDict::new();
 //! dest.want_tensor("w", DType::F32, vec![2], vec![ChunkBox::full(&[2])]).unwrap();
-//! let reader = FsspecReader::new(url, &HashMap::new(), Default::default()).unwrap();
+//! let reader = dcp_fsspec::reader(url, &HashMap::new(), Default::default()).unwrap();
 //! let loaded = load(dest, &reader, &Single).await.unwrap();
 //! assert_eq!(loaded.state_dict.tensor("w").unwrap().chunks[0].data, vec![7u8; 8]);
 //! # });
@@ -80,14 +87,14 @@ mod storage;
 
 pub use fs::{OpendalFs, OpendalOptions, S3_MAX_PART_SIZE, S3_MIN_PART_SIZE};
 pub use opendal;
-pub use storage::{FsspecReader, FsspecWriter};
+pub use storage::{reader, reader_with, writer, writer_with};
 
 use dcp_core::{FileSystem, Result};
 use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Open `url` (see the crate docs for schemes and `storage_options`) as a
-/// dcp [`FileSystem`]: what the `dcp` command uses for every URL argument.
+/// dcp [`FileSystem`]; refuses what [`OpendalFs::from_url`] refuses.
 pub fn open(url: &str, storage_options: &HashMap<String, String>) -> Result<Arc<dyn FileSystem>> {
     Ok(Arc::new(OpendalFs::from_url(url, storage_options)?))
 }

@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use dcp_core::*;
-use dcp_fsspec::{FsspecReader, FsspecWriter, OpendalFs};
+use dcp_fsspec::OpendalFs;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -103,14 +103,14 @@ async fn by_url(kind: &str) {
         let (url, so) = (url.clone(), so.clone());
         async move {
             let sd = state_dict(5, g.rank() as u64, 4, 0)?;
-            let w = FsspecWriter::with_opendal_options(&url, &so, opts(2), fast_options())?;
+            let w = dcp_fsspec::writer_with(&url, &so, opts(2), fast_options())?;
             assert_eq!(w.options().thread_count, 2);
             save(&sd, &w, &g).await
         }
     })
     .await;
     all_ok(&res);
-    // Load through FsspecReader (3 ranks, column blocks).
+    // Load through dcp_fsspec::reader (3 ranks, column blocks).
     let (url, so) = (b.url.clone(), b.options.clone());
     let res = dcp_core::local::run_ranks(3, T, move |g| {
         let (url, so) = (url.clone(), so.clone());
@@ -124,7 +124,8 @@ async fn by_url(kind: &str) {
                 vec![ROWS, COLS],
                 vec![ChunkBox::new(vec![0, c], vec![ROWS, c2 - c])?],
             )?;
-            let r = FsspecReader::new(&url, &so, ReaderOptions::default())?;
+            let r = dcp_fsspec::reader(&url, &so, ReaderOptions::default())?;
+            assert!(dcp_core::StorageReader::file_system_reader(&r).is_some());
             let out = load(dest, &r, &g).await?;
             let mut expect = Vec::new();
             for row in 0..ROWS {
@@ -344,10 +345,11 @@ fn s3_part_size_below_5_mib_is_refused() {
 }
 
 #[test]
-fn unknown_scheme_is_unsupported() {
+fn unknown_scheme_is_invalid_and_missing_feature_unsupported() {
     let e = dcp_fsspec::open("hdfs://nn/p", &HashMap::new()).unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Unsupported);
-    assert!(e.message().contains("hdfs"), "{e}");
+    assert_eq!(e.kind(), ErrorKind::InvalidInput);
+    assert!(e.message().contains("hdfs://"), "{e}");
+    assert!(e.message().contains("s3://"), "{e}");
     #[cfg(not(feature = "azblob"))]
     {
         let e = dcp_fsspec::open("azblob://c/p", &HashMap::new()).unwrap_err();

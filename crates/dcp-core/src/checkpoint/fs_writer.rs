@@ -260,6 +260,9 @@ fn bucket(sizes: &[usize], buckets: usize) -> Vec<Vec<usize>> {
     out
 }
 
+/// What writing one data file gave: the file and where its records went.
+type FileOutcome = Result<(DataFile, Vec<RecordResult>)>;
+
 /// Write `jobs` on at most `threads` scoped worker threads, each taking the
 /// next job. After the first failure no new file is started, and the files
 /// already written are removed. Blocking.
@@ -270,8 +273,7 @@ fn write_files(
     threads: usize,
 ) -> Result<RankWrite> {
     let next = AtomicUsize::new(0);
-    let done: Mutex<Vec<Option<Result<(DataFile, Vec<RecordResult>)>>>> =
-        Mutex::new((0..jobs.len()).map(|_| None).collect());
+    let done: Mutex<Vec<Option<FileOutcome>>> = Mutex::new((0..jobs.len()).map(|_| None).collect());
     let failed = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {
         for _ in 0..threads.min(jobs.len()) {
