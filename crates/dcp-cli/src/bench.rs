@@ -51,6 +51,10 @@ pub enum ScenarioKind {
     Load,
     /// Load by M ranks into the transposed sharding.
     Reshard,
+    /// The same resharded load through dcp-fsspec's reader (torch's
+    /// `FsspecReader`) on a `file://` URL: OpenDAL's local backend, with
+    /// buffer lending between ranks kept (needs the `object-store` feature).
+    ReshardFsspec,
 }
 
 /// Arguments of `dcp bench`.
@@ -90,15 +94,15 @@ pub struct BenchArgs {
     /// Data file layout.
     #[arg(long, value_enum, default_value_t = Format::Raw)]
     pub format: Format,
-    /// Checksum every record as stored: none (bytes moved as they are),
-    /// crc32c or crc32 (then loads verify, reading each record whole).
-    #[arg(long, default_value = "none", value_parser = ["none", "crc32c", "crc32"])]
+    /// Checksum every record as stored: crc32c (the default, as for every
+    /// save), crc32, or none (bytes moved as they are, nothing verified).
+    #[arg(long, default_value = "crc32c", value_parser = ["none", "crc32c", "crc32"])]
     pub checksum: String,
     /// Repetitions of every timed phase (medians are reported).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub reps: u32,
     /// Scenarios to run, comma-separated.
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [ScenarioKind::Save, ScenarioKind::Load, ScenarioKind::Reshard])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [ScenarioKind::Save, ScenarioKind::Load, ScenarioKind::Reshard, ScenarioKind::ReshardFsspec])]
     pub scenarios: Vec<ScenarioKind>,
     /// Do not check the loaded bytes (checked once per load scenario).
     #[arg(long)]
@@ -315,7 +319,10 @@ impl Bench {
                 saved = Some((md, sync));
             }
         }
-        if !wants(ScenarioKind::Load) && !wants(ScenarioKind::Reshard) {
+        if !wants(ScenarioKind::Load)
+            && !wants(ScenarioKind::Reshard)
+            && !wants(ScenarioKind::ReshardFsspec)
+        {
             return Ok(out);
         }
         let (md, sync) = match saved {
@@ -337,15 +344,39 @@ impl Bench {
         let lens: Vec<usize> = images.iter().map(Vec::len).collect();
         drop(images);
         drop(raw_files);
-        for (kind, reshard) in [(ScenarioKind::Load, false), (ScenarioKind::Reshard, true)] {
+        for kind in [
+            ScenarioKind::Load,
+            ScenarioKind::Reshard,
+            ScenarioKind::ReshardFsspec,
+        ] {
             if !wants(kind) {
                 continue;
             }
             for cold in [false, true] {
-                out.push(self.load_scenario(&md, sync, &lens, reshard, cold)?);
+                out.push(self.load_scenario(&md, sync, &lens, kind, cold)?);
             }
         }
         Ok(out)
+    }
+
+    /// The checkpoint's reader through dcp-fsspec on `file://` (what a
+    /// torch user's `FsspecReader` gets).
+    #[cfg(feature = "object-store")]
+    fn fsspec_reader(&self, options: ReaderOptions) -> Result<FileSystemReader, CliError> {
+        let abs = std::path::absolute(&self.ckpt).map_err(|e| self.io_err(&self.ckpt, e))?;
+        let url = format!("file://{}", abs.display());
+        Ok(dcp::fsspec::reader(
+            &url,
+            &std::collections::HashMap::new(),
+            options,
+        )?)
+    }
+
+    #[cfg(not(feature = "object-store"))]
+    fn fsspec_reader(&self, _options: ReaderOptions) -> Result<FileSystemReader, CliError> {
+        Err(CliError::msg(
+            "this dcp was built without the object-store feature",
+        ))
     }
 
     fn io_err(&self, p: &Path, e: std::io::Error) -> CliError {
@@ -458,10 +489,15 @@ impl Bench {
         md: &Metadata,
         sync: bool,
         raw_lens: &[usize],
-        reshard: bool,
+        kind: ScenarioKind,
         cold: bool,
     ) -> Result<BenchRecord, CliError> {
-        let family = if reshard { "reshard" } else { "load" };
+        let reshard = kind != ScenarioKind::Load;
+        let family = match kind {
+            ScenarioKind::ReshardFsspec => "reshard_fsspec",
+            ScenarioKind::Reshard => "reshard",
+            _ => "load",
+        };
         let label = format!("{family}_{}", if cold { "cold" } else { "warm" });
         let n = if reshard { self.load_ranks } else { self.ranks };
         let cold_method = match (&self.cold, cold) {
@@ -477,12 +513,25 @@ impl Bench {
                 });
             }
         };
-        let reader = FileSystemReader::new(
-            Arc::new(dcp::fs::LocalFs::new(&self.ckpt)),
-            ReaderOptions::default()
-                .thread_count(self.args.threads as usize)
-                .registry(crate::registry()),
-        );
+        let options = ReaderOptions::default()
+            .thread_count(self.args.threads as usize)
+            .registry(crate::registry());
+        let reader = if kind == ScenarioKind::ReshardFsspec {
+            match self.fsspec_reader(options) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("dcp bench: {label}: not available ({e}); skipped");
+                    return Ok(BenchRecord {
+                        workload: self.workload.kind.name(),
+                        scenario: label,
+                        cold_method: Some("not available"),
+                        ..BenchRecord::default()
+                    });
+                }
+            }
+        } else {
+            FileSystemReader::new(Arc::new(dcp::fs::LocalFs::new(&self.ckpt)), options)
+        };
         let ckpt_files = sys::files_in(&self.ckpt).map_err(|e| self.io_err(&self.ckpt, e))?;
         let raw_files: Vec<PathBuf> = (0..raw_lens.len())
             .map(|i| sys::raw_path(&self.raw, i))

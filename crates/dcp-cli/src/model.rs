@@ -675,7 +675,11 @@ mod tests {
         );
         for (sharding, n) in [(Sharding::Rows, 3), (Sharding::Columns, 5)] {
             for r in 0..n {
-                let b = shard(&shape, sharding, r, n).unwrap();
+                // torch.chunk's split: 12 columns over 5 ranks leave the last empty.
+                let Some(b) = shard(&shape, sharding, r, n) else {
+                    assert_eq!((sharding, r), (Sharding::Columns, 4));
+                    continue;
+                };
                 let part = tensor_chunk(&s, "embed.weight", DType::BF16, &shape, &b);
                 let mut k = 0;
                 for i in b.offsets[0]..b.offsets[0] + b.sizes[0] {

@@ -39,8 +39,23 @@ fn check(lines: &[Value], workload: &str, items: u64, save_ranks: u64, load_rank
             "load_warm",
             "load_cold",
             "reshard_warm",
-            "reshard_cold"
+            "reshard_cold",
+            "reshard_fsspec_warm",
+            "reshard_fsspec_cold"
         ],
+        "{workload}"
+    );
+    // Through dcp-fsspec's reader on file:// the resharded load reads
+    // exactly what dcp-fs's reader reads: buffer lending is kept.
+    let read = |s: &str| lines.iter().find(|l| l["scenario"] == s).unwrap()["bytes_read"].clone();
+    assert_eq!(
+        read("reshard_warm"),
+        read("reshard_fsspec_warm"),
+        "{workload}"
+    );
+    // Checksums are on by default, as for every save.
+    assert!(
+        lines.iter().all(|l| l["checksum"] == "crc32c"),
         "{workload}"
     );
     for l in lines {
