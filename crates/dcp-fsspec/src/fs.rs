@@ -80,6 +80,9 @@ struct Inner {
     durable: bool,
     options: OpendalOptions,
     handle: tokio::runtime::Handle,
+    /// No credentials were configured (no key in the environment or the
+    /// storage options, no anonymous access) for a service that signs.
+    no_credentials: bool,
 }
 
 /// A dcp [`FileSystem`] over an OpenDAL [`Operator`] rooted at the
@@ -149,8 +152,15 @@ impl OpendalFs {
         config::apply_dcp_options(&mut options, storage_options)?;
         let cfg = config::service_config(&target, storage_options, &|k| std::env::var(k).ok());
         let endpoint = config::endpoint_of(&target, &cfg);
+        let no_credentials = target.scheme == Backend::S3
+            && !cfg.contains_key("access_key_id")
+            && !cfg.get("allow_anonymous").is_some_and(|v| v == "true");
         let op = config::build_operator(&target, cfg)?;
-        Self::build(op, &target, endpoint, options)
+        let mut fs = Self::build(op, &target, endpoint, options)?;
+        if let Some(inner) = Arc::get_mut(&mut fs.inner) {
+            inner.no_credentials = no_credentials;
+        }
+        Ok(fs)
     }
 
     /// Wrap an operator you configured yourself, already rooted at the
@@ -233,6 +243,7 @@ impl OpendalFs {
                 durable: config::durable(target.scheme),
                 options,
                 handle: runtime::io_handle()?,
+                no_credentials: false,
             }),
         })
     }
@@ -284,81 +295,67 @@ fn map_error(inner: &Inner, op: &str, name: &str, e: opendal::Error) -> Error {
         format!("{}/{name}", inner.location)
     };
     let text = e.to_string();
-    let (kind, msg) = if text.contains("signing credential") || text.contains("load credential") {
-        (
-            ErrorKind::InvalidInput,
+    let (kind, mut msg) = match e.kind() {
+        // OpenDAL reports a missing bucket (S3's `NoSuchBucket`, GCS's and
+        // Azure's missing container) as an invalid configuration: the
+        // configured bucket is wrong.
+        K::ConfigInvalid if has_buckets(&inner.op) => (
+            ErrorKind::NotFound,
             format!(
-                "{op} {what}: no usable credentials for {}: set AWS_ACCESS_KEY_ID and \
-                 AWS_SECRET_ACCESS_KEY (or `key` and `secret` in storage_options)",
-                inner.endpoint
+                "{op} {what}: bucket {:?} does not exist at {} (or the service refused its configuration)",
+                inner.bucket, inner.endpoint
             ),
-        )
-    } else if ["InvalidAccessKeyId", "SignatureDoesNotMatch"]
-        .iter()
-        .any(|c| text.contains(c))
-    {
-        (
-            ErrorKind::InvalidInput,
+        ),
+        K::NotFound => (ErrorKind::NotFound, format!("{op} {what}: not found")),
+        K::PermissionDenied => (
+            ErrorKind::Io,
             format!(
-                "{op} {what}: {} refused the credentials (bucket {:?}); check \
-                 AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or storage_options",
+                "{op} {what}: access denied by {} (bucket {:?}): the credentials were refused \
+                 or lack permission; check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or \
+                 storage_options) and the bucket policy",
                 inner.endpoint, inner.bucket
             ),
-        )
-    } else {
-        match e.kind() {
-            // OpenDAL reports a missing bucket (S3's `NoSuchBucket`, GCS's and
-            // Azure's missing container) as an invalid configuration: the
-            // configured bucket is wrong.
-            K::ConfigInvalid if has_buckets(&inner.op) => (
-                ErrorKind::NotFound,
-                format!(
-                    "{op} {what}: bucket {:?} does not exist at {} (or the service refused its configuration)",
-                    inner.bucket, inner.endpoint
-                ),
+        ),
+        K::ConfigInvalid => (
+            ErrorKind::InvalidInput,
+            format!("{op} {what}: invalid storage configuration"),
+        ),
+        K::RangeNotSatisfied => (
+            ErrorKind::Corrupt,
+            format!("{op} {what}: the range lies past the end of the object"),
+        ),
+        K::AlreadyExists => (ErrorKind::AlreadyExists, format!("{op} {what}")),
+        K::Unsupported => (
+            ErrorKind::Unsupported,
+            format!("{op} {what}: not supported by this storage service"),
+        ),
+        _ if e.is_temporary() || e.is_persistent() || e.kind() == K::RateLimited => (
+            ErrorKind::Temporary,
+            format!(
+                "{op} {what}: {} failed with a temporary error{} (is {} reachable?)",
+                if e.is_persistent() {
+                    "still"
+                } else {
+                    "request"
+                },
+                if e.is_persistent() {
+                    format!(" after {} retries", inner.options.max_retries)
+                } else {
+                    String::new()
+                },
+                inner.endpoint
             ),
-            K::NotFound => (ErrorKind::NotFound, format!("{op} {what}: not found")),
-            K::PermissionDenied => (
-                ErrorKind::Io,
-                format!(
-                    "{op} {what}: access denied by {} (bucket {:?}); check the credentials \
-                     (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or storage_options) and the bucket policy",
-                    inner.endpoint, inner.bucket
-                ),
-            ),
-            K::ConfigInvalid => (
-                ErrorKind::InvalidInput,
-                format!("{op} {what}: invalid storage configuration"),
-            ),
-            K::RangeNotSatisfied => (
-                ErrorKind::Corrupt,
-                format!("{op} {what}: the range lies past the end of the object"),
-            ),
-            K::AlreadyExists => (ErrorKind::AlreadyExists, format!("{op} {what}")),
-            K::Unsupported => (
-                ErrorKind::Unsupported,
-                format!("{op} {what}: not supported by this storage service"),
-            ),
-            _ if e.is_temporary() || e.is_persistent() || e.kind() == K::RateLimited => (
-                ErrorKind::Temporary,
-                format!(
-                    "{op} {what}: {} failed with a temporary error{} (is {} reachable?)",
-                    if e.is_persistent() {
-                        "still"
-                    } else {
-                        "request"
-                    },
-                    if e.is_persistent() {
-                        format!(" after {} retries", inner.options.max_retries)
-                    } else {
-                        String::new()
-                    },
-                    inner.endpoint
-                ),
-            ),
-            _ => (ErrorKind::Io, format!("{op} {what}")),
-        }
+        ),
+        _ => (ErrorKind::Io, format!("{op} {what}")),
     };
+    // Without configured credentials, requests that fail without a reply
+    // (OpenDAL's "unexpected") may have failed to sign: say how to fix it.
+    if inner.no_credentials && e.kind() == K::Unexpected {
+        msg.push_str(
+            "; no usable credentials were configured: set AWS_ACCESS_KEY_ID and \
+             AWS_SECRET_ACCESS_KEY (or `key` and `secret` in storage_options)",
+        );
+    }
     Error::new(kind, format!("{msg}: {text}")).with_source(e)
 }
 

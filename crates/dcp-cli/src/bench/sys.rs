@@ -97,16 +97,30 @@ pub fn raw_path(dir: &Path, i: usize) -> PathBuf {
     dir.join(format!("raw_{i}.bin"))
 }
 
+/// A checksum the raw baseline computes over every byte it moves, as dcp
+/// does when its saves record one (the physical limit of a verified save or
+/// load is the I/O plus one checksum pass).
+pub type Checksum = fn(&[u8]) -> u32;
+
 /// Write `images[i]` to [`raw_path`]`(dir, i)`, one thread per file, each with
 /// `File::create` + one `write_all` (+ `sync_all` with `sync`, and then an
-/// fsync of the directory, as dcp does).
-pub fn raw_write(dir: &Path, images: &[Vec<u8>], sync: bool) -> std::io::Result<()> {
+/// fsync of the directory, as dcp does). With `checksum`, each thread first
+/// computes it over its image.
+pub fn raw_write(
+    dir: &Path,
+    images: &[Vec<u8>],
+    sync: bool,
+    checksum: Option<Checksum>,
+) -> std::io::Result<()> {
     std::thread::scope(|s| {
         let handles: Vec<_> = images
             .iter()
             .enumerate()
             .map(|(i, img)| {
                 s.spawn(move || -> std::io::Result<()> {
+                    if let Some(c) = checksum {
+                        std::hint::black_box(c(img));
+                    }
                     let mut f = File::create(raw_path(dir, i))?;
                     f.write_all(img)?;
                     if sync {
@@ -127,15 +141,24 @@ pub fn raw_write(dir: &Path, images: &[Vec<u8>], sync: bool) -> std::io::Result<
 }
 
 /// Read [`raw_path`]`(dir, i)` whole into `bufs[i]` (already the file's
-/// length and resident), one thread per file, one `read_exact` each.
-pub fn raw_read(dir: &Path, bufs: &mut [Vec<u8>]) -> std::io::Result<()> {
+/// length and resident), one thread per file, one `read_exact` each; with
+/// `checksum`, each thread then computes it over what it read.
+pub fn raw_read(
+    dir: &Path,
+    bufs: &mut [Vec<u8>],
+    checksum: Option<Checksum>,
+) -> std::io::Result<()> {
     std::thread::scope(|s| {
         let handles: Vec<_> = bufs
             .iter_mut()
             .enumerate()
             .map(|(i, buf)| {
                 s.spawn(move || -> std::io::Result<()> {
-                    File::open(raw_path(dir, i))?.read_exact(buf)
+                    File::open(raw_path(dir, i))?.read_exact(buf)?;
+                    if let Some(c) = checksum {
+                        std::hint::black_box(c(buf));
+                    }
+                    Ok(())
                 })
             })
             .collect();
@@ -239,9 +262,9 @@ mod tests {
     fn raw_write_read_round_trip_and_cache_drop() {
         let d = tempfile::tempdir().unwrap();
         let images = vec![vec![1u8; 5000], vec![2u8; 3]];
-        raw_write(d.path(), &images, true).unwrap();
+        raw_write(d.path(), &images, true, Some(dcp::Crc32c::checksum)).unwrap();
         let mut bufs = vec![vec![0u8; 5000], vec![0u8; 3]];
-        raw_read(d.path(), &mut bufs).unwrap();
+        raw_read(d.path(), &mut bufs, Some(dcp::Crc32c::checksum)).unwrap();
         assert_eq!(bufs, images);
         // Where the kernel refuses, the bench says "cold not available".
         let _ = drop_from_cache(&files_in(d.path()).unwrap());
