@@ -154,7 +154,7 @@ impl OpendalFs {
         let endpoint = config::endpoint_of(&target, &cfg);
         let no_credentials = target.scheme == Backend::S3
             && !cfg.contains_key("access_key_id")
-            && !cfg.get("allow_anonymous").is_some_and(|v| v == "true");
+            && cfg.get("allow_anonymous").is_none_or(|v| v != "true");
         let op = config::build_operator(&target, cfg)?;
         let mut fs = Self::build(op, &target, endpoint, options)?;
         if let Some(inner) = Arc::get_mut(&mut fs.inner) {
