@@ -316,17 +316,15 @@ fuzz_target!(|input: Input| {
     let fs: Arc<dyn FileSystem> = Arc::new(mem);
     let reader = FileSystemReader::new(
         fs,
-        ReaderOptions {
-            thread_count: 1 + input.threads as usize % 4,
-            verify_checksums: input.verify,
-            registry: registry(),
-            coalesce_gap: input.gap as u64,
-            max_request: input.max_request as u64,
-            // Both read paths: straight into destinations and through spans.
-            small_record: if input.verify { 0 } else { 256 * 1024 },
-        },
+        // Both read paths: straight into destinations and through spans.
+        ReaderOptions::default()
+            .thread_count(1 + input.threads as usize % 4)
+            .verify_checksums(input.verify)
+            .registry(registry())
+            .coalesce_gap(input.gap as u64)
+            .max_request(input.max_request as u64)
+            .small_record(if input.verify { 0 } else { 256 * 1024 }),
     );
-    let options = LoadOptions::default()
-.planner(Arc::new(planner));
+    let options = LoadOptions::default().planner(Arc::new(planner));
     let _ = runtime().block_on(load_with(dest, &reader, &Single, &options));
 });
