@@ -12,7 +12,7 @@
 //!   (rows become columns). The baseline reads the raw mirror of the
 //!   checkpoint's data files whole, one thread per file, into resident
 //!   buffers, from the same cache state. Cold means every data file was
-//!   dropped from the page cache first ([`sys::COLD_METHOD`]).
+//!   dropped from the page cache first (`sys::COLD_METHOD`).
 //!
 //! Untimed: generating the state dicts, allocating and touching destination
 //! and baseline buffers, removing earlier files, `sync(2)` before each timed
@@ -76,7 +76,7 @@ pub struct BenchArgs {
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub items: Option<u64>,
     /// Local directory to work in (its own subdirectories are created and
-    /// removed) [default: <temp dir>/dcp-bench].
+    /// removed) (default: dcp-bench in the system temp dir).
     #[arg(long)]
     pub dir: Option<PathBuf>,
     /// Ranks that save and load [default: llm 4, many-small 4, optimizer 8].

@@ -59,7 +59,7 @@ impl Format {
 /// Arguments of `dcp demo`.
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Checkpoint location (path or URL) [default: <temp dir>/dcp-demo].
+    /// Checkpoint location (path or URL) (default: dcp-demo in the system temp dir).
     #[arg(long)]
     pub dir: Option<String>,
     /// Ranks that save (with --load-only: taken from the checkpoint).

@@ -23,7 +23,7 @@
 //!
 //! I/O errors carry the operation and the path, and keep the system's text;
 //! a full disk or an exhausted quota is
-//! [`ErrorKind::StorageFull`](dcp_core::ErrorKind::StorageFull).
+//! [`ErrorKind::StorageFull`].
 //!
 //! ```
 //! use dcp_core::{save, load, ChunkBox, DType, DestStateDict, ReaderOptions, Single, StateDict,
