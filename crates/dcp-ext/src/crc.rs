@@ -2,21 +2,17 @@
 //! as 4 bytes little-endian. CRC-32C (`crc32c/1`), the default checksum,
 //! lives in dcp-core (every registry resolves it); this crate re-exports it.
 
-use dcp_core::transform::{check_checksum32, Descriptor};
-use dcp_core::{ExtensionFactory, Result, StreamEncoder, StreamTransformExtension, TransformKind};
+use dcp_core::transform::{build_checksum32, Checksum32, Descriptor};
+use dcp_core::{ExtensionFactory, Result, StreamTransformExtension};
 use std::sync::Arc;
 
 /// CRC-32 (IEEE, as in zip and gzip), SIMD accelerated by `crc32fast`.
-/// Descriptor `crc32/1`; kind [`TransformKind::Checksum`].
+/// Descriptor `crc32/1`; a [`Checksum32`], so a transform of kind
+/// [`TransformKind::Checksum`](dcp_core::TransformKind::Checksum).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Crc32;
 
 impl Crc32 {
-    /// The descriptor name.
-    pub const NAME: &'static str = "crc32";
-    /// The descriptor this transform records.
-    pub const DESCRIPTOR: &'static str = "crc32/1";
-
     /// A CRC-32 checksum transform.
     pub fn new() -> Self {
         Crc32
@@ -29,41 +25,18 @@ impl Crc32 {
     }
 }
 
-struct Crc32Encoder(crc32fast::Hasher);
-
-impl StreamEncoder for Crc32Encoder {
-    fn update(&mut self, input: &[u8], _out: &mut Vec<u8>) -> Result<()> {
-        self.0.update(input);
-        Ok(())
-    }
-    fn finish(self: Box<Self>, _out: &mut Vec<u8>) -> Result<Vec<u8>> {
-        Ok(self.0.finalize().to_le_bytes().to_vec())
+impl Checksum32 for Crc32 {
+    const NAME: &'static str = "crc32";
+    const DESCRIPTOR: &'static str = "crc32/1";
+    fn append(state: u32, data: &[u8]) -> u32 {
+        let mut h = crc32fast::Hasher::new_with_initial(state);
+        h.update(data);
+        h.finalize()
     }
 }
 
-impl StreamTransformExtension for Crc32 {
-    fn descriptor(&self) -> String {
-        Self::DESCRIPTOR.to_string()
-    }
-    fn kind(&self) -> TransformKind {
-        TransformKind::Checksum
-    }
-    fn encoder(&self) -> Result<Box<dyn StreamEncoder>> {
-        Ok(Box::new(Crc32Encoder(crc32fast::Hasher::new())))
-    }
-    fn decode(&self, input: &[u8], value: &[u8], expected_len: usize) -> Result<Option<Vec<u8>>> {
-        check_checksum32(
-            Self::DESCRIPTOR,
-            value,
-            input,
-            expected_len,
-            crc32fast::hash(input),
-        )?;
-        Ok(None)
-    }
-}
-
-/// Rebuilds [`Crc32`] from `crc32/1` (no parameters).
+/// Rebuilds [`Crc32`] from `crc32/1`; refuses other versions and any
+/// parameter.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Crc32Factory;
 
@@ -72,9 +45,7 @@ impl ExtensionFactory for Crc32Factory {
         Crc32::NAME
     }
     fn build(&self, d: &Descriptor) -> Result<Arc<dyn StreamTransformExtension>> {
-        d.check_version(1)?;
-        d.check_params(&[])?;
-        Ok(Arc::new(Crc32))
+        build_checksum32::<Crc32>(d)
     }
 }
 
@@ -88,5 +59,10 @@ mod tests {
         // Standard check values of both polynomials over "123456789".
         assert_eq!(Crc32c::checksum(b"123456789"), 0xe306_9283);
         assert_eq!(Crc32::checksum(b"123456789"), 0xcbf4_3926);
+        // Extending a running checksum gives the checksum of the whole.
+        assert_eq!(
+            Crc32::append(Crc32::append(0, b"1234"), b"56789"),
+            0xcbf4_3926
+        );
     }
 }

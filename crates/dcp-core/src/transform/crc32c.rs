@@ -4,45 +4,10 @@
 //! resolves it, with no other crate: a checkpoint is verifiable wherever it
 //! is read.
 
-use super::{Descriptor, ExtensionFactory, StreamEncoder, StreamTransformExtension, TransformKind};
-use crate::error::{Error, ErrorKind, Result};
+use super::checksum32::{build_checksum32, Checksum32};
+use super::{Descriptor, ExtensionFactory, StreamTransformExtension};
+use crate::error::Result;
 use std::sync::Arc;
-
-/// Compare a checksum recorded as 4 bytes little-endian (`value`) with
-/// `actual`, computed over `input`, which must be `expected_len` bytes long.
-/// A different length is [`ErrorKind::Corrupt`]; a different checksum
-/// [`ErrorKind::ChecksumMismatch`], naming `name` and both values.
-pub fn check_checksum32(
-    name: &str,
-    value: &[u8],
-    input: &[u8],
-    expected_len: usize,
-    actual: u32,
-) -> Result<()> {
-    if input.len() != expected_len {
-        return Err(Error::corrupt(format!(
-            "{name}: record has {} bytes, expected {expected_len}",
-            input.len()
-        )));
-    }
-    let expected: [u8; 4] = value.try_into().map_err(|_| {
-        Error::corrupt(format!(
-            "{name}: recorded checksum has {} bytes, expected 4",
-            value.len()
-        ))
-    })?;
-    let expected = u32::from_le_bytes(expected);
-    if expected != actual {
-        return Err(Error::new(
-            ErrorKind::ChecksumMismatch,
-            format!(
-                "{name} checksum mismatch over {} bytes: expected {expected:#010x}, actual {actual:#010x}",
-                input.len()
-            ),
-        ));
-    }
-    Ok(())
-}
 
 /// CRC-32C (Castagnoli), hardware accelerated where the CPU has it (SSE 4.2,
 /// ARMv8 CRC). Descriptor `crc32c/1`; kind [`TransformKind::Checksum`]:
@@ -51,11 +16,6 @@ pub fn check_checksum32(
 pub struct Crc32c;
 
 impl Crc32c {
-    /// The descriptor name.
-    pub const NAME: &'static str = "crc32c";
-    /// The descriptor this transform records.
-    pub const DESCRIPTOR: &'static str = "crc32c/1";
-
     /// A CRC-32C checksum transform.
     pub fn new() -> Self {
         Crc32c
@@ -68,37 +28,11 @@ impl Crc32c {
     }
 }
 
-struct Crc32cEncoder(u32);
-
-impl StreamEncoder for Crc32cEncoder {
-    fn update(&mut self, input: &[u8], _out: &mut Vec<u8>) -> Result<()> {
-        self.0 = crc32c::crc32c_append(self.0, input);
-        Ok(())
-    }
-    fn finish(self: Box<Self>, _out: &mut Vec<u8>) -> Result<Vec<u8>> {
-        Ok(self.0.to_le_bytes().to_vec())
-    }
-}
-
-impl StreamTransformExtension for Crc32c {
-    fn descriptor(&self) -> String {
-        Self::DESCRIPTOR.to_string()
-    }
-    fn kind(&self) -> TransformKind {
-        TransformKind::Checksum
-    }
-    fn encoder(&self) -> Result<Box<dyn StreamEncoder>> {
-        Ok(Box::new(Crc32cEncoder(0)))
-    }
-    fn decode(&self, input: &[u8], value: &[u8], expected_len: usize) -> Result<Option<Vec<u8>>> {
-        check_checksum32(
-            Self::DESCRIPTOR,
-            value,
-            input,
-            expected_len,
-            crc32c::crc32c(input),
-        )?;
-        Ok(None)
+impl Checksum32 for Crc32c {
+    const NAME: &'static str = "crc32c";
+    const DESCRIPTOR: &'static str = "crc32c/1";
+    fn append(state: u32, data: &[u8]) -> u32 {
+        crc32c::crc32c_append(state, data)
     }
 }
 
@@ -112,15 +46,14 @@ impl ExtensionFactory for Crc32cFactory {
         Crc32c::NAME
     }
     fn build(&self, d: &Descriptor) -> Result<Arc<dyn StreamTransformExtension>> {
-        d.check_version(1)?;
-        d.check_params(&[])?;
-        Ok(Arc::new(Crc32c))
+        build_checksum32::<Crc32c>(d)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorKind;
 
     #[test]
     fn crc32c_round_trips_and_detects_damage() {

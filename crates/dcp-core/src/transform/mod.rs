@@ -6,9 +6,11 @@
 //! each chain from an [`ExtensionRegistry`]; an unknown descriptor is an
 //! `Unsupported` error that says which crate provides it, never a misread.
 
+mod checksum32;
 mod crc32c;
 
-pub use self::crc32c::{check_checksum32, Crc32c, Crc32cFactory};
+pub use self::checksum32::{build_checksum32, check_checksum32, Checksum32};
+pub use self::crc32c::{Crc32c, Crc32cFactory};
 
 use crate::error::{Error, ErrorKind, Result};
 use std::collections::{BTreeMap, HashMap};
