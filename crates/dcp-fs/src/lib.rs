@@ -127,7 +127,9 @@ impl LocalFs {
     /// cached unless it is the metadata file). Returns whether it came from
     /// the cache.
     fn handle(&self, name: &str, path: &Path) -> Result<(Arc<File>, bool)> {
-        let cacheable = !name.starts_with(".metadata");
+        // `.metadata` and `.lease` are replaced under the same name (by
+        // other processes too): never read them through a cached handle.
+        let cacheable = !name.starts_with('.');
         if !cacheable {
             return Ok((Arc::new(open_read(path)?.0), false));
         }
@@ -561,6 +563,59 @@ impl FileSystem for LocalFs {
             self.sync_dir()?;
         }
         Ok(())
+    }
+
+    /// Writes `data` to a fresh temporary file (fsynced with `sync`) and
+    /// links it to `name` with `link(2)`, which fails with `EEXIST` if
+    /// `name` exists: the file appears whole or not at all, atomically
+    /// also on NFS (the classic NFS-safe lock). Where links are refused
+    /// (`EPERM`, `ENOTSUP`: some FUSE and FAT file systems) it falls back to
+    /// `O_CREAT | O_EXCL`, where a reader may briefly see the file empty.
+    fn create_new(&self, name: &str, data: &[u8], sync: bool) -> Result<bool> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let path = self.path(name)?;
+        let show = path.display().to_string();
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp_name = format!("{name}.{}-{n}.new", std::process::id());
+        let tmp = self.path(&tmp_name)?;
+        let show_tmp = tmp.display().to_string();
+        let write_new = |p: &Path, show: &str| -> Result<()> {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(p)
+                .map_err(|e| open_error("create", show, e))?;
+            f.write_all(data).map_err(|e| Error::io("write", show, e))?;
+            if sync {
+                f.sync_all().map_err(|e| Error::io("fsync", show, e))?;
+            }
+            Ok(())
+        };
+        if let Err(e) = write_new(&tmp, &show_tmp) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        let linked = std::fs::hard_link(&tmp, &path);
+        let _ = std::fs::remove_file(&tmp);
+        let created = match linked {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EOPNOTSUPP)) => {
+                match write_new(&path, &show) {
+                    Ok(()) => true,
+                    Err(e) if e.kind() == ErrorKind::AlreadyExists => false,
+                    // Not removed: it may not be this call's file.
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(e) => return Err(Error::io(&format!("link {show_tmp} to"), &show, e)),
+        };
+        self.invalidate(name);
+        if created && sync {
+            self.sync_dir()?;
+        }
+        Ok(created)
     }
 
     fn list(&self) -> Result<Vec<FileEntry>> {

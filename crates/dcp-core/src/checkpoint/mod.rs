@@ -15,6 +15,7 @@
 
 mod fs_reader;
 mod fs_writer;
+mod lease;
 mod load;
 mod options;
 mod save;
@@ -24,6 +25,7 @@ pub(crate) mod wire;
 pub(crate) use fs_reader::located;
 pub use fs_reader::FileSystemReader;
 pub use fs_writer::{is_data_file_name, FileSystemWriter};
+pub use lease::{LeaseInfo, LEASE_FILE};
 pub use load::{load, load_with, read_metadata, LoadResult};
 pub use options::{LoadOptions, ReaderOptions, SaveOptions, WriterOptions};
 pub use save::{save, save_with, SaveResult};
