@@ -284,20 +284,38 @@ impl Lease {
         }
     }
 
-    /// Check that this save still holds the lease, and renew it. `Busy`
-    /// when another save holds it now (this one's was broken). Blocking.
+    /// Check that this save still holds the lease and that it has not
+    /// expired (the renewer keeps it fresh; an expired lease may be broken
+    /// by another save at any moment). `Busy` otherwise. One read; writes
+    /// nothing. Blocking.
     pub(crate) fn check(&self) -> Result<()> {
-        if self.lost.load(Ordering::SeqCst) {
-            return Err(Error::new(
+        let lost = |why: String| {
+            Err(Error::new(
                 ErrorKind::Busy,
                 format!(
-                    "save {} lost its lease on {} while it ran",
+                    "save {} lost its lease on {}: {why}",
                     self.save_id,
                     self.fs.location()
                 ),
-            ));
+            ))
+        };
+        if self.lost.load(Ordering::SeqCst) {
+            return lost("another save took it while this one ran".into());
         }
-        renew(self.fs.as_ref(), &self.save_id, self.expiry)
+        match read(self.fs.as_ref())? {
+            None => lost("the lease file was removed".into()),
+            Some(b) => match LeaseInfo::decode(&b) {
+                Ok(h) if h.save_id != self.save_id => {
+                    lost(format!("it is held by {}", h.describe()))
+                }
+                Ok(h) if now_ms() > h.expires_ms => lost(format!(
+                    "it expired {} ms ago without being renewed",
+                    now_ms() - h.expires_ms
+                )),
+                Ok(_) => Ok(()),
+                Err(e) => Err(e),
+            },
+        }
     }
 
     /// Stop renewing and remove the lease file if it is still this save's.
@@ -395,7 +413,23 @@ mod tests {
         assert!(e.message().contains("save aaaaaaaaaaaaaaaa of pid"), "{e}");
         assert!(e.message().contains(&host_name()), "{e}");
         a.check().unwrap();
+        // Another save broke it (as if this one had stalled past expiry).
+        fs.write_atomic(
+            LEASE_FILE,
+            &LeaseInfo::new("dddddddddddddddd", Duration::from_secs(60)).encode(),
+            false,
+        )
+        .unwrap();
+        let e = a.check().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Busy);
+        assert!(
+            e.message().contains("lost its lease") && e.message().contains("save dddddddddddddddd"),
+            "{e}"
+        );
+        // Release leaves the other save's lease alone.
         a.release();
+        assert!(fs.file_len(LEASE_FILE).unwrap().is_some());
+        fs.remove(LEASE_FILE).unwrap();
         assert_eq!(fs.file_len(LEASE_FILE).unwrap(), None);
         Lease::acquire(fs, "bbbbbbbbbbbbbbbb", Duration::from_secs(60), None, true)
             .unwrap()
