@@ -102,8 +102,15 @@ impl LeaseInfo {
             .map_err(|e| Error::corrupt(format!("{LEASE_FILE} is not a dcp lease: {e}")))
     }
 
-    fn encode(&self) -> Vec<u8> {
+    /// The lease file's bytes (JSON).
+    pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("a lease encodes")
+    }
+
+    /// This machine's host name, as leases record it (`uname`'s node name,
+    /// or `unknown`).
+    pub fn local_host() -> String {
+        host_name()
     }
 
     /// Why the holder is dead, or `None` if it may be alive: past its
@@ -160,7 +167,6 @@ fn read(fs: &dyn FileSystem) -> Result<Option<Vec<u8>>> {
 pub(crate) struct Lease {
     fs: Arc<dyn FileSystem>,
     save_id: String,
-    expiry: Duration,
     lost: Arc<AtomicBool>,
     stop: Option<mpsc::Sender<()>>,
     renewer: Option<JoinHandle<()>>,
@@ -277,7 +283,6 @@ impl Lease {
         Lease {
             fs,
             save_id: save_id.to_string(),
-            expiry,
             lost,
             stop: Some(stop),
             renewer,
