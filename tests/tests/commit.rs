@@ -716,3 +716,41 @@ impl FileSystemLayer for HoldBeforeCompare {
         self.inner.read_small(name, max_len)
     }
 }
+
+/// A save with `overwrite(false)` that waited for the lease is refused
+/// when the holder committed a checkpoint meanwhile: the check is repeated
+/// under the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overwrite_false_is_checked_again_under_the_lease() {
+    let (ma, mb) = (model(30), model(31));
+    for backend in backends() {
+        let what = backend.name();
+        let store = backend.make_fs("wait-no-overwrite");
+        let (gate, reached, go) = Gate::new();
+        let held: Arc<dyn FileSystem> = Arc::new(HoldCommit {
+            inner: store.fs(),
+            gate,
+        });
+        let a = spawn_save(held, opts(), &ma);
+        wait_for(reached, "save A reaching its commit").await;
+        let (busy_tx, busy_rx) = channel();
+        let noticing: Arc<dyn FileSystem> = Arc::new(NoticeBusy {
+            inner: store.fs(),
+            busy: Mutex::new(Some(busy_tx)),
+        });
+        let b = spawn_save(
+            noticing,
+            opts().overwrite(false).lease_wait(Some(DEADLINE)),
+            &mb,
+        );
+        wait_for(busy_rx, "save B finding the lease held").await;
+        go.send(()).unwrap();
+        let a = all_ok(a.await.unwrap(), "save A");
+        for e in all_err(b.await.unwrap(), "save B") {
+            assert_error(&e, ErrorKind::AlreadyExists, &["rank 0: ", "overwrite"]);
+        }
+        assert_eq!(store.metadata(), *a[0].metadata, "{what}");
+        assert_eq!(store.data_files(), sorted(names(&a[0].metadata)), "{what}");
+        assert!(!store.names().contains(&LEASE_FILE.to_string()), "{what}");
+    }
+}

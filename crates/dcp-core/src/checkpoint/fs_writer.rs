@@ -251,6 +251,7 @@ impl StorageWriter for FileSystemWriter {
         let fs = self.fs.clone();
         let opts = &self.options;
         let (expiry, wait, sync) = (opts.lease_expiry, opts.lease_wait, opts.sync_files);
+        let overwrite = opts.overwrite;
         let id = save_id.to_string();
         let (active, generation) = blocking(move || {
             let lease = Lease::acquire(fs.clone(), &id, expiry, wait, sync)?;
@@ -261,6 +262,18 @@ impl StorageWriter for FileSystemWriter {
                     return Err(e.context("read the current .metadata"));
                 }
             };
+            if !overwrite && base.is_some() {
+                // A checkpoint appeared between `prepare` and the lease (a
+                // save that held it committed while this one waited).
+                lease.release();
+                return Err(Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!(
+                        "a checkpoint already exists at {}; pass overwrite = true to replace it",
+                        fs.location()
+                    ),
+                ));
+            }
             let previous = base.as_deref().and_then(|b| Metadata::decode(b).ok());
             let generation = previous.as_ref().map_or(0, |m| m.generation) + 1;
             Ok((
