@@ -118,6 +118,41 @@ impl LocalFs {
         self.handles.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Remove the temporary files `{name}.{pid}-{n}.new` that
+    /// [`FileSystem::create_new`] of a process killed between writing and
+    /// linking one left behind: those whose pid no longer exists on this
+    /// host. Best effort; a failure is logged. (On a directory shared by
+    /// several hosts, a live process of another host whose pid is free here
+    /// would see its `create_new` fail with an I/O error, never a wrong
+    /// answer.)
+    fn remove_dead_temps(&self, name: &str) {
+        let Ok(rd) = std::fs::read_dir(&self.root) else {
+            return;
+        };
+        let prefix = format!("{name}.");
+        for entry in rd.flatten() {
+            let file = entry.file_name();
+            let Some(rest) = file.to_str().and_then(|f| f.strip_prefix(&prefix)) else {
+                continue;
+            };
+            let Some((pid, n)) = rest.strip_suffix(".new").and_then(|r| r.split_once('-')) else {
+                continue;
+            };
+            let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+            let Some(pid) = pid.parse::<i32>().ok().filter(|_| digits(n)) else {
+                continue;
+            };
+            let alive = rustix::process::Pid::from_raw(pid).is_some_and(|p| {
+                rustix::process::test_kill_process(p).err() != Some(rustix::io::Errno::SRCH)
+            });
+            if !alive {
+                if let Err(e) = std::fs::remove_file(entry.path()) {
+                    tracing::warn!("could not remove {}: {e}", entry.path().display());
+                }
+            }
+        }
+    }
+
     /// Forget the cached read handle of `name`, if any.
     fn invalidate(&self, name: &str) {
         self.cache().remove(name);
@@ -612,8 +647,11 @@ impl FileSystem for LocalFs {
             Err(e) => return Err(Error::io(&format!("link {show_tmp} to"), &show, e)),
         };
         self.invalidate(name);
-        if created && sync {
-            self.sync_dir()?;
+        if created {
+            self.remove_dead_temps(name);
+            if sync {
+                self.sync_dir()?;
+            }
         }
         Ok(created)
     }
@@ -762,6 +800,36 @@ mod tests {
             .read_scattered("__0_0-s.dcp", u64::MAX - 10, &mut iov)
             .unwrap_err();
         assert_eq!(e.kind(), dcp_core::ErrorKind::Corrupt, "{e}");
+    }
+
+    #[test]
+    fn create_new_creates_once_whole_and_sweeps_dead_temps() {
+        let (_d, fs) = setup();
+        fs.prepare().unwrap();
+        let dead = {
+            let mut c = std::process::Command::new("true").spawn().unwrap();
+            let pid = c.id();
+            c.wait().unwrap();
+            pid
+        };
+        // Left by a process killed between writing its temp file and linking it.
+        let stale = format!(".lease.{dead}-0.new");
+        let live = format!(".lease.{}-999.new", std::process::id());
+        std::fs::write(fs.root().join(&stale), b"x").unwrap();
+        std::fs::write(fs.root().join(&live), b"y").unwrap();
+        assert!(fs.create_new(".lease", b"first", true).unwrap());
+        assert!(!fs.create_new(".lease", b"second", true).unwrap());
+        assert_eq!(fs.read_small(".lease", 100).unwrap(), b"first");
+        let names: Vec<String> = fs.list().unwrap().into_iter().map(|f| f.name).collect();
+        assert!(!names.contains(&stale), "{names:?}");
+        assert!(
+            names.contains(&live),
+            "a live process's temp file is kept: {names:?}"
+        );
+        fs.remove(".lease").unwrap();
+        assert!(fs.create_new(".lease", b"third", false).unwrap());
+        assert_eq!(fs.read_small(".lease", 100).unwrap(), b"third");
+        fs.create_new("../x", b"", false).unwrap_err();
     }
 
     #[test]
