@@ -199,7 +199,7 @@ impl Lease {
             let info = LeaseInfo::new(save_id, expiry);
             let created = fs.create_new(LEASE_FILE, &info.encode(), sync);
             if let Ok(true) = created {
-                return Ok(Lease::start(fs, save_id, expiry));
+                return Ok(Lease::start(fs, save_id, expiry, expiry / 3));
             }
             forget(save_id);
             created?;
@@ -212,7 +212,7 @@ impl Lease {
                         live()
                             .get_or_insert_with(HashSet::new)
                             .insert(save_id.to_string());
-                        return Ok(Lease::start(fs, save_id, expiry));
+                        return Ok(Lease::start(fs, save_id, expiry, expiry / 3));
                     }
                     Ok(h) => {
                         if let Some(why) = h.dead_because() {
@@ -258,7 +258,9 @@ impl Lease {
         }
     }
 
-    fn start(fs: Arc<dyn FileSystem>, save_id: &str, expiry: Duration) -> Lease {
+    /// A held lease, renewed every `every` (a third of `expiry` outside
+    /// tests) by extending it to `expiry` from then.
+    fn start(fs: Arc<dyn FileSystem>, save_id: &str, expiry: Duration, every: Duration) -> Lease {
         let lost = Arc::new(AtomicBool::new(false));
         let (stop, rx) = mpsc::channel::<()>();
         let renewer = {
@@ -268,7 +270,7 @@ impl Lease {
                 .spawn(move || {
                     // Wakes every third of the expiry, or at once when the
                     // sender is dropped (release).
-                    while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(expiry / 3) {
+                    while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(every) {
                         if let Err(e) = renew(fs.as_ref(), &id, expiry) {
                             tracing::warn!("could not renew the lease of save {id}: {e}");
                             if e.kind() == ErrorKind::Busy {
@@ -439,6 +441,52 @@ mod tests {
         Lease::acquire(fs, "bbbbbbbbbbbbbbbb", Duration::from_secs(60), None, true)
             .unwrap()
             .release();
+    }
+
+    /// The renewer extends the expiry while the lease is held, and stops
+    /// (marking the lease lost) once another save holds it.
+    #[test]
+    fn the_lease_is_renewed_until_it_is_lost() {
+        let fs: Arc<dyn FileSystem> = Arc::new(MemoryFs::new("memory://renew"));
+        let expiry = Duration::from_secs(60);
+        let info = LeaseInfo::new("eeeeeeeeeeeeeeee", expiry);
+        live()
+            .get_or_insert_with(HashSet::new)
+            .insert(info.save_id.clone());
+        assert!(fs.create_new(LEASE_FILE, &info.encode(), false).unwrap());
+        let lease = Lease::start(fs.clone(), &info.save_id, expiry, Duration::from_millis(1));
+        let expires = || LeaseInfo::decode(&read(fs.as_ref()).unwrap().unwrap()).unwrap();
+        // Wait (bounded) for a renewal to be visible: the expiry moves on.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while expires().expires_ms == info.expires_ms {
+            assert!(Instant::now() < deadline, "no renewal within 30 s");
+            std::thread::yield_now();
+        }
+        assert_eq!(expires().save_id, info.save_id);
+        assert_eq!(expires().started_ms, info.started_ms);
+        // Another save takes the location: the renewer notices and stops.
+        let other = LeaseInfo::new("ffffffffffffffff", expiry).encode();
+        // (A renewal that read the lease just before may still write it
+        // back once: the read-then-write window of `renew`; take it again.)
+        while !lease.lost.load(Ordering::SeqCst) {
+            assert!(
+                Instant::now() < deadline,
+                "the loss was not noticed within 30 s"
+            );
+            if read(fs.as_ref()).unwrap().as_deref() != Some(&other[..]) {
+                fs.write_atomic(LEASE_FILE, &other, false).unwrap();
+            }
+            std::thread::yield_now();
+        }
+        assert_eq!(
+            read(fs.as_ref()).unwrap().unwrap(),
+            other,
+            "not overwritten"
+        );
+        let e = lease.check().unwrap_err();
+        assert!(e.message().contains("another save took it"), "{e}");
+        lease.release();
+        assert_eq!(read(fs.as_ref()).unwrap().unwrap(), other, "not removed");
     }
 
     #[test]
