@@ -212,6 +212,7 @@ fn build(input: &Input) -> (Metadata, Vec<Vec<u8>>) {
         transforms,
         items,
         user: BTreeMap::new(),
+        generation: 1,
     };
     // Give checksums the right value when asked, so verified reads get past
     // the CRC and into the copy paths.

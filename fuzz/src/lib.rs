@@ -85,6 +85,7 @@ pub fn samples() -> Vec<Metadata> {
             ),
         ],
         user: BTreeMap::from([("step".into(), "100".into())]),
+        generation: 1,
     };
     let b = Metadata {
         save_id: "ffffffffffffffff".into(),
@@ -126,6 +127,7 @@ pub fn samples() -> Vec<Metadata> {
             ),
         ],
         user: BTreeMap::new(),
+        generation: 1,
     };
     let c = Metadata {
         save_id: "x".into(),
@@ -135,6 +137,7 @@ pub fn samples() -> Vec<Metadata> {
         transforms: vec![],
         items: vec![],
         user: BTreeMap::from([("k".into(), "v".into()), ("k2".into(), String::new())]),
+        generation: 1,
     };
     vec![a, b, c]
 }

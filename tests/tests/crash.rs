@@ -117,11 +117,18 @@ fn check_checkpoint(fs: Arc<dyn FileSystem>, allowed: &[u64], what: &str) -> u64
     g
 }
 
-/// Assert the location holds `.metadata` and exactly the data files it
-/// references: nothing left by killed or failed saves.
-fn assert_no_stale(names: Vec<String>, md: &Metadata, what: &str) {
+/// Assert the location holds `.metadata`, exactly the data files it
+/// references, and those of `previous` (the checkpoint the save replaced,
+/// kept until the next commit so a load that began before it completes):
+/// nothing left by killed or failed saves, nor by older generations.
+fn assert_no_stale(names: Vec<String>, md: &Metadata, previous: Option<&Metadata>, what: &str) {
     let got: BTreeSet<String> = names.into_iter().collect();
     let mut want: BTreeSet<String> = md.files.iter().map(|f| f.name.clone()).collect();
+    want.extend(
+        previous
+            .iter()
+            .flat_map(|p| p.files.iter().map(|f| f.name.clone())),
+    );
     want.insert(".metadata".into());
     assert_eq!(
         got, want,
@@ -162,12 +169,18 @@ fn sigkill_during_save_leaves_old_or_new() {
     // over which kills are spread.
     run_child(&dir, 0);
     assert_eq!(check_checkpoint(local(&dir), &[0], "generation 0"), 0);
-    assert_no_stale(dir_names(&dir), &decode_md(&dir), "generation 0");
+    assert_no_stale(dir_names(&dir), &decode_md(&dir), None, "generation 0");
     let mut span = Duration::ZERO;
     for g in 1..=2 {
+        let before = decode_md(&dir);
         span = span.max(run_child(&dir, g));
         assert_eq!(check_checkpoint(local(&dir), &[g], "clean save"), g);
-        assert_no_stale(dir_names(&dir), &decode_md(&dir), "clean save");
+        assert_no_stale(
+            dir_names(&dir),
+            &decode_md(&dir),
+            Some(&before),
+            "clean save",
+        );
     }
     let max_delay = span.mul_f64(1.2);
     eprintln!("crash: an uninterrupted save takes {span:?}; kills spread over 0..{max_delay:?}");
@@ -178,6 +191,7 @@ fn sigkill_during_save_leaves_old_or_new() {
     let mut max_stale = 0usize;
     for t in 0..trials {
         let delay = Duration::from_micros(rng.random_range(0..=max_delay.as_micros() as u64));
+        let before = decode_md(&dir);
         let mut child = spawn_child(&dir, g + 1);
         std::thread::sleep(delay);
         let finished = match child.try_wait().expect("poll child") {
@@ -201,7 +215,7 @@ fn sigkill_during_save_leaves_old_or_new() {
         if finished {
             assert_eq!(now, g + 1, "{what}: a completed save must be visible");
             // A successful save leaves nothing of the killed ones before it.
-            assert_no_stale(dir_names(&dir), &md, &what);
+            assert_no_stale(dir_names(&dir), &md, Some(&before), &what);
             completed += 1;
         } else if now == g {
             kept_old += 1;
@@ -211,10 +225,11 @@ fn sigkill_during_save_leaves_old_or_new() {
         g = now;
     }
     // The next successful save removes whatever the last killed one left.
+    let before = decode_md(&dir);
     run_child(&dir, g + 1);
     let md = decode_md(&dir);
     assert_eq!(check_checkpoint(local(&dir), &[g + 1], "final save"), g + 1);
-    assert_no_stale(dir_names(&dir), &md, "final save");
+    assert_no_stale(dir_names(&dir), &md, Some(&before), "final save");
     eprintln!(
         "crash: {trials} SIGKILL trials in {:?}: {kept_old} killed before the commit (old kept), \
          {got_new} killed after the commit (new), {completed} completed; at most {max_stale} stale \
@@ -288,6 +303,7 @@ fn fault_at_every_operation_leaves_old_or_new() {
             r.expect("clean save of generation 0");
         }
         faulty.reset();
+        let gen0 = Metadata::decode(&inner.read_small(".metadata", 1 << 30).unwrap()).unwrap();
         for r in save_gen(ffs.clone(), gens.get(1), 1) {
             r.expect("clean save of generation 1");
         }
@@ -306,6 +322,7 @@ fn fault_at_every_operation_leaves_old_or_new() {
         assert_no_stale(
             names_of(inner.as_ref()),
             &Metadata::decode(&inner.read_small(".metadata", 1 << 30).unwrap()).unwrap(),
+            Some(&gen0),
             "clean save",
         );
 
@@ -327,6 +344,8 @@ fn fault_at_every_operation_leaves_old_or_new() {
         let (mut failed, mut committed, mut cleanup_only) = (0, 0, 0);
         for fault in &faults {
             faulty.reset();
+            let before =
+                Metadata::decode(&inner.read_small(".metadata", 1 << 30).unwrap()).unwrap();
             faulty.arm(fault.clone());
             let results = save_gen(ffs.clone(), gens.get(g + 1), g + 1);
             faulty.reset();
@@ -344,7 +363,7 @@ fn fault_at_every_operation_leaves_old_or_new() {
                         ..
                     } => cleanup_only += 1,
                     _ => {
-                        assert_no_stale(names_of(inner.as_ref()), &md, &what);
+                        assert_no_stale(names_of(inner.as_ref()), &md, Some(&before), &what);
                         committed += 1;
                     }
                 }
@@ -379,14 +398,21 @@ fn fault_at_every_operation_leaves_old_or_new() {
                 failed += 1;
             }
         }
-        // After all that, one clean save leaves exactly its own files.
+        // After all that, one clean save leaves exactly its own files and
+        // those of the checkpoint it replaced.
+        let before = Metadata::decode(&inner.read_small(".metadata", 1 << 30).unwrap()).unwrap();
         for r in save_gen(ffs.clone(), gens.get(g + 1), g + 1) {
             r.expect("final clean save");
         }
         assert_eq!(gen_of(inner.as_ref()), g + 1);
         let md = Metadata::decode(&inner.read_small(".metadata", 1 << 30).unwrap()).unwrap();
         check_checkpoint(inner.clone(), &[g + 1], "final clean save");
-        assert_no_stale(names_of(inner.as_ref()), &md, "final clean save");
+        assert_no_stale(
+            names_of(inner.as_ref()),
+            &md,
+            Some(&before),
+            "final clean save",
+        );
         summary.push(format!(
             "{backend}: {} faults ({}): {failed} failed saves kept the old checkpoint, \
              {committed} committed despite the fault, {cleanup_only} committed with a failed cleanup",

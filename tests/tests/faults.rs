@@ -169,57 +169,91 @@ async fn failing_any_write_step_commits_nothing() {
 /// Removing files of earlier saves happens after the commit: a failing
 /// `list` or `remove` cannot un-commit the new checkpoint. The save succeeds,
 /// the new checkpoint loads bit-exact, and the next save removes what was
-/// left behind.
+/// left behind. A save replacing `b` (which replaced `a`) removes `a`'s
+/// files and keeps `b`'s; the last `remove` is the lease's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_cleanup_keeps_the_new_checkpoint() {
     let a = model();
     let b = a.reseeded(2);
     let c = a.reseeded(3);
+    let d = a.reseeded(4);
     for backend in backends() {
-        let counts = clean_counts(backend, &a, &b).await;
-        assert_eq!(counts[&Op::List], 1, "{counts:?}");
-        assert!(counts[&Op::Remove] >= WORLD as u64, "{counts:?}");
-        for op in [Op::List, Op::Remove] {
-            // Three saves and a load per fault: on S3 (slow per request)
+        let counts = {
+            let store = backend.make_fs("count-cleanup");
+            save_model(store.fs(), &a, WORLD, opts()).await;
+            save_model(store.fs(), &b, WORLD, opts()).await;
+            let f = store.faulty();
+            save_model(faulty(&f), &c, WORLD, opts()).await;
+            [Op::List, Op::Remove].map(|op| (op, f.count(op)))
+        };
+        assert_eq!(counts[0].1, 1, "{counts:?}");
+        assert!(
+            counts[1].1 > WORLD as u64,
+            "a's files and the lease: {counts:?}"
+        );
+        for (op, n) in counts {
+            // Four saves and a load per fault: on S3 (slow per request)
             // only the first, middle and last call fail.
-            for nth in backend.sample(counts[&op]) {
+            for nth in backend.sample(n) {
                 let what = format!("{} fail {op:?} #{nth}", backend.name());
+                let lease_removal = op == Op::Remove && nth == n - 1;
                 let store = backend.make_fs("cleanup");
                 save_model(store.fs(), &a, WORLD, opts()).await;
                 let old = store.data_files();
+                let replaced = save_model(store.fs(), &b, WORLD, opts()).await[0]
+                    .metadata
+                    .clone();
                 let f = store.faulty();
                 f.arm(Fault::FailNth { op, nth });
-                let saved = save_model(faulty(&f), &b, WORLD, opts()).await;
+                let saved = save_model(faulty(&f), &c, WORLD, opts()).await;
                 let md = saved[0].metadata.clone();
+                assert_eq!(md.generation, replaced.generation + 1, "{what}");
                 assert_eq!(store.metadata(), *md, "{what}");
+                let named =
+                    |n: &String| md.files.iter().chain(&replaced.files).any(|f| &f.name == n);
                 let stale: Vec<String> = store
                     .data_files()
                     .into_iter()
-                    .filter(|n| !md.files.iter().any(|f| &f.name == n))
+                    .filter(|n| !named(n))
                     .collect();
-                assert!(!stale.is_empty(), "{what}: the failed cleanup left nothing");
-                assert!(stale.iter().all(|n| old.contains(n)), "{what}");
+                if lease_removal {
+                    assert!(stale.is_empty(), "{what}: {stale:?}");
+                    assert!(store.names().contains(&".lease".to_string()), "{what}");
+                } else {
+                    assert!(!stale.is_empty(), "{what}: the failed cleanup left nothing");
+                    assert!(stale.iter().all(|n| old.contains(n)), "{what}");
+                }
                 load_and_check(
                     store.fresh_fs(),
-                    &b,
+                    &c,
                     WORLD,
                     2,
                     ReaderOptions::default(),
                     &|_| Sharding::Grid,
                 )
                 .await;
-                let saved = save_model(store.fs(), &c, WORLD, opts()).await;
+                // The next save breaks a lease left by an ended save, and
+                // removes everything but its own files and `c`'s.
+                let saved = save_model(store.fs(), &d, WORLD, opts()).await;
                 let mut want: Vec<String> = saved[0]
                     .metadata
                     .files
                     .iter()
+                    .chain(&md.files)
                     .map(|f| f.name.clone())
                     .collect();
                 want.sort();
                 assert_eq!(store.data_files(), want, "{what}: stale files remain");
-                for s in &stale {
+                for s in stale.iter().chain(
+                    &replaced
+                        .files
+                        .iter()
+                        .map(|f| f.name.clone())
+                        .collect::<Vec<_>>(),
+                ) {
                     assert!(saved[0].removed.contains(s), "{what}: {s} not reported");
                 }
+                assert!(!store.names().contains(&".lease".to_string()), "{what}");
             }
         }
     }
@@ -230,7 +264,8 @@ async fn fewer_files_leave_no_stale_data() {
     let a = model();
     for backend in backends() {
         let store = backend.make_fs("fewer");
-        let mut last: Vec<String> = Vec::new();
+        // The files of the last two checkpoints.
+        let (mut last, mut before_last): (Vec<String>, Vec<String>) = (Vec::new(), Vec::new());
         for (i, (threads, single)) in [(3, true), (1, true), (2, false), (1, true)]
             .into_iter()
             .enumerate()
@@ -241,12 +276,22 @@ async fn fewer_files_leave_no_stale_data() {
                 .single_file_per_rank(single);
             let saved = save_model(store.fs(), &m, WORLD, o).await;
             let md = &saved[0].metadata;
-            let mut want: Vec<String> = md.files.iter().map(|f| f.name.clone()).collect();
+            assert_eq!(md.generation, i as u64 + 1);
+            let mine: Vec<String> = md.files.iter().map(|f| f.name.clone()).collect();
+            let mut want: Vec<String> = mine.iter().chain(&last).cloned().collect();
             want.sort();
-            assert_eq!(store.data_files(), want, "save {i}");
+            assert_eq!(
+                store.data_files(),
+                want,
+                "save {i}: its files and the replaced one's"
+            );
             let mut removed = saved[0].removed.clone();
             removed.sort();
-            assert_eq!(removed, last, "save {i}: rank 0 reports what it removed");
+            before_last.sort();
+            assert_eq!(
+                removed, before_last,
+                "save {i}: rank 0 reports what it removed"
+            );
             for s in &saved[1..] {
                 assert!(s.removed.is_empty());
             }
@@ -262,7 +307,7 @@ async fn fewer_files_leave_no_stale_data() {
                 &|_| Sharding::Rows,
             )
             .await;
-            last = want;
+            before_last = std::mem::replace(&mut last, mine);
         }
     }
 }
@@ -344,6 +389,7 @@ async fn damaged_checkpoints_are_clear_errors() {
 
         // Damaged metadata: a flipped body byte, a flipped magic byte, a
         // truncated file, an unknown version.
+        let future = format!("format version {}", FORMAT_VERSION + 1);
         let cases: Vec<(Vec<u8>, ErrorKind, &str)> = vec![
             (
                 {
@@ -377,7 +423,7 @@ async fn damaged_checkpoints_are_clear_errors() {
                     b
                 },
                 ErrorKind::Unsupported,
-                "format version 2",
+                &future,
             ),
         ];
         for (bytes, kind, text) in cases {

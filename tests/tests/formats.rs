@@ -145,13 +145,38 @@ async fn a_format_defined_outside_dcp_round_trips_reshards_and_verifies() {
         );
     }
 
-    // A save over it replaces the checkpoint and removes the old `.frm` files.
+    // A save over it replaces the checkpoint and keeps the replaced one's
+    // `.frm` files until the next commit, which removes them.
     let old = store.data_files();
-    save_model(store.fs(), &m.reseeded(32), 2, opts).await;
-    let now = store.data_files();
-    assert_eq!(now.len(), 2);
-    assert!(now.iter().all(|f| !old.contains(f)), "{old:?} {now:?}");
+    let saved = save_model(store.fs(), &m.reseeded(32), 2, opts.clone()).await;
+    let new: Vec<String> = saved[0]
+        .metadata
+        .files
+        .iter()
+        .map(|f| f.name.clone())
+        .collect();
+    assert_eq!(new.len(), 2);
+    assert!(new.iter().all(|f| !old.contains(f)), "{old:?} {new:?}");
+    let mut kept: Vec<String> = old.iter().chain(&new).cloned().collect();
+    kept.sort();
+    assert_eq!(
+        store.data_files(),
+        kept,
+        "the replaced checkpoint's files are kept"
+    );
+    assert!(saved[0].removed.is_empty());
     load_and_check(store.fs(), &m.reseeded(32), 2, 3, reader(), &cols).await;
+    let saved = save_model(store.fs(), &m.reseeded(33), 2, opts).await;
+    let mut removed = saved[0].removed.clone();
+    removed.sort();
+    assert_eq!(
+        removed, old,
+        "the generation before the replaced one is removed"
+    );
+    let mut want: Vec<String> = new;
+    want.extend(saved[0].metadata.files.iter().map(|f| f.name.clone()));
+    want.sort();
+    assert_eq!(store.data_files(), want);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

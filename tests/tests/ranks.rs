@@ -213,13 +213,16 @@ async fn a_rank_stalled_in_storage_fails_everyone_within_the_deadline() {
             }
         }
         assert_nothing_committed(&store, &a, &md).await;
-        // The next good save removes whatever the failed one left.
+        // The next good save removes whatever the failed one left, and keeps
+        // the files of the checkpoint it replaced.
         let c = a.reseeded(3);
+        let replaced = store.metadata();
         let saved = save_model(store.fs(), &c, WORLD, fast_writer()).await;
         let mut want: Vec<String> = saved[0]
             .metadata
             .files
             .iter()
+            .chain(&replaced.files)
             .map(|f| f.name.clone())
             .collect();
         want.sort();

@@ -66,6 +66,7 @@ fn build(chunks: usize) -> Metadata {
         transforms: vec![],
         items: out,
         user: Default::default(),
+        generation: 1,
     }
 }
 
@@ -142,6 +143,7 @@ fn planning(c: &mut Criterion) {
             },
         )],
         user: Default::default(),
+        generation: 1,
     };
     // Destination chunks with empty buffers are not allowed, so plan against
     // boxes of a small tensor with the same chunk geometry scaled down.

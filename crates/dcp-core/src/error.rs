@@ -33,6 +33,14 @@ pub enum ErrorKind {
     Collective,
     /// A temporary storage failure that a retry may fix.
     Temporary,
+    /// Another save holds the location's lease (the message names it: save
+    /// id, host, pid, start time), or a save lost its lease or found a newer
+    /// generation committed under it. Nothing of the other save was touched.
+    Busy,
+    /// The commit's outcome could not be decided (it failed, and `.metadata`
+    /// could not be read back to tell whether it took effect). Every data
+    /// file was kept; whichever `.metadata` is present loads.
+    OutcomeUnknown,
 }
 
 impl ErrorKind {
@@ -51,6 +59,8 @@ impl ErrorKind {
             ErrorKind::RankFailed => "rank_failed",
             ErrorKind::Collective => "collective",
             ErrorKind::Temporary => "temporary",
+            ErrorKind::Busy => "busy",
+            ErrorKind::OutcomeUnknown => "outcome_unknown",
         }
     }
 
@@ -68,6 +78,8 @@ impl ErrorKind {
             "rank_failed" => ErrorKind::RankFailed,
             "collective" => ErrorKind::Collective,
             "temporary" => ErrorKind::Temporary,
+            "busy" => ErrorKind::Busy,
+            "outcome_unknown" => ErrorKind::OutcomeUnknown,
             _ => ErrorKind::Io,
         }
     }
@@ -306,6 +318,10 @@ mod tests {
             ),
             (ErrorKind::Io, "connection reset", Some(3), true)
         );
+        for kind in [ErrorKind::Busy, ErrorKind::OutcomeUnknown] {
+            let back = Error::from_wire(Error::new(kind, "x").to_wire());
+            assert_eq!(back.kind(), kind);
+        }
         let full = Error::from_wire(Error::new(ErrorKind::StorageFull, "disk").to_wire());
         assert_eq!(full.kind(), ErrorKind::StorageFull);
         assert!(!full.is_temporary());

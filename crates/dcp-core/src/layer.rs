@@ -117,6 +117,11 @@ pub trait FileSystemLayer: Send + Sync + fmt::Debug + 'static {
         self.inner().write_atomic(name, data, sync)
     }
 
+    /// [`FileSystem::create_new`]; forwarded by default.
+    fn create_new(&self, name: &str, data: &[u8], sync: bool) -> Result<bool> {
+        self.inner().create_new(name, data, sync)
+    }
+
     /// [`FileSystem::list`]; forwarded by default.
     fn list(&self) -> Result<Vec<FileEntry>> {
         self.inner().list()
@@ -171,6 +176,9 @@ impl<L: FileSystemLayer> FileSystem for L {
     fn write_atomic(&self, name: &str, data: &[u8], sync: bool) -> Result<()> {
         FileSystemLayer::write_atomic(self, name, data, sync)
     }
+    fn create_new(&self, name: &str, data: &[u8], sync: bool) -> Result<bool> {
+        FileSystemLayer::create_new(self, name, data, sync)
+    }
     fn list(&self) -> Result<Vec<FileEntry>> {
         FileSystemLayer::list(self)
     }
@@ -194,7 +202,7 @@ mod tests {
     /// Every `FileSystem` method, in declaration order. Add a new method
     /// here when it is added to the trait: the test then fails until the
     /// layer forwards it.
-    const METHODS: [&str; 13] = [
+    const METHODS: [&str; 14] = [
         "location",
         "capabilities",
         "prepare",
@@ -204,6 +212,7 @@ mod tests {
         "read_if_cached",
         "file_len",
         "write_atomic",
+        "create_new",
         "list",
         "remove",
         "sync_dir",
@@ -285,6 +294,10 @@ mod tests {
             self.record("write_atomic");
             Ok(())
         }
+        fn create_new(&self, _name: &str, _data: &[u8], _sync: bool) -> Result<bool> {
+            self.record("create_new");
+            Ok(true)
+        }
         fn list(&self) -> Result<Vec<FileEntry>> {
             self.record("list");
             Ok(vec![FileEntry {
@@ -342,6 +355,7 @@ mod tests {
         assert_eq!(buf, [3; 4], "not the trait's Ok(false)");
         assert_eq!(fs.file_len("f").unwrap(), Some(42));
         fs.write_atomic("f", b"x", true).unwrap();
+        assert!(fs.create_new("f", b"x", true).unwrap());
         assert_eq!(fs.list().unwrap().len(), 1);
         fs.remove("f").unwrap();
         fs.sync_dir().unwrap();

@@ -51,9 +51,9 @@ pub mod transform;
 pub mod verify;
 
 pub use checkpoint::{
-    load, load_with, read_metadata, save, save_with, FileSystemReader, FileSystemWriter,
-    LoadOptions, LoadResult, ReaderOptions, SaveOptions, SaveResult, StorageReader, StorageWriter,
-    WriterOptions,
+    is_data_file_name, load, load_with, read_metadata, save, save_with, FileSystemReader,
+    FileSystemWriter, LeaseInfo, LoadOptions, LoadResult, ReaderOptions, SaveOptions, SaveResult,
+    StorageReader, StorageWriter, WriterOptions, LEASE_FILE,
 };
 pub use collective::{Collective, LocalGroup, LocalValue, Single};
 pub use dtype::DType;

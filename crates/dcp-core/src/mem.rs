@@ -112,6 +112,16 @@ impl FileSystem for MemoryFs {
             .insert(name.to_string(), Arc::new(data.to_vec()));
         Ok(())
     }
+    fn create_new(&self, name: &str, data: &[u8], _sync: bool) -> Result<bool> {
+        check_file_name(name)?;
+        // Under the one lock: the check and the insert are one step.
+        let mut files = self.lock();
+        if files.contains_key(name) {
+            return Ok(false);
+        }
+        files.insert(name.to_string(), Arc::new(data.to_vec()));
+        Ok(true)
+    }
     fn list(&self) -> Result<Vec<FileEntry>> {
         Ok(self
             .lock()

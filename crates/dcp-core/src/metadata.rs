@@ -20,8 +20,11 @@ use std::collections::BTreeMap;
 
 /// Magic bytes that open a `.metadata` file.
 pub const MAGIC: [u8; 8] = *b"DCPMETA\0";
-/// The metadata format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The metadata format version this build writes. Version 2 added
+/// [`Metadata::generation`]; this build also reads version 1 (as generation 0).
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest metadata format version this build reads.
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 28;
 /// The largest `.metadata` this build accepts (4 GiB).
@@ -147,6 +150,39 @@ pub struct Metadata {
     pub items: Vec<(String, ItemMeta)>,
     /// User key/value metadata.
     pub user: BTreeMap<String, String>,
+    /// The commit number: one more than the generation of the checkpoint
+    /// the save replaced (1 for the first save into an empty location; 0 for
+    /// metadata of format version 1, which had no generation). A save
+    /// commits only if `.metadata` still holds the generation it started
+    /// from. Encoded last, so version 2 is version 1's body plus this varint.
+    pub generation: u64,
+}
+
+/// The body of format version 1: [`Metadata`] without `generation`.
+#[derive(Deserialize)]
+struct MetadataV1 {
+    save_id: String,
+    world_size: u32,
+    format: FormatKind,
+    files: Vec<DataFile>,
+    transforms: Vec<String>,
+    items: Vec<(String, ItemMeta)>,
+    user: BTreeMap<String, String>,
+}
+
+impl From<MetadataV1> for Metadata {
+    fn from(v: MetadataV1) -> Metadata {
+        Metadata {
+            save_id: v.save_id,
+            world_size: v.world_size,
+            format: v.format,
+            files: v.files,
+            transforms: v.transforms,
+            items: v.items,
+            user: v.user,
+            generation: 0,
+        }
+    }
 }
 
 impl Metadata {
@@ -234,9 +270,9 @@ impl Metadata {
             ));
         }
         let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-        if version != FORMAT_VERSION {
+        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(Error::unsupported(format!(
-                ".metadata has format version {version}; this build reads version {FORMAT_VERSION}"
+                ".metadata has format version {version}; this build reads versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}"
             )));
         }
         let flags = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes"));
@@ -261,8 +297,15 @@ impl Metadata {
                 format!(".metadata body CRC-32C is {actual:#010x}, header says {crc:#010x}"),
             ));
         }
-        let (md, rest): (Metadata, &[u8]) = postcard::take_from_bytes(body)
-            .map_err(|e| Error::corrupt(format!(".metadata body does not decode: {e}")))?;
+        let undecodable =
+            |e: postcard::Error| Error::corrupt(format!(".metadata body does not decode: {e}"));
+        let (md, rest): (Metadata, &[u8]) = if version == 1 {
+            let (v1, rest): (MetadataV1, &[u8]) =
+                postcard::take_from_bytes(body).map_err(undecodable)?;
+            (v1.into(), rest)
+        } else {
+            postcard::take_from_bytes(body).map_err(undecodable)?
+        };
         if !rest.is_empty() {
             return Err(Error::corrupt(format!(
                 ".metadata body has {} trailing bytes",
@@ -499,6 +542,7 @@ mod tests {
                 ),
             ],
             user: BTreeMap::from([("step".into(), "100".into())]),
+            generation: 1,
         }
     }
 
@@ -507,6 +551,41 @@ mod tests {
         let md = sample();
         let enc = md.encode().unwrap();
         assert_eq!(Metadata::decode(&enc).unwrap(), md);
+    }
+
+    /// A version-1 file (no generation) still decodes, as generation 0; its
+    /// body is version 2's without the trailing varint.
+    #[test]
+    fn version_1_decodes_as_generation_0() {
+        let md = Metadata {
+            generation: 7,
+            ..sample()
+        };
+        let v2 = md.encode().unwrap();
+        let body = &v2[HEADER_LEN..v2.len() - 1];
+        assert_eq!(*v2.last().unwrap(), 7, "the generation is the last byte");
+        let mut v1 = Vec::new();
+        v1.extend_from_slice(&MAGIC);
+        v1.extend_from_slice(&1u32.to_le_bytes());
+        v1.extend_from_slice(&0u32.to_le_bytes());
+        v1.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        v1.extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
+        v1.extend_from_slice(body);
+        let back = Metadata::decode(&v1).unwrap();
+        assert_eq!(
+            back,
+            Metadata {
+                generation: 0,
+                ..md
+            }
+        );
+        // A version-2 header over a version-1 body is refused, not guessed.
+        let mut bad = v1.clone();
+        bad[8..12].copy_from_slice(&2u32.to_le_bytes());
+        assert_eq!(
+            Metadata::decode(&bad).unwrap_err().kind(),
+            ErrorKind::Corrupt
+        );
     }
 
     #[test]

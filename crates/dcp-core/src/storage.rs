@@ -116,6 +116,19 @@ pub trait FileSystem: Send + Sync + fmt::Debug + 'static {
     /// fsync; or one PUT). This is the commit point of a save.
     fn write_atomic(&self, name: &str, data: &[u8], sync: bool) -> Result<()>;
 
+    /// Create `name` holding `data` only if no file of that name exists, as
+    /// one atomic step: `Ok(true)` when this call created it, `Ok(false)`
+    /// when a file of that name already existed (then nothing was written).
+    /// Two concurrent calls never both return `Ok(true)`. With `sync`, the
+    /// file and its directory entry are durable before it returns. This is
+    /// how a save takes the location's lease.
+    ///
+    /// Local disk: `O_CREAT | O_EXCL`, then fsync of the file and the
+    /// directory (on NFS, `O_EXCL` is atomic from NFSv3 on). Object stores: a
+    /// conditional PUT (`If-None-Match: *`) where the service supports it;
+    /// see the backend's documentation for services that do not.
+    fn create_new(&self, name: &str, data: &[u8], sync: bool) -> Result<bool>;
+
     /// Every file directly in the location.
     fn list(&self) -> Result<Vec<FileEntry>>;
 

@@ -118,6 +118,41 @@ impl LocalFs {
         self.handles.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Remove the temporary files `{name}.{pid}-{n}.new` that
+    /// [`FileSystem::create_new`] of a process killed between writing and
+    /// linking one left behind: those whose pid no longer exists on this
+    /// host. Best effort; a failure is logged. (On a directory shared by
+    /// several hosts, a live process of another host whose pid is free here
+    /// would see its `create_new` fail with an I/O error, never a wrong
+    /// answer.)
+    fn remove_dead_temps(&self, name: &str) {
+        let Ok(rd) = std::fs::read_dir(&self.root) else {
+            return;
+        };
+        let prefix = format!("{name}.");
+        for entry in rd.flatten() {
+            let file = entry.file_name();
+            let Some(rest) = file.to_str().and_then(|f| f.strip_prefix(&prefix)) else {
+                continue;
+            };
+            let Some((pid, n)) = rest.strip_suffix(".new").and_then(|r| r.split_once('-')) else {
+                continue;
+            };
+            let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+            let Some(pid) = pid.parse::<i32>().ok().filter(|_| digits(n)) else {
+                continue;
+            };
+            let alive = rustix::process::Pid::from_raw(pid).is_some_and(|p| {
+                rustix::process::test_kill_process(p).err() != Some(rustix::io::Errno::SRCH)
+            });
+            if !alive {
+                if let Err(e) = std::fs::remove_file(entry.path()) {
+                    tracing::warn!("could not remove {}: {e}", entry.path().display());
+                }
+            }
+        }
+    }
+
     /// Forget the cached read handle of `name`, if any.
     fn invalidate(&self, name: &str) {
         self.cache().remove(name);
@@ -127,7 +162,9 @@ impl LocalFs {
     /// cached unless it is the metadata file). Returns whether it came from
     /// the cache.
     fn handle(&self, name: &str, path: &Path) -> Result<(Arc<File>, bool)> {
-        let cacheable = !name.starts_with(".metadata");
+        // `.metadata` and `.lease` are replaced under the same name (by
+        // other processes too): never read them through a cached handle.
+        let cacheable = !name.starts_with('.');
         if !cacheable {
             return Ok((Arc::new(open_read(path)?.0), false));
         }
@@ -563,6 +600,62 @@ impl FileSystem for LocalFs {
         Ok(())
     }
 
+    /// Writes `data` to a fresh temporary file (fsynced with `sync`) and
+    /// links it to `name` with `link(2)`, which fails with `EEXIST` if
+    /// `name` exists: the file appears whole or not at all, atomically
+    /// also on NFS (the classic NFS-safe lock). Where links are refused
+    /// (`EPERM`, `ENOTSUP`: some FUSE and FAT file systems) it falls back to
+    /// `O_CREAT | O_EXCL`, where a reader may briefly see the file empty.
+    fn create_new(&self, name: &str, data: &[u8], sync: bool) -> Result<bool> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let path = self.path(name)?;
+        let show = path.display().to_string();
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp_name = format!("{name}.{}-{n}.new", std::process::id());
+        let tmp = self.path(&tmp_name)?;
+        let show_tmp = tmp.display().to_string();
+        let write_new = |p: &Path, show: &str| -> Result<()> {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(p)
+                .map_err(|e| open_error("create", show, e))?;
+            f.write_all(data).map_err(|e| Error::io("write", show, e))?;
+            if sync {
+                f.sync_all().map_err(|e| Error::io("fsync", show, e))?;
+            }
+            Ok(())
+        };
+        if let Err(e) = write_new(&tmp, &show_tmp) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        let linked = std::fs::hard_link(&tmp, &path);
+        let _ = std::fs::remove_file(&tmp);
+        let created = match linked {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EOPNOTSUPP)) => {
+                match write_new(&path, &show) {
+                    Ok(()) => true,
+                    Err(e) if e.kind() == ErrorKind::AlreadyExists => false,
+                    // Not removed: it may not be this call's file.
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(e) => return Err(Error::io(&format!("link {show_tmp} to"), &show, e)),
+        };
+        self.invalidate(name);
+        if created {
+            self.remove_dead_temps(name);
+            if sync {
+                self.sync_dir()?;
+            }
+        }
+        Ok(created)
+    }
+
     fn list(&self) -> Result<Vec<FileEntry>> {
         let show = self.location();
         let rd = match std::fs::read_dir(&self.root) {
@@ -707,6 +800,36 @@ mod tests {
             .read_scattered("__0_0-s.dcp", u64::MAX - 10, &mut iov)
             .unwrap_err();
         assert_eq!(e.kind(), dcp_core::ErrorKind::Corrupt, "{e}");
+    }
+
+    #[test]
+    fn create_new_creates_once_whole_and_sweeps_dead_temps() {
+        let (_d, fs) = setup();
+        fs.prepare().unwrap();
+        let dead = {
+            let mut c = std::process::Command::new("true").spawn().unwrap();
+            let pid = c.id();
+            c.wait().unwrap();
+            pid
+        };
+        // Left by a process killed between writing its temp file and linking it.
+        let stale = format!(".lease.{dead}-0.new");
+        let live = format!(".lease.{}-999.new", std::process::id());
+        std::fs::write(fs.root().join(&stale), b"x").unwrap();
+        std::fs::write(fs.root().join(&live), b"y").unwrap();
+        assert!(fs.create_new(".lease", b"first", true).unwrap());
+        assert!(!fs.create_new(".lease", b"second", true).unwrap());
+        assert_eq!(fs.read_small(".lease", 100).unwrap(), b"first");
+        let names: Vec<String> = fs.list().unwrap().into_iter().map(|f| f.name).collect();
+        assert!(!names.contains(&stale), "{names:?}");
+        assert!(
+            names.contains(&live),
+            "a live process's temp file is kept: {names:?}"
+        );
+        fs.remove(".lease").unwrap();
+        assert!(fs.create_new(".lease", b"third", false).unwrap());
+        assert_eq!(fs.read_small(".lease", 100).unwrap(), b"third");
+        fs.create_new("../x", b"", false).unwrap_err();
     }
 
     #[test]

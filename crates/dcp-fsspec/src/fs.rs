@@ -593,6 +593,44 @@ impl FileSystem for OpendalFs {
         .map_err(|e| self.err("put", name, e))
     }
 
+    /// A conditional PUT (`If-None-Match: *`, OpenDAL's
+    /// `write_with(..).if_not_exists(true)`) where the service supports it
+    /// (`write_with_if_not_exists`: s3, gcs, azblob, fs and memory in
+    /// OpenDAL 0.59): the store itself refuses a second create. For a
+    /// service without it, a check for the object followed by a plain PUT:
+    /// two saves starting within one round trip of each other may then both
+    /// believe they created it (the weaker guarantee of such stores; see
+    /// RELIABILITY.md). A retried conditional PUT whose first reply was lost
+    /// answers "exists" for this call's own object: callers that can tell
+    /// their content (the lease holds the save id) check it.
+    fn create_new(&self, name: &str, data: &[u8], _sync: bool) -> Result<bool> {
+        check_file_name(name)?;
+        let path = self.path(name);
+        let buf = Buffer::from(data.to_vec());
+        let op = &self.inner.op;
+        if op.info().capability().write_with_if_not_exists {
+            let put = op.write_with(&path, buf).if_not_exists(true);
+            return match self.block_on(std::future::IntoFuture::into_future(put)) {
+                Ok(_) => Ok(true),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        opendal::ErrorKind::ConditionNotMatch | opendal::ErrorKind::AlreadyExists
+                    ) =>
+                {
+                    Ok(false)
+                }
+                Err(e) => Err(self.err("conditional put", name, e)),
+            };
+        }
+        if self.file_len(name)?.is_some() {
+            return Ok(false);
+        }
+        self.block_on(op.write(&path, buf))
+            .map(|_| true)
+            .map_err(|e| self.err("put", name, e))
+    }
+
     fn list(&self) -> Result<Vec<FileEntry>> {
         let dir = if self.inner.base.is_empty() {
             "/".to_string()

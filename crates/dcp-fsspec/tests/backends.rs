@@ -89,7 +89,7 @@ async fn roundtrip(kind: &str) {
     all_ok(&saved);
     let md = saved[0].as_ref().unwrap().metadata.clone();
     assert_eq!(md.world_size, 4);
-    assert_only_referenced(fs.as_ref(), &md);
+    assert_only_referenced(fs.as_ref(), &md, None);
     // A fresh file system on the same URL sees the checkpoint.
     let fs2: Arc<dyn FileSystem> = Arc::new(b.fs());
     all_ok(&load_and_check(fs2, 3, 11, 4, 0, T).await);
@@ -154,14 +154,25 @@ async fn second_save_replaces_first(kind: &str) {
     all_ok(&second);
     let md = second[0].as_ref().unwrap().metadata.clone();
     assert_ne!(md.save_id, first_md.save_id);
-    let removed = &second[0].as_ref().unwrap().removed;
+    // The replaced checkpoint's files stay until the next commit.
+    assert!(second[0].as_ref().unwrap().removed.is_empty());
+    assert_only_referenced(fs.as_ref(), &md, Some(&first_md));
+    all_ok(&load_and_check(fs.clone(), 3, 2, 4, 0, T).await);
+    let third = save_ranks(fs.clone(), 4, 3, 0, opts(2), T).await;
+    all_ok(&third);
+    let removed = &third[0].as_ref().unwrap().removed;
     let mut old: Vec<String> = first_md.files.iter().map(|f| f.name.clone()).collect();
     old.sort();
     let mut removed = removed.clone();
     removed.sort();
-    assert_eq!(removed, old, "every file of the first save is removed");
-    assert_only_referenced(fs.as_ref(), &md);
-    all_ok(&load_and_check(fs, 3, 2, 4, 0, T).await);
+    assert_eq!(
+        removed, old,
+        "every file of the first save is removed by the third"
+    );
+    let third_md = third[0].as_ref().unwrap().metadata.clone();
+    assert_eq!(third_md.generation, md.generation + 1);
+    assert_only_referenced(fs.as_ref(), &third_md, Some(&md));
+    all_ok(&load_and_check(fs, 3, 3, 4, 0, T).await);
     b.no_pending_uploads();
 }
 
@@ -320,7 +331,7 @@ async fn s3_multipart_records_larger_than_parts() {
         let etag = m.etag().unwrap_or_default().trim_matches('"').to_string();
         assert!(etag.ends_with("-3"), "{}: etag {etag}", f.name);
     }
-    assert_only_referenced(fs.as_ref(), &md);
+    assert_only_referenced(fs.as_ref(), &md, None);
     b.no_pending_uploads();
     all_ok(&load_and_check(fs, 3, 7, 4, big_cols, T).await);
 }

@@ -283,9 +283,18 @@ async fn transient_http_errors_are_retried() {
     moto.create_bucket(&bucket);
     let (fs, failed) = chaos_http_fs(moto, &bucket, 8, 3);
     let big_cols = 3 << 20;
+    all_ok(&save_ranks(fs.clone(), 4, 5, big_cols, opts(2), T).await);
+    let first = Metadata::decode(&fs.read_small(".metadata", 1 << 20).unwrap()).unwrap();
     all_ok(&save_ranks(fs.clone(), 4, 6, big_cols, opts(2), T).await);
+    let previous = Metadata::decode(&fs.read_small(".metadata", 1 << 20).unwrap()).unwrap();
     // Save again so the cleanup of the first save's objects also runs.
-    all_ok(&save_ranks(fs.clone(), 4, 8, big_cols, opts(2), T).await);
+    let third = save_ranks(fs.clone(), 4, 8, big_cols, opts(2), T).await;
+    all_ok(&third);
+    let mut removed = third[0].as_ref().unwrap().removed.clone();
+    removed.sort();
+    let mut first_files: Vec<String> = first.files.iter().map(|f| f.name.clone()).collect();
+    first_files.sort();
+    assert_eq!(removed, first_files);
     all_ok(&load_and_check(fs.clone(), 3, 8, 4, big_cols, T).await);
     assert!(
         failed.load(Ordering::SeqCst) > 10,
@@ -293,7 +302,7 @@ async fn transient_http_errors_are_retried() {
     );
     assert_eq!(moto.pending_uploads(&bucket), 0);
     let md = Metadata::decode(&fs.read_small(".metadata", 1 << 20).unwrap()).unwrap();
-    assert_only_referenced(fs.as_ref(), &md);
+    assert_only_referenced(fs.as_ref(), &md, Some(&previous));
 
     let bucket = unique("chaos-http-noretry");
     moto.create_bucket(&bucket);

@@ -1,24 +1,41 @@
 //! [`FileSystemWriter`]: the writer of the design (torch's
 //! `FileSystemWriter`) over any [`FileSystem`].
 
+use crate::checkpoint::lease::Lease;
 use crate::checkpoint::{RankWrite, StorageWriter, WriteRecord, WriterOptions};
 use crate::error::{Error, ErrorKind, Result};
-use crate::metadata::{DataFile, FormatKind, Metadata};
+use crate::metadata::{DataFile, FormatKind, Metadata, MAX_METADATA_LEN};
 use crate::pipeline::blocking;
 use crate::pipeline::write::{write_file, FileJob, RecordJob, RecordResult, WriteConfig};
 use crate::plan::SavePlan;
 use crate::storage::{FileSystem, METADATA_FILE};
 use async_trait::async_trait;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// The writer of the design (torch's `FileSystemWriter`), generic over the
 /// [`FileSystem`]: local disk, or an object store through OpenDAL.
+///
+/// Each save it coordinates holds the location's lease (see
+/// [`StorageWriter::begin`]) from before any rank writes until the end of
+/// the save; clones share the saves in progress.
 #[derive(Clone, Debug)]
 pub struct FileSystemWriter {
     fs: Arc<dyn FileSystem>,
     options: WriterOptions,
+    active: Arc<Mutex<HashMap<String, Active>>>,
+}
+
+/// A save this writer coordinates, between `begin` and `end`.
+#[derive(Debug)]
+struct Active {
+    lease: Lease,
+    /// `.metadata` as it was when the save began (`None`: there was none).
+    base: Option<Vec<u8>>,
+    /// `base` decoded, when it decodes.
+    previous: Option<Metadata>,
 }
 
 impl FileSystemWriter {
@@ -36,7 +53,11 @@ impl FileSystemWriter {
             .map_err(|e| {
                 Error::invalid(format!("serialization format {format:?}: {}", e.message()))
             })?;
-        Ok(FileSystemWriter { fs, options })
+        Ok(FileSystemWriter {
+            fs,
+            options,
+            active: Arc::default(),
+        })
     }
 
     /// The options.
@@ -47,6 +68,10 @@ impl FileSystemWriter {
     /// The file system.
     pub fn fs(&self) -> &Arc<dyn FileSystem> {
         &self.fs
+    }
+
+    fn lock_active(&self) -> std::sync::MutexGuard<'_, HashMap<String, Active>> {
+        self.active.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -73,6 +98,35 @@ pub fn is_data_file_name(name: &str) -> bool {
         && id.len() == 16
         && id.bytes().all(|b| b.is_ascii_hexdigit())
         && check_extension(ext).is_ok()
+}
+
+/// The save id in a data file's name (see [`is_data_file_name`]).
+fn data_file_save_id(name: &str) -> Option<&str> {
+    if !is_data_file_name(name) {
+        return None;
+    }
+    let stem = name.rsplit_once('.')?.0;
+    Some(stem.split_once('-')?.1)
+}
+
+/// Read `.metadata` whole: `None` when there is none.
+fn read_metadata_bytes(fs: &dyn FileSystem) -> Result<Option<Vec<u8>>> {
+    match fs.read_small(METADATA_FILE, MAX_METADATA_LEN) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// `.metadata` (raw bytes, or `None`) for messages: its save and generation.
+fn describe_metadata(bytes: Option<&[u8]>) -> String {
+    match bytes {
+        None => "no checkpoint".into(),
+        Some(b) => match Metadata::decode(b) {
+            Ok(m) => format!("save {} (generation {})", m.save_id, m.generation),
+            Err(e) => format!("an unreadable .metadata ({})", e.message()),
+        },
+    }
 }
 
 /// Check a format's data-file extension: 1 to 16 bytes of `[a-z0-9]`.
@@ -193,27 +247,138 @@ impl StorageWriter for FileSystemWriter {
         Ok(out)
     }
 
-    async fn commit(&self, _metadata: &Metadata, encoded: &[u8]) -> Result<()> {
+    async fn begin(&self, save_id: &str) -> Result<u64> {
+        let fs = self.fs.clone();
+        let opts = &self.options;
+        let (expiry, wait, sync) = (opts.lease_expiry, opts.lease_wait, opts.sync_files);
+        let overwrite = opts.overwrite;
+        let id = save_id.to_string();
+        let (active, generation) = blocking(move || {
+            let lease = Lease::acquire(fs.clone(), &id, expiry, wait, sync)?;
+            let base = match read_metadata_bytes(fs.as_ref()) {
+                Ok(b) => b,
+                Err(e) => {
+                    lease.release();
+                    return Err(e.context("read the current .metadata"));
+                }
+            };
+            if !overwrite && base.is_some() {
+                // A checkpoint appeared between `prepare` and the lease (a
+                // save that held it committed while this one waited).
+                lease.release();
+                return Err(Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!(
+                        "a checkpoint already exists at {}; pass overwrite = true to replace it",
+                        fs.location()
+                    ),
+                ));
+            }
+            let previous = base.as_deref().and_then(|b| Metadata::decode(b).ok());
+            let generation = previous.as_ref().map_or(0, |m| m.generation) + 1;
+            Ok((
+                Active {
+                    lease,
+                    base,
+                    previous,
+                },
+                generation,
+            ))
+        })
+        .await?;
+        self.lock_active().insert(save_id.to_string(), active);
+        Ok(generation)
+    }
+
+    async fn commit(&self, metadata: &Metadata, encoded: &[u8]) -> Result<()> {
         let fs = self.fs.clone();
         let sync = self.options.sync_files;
         let data = encoded.to_vec();
+        let active = self.active.clone();
+        let save_id = metadata.save_id.clone();
         blocking(move || {
+            let guard = active.lock().unwrap_or_else(|p| p.into_inner());
+            let a = guard.get(&save_id).ok_or_else(|| {
+                Error::invalid(format!("commit of save {save_id}, which did not begin"))
+            })?;
+            // Compare: under the lease, .metadata must still be what the
+            // save started from. Any failure here leaves it untouched.
+            a.lease.check()?;
+            let current = read_metadata_bytes(fs.as_ref())?;
+            if current != a.base {
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "the checkpoint at {} changed while save {save_id} ran: it started from {} and .metadata now holds {}; nothing was committed",
+                        fs.location(),
+                        describe_metadata(a.base.as_deref()),
+                        describe_metadata(current.as_deref()),
+                    ),
+                ));
+            }
             if sync {
                 fs.sync_dir()?;
             }
-            fs.write_atomic(METADATA_FILE, &data, sync)
+            // Swap. An error may come after the write took effect (a failed
+            // directory fsync after the rename, a lost reply to the PUT):
+            // decide from what .metadata holds now, never guess.
+            let Err(e) = fs.write_atomic(METADATA_FILE, &data, sync) else {
+                return Ok(());
+            };
+            match read_metadata_bytes(fs.as_ref()) {
+                Ok(Some(b)) if Metadata::decode(&b).is_ok_and(|m| m.save_id == save_id) => {
+                    tracing::warn!(
+                        location = %fs.location(),
+                        "save {save_id} committed (.metadata holds it), but the commit reported: {e}"
+                    );
+                    Ok(())
+                }
+                Ok(now) if now == a.base => Err(e),
+                Ok(now) => Err(Error::new(
+                    ErrorKind::OutcomeUnknown,
+                    format!(
+                        "the commit of save {save_id} to {} failed ({e}), and .metadata now holds {}, neither this save nor the one it started from: the outcome is unknown; every data file was kept",
+                        fs.location(),
+                        describe_metadata(now.as_deref())
+                    ),
+                )),
+                Err(re) => Err(Error::new(
+                    ErrorKind::OutcomeUnknown,
+                    format!(
+                        "the commit of save {save_id} to {} failed ({e}), and .metadata could not be read back ({re}): the outcome is unknown; every data file was kept",
+                        fs.location()
+                    ),
+                )),
+            }
         })
         .await
     }
 
     async fn cleanup(&self, metadata: &Metadata) -> Result<Vec<String>> {
         let fs = self.fs.clone();
-        let keep: std::collections::HashSet<String> =
-            metadata.files.iter().map(|f| f.name.clone()).collect();
+        let previous = self
+            .lock_active()
+            .get(&metadata.save_id)
+            .and_then(|a| a.previous.clone());
+        // Kept: the new checkpoint's files and the previous one's (a load
+        // that read the previous .metadata before this commit still finds
+        // its files), and any file of those two saves.
+        let mut keep: HashSet<String> = metadata.files.iter().map(|f| f.name.clone()).collect();
+        let mut keep_ids: HashSet<String> = HashSet::from([metadata.save_id.clone()]);
+        if let Some(p) = previous {
+            keep.extend(p.files.into_iter().map(|f| f.name));
+            keep_ids.insert(p.save_id);
+        }
         blocking(move || {
+            // Under this save's lease no other save is live: a data file of
+            // any other save id belongs to an older generation or to a save
+            // that died.
             let mut removed = Vec::new();
             for f in fs.list()? {
-                if is_data_file_name(&f.name) && !keep.contains(&f.name) {
+                let Some(id) = data_file_save_id(&f.name) else {
+                    continue;
+                };
+                if !keep.contains(&f.name) && !keep_ids.contains(id) {
                     fs.remove(&f.name)?;
                     removed.push(f.name);
                 }
@@ -221,6 +386,17 @@ impl StorageWriter for FileSystemWriter {
             Ok(removed)
         })
         .await
+    }
+
+    async fn end(&self, save_id: &str) {
+        let Some(a) = self.lock_active().remove(save_id) else {
+            return;
+        };
+        let _ = blocking(move || {
+            a.lease.release();
+            Ok(())
+        })
+        .await;
     }
 
     async fn discard(&self, files: &[DataFile]) {

@@ -3,7 +3,7 @@
 use crate::checkpoint::wire::{decode, encode, on_rank, wire};
 use crate::checkpoint::{LoadOptions, StorageReader, ROOT};
 use crate::collective::Collective;
-use crate::error::{Error, Result, WireError};
+use crate::error::{Error, ErrorKind, Result, WireError};
 use crate::metadata::Metadata;
 use crate::model::DestStateDict;
 use crate::pipeline::shared::read_shared;
@@ -90,6 +90,12 @@ async fn load_inner(
             Err(e) => Err(e),
         }
     };
+    let result = match result {
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            Err(replaced_during_load(e, &metadata, reader).await)
+        }
+        r => r,
+    };
     let status: std::result::Result<(), WireError> = match &result {
         Ok(_) => Ok(()),
         Err(e) => Err(on_rank(e, rank).to_wire()),
@@ -104,6 +110,42 @@ async fn load_inner(
         stats,
         metadata,
     })
+}
+
+/// A file the load needs is missing: if `.metadata` no longer holds the
+/// checkpoint the load began with, a newer save replaced it (and removed its
+/// files) during the load; say so. Otherwise `e` as it is.
+async fn replaced_during_load(e: Error, loaded: &Metadata, reader: &dyn StorageReader) -> Error {
+    let now = match reader.read_metadata().await {
+        Ok(b) => Metadata::decode(&b).ok(),
+        Err(r) if r.kind() == ErrorKind::NotFound => None,
+        Err(_) => return e, // cannot tell: the error as it is
+    };
+    match now {
+        Some(m) if m.save_id == loaded.save_id => e,
+        Some(m) => Error::new(
+            ErrorKind::NotFound,
+            format!(
+                "checkpoint replaced during load: the load began with save {} (generation {}) and {} now holds save {} (generation {}); load again ({})",
+                loaded.save_id,
+                loaded.generation,
+                reader.location(),
+                m.save_id,
+                m.generation,
+                e.message()
+            ),
+        ),
+        None => Error::new(
+            ErrorKind::NotFound,
+            format!(
+                "checkpoint replaced during load: the load began with save {} (generation {}) and {} no longer holds a readable .metadata ({})",
+                loaded.save_id,
+                loaded.generation,
+                reader.location(),
+                e.message()
+            ),
+        ),
+    }
 }
 
 /// Read and validate the metadata of a checkpoint (no collective).

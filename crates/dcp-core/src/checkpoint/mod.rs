@@ -2,12 +2,15 @@
 //! writer and reader that run the pipeline over any [`FileSystem`](crate::FileSystem).
 //!
 //! Save: every rank offers a plan; the coordinator (rank 0) checks the
-//! location, dedups and assigns records, and scatters assignments; every rank
-//! writes its data files under names unique to this save; the coordinator
-//! gathers the results and, only if every rank succeeded, writes `.metadata`
-//! atomically, removes files of earlier saves that it no longer references,
-//! and broadcasts the outcome. Every rank returns the same `Ok` or the same
-//! error, naming the failing rank.
+//! location, takes its lease (one writer at a time), dedups and assigns
+//! records, and scatters assignments; every rank writes its data files under
+//! names unique to this save; the coordinator gathers the results and, only
+//! if every rank succeeded, replaces `.metadata` atomically if it still holds
+//! the checkpoint the save started from (compare-and-swap; an ambiguous
+//! failure is decided by reading it back), removes data files of older
+//! generations and dead saves (keeping the replaced checkpoint's), releases
+//! the lease and broadcasts the outcome. Every rank returns the same `Ok` or
+//! the same error, naming the failing rank.
 //!
 //! Load: the coordinator reads and validates `.metadata` once and broadcasts
 //! it; every rank plans and reads only what its destination needs; the
@@ -15,6 +18,7 @@
 
 mod fs_reader;
 mod fs_writer;
+mod lease;
 mod load;
 mod options;
 mod save;
@@ -24,6 +28,7 @@ pub(crate) mod wire;
 pub(crate) use fs_reader::located;
 pub use fs_reader::FileSystemReader;
 pub use fs_writer::{is_data_file_name, FileSystemWriter};
+pub use lease::{LeaseInfo, LEASE_FILE};
 pub use load::{load, load_with, read_metadata, LoadResult};
 pub use options::{LoadOptions, ReaderOptions, SaveOptions, WriterOptions};
 pub use save::{save, save_with, SaveResult};

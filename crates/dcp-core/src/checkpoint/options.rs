@@ -11,6 +11,7 @@ use crate::plan::{DefaultLoadPlanner, DefaultSavePlanner, LoadPlanner, SavePlann
 use crate::transform::{Crc32c, ExtensionRegistry, StreamTransformExtension};
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Generates one builder method per field: `fn field(mut self, v) -> Self`.
 macro_rules! setters {
@@ -73,6 +74,17 @@ pub struct WriterOptions {
     /// Default [`Raw`]; [`Safetensors`](crate::format::Safetensors) makes
     /// every data file a valid safetensors file.
     pub serialization_format: Arc<dyn SerializationFormat>,
+    /// How long a save waits for the location's lease when another save
+    /// holds it. `None` (the default): fail at once with
+    /// [`ErrorKind::Busy`](crate::ErrorKind::Busy), naming the holder (save
+    /// id, host, pid, start time). `Some(t)`: retry until the lease is free
+    /// or `t` has passed, then fail the same way.
+    pub lease_wait: Option<Duration>,
+    /// How long the lease a save holds on its location stays valid without
+    /// renewal. A running save renews it every third of this; a lease past
+    /// its expiry (its holder stopped renewing) is broken by the next save,
+    /// with a warning. Default 60 s; under 3 s is refused.
+    pub lease_expiry: Duration,
 }
 
 impl Default for WriterOptions {
@@ -85,6 +97,8 @@ impl Default for WriterOptions {
             overwrite: true,
             extensions: vec![Arc::new(Crc32c)],
             serialization_format: Arc::new(Raw),
+            lease_wait: None,
+            lease_expiry: Duration::from_secs(60),
         }
     }
 }
@@ -104,6 +118,10 @@ setters!(WriterOptions {
     extensions: Vec<Arc<dyn StreamTransformExtension>>,
     /// Set [`WriterOptions::serialization_format`].
     serialization_format: Arc<dyn SerializationFormat>,
+    /// Set [`WriterOptions::lease_wait`].
+    lease_wait: Option<Duration>,
+    /// Set [`WriterOptions::lease_expiry`].
+    lease_expiry: Duration,
 });
 
 /// Options of a [`FileSystemReader`](crate::FileSystemReader). torch's

@@ -3,7 +3,7 @@
 use crate::checkpoint::wire::{decode, encode, first_error, wire};
 use crate::checkpoint::{RankWrite, SaveOptions, StorageWriter, WriteRecord, ROOT};
 use crate::collective::Collective;
-use crate::error::{Error, Result, WireError};
+use crate::error::{Error, ErrorKind, Result, WireError};
 use crate::metadata::{ChunkMeta, FormatKind, ItemMeta, Metadata};
 use crate::model::{Item, StateDict};
 use crate::plan::{SavePlan, WriteIndex};
@@ -19,7 +19,9 @@ pub struct SaveResult {
     pub metadata: Arc<Metadata>,
     /// Bytes this rank wrote into data files.
     pub bytes_written: u64,
-    /// Data files of earlier saves removed after the commit (rank 0 only).
+    /// Data files removed after the commit (rank 0 only): those of
+    /// generations before the one this save replaced, and of saves that
+    /// died. The replaced generation's files stay until the next commit.
     pub removed: Vec<String>,
 }
 
@@ -58,6 +60,23 @@ async fn save_inner(
     collective: &dyn Collective,
     options: &SaveOptions,
 ) -> Result<SaveResult> {
+    // The coordinator fixes the save id before it takes the location, and
+    // releases the location at the end, whatever the outcome.
+    let root_id = (collective.rank() == ROOT).then(new_save_id);
+    let out = save_phases(state_dict, writer, collective, options, root_id.as_deref()).await;
+    if let Some(id) = &root_id {
+        writer.end(id).await;
+    }
+    out
+}
+
+async fn save_phases(
+    state_dict: &StateDict,
+    writer: &dyn StorageWriter,
+    collective: &dyn Collective,
+    options: &SaveOptions,
+    root_id: Option<&str>,
+) -> Result<SaveResult> {
     let rank = collective.rank();
     let n = collective.world_size();
     let started = Instant::now();
@@ -67,11 +86,16 @@ async fn save_inner(
         .planner
         .local_plan(state_dict, rank)
         .and_then(|p| writer.check_plan(&p).map(|_| p));
-    let prep = if rank == ROOT {
-        writer.prepare().await
-    } else {
-        Ok(())
+    // The coordinator takes the location (the lease) before any rank
+    // writes, and learns the generation it will commit.
+    let prep = match root_id {
+        Some(id) => match writer.prepare().await {
+            Ok(()) => writer.begin(id).await,
+            Err(e) => Err(e),
+        },
+        None => Ok(0),
     };
+    let generation = *prep.as_ref().unwrap_or(&0);
     let gathered = collective.gather(encode(&wire(local, rank))?, ROOT).await?;
     let mut global_plans: Vec<SavePlan> = Vec::new();
     let assignment = if rank == ROOT {
@@ -97,7 +121,10 @@ async fn save_inner(
                         .to_wire(),
                 );
             }
-            Ok((new_save_id(), global))
+            Ok((
+                root_id.expect("the coordinator has a save id").to_string(),
+                global,
+            ))
         })();
         let msgs = match &outcome {
             Ok((id, g)) => {
@@ -163,6 +190,7 @@ async fn save_inner(
             let md = wire(
                 assemble(
                     &save_id,
+                    generation,
                     &global_plans,
                     writes,
                     writer.format(),
@@ -214,8 +242,13 @@ async fn save_inner(
             })
         }
         Err(w) => {
-            writer.discard(&my_files).await;
-            Err(Error::from_wire(w))
+            // Only a definite failure frees this save's files: when the
+            // commit's outcome is unknown, `.metadata` may name them.
+            let e = Error::from_wire(w);
+            if e.kind() != ErrorKind::OutcomeUnknown {
+                writer.discard(&my_files).await;
+            }
+            Err(e)
         }
     }
 }
@@ -261,6 +294,7 @@ fn records_for(sd: &StateDict, plan: &SavePlan) -> Result<Vec<crate::checkpoint:
 /// Build the checkpoint's metadata from every rank's write results.
 fn assemble(
     save_id: &str,
+    generation: u64,
     plans: &[SavePlan],
     writes: Vec<RankWrite>,
     format: FormatKind,
@@ -347,5 +381,6 @@ fn assemble(
         transforms,
         items: items.into_iter().collect(),
         user: user.clone(),
+        generation,
     })
 }

@@ -72,13 +72,48 @@ pub trait StorageWriter: Send + Sync {
         records: Vec<WriteRecord>,
     ) -> Result<RankWrite>;
 
+    /// On the coordinator, after [`prepare`](StorageWriter::prepare) and
+    /// before any rank writes: take the location for the save `save_id` (one
+    /// writer at a time), note the checkpoint it starts from, and return the
+    /// generation it will commit (one more than that checkpoint's, 1 for an
+    /// empty location). Refuses with [`ErrorKind::Busy`](crate::ErrorKind::Busy)
+    /// naming the holder while another save holds the location. Every save
+    /// that called it calls [`end`](StorageWriter::end). The default takes
+    /// nothing and returns 1: no lease, and no compare in the commit.
+    async fn begin(&self, save_id: &str) -> Result<u64> {
+        let _ = save_id;
+        Ok(1)
+    }
+
     /// On the coordinator, after every rank succeeded: make `metadata` the
-    /// checkpoint, atomically.
+    /// checkpoint, atomically, only if the location still holds the
+    /// checkpoint the save began from (compare-and-swap).
+    ///
+    /// `Ok` when `.metadata` now holds `metadata`, including when the write
+    /// took effect but reported an error (a failed directory fsync after the
+    /// rename, a lost reply to the PUT; logged as a warning). An error of
+    /// kind [`ErrorKind::OutcomeUnknown`](crate::ErrorKind::OutcomeUnknown)
+    /// when it cannot tell: no rank may then remove a file. Any other error
+    /// means `.metadata` was not replaced, and the ranks remove this save's
+    /// files.
     async fn commit(&self, metadata: &Metadata, encoded: &[u8]) -> Result<()>;
 
-    /// After the commit: remove data files that `metadata` does not reference
-    /// (earlier saves, killed saves). Returns the names removed.
+    /// After the commit, still holding the location: remove data files that
+    /// are provably dead: files of saves other than this one and the one
+    /// whose checkpoint it replaced (older generations, saves that died).
+    /// The replaced checkpoint's files stay until the next commit, so a load
+    /// that began before this one completes. Never removes a file dcp did
+    /// not name ([`is_data_file_name`](crate::is_data_file_name)). Returns
+    /// the names removed.
     async fn cleanup(&self, metadata: &Metadata) -> Result<Vec<String>>;
+
+    /// On the coordinator, at the end of a save that called
+    /// [`begin`](StorageWriter::begin), whatever its outcome: release the
+    /// location (best effort; failures are logged). The default does
+    /// nothing.
+    async fn end(&self, save_id: &str) {
+        let _ = save_id;
+    }
 
     /// After a failed save: remove this rank's files (best effort).
     async fn discard(&self, files: &[DataFile]);

@@ -345,6 +345,7 @@ mod tests {
                 },
             )],
             user: Default::default(),
+            generation: 1,
         }
     }
 

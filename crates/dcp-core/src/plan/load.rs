@@ -241,6 +241,7 @@ mod tests {
                 },
             )],
             user: Default::default(),
+            generation: 1,
         }
     }
 

@@ -198,8 +198,9 @@ pub fn all_ok<T: std::fmt::Debug>(rs: &[Result<T>]) {
 }
 
 /// The data files listed in `fs`, and whether they are exactly those the
-/// committed metadata references (no stale objects).
-pub fn assert_only_referenced(fs: &dyn FileSystem, md: &Metadata) {
+/// committed metadata references and those of `previous`, the checkpoint
+/// it replaced (kept until the next commit): no stale objects.
+pub fn assert_only_referenced(fs: &dyn FileSystem, md: &Metadata, previous: Option<&Metadata>) {
     let listed: Vec<String> = fs
         .list()
         .unwrap()
@@ -207,7 +208,12 @@ pub fn assert_only_referenced(fs: &dyn FileSystem, md: &Metadata) {
         .map(|f| f.name)
         .filter(|n| n != ".metadata")
         .collect();
-    let mut referenced: Vec<String> = md.files.iter().map(|f| f.name.clone()).collect();
+    let mut referenced: Vec<String> = md
+        .files
+        .iter()
+        .chain(previous.iter().flat_map(|p| &p.files))
+        .map(|f| f.name.clone())
+        .collect();
     referenced.sort();
     assert_eq!(
         listed, referenced,

@@ -803,6 +803,7 @@ mod tests {
                 },
             )],
             user: Default::default(),
+            generation: 1,
         }
     }
 
