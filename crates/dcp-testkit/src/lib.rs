@@ -3,8 +3,10 @@
 //!
 //! * [`FaultFs`] ([`fault`]): a [`FileSystem`](dcp_core::FileSystem)
 //!   wrapper that fails chosen operations (the n-th write, fsync, rename,
-//!   list, remove or read; a short write; a full disk) or hides the page
-//!   cache, and counts every operation.
+//!   list, remove or read; a short write; a full disk), before or after
+//!   passing them on, simulates a power cut over a `MemoryFs` (rolling back
+//!   to what was synced), or hides the page cache, and counts every
+//!   operation.
 //! * [`RecordingFs`] ([`recording`]): a wrapper that records every read.
 //! * [`moto`]: a moto S3 server on 127.0.0.1, once per test binary or
 //!   private, that skips (or fails under CI) when moto is not installed.
