@@ -405,3 +405,287 @@ fn fault_at_every_operation_leaves_old_or_new() {
         summary.join("\n  ")
     );
 }
+
+// ---------------------------------------------------------------------------
+// In process: fail before, fail after, and cut the power after every operation
+// ---------------------------------------------------------------------------
+
+/// How a case of the before/after/power-cut sweep ended.
+#[derive(Default, Debug)]
+struct SweepCounts {
+    cases: usize,
+    kept_old: usize,
+    committed_new: usize,
+    /// Failed on every rank, yet `.metadata` names the new generation, whose
+    /// files the failed save then removed: the ambiguous-commit defect of
+    /// issue 11 (the commit took effect and reported an error).
+    ambiguous_defect: usize,
+    /// Failed on every rank with the new generation committed and loadable
+    /// (the ambiguous outcome resolved correctly).
+    ambiguous_resolved: usize,
+}
+
+/// Does `fs` hold a checkpoint of one of `allowed` that loads bit-exact and
+/// verifies? `Err` with the reason when not (the checks of
+/// `check_checkpoint`, without unwinding out of the sweep).
+fn loads_as(
+    fs: Arc<dyn FileSystem>,
+    allowed: &[u64],
+    what: &str,
+) -> std::result::Result<u64, String> {
+    let allowed = allowed.to_vec();
+    let what = what.to_string();
+    // The checks panic with a message naming what failed; run them on a
+    // thread so a failure is a value here.
+    std::thread::spawn(move || check_checkpoint(fs, &allowed, &what))
+        .join()
+        .map_err(|p| {
+            p.downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "check panicked".into())
+        })
+}
+
+/// The generation `.metadata` names, if it decodes.
+fn metadata_gen(fs: &dyn FileSystem) -> Option<u64> {
+    let md = Metadata::decode(&fs.read_small(".metadata", 1 << 30).ok()?).ok()?;
+    md.user.get(GEN_KEY)?.parse().ok()
+}
+
+/// The operations a save performs, in the order the sweeps visit them.
+const SAVE_OPS: [Op; 7] = [
+    Op::Create,
+    Op::Write,
+    Op::Finish,
+    Op::SyncDir,
+    Op::WriteAtomic,
+    Op::List,
+    Op::Remove,
+];
+
+/// Every operation index of a clean 3-rank save, failed before it is passed
+/// on, failed after it took effect, and (over `MemoryFs` with the durability
+/// model) with the power cut right after it: after each, the location loads
+/// as exactly the old or exactly the new checkpoint, bytes compared with the
+/// generator and checksums verified.
+///
+/// A save that fails on every rank after its `.metadata` took effect (a
+/// fail-after of the commit's `write_atomic`) removes its data files today,
+/// so the new `.metadata` names deleted files: the ambiguous-commit defect
+/// that issue 11's commit protocol fixes. Such a case is still checked; when
+/// it does not load it is counted and printed, not failed, and the location
+/// is repaired by a clean save before the sweep goes on. Set
+/// `DCP_SWEEP_STRICT=1` to fail on it (the `#[ignore]`d
+/// `ambiguous_commit_leaves_a_loadable_checkpoint` checks it alone).
+#[test]
+fn fail_before_after_and_power_cut_at_every_operation() {
+    let strict = std::env::var_os("DCP_SWEEP_STRICT").is_some();
+    let started = Instant::now();
+    let mut gens = Gens {
+        cache: HashMap::new(),
+    };
+    let mut lines = Vec::new();
+    let mut total = SweepCounts::default();
+    for backend in ["fs", "memory"] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (inner, faulty): (Arc<dyn FileSystem>, FaultFs) = match backend {
+            "fs" => {
+                let inner = local(&tmp.path().join("ckpt"));
+                (inner.clone(), FaultFs::new(inner))
+            }
+            _ => {
+                let mem = MemoryFs::new("memory://sweep");
+                (Arc::new(mem.clone()), FaultFs::with_durability(mem))
+            }
+        };
+        let ffs: Arc<dyn FileSystem> = Arc::new(faulty.clone());
+        for r in save_gen(ffs.clone(), gens.get(0), 0) {
+            r.expect("clean save of generation 0");
+        }
+        faulty.reset();
+        for r in save_gen(ffs.clone(), gens.get(1), 1) {
+            r.expect("clean save of generation 1");
+        }
+        let counts: Vec<(Op, u64)> = SAVE_OPS.iter().map(|&op| (op, faulty.count(op))).collect();
+        faulty.reset();
+        let mut faults = Vec::new();
+        for &(op, n) in &counts {
+            assert!(n > 0, "a clean save performs no {op:?}");
+            for nth in 0..n {
+                faults.push(Fault::FailNth { op, nth });
+                faults.push(Fault::FailAfterNth { op, nth });
+                if backend == "memory" {
+                    faults.push(Fault::PowerCutAfterNth { op, nth });
+                }
+            }
+        }
+        let mut c = SweepCounts::default();
+        let mut by_mode: HashMap<&str, usize> = HashMap::new();
+        let mut g = 1u64;
+        for fault in &faults {
+            faulty.reset();
+            faulty.arm(fault.clone());
+            let results = save_gen(ffs.clone(), gens.get(g + 1), g + 1);
+            let cut = matches!(fault, Fault::PowerCutAfterNth { .. });
+            if cut {
+                // The power may not have been cut if the save performed fewer
+                // operations of that kind this time; cut it anyway.
+                faulty.power_cut().expect("power cut");
+            }
+            faulty.reset();
+            let what = format!("{backend}: {fault:?} while saving generation {}", g + 1);
+            *by_mode
+                .entry(match fault {
+                    Fault::FailNth { .. } => "before",
+                    Fault::FailAfterNth { .. } => "after",
+                    _ => "power cut",
+                })
+                .or_default() += 1;
+            c.cases += 1;
+            let oks = results.iter().filter(|r| r.is_ok()).count();
+            if oks == results.len() {
+                // Succeeded: the new generation is there (after a power cut
+                // too: the commit was durable before the save returned).
+                let now = check_checkpoint(inner.clone(), &[g + 1], &what);
+                c.committed_new += 1;
+                g = now;
+                continue;
+            }
+            assert_eq!(oks, 0, "{what}: some ranks succeeded, others failed");
+            let errs: Vec<Error> = results.into_iter().map(|r| r.unwrap_err()).collect();
+            let first = &errs[0];
+            let rank = first
+                .rank()
+                .unwrap_or_else(|| panic!("{what}: error names no rank: {first:?}"));
+            let text = first.to_string();
+            assert!(
+                text.contains(&format!("rank {rank}")) && text.contains("injected"),
+                "{what}: the message names no rank or lost its cause: {text}"
+            );
+            for e in &errs[1..] {
+                assert_eq!(
+                    (e.kind(), e.message(), e.rank()),
+                    (first.kind(), first.message(), first.rank()),
+                    "{what}: ranks disagree on the error"
+                );
+            }
+            if cut {
+                // The machine died: the save could not know whether its
+                // commit was durable; either generation is correct.
+                let now = check_checkpoint(inner.clone(), &[g, g + 1], &what);
+                if now == g {
+                    c.kept_old += 1;
+                } else {
+                    c.committed_new += 1;
+                }
+                g = now;
+            } else if metadata_gen(inner.as_ref()) == Some(g + 1) {
+                // The commit took effect, the save reported failure.
+                match loads_as(inner.clone(), &[g + 1], &what) {
+                    Ok(now) => {
+                        c.ambiguous_resolved += 1;
+                        g = now;
+                    }
+                    Err(why) if !strict => {
+                        c.ambiguous_defect += 1;
+                        eprintln!("sweep: ambiguous-commit defect (issue 11): {why}");
+                        for r in save_gen(ffs.clone(), gens.get(g + 2), g + 2) {
+                            r.expect("repairing save");
+                        }
+                        g = check_checkpoint(inner.clone(), &[g + 2], "repair");
+                    }
+                    Err(why) => panic!("{why}"),
+                }
+            } else {
+                assert_eq!(check_checkpoint(inner.clone(), &[g], &what), g);
+                c.kept_old += 1;
+            }
+        }
+        // A clean save after all that leaves exactly its own files.
+        for r in save_gen(ffs.clone(), gens.get(g + 1), g + 1) {
+            r.expect("final clean save");
+        }
+        let md = Metadata::decode(&inner.read_small(".metadata", 1 << 30).unwrap()).unwrap();
+        check_checkpoint(inner.clone(), &[g + 1], "final clean save");
+        assert_no_stale(names_of(inner.as_ref()), &md, "final clean save");
+        let mut modes: Vec<_> = by_mode.into_iter().collect();
+        modes.sort();
+        lines.push(format!(
+            "{backend}: {} cases ({}; ops {}): {} kept old, {} committed new, \
+             {} ambiguous commits resolved, {} exposing the ambiguous-commit defect",
+            c.cases,
+            modes
+                .iter()
+                .map(|(m, n)| format!("{m} x{n}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            counts
+                .iter()
+                .map(|(op, n)| format!("{op:?} x{n}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            c.kept_old,
+            c.committed_new,
+            c.ambiguous_resolved,
+            c.ambiguous_defect,
+        ));
+        total.cases += c.cases;
+        total.kept_old += c.kept_old;
+        total.committed_new += c.committed_new;
+        total.ambiguous_defect += c.ambiguous_defect;
+        total.ambiguous_resolved += c.ambiguous_resolved;
+        assert!(c.kept_old > 0 && c.committed_new > 0, "{backend}: {c:?}");
+    }
+    eprintln!(
+        "sweep in {:?}: {} cases, {} kept old, {} committed new, {} ambiguous resolved, \
+         {} exposing the ambiguous-commit defect (skipped, issue 11)\n  {}",
+        started.elapsed(),
+        total.cases,
+        total.kept_old,
+        total.committed_new,
+        total.ambiguous_resolved,
+        total.ambiguous_defect,
+        lines.join("\n  ")
+    );
+    assert_eq!(
+        total.cases,
+        total.kept_old + total.committed_new + total.ambiguous_defect + total.ambiguous_resolved
+    );
+}
+
+/// The commit's `write_atomic` takes effect and then reports an error (on
+/// local disk: the directory fsync after the rename fails; on an object
+/// store: the PUT's reply is lost). The location must still hold a
+/// checkpoint that loads: the new one (the outcome read back and found
+/// committed) or the old one, never a `.metadata` naming deleted files.
+#[test]
+#[ignore = "needs the commit protocol of issue 11 (ambiguous commits)"]
+fn ambiguous_commit_leaves_a_loadable_checkpoint() {
+    let mut gens = Gens {
+        cache: HashMap::new(),
+    };
+    for backend in ["fs", "memory"] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let inner: Arc<dyn FileSystem> = match backend {
+            "fs" => local(&tmp.path().join("ckpt")),
+            _ => Arc::new(MemoryFs::new("memory://ambiguous")),
+        };
+        let faulty = FaultFs::new(inner.clone());
+        let ffs: Arc<dyn FileSystem> = Arc::new(faulty.clone());
+        for r in save_gen(ffs.clone(), gens.get(0), 0) {
+            r.expect("clean save of generation 0");
+        }
+        faulty.arm(Fault::FailAfterNth {
+            op: Op::WriteAtomic,
+            nth: 0,
+        });
+        let results = save_gen(ffs.clone(), gens.get(1), 1);
+        faulty.reset();
+        let what = format!("{backend}: the commit took effect and reported an error");
+        let now = check_checkpoint(inner.clone(), &[0, 1], &what);
+        if results.iter().all(|r| r.is_ok()) {
+            assert_eq!(now, 1, "{what}: a save that succeeded must be visible");
+        }
+    }
+}
