@@ -7,7 +7,9 @@
 //!   passing them on, simulates a power cut over a `MemoryFs` (rolling back
 //!   to what was synced), or hides the page cache, and counts every
 //!   operation.
-//! * [`RecordingFs`] ([`recording`]): a wrapper that records every read.
+//! * [`RecordingFs`] ([`recording`]): a wrapper that records every read,
+//!   and every create, finish, atomic write, directory sync, list and remove
+//!   in order.
 //! * [`moto`]: a moto S3 server on 127.0.0.1, once per test binary or
 //!   private, that skips (or fails under CI) when moto is not installed.
 //! * [`frame_metadata`], [`encode_metadata_unchecked`]: `.metadata` bytes
@@ -41,7 +43,7 @@ pub mod recording;
 pub mod data;
 
 pub use fault::{Fault, FaultFs, Op};
-pub use recording::{ReadCall, RecordingFs};
+pub use recording::{ReadCall, RecordingFs, StorageCall};
 
 use dcp_core::metadata::{Metadata, FORMAT_VERSION, MAGIC};
 
