@@ -8,6 +8,13 @@
 //!   and with every record's checksum verified, and every later successful
 //!   save must leave only the files its `.metadata` references. Trials:
 //!   `DCP_CRASH_TRIALS` (default 50); seed: `DCP_CRASH_SEED`.
+//! * `aimed_sigkill_at_every_commit_and_cleanup_step`: the child numbers its
+//!   storage operations (`dcp_testkit::StepFs`) and pauses at a chosen step;
+//!   the parent SIGKILLs it there: before and after the data files' first
+//!   create and finish, the directory sync, the `.metadata` rename, the
+//!   cleanup's listing and each of its removals. A kill before the rename
+//!   must leave exactly the old generation, any later one exactly the new.
+//!   Rounds: `DCP_CRASH_AIMED_TRIALS` (default one round).
 //! * `fault_at_every_operation_leaves_old_or_new`: in process, over
 //!   [`FaultFs`], fail each operation of a save's sequence in turn (every
 //!   create, write, finish, directory sync, atomic write, list and remove a
@@ -231,6 +238,167 @@ fn sigkill_during_save_leaves_old_or_new() {
             "no save ever committed: the delays are too short"
         );
     }
+}
+
+// ---------------------------------------------------------------------------
+// Aimed kills: SIGKILL at a chosen step of the save
+// ---------------------------------------------------------------------------
+
+/// How an aimed trial ended.
+enum Aimed {
+    /// The child paused at the step and was killed there; the step line.
+    Killed(String),
+    /// The child exited without reaching the step.
+    Exited(std::process::ExitStatus),
+}
+
+/// Run the child saving `g` into `dir`, paused at `key`
+/// (`{op}:{nth}:{before|after}`), and SIGKILL it there. Bounded: panics if
+/// neither a pause nor an exit comes within 120 s.
+fn run_aimed(dir: &Path, g: u64, key: &str) -> Aimed {
+    use std::io::BufRead;
+    let mut child = Command::new(CHILD)
+        .arg(dir)
+        .arg(g.to_string())
+        .env("DCP_CRASH_PAUSE", key)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn dcp-crash-child");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut said = Vec::new();
+    let out = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains("paused at") => {
+                child.kill().expect("SIGKILL the child");
+                let status = child.wait().expect("reap child");
+                assert!(!status.success(), "{key}: a paused child exited 0");
+                break Aimed::Killed(line);
+            }
+            Ok(line) => said.push(line),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                let status = child.wait().expect("reap child");
+                assert!(status.success(), "{key}: child failed: {status}: {said:?}");
+                break Aimed::Exited(status);
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{key}: the child neither paused nor exited within 120 s: {said:?}");
+            }
+        }
+    };
+    let _ = reader.join();
+    out
+}
+
+fn data_files_in(dir: &Path) -> usize {
+    dir_names(dir)
+        .iter()
+        .filter(|n| dcp_core::checkpoint::is_data_file_name(n))
+        .count()
+}
+
+#[test]
+fn aimed_sigkill_at_every_commit_and_cleanup_step() {
+    let want_trials: usize = std::env::var("DCP_CRASH_AIMED_TRIALS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir: PathBuf = tmp.path().join("ckpt");
+    let started = Instant::now();
+    run_child(&dir, 0);
+    run_child(&dir, 1);
+    let mut g = check_checkpoint(local(&dir), &[1], "generation 1");
+    // Kills before the commit's rename keep the old generation; the rest
+    // show the new one.
+    let before_commit = [
+        "Create:0:before",
+        "Finish:0:after",
+        "SyncDir:0:before",
+        "SyncDir:0:after",
+        "WriteAtomic:0:before",
+    ];
+    let after_commit = ["WriteAtomic:0:after", "List:0:before", "List:0:after"];
+    // Removals: as many as the previous generation's files (4 to 8).
+    let removals = data_files_in(&dir);
+    let mut hits: std::collections::BTreeMap<String, usize> = Default::default();
+    let (mut trials, mut kept_old, mut got_new, mut planted) = (0usize, 0usize, 0usize, 0usize);
+    loop {
+        let mut targets: Vec<(String, bool)> = Vec::new();
+        targets.extend(before_commit.iter().map(|k| (k.to_string(), false)));
+        targets.extend(after_commit.iter().map(|k| (k.to_string(), true)));
+        for i in 0..removals {
+            targets.push((format!("Remove:{i}:before"), true));
+            targets.push((format!("Remove:{i}:after"), true));
+        }
+        for (key, commits) in targets {
+            if let Some(i) = key
+                .strip_prefix("Remove:")
+                .and_then(|r| r.split(':').next())
+                .and_then(|n| n.parse::<usize>().ok())
+            {
+                // Make sure the cleanup has an (i + 1)-th file to remove:
+                // orphans as a killed save leaves them.
+                while data_files_in(&dir) <= i {
+                    std::fs::write(
+                        dir.join(format!("__9_{planted}-{:016x}.dcp", 0xdead_0000 + planted)),
+                        b"orphan of a killed save",
+                    )
+                    .expect("plant an orphan");
+                    planted += 1;
+                }
+            }
+            let what = format!("aimed kill at {key} while saving generation {}", g + 1);
+            match run_aimed(&dir, g + 1, &key) {
+                Aimed::Killed(line) => {
+                    assert!(line.contains(&key), "{what}: paused elsewhere: {line}");
+                    *hits.entry(key.clone()).or_default() += 1;
+                }
+                Aimed::Exited(status) => panic!("{what}: the step was never reached ({status})"),
+            }
+            let expect = if commits { g + 1 } else { g };
+            let now = check_checkpoint(local(&dir), &[expect], &what);
+            let md = decode_md(&dir);
+            assert_eq!(md.world_size as usize, world_of(now), "{what}");
+            if commits {
+                got_new += 1;
+            } else {
+                kept_old += 1;
+            }
+            g = now;
+            trials += 1;
+        }
+        if trials >= want_trials {
+            break;
+        }
+    }
+    // The next successful save removes whatever the kills left.
+    run_child(&dir, g + 1);
+    let md = decode_md(&dir);
+    assert_eq!(check_checkpoint(local(&dir), &[g + 1], "final save"), g + 1);
+    assert_no_stale(dir_names(&dir), &md, "final save");
+    let every = before_commit.len() + after_commit.len() + 2 * removals;
+    assert_eq!(hits.len(), every, "every step aimed at: {hits:?}");
+    eprintln!(
+        "crash (aimed): {trials} SIGKILLs at {every} distinct steps in {:?}: {kept_old} before the \
+         .metadata rename (old kept), {got_new} after it (new); {planted} orphans planted for the \
+         later removals; 0 mixes; hits {hits:?}",
+        started.elapsed()
+    );
 }
 
 // ---------------------------------------------------------------------------

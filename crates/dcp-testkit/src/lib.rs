@@ -10,6 +10,8 @@
 //! * [`RecordingFs`] ([`recording`]): a wrapper that records every read,
 //!   and every create, finish, atomic write, directory sync, list and remove
 //!   in order.
+//! * [`StepFs`] ([`steps`]): numbers a save's storage operations and calls
+//!   a hook before and after each (the crash harness's aimed kills).
 //! * [`moto`]: a moto S3 server on 127.0.0.1, once per test binary or
 //!   private, that skips (or fails under CI) when moto is not installed.
 //! * [`frame_metadata`], [`encode_metadata_unchecked`]: `.metadata` bytes
@@ -38,12 +40,14 @@
 pub mod fault;
 pub mod moto;
 pub mod recording;
+pub mod steps;
 
 #[cfg(feature = "data")]
 pub mod data;
 
 pub use fault::{Fault, FaultFs, Op};
 pub use recording::{ReadCall, RecordingFs, StorageCall};
+pub use steps::{step_key, Step, StepFs, When};
 
 use dcp_core::metadata::{Metadata, FORMAT_VERSION, MAGIC};
 
