@@ -12,6 +12,8 @@
 //!   in order.
 //! * [`StepFs`] ([`steps`]): numbers a save's storage operations and calls
 //!   a hook before and after each (the crash harness's aimed kills).
+//! * [`TcpProxy`] ([`proxy`]): a TCP proxy that can be killed, to make a
+//!   server (moto) unreachable mid-save while keeping its state to check.
 //! * [`moto`]: a moto S3 server on 127.0.0.1, once per test binary or
 //!   private, that skips (or fails under CI) when moto is not installed.
 //! * [`frame_metadata`], [`encode_metadata_unchecked`]: `.metadata` bytes
@@ -39,6 +41,7 @@
 
 pub mod fault;
 pub mod moto;
+pub mod proxy;
 pub mod recording;
 pub mod steps;
 
@@ -46,6 +49,7 @@ pub mod steps;
 pub mod data;
 
 pub use fault::{Fault, FaultFs, Op};
+pub use proxy::TcpProxy;
 pub use recording::{ReadCall, RecordingFs, StorageCall};
 pub use steps::{step_key, Step, StepFs, When};
 
