@@ -474,6 +474,8 @@ impl FileSystemLayer for FaultFs {
     fn read_if_cached(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<bool> {
         let n = self.tick(Op::ReadIfCached, name)?;
         if self.armed(&Fault::Uncached) {
+            // Answered "not in memory"; a fail-after still fails it.
+            self.after(Op::ReadIfCached, n, name)?;
             return Ok(false);
         }
         self.pass(Op::ReadIfCached, n, name, || {

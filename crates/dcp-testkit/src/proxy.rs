@@ -80,12 +80,7 @@ impl TcpProxy {
     /// refused) and reset every open connection, both ways. Returns once the
     /// listener is closed. Later calls do nothing.
     pub fn kill(&self) {
-        let Some(accept) = self
-            .accept
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        else {
+        let Some(accept) = self.accept.lock().unwrap_or_else(|p| p.into_inner()).take() else {
             return;
         };
         self.state.stopped.store(true, Ordering::SeqCst);
