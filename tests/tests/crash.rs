@@ -844,11 +844,13 @@ fn ambiguous_commit_leaves_a_loadable_checkpoint() {
         for r in save_gen(ffs.clone(), gens.get(0), 0) {
             r.expect("clean save of generation 0");
         }
+        faulty.reset();
         faulty.arm(Fault::FailAfterNth {
             op: Op::WriteAtomic,
             nth: 0,
         });
         let results = save_gen(ffs.clone(), gens.get(1), 1);
+        assert_eq!(faulty.count(Op::WriteAtomic), 1, "{backend}: one commit");
         faulty.reset();
         let what = format!("{backend}: the commit took effect and reported an error");
         let now = check_checkpoint(inner.clone(), &[0, 1], &what);

@@ -904,7 +904,10 @@ fn fuzz_regressions_metadata_decode() {
             );
         }
     }
-    assert!(decoded >= 1, "no regression input decodes: the round trip is unchecked");
+    assert!(
+        decoded >= 1,
+        "no regression input decodes: the round trip is unchecked"
+    );
     eprintln!(
         "{} metadata_decode regression inputs replayed, {decoded} decoded",
         inputs.len()
