@@ -96,6 +96,10 @@ struct Input {
     threads: u8,
     gap: u32,
     max_request: u32,
+    /// Tidy mode: claimed file lengths are the real ones, shapes small,
+    /// chunk boxes inside their shape and records inside their file, so
+    /// that many loads succeed and reach the comparison with the reference.
+    tidy: bool,
 }
 
 /// Real descriptors (and one unknown version): codecs and checksums of
@@ -144,6 +148,20 @@ fn storage(s: &FStorage, logical: u64, nfiles: usize, ntransforms: usize) -> Sto
     }
 }
 
+/// Tidy mode: the record's length is its logical length and it lies inside
+/// its file when the file is long enough.
+fn tidy_record(st: &mut StorageInfo, logical: u64, contents: &[Vec<u8>]) {
+    if contents.is_empty() {
+        return;
+    }
+    st.file %= contents.len() as u32;
+    st.length = logical;
+    let have = contents[st.file as usize].len() as u64;
+    if have >= logical {
+        st.offset %= have - logical + 1;
+    }
+}
+
 fn build(input: &Input) -> (Metadata, Vec<Vec<u8>>) {
     let files: Vec<DataFile> = input
         .files
@@ -152,7 +170,9 @@ fn build(input: &Input) -> (Metadata, Vec<Vec<u8>>) {
         .enumerate()
         .map(|(i, f)| DataFile {
             name: format!("__{i}_0-fuzz.dcp"),
-            length: if f.huge {
+            length: if input.tidy {
+                f.actual as u64
+            } else if f.huge {
                 f.claimed
             } else {
                 f.claimed % 70_000
@@ -184,23 +204,49 @@ fn build(input: &Input) -> (Metadata, Vec<Vec<u8>>) {
                 chunks,
             } => {
                 let dt = dtype(*d);
-                let shape: Vec<u64> = shape.iter().take(4).map(|&s| s as u64).collect();
+                let shape: Vec<u64> = shape
+                    .iter()
+                    .take(4)
+                    .map(|&s| {
+                        if input.tidy {
+                            s as u64 % 8 + 1
+                        } else {
+                            s as u64
+                        }
+                    })
+                    .collect();
                 let chunks = chunks
                     .iter()
                     .take(8)
                     .map(|c| {
-                        let region = ChunkBox {
-                            offsets: c.offsets.iter().take(4).map(|&x| x as u64).collect(),
-                            sizes: c.sizes.iter().take(4).map(|&x| x as u64).collect(),
+                        let region = if input.tidy {
+                            // Inside the shape, one entry per dimension.
+                            let offsets: Vec<u64> = (0..shape.len())
+                                .map(|k| c.offsets.get(k).map_or(0, |&x| x as u64 % shape[k]))
+                                .collect();
+                            let sizes = (0..shape.len())
+                                .map(|k| {
+                                    let room = shape[k] - offsets[k];
+                                    c.sizes.get(k).map_or(room, |&x| x as u64 % room + 1)
+                                })
+                                .collect();
+                            ChunkBox { offsets, sizes }
+                        } else {
+                            ChunkBox {
+                                offsets: c.offsets.iter().take(4).map(|&x| x as u64).collect(),
+                                sizes: c.sizes.iter().take(4).map(|&x| x as u64).collect(),
+                            }
                         };
                         let logical = region
                             .checked_numel()
                             .and_then(|n| n.checked_mul(dt.size() as u64))
                             .unwrap_or(u64::MAX);
-                        ChunkMeta {
-                            storage: storage(&c.storage, logical, files.len(), transforms.len()),
-                            region,
+                        let mut storage =
+                            storage(&c.storage, logical, files.len(), transforms.len());
+                        if input.tidy {
+                            tidy_record(&mut storage, logical, &contents);
                         }
+                        ChunkMeta { storage, region }
                     })
                     .collect();
                 ItemMeta::Tensor {
@@ -214,11 +260,16 @@ fn build(input: &Input) -> (Metadata, Vec<Vec<u8>>) {
                 auto,
                 storage: s,
             } => {
-                let length = if *auto { *length % 70_000 } else { *length };
-                ItemMeta::Bytes {
-                    length,
-                    storage: storage(s, length, files.len(), transforms.len()),
+                let length = if *auto || input.tidy {
+                    *length % 70_000
+                } else {
+                    *length
+                };
+                let mut storage = storage(s, length, files.len(), transforms.len());
+                if input.tidy {
+                    tidy_record(&mut storage, length, &contents);
                 }
+                ItemMeta::Bytes { length, storage }
             }
         };
         items.push((format!("item{i}"), meta));
@@ -367,15 +418,19 @@ fn check_against_reference(md: &Metadata, files: &[Vec<u8>], loaded: &DestStateD
                         budget -= 1;
                         // The saved chunks holding this element.
                         let mut holders = chunks.iter().filter(|c| {
-                            c.region.offsets.iter().zip(&c.region.sizes).zip(&coord).all(
-                                |((&o, &s), &x)| x >= o && x - o < s,
-                            )
+                            c.region
+                                .offsets
+                                .iter()
+                                .zip(&c.region.sizes)
+                                .zip(&coord)
+                                .all(|((&o, &s), &x)| x >= o && x - o < s)
                         });
                         if let (Some(c), None) = (holders.next(), holders.next()) {
                             if !has_codec(md, &c.storage) {
                                 let mut idx = 0u64;
                                 for d in 0..coord.len() {
-                                    idx = idx * c.region.sizes[d] + (coord[d] - c.region.offsets[d]);
+                                    idx =
+                                        idx * c.region.sizes[d] + (coord[d] - c.region.offsets[d]);
                                 }
                                 let want = file_bytes(
                                     files,

@@ -166,10 +166,10 @@ fn save_case(input: &Input) {
     let writer = FileSystemWriter::new(
         fs,
         WriterOptions::default()
-.serialization_format(dcp_core::format::builtin(&FormatKind::Safetensors).unwrap())
-.thread_count(1 + input.threads as usize % 3)
-.sync_files(false)
-.extensions(if input.checksum {
+            .serialization_format(dcp_core::format::builtin(&FormatKind::Safetensors).unwrap())
+            .thread_count(1 + input.threads as usize % 3)
+            .sync_files(false)
+            .extensions(if input.checksum {
                 vec![Arc::new(dcp_ext::Crc32c::new())]
             } else {
                 vec![]
