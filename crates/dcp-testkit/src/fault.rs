@@ -220,6 +220,10 @@ impl FaultFs {
     /// * a file still being written (a sink not finished) was never visible
     ///   in `MemoryFs` and vanishes.
     ///
+    /// Each operation is recorded when the inner call returned, so one that
+    /// races with a `sync_dir` on another thread may count as after it: the
+    /// model then keeps less than a real disk would, never more.
+    ///
     /// Not simulated: torn writes inside a synced file (a sector half
     /// written), reordering by a device that lies about flushes, a zero-length
     /// entry durable for a created but unfinished file (`MemoryFs` shows a
