@@ -19,7 +19,7 @@ use dcp_core::{
     save, ChunkBox, FileSystem, FileSystemWriter, FormatKind, Single, StateDict, TensorChunk,
     WriterOptions,
 };
-use dcp_fuzz::{dtype, runtime, TestCrc};
+use dcp_fuzz::{dtype, runtime};
 use libfuzzer_sys::fuzz_target;
 use safetensors::SafeTensors;
 use std::collections::{BTreeMap, HashSet};
@@ -170,7 +170,7 @@ fn save_case(input: &Input) {
             .thread_count(1 + input.threads as usize % 3)
             .sync_files(false)
             .extensions(if input.checksum {
-                vec![Arc::new(TestCrc)]
+                vec![Arc::new(dcp_ext::Crc32c::new())]
             } else {
                 vec![]
             }),

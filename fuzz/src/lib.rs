@@ -1,18 +1,14 @@
 //! Helpers shared by the fuzz targets: framing a `.metadata` body with a
 //! correct header (so mutated bodies get past the CRC), valid sample
-//! metadata to mutate, toy transforms (a checksum and a codec) for the
-//! registry, and one runtime for the targets that save or load.
+//! metadata to mutate, dcp-ext's registry (the real decoders), and one
+//! runtime for the targets that save or load.
 
 use dcp_core::metadata::{
     AppliedTransform, ChunkMeta, DataFile, FormatKind, ItemMeta, Metadata, StorageInfo,
 };
-use dcp_core::transform::Descriptor;
-use dcp_core::{
-    ChunkBox, DType, Error, ErrorKind, ExtensionFactory, ExtensionRegistry, Result, StreamEncoder,
-    StreamTransformExtension, TransformKind,
-};
+use dcp_core::{ChunkBox, DType, ExtensionRegistry};
 use std::collections::BTreeMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 /// `.metadata` framing (a header whose length and CRC match the body, so
 /// mutated bodies get past the CRC), shared with the test suites.
@@ -48,7 +44,7 @@ pub fn samples() -> Vec<Metadata> {
                 length: 128,
             },
         ],
-        transforms: vec!["testcrc/1".into(), "rev/1".into()],
+        transforms: vec!["crc32c/1".into(), "lz4/1".into()],
         items: vec![
             (
                 "a".into(),
@@ -142,105 +138,11 @@ pub fn samples() -> Vec<Metadata> {
     vec![a, b, c]
 }
 
-/// A checksum transform (`testcrc/1`): CRC-32C, 4 bytes LE.
-#[derive(Debug)]
-pub struct TestCrc;
-
-struct CrcEnc(u32);
-
-impl StreamEncoder for CrcEnc {
-    fn update(&mut self, input: &[u8], _out: &mut Vec<u8>) -> Result<()> {
-        self.0 = crc32c::crc32c_append(self.0, input);
-        Ok(())
-    }
-    fn finish(self: Box<Self>, _out: &mut Vec<u8>) -> Result<Vec<u8>> {
-        Ok(self.0.to_le_bytes().to_vec())
-    }
-}
-
-impl StreamTransformExtension for TestCrc {
-    fn descriptor(&self) -> String {
-        "testcrc/1".into()
-    }
-    fn kind(&self) -> TransformKind {
-        TransformKind::Checksum
-    }
-    fn encoder(&self) -> Result<Box<dyn StreamEncoder>> {
-        Ok(Box::new(CrcEnc(0)))
-    }
-    fn decode(&self, input: &[u8], value: &[u8], expected_len: usize) -> Result<Option<Vec<u8>>> {
-        if input.len() != expected_len {
-            return Err(Error::corrupt("checksum input length"));
-        }
-        if value != crc32c::crc32c(input).to_le_bytes() {
-            return Err(Error::new(ErrorKind::ChecksumMismatch, "crc mismatch"));
-        }
-        Ok(None)
-    }
-}
-
-/// A codec (`rev/1`): reverses each record. Its decoder allocates exactly
-/// `expected_len`, as the trait asks, after checking the input length.
-#[derive(Debug)]
-pub struct Rev;
-
-struct RevEnc(Vec<u8>);
-
-impl StreamEncoder for RevEnc {
-    fn update(&mut self, input: &[u8], _out: &mut Vec<u8>) -> Result<()> {
-        self.0.extend_from_slice(input);
-        Ok(())
-    }
-    fn finish(self: Box<Self>, out: &mut Vec<u8>) -> Result<Vec<u8>> {
-        out.extend(self.0.iter().rev());
-        Ok(Vec::new())
-    }
-}
-
-impl StreamTransformExtension for Rev {
-    fn descriptor(&self) -> String {
-        "rev/1".into()
-    }
-    fn kind(&self) -> TransformKind {
-        TransformKind::Codec
-    }
-    fn encoder(&self) -> Result<Box<dyn StreamEncoder>> {
-        Ok(Box::new(RevEnc(Vec::new())))
-    }
-    fn decode(&self, input: &[u8], _value: &[u8], expected_len: usize) -> Result<Option<Vec<u8>>> {
-        if input.len() != expected_len {
-            return Err(Error::corrupt(format!(
-                "rev: {} bytes, expected {expected_len}",
-                input.len()
-            )));
-        }
-        Ok(Some(input.iter().rev().copied().collect()))
-    }
-}
-
-struct Factory(&'static str);
-
-impl ExtensionFactory for Factory {
-    fn name(&self) -> &str {
-        self.0
-    }
-    fn build(&self, d: &Descriptor) -> Result<Arc<dyn StreamTransformExtension>> {
-        if d.version != 1 || !d.params.is_empty() {
-            return Err(Error::unsupported(format!("unknown {d}")));
-        }
-        Ok(match self.0 {
-            "testcrc" => Arc::new(TestCrc),
-            _ => Arc::new(Rev),
-        })
-    }
-}
-
-/// A registry resolving `testcrc/1` and `rev/1`.
+/// The registry of dcp-ext: the real zstd and lz4 decoders and the CRC-32C
+/// and CRC-32 checks a reader uses (`zstd/1:level=N`, `lz4/1`, `crc32c/1`,
+/// `crc32/1`), so the targets decode records as a real load does.
 pub fn registry() -> ExtensionRegistry {
-    let mut r = ExtensionRegistry::new();
-    r.register(Arc::new(Factory("testcrc")));
-    r.register(Arc::new(Factory("rev")));
-    r
+    dcp_ext::registry()
 }
 
 /// One current-thread runtime (with its blocking pool) for every input.

@@ -8,6 +8,13 @@
 //!   and with every record's checksum verified, and every later successful
 //!   save must leave only the files its `.metadata` references. Trials:
 //!   `DCP_CRASH_TRIALS` (default 50); seed: `DCP_CRASH_SEED`.
+//! * `aimed_sigkill_at_every_commit_and_cleanup_step`: the child numbers its
+//!   storage operations (`dcp_testkit::StepFs`) and pauses at a chosen step;
+//!   the parent SIGKILLs it there: before and after the data files' first
+//!   create and finish, the directory sync, the `.metadata` rename, the
+//!   cleanup's listing and each of its removals. A kill before the rename
+//!   must leave exactly the old generation, any later one exactly the new.
+//!   Rounds: `DCP_CRASH_AIMED_TRIALS` (default one round).
 //! * `fault_at_every_operation_leaves_old_or_new`: in process, over
 //!   [`FaultFs`], fail each operation of a save's sequence in turn (every
 //!   create, write, finish, directory sync, atomic write, list and remove a
@@ -249,6 +256,178 @@ fn sigkill_during_save_leaves_old_or_new() {
 }
 
 // ---------------------------------------------------------------------------
+// Aimed kills: SIGKILL at a chosen step of the save
+// ---------------------------------------------------------------------------
+
+/// How an aimed trial ended.
+enum Aimed {
+    /// The child paused at the step and was killed there: the step line, and
+    /// whether `.metadata` had been written by then (the rename done).
+    Killed(String, bool),
+    /// The child exited without reaching the step.
+    Exited(std::process::ExitStatus),
+}
+
+/// Run the child saving `g` into `dir`, paused at `key`
+/// (`{op}:{nth}:{before|after}`), and SIGKILL it there. Bounded: panics if
+/// neither a pause nor an exit comes within 120 s.
+fn run_aimed(dir: &Path, g: u64, key: &str) -> Aimed {
+    use std::io::BufRead;
+    let mut child = Command::new(CHILD)
+        .arg(dir)
+        .arg(g.to_string())
+        .env("DCP_CRASH_PAUSE", key)
+        .env("DCP_CRASH_STEPS", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn dcp-crash-child");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut said = Vec::new();
+    let out = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains("paused at") => {
+                child.kill().expect("SIGKILL the child");
+                let status = child.wait().expect("reap child");
+                assert!(!status.success(), "{key}: a paused child exited 0");
+                let renamed = |l: &String| {
+                    l.contains(" WriteAtomic:") && l.contains(":after ") && l.ends_with(".metadata")
+                };
+                let committed = said.iter().any(renamed) || renamed(&line);
+                break Aimed::Killed(line, committed);
+            }
+            Ok(line) => said.push(line),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                let status = child.wait().expect("reap child");
+                assert!(status.success(), "{key}: child failed: {status}: {said:?}");
+                break Aimed::Exited(status);
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{key}: the child neither paused nor exited within 120 s: {said:?}");
+            }
+        }
+    };
+    let _ = reader.join();
+    out
+}
+
+fn data_files_in(dir: &Path) -> usize {
+    dir_names(dir)
+        .iter()
+        .filter(|n| dcp_core::checkpoint::is_data_file_name(n))
+        .count()
+}
+
+#[test]
+fn aimed_sigkill_at_every_commit_and_cleanup_step() {
+    let want_trials: usize = std::env::var("DCP_CRASH_AIMED_TRIALS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir: PathBuf = tmp.path().join("ckpt");
+    let started = Instant::now();
+    run_child(&dir, 0);
+    run_child(&dir, 1);
+    let mut g = check_checkpoint(local(&dir), &[1], "generation 1");
+    // Kills before the commit's rename keep the old generation; the rest
+    // show the new one (decided from the steps the child reported: a save
+    // after a kill first breaks the dead save's lease, one removal more).
+    let before_commit = [
+        "Create:0:before",
+        "Finish:0:after",
+        "SyncDir:0:before",
+        "SyncDir:0:after",
+        "WriteAtomic:0:before",
+    ];
+    let after_commit = ["WriteAtomic:0:after", "List:0:before", "List:0:after"];
+    // Removals: the dead save's lease, the files of the generation before
+    // the one replaced (4 to 8), the lease's release.
+    let removals = data_files_in(&dir) + 2;
+    let mut hits: std::collections::BTreeMap<String, usize> = Default::default();
+    let (mut trials, mut kept_old, mut got_new, mut planted) = (0usize, 0usize, 0usize, 0usize);
+    loop {
+        let mut targets: Vec<String> = Vec::new();
+        targets.extend(before_commit.iter().map(|k| k.to_string()));
+        targets.extend(after_commit.iter().map(|k| k.to_string()));
+        for i in 0..removals {
+            targets.push(format!("Remove:{i}:before"));
+            targets.push(format!("Remove:{i}:after"));
+        }
+        for key in targets {
+            if let Some(i) = key
+                .strip_prefix("Remove:")
+                .and_then(|r| r.split(':').next())
+                .and_then(|n| n.parse::<usize>().ok())
+            {
+                // Make sure the cleanup has an (i + 1)-th file to remove:
+                // orphans as a killed save leaves them.
+                while data_files_in(&dir) <= i {
+                    std::fs::write(
+                        dir.join(format!("__9_{planted}-{:016x}.dcp", 0xdead_0000 + planted)),
+                        b"orphan of a killed save",
+                    )
+                    .expect("plant an orphan");
+                    planted += 1;
+                }
+            }
+            let what = format!("aimed kill at {key} while saving generation {}", g + 1);
+            let commits = match run_aimed(&dir, g + 1, &key) {
+                Aimed::Killed(line, committed) => {
+                    assert!(line.contains(&key), "{what}: paused elsewhere: {line}");
+                    *hits.entry(key.clone()).or_default() += 1;
+                    committed
+                }
+                Aimed::Exited(status) => panic!("{what}: the step was never reached ({status})"),
+            };
+            let expect = if commits { g + 1 } else { g };
+            let now = check_checkpoint(local(&dir), &[expect], &what);
+            let md = decode_md(&dir);
+            assert_eq!(md.world_size as usize, world_of(now), "{what}");
+            if commits {
+                got_new += 1;
+            } else {
+                kept_old += 1;
+            }
+            g = now;
+            trials += 1;
+        }
+        if trials >= want_trials {
+            break;
+        }
+    }
+    // The next successful save removes whatever the kills left (it keeps the
+    // checkpoint it replaces until the commit after it).
+    let before = decode_md(&dir);
+    run_child(&dir, g + 1);
+    let md = decode_md(&dir);
+    assert_eq!(check_checkpoint(local(&dir), &[g + 1], "final save"), g + 1);
+    assert_no_stale(dir_names(&dir), &md, Some(&before), "final save");
+    let every = before_commit.len() + after_commit.len() + 2 * removals;
+    assert_eq!(hits.len(), every, "every step aimed at: {hits:?}");
+    eprintln!(
+        "crash (aimed): {trials} SIGKILLs at {every} distinct steps in {:?}: {kept_old} before the \
+         .metadata rename (old kept), {got_new} after it (new); {planted} orphans planted for the \
+         later removals; 0 mixes; hits {hits:?}",
+        started.elapsed()
+    );
+}
+
+// ---------------------------------------------------------------------------
 // In process: a fault at every operation index
 // ---------------------------------------------------------------------------
 
@@ -430,4 +609,275 @@ fn fault_at_every_operation_leaves_old_or_new() {
         started.elapsed(),
         summary.join("\n  ")
     );
+}
+
+// ---------------------------------------------------------------------------
+// In process: fail before, fail after, and cut the power after every operation
+// ---------------------------------------------------------------------------
+
+/// How a case of the before/after/power-cut sweep ended.
+#[derive(Default, Debug)]
+struct SweepCounts {
+    cases: usize,
+    kept_old: usize,
+    committed_new: usize,
+    /// Failed on every rank with the new generation committed and loadable
+    /// (the ambiguous outcome resolved correctly).
+    ambiguous_resolved: usize,
+}
+
+/// Does `fs` hold a checkpoint of one of `allowed` that loads bit-exact and
+/// verifies? `Err` with the reason when not (the checks of
+/// `check_checkpoint`, without unwinding out of the sweep).
+fn loads_as(
+    fs: Arc<dyn FileSystem>,
+    allowed: &[u64],
+    what: &str,
+) -> std::result::Result<u64, String> {
+    let allowed = allowed.to_vec();
+    let what = what.to_string();
+    // The checks panic with a message naming what failed; run them on a
+    // thread so a failure is a value here.
+    std::thread::spawn(move || check_checkpoint(fs, &allowed, &what))
+        .join()
+        .map_err(|p| {
+            p.downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "check panicked".into())
+        })
+}
+
+/// The generation `.metadata` names, if it decodes.
+fn metadata_gen(fs: &dyn FileSystem) -> Option<u64> {
+    let md = Metadata::decode(&fs.read_small(".metadata", 1 << 30).ok()?).ok()?;
+    md.user.get(GEN_KEY)?.parse().ok()
+}
+
+/// The operations a save performs, in the order the sweeps visit them.
+const SAVE_OPS: [Op; 7] = [
+    Op::Create,
+    Op::Write,
+    Op::Finish,
+    Op::SyncDir,
+    Op::WriteAtomic,
+    Op::List,
+    Op::Remove,
+];
+
+/// Every operation index of a clean 3-rank save, failed before it is passed
+/// on, failed after it took effect, and (over `MemoryFs` with the durability
+/// model) with the power cut right after it: after each, the location loads
+/// as exactly the old or exactly the new checkpoint, bytes compared with the
+/// generator and checksums verified.
+///
+/// A save whose `.metadata` took effect while it reported failure (a
+/// fail-after of the commit's `write_atomic`) must leave a `.metadata` that
+/// loads: the commit protocol reads it back and decides; a `.metadata`
+/// naming deleted files fails the sweep.
+#[test]
+fn fail_before_after_and_power_cut_at_every_operation() {
+    let started = Instant::now();
+    let mut gens = Gens {
+        cache: HashMap::new(),
+    };
+    let mut lines = Vec::new();
+    let mut total = SweepCounts::default();
+    for backend in ["fs", "memory"] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (inner, faulty): (Arc<dyn FileSystem>, FaultFs) = match backend {
+            "fs" => {
+                let inner = local(&tmp.path().join("ckpt"));
+                (inner.clone(), FaultFs::new(inner))
+            }
+            _ => {
+                let mem = MemoryFs::new("memory://sweep");
+                (Arc::new(mem.clone()), FaultFs::with_durability(mem))
+            }
+        };
+        let ffs: Arc<dyn FileSystem> = Arc::new(faulty.clone());
+        for r in save_gen(ffs.clone(), gens.get(0), 0) {
+            r.expect("clean save of generation 0");
+        }
+        faulty.reset();
+        for r in save_gen(ffs.clone(), gens.get(1), 1) {
+            r.expect("clean save of generation 1");
+        }
+        let counts: Vec<(Op, u64)> = SAVE_OPS.iter().map(|&op| (op, faulty.count(op))).collect();
+        faulty.reset();
+        let mut faults = Vec::new();
+        for &(op, n) in &counts {
+            assert!(n > 0, "a clean save performs no {op:?}");
+            for nth in 0..n {
+                faults.push(Fault::FailNth { op, nth });
+                faults.push(Fault::FailAfterNth { op, nth });
+                if backend == "memory" {
+                    faults.push(Fault::PowerCutAfterNth { op, nth });
+                }
+            }
+        }
+        let mut c = SweepCounts::default();
+        let mut by_mode: HashMap<&str, usize> = HashMap::new();
+        let mut g = 1u64;
+        for fault in &faults {
+            faulty.reset();
+            faulty.arm(fault.clone());
+            let results = save_gen(ffs.clone(), gens.get(g + 1), g + 1);
+            let cut = matches!(fault, Fault::PowerCutAfterNth { .. });
+            if cut {
+                // The power may not have been cut if the save performed fewer
+                // operations of that kind this time; cut it anyway.
+                faulty.power_cut().expect("power cut");
+            }
+            faulty.reset();
+            let what = format!("{backend}: {fault:?} while saving generation {}", g + 1);
+            *by_mode
+                .entry(match fault {
+                    Fault::FailNth { .. } => "before",
+                    Fault::FailAfterNth { .. } => "after",
+                    _ => "power cut",
+                })
+                .or_default() += 1;
+            c.cases += 1;
+            let oks = results.iter().filter(|r| r.is_ok()).count();
+            if oks == results.len() {
+                // Succeeded: the new generation is there (after a power cut
+                // too: the commit was durable before the save returned).
+                let now = check_checkpoint(inner.clone(), &[g + 1], &what);
+                c.committed_new += 1;
+                g = now;
+                continue;
+            }
+            assert_eq!(oks, 0, "{what}: some ranks succeeded, others failed");
+            let errs: Vec<Error> = results.into_iter().map(|r| r.unwrap_err()).collect();
+            let first = &errs[0];
+            let rank = first
+                .rank()
+                .unwrap_or_else(|| panic!("{what}: error names no rank: {first:?}"));
+            let text = first.to_string();
+            assert!(
+                text.contains(&format!("rank {rank}")) && text.contains("injected"),
+                "{what}: the message names no rank or lost its cause: {text}"
+            );
+            for e in &errs[1..] {
+                assert_eq!(
+                    (e.kind(), e.message(), e.rank()),
+                    (first.kind(), first.message(), first.rank()),
+                    "{what}: ranks disagree on the error"
+                );
+            }
+            if cut {
+                // The machine died: the save could not know whether its
+                // commit was durable; either generation is correct.
+                let now = check_checkpoint(inner.clone(), &[g, g + 1], &what);
+                if now == g {
+                    c.kept_old += 1;
+                } else {
+                    c.committed_new += 1;
+                }
+                g = now;
+            } else if metadata_gen(inner.as_ref()) == Some(g + 1) {
+                // The commit took effect, the save reported failure.
+                match loads_as(inner.clone(), &[g + 1], &what) {
+                    Ok(now) => {
+                        c.ambiguous_resolved += 1;
+                        g = now;
+                    }
+                    Err(why) => panic!("{why}"),
+                }
+            } else {
+                assert_eq!(check_checkpoint(inner.clone(), &[g], &what), g);
+                c.kept_old += 1;
+            }
+        }
+        // A clean save after all that leaves exactly its own files and those
+        // of the checkpoint it replaced.
+        let before = Metadata::decode(&inner.read_small(".metadata", 1 << 30).unwrap()).unwrap();
+        for r in save_gen(ffs.clone(), gens.get(g + 1), g + 1) {
+            r.expect("final clean save");
+        }
+        let md = Metadata::decode(&inner.read_small(".metadata", 1 << 30).unwrap()).unwrap();
+        check_checkpoint(inner.clone(), &[g + 1], "final clean save");
+        assert_no_stale(
+            names_of(inner.as_ref()),
+            &md,
+            Some(&before),
+            "final clean save",
+        );
+        let mut modes: Vec<_> = by_mode.into_iter().collect();
+        modes.sort();
+        lines.push(format!(
+            "{backend}: {} cases ({}; ops {}): {} kept old, {} committed new, \
+             {} ambiguous commits resolved",
+            c.cases,
+            modes
+                .iter()
+                .map(|(m, n)| format!("{m} x{n}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            counts
+                .iter()
+                .map(|(op, n)| format!("{op:?} x{n}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            c.kept_old,
+            c.committed_new,
+            c.ambiguous_resolved,
+        ));
+        total.cases += c.cases;
+        total.kept_old += c.kept_old;
+        total.committed_new += c.committed_new;
+        total.ambiguous_resolved += c.ambiguous_resolved;
+        assert!(c.kept_old > 0 && c.committed_new > 0, "{backend}: {c:?}");
+    }
+    eprintln!(
+        "sweep in {:?}: {} cases, {} kept old, {} committed new, {} ambiguous resolved\n  {}",
+        started.elapsed(),
+        total.cases,
+        total.kept_old,
+        total.committed_new,
+        total.ambiguous_resolved,
+        lines.join("\n  ")
+    );
+    assert_eq!(
+        total.cases,
+        total.kept_old + total.committed_new + total.ambiguous_resolved
+    );
+}
+
+/// The commit's `write_atomic` takes effect and then reports an error (on
+/// local disk: the directory fsync after the rename fails; on an object
+/// store: the PUT's reply is lost). The location must still hold a
+/// checkpoint that loads: the new one (the outcome read back and found
+/// committed) or the old one, never a `.metadata` naming deleted files.
+#[test]
+fn ambiguous_commit_leaves_a_loadable_checkpoint() {
+    let mut gens = Gens {
+        cache: HashMap::new(),
+    };
+    for backend in ["fs", "memory"] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let inner: Arc<dyn FileSystem> = match backend {
+            "fs" => local(&tmp.path().join("ckpt")),
+            _ => Arc::new(MemoryFs::new("memory://ambiguous")),
+        };
+        let faulty = FaultFs::new(inner.clone());
+        let ffs: Arc<dyn FileSystem> = Arc::new(faulty.clone());
+        for r in save_gen(ffs.clone(), gens.get(0), 0) {
+            r.expect("clean save of generation 0");
+        }
+        faulty.reset();
+        faulty.arm(Fault::FailAfterNth {
+            op: Op::WriteAtomic,
+            nth: 0,
+        });
+        let results = save_gen(ffs.clone(), gens.get(1), 1);
+        assert_eq!(faulty.count(Op::WriteAtomic), 1, "{backend}: one commit");
+        faulty.reset();
+        let what = format!("{backend}: the commit took effect and reported an error");
+        let now = check_checkpoint(inner.clone(), &[0, 1], &what);
+        if results.iter().all(|r| r.is_ok()) {
+            assert_eq!(now, 1, "{what}: a save that succeeded must be visible");
+        }
+    }
 }

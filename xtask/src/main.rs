@@ -12,8 +12,10 @@
 //!   `cargo test --workspace`, stopping at the first failure.
 //! * `cargo xtask bench [--quick] [--reps N] [--dir DIR] [--micro]`: the
 //!   standard `dcp bench` set and its targets (see `bench.rs`).
-//! * `cargo xtask crash [--trials N] [--seed S]`: the SIGKILL crash harness
-//!   (`tests/tests/crash.rs`) with N trials, in release mode.
+//! * `cargo xtask crash [--trials N] [--seed S] [--aimed]`: the SIGKILL crash
+//!   harness (`tests/tests/crash.rs`) with N trials, in release mode; with
+//!   `--aimed`, N kills aimed at each step of the commit and cleanup in turn
+//!   instead of at random moments.
 //! * `cargo xtask fuzz [--seconds N]`: every cargo-fuzz target for N seconds
 //!   each (`fuzz/run.sh`; installs cargo-fuzz when missing).
 
@@ -33,9 +35,12 @@ commands:
                   the dcp facade with its defaults and with s3
   ci              cargo fmt --all --check; cargo clippy --workspace --all-targets
                   -- -D warnings; cargo test --workspace
-  crash [--trials N] [--seed S]
+  crash [--trials N] [--seed S] [--aimed]
                   SIGKILL a saving process N times (default 500) and check the
-                  directory holds exactly the old or the new checkpoint
+                  directory holds exactly the old or the new checkpoint;
+                  --aimed: kill it at each numbered step of the commit and
+                  cleanup in turn (before and after the .metadata rename,
+                  during each removal) instead of at random moments
   fuzz [--seconds N]
                   run every fuzz target for N seconds (default 60)
   bench [--quick] [--reps N] [--dir DIR] [--out FILE] [--micro] [--dry-run]
@@ -106,20 +111,19 @@ mod flag_tests {
 
 /// `cargo xtask crash`: the crash harness with many trials.
 fn crash(args: &[String]) -> Result<bool, String> {
-    let trials = flag_u64(args, "--trials", 500)?;
-    let seed = flag_u64(args, "--seed", 1)?;
-    let status = cargo()
-        .args([
-            "test",
-            "--release",
-            "-p",
-            "dcp-tests",
-            "--test",
-            "crash",
-            "--",
-            "--nocapture",
-        ])
+    let aimed = args.iter().any(|a| a == "--aimed");
+    let args: Vec<String> = args.iter().filter(|a| *a != "--aimed").cloned().collect();
+    let trials = flag_u64(&args, "--trials", 500)?;
+    let seed = flag_u64(&args, "--seed", 1)?;
+    let mut cmd = cargo();
+    cmd.args(["test", "--release", "-p", "dcp-tests", "--test", "crash"]);
+    if aimed {
+        cmd.arg("aimed_sigkill");
+    }
+    let status = cmd
+        .args(["--", "--nocapture"])
         .env("DCP_CRASH_TRIALS", trials.to_string())
+        .env("DCP_CRASH_AIMED_TRIALS", trials.to_string())
         .env("DCP_CRASH_SEED", seed.to_string())
         .status()
         .map_err(|e| format!("run cargo: {e}"))?;

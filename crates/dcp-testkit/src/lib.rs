@@ -3,9 +3,17 @@
 //!
 //! * [`FaultFs`] ([`fault`]): a [`FileSystem`](dcp_core::FileSystem)
 //!   wrapper that fails chosen operations (the n-th write, fsync, rename,
-//!   list, remove or read; a short write; a full disk) or hides the page
-//!   cache, and counts every operation.
-//! * [`RecordingFs`] ([`recording`]): a wrapper that records every read.
+//!   list, remove or read; a short write; a full disk), before or after
+//!   passing them on, simulates a power cut over a `MemoryFs` (rolling back
+//!   to what was synced), or hides the page cache, and counts every
+//!   operation.
+//! * [`RecordingFs`] ([`recording`]): a wrapper that records every read,
+//!   and every create, finish, atomic write, directory sync, list and remove
+//!   in order.
+//! * [`StepFs`] ([`steps`]): numbers a save's storage operations and calls
+//!   a hook before and after each (the crash harness's aimed kills).
+//! * [`TcpProxy`] ([`proxy`]): a TCP proxy that can be killed, to make a
+//!   server (moto) unreachable mid-save while keeping its state to check.
 //! * [`moto`]: a moto S3 server on 127.0.0.1, once per test binary or
 //!   private, that skips (or fails under CI) when moto is not installed.
 //! * [`frame_metadata`], [`encode_metadata_unchecked`]: `.metadata` bytes
@@ -33,13 +41,17 @@
 
 pub mod fault;
 pub mod moto;
+pub mod proxy;
 pub mod recording;
+pub mod steps;
 
 #[cfg(feature = "data")]
 pub mod data;
 
 pub use fault::{Fault, FaultFs, Op};
-pub use recording::{ReadCall, RecordingFs};
+pub use proxy::TcpProxy;
+pub use recording::{ReadCall, RecordingFs, StorageCall};
+pub use steps::{step_key, Step, StepFs, When};
 
 use dcp_core::metadata::{Metadata, FORMAT_VERSION, MAGIC};
 
