@@ -39,12 +39,14 @@ fn synced_save_calls_storage_in_durability_order() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("ckpt");
     let local: Arc<dyn FileSystem> = Arc::new(dcp_fs::LocalFs::new(&dir));
-    save(local, 0);
+    save(local.clone(), 0);
     let old: BTreeSet<String> = metadata(&dir).files.into_iter().map(|f| f.name).collect();
+    save(local, 1);
+    let previous: BTreeSet<String> = metadata(&dir).files.into_iter().map(|f| f.name).collect();
     let rec = Arc::new(RecordingFs::new(Arc::new(dcp_fs::LocalFs::new(&dir))));
-    save(rec.clone(), 1);
+    save(rec.clone(), 2);
     let new: BTreeSet<String> = metadata(&dir).files.into_iter().map(|f| f.name).collect();
-    assert!(old.is_disjoint(&new));
+    assert!(old.is_disjoint(&new) && previous.is_disjoint(&new));
     let calls = rec.calls();
 
     let commit = calls
@@ -108,7 +110,9 @@ fn synced_save_calls_storage_in_durability_order() {
         "{calls:#?}"
     );
     // After the commit: one listing, then the removal of exactly the files
-    // of the previous generation; nothing written.
+    // of the generation before the replaced one (the replaced checkpoint's
+    // stay until the next commit) and the release of the save's lease;
+    // nothing written.
     let after = &calls[commit + 1..];
     assert_eq!(after.first(), Some(&StorageCall::List), "{calls:#?}");
     let removed: BTreeSet<String> = after[1..]
@@ -118,7 +122,15 @@ fn synced_save_calls_storage_in_durability_order() {
             other => panic!("after the cleanup's list: {other:?}"),
         })
         .collect();
-    assert_eq!(removed, old);
+    let mut expected = old.clone();
+    expected.insert(".lease".to_string());
+    assert_eq!(removed, expected);
+    for name in &previous {
+        assert!(
+            dir.join(name).exists(),
+            "{name}: the replaced checkpoint's file is kept"
+        );
+    }
     eprintln!(
         "durability: {} calls: {} data files created and finished with sync, 1 directory sync, \
          .metadata written atomically with sync, 1 list, {} removals",
@@ -230,7 +242,9 @@ fn local_write_atomic_fsyncs_temp_renames_then_fsyncs_dir() {
     let events: Vec<Sys> = parse_strace(&std::fs::read_to_string(&log).expect("trace"))
         .into_iter()
         .filter(|e| match e {
-            Sys::Fsync(p) => p.starts_with(&dir_s),
+            // The lease (`.lease`, created through a synced temp file and a
+            // link) is not part of the data's durability order.
+            Sys::Fsync(p) => p.starts_with(&dir_s) && !p.contains("/.lease"),
             Sys::Rename(..) => true,
         })
         .collect();
@@ -249,12 +263,6 @@ fn local_write_atomic_fsyncs_temp_renames_then_fsyncs_dir() {
     let rename = rename[0];
     let tmp_sync = pos(&file(".metadata.tmp"));
     assert_eq!(tmp_sync.len(), 1, "{events:#?}");
-    let dir_syncs = pos(&dir_sync);
-    assert_eq!(
-        dir_syncs.len(),
-        2,
-        "one before the commit, one after the rename: {events:#?}"
-    );
     let last_data = new
         .iter()
         .map(|n| {
@@ -264,6 +272,17 @@ fn local_write_atomic_fsyncs_temp_renames_then_fsyncs_dir() {
         })
         .max()
         .expect("data files");
+    // Directory syncs after the data files (the lease's come before them):
+    // one before the commit, one after the rename.
+    let dir_syncs: Vec<usize> = pos(&dir_sync)
+        .into_iter()
+        .filter(|&i| i > last_data)
+        .collect();
+    assert_eq!(
+        dir_syncs.len(),
+        2,
+        "one before the commit, one after the rename: {events:#?}"
+    );
     assert!(
         last_data < dir_syncs[0]
             && dir_syncs[0] < tmp_sync[0]
