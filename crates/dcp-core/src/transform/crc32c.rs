@@ -10,7 +10,7 @@ use crate::error::Result;
 use std::sync::Arc;
 
 /// CRC-32C (Castagnoli), hardware accelerated where the CPU has it (SSE 4.2,
-/// ARMv8 CRC). Descriptor `crc32c/1`; kind [`TransformKind::Checksum`]:
+/// ARMv8 CRC). Descriptor `crc32c/1`; kind [`TransformKind::Checksum`](super::TransformKind::Checksum):
 /// records 4 bytes little-endian and leaves the stored bytes as they are.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Crc32c;
