@@ -198,6 +198,61 @@ async fn server_killed_mid_save_fails_every_rank() {
     );
 }
 
+/// The PUT of `.metadata` is stored by the server but its reply is lost (a
+/// proxy in front of moto cuts the connection instead of forwarding it),
+/// every retry too: the save cannot tell from the reply whether it
+/// committed. The commit protocol reads `.metadata` back, finds its own
+/// save there, and succeeds on every rank; the new checkpoint loads byte
+/// for byte, and the one it replaced keeps its files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_reply_to_the_commit_put_is_resolved_by_reading_back() {
+    let metadata_of = |fs: &dyn FileSystem| {
+        dcp_core::Metadata::decode(&fs.read_small(".metadata", 1 << 20).unwrap()).unwrap()
+    };
+    let Some(moto) = Moto::shared() else { return };
+    let bucket = unique("lost-reply");
+    moto.create_bucket(&bucket);
+    let cols = 1 << 10;
+    let direct: Arc<dyn FileSystem> = Arc::new(s3_fs(moto, &bucket, "ckpt", fast_options()));
+    all_ok(&save_ranks(direct.clone(), 2, 1, cols, opts(1), T).await);
+    let first: Vec<String> = metadata_of(direct.as_ref())
+        .files
+        .into_iter()
+        .map(|f| f.name)
+        .collect();
+
+    let proxy = TcpProxy::start(moto.port).expect("start the proxy");
+    proxy.drop_replies_to(Some(".metadata"));
+    let mut through = moto.options();
+    through.insert("endpoint".into(), proxy.endpoint());
+    let o = OpendalOptions {
+        max_retries: 2,
+        timeout: Duration::from_secs(5),
+        io_timeout: Duration::from_secs(5),
+        ..fast_options()
+    };
+    let url = format!("s3://{bucket}/ckpt");
+    let fs: Arc<dyn FileSystem> = Arc::new(OpendalFs::from_url_with(&url, &through, o).unwrap());
+    let rs = save_ranks(fs, 2, 2, cols, opts(1), Duration::from_secs(60)).await;
+    assert!(proxy.dropped() >= 1, "no reply was lost");
+    all_ok(&rs);
+    let md = metadata_of(direct.as_ref());
+    assert_eq!(md.save_id, rs[0].as_ref().unwrap().metadata.save_id);
+    all_ok(&load_and_check(direct.clone(), 3, 2, 2, cols, T).await);
+    // The replaced checkpoint's files are kept until the next commit.
+    for name in &first {
+        assert!(
+            direct.file_len(name).unwrap().is_some(),
+            "{name} was removed"
+        );
+    }
+    eprintln!(
+        "lost replies to the commit's PUT: {} replies dropped; every rank succeeded, the new \
+         checkpoint loads byte for byte",
+        proxy.dropped()
+    );
+}
+
 /// S3 options for an operator built by hand (so a test can add layers or a
 /// transport below dcp's retry layer).
 fn s3_operator(moto: &Moto, bucket: &str, prefix: &str) -> Operator {

@@ -2,6 +2,12 @@
 //! (moto) through it, kills it mid-operation to simulate the server dying,
 //! and then checks what the server kept through a direct connection. Killing
 //! moto itself would lose its in-memory objects, and with them the check.
+//!
+//! It can also lose replies: with [`TcpProxy::drop_replies_to`], a request
+//! whose first line is `PUT <path ending in the given name> HTTP/...` goes
+//! through to the server (which stores the object), but the server's reply
+//! never reaches the client: the connection is cut instead, as a reply lost
+//! on the network is. The client cannot tell whether the PUT took effect.
 
 use std::io;
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -14,6 +20,10 @@ struct State {
     stopped: AtomicBool,
     /// Both ends of every connection, to shut down on kill.
     conns: Mutex<Vec<TcpStream>>,
+    /// Replies to `PUT` requests for paths ending in this are dropped.
+    drop_put: Mutex<Option<String>>,
+    /// Replies dropped so far.
+    dropped: std::sync::atomic::AtomicUsize,
 }
 
 /// Forwards every connection made to [`TcpProxy::port`] to a target port on
@@ -59,8 +69,11 @@ impl TcpProxy {
                     conns.push(c3);
                     conns.push(s3);
                 }
-                pump(client, server);
-                pump(s2, c2);
+                // The request direction marks a connection whose next reply
+                // is to be lost; the reply direction then cuts it.
+                let lose = Arc::new(AtomicBool::new(false));
+                requests(client, server, st.clone(), lose.clone());
+                replies(s2, c2, st.clone(), lose);
             }
             // The listener is dropped here: later connections are refused.
         });
@@ -69,6 +82,22 @@ impl TcpProxy {
             state,
             accept: Mutex::new(Some(accept)),
         })
+    }
+
+    /// From now on, lose the reply to every `PUT` of a path ending in
+    /// `name` (`".metadata"`): the request reaches the server, the
+    /// connection is cut before its reply reaches the client. `None` stops.
+    pub fn drop_replies_to(&self, name: Option<&str>) {
+        *self
+            .state
+            .drop_put
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = name.map(str::to_string);
+    }
+
+    /// How many replies were lost so far.
+    pub fn dropped(&self) -> usize {
+        self.state.dropped.load(Ordering::SeqCst)
     }
 
     /// `http://127.0.0.1:{port}`.
@@ -105,17 +134,102 @@ impl Drop for TcpProxy {
     }
 }
 
-/// Copy `from` to `to` on a thread until either side closes.
-fn pump(mut from: TcpStream, mut to: TcpStream) {
+/// Whether `chunk` holds the first line of a `PUT` of a path ending in
+/// `name` (`PUT /bucket/prefix/.metadata HTTP/1.1`, a query string allowed).
+fn is_put_of(chunk: &[u8], name: &str) -> bool {
+    let text = String::from_utf8_lossy(&chunk[..chunk.len().min(4096)]);
+    text.lines().any(|line| {
+        let mut parts = line.split(' ');
+        let (Some("PUT"), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return false;
+        };
+        let path = target.split('?').next().unwrap_or(target);
+        version.starts_with("HTTP/") && path.ends_with(&format!("/{name}"))
+    })
+}
+
+/// Copy client requests to the server on a thread until either side
+/// closes; mark `lose` when a request's reply is to be lost.
+fn requests(mut from: TcpStream, mut to: TcpStream, st: Arc<State>, lose: Arc<AtomicBool>) {
+    use std::io::{Read, Write};
     std::thread::spawn(move || {
-        let _ = io::copy(&mut from, &mut to);
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let target = st
+                .drop_put
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            if target.is_some_and(|t| is_put_of(&buf[..n], &t)) {
+                lose.store(true, Ordering::SeqCst);
+            }
+            if to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(Shutdown::Write);
+    });
+}
+
+/// Copy server replies to the client on a thread until either side closes;
+/// when the connection's pending reply is to be lost, cut the connection
+/// (both ways) instead of forwarding it.
+fn replies(mut from: TcpStream, mut to: TcpStream, st: Arc<State>, lose: Arc<AtomicBool>) {
+    use std::io::{Read, Write};
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if lose.load(Ordering::SeqCst) {
+                st.dropped.fetch_add(1, Ordering::SeqCst);
+                let _ = to.shutdown(Shutdown::Both);
+                let _ = from.shutdown(Shutdown::Both);
+                return;
+            }
+            if to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
         let _ = to.shutdown(Shutdown::Write);
     });
 }
 
 #[cfg(test)]
 mod tests {
-    use super::TcpProxy;
+    use super::{is_put_of, TcpProxy};
+
+    #[test]
+    fn recognises_put_request_lines() {
+        assert!(is_put_of(
+            b"PUT /b/ckpt/.metadata HTTP/1.1\r\nhost: x\r\n\r\n",
+            ".metadata"
+        ));
+        assert!(is_put_of(
+            b"PUT /b/.metadata?x-id=PutObject HTTP/1.1\r\n",
+            ".metadata"
+        ));
+        assert!(!is_put_of(
+            b"GET /b/ckpt/.metadata HTTP/1.1\r\n",
+            ".metadata"
+        ));
+        assert!(!is_put_of(
+            b"PUT /b/ckpt/.metadata.tmp HTTP/1.1\r\n",
+            ".metadata"
+        ));
+        assert!(!is_put_of(
+            b"PUT /b/ckpt/x.metadata HTTP/1.1\r\n",
+            ".metadata"
+        ));
+        assert!(!is_put_of(b"\x00\x01binary body", ".metadata"));
+    }
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
 
