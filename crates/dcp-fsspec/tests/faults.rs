@@ -160,16 +160,8 @@ async fn server_killed_mid_save_fails_every_rank() {
     let md_before = direct.read_small(".metadata", 1 << 20).unwrap();
 
     let proxy = Arc::new(TcpProxy::start(moto.port).expect("start the proxy"));
-    let mut through = moto.options();
-    through.insert("endpoint".into(), proxy.endpoint());
-    let o = OpendalOptions {
-        max_retries: 2,
-        timeout: Duration::from_secs(5),
-        io_timeout: Duration::from_secs(5),
-        ..fast_options()
-    };
     let url = format!("s3://{bucket}/ckpt");
-    let s3: Arc<dyn FileSystem> = Arc::new(OpendalFs::from_url_with(&url, &through, o).unwrap());
+    let s3 = through_proxy(moto, &proxy, &url);
     let p2 = proxy.clone();
     let fs: Arc<dyn FileSystem> = Arc::new(HookFs {
         inner: s3,
@@ -223,16 +215,7 @@ async fn lost_reply_to_the_commit_put_is_resolved_by_reading_back() {
 
     let proxy = TcpProxy::start(moto.port).expect("start the proxy");
     proxy.drop_replies_to(Some(".metadata"));
-    let mut through = moto.options();
-    through.insert("endpoint".into(), proxy.endpoint());
-    let o = OpendalOptions {
-        max_retries: 2,
-        timeout: Duration::from_secs(5),
-        io_timeout: Duration::from_secs(5),
-        ..fast_options()
-    };
-    let url = format!("s3://{bucket}/ckpt");
-    let fs: Arc<dyn FileSystem> = Arc::new(OpendalFs::from_url_with(&url, &through, o).unwrap());
+    let fs = through_proxy(moto, &proxy, &format!("s3://{bucket}/ckpt"));
     let rs = save_ranks(fs, 2, 2, cols, opts(1), Duration::from_secs(60)).await;
     assert!(proxy.dropped() >= 1, "no reply was lost");
     all_ok(&rs);
@@ -251,6 +234,20 @@ async fn lost_reply_to_the_commit_put_is_resolved_by_reading_back() {
          checkpoint loads byte for byte",
         proxy.dropped()
     );
+}
+
+/// `url` on moto, reached through `proxy`, with few retries and short
+/// timeouts so that a dead or lossy proxy ends a save promptly.
+fn through_proxy(moto: &Moto, proxy: &TcpProxy, url: &str) -> Arc<dyn FileSystem> {
+    let mut through = moto.options();
+    through.insert("endpoint".into(), proxy.endpoint());
+    let o = OpendalOptions {
+        max_retries: 2,
+        timeout: Duration::from_secs(5),
+        io_timeout: Duration::from_secs(5),
+        ..fast_options()
+    };
+    Arc::new(OpendalFs::from_url_with(url, &through, o).unwrap())
 }
 
 /// S3 options for an operator built by hand (so a test can add layers or a
