@@ -453,6 +453,20 @@ fn gen_of(fs: &dyn FileSystem) -> u64 {
     md.user[GEN_KEY].parse().expect("generation")
 }
 
+/// The committed metadata of `fs`; panics if there is none.
+fn metadata_in(fs: &dyn FileSystem) -> Metadata {
+    Metadata::decode(&fs.read_small(".metadata", 1 << 30).expect(".metadata")).expect("decodes")
+}
+
+/// The in-process sweeps' backends: `fs` (a local directory under `tmp`)
+/// or `memory` (a `MemoryFs` named after `label`).
+fn backend_fs(backend: &str, tmp: &Path, label: &str) -> Arc<dyn FileSystem> {
+    match backend {
+        "fs" => local(&tmp.join("ckpt")),
+        _ => Arc::new(MemoryFs::new(&format!("memory://{label}"))),
+    }
+}
+
 fn names_of(fs: &dyn FileSystem) -> Vec<String> {
     fs.list()
         .expect("list")
@@ -470,10 +484,7 @@ fn fault_at_every_operation_leaves_old_or_new() {
     let mut summary = Vec::new();
     for backend in ["fs", "memory"] {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let inner: Arc<dyn FileSystem> = match backend {
-            "fs" => local(&tmp.path().join("ckpt")),
-            _ => Arc::new(MemoryFs::new("memory://faults")),
-        };
+        let inner = backend_fs(backend, tmp.path(), "faults");
         let faulty = FaultFs::new(inner.clone());
         let ffs: Arc<dyn FileSystem> = Arc::new(faulty.clone());
 
@@ -482,7 +493,7 @@ fn fault_at_every_operation_leaves_old_or_new() {
             r.expect("clean save of generation 0");
         }
         faulty.reset();
-        let gen0 = Metadata::decode(&inner.read_small(".metadata", 1 << 30).unwrap()).unwrap();
+        let gen0 = metadata_in(inner.as_ref());
         for r in save_gen(ffs.clone(), gens.get(1), 1) {
             r.expect("clean save of generation 1");
         }
@@ -500,7 +511,7 @@ fn fault_at_every_operation_leaves_old_or_new() {
         assert_eq!(check_checkpoint(inner.clone(), &[1], "clean save"), 1);
         assert_no_stale(
             names_of(inner.as_ref()),
-            &Metadata::decode(&inner.read_small(".metadata", 1 << 30).unwrap()).unwrap(),
+            &metadata_in(inner.as_ref()),
             Some(&gen0),
             "clean save",
         );
@@ -523,8 +534,7 @@ fn fault_at_every_operation_leaves_old_or_new() {
         let (mut failed, mut committed, mut cleanup_only) = (0, 0, 0);
         for fault in &faults {
             faulty.reset();
-            let before =
-                Metadata::decode(&inner.read_small(".metadata", 1 << 30).unwrap()).unwrap();
+            let before = metadata_in(inner.as_ref());
             faulty.arm(fault.clone());
             let results = save_gen(ffs.clone(), gens.get(g + 1), g + 1);
             faulty.reset();
@@ -534,8 +544,7 @@ fn fault_at_every_operation_leaves_old_or_new() {
                 // Only a failure after the commit (cleanup) may let the save
                 // succeed; the new generation is then complete.
                 let now = check_checkpoint(inner.clone(), &[g + 1], &what);
-                let md =
-                    Metadata::decode(&inner.read_small(".metadata", 1 << 30).unwrap()).unwrap();
+                let md = metadata_in(inner.as_ref());
                 match fault {
                     Fault::FailNth {
                         op: Op::List | Op::Remove,
@@ -579,12 +588,12 @@ fn fault_at_every_operation_leaves_old_or_new() {
         }
         // After all that, one clean save leaves exactly its own files and
         // those of the checkpoint it replaced.
-        let before = Metadata::decode(&inner.read_small(".metadata", 1 << 30).unwrap()).unwrap();
+        let before = metadata_in(inner.as_ref());
         for r in save_gen(ffs.clone(), gens.get(g + 1), g + 1) {
             r.expect("final clean save");
         }
         assert_eq!(gen_of(inner.as_ref()), g + 1);
-        let md = Metadata::decode(&inner.read_small(".metadata", 1 << 30).unwrap()).unwrap();
+        let md = metadata_in(inner.as_ref());
         check_checkpoint(inner.clone(), &[g + 1], "final clean save");
         assert_no_stale(
             names_of(inner.as_ref()),
@@ -792,11 +801,11 @@ fn fail_before_after_and_power_cut_at_every_operation() {
         }
         // A clean save after all that leaves exactly its own files and those
         // of the checkpoint it replaced.
-        let before = Metadata::decode(&inner.read_small(".metadata", 1 << 30).unwrap()).unwrap();
+        let before = metadata_in(inner.as_ref());
         for r in save_gen(ffs.clone(), gens.get(g + 1), g + 1) {
             r.expect("final clean save");
         }
-        let md = Metadata::decode(&inner.read_small(".metadata", 1 << 30).unwrap()).unwrap();
+        let md = metadata_in(inner.as_ref());
         check_checkpoint(inner.clone(), &[g + 1], "final clean save");
         assert_no_stale(
             names_of(inner.as_ref()),
@@ -857,10 +866,7 @@ fn ambiguous_commit_leaves_a_loadable_checkpoint() {
     };
     for backend in ["fs", "memory"] {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let inner: Arc<dyn FileSystem> = match backend {
-            "fs" => local(&tmp.path().join("ckpt")),
-            _ => Arc::new(MemoryFs::new("memory://ambiguous")),
-        };
+        let inner = backend_fs(backend, tmp.path(), "ambiguous");
         let faulty = FaultFs::new(inner.clone());
         let ffs: Arc<dyn FileSystem> = Arc::new(faulty.clone());
         for r in save_gen(ffs.clone(), gens.get(0), 0) {
