@@ -463,7 +463,7 @@ fn metadata_in(fs: &dyn FileSystem) -> Metadata {
 fn backend_fs(backend: &str, tmp: &Path, label: &str) -> Arc<dyn FileSystem> {
     match backend {
         "fs" => local(&tmp.join("ckpt")),
-        _ => Arc::new(MemoryFs::new(&format!("memory://{label}"))),
+        _ => Arc::new(MemoryFs::new(format!("memory://{label}"))),
     }
 }
 
