@@ -115,6 +115,18 @@ impl FileSystemLayer for HoldCommit {
         }
         self.inner.write_atomic(name, data, sync)
     }
+    fn replace_if(
+        &self,
+        name: &str,
+        data: &[u8],
+        sync: bool,
+        expected: Option<&str>,
+    ) -> dcp_core::Result<bool> {
+        if name == ".metadata" {
+            self.gate.hold("the commit")?;
+        }
+        self.inner.replace_if(name, data, sync, expected)
+    }
 }
 
 /// Signals `busy` the first time a lease cannot be created (it is held).
@@ -396,20 +408,22 @@ struct Ambiguous {
     attempted: AtomicBool,
 }
 
-impl FileSystemLayer for Ambiguous {
-    fn inner(&self) -> &dyn FileSystem {
-        &*self.inner
-    }
-    fn write_atomic(&self, name: &str, data: &[u8], sync: bool) -> dcp_core::Result<()> {
-        if name != ".metadata" {
-            return self.inner.write_atomic(name, data, sync);
-        }
+impl Ambiguous {
+    /// The commit's write of `.metadata` (`write`, given whether to sync),
+    /// made ambiguous as `self.how` says.
+    fn commit(
+        &self,
+        sync: bool,
+        write: impl FnOnce(bool) -> dcp_core::Result<bool>,
+    ) -> dcp_core::Result<bool> {
         self.attempted.store(true, Ordering::SeqCst);
         match self.how {
             Ambiguity::DirSyncFailsAfterRename => {
                 // LocalFs's own order: temp file, fsync, rename; then the
                 // directory fsync, which fails here.
-                self.inner.write_atomic(name, data, false)?;
+                if !write(false)? {
+                    return Ok(false);
+                }
                 assert!(sync, "the test saves with sync_files on");
                 Err(Error::io(
                     "fsync directory",
@@ -418,7 +432,9 @@ impl FileSystemLayer for Ambiguous {
                 ))
             }
             Ambiguity::WrittenThenError | Ambiguity::WrittenThenUnreadable => {
-                self.inner.write_atomic(name, data, sync)?;
+                if !write(sync)? {
+                    return Ok(false);
+                }
                 Err(Error::new(
                     ErrorKind::Io,
                     "put .metadata: injected: connection reset after the PUT was stored",
@@ -430,6 +446,33 @@ impl FileSystemLayer for Ambiguous {
                 "put .metadata: injected: connection reset",
             )),
         }
+    }
+}
+
+impl FileSystemLayer for Ambiguous {
+    fn inner(&self) -> &dyn FileSystem {
+        &*self.inner
+    }
+    fn write_atomic(&self, name: &str, data: &[u8], sync: bool) -> dcp_core::Result<()> {
+        if name != ".metadata" {
+            return self.inner.write_atomic(name, data, sync);
+        }
+        self.commit(sync, |s| {
+            self.inner.write_atomic(name, data, s).map(|()| true)
+        })
+        .map(|_| ())
+    }
+    fn replace_if(
+        &self,
+        name: &str,
+        data: &[u8],
+        sync: bool,
+        expected: Option<&str>,
+    ) -> dcp_core::Result<bool> {
+        if name != ".metadata" {
+            return self.inner.replace_if(name, data, sync, expected);
+        }
+        self.commit(sync, |s| self.inner.replace_if(name, data, s, expected))
     }
     fn read_small(&self, name: &str, max_len: u64) -> dcp_core::Result<Vec<u8>> {
         let unreadable = matches!(
@@ -694,8 +737,8 @@ async fn a_commit_over_a_changed_checkpoint_is_refused() {
     }
 }
 
-/// Holds the save at its commit's check of the lease (the first read of
-/// `.lease` after the data files are written), before the compare.
+/// Holds the save at its commit's compare: the conditional write of
+/// `.metadata` where the store has one, else the commit's read of it.
 #[derive(Debug)]
 struct HoldBeforeCompare {
     inner: Arc<dyn FileSystem>,
@@ -714,6 +757,20 @@ impl FileSystemLayer for HoldBeforeCompare {
             self.gate.hold("the compare")?;
         }
         self.inner.read_small(name, max_len)
+    }
+    fn replace_if(
+        &self,
+        name: &str,
+        data: &[u8],
+        sync: bool,
+        expected: Option<&str>,
+    ) -> dcp_core::Result<bool> {
+        // Where the store compares (a conditional write), that is the
+        // compare.
+        if name == ".metadata" {
+            self.gate.hold("the compare")?;
+        }
+        self.inner.replace_if(name, data, sync, expected)
     }
 }
 

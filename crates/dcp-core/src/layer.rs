@@ -122,6 +122,22 @@ pub trait FileSystemLayer: Send + Sync + fmt::Debug + 'static {
         self.inner().create_new(name, data, sync)
     }
 
+    /// [`FileSystem::version`]; forwarded by default.
+    fn version(&self, name: &str) -> Result<Option<String>> {
+        self.inner().version(name)
+    }
+
+    /// [`FileSystem::replace_if`]; forwarded by default.
+    fn replace_if(
+        &self,
+        name: &str,
+        data: &[u8],
+        sync: bool,
+        expected: Option<&str>,
+    ) -> Result<bool> {
+        self.inner().replace_if(name, data, sync, expected)
+    }
+
     /// [`FileSystem::list`]; forwarded by default.
     fn list(&self) -> Result<Vec<FileEntry>> {
         self.inner().list()
@@ -179,6 +195,18 @@ impl<L: FileSystemLayer> FileSystem for L {
     fn create_new(&self, name: &str, data: &[u8], sync: bool) -> Result<bool> {
         FileSystemLayer::create_new(self, name, data, sync)
     }
+    fn version(&self, name: &str) -> Result<Option<String>> {
+        FileSystemLayer::version(self, name)
+    }
+    fn replace_if(
+        &self,
+        name: &str,
+        data: &[u8],
+        sync: bool,
+        expected: Option<&str>,
+    ) -> Result<bool> {
+        FileSystemLayer::replace_if(self, name, data, sync, expected)
+    }
     fn list(&self) -> Result<Vec<FileEntry>> {
         FileSystemLayer::list(self)
     }
@@ -202,7 +230,7 @@ mod tests {
     /// Every `FileSystem` method, in declaration order. Add a new method
     /// here when it is added to the trait: the test then fails until the
     /// layer forwards it.
-    const METHODS: [&str; 14] = [
+    const METHODS: [&str; 16] = [
         "location",
         "capabilities",
         "prepare",
@@ -213,6 +241,8 @@ mod tests {
         "file_len",
         "write_atomic",
         "create_new",
+        "version",
+        "replace_if",
         "list",
         "remove",
         "sync_dir",
@@ -298,6 +328,20 @@ mod tests {
             self.record("create_new");
             Ok(true)
         }
+        fn version(&self, _name: &str) -> Result<Option<String>> {
+            self.record("version");
+            Ok(Some("v7".into()))
+        }
+        fn replace_if(
+            &self,
+            _name: &str,
+            _data: &[u8],
+            _sync: bool,
+            expected: Option<&str>,
+        ) -> Result<bool> {
+            self.record("replace_if");
+            Ok(expected == Some("v7"))
+        }
         fn list(&self) -> Result<Vec<FileEntry>> {
             self.record("list");
             Ok(vec![FileEntry {
@@ -356,6 +400,11 @@ mod tests {
         assert_eq!(fs.file_len("f").unwrap(), Some(42));
         fs.write_atomic("f", b"x", true).unwrap();
         assert!(fs.create_new("f", b"x", true).unwrap());
+        assert_eq!(fs.version("f").unwrap().as_deref(), Some("v7"));
+        assert!(
+            fs.replace_if("f", b"y", true, Some("v7")).unwrap(),
+            "not the trait's refusal"
+        );
         assert_eq!(fs.list().unwrap().len(), 1);
         fs.remove("f").unwrap();
         fs.sync_dir().unwrap();

@@ -122,6 +122,29 @@ impl FileSystem for MemoryFs {
         files.insert(name.to_string(), Arc::new(data.to_vec()));
         Ok(true)
     }
+    /// A hash of the content: an unchanged file keeps its tag, and a
+    /// replacement by identical bytes (the only one that keeps it) changes
+    /// nothing a reader could see.
+    fn version(&self, name: &str) -> Result<Option<String>> {
+        check_file_name(name)?;
+        Ok(self.lock().get(name).map(|f| content_tag(f)))
+    }
+    fn replace_if(
+        &self,
+        name: &str,
+        data: &[u8],
+        _sync: bool,
+        expected: Option<&str>,
+    ) -> Result<bool> {
+        check_file_name(name)?;
+        // Under the one lock: the compare and the swap are one step.
+        let mut files = self.lock();
+        if files.get(name).map(|f| content_tag(f)).as_deref() != expected {
+            return Ok(false);
+        }
+        files.insert(name.to_string(), Arc::new(data.to_vec()));
+        Ok(true)
+    }
     fn list(&self) -> Result<Vec<FileEntry>> {
         Ok(self
             .lock()
@@ -140,4 +163,12 @@ impl FileSystem for MemoryFs {
     fn sync_dir(&self) -> Result<()> {
         Ok(())
     }
+}
+
+/// The version tag of a file's content: its length and a 64-bit hash.
+fn content_tag(data: &[u8]) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    data.hash(&mut h);
+    format!("{}-{:016x}", data.len(), h.finish())
 }

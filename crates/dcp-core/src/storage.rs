@@ -129,6 +129,50 @@ pub trait FileSystem: Send + Sync + fmt::Debug + 'static {
     /// see the backend's documentation for services that do not.
     fn create_new(&self, name: &str, data: &[u8], sync: bool) -> Result<bool>;
 
+    /// A version tag of `name` that [`FileSystem::replace_if`] can compare
+    /// against: `Ok(None)` when `name` does not exist. Two reads of an
+    /// unchanged file give the same tag; any replacement changes it (an
+    /// ETag on object stores; on local disk the inode, size and times).
+    ///
+    /// The default refuses with [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported):
+    /// the store has no conditional replace, and dcp falls back to comparing
+    /// under its lease (see RELIABILITY.md for what that leaves open).
+    fn version(&self, name: &str) -> Result<Option<String>> {
+        let _ = name;
+        Err(Error::unsupported(format!(
+            "{} has no conditional replace",
+            self.location()
+        )))
+    }
+
+    /// Replace `name` with `data`, as [`FileSystem::write_atomic`] does, only
+    /// if its [`version`](FileSystem::version) is still `expected` (`None`:
+    /// only if `name` does not exist), as one atomic step against every
+    /// other conditional write: `Ok(true)` when replaced, `Ok(false)` when the
+    /// file had changed (then nothing was written). This is the commit's
+    /// compare-and-swap and how a lease is renewed or broken without a
+    /// read-then-write race.
+    ///
+    /// Object stores: `If-Match: <etag>` (or `If-None-Match: *`) on the PUT.
+    /// A retried PUT whose first reply was lost answers `Ok(false)` for this
+    /// call's own write: callers that can tell their content apart check it.
+    /// Local disk: the compare and the rename run under an exclusive
+    /// `flock` of the directory, which every dcp process honours. The
+    /// default refuses with `Unsupported`, as [`FileSystem::version`] does.
+    fn replace_if(
+        &self,
+        name: &str,
+        data: &[u8],
+        sync: bool,
+        expected: Option<&str>,
+    ) -> Result<bool> {
+        let _ = (name, data, sync, expected);
+        Err(Error::unsupported(format!(
+            "{} has no conditional replace",
+            self.location()
+        )))
+    }
+
     /// Every file directly in the location.
     fn list(&self) -> Result<Vec<FileEntry>>;
 

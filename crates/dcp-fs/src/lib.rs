@@ -47,12 +47,16 @@
 //! # }
 //! ```
 
+mod dir_lock;
+
 use bytes::Bytes;
 use dcp_core::storage::check_file_name;
 use dcp_core::{
     Capabilities, Error, ErrorKind, FileEntry, FileSink, FileSystem, FileSystemReader,
     FileSystemWriter, ReaderOptions, Result, WriterOptions,
 };
+pub use dir_lock::DIR_LOCK_WAIT;
+use dir_lock::{version_tag, DirLock};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -656,6 +660,34 @@ impl FileSystem for LocalFs {
         Ok(created)
     }
 
+    fn version(&self, name: &str) -> Result<Option<String>> {
+        let path = self.path(name)?;
+        match std::fs::symlink_metadata(&path) {
+            Ok(md) if md.is_file() => Ok(Some(version_tag(&md))),
+            Ok(md) => Err(not_regular(&path.display().to_string(), &md)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io("stat", &path.display().to_string(), e)),
+        }
+    }
+
+    /// Compares and renames under an exclusive `flock` of the directory
+    /// (see [`DIR_LOCK_WAIT`]); the replace itself is
+    /// [`write_atomic`](FileSystem::write_atomic)'s.
+    fn replace_if(
+        &self,
+        name: &str,
+        data: &[u8],
+        sync: bool,
+        expected: Option<&str>,
+    ) -> Result<bool> {
+        let _lock = DirLock::acquire(&self.root, &self.location())?;
+        if self.version(name)?.as_deref() != expected {
+            return Ok(false);
+        }
+        self.write_atomic(name, data, sync)?;
+        Ok(true)
+    }
+
     fn list(&self) -> Result<Vec<FileEntry>> {
         let show = self.location();
         let rd = match std::fs::read_dir(&self.root) {
@@ -738,6 +770,44 @@ mod tests {
         let fs = LocalFs::new(dir.path().join("ckpt"));
         fs.prepare().unwrap();
         (dir, fs)
+    }
+
+    /// Conditional replace: a swap based on a stale version is refused and
+    /// writes nothing; of many concurrent swaps from one version, exactly
+    /// one wins (the compare and the rename run under the directory lock).
+    #[test]
+    fn replace_if_compares_and_swaps_once() {
+        let (_d, fs) = setup();
+        assert_eq!(fs.version(".metadata").unwrap(), None);
+        assert!(fs.replace_if(".metadata", b"one", true, None).unwrap());
+        assert!(!fs.replace_if(".metadata", b"two", true, None).unwrap());
+        let v1 = fs.version(".metadata").unwrap().unwrap();
+        assert_eq!(fs.version(".metadata").unwrap().unwrap(), v1, "stable");
+        fs.write_atomic(".metadata", b"one", true).unwrap();
+        let v2 = fs.version(".metadata").unwrap().unwrap();
+        assert_ne!(v1, v2, "a rewrite with the same bytes is a new version");
+        assert!(!fs.replace_if(".metadata", b"two", true, Some(&v1)).unwrap());
+        assert_eq!(fs.read_small(".metadata", 10).unwrap(), b"one");
+
+        let fs = Arc::new(fs);
+        let winners: Vec<bool> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|i| {
+                    let (fs, v2) = (fs.clone(), v2.clone());
+                    s.spawn(move || {
+                        fs.replace_if(".metadata", format!("w{i}").as_bytes(), false, Some(&v2))
+                            .unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(winners.iter().filter(|w| **w).count(), 1, "{winners:?}");
+        let won = winners.iter().position(|w| *w).unwrap();
+        assert_eq!(
+            fs.read_small(".metadata", 10).unwrap(),
+            format!("w{won}").as_bytes()
+        );
     }
 
     fn write(fs: &LocalFs, name: &str, parts: &[&[u8]]) -> u64 {

@@ -273,6 +273,42 @@ async fn abort_leaves_nothing(kind: &str) {
     b.no_pending_uploads();
 }
 
+/// The commit's compare-and-swap: on S3, `version` is the ETag and
+/// `replace_if` a PUT with `If-Match` (or `If-None-Match: *`) that the
+/// server refuses once the object changed; services without ETag-conditional
+/// writes refuse both with `Unsupported` (dcp then compares under its lease).
+async fn conditional_replace(kind: &str) {
+    let Some(b) = Backend::new(kind) else { return };
+    let fs = b.fs();
+    fs.prepare().unwrap();
+    if kind != "s3" {
+        for e in [
+            fs.version("f").unwrap_err(),
+            fs.replace_if("f", b"x", true, None).unwrap_err(),
+        ] {
+            assert_eq!(e.kind(), ErrorKind::Unsupported, "{kind}: {e}");
+        }
+        return;
+    }
+    assert_eq!(fs.version("f").unwrap(), None, "absent");
+    assert!(fs.replace_if("f", b"one", true, None).unwrap(), "created");
+    assert!(!fs.replace_if("f", b"two", true, None).unwrap(), "exists");
+    let v1 = fs.version("f").unwrap().expect("an ETag");
+    assert_eq!(fs.version("f").unwrap().as_deref(), Some(&v1[..]), "stable");
+    // Another writer replaces it: a swap based on v1 is refused.
+    fs.write_atomic("f", b"other", true).unwrap();
+    let v2 = fs.version("f").unwrap().unwrap();
+    assert_ne!(v1, v2);
+    assert!(!fs.replace_if("f", b"two", true, Some(&v1)).unwrap());
+    assert_eq!(
+        fs.read_small("f", 100).unwrap(),
+        b"other",
+        "nothing written"
+    );
+    assert!(fs.replace_if("f", b"two", true, Some(&v2)).unwrap());
+    assert_eq!(fs.read_small("f", 100).unwrap(), b"two");
+}
+
 macro_rules! suite {
     ($kind:ident) => {
         mod $kind {
@@ -300,6 +336,10 @@ macro_rules! suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn abort_leaves_no_object() {
                 abort_leaves_nothing(stringify!($kind)).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn conditional_replace_compares_the_etag() {
+                conditional_replace(stringify!($kind)).await
             }
         }
     };

@@ -38,7 +38,8 @@ pub enum Op {
     Write,
     /// `FileSink::finish` (the fsync of a data file when syncing).
     Finish,
-    /// `write_atomic` (the metadata commit: temp file, fsync, rename).
+    /// `write_atomic` or `replace_if` (the metadata commit: temp file,
+    /// fsync, rename; or one PUT).
     WriteAtomic,
     /// `read_into`.
     Read,
@@ -54,7 +55,7 @@ pub enum Op {
     Remove,
     /// `sync_dir`.
     SyncDir,
-    /// `file_len`.
+    /// `file_len` or `version`.
     Stat,
 }
 
@@ -501,6 +502,33 @@ impl FileSystemLayer for FaultFs {
             }
         });
         self.after(Op::WriteAtomic, n, name)
+    }
+    /// Counted as a [`Op::Stat`].
+    fn version(&self, name: &str) -> Result<Option<String>> {
+        let n = self.tick(Op::Stat, name)?;
+        self.pass(Op::Stat, n, name, || self.inner.version(name))
+    }
+    /// Counted as a [`Op::WriteAtomic`]: the same atomic replace, with a
+    /// compare first.
+    fn replace_if(
+        &self,
+        name: &str,
+        data: &[u8],
+        sync: bool,
+        expected: Option<&str>,
+    ) -> Result<bool> {
+        let n = self.tick(Op::WriteAtomic, name)?;
+        let replaced = self.inner.replace_if(name, data, sync, expected)?;
+        if replaced {
+            self.track(|d, _| {
+                d.link_new(name, sync.then(|| data.to_vec()));
+                if sync {
+                    d.sync_dir();
+                }
+            });
+        }
+        self.after(Op::WriteAtomic, n, name)?;
+        Ok(replaced)
     }
     fn list(&self) -> Result<Vec<FileEntry>> {
         let n = self.tick(Op::List, "")?;

@@ -26,7 +26,7 @@ pub enum StorageCall {
         /// Whether the inner call succeeded.
         ok: bool,
     },
-    /// `write_atomic(name, data, sync)`.
+    /// `write_atomic(name, data, sync)`, or a `replace_if` (conditional).
     WriteAtomic {
         /// File name.
         name: String,
@@ -167,6 +167,23 @@ impl FileSystemLayer for RecordingFs {
             len: data.len(),
             sync,
             ok: r.is_ok(),
+        });
+        r
+    }
+    /// Recorded as a [`StorageCall::WriteAtomic`], `ok` when it replaced.
+    fn replace_if(
+        &self,
+        name: &str,
+        data: &[u8],
+        sync: bool,
+        expected: Option<&str>,
+    ) -> Result<bool> {
+        let r = self.inner.replace_if(name, data, sync, expected);
+        self.call(StorageCall::WriteAtomic {
+            name: name.to_string(),
+            len: data.len(),
+            sync,
+            ok: matches!(r, Ok(true)),
         });
         r
     }

@@ -168,6 +168,18 @@ impl FileSystemLayer for StepFs {
             self.inner.write_atomic(name, data, sync)
         })
     }
+    /// Stepped as a [`Op::WriteAtomic`].
+    fn replace_if(
+        &self,
+        name: &str,
+        data: &[u8],
+        sync: bool,
+        expected: Option<&str>,
+    ) -> Result<bool> {
+        self.step(Op::WriteAtomic, name, || {
+            self.inner.replace_if(name, data, sync, expected)
+        })
+    }
     fn list(&self) -> Result<Vec<FileEntry>> {
         self.step(Op::List, "", || self.inner.list())
     }

@@ -2,6 +2,7 @@
 //! `FileSystemWriter`) over any [`FileSystem`].
 
 use crate::checkpoint::lease::Lease;
+use crate::checkpoint::versioned::{read_versioned, Versioned};
 use crate::checkpoint::{RankWrite, StorageWriter, WriteRecord, WriterOptions};
 use crate::error::{Error, ErrorKind, Result};
 use crate::metadata::{DataFile, FormatKind, Metadata, MAX_METADATA_LEN};
@@ -34,6 +35,9 @@ struct Active {
     lease: Lease,
     /// `.metadata` as it was when the save began (`None`: there was none).
     base: Option<Vec<u8>>,
+    /// The version `base` was read at, where the store has a conditional
+    /// replace (see [`Versioned::version`]): the commit swaps only over it.
+    base_version: Option<Option<String>>,
     /// `base` decoded, when it decodes.
     previous: Option<Metadata>,
 }
@@ -126,6 +130,70 @@ fn describe_metadata(bytes: Option<&[u8]>) -> String {
             Ok(m) => format!("save {} (generation {})", m.save_id, m.generation),
             Err(e) => format!("an unreadable .metadata ({})", e.message()),
         },
+    }
+}
+
+/// The compare of a commit failed: `.metadata` is no longer the checkpoint
+/// the save began from. If it holds this save (a retried conditional PUT
+/// whose first reply was lost), the commit took effect; otherwise another
+/// writer replaced it and nothing was committed (`Busy`).
+fn changed_or_ours(fs: &dyn FileSystem, save_id: &str, base: Option<&[u8]>) -> Result<()> {
+    let current = read_metadata_bytes(fs)?;
+    if let Some(b) = &current {
+        if Metadata::decode(b).is_ok_and(|m| m.save_id == save_id) {
+            tracing::warn!(
+                location = %fs.location(),
+                "save {save_id} committed (.metadata holds it); a retried write found it already in place"
+            );
+            return Ok(());
+        }
+    }
+    Err(Error::new(
+        ErrorKind::Busy,
+        format!(
+            "the checkpoint at {} changed while save {save_id} ran: it started from {} and .metadata now holds {}; nothing was committed",
+            fs.location(),
+            describe_metadata(base),
+            describe_metadata(current.as_deref()),
+        ),
+    ))
+}
+
+/// The write of `.metadata` failed with `e`, which may have come after it
+/// took effect (a failed directory fsync after the rename, a lost reply to
+/// the PUT): decide from what `.metadata` holds now, never guess. `Ok` when
+/// it holds this save (the error becomes a warning), `e` when it still
+/// holds the base, `OutcomeUnknown` otherwise (no rank may remove a file).
+fn resolve_failed_commit(
+    fs: &dyn FileSystem,
+    save_id: &str,
+    base: Option<&[u8]>,
+    e: Error,
+) -> Result<()> {
+    match read_metadata_bytes(fs) {
+        Ok(Some(b)) if Metadata::decode(&b).is_ok_and(|m| m.save_id == save_id) => {
+            tracing::warn!(
+                location = %fs.location(),
+                "save {save_id} committed (.metadata holds it), but the commit reported: {e}"
+            );
+            Ok(())
+        }
+        Ok(now) if now.as_deref() == base => Err(e),
+        Ok(now) => Err(Error::new(
+            ErrorKind::OutcomeUnknown,
+            format!(
+                "the commit of save {save_id} to {} failed ({e}), and .metadata now holds {}, neither this save nor the one it started from: the outcome is unknown; every data file was kept",
+                fs.location(),
+                describe_metadata(now.as_deref())
+            ),
+        )),
+        Err(re) => Err(Error::new(
+            ErrorKind::OutcomeUnknown,
+            format!(
+                "the commit of save {save_id} to {} failed ({e}), and .metadata could not be read back ({re}): the outcome is unknown; every data file was kept",
+                fs.location()
+            ),
+        )),
     }
 }
 
@@ -255,13 +323,17 @@ impl StorageWriter for FileSystemWriter {
         let id = save_id.to_string();
         let (active, generation) = blocking(move || {
             let lease = Lease::acquire(fs.clone(), &id, expiry, wait, sync)?;
-            let base = match read_metadata_bytes(fs.as_ref()) {
+            let base = match read_versioned(fs.as_ref(), METADATA_FILE, MAX_METADATA_LEN) {
                 Ok(b) => b,
                 Err(e) => {
                     lease.release();
                     return Err(e.context("read the current .metadata"));
                 }
             };
+            let Versioned {
+                bytes: base,
+                version: base_version,
+            } = base;
             if !overwrite && base.is_some() {
                 // A checkpoint appeared between `prepare` and the lease (a
                 // save that held it committed while this one waited).
@@ -280,6 +352,7 @@ impl StorageWriter for FileSystemWriter {
                 Active {
                     lease,
                     base,
+                    base_version,
                     previous,
                 },
                 generation,
@@ -301,54 +374,28 @@ impl StorageWriter for FileSystemWriter {
             let a = guard.get(&save_id).ok_or_else(|| {
                 Error::invalid(format!("commit of save {save_id}, which did not begin"))
             })?;
-            // Compare: under the lease, .metadata must still be what the
-            // save started from. Any failure here leaves it untouched.
             a.lease.check()?;
-            let current = read_metadata_bytes(fs.as_ref())?;
-            if current != a.base {
-                return Err(Error::new(
-                    ErrorKind::Busy,
-                    format!(
-                        "the checkpoint at {} changed while save {save_id} ran: it started from {} and .metadata now holds {}; nothing was committed",
-                        fs.location(),
-                        describe_metadata(a.base.as_deref()),
-                        describe_metadata(current.as_deref()),
-                    ),
-                ));
-            }
             if sync {
+                // The data files' directory entries are durable before the
+                // checkpoint that names them is.
                 fs.sync_dir()?;
             }
-            // Swap. An error may come after the write took effect (a failed
-            // directory fsync after the rename, a lost reply to the PUT):
-            // decide from what .metadata holds now, never guess.
-            let Err(e) = fs.write_atomic(METADATA_FILE, &data, sync) else {
-                return Ok(());
+            let outcome = match &a.base_version {
+                // Compare-and-swap by the store itself (If-Match on the
+                // ETag; a directory lock on local disk).
+                Some(version) => fs.replace_if(METADATA_FILE, &data, sync, version.as_deref()),
+                // No conditional replace: compare under the lease, then swap.
+                None => match read_metadata_bytes(fs.as_ref())? {
+                    current if current == a.base => {
+                        fs.write_atomic(METADATA_FILE, &data, sync).map(|()| true)
+                    }
+                    _ => Ok(false),
+                },
             };
-            match read_metadata_bytes(fs.as_ref()) {
-                Ok(Some(b)) if Metadata::decode(&b).is_ok_and(|m| m.save_id == save_id) => {
-                    tracing::warn!(
-                        location = %fs.location(),
-                        "save {save_id} committed (.metadata holds it), but the commit reported: {e}"
-                    );
-                    Ok(())
-                }
-                Ok(now) if now == a.base => Err(e),
-                Ok(now) => Err(Error::new(
-                    ErrorKind::OutcomeUnknown,
-                    format!(
-                        "the commit of save {save_id} to {} failed ({e}), and .metadata now holds {}, neither this save nor the one it started from: the outcome is unknown; every data file was kept",
-                        fs.location(),
-                        describe_metadata(now.as_deref())
-                    ),
-                )),
-                Err(re) => Err(Error::new(
-                    ErrorKind::OutcomeUnknown,
-                    format!(
-                        "the commit of save {save_id} to {} failed ({e}), and .metadata could not be read back ({re}): the outcome is unknown; every data file was kept",
-                        fs.location()
-                    ),
-                )),
+            match outcome {
+                Ok(true) => Ok(()),
+                Ok(false) => changed_or_ours(fs.as_ref(), &save_id, a.base.as_deref()),
+                Err(e) => resolve_failed_commit(fs.as_ref(), &save_id, a.base.as_deref(), e),
             }
         })
         .await

@@ -10,6 +10,7 @@
 //! that no longer exists, or by a save of this process that has ended) is
 //! broken, with a warning naming it.
 
+use crate::checkpoint::versioned::read_versioned;
 use crate::error::{Error, ErrorKind, Result};
 use crate::storage::FileSystem;
 use serde::{Deserialize, Serialize};
@@ -24,6 +25,10 @@ pub const LEASE_FILE: &str = ".lease";
 
 /// The largest lease file read (a lease is about 150 bytes of JSON).
 const MAX_LEASE_LEN: u64 = 64 << 10;
+
+/// A lease is removed at release only with at least this long left before
+/// it expires (see [`Lease::release`]).
+const RELEASE_MARGIN: Duration = Duration::from_secs(1);
 
 /// Save ids of the saves of this process that hold a lease now: a lease of
 /// this host and pid whose save id is not here belongs to a save that ended.
@@ -203,7 +208,8 @@ impl Lease {
             }
             forget(save_id);
             created?;
-            let holder = match read(fs.as_ref())? {
+            let snap = read_versioned(fs.as_ref(), LEASE_FILE, MAX_LEASE_LEN)?;
+            let holder = match snap.bytes {
                 None => continue, // released in between: try again
                 Some(bytes) => match LeaseInfo::decode(&bytes) {
                     // A create whose reply was lost and was retried: the
@@ -221,9 +227,37 @@ impl Lease {
                                 "breaking the lease of {}: {why}",
                                 h.describe()
                             );
-                            // Remove only the lease judged dead: if it was
-                            // replaced in between, judge the new one.
-                            if read(fs.as_ref())?.as_deref() == Some(&bytes[..]) {
+                            if let Some(version) = snap.version {
+                                // Replace exactly the lease judged dead by
+                                // this save's, in one conditional write: a
+                                // concurrent breaker or a renewal makes it
+                                // fail, and the loop judges what is there.
+                                live()
+                                    .get_or_insert_with(HashSet::new)
+                                    .insert(save_id.to_string());
+                                let info = LeaseInfo::new(save_id, expiry);
+                                match fs.replace_if(
+                                    LEASE_FILE,
+                                    &info.encode(),
+                                    sync,
+                                    version.as_deref(),
+                                ) {
+                                    Ok(true) => {
+                                        return Ok(Lease::start(fs, save_id, expiry, expiry / 3))
+                                    }
+                                    Ok(false) => {}
+                                    Err(e) => {
+                                        forget(save_id);
+                                        return Err(e.context("break a dead lease"));
+                                    }
+                                }
+                                forget(save_id);
+                            } else if read(fs.as_ref())?.as_deref() == Some(&bytes[..]) {
+                                // No conditional replace: remove only the
+                                // lease judged dead (if it was replaced in
+                                // between, judge the new one). Two breakers
+                                // of one dead lease may still race here; see
+                                // RELIABILITY.md.
                                 fs.remove(LEASE_FILE)?;
                             }
                             continue;
@@ -325,13 +359,24 @@ impl Lease {
         }
     }
 
-    /// Stop renewing and remove the lease file if it is still this save's.
-    /// Blocking; failures are logged (the next save breaks the lease: its
-    /// save has ended).
+    /// Stop renewing and remove the lease file if it is still this save's
+    /// and unexpired. Blocking; failures are logged (the next save breaks
+    /// the lease: its save has ended).
+    ///
+    /// Why the read-then-remove is safe: another save breaks a lease only
+    /// when its holder is dead, and this save is still registered as live
+    /// until after the removal, so only expiry could let it; a lease with
+    /// at least [`RELEASE_MARGIN`] left is removed, an older one left for
+    /// the next save to break as expired.
     pub(crate) fn release(mut self) {
         self.stop_renewing();
         match read(self.fs.as_ref()) {
-            Ok(Some(b)) if LeaseInfo::decode(&b).is_ok_and(|h| h.save_id == self.save_id) => {
+            Ok(Some(b))
+                if LeaseInfo::decode(&b).is_ok_and(|h| {
+                    h.save_id == self.save_id
+                        && h.expires_ms > now_ms().saturating_add(RELEASE_MARGIN.as_millis() as u64)
+                }) =>
+            {
                 if let Err(e) = self.fs.remove(LEASE_FILE) {
                     tracing::warn!("could not remove the lease of save {}: {e}", self.save_id);
                 }
@@ -364,14 +409,30 @@ fn forget(save_id: &str) {
 }
 
 /// Extend the lease of `save_id` by `expiry` from now, if it is still
-/// `save_id`'s; `Busy` naming the holder if not.
+/// `save_id`'s; `Busy` naming the holder if not. Where the store has a
+/// conditional replace, the extension is written only over the lease just
+/// read, so a renewal never overwrites a lease another save took meanwhile.
 fn renew(fs: &dyn FileSystem, save_id: &str, expiry: Duration) -> Result<()> {
-    let current = read(fs)?;
-    let held = current.as_deref().map(LeaseInfo::decode).transpose();
+    let snap = read_versioned(fs, LEASE_FILE, MAX_LEASE_LEN)?;
+    let held = snap.bytes.as_deref().map(LeaseInfo::decode).transpose();
     match held {
         Ok(Some(mut h)) if h.save_id == save_id => {
             h.expires_ms = now_ms().saturating_add(expiry.as_millis() as u64);
-            fs.write_atomic(LEASE_FILE, &h.encode(), false)
+            match snap.version {
+                None => fs.write_atomic(LEASE_FILE, &h.encode(), false),
+                Some(v) => match fs.replace_if(LEASE_FILE, &h.encode(), false, v.as_deref())? {
+                    true => Ok(()),
+                    // Changed since the read: the next renewal judges it.
+                    false => Err(Error::new(
+                        ErrorKind::Io,
+                        format!(
+                            "the lease of save {save_id} on {} changed while it was renewed",
+                            fs.location()
+                        ),
+                    )
+                    .with_temporary(true)),
+                },
+            }
         }
         Ok(Some(h)) => Err(Error::new(
             ErrorKind::Busy,

@@ -23,6 +23,7 @@ mod load;
 mod options;
 mod save;
 mod store;
+mod versioned;
 pub(crate) mod wire;
 
 pub(crate) use fs_reader::located;
