@@ -51,6 +51,32 @@ fn spawn_child(dir: &Path, g: u64) -> Child {
         .expect("spawn dcp-crash-child")
 }
 
+/// The whole stderr of an exited child.
+fn stderr_of(child: &mut Child) -> String {
+    let mut err = String::new();
+    if let Some(mut s) = child.stderr.take() {
+        use std::io::Read;
+        let _ = s.read_to_string(&mut err);
+    }
+    err
+}
+
+/// Wait for `child` to exit, at most 120 s (then kill it and panic).
+fn wait_bounded(child: &mut Child, what: &str) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for child") {
+            return status;
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}: a save hung for 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// Run the child to completion (bounded); panics unless it exits 0.
 fn run_child(dir: &Path, g: u64) -> Duration {
     let start = Instant::now();
@@ -196,15 +222,54 @@ fn sigkill_during_save_leaves_old_or_new() {
     let mut g = 2u64;
     let (mut kept_old, mut got_new, mut completed) = (0usize, 0usize, 0usize);
     let mut max_stale = 0usize;
+    let (mut rival_won, mut rival_refused) = (0usize, 0usize);
     for t in 0..trials {
         let delay = Duration::from_micros(rng.random_range(0..=max_delay.as_micros() as u64));
+        // Every other trial, a rival save of generation g + 2, started
+        // with the first and ready to save, is let go at a random moment
+        // before the kill, and the kill waits for it to end. It is refused
+        // while the first holds the lease; it commits when it comes before
+        // (the first is then refused) or after the first.
+        let rival_at = (t % 2 == 1)
+            .then(|| Duration::from_micros(rng.random_range(0..=delay.as_micros() as u64)));
         let before = decode_md(&dir);
+        let mut ready = rival_at.map(|_| {
+            Command::new(CHILD)
+                .arg(&dir)
+                .arg((g + 2).to_string())
+                .env("DCP_CRASH_WAIT_STDIN", "1")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn the rival save")
+        });
+        let started_at = Instant::now();
         let mut child = spawn_child(&dir, g + 1);
-        std::thread::sleep(delay);
+        let mut rival = None;
+        if let (Some(at), Some(mut r)) = (rival_at, ready.take()) {
+            std::thread::sleep(at);
+            use std::io::Write;
+            r.stdin
+                .take()
+                .expect("piped stdin")
+                .write_all(b"go\n")
+                .expect("start the rival save");
+            let status = wait_bounded(&mut r, "the rival save");
+            rival = Some((r, status));
+        }
+        std::thread::sleep(delay.saturating_sub(started_at.elapsed()));
+        let what =
+            format!("trial {t} (seed {seed:#x}, kill after {delay:?}, rival at {rival_at:?})");
         let finished = match child.try_wait().expect("poll child") {
             Some(status) => {
-                assert!(status.success(), "trial {t}: child failed: {status}");
-                true
+                let err = stderr_of(&mut child);
+                assert!(
+                    status.success()
+                        || (rival.is_some() && err.contains("another save is writing")),
+                    "{what}: child failed: {status}: {err}"
+                );
+                status.success()
             }
             None => {
                 child.kill().expect("SIGKILL the child");
@@ -213,20 +278,36 @@ fn sigkill_during_save_leaves_old_or_new() {
                 status.success()
             }
         };
-        let what = format!("trial {t} (seed {seed:#x}, kill after {delay:?})");
-        let now = check_checkpoint(local(&dir), &[g, g + 1], &what);
+        let rival_ok = rival.map(|(mut r, status)| {
+            let err = stderr_of(&mut r);
+            assert!(
+                status.success() || err.contains("another save is writing"),
+                "{what}: the rival failed, but not refused: {status}: {err}"
+            );
+            if status.success() {
+                rival_won += 1;
+            } else {
+                rival_refused += 1;
+            }
+            status.success()
+        });
+        let allowed: &[u64] = match rival_ok {
+            Some(true) => &[g + 1, g + 2],
+            Some(false) | None => &[g, g + 1],
+        };
+        let now = check_checkpoint(local(&dir), allowed, &what);
         let md = decode_md(&dir);
         assert_eq!(md.world_size as usize, world_of(now), "{what}");
         let extra = dir_names(&dir).len() - md.files.len() - 1;
         max_stale = max_stale.max(extra);
-        if finished {
+        if finished && rival_ok != Some(true) {
             assert_eq!(now, g + 1, "{what}: a completed save must be visible");
             // A successful save leaves nothing of the killed ones before it.
             assert_no_stale(dir_names(&dir), &md, Some(&before), &what);
             completed += 1;
         } else if now == g {
             kept_old += 1;
-        } else {
+        } else if now == g + 1 {
             got_new += 1;
         }
         g = now;
@@ -239,8 +320,9 @@ fn sigkill_during_save_leaves_old_or_new() {
     assert_no_stale(dir_names(&dir), &md, Some(&before), "final save");
     eprintln!(
         "crash: {trials} SIGKILL trials in {:?}: {kept_old} killed before the commit (old kept), \
-         {got_new} killed after the commit (new), {completed} completed; at most {max_stale} stale \
-         files between saves, none after a successful save",
+         {got_new} killed after the commit (new), {completed} completed; rival saves in half of \
+         them: {rival_refused} refused, {rival_won} committed; at most {max_stale} stale files \
+         between saves, none after a successful save; 0 lost checkpoints",
         started.elapsed()
     );
     if trials >= 20 {
@@ -261,17 +343,49 @@ fn sigkill_during_save_leaves_old_or_new() {
 
 /// How an aimed trial ended.
 enum Aimed {
-    /// The child paused at the step and was killed there: the step line, and
-    /// whether `.metadata` had been written by then (the rename done).
-    Killed(String, bool),
+    /// The child paused at the step and was killed there: the step line,
+    /// whether `.metadata` had been written by then (the rename done), and
+    /// whether the rival save committed while it was paused.
+    Killed(String, bool, bool),
     /// The child exited without reaching the step.
     Exited(std::process::ExitStatus),
 }
 
+/// A second save of generation `g` into `dir`, run to its end (bounded)
+/// while another save of `holder_pid` is paused: refused naming the holder
+/// and changing nothing, when that save holds the location's lease; or,
+/// when it has not taken it yet (paused before breaking a dead save's
+/// lease), committed. Returns whether it committed.
+fn rival_save(dir: &Path, g: u64, holder_pid: u32, what: &str) -> bool {
+    let names = dir_names(dir);
+    let out = Command::new(CHILD)
+        .arg(dir)
+        .arg(g.to_string())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the rival save");
+    if out.status.success() {
+        return true;
+    }
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        err.contains("another save is writing to") && err.contains(&format!("pid {holder_pid}")),
+        "{what}: the rival save failed, but not refused naming pid {holder_pid}: {}: {err}",
+        out.status
+    );
+    assert_eq!(
+        dir_names(dir),
+        names,
+        "{what}: the refused save changed the location"
+    );
+    false
+}
+
 /// Run the child saving `g` into `dir`, paused at `key`
-/// (`{op}:{nth}:{before|after}`), and SIGKILL it there. Bounded: panics if
-/// neither a pause nor an exit comes within 120 s.
-fn run_aimed(dir: &Path, g: u64, key: &str) -> Aimed {
+/// (`{op}:{nth}:{before|after}`), and SIGKILL it there. While it is paused
+/// there, a rival save of `rival` runs ([`rival_save`]). Bounded: panics if neither a pause nor an exit comes
+/// within 120 s.
+fn run_aimed(dir: &Path, g: u64, key: &str, rival: u64) -> Aimed {
     use std::io::BufRead;
     let mut child = Command::new(CHILD)
         .arg(dir)
@@ -299,6 +413,7 @@ fn run_aimed(dir: &Path, g: u64, key: &str) -> Aimed {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(line) if line.contains("paused at") => {
+                let rival_committed = rival_save(dir, rival, child.id(), key);
                 child.kill().expect("SIGKILL the child");
                 let status = child.wait().expect("reap child");
                 assert!(!status.success(), "{key}: a paused child exited 0");
@@ -306,7 +421,7 @@ fn run_aimed(dir: &Path, g: u64, key: &str) -> Aimed {
                     l.contains(" WriteAtomic:") && l.contains(":after ") && l.ends_with(".metadata")
                 };
                 let committed = said.iter().any(renamed) || renamed(&line);
-                break Aimed::Killed(line, committed);
+                break Aimed::Killed(line, committed, rival_committed);
             }
             Ok(line) => said.push(line),
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
@@ -345,21 +460,27 @@ fn aimed_sigkill_at_every_commit_and_cleanup_step() {
     run_child(&dir, 1);
     let mut g = check_checkpoint(local(&dir), &[1], "generation 1");
     // Kills before the commit's rename keep the old generation; the rest
-    // show the new one (decided from the steps the child reported: a save
-    // after a kill first breaks the dead save's lease, one removal more).
+    // show the new one (decided from the steps the child reported). After
+    // the first kill, every save first breaks the killed save's lease, with
+    // a conditional replace of it (`WriteAtomic:0`); its commit is then
+    // `WriteAtomic:1`. The first trial (no lease to break) aims at a data
+    // file.
     let before_commit = [
         "Create:0:before",
+        "WriteAtomic:0:before",
+        "WriteAtomic:0:after",
         "Finish:0:after",
         "SyncDir:0:before",
         "SyncDir:0:after",
-        "WriteAtomic:0:before",
+        "WriteAtomic:1:before",
     ];
-    let after_commit = ["WriteAtomic:0:after", "List:0:before", "List:0:after"];
-    // Removals: the dead save's lease, the files of the generation before
-    // the one replaced (4 to 8), the lease's release.
-    let removals = data_files_in(&dir) + 2;
+    let after_commit = ["WriteAtomic:1:after", "List:0:before", "List:0:after"];
+    // Removals: the files of the generation before the one replaced (4 to
+    // 8), the lease's release.
+    let removals = data_files_in(&dir) + 1;
     let mut hits: std::collections::BTreeMap<String, usize> = Default::default();
     let (mut trials, mut kept_old, mut got_new, mut planted) = (0usize, 0usize, 0usize, 0usize);
+    let mut rivals = 0usize;
     loop {
         let mut targets: Vec<String> = Vec::new();
         targets.extend(before_commit.iter().map(|k| k.to_string()));
@@ -386,21 +507,29 @@ fn aimed_sigkill_at_every_commit_and_cleanup_step() {
                 }
             }
             let what = format!("aimed kill at {key} while saving generation {}", g + 1);
-            let commits = match run_aimed(&dir, g + 1, &key) {
-                Aimed::Killed(line, committed) => {
+            let (commits, rival) = match run_aimed(&dir, g + 1, &key, g + 2) {
+                Aimed::Killed(line, committed, rival) => {
                     assert!(line.contains(&key), "{what}: paused elsewhere: {line}");
                     *hits.entry(key.clone()).or_default() += 1;
-                    committed
+                    (committed, rival)
                 }
                 Aimed::Exited(status) => panic!("{what}: the step was never reached ({status})"),
             };
-            let expect = if commits { g + 1 } else { g };
+            assert!(!(commits && rival), "{what}: both saves committed");
+            let expect = match (commits, rival) {
+                (_, true) => {
+                    rivals += 1;
+                    g + 2
+                }
+                (true, false) => g + 1,
+                (false, false) => g,
+            };
             let now = check_checkpoint(local(&dir), &[expect], &what);
             let md = decode_md(&dir);
             assert_eq!(md.world_size as usize, world_of(now), "{what}");
             if commits {
                 got_new += 1;
-            } else {
+            } else if !rival {
                 kept_old += 1;
             }
             g = now;
@@ -420,9 +549,10 @@ fn aimed_sigkill_at_every_commit_and_cleanup_step() {
     let every = before_commit.len() + after_commit.len() + 2 * removals;
     assert_eq!(hits.len(), every, "every step aimed at: {hits:?}");
     eprintln!(
-        "crash (aimed): {trials} SIGKILLs at {every} distinct steps in {:?}: {kept_old} before the \
-         .metadata rename (old kept), {got_new} after it (new); {planted} orphans planted for the \
-         later removals; 0 mixes; hits {hits:?}",
+        "crash (aimed): {trials} SIGKILLs at {every} distinct steps in {:?}, a rival save run at \
+         each: {kept_old} before the .metadata rename (old kept), {got_new} after it (new), \
+         {rivals} where the rival committed (the killed save had not taken the lease); \
+         {planted} orphans planted for the later removals; 0 mixes; hits {hits:?}",
         started.elapsed()
     );
 }

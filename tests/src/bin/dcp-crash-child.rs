@@ -15,7 +15,8 @@
 //! `dcp-crash-child: paused at step ...` and stops there, so the parent's
 //! SIGKILL lands exactly at that step; if nobody kills it within 120 s it
 //! exits with status 3. A step never reached changes nothing: the save
-//! completes.
+//! completes. With `DCP_CRASH_WAIT_STDIN` set, the child builds its state
+//! dicts, then waits for a line on stdin before it starts saving.
 
 #[path = "crash_common/mod.rs"]
 mod crash_common;
@@ -37,6 +38,12 @@ fn main() {
     let g: u64 = args[2].parse().expect("generation is a number");
     let world = world_of(g);
     let sds = Arc::new(model(g).state_dicts(world));
+    if std::env::var_os("DCP_CRASH_WAIT_STDIN").is_some() {
+        // Ready (the state dicts built); start the save when told, so that
+        // the parent can time it against another save to the millisecond.
+        let mut line = String::new();
+        let _ = std::io::stdin().read_line(&mut line);
+    }
     let print = std::env::var_os("DCP_CRASH_STEPS").is_some();
     let pause = std::env::var("DCP_CRASH_PAUSE").ok();
     let local: Arc<dyn FileSystem> = Arc::new(dcp_fs::LocalFs::new(dir));
