@@ -236,6 +236,60 @@ async fn lost_reply_to_the_commit_put_is_resolved_by_reading_back() {
     );
 }
 
+/// What the commit protocol costs on S3, in requests: a save that
+/// replaces a checkpoint, by 1 rank and by 4, through a proxy that logs
+/// every request. The protocol's own requests (lease, `.metadata`, listing)
+/// do not grow with the ranks; only the data files do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_of_the_commit_protocol_do_not_grow_with_ranks() {
+    let Some(moto) = Moto::shared() else { return };
+    let mut protocol = Vec::new();
+    for world in [1usize, 4] {
+        let bucket = unique("requests");
+        moto.create_bucket(&bucket);
+        let proxy = TcpProxy::start(moto.port).expect("start the proxy");
+        let fs = through_proxy(moto, &proxy, &format!("s3://{bucket}/ckpt"));
+        all_ok(&save_ranks(fs.clone(), world, 1, 1 << 10, opts(1), T).await);
+        proxy.clear_requests();
+        all_ok(&save_ranks(fs, world, 2, 1 << 10, opts(1), T).await);
+        let mut by: std::collections::BTreeMap<String, usize> = Default::default();
+        for r in proxy.requests() {
+            let (method, path) = r.split_once(' ').unwrap();
+            let file = path.rsplit('/').next().unwrap_or("");
+            let what = if file.ends_with(".dcp") {
+                format!("{method} data file")
+            } else if file.is_empty() || file == bucket {
+                format!("{method} listing")
+            } else {
+                format!("{method} {file}")
+            };
+            *by.entry(what).or_default() += 1;
+        }
+        let data: usize = by
+            .iter()
+            .filter(|(k, _)| k.ends_with("data file"))
+            .map(|(_, n)| n)
+            .sum();
+        let total: usize = by.values().sum();
+        eprintln!(
+            "a {world}-rank save replacing a checkpoint on S3: {total} requests, {} of the \
+             protocol, {data} on data files: {by:?}",
+            total - data
+        );
+        assert!(
+            by.contains_key("PUT .lease") && by.contains_key("DELETE .lease"),
+            "{by:?}"
+        );
+        assert_eq!(by.get("PUT .metadata"), Some(&1), "one commit: {by:?}");
+        by.retain(|k, _| !k.ends_with("data file"));
+        protocol.push(by);
+    }
+    assert_eq!(
+        protocol[0], protocol[1],
+        "the protocol's requests grew with the ranks"
+    );
+}
+
 /// `url` on moto, reached through `proxy`, with few retries and short
 /// timeouts so that a dead or lossy proxy ends a save promptly.
 fn through_proxy(moto: &Moto, proxy: &TcpProxy, url: &str) -> Arc<dyn FileSystem> {

@@ -24,6 +24,8 @@ struct State {
     drop_put: Mutex<Option<String>>,
     /// Replies dropped so far.
     dropped: std::sync::atomic::AtomicUsize,
+    /// `METHOD path` of every request seen, in order.
+    seen: Mutex<Vec<String>>,
 }
 
 /// Forwards every connection made to [`TcpProxy::port`] to a target port on
@@ -100,6 +102,25 @@ impl TcpProxy {
         self.state.dropped.load(Ordering::SeqCst)
     }
 
+    /// `METHOD path` (query string cut) of every HTTP request that passed
+    /// through so far, in the order they were seen.
+    pub fn requests(&self) -> Vec<String> {
+        self.state
+            .seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Forget the requests seen so far.
+    pub fn clear_requests(&self) {
+        self.state
+            .seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
     /// `http://127.0.0.1:{port}`.
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
@@ -149,6 +170,23 @@ fn is_put_of(chunk: &[u8], name: &str) -> bool {
     })
 }
 
+/// `METHOD path` when `chunk` begins with an HTTP/1 request line (a
+/// request's head starts a read: clients send one request at a time per
+/// connection).
+fn request_line(chunk: &[u8]) -> Option<String> {
+    let head = &chunk[..chunk.len().min(4096)];
+    let end = head.windows(2).position(|w| w == b"\r\n")?;
+    let line = std::str::from_utf8(&head[..end]).ok()?;
+    let mut parts = line.split(' ');
+    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    let known = ["GET", "PUT", "HEAD", "DELETE", "POST"].contains(&method);
+    (known && version.starts_with("HTTP/1."))
+        .then(|| format!("{method} {}", target.split('?').next().unwrap_or(target)))
+}
+
 /// Copy client requests to the server on a thread until either side
 /// closes; mark `lose` when a request's reply is to be lost.
 fn requests(mut from: TcpStream, mut to: TcpStream, st: Arc<State>, lose: Arc<AtomicBool>) {
@@ -165,6 +203,9 @@ fn requests(mut from: TcpStream, mut to: TcpStream, st: Arc<State>, lose: Arc<At
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone();
+            if let Some(line) = request_line(&buf[..n]) {
+                st.seen.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+            }
             if target.is_some_and(|t| is_put_of(&buf[..n], &t)) {
                 lose.store(true, Ordering::SeqCst);
             }
@@ -205,6 +246,20 @@ fn replies(mut from: TcpStream, mut to: TcpStream, st: Arc<State>, lose: Arc<Ato
 #[cfg(test)]
 mod tests {
     use super::{is_put_of, TcpProxy};
+
+    #[test]
+    fn request_lines() {
+        assert_eq!(
+            super::request_line(b"HEAD /b/p/.lease?x=1 HTTP/1.1\r\nhost: x\r\n\r\n").as_deref(),
+            Some("HEAD /b/p/.lease")
+        );
+        assert_eq!(super::request_line(b"\x00\x01 binary body\r\n"), None);
+        assert_eq!(
+            super::request_line(b"PUT /b/x HTTP/1.1"),
+            None,
+            "no line end"
+        );
+    }
 
     #[test]
     fn recognises_put_request_lines() {
