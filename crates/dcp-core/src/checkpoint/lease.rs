@@ -526,17 +526,16 @@ mod tests {
         assert_eq!(expires().save_id, info.save_id);
         assert_eq!(expires().started_ms, info.started_ms);
         // Another save takes the location: the renewer notices and stops.
+        // Its renewals are conditional on the version it read, so none
+        // writes over the other save's lease, even one that read just before.
         let other = LeaseInfo::new("ffffffffffffffff", expiry).encode();
-        // (A renewal that read the lease just before may still write it
-        // back once: the read-then-write window of `renew`; take it again.)
+        fs.write_atomic(LEASE_FILE, &other, false).unwrap();
         while !lease.lost.load(Ordering::SeqCst) {
             assert!(
                 Instant::now() < deadline,
                 "the loss was not noticed within 30 s"
             );
-            if read(fs.as_ref()).unwrap().as_deref() != Some(&other[..]) {
-                fs.write_atomic(LEASE_FILE, &other, false).unwrap();
-            }
+            assert_eq!(read(fs.as_ref()).unwrap().unwrap(), other, "overwritten");
             std::thread::yield_now();
         }
         assert_eq!(
@@ -548,6 +547,43 @@ mod tests {
         assert!(e.message().contains("another save took it"), "{e}");
         lease.release();
         assert_eq!(read(fs.as_ref()).unwrap().unwrap(), other, "not removed");
+    }
+
+    /// Of two saves breaking the same dead lease at once, exactly one takes
+    /// the location (the break is a conditional replace of the lease it
+    /// judged dead), the other is refused naming it; 50 rounds.
+    #[test]
+    fn two_breakers_of_one_dead_lease_one_wins() {
+        for round in 0..50 {
+            let fs: Arc<dyn FileSystem> = Arc::new(MemoryFs::new("memory://break"));
+            let mut dead = LeaseInfo::new("dddddddddddddddd", Duration::from_secs(60));
+            dead.pid = u32::MAX; // no such process on this host
+            assert!(fs.create_new(LEASE_FILE, &dead.encode(), false).unwrap());
+            let barrier = std::sync::Barrier::new(2);
+            let results: Vec<Result<Lease>> = std::thread::scope(|s| {
+                let hs: Vec<_> = ["aaaaaaaaaaaaaaa1", "aaaaaaaaaaaaaaa2"]
+                    .map(|id| {
+                        let (fs, barrier) = (fs.clone(), &barrier);
+                        s.spawn(move || {
+                            barrier.wait();
+                            Lease::acquire(fs, id, Duration::from_secs(60), None, false)
+                        })
+                    })
+                    .into_iter()
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            let won: Vec<&Lease> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+            assert_eq!(won.len(), 1, "round {round}: {results:?}");
+            let holder = LeaseInfo::decode(&read(fs.as_ref()).unwrap().unwrap()).unwrap();
+            assert_eq!(holder.save_id, won[0].save_id, "round {round}");
+            let e = results.iter().find_map(|r| r.as_ref().err()).unwrap();
+            assert_eq!(e.kind(), ErrorKind::Busy, "round {round}: {e}");
+            assert!(e.message().contains(&won[0].save_id), "{e}");
+            for r in results.into_iter().flatten() {
+                r.release();
+            }
+        }
     }
 
     #[test]
