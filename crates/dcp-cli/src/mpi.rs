@@ -1,7 +1,7 @@
 //! `--mpi`: the ranks of `dcp demo` as the processes of an MPI job.
 //!
 //! Under `mpirun -n N dcp demo --mpi` (or `srun`), every process is one
-//! rank of an [`MpiGroup`](dcp::mpi::MpiGroup) over a duplicate of the
+//! rank of a `dcp::mpi::MpiGroup` over a duplicate of the
 //! world communicator: each generates only its own state dict, the N
 //! processes save together, then load with the transposed sharding; rank 0
 //! prints the report, with the same fields as without `--mpi`. The
