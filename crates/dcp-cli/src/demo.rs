@@ -24,8 +24,8 @@ pub const DEFAULT_LAYERS: u64 = 4;
 pub const DEFAULT_HIDDEN: u64 = 1024;
 /// Default vocabulary size.
 pub const DEFAULT_VOCAB: u64 = 4096;
-/// Deadline of each collective operation among the simulated ranks.
-const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Deadline of each collective operation among the ranks.
+pub(crate) const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Mismatch lines printed before the rest are counted.
 const MAX_MISMATCH_LINES: usize = 20;
 
@@ -108,6 +108,11 @@ pub struct DemoArgs {
     /// Print one JSON object instead of a summary.
     #[arg(long)]
     pub json: bool,
+    /// Run as one rank of an MPI job (under `mpirun -n N` or `srun`): the
+    /// N processes save, then load resharded; rank 0 prints the report.
+    /// Needs a dcp built with the `mpi` feature.
+    #[arg(long, conflicts_with_all = ["ranks", "load_ranks"])]
+    pub mpi: bool,
 }
 
 /// What `dcp demo --json` prints.
@@ -161,15 +166,12 @@ pub struct DemoReport {
     pub mismatches: Vec<String>,
 }
 
-/// Run `dcp demo`.
+/// Run `dcp demo` (with `--mpi`: [`crate::mpi::demo`]).
 pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
-    let dir = args.dir.clone().unwrap_or_else(|| {
-        std::env::temp_dir()
-            .join("dcp-demo")
-            .to_string_lossy()
-            .into_owned()
-    });
-    let fs = open_location(&dir)?;
+    if args.mpi {
+        return crate::mpi::demo(args);
+    }
+    let fs = open_location(&location(&args))?;
     let rt = crate::runtime()?;
     let progress = Progress::new();
     let mut report = DemoReport {
@@ -185,12 +187,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
         let reader = reader(&fs, args.threads);
         let md = rt.block_on(dcp_core::read_metadata(&reader))?;
         let spec = spec_for_load(&args, &md)?;
-        spec.check_matches(&md).map_err(|e| {
-            CliError::msg(format!(
-                "{}: not a demo checkpoint of this model: {e}",
-                fs.location()
-            ))
-        })?;
+        check_demo_checkpoint(&spec, &md, &fs)?;
         report.ranks = md.world_size;
         report.format = md.format.name().to_string();
         (spec, md)
@@ -208,18 +205,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
         ));
         let sds = Arc::new(model::generate_state_dicts(&spec, n)?);
         progress.phase(format_args!("saving with {n} ranks to {}", fs.location()));
-        let writer = FileSystemWriter::new(
-            fs.clone(),
-            WriterOptions::default()
-                .thread_count(args.threads as usize)
-                .sync_files(!args.no_sync)
-                .overwrite(true)
-                .serialization_format(args.format.serialization_format())
-                .extensions(dcp::ext::chain(
-                    dcp::ext::compression_from_name(&args.compress, args.zstd_level)?,
-                    dcp::ext::checksum_from_name(&args.checksum)?,
-                )),
-        )?;
+        let writer = writer(&fs, &args)?;
         let options = SaveOptions::default().user_metadata(spec.user_metadata());
         let started = Instant::now();
         let results = rt.block_on(run_ranks(n, COLLECTIVE_TIMEOUT, move |g| {
@@ -233,15 +219,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
         report.save_gbps = Some(gbps(md.logical_bytes(), seconds));
         (spec, md)
     };
-    report.bytes = md.logical_bytes();
-    report.stored_bytes = md.stored_bytes();
-    report.transforms = md.transforms.clone();
-    report.items = md.items.len();
-    report.files = md.files.len();
-    report.layers = spec.layers;
-    report.hidden = spec.hidden;
-    report.vocab = spec.vocab;
-    report.seed = spec.seed;
+    report.describe(&spec, &md);
 
     if !args.save_only {
         let m = args.load_ranks as usize;
@@ -275,12 +253,73 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
         report.mismatches = mismatches.iter().map(|m| m.to_string()).collect();
     }
 
-    if args.json {
-        let out = serde_json::to_string(&report)
+    finish(&report, args.json)
+}
+
+impl DemoReport {
+    /// Fill in what the checkpoint and the model say.
+    pub(crate) fn describe(&mut self, spec: &ModelSpec, md: &Metadata) {
+        self.bytes = md.logical_bytes();
+        self.stored_bytes = md.stored_bytes();
+        self.transforms = md.transforms.clone();
+        self.items = md.items.len();
+        self.files = md.files.len();
+        self.layers = spec.layers;
+        self.hidden = spec.hidden;
+        self.vocab = spec.vocab;
+        self.seed = spec.seed;
+    }
+
+    /// The exit status the report ends the command with.
+    pub(crate) fn exit_code(&self) -> ExitCode {
+        if self.verified == Some(false) {
+            ExitCode::from(1)
+        } else {
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+/// The checkpoint location the arguments name (default: `dcp-demo` in the
+/// system temp dir).
+pub(crate) fn location(args: &DemoArgs) -> String {
+    args.dir.clone().unwrap_or_else(|| {
+        std::env::temp_dir()
+            .join("dcp-demo")
+            .to_string_lossy()
+            .into_owned()
+    })
+}
+
+/// The writer of the demo's save: the arguments' threads, fsync, format,
+/// compression and checksum.
+pub(crate) fn writer(
+    fs: &Arc<dyn FileSystem>,
+    args: &DemoArgs,
+) -> Result<FileSystemWriter, CliError> {
+    Ok(FileSystemWriter::new(
+        fs.clone(),
+        WriterOptions::default()
+            .thread_count(args.threads as usize)
+            .sync_files(!args.no_sync)
+            .overwrite(true)
+            .serialization_format(args.format.serialization_format())
+            .extensions(dcp::ext::chain(
+                dcp::ext::compression_from_name(&args.compress, args.zstd_level)?,
+                dcp::ext::checksum_from_name(&args.checksum)?,
+            )),
+    )?)
+}
+
+/// Print the report (JSON or summary) and the mismatches, and return the
+/// exit status.
+pub(crate) fn finish(report: &DemoReport, json: bool) -> Result<ExitCode, CliError> {
+    if json {
+        let out = serde_json::to_string(report)
             .map_err(|e| CliError::msg(format!("cannot encode the report: {e}")))?;
         crate::emit(&format!("{out}\n"))?;
     } else {
-        crate::emit(&summary(&report))?;
+        crate::emit(&summary(report))?;
     }
     for line in report.mismatches.iter().take(MAX_MISMATCH_LINES) {
         eprintln!("mismatch: {line}");
@@ -296,15 +335,28 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
             "error: verification failed: {} chunks or items differ from the model",
             report.mismatches.len()
         );
-        return Ok(ExitCode::from(1));
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(report.exit_code())
+}
+
+/// Refuse a checkpoint that does not hold the demo model `spec`.
+pub(crate) fn check_demo_checkpoint(
+    spec: &ModelSpec,
+    md: &Metadata,
+    fs: &Arc<dyn FileSystem>,
+) -> Result<(), CliError> {
+    spec.check_matches(md).map_err(|e| {
+        CliError::msg(format!(
+            "{}: not a demo checkpoint of this model: {e}",
+            fs.location()
+        ))
+    })
 }
 
 /// The model to expect in a checkpoint being loaded alone: the one its demo
 /// user metadata records, checked against any dimension given on the
 /// command line; or, for a checkpoint without it, the command line's.
-fn spec_for_load(args: &DemoArgs, md: &Metadata) -> Result<ModelSpec, CliError> {
+pub(crate) fn spec_for_load(args: &DemoArgs, md: &Metadata) -> Result<ModelSpec, CliError> {
     let flags = [
         ("--layers", args.layers),
         ("--hidden", args.hidden),
@@ -334,7 +386,7 @@ fn spec_for_load(args: &DemoArgs, md: &Metadata) -> Result<ModelSpec, CliError> 
     }
 }
 
-fn reader(fs: &Arc<dyn FileSystem>, threads: u32) -> FileSystemReader {
+pub(crate) fn reader(fs: &Arc<dyn FileSystem>, threads: u32) -> FileSystemReader {
     FileSystemReader::new(
         fs.clone(),
         ReaderOptions::default()
@@ -358,7 +410,7 @@ fn first_ok<T>(results: Vec<dcp_core::Result<T>>) -> Result<T, CliError> {
         .ok_or_else(|| CliError::msg("no rank ran"))
 }
 
-fn gbps(bytes: u64, seconds: f64) -> f64 {
+pub(crate) fn gbps(bytes: u64, seconds: f64) -> f64 {
     if seconds > 0.0 {
         bytes as f64 / seconds / 1e9
     } else {

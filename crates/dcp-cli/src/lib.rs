@@ -2,7 +2,9 @@
 //!
 //! * `dcp demo`: an LLM-shaped state dict saved by N simulated ranks, loaded
 //!   back by M ranks with a different sharding, every byte verified, and the
-//!   throughput printed ([`demo`], with the model in [`model`]).
+//!   throughput printed ([`demo`], with the model in [`model`]). With
+//!   `--mpi` (a build with the `mpi` feature), under `mpirun -n N`: the N
+//!   processes are the ranks ([`mpi`]).
 //! * `dcp inspect PATH`: items, shapes, dtypes, chunks and files of a
 //!   checkpoint, for people or (`--json`) for scripts ([`inspect`]).
 //! * `dcp verify PATH`: every data file present with its recorded length,
@@ -37,6 +39,7 @@ pub mod demo;
 pub mod inspect;
 pub mod location;
 pub mod model;
+pub mod mpi;
 pub mod verify;
 
 use clap::{Parser, Subcommand};

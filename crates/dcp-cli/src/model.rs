@@ -504,9 +504,31 @@ fn check_item(
 
 /// Every rank's state dict for a save by `n` ranks, generated on all cores.
 pub fn generate_state_dicts(spec: &ModelSpec, n: usize) -> dcp_core::Result<Vec<StateDict>> {
+    generate_ranks(spec, 0..n, n)
+}
+
+/// The state dict of rank `rank` of `n` alone (a process of an MPI job
+/// holds one rank), generated on all cores. Refuses `rank >= n`.
+pub fn generate_state_dict(spec: &ModelSpec, rank: usize, n: usize) -> dcp_core::Result<StateDict> {
+    if rank >= n {
+        return Err(dcp_core::Error::invalid(format!(
+            "rank {rank} is not one of {n} ranks"
+        )));
+    }
+    let mut v = generate_ranks(spec, rank..rank + 1, n)?;
+    Ok(v.remove(0))
+}
+
+/// The state dicts of `ranks` (of `n`), in order.
+fn generate_ranks(
+    spec: &ModelSpec,
+    ranks: std::ops::Range<usize>,
+    n: usize,
+) -> dcp_core::Result<Vec<StateDict>> {
     let items = spec.items();
+    let first = ranks.start;
     let mut units = Vec::new();
-    for rank in 0..n {
+    for rank in ranks.clone() {
         for (i, it) in items.iter().enumerate() {
             if let ItemKind::Tensor { shape, .. } = &it.kind {
                 if let Some(region) = shard(shape, it.save, rank, n) {
@@ -523,9 +545,9 @@ pub fn generate_state_dicts(spec: &ModelSpec, n: usize) -> dcp_core::Result<Vec<
         };
         Bytes::from(tensor_chunk(spec, &it.name, *dtype, shape, region))
     });
-    let mut held: Vec<BTreeMap<usize, TensorChunk>> = vec![BTreeMap::new(); n];
+    let mut held: Vec<BTreeMap<usize, TensorChunk>> = vec![BTreeMap::new(); ranks.len()];
     for ((rank, i, region), data) in units.into_iter().zip(data) {
-        held[rank].insert(i, TensorChunk { region, data });
+        held[rank - first].insert(i, TensorChunk { region, data });
     }
     held.into_iter()
         .map(|mut chunks| {
@@ -640,6 +662,25 @@ mod tests {
             vocab: 20,
             seed: 7,
         }
+    }
+
+    /// One rank's state dict alone (a process of an MPI job) is that
+    /// rank's of all of them, byte for byte; a rank outside the job is
+    /// refused.
+    #[test]
+    fn one_rank_generates_its_share_of_all() {
+        let s = spec();
+        let n = 3;
+        let all = generate_state_dicts(&s, n).unwrap();
+        for (rank, want) in all.iter().enumerate() {
+            let got = generate_state_dict(&s, rank, n).unwrap();
+            // `Item` has no `PartialEq`; its Debug form shows every byte.
+            assert_eq!(format!("{got:?}"), format!("{want:?}"), "rank {rank}");
+            assert_eq!(got.len(), want.len());
+        }
+        let e = generate_state_dict(&s, 3, 3).unwrap_err();
+        assert_eq!(e.kind(), dcp_core::ErrorKind::InvalidInput);
+        assert!(e.message().contains("rank 3 is not one of 3 ranks"), "{e}");
     }
 
     #[test]

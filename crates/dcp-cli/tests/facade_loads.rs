@@ -34,6 +34,7 @@ fn demo_save(dir: &str, compress: &str, checksum: &str) {
         zstd_level: 1,
         checksum: checksum.to_string(),
         json: true,
+        mpi: false,
     };
     let code = dcp_cli::demo::run(args).unwrap_or_else(|e| panic!("demo: {e}"));
     assert_eq!(

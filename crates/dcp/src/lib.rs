@@ -90,10 +90,16 @@
 //! - `azblob`: `azblob://`, `az://`, `azure://`, `abfs://`, `abfss://`
 //!   through dcp-fsspec.
 //!
+//! - `mpi`: ranks as the processes of an MPI job (`mpirun`, Slurm's
+//!   `srun`), through dcp-mpi (re-exported as `dcp::mpi`):
+//!   `dcp::mpi::MpiGroup` is a [`Collective`] over an MPI communicator.
+//!   Off by default: it needs an MPI library and libclang to build (Debian:
+//!   `libopenmpi-dev openmpi-bin libclang-dev`).
+//!
 //! Without `fs`, local paths are refused; without `ext`, checkpoints using a
-//! transform load only if the caller registers its factory. There are no
-//! features for GPUs or MPI yet: dcp-core's [`Collective`] trait is where an
-//! MPI transport will plug in.
+//! transform load only if the caller registers its factory. Without `mpi`,
+//! the ranks of a save or load are tasks of one process
+//! ([`LocalGroup`]), or any other [`Collective`] the caller brings.
 
 pub use dcp_core::location::{Backend, Location};
 pub use dcp_core::*;
@@ -108,6 +114,10 @@ pub use dcp_fs as fs;
 /// `gcs`, `azblob`).
 #[cfg(any(feature = "s3", feature = "gcs", feature = "azblob"))]
 pub use dcp_fsspec as fsspec;
+/// Ranks as the processes of an MPI job: the dcp-mpi crate (feature
+/// `mpi`).
+#[cfg(feature = "mpi")]
+pub use dcp_mpi as mpi;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -1,0 +1,620 @@
+//! [`MpiGroup`]: the ranks of an MPI communicator as a dcp [`Collective`].
+//!
+//! One operation is one all-to-all exchange in two phases, each made of
+//! immediate (non-blocking) point-to-point operations polled against the
+//! operation's deadline:
+//!
+//! 1. every rank sends every other rank a 32-byte [`Header`] (operation
+//!    number, message length, piece size) and receives theirs;
+//! 2. every rank sends its messages in pieces of at most the piece size
+//!    and receives the others' straight into one buffer per sender.
+//!
+//! Gather, scatter, broadcast, all-gather and barrier are the trait's
+//! defaults on top of this exchange, so in every operation every rank
+//! hears from every rank: a rank that never arrives is named by all the
+//! others, not only by a root.
+//!
+//! The exchange runs on a thread of its own, so the async caller never
+//! blocks its runtime. MPI cannot cancel an operation another rank never
+//! joins: when the deadline passes, the caller gets its error at once and
+//! the thread keeps the buffers MPI may still write into until the
+//! operation completes (or MPI is finalized: then the thread parks for
+//! good, holding them). The group is broken from then on.
+
+use crate::env::{finalizing, lock, threads_allowed};
+use crate::header::{piece_count, Header, HEADER_LEN, MAX_PIECE};
+use async_trait::async_trait;
+use bytes::Bytes;
+use dcp_core::collective::DEFAULT_TIMEOUT;
+use dcp_core::{Collective, Error, ErrorKind, Result};
+use mpi::point_to_point::{Destination, Source};
+use mpi::request::{LocalScope, Request};
+use mpi::topology::{Communicator, SimpleCommunicator};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::sync::{oneshot, OwnedMutexGuard};
+
+/// Tag of the headers on dcp's communicator.
+const TAG_HEADER: i32 = 0x0dc1;
+/// Tag of the message pieces.
+const TAG_DATA: i32 = 0x0dc2;
+
+/// Default largest piece of a message: 1 GiB, under MPI's `i32` count
+/// limit.
+pub const DEFAULT_PIECE_SIZE: usize = 1 << 30;
+
+/// Settings of an [`MpiGroup`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MpiOptions {
+    /// Deadline of one collective operation (default
+    /// [`DEFAULT_TIMEOUT`], 10 minutes).
+    pub timeout: Duration,
+    /// Largest piece a message is sent in, in bytes (default
+    /// [`DEFAULT_PIECE_SIZE`]); `1..=i32::MAX`.
+    pub piece_size: usize,
+}
+
+impl Default for MpiOptions {
+    fn default() -> Self {
+        MpiOptions {
+            timeout: DEFAULT_TIMEOUT,
+            piece_size: DEFAULT_PIECE_SIZE,
+        }
+    }
+}
+
+impl MpiOptions {
+    /// Set the deadline of one collective operation.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Set the largest piece a message is sent in.
+    pub fn piece_size(mut self, bytes: usize) -> Self {
+        self.piece_size = bytes;
+        self
+    }
+}
+
+/// dcp's own duplicate of the caller's communicator.
+struct Comm(Option<SimpleCommunicator>);
+
+// SAFETY: a `SimpleCommunicator` is an MPI handle (a pointer into the MPI
+// library, hence not `Send` by default) with no Rust-side state. MPI allows
+// any thread to use a handle when the thread level is `Serialized` or
+// `Multiple`, provided (at `Serialized`) that no two calls overlap.
+// `MpiGroup::with_options` refuses any other level, and every use of the
+// handle goes through `Comm::get`, which demands the guard of the one
+// process-wide MPI lock, or through `Drop`, which takes it: calls never
+// overlap. Exercised by the mpirun tests, whose operations start on several
+// tokio worker threads and run on threads of their own.
+unsafe impl Send for Comm {}
+// SAFETY: see `Send`: shared references only reach the handle through
+// `Comm::get`, under the MPI lock.
+unsafe impl Sync for Comm {}
+
+impl Comm {
+    /// The communicator, for as long as the MPI lock is held.
+    fn get<'g>(&'g self, _held: &'g MutexGuard<'static, ()>) -> &'g SimpleCommunicator {
+        self.0.as_ref().expect("present until dropped")
+    }
+}
+
+impl Drop for Comm {
+    fn drop(&mut self) {
+        let _g = lock();
+        if let Some(c) = self.0.take() {
+            if finalizing() {
+                // Freeing a communicator after `MPI_Finalize` is an error;
+                // the handle is only forgotten.
+                std::mem::forget(c);
+            } else {
+                drop(c); // MPI_Comm_free
+            }
+        }
+    }
+}
+
+struct State {
+    /// Operations started so far; the next one is `op + 1`.
+    op: u64,
+    /// Why the group cannot be used any more, once it cannot.
+    broken: Option<String>,
+}
+
+struct Shared {
+    comm: Comm,
+    rank: usize,
+    size: usize,
+    options: MpiOptions,
+    state: Mutex<State>,
+    /// Held by the operation in flight (by its thread, so an abandoned
+    /// future cannot let the next operation overtake it).
+    op: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn check(&self) -> Result<()> {
+        match &self.state().broken {
+            Some(why) => Err(Error::new(
+                ErrorKind::Collective,
+                format!("the MPI group cannot be used after an earlier failure: {why}"),
+            )
+            .with_rank(self.rank)),
+            None => Ok(()),
+        }
+    }
+
+    fn break_with(&self, why: &str) {
+        let mut st = self.state();
+        if st.broken.is_none() {
+            st.broken = Some(why.to_string());
+        }
+    }
+}
+
+/// The processes of an MPI communicator as the ranks of a dcp save or load:
+/// a [`Collective`] whose messages cross processes and machines.
+///
+/// Every process creates one from the same communicator (creation is
+/// collective: `MPI_Comm_dup`), then passes it to `dcp::save` / `dcp::load`
+/// like a `LocalGroup` member. dcp's traffic runs on its own duplicate of
+/// the communicator, so it never mixes with the application's.
+///
+/// **Deadlines.** Every operation fails after [`MpiOptions::timeout`] on
+/// every rank that is waiting, with [`ErrorKind::Collective`] naming the
+/// ranks that did not arrive (`collective deadline of 10s passed waiting
+/// for rank(s) [1]`). MPI cannot cancel an operation, so the group is
+/// unusable afterwards: later operations fail at once, and the job should
+/// end with [`MpiGroup::abort`] (`MPI_Finalize` would wait for the missing
+/// rank). A rank that fails *inside* a save or load reports it through the
+/// protocol's own exchanges, and every rank returns its error; the group
+/// stays usable then.
+///
+/// **Messages** of any length travel in pieces of at most
+/// [`MpiOptions::piece_size`] bytes, under MPI's `i32` count limit.
+pub struct MpiGroup {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for MpiGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MpiGroup")
+            .field("rank", &self.shared.rank)
+            .field("size", &self.shared.size)
+            .field("options", &self.shared.options)
+            .field("broken", &self.is_broken())
+            .finish()
+    }
+}
+
+impl MpiGroup {
+    /// A group over a duplicate of `comm` with deadline `timeout` and the
+    /// default piece size. See [`MpiGroup::with_options`].
+    pub fn new(comm: &SimpleCommunicator, timeout: Duration) -> Result<MpiGroup> {
+        Self::with_options(comm, MpiOptions::default().timeout(timeout))
+    }
+
+    /// A group over a duplicate of `comm` (the world communicator, or a
+    /// sub-communicator kept for checkpointing). Every process of `comm`
+    /// must call it: duplicating a communicator is collective, and waits
+    /// for all of them.
+    ///
+    /// Refuses with [`ErrorKind::InvalidInput`] a piece size outside
+    /// `1..=i32::MAX` and an MPI that is not initialized or already
+    /// finalized; with [`ErrorKind::Unsupported`] an MPI initialized at a
+    /// thread level below `Serialized` (dcp calls MPI from threads of its
+    /// own).
+    pub fn with_options(comm: &SimpleCommunicator, options: MpiOptions) -> Result<MpiGroup> {
+        if options.piece_size == 0 || options.piece_size > MAX_PIECE {
+            return Err(Error::invalid(format!(
+                "MPI piece size must be 1 to {MAX_PIECE} bytes, not {}",
+                options.piece_size
+            )));
+        }
+        let g = lock();
+        if !mpi::environment::is_initialized() || finalizing() {
+            return Err(Error::invalid(
+                "MPI is not initialized (or already finalized): call dcp_mpi::Mpi::init first",
+            ));
+        }
+        let threading = mpi::environment::threading_support();
+        if !threads_allowed(threading) {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "MPI was initialized at thread level {threading:?}; dcp calls MPI from threads of its own and needs Serialized or Multiple"
+                ),
+            ));
+        }
+        let dup = comm.duplicate();
+        let (rank, size) = (dup.rank(), dup.size());
+        drop(g);
+        let comm = Comm(Some(dup));
+        let rank =
+            usize::try_from(rank).map_err(|_| Error::invalid("MPI reported a negative rank"))?;
+        let size =
+            usize::try_from(size).map_err(|_| Error::invalid("MPI reported a negative size"))?;
+        Ok(MpiGroup {
+            shared: Arc::new(Shared {
+                comm,
+                rank,
+                size,
+                options,
+                state: Mutex::new(State {
+                    op: 0,
+                    broken: None,
+                }),
+                op: Arc::new(tokio::sync::Mutex::new(())),
+            }),
+        })
+    }
+
+    /// The settings this group was created with.
+    pub fn options(&self) -> &MpiOptions {
+        &self.shared.options
+    }
+
+    /// Whether an operation missed its deadline (or its thread died), so
+    /// every later operation fails at once.
+    pub fn is_broken(&self) -> bool {
+        self.shared.state().broken.is_some()
+    }
+
+    /// End every process of the job (`MPI_Abort` on dcp's communicator)
+    /// with exit status `code`. The way out after a missed deadline:
+    /// finalizing would wait for the rank that never came.
+    pub fn abort(&self, code: i32) -> ! {
+        let g = lock();
+        self.shared.comm.get(&g).abort(code)
+    }
+}
+
+#[async_trait]
+impl Collective for MpiGroup {
+    fn rank(&self) -> usize {
+        self.shared.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.shared.size
+    }
+
+    async fn all_to_all(&self, send: Vec<Bytes>) -> Result<Vec<Bytes>> {
+        let shared = &self.shared;
+        if send.len() != shared.size {
+            return Err(Error::invalid(format!(
+                "all_to_all needs {} messages, got {}",
+                shared.size,
+                send.len()
+            )));
+        }
+        shared.check()?;
+        let guard = shared.op.clone().lock_owned().await;
+        shared.check()?;
+        {
+            let _g = lock();
+            if finalizing() {
+                return Err(Error::invalid("MPI is finalized").with_rank(shared.rank));
+            }
+        }
+        let op = {
+            let mut st = shared.state();
+            st.op += 1;
+            st.op
+        };
+        let (tx, rx) = oneshot::channel();
+        let run = Exchange {
+            shared: shared.clone(),
+            op,
+            deadline: Instant::now() + shared.options.timeout,
+            guard: Some(guard),
+            reply: Some(tx),
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name(format!("dcp-mpi-{}", shared.rank))
+            .spawn(move || run.run(send))
+        {
+            let why = format!("cannot start a thread for MPI operation #{op}: {e}");
+            shared.break_with(&why);
+            return Err(Error::new(ErrorKind::Collective, why).with_rank(shared.rank));
+        }
+        match rx.await {
+            Ok(r) => r.map_err(|e| e.with_rank(shared.rank)),
+            Err(_) => {
+                let why = format!("the thread of MPI operation #{op} ended without an answer");
+                shared.break_with(&why);
+                Err(Error::new(ErrorKind::Collective, why).with_rank(shared.rank))
+            }
+        }
+    }
+}
+
+/// Which way a pending request moves bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dir {
+    Send,
+    Recv,
+}
+
+/// A request in flight and the peer it is with.
+struct Pending<'a, 'b> {
+    peer: usize,
+    dir: Dir,
+    req: Request<'a, [u8], &'b LocalScope<'a>>,
+}
+
+/// One operation, run on its own thread.
+struct Exchange {
+    shared: Arc<Shared>,
+    op: u64,
+    deadline: Instant,
+    /// The group's operation lock, released once this operation is over
+    /// (or has failed).
+    guard: Option<OwnedMutexGuard<()>>,
+    reply: Option<oneshot::Sender<Result<Vec<Bytes>>>>,
+}
+
+impl Exchange {
+    fn answer(&mut self, r: Result<Vec<Bytes>>) {
+        self.guard.take();
+        if let Some(tx) = self.reply.take() {
+            let _ = tx.send(r);
+        }
+    }
+
+    /// Fail the operation and break the group (the peers' view of it can no
+    /// longer be trusted), then let the caller go.
+    fn fail(&mut self, e: Error) {
+        tracing::warn!(
+            rank = self.shared.rank,
+            op = self.op,
+            "MPI operation failed: {e}"
+        );
+        self.shared.break_with(e.message());
+        self.answer(Err(e));
+    }
+
+    /// The deadline passed with `pending` requests outstanding in `phase`.
+    fn missed(&mut self, pending: &[(usize, Dir)], phase: Phase) {
+        let peers = |dir: Dir| {
+            let mut v: Vec<usize> = pending.iter().filter(|p| p.1 == dir).map(|p| p.0).collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        // The ranks whose messages did not come; failing that, those that
+        // did not take ours.
+        let mut missing = peers(Dir::Recv);
+        if missing.is_empty() {
+            missing = peers(Dir::Send);
+        }
+        let what = match phase {
+            Phase::Headers => "they did not arrive",
+            Phase::Data => "their messages did not finish arriving",
+        };
+        let msg = format!(
+            "collective deadline of {:?} passed waiting for rank(s) {missing:?} ({what}; MPI operation #{}); the MPI group is unusable from now on: end the job (MpiGroup::abort)",
+            self.shared.options.timeout, self.op
+        );
+        self.fail(Error::new(ErrorKind::Collective, msg));
+    }
+
+    fn run(mut self, send: Vec<Bytes>) {
+        let shared = self.shared.clone();
+        let (me, n) = (shared.rank, shared.size);
+        let piece = shared.options.piece_size;
+
+        // Phase 1: headers.
+        let out_headers: Vec<[u8; HEADER_LEN]> = send
+            .iter()
+            .map(|m| {
+                Header {
+                    op: self.op,
+                    len: m.len() as u64,
+                    piece: piece as u64,
+                }
+                .encode()
+            })
+            .collect();
+        let mut in_headers = vec![[0u8; HEADER_LEN]; n];
+        let on_time = mpi::request::scope(|scope| {
+            let mut reqs = Vec::with_capacity(2 * n);
+            {
+                let g = lock();
+                let comm = shared.comm.get(&g);
+                for (peer, buf) in in_headers.iter_mut().enumerate() {
+                    if peer != me {
+                        let req = comm
+                            .process_at_rank(peer as i32)
+                            .immediate_receive_into_with_tag(scope, &mut buf[..], TAG_HEADER);
+                        reqs.push(Pending {
+                            peer,
+                            dir: Dir::Recv,
+                            req,
+                        });
+                    }
+                }
+                for (peer, buf) in out_headers.iter().enumerate() {
+                    if peer != me {
+                        let req = comm.process_at_rank(peer as i32).immediate_send_with_tag(
+                            scope,
+                            &buf[..],
+                            TAG_HEADER,
+                        );
+                        reqs.push(Pending {
+                            peer,
+                            dir: Dir::Send,
+                            req,
+                        });
+                    }
+                }
+            }
+            settle(reqs, self.deadline, |p| self.missed(p, Phase::Headers))
+        });
+        if !on_time {
+            return;
+        }
+        let mut headers: Vec<Option<Header>> = Vec::with_capacity(n);
+        for (peer, b) in in_headers.iter().enumerate() {
+            if peer == me {
+                headers.push(None);
+                continue;
+            }
+            match Header::decode(b, peer, self.op) {
+                Ok(h) => headers.push(Some(h)),
+                Err(e) => return self.fail(e),
+            }
+        }
+
+        // Phase 2: the messages, in pieces, each received in place.
+        let mut recv: Vec<Vec<u8>> = Vec::with_capacity(n);
+        for (peer, h) in headers.iter().enumerate() {
+            let len = h.map_or(0, |h| h.len());
+            let mut buf = Vec::new();
+            if let Err(e) = buf.try_reserve_exact(len) {
+                return self.fail(Error::new(
+                    ErrorKind::Collective,
+                    format!("cannot allocate {len} bytes for the message from rank {peer}: {e}"),
+                ));
+            }
+            buf.resize(len, 0);
+            recv.push(buf);
+        }
+        let pieces: usize = headers
+            .iter()
+            .flatten()
+            .map(|h| piece_count(h.len(), h.piece()))
+            .sum::<usize>()
+            + send
+                .iter()
+                .enumerate()
+                .filter(|(p, _)| *p != me)
+                .map(|(_, m)| piece_count(m.len(), piece))
+                .sum::<usize>();
+        let on_time = mpi::request::scope(|scope| {
+            let mut reqs = Vec::with_capacity(pieces);
+            {
+                let g = lock();
+                let comm = shared.comm.get(&g);
+                for (peer, buf) in recv.iter_mut().enumerate() {
+                    let Some(h) = headers[peer] else { continue };
+                    let from = comm.process_at_rank(peer as i32);
+                    for chunk in buf.chunks_mut(h.piece()) {
+                        let req = from.immediate_receive_into_with_tag(scope, chunk, TAG_DATA);
+                        reqs.push(Pending {
+                            peer,
+                            dir: Dir::Recv,
+                            req,
+                        });
+                    }
+                }
+                for (peer, msg) in send.iter().enumerate() {
+                    if peer == me {
+                        continue;
+                    }
+                    let to = comm.process_at_rank(peer as i32);
+                    for chunk in msg.chunks(piece) {
+                        let req = to.immediate_send_with_tag(scope, chunk, TAG_DATA);
+                        reqs.push(Pending {
+                            peer,
+                            dir: Dir::Send,
+                            req,
+                        });
+                    }
+                }
+            }
+            settle(reqs, self.deadline, |p| self.missed(p, Phase::Data))
+        });
+        if !on_time {
+            return;
+        }
+        let out = recv
+            .into_iter()
+            .enumerate()
+            .map(|(peer, buf)| {
+                if peer == me {
+                    send[me].clone()
+                } else {
+                    Bytes::from(buf)
+                }
+            })
+            .collect();
+        self.answer(Ok(out));
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Phase {
+    Headers,
+    Data,
+}
+
+/// Poll `reqs` until every one completes. When `deadline` passes first,
+/// call `missed` once with what is still pending, then keep polling, slowly,
+/// until they complete (MPI may still write into their buffers, which must
+/// live until then); once MPI is finalizing, stop calling it and park this
+/// thread for good, holding the buffers. Returns whether everything
+/// completed before the deadline.
+fn settle(
+    mut reqs: Vec<Pending<'_, '_>>,
+    deadline: Instant,
+    mut missed: impl FnMut(&[(usize, Dir)]),
+) -> bool {
+    let mut late = false;
+    let mut idle_polls = 0u32;
+    loop {
+        {
+            let g = lock();
+            if late && finalizing() {
+                drop(g);
+                // The requests are never dropped (that would abort): their
+                // buffers stay valid for as long as the process lives.
+                let _keep = reqs;
+                loop {
+                    std::thread::park();
+                }
+            }
+            let before = reqs.len();
+            reqs = reqs
+                .into_iter()
+                .filter_map(|p| match p.req.test() {
+                    Ok(_) => None,
+                    Err(req) => Some(Pending { req, ..p }),
+                })
+                .collect();
+            if reqs.is_empty() {
+                return !late;
+            }
+            if reqs.len() < before {
+                idle_polls = 0;
+            }
+        }
+        if !late && Instant::now() >= deadline {
+            late = true;
+            let pending: Vec<(usize, Dir)> = reqs.iter().map(|p| (p.peer, p.dir)).collect();
+            missed(&pending);
+        }
+        idle_polls = idle_polls.saturating_add(1);
+        pause(idle_polls, late);
+    }
+}
+
+/// Wait before the next poll: yield at first (answers usually come within
+/// microseconds), then sleep longer and longer, up to half a millisecond;
+/// 10 ms once the operation has failed.
+fn pause(idle_polls: u32, late: bool) {
+    if late {
+        std::thread::sleep(Duration::from_millis(10));
+    } else if idle_polls < 50 {
+        std::thread::yield_now();
+    } else {
+        let us = (10 * u64::from(idle_polls - 49)).min(500);
+        std::thread::sleep(Duration::from_micros(us));
+    }
+}
