@@ -410,13 +410,12 @@ impl FileSystemLayer for NoConditional {
     }
 }
 
+/// A fresh store, with the temporary directory it lives in (if any).
+type MakeStore = Box<dyn Fn() -> (Arc<dyn FileSystem>, Option<tempfile::TempDir>)>;
+
 /// The stores the property runs on, fresh each time, with how many
 /// schedules each gets.
-fn stores() -> Vec<(
-    &'static str,
-    u64,
-    Box<dyn Fn() -> (Arc<dyn FileSystem>, Option<tempfile::TempDir>)>,
-)> {
+fn stores() -> Vec<(&'static str, u64, MakeStore)> {
     vec![
         (
             "memory",
@@ -472,7 +471,7 @@ async fn run_one(store: &str, raw: Arc<dyn FileSystem>, schedule: Schedule) -> S
     // B waits for the lease in half of the schedules and in those that
     // hold the load (so that both saves commit), is refused at once in the
     // others.
-    let b_opts = if schedule.seed % 2 == 0 || schedule.hold_load.is_some() {
+    let b_opts = if schedule.seed.is_multiple_of(2) || schedule.hold_load.is_some() {
         opts().lease_wait(Some(Duration::from_secs(30)))
     } else {
         opts()
@@ -502,11 +501,14 @@ async fn run_one(store: &str, raw: Arc<dyn FileSystem>, schedule: Schedule) -> S
     };
     let (ra, rb, rl) = (a.await.unwrap(), b.await.unwrap(), l.await.unwrap());
     driver.join().unwrap();
-    let s = sched.lock();
-    let ctx = format!("{store}, schedule {schedule:?}; log:\n{}", s.log.join("\n"));
-    if let Some(v) = &s.violation {
-        panic!("{v}\n{ctx}");
-    }
+    let (ctx, ran) = {
+        let s = sched.lock();
+        let ctx = format!("{store}, schedule {schedule:?}; log:\n{}", s.log.join("\n"));
+        if let Some(v) = &s.violation {
+            panic!("{v}\n{ctx}");
+        }
+        (ctx, s.ran)
+    };
 
     // Every rank of a save agrees; an Ok save committed its checkpoint.
     let outcome = |r: Vec<dcp_core::Result<SaveResult>>, who: &str| -> Option<Metadata> {
@@ -588,7 +590,6 @@ async fn run_one(store: &str, raw: Arc<dyn FileSystem>, schedule: Schedule) -> S
         Sharding::Rows
     })
     .await;
-    let ran = s.ran;
     format!(
         "A {} B {} load {load_outcome} {}",
         if mda.is_some() { "ok" } else { "busy" },
