@@ -698,7 +698,7 @@ impl Model {
             let chunks = boxes
                 .into_iter()
                 .map(|region| TensorChunk {
-                    data: Bytes::from(slice_box(&global, &spec.shape, elem, &region)),
+                    data: Bytes::from(slice_box(&global, &spec.shape, elem, &region)).into(),
                     region,
                 })
                 .collect();

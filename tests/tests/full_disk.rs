@@ -61,7 +61,7 @@ async fn save_all(dir: &Path, rows: u64, fill: u8) -> Vec<Result<SaveResult>> {
                 vec![4 * rows, 1024],
                 vec![TensorChunk {
                     region: ChunkBox::new(vec![r * rows, 0], vec![rows, 1024])?,
-                    data: Bytes::from(tensor(r, rows, fill)),
+                    data: Bytes::from(tensor(r, rows, fill)).into(),
                 }],
                 false,
             )?;

@@ -74,11 +74,11 @@ impl Ckpt {
             vec![
                 TensorChunk {
                     region: ChunkBox::new(vec![0, 0], vec![2, COLS]).unwrap(),
-                    data: Bytes::copy_from_slice(&w[..half as usize]),
+                    data: Bytes::copy_from_slice(&w[..half as usize]).into(),
                 },
                 TensorChunk {
                     region: ChunkBox::new(vec![2, 0], vec![2, COLS]).unwrap(),
-                    data: Bytes::copy_from_slice(&w[half as usize..]),
+                    data: Bytes::copy_from_slice(&w[half as usize..]).into(),
                 },
             ],
             false,
@@ -785,11 +785,11 @@ fn safetensors_files_stay_valid_for_colliding_names() {
         vec![
             TensorChunk {
                 region: ChunkBox::new(vec![0], vec![2]).unwrap(),
-                data: Bytes::from_static(&[1, 2]),
+                data: Bytes::from_static(&[1, 2]).into(),
             },
             TensorChunk {
                 region: ChunkBox::new(vec![2], vec![2]).unwrap(),
-                data: Bytes::from_static(&[3, 4]),
+                data: Bytes::from_static(&[3, 4]).into(),
             },
         ],
         false,

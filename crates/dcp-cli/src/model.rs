@@ -547,7 +547,7 @@ fn generate_ranks(
     });
     let mut held: Vec<BTreeMap<usize, TensorChunk>> = vec![BTreeMap::new(); ranks.len()];
     for ((rank, i, region), data) in units.into_iter().zip(data) {
-        held[rank - first].insert(i, TensorChunk { region, data });
+        held[rank - first].insert(i, TensorChunk::new(region, data));
     }
     held.into_iter()
         .map(|mut chunks| {

@@ -46,14 +46,15 @@ pub mod model;
 pub mod pipeline;
 pub mod placement;
 pub mod plan;
+pub mod stage;
 pub mod storage;
 pub mod transform;
 pub mod verify;
 
 pub use checkpoint::{
-    is_data_file_name, load, load_with, read_metadata, save, save_with, FileSystemReader,
-    FileSystemWriter, LeaseInfo, LoadOptions, LoadResult, ReaderOptions, SaveOptions, SaveResult,
-    StorageReader, StorageWriter, WriterOptions, LEASE_FILE,
+    is_data_file_name, load, load_with, read_metadata, save, save_with, AsyncSave, AsyncSaver,
+    FileSystemReader, FileSystemWriter, LeaseInfo, LoadOptions, LoadResult, ReaderOptions,
+    SaveOptions, SaveResult, StorageReader, StorageWriter, WhenBusy, WriterOptions, LEASE_FILE,
 };
 pub use collective::{Collective, LocalGroup, LocalValue, Single};
 pub use dtype::DType;
@@ -66,6 +67,7 @@ pub use model::{
     TensorBuffer, TensorChunk, TensorItem,
 };
 pub use pipeline::ReadStats;
+pub use stage::{ChunkData, ChunkSource, HostPool};
 pub use storage::{Capabilities, FileEntry, FileSink, FileSystem};
 pub use transform::{
     Crc32c, ExtensionFactory, ExtensionRegistry, StreamEncoder, StreamTransformExtension,

@@ -3,6 +3,7 @@
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::stage::ChunkData;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -139,8 +140,20 @@ impl ChunkBox {
 pub struct TensorChunk {
     /// Where the chunk sits in the global tensor.
     pub region: ChunkBox,
-    /// The chunk's bytes, shared without copying.
-    pub data: Bytes,
+    /// The chunk's bytes: host memory shared without copying, or a source
+    /// (device memory) a save copies them out of while it writes.
+    pub data: ChunkData,
+}
+
+impl TensorChunk {
+    /// A chunk of `region` holding `data` (host bytes, a `Vec<u8>`, or a
+    /// [`ChunkData::Source`]).
+    pub fn new(region: ChunkBox, data: impl Into<ChunkData>) -> TensorChunk {
+        TensorChunk {
+            region,
+            data: data.into(),
+        }
+    }
 }
 
 /// A tensor as one rank holds it: dtype, global shape, and local chunks.
@@ -200,7 +213,7 @@ impl StateDict {
                 .check_within(&shape)
                 .map_err(|e| e.context(&name))?;
             let want = c.region.numel() as u128 * dtype.size() as u128;
-            if c.data.len() as u128 != want {
+            if u128::from(c.data.len()) != want {
                 return Err(Error::invalid(format!(
                     "{name}: chunk ({}) has {} bytes, expected {want} for {dtype}",
                     c.region,
@@ -224,14 +237,14 @@ impl StateDict {
         name: impl Into<String>,
         dtype: DType,
         shape: Vec<u64>,
-        data: Bytes,
+        data: impl Into<ChunkData>,
     ) -> Result<()> {
         let region = ChunkBox::full(&shape);
         self.insert_tensor(
             name,
             dtype,
             shape,
-            vec![TensorChunk { region, data }],
+            vec![TensorChunk::new(region, data)],
             false,
         )
     }
@@ -280,7 +293,7 @@ impl StateDict {
         self.items
             .values()
             .map(|i| match i {
-                Item::Tensor(t) => t.chunks.iter().map(|c| c.data.len() as u64).sum(),
+                Item::Tensor(t) => t.chunks.iter().map(|c| c.data.len()).sum(),
                 Item::Bytes { data, .. } => data.len() as u64,
             })
             .sum()
@@ -650,7 +663,7 @@ mod tests {
                 vec![2, 2],
                 vec![TensorChunk {
                     region: b(&[1, 0], &[2, 2]),
-                    data: Bytes::from(vec![0u8; 16]),
+                    data: Bytes::from(vec![0u8; 16]).into(),
                 }],
                 false,
             )
@@ -663,7 +676,7 @@ mod tests {
                 vec![2, 2],
                 vec![TensorChunk {
                     region: b(&[0, 0], &[2, 2]),
-                    data: Bytes::from(vec![0u8; 15]),
+                    data: Bytes::from(vec![0u8; 15]).into(),
                 }],
                 false,
             )

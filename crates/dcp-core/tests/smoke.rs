@@ -131,7 +131,7 @@ async fn save_rows(fs: Arc<dyn FileSystem>) -> Vec<SaveResult> {
                 vec![R, C],
                 vec![TensorChunk {
                     region: ChunkBox::new(vec![lo, 0], vec![hi - lo, C])?,
-                    data: Bytes::from(rows(lo, hi)),
+                    data: Bytes::from(rows(lo, hi)).into(),
                 }],
                 false,
             )?;

@@ -237,7 +237,9 @@ async fn run() -> Result<(), String> {
             let tensors: Vec<Bytes> = sd
                 .iter()
                 .map(|(_, item)| match item {
-                    dcp_core::Item::Tensor(t) => t.chunks[0].data.clone(),
+                    dcp_core::Item::Tensor(t) => {
+                        t.chunks[0].data.host().expect("host memory").clone()
+                    }
                     dcp_core::Item::Bytes { data, .. } => data.clone(),
                 })
                 .collect();

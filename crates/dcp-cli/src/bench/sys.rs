@@ -48,7 +48,10 @@ pub fn mirror(md: &Metadata, sds: &[StateDict]) -> Result<Vec<RawFile>, String> 
             match item {
                 Item::Tensor(t) => {
                     for c in &t.chunks {
-                        held.insert((name.as_str(), c.region.offsets.as_slice()), &c.data);
+                        let data = c.data.host().ok_or_else(|| {
+                            format!("{name}: the raw mirror needs chunks in host memory")
+                        })?;
+                        held.insert((name.as_str(), c.region.offsets.as_slice()), data);
                     }
                 }
                 Item::Bytes { data, .. } => {

@@ -252,7 +252,7 @@ impl Workload {
             held[rank]
                 .entry(i)
                 .or_default()
-                .push(TensorChunk { region, data });
+                .push(TensorChunk::new(region, data));
         }
         held.into_iter()
             .map(|mut chunks| {

@@ -7,8 +7,10 @@ use crate::checkpoint::{RankWrite, StorageWriter, WriteRecord, WriterOptions};
 use crate::error::{Error, ErrorKind, Result};
 use crate::metadata::{DataFile, FormatKind, Metadata, MAX_METADATA_LEN};
 use crate::pipeline::blocking;
-use crate::pipeline::write::{write_file, FileJob, RecordJob, RecordResult, WriteConfig};
+use crate::pipeline::write::{write_file, FileJob, Lane, RecordJob, RecordResult, WriteConfig};
 use crate::plan::SavePlan;
+use crate::stage::budget::Budget;
+use crate::stage::StagedGauge;
 use crate::storage::{FileSystem, METADATA_FILE};
 use async_trait::async_trait;
 use std::collections::{HashMap, HashSet};
@@ -255,7 +257,7 @@ impl StorageWriter for FileSystemWriter {
     ) -> Result<RankWrite> {
         let opts = &self.options;
         let ext = opts.serialization_format.file_extension();
-        let sizes: Vec<usize> = records.iter().map(|r| r.data.len()).collect();
+        let sizes: Vec<usize> = records.iter().map(|r| r.data.len() as usize).collect();
         let buckets = if opts.single_file_per_rank {
             bucket(&sizes, opts.thread_count)
         } else {
@@ -498,14 +500,20 @@ fn write_files(
     let next = AtomicUsize::new(0);
     let done: Mutex<Vec<Option<FileOutcome>>> = Mutex::new((0..jobs.len()).map(|_| None).collect());
     let failed = std::sync::atomic::AtomicBool::new(false);
+    let gauge = Arc::new(StagedGauge::default());
     std::thread::scope(|s| {
-        for _ in 0..threads.min(jobs.len()) {
-            s.spawn(|| loop {
+        for index in 0..threads.min(jobs.len()) {
+            let lane = Lane {
+                index,
+                budget: Budget::new(cfg.piece as u64, gauge.clone()),
+            };
+            let (next, done, failed) = (&next, &done, &failed);
+            s.spawn(move || loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= jobs.len() || failed.load(Ordering::Relaxed) {
                     break;
                 }
-                let r = write_file(fs, &jobs[i], i as u32, cfg);
+                let r = write_file(fs, &jobs[i], i as u32, cfg, &lane);
                 if r.is_err() {
                     failed.store(true, Ordering::Relaxed);
                 }
@@ -514,7 +522,10 @@ fn write_files(
         }
     });
     let done = done.into_inner().unwrap_or_else(|p| p.into_inner());
-    let mut rw = RankWrite::default();
+    let mut rw = RankWrite {
+        staged_peak_bytes: gauge.peak(),
+        ..RankWrite::default()
+    };
     let mut first_err = None;
     for r in done.into_iter().flatten() {
         match r {

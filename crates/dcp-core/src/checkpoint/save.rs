@@ -23,6 +23,11 @@ pub struct SaveResult {
     /// generations before the one this save replaced, and of saves that
     /// died. The replaced generation's files stay until the next commit.
     pub removed: Vec<String>,
+    /// The most bytes this rank held staged (copied out of
+    /// [`ChunkData::Source`](crate::ChunkData::Source) chunks) and not yet
+    /// written at once: at most `thread_count x per_thread_copy_ahead`; 0
+    /// for host memory, which is written without staging.
+    pub staged_peak_bytes: u64,
 }
 
 fn new_save_id() -> String {
@@ -159,6 +164,7 @@ async fn save_phases(
         .map(|w| w.files.clone())
         .unwrap_or_default();
     let bytes_written = written.as_ref().map(|w| w.bytes()).unwrap_or(0);
+    let staged_peak_bytes = written.as_ref().map_or(0, |w| w.staged_peak_bytes);
     let gathered = match collective.gather(encode(&wire(written, rank))?, ROOT).await {
         Ok(g) => g,
         Err(e) => {
@@ -239,6 +245,7 @@ async fn save_phases(
                 metadata,
                 bytes_written,
                 removed,
+                staged_peak_bytes,
             })
         }
         Err(w) => {
@@ -278,7 +285,7 @@ fn records_for(sd: &StateDict, plan: &SavePlan) -> Result<Vec<crate::checkpoint:
                 index: WriteIndex::Bytes,
                 dtype: None,
                 whole: true,
-                data: data.clone(),
+                data: data.clone().into(),
             }),
             _ => {
                 return Err(Error::plan(format!(

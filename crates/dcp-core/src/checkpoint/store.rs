@@ -7,8 +7,8 @@ use crate::metadata::{DataFile, FormatKind, Metadata, StorageInfo};
 use crate::model::DestStateDict;
 use crate::pipeline::ReadStats;
 use crate::plan::{LoadPlan, SavePlan, WriteIndex};
+use crate::stage::ChunkData;
 use async_trait::async_trait;
-use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -21,6 +21,10 @@ pub struct RankWrite {
     pub transforms: Vec<String>,
     /// Each record: item name, which record, and where (file index into `files`).
     pub records: Vec<(String, WriteIndex, StorageInfo)>,
+    /// The most bytes this rank's writer threads held staged (copied out of
+    /// [`ChunkData::Source`] chunks) and not yet written at once; 0 when
+    /// everything was host memory.
+    pub staged_peak_bytes: u64,
 }
 
 impl RankWrite {
@@ -42,8 +46,9 @@ pub struct WriteRecord {
     pub dtype: Option<crate::DType>,
     /// True when the chunk covers its whole tensor.
     pub whole: bool,
-    /// The bytes, shared with the caller's state dict.
-    pub data: Bytes,
+    /// The bytes, shared with the caller's state dict: host memory, or a
+    /// source the writer stages them from ([`ChunkData`]).
+    pub data: ChunkData,
 }
 
 /// Where a save's bytes go. [`FileSystemWriter`](crate::FileSystemWriter) implements it over any

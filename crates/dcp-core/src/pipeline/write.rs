@@ -1,19 +1,25 @@
 //! Writing records into data files.
 //!
 //! One worker per data file at a time, at most `thread_count` per rank. With
-//! no transform that changes bytes, a record's `Bytes` go to the file sink as
-//! they are (no serialization copy); codecs run over pieces of at most
-//! `per_thread_copy_ahead` bytes, so a worker holds at most that much staged
-//! output at once.
+//! no transform that changes bytes, a record's host `Bytes` go to the file
+//! sink as they are (no serialization copy); codecs run over pieces of at
+//! most `per_thread_copy_ahead` bytes. A record whose bytes live in a
+//! [`ChunkSource`] (device memory) is staged in pieces of half the worker's
+//! `per_thread_copy_ahead` on the worker's copy lane, the next piece copying
+//! while the last is written, and never more than `per_thread_copy_ahead`
+//! bytes staged and not yet written per worker ([`Budget`]).
 
 use crate::error::Result;
 use crate::format::{padding, RecordLayout, SerializationFormat};
 use crate::metadata::{AppliedTransform, DataFile, StorageInfo};
 use crate::plan::WriteIndex;
+use crate::stage::budget::{Budget, Permit};
+use crate::stage::{ChunkData, ChunkSource, StagedCopy};
 use crate::storage::{FileSink, FileSystem};
 use crate::transform::{StreamTransformExtension, TransformKind};
 use crate::DType;
 use bytes::Bytes;
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 /// Zeros for alignment padding, written in slices of at most this size.
@@ -26,7 +32,14 @@ pub(crate) struct RecordJob {
     pub index: WriteIndex,
     pub dtype: Option<DType>,
     pub whole: bool,
-    pub data: Bytes,
+    pub data: ChunkData,
+}
+
+/// A writer thread's copy lane: its index (the lane its stagings run on)
+/// and its copy-ahead budget.
+pub(crate) struct Lane {
+    pub index: usize,
+    pub budget: Arc<Budget>,
 }
 
 /// One data file to write.
@@ -69,12 +82,13 @@ pub(crate) fn write_file(
     job: &FileJob,
     file_index: u32,
     cfg: &WriteConfig,
+    lane: &Lane,
 ) -> Result<(DataFile, Vec<RecordResult>)> {
     let _span =
         tracing::debug_span!("write_file", file = %job.file_name, records = job.records.len())
             .entered();
     let mut sink = fs.create(&job.file_name)?;
-    match write_records(sink.as_mut(), job, file_index, cfg) {
+    match write_records(sink.as_mut(), job, file_index, cfg, lane) {
         Ok(results) => {
             let length = sink
                 .finish(cfg.sync)
@@ -99,6 +113,7 @@ fn write_records(
     job: &FileJob,
     file_index: u32,
     cfg: &WriteConfig,
+    lane: &Lane,
 ) -> Result<Vec<RecordResult>> {
     let layouts: Vec<RecordLayout<'_>> = job
         .records
@@ -108,7 +123,7 @@ fn write_records(
             index: &r.index,
             dtype: r.dtype,
             whole: r.whole,
-            length: r.data.len() as u64,
+            length: r.data.len(),
         })
         .collect();
     let header = cfg
@@ -135,12 +150,18 @@ fn write_records(
             sink.write(Bytes::from(prefix))?;
         }
         let start = pos;
+        let mut pieces = Pieces::new(&rec.data, cfg, lane);
         let transforms = if cfg.transforms.is_empty() {
-            sink.write(rec.data.clone())?;
-            pos += rec.data.len() as u64;
+            while let Some(p) = pieces
+                .next()
+                .map_err(|e| e.context(format!("{} in {}", rec.name, job.file_name)))?
+            {
+                pos += p.len() as u64;
+                sink.write(p)?;
+            }
             Vec::new()
         } else {
-            let (written, applied) = encode_record(sink, &rec.data, cfg)
+            let (written, applied) = encode_record(sink, &mut pieces, cfg)
                 .map_err(|e| e.context(format!("{} in {}", rec.name, job.file_name)))?;
             pos += written;
             applied
@@ -167,31 +188,117 @@ fn write_records(
     Ok(results)
 }
 
+/// A record's bytes, piece by piece: slices of host bytes, or pieces staged
+/// from a [`ChunkSource`] on the worker's lane, a piece ahead.
+enum Pieces<'a> {
+    Host {
+        data: &'a Bytes,
+        piece: usize,
+        at: usize,
+    },
+    Staged(Staging<'a>),
+}
+
+impl<'a> Pieces<'a> {
+    fn new(data: &'a ChunkData, cfg: &WriteConfig, lane: &'a Lane) -> Pieces<'a> {
+        match data {
+            ChunkData::Host(data) => Pieces::Host {
+                data,
+                // Codecs run over pieces; otherwise the record goes whole.
+                piece: if cfg.has_codec() {
+                    cfg.piece.max(64 * 1024)
+                } else {
+                    data.len().max(1)
+                },
+                at: 0,
+            },
+            ChunkData::Source(src) => Pieces::Staged(Staging {
+                src: src.as_ref(),
+                lane,
+                piece: lane.budget.piece(),
+                next: 0,
+                len: src.len(),
+                inflight: VecDeque::new(),
+            }),
+        }
+    }
+
+    /// The next piece, `None` after the last.
+    fn next(&mut self) -> Result<Option<Bytes>> {
+        match self {
+            Pieces::Host { data, piece, at } => {
+                if *at >= data.len() {
+                    return Ok(None);
+                }
+                let end = (*at + *piece).min(data.len());
+                let p = data.slice(*at..end);
+                *at = end;
+                Ok(Some(p))
+            }
+            Pieces::Staged(s) => s.next(),
+        }
+    }
+}
+
+/// Staging one source: copies started in order on the lane, as many ahead
+/// as the budget allows (at least one), each piece holding its share of the
+/// budget until its bytes are dropped (written).
+struct Staging<'a> {
+    src: &'a dyn ChunkSource,
+    lane: &'a Lane,
+    piece: u64,
+    next: u64,
+    len: u64,
+    inflight: VecDeque<(Box<dyn StagedCopy>, Permit, u64)>,
+}
+
+impl Staging<'_> {
+    fn next(&mut self) -> Result<Option<Bytes>> {
+        while self.next < self.len {
+            let n = self.piece.min(self.len - self.next);
+            let permit = if self.inflight.is_empty() {
+                self.lane.budget.acquire(n)
+            } else {
+                match self.lane.budget.try_acquire(n) {
+                    Some(p) => p,
+                    None => break,
+                }
+            };
+            let copy = self.src.stage(self.lane.index, self.next, n as usize)?;
+            self.inflight.push_back((copy, permit, n));
+            self.next += n;
+        }
+        let Some((copy, permit, n)) = self.inflight.pop_front() else {
+            return Ok(None);
+        };
+        let bytes = copy.wait()?;
+        if bytes.len() as u64 != n {
+            return Err(crate::error::Error::corrupt(format!(
+                "a staged copy of {n} bytes returned {}",
+                bytes.len()
+            )));
+        }
+        Ok(Some(permit.attach(bytes)))
+    }
+}
+
 /// Run one record through the transform chain into the sink. Returns the
 /// stored length and the applied transforms with their values.
 fn encode_record(
     sink: &mut dyn FileSink,
-    data: &Bytes,
+    pieces: &mut Pieces<'_>,
     cfg: &WriteConfig,
 ) -> Result<(u64, Vec<AppliedTransform>)> {
     let mut encoders = Vec::with_capacity(cfg.transforms.len());
     for (idx, t) in &cfg.transforms {
         encoders.push((*idx, t.kind(), t.encoder()?, 0u64));
     }
-    let codec = cfg.has_codec();
-    let piece = if codec {
-        cfg.piece.max(64 * 1024)
-    } else {
-        data.len().max(1)
-    };
     let mut written = 0u64;
     let mut ignore = Vec::new();
-    let mut start = 0usize;
-    while start < data.len() {
-        let end = (start + piece).min(data.len());
+    while let Some(data) = pieces.next()? {
         let mut cur: Option<Vec<u8>> = None;
         for (_, kind, enc, input_len) in encoders.iter_mut() {
-            let input: &[u8] = cur.as_deref().unwrap_or(&data[start..end]);
+            let input: &[u8] = cur.as_deref().unwrap_or(&data);
             *input_len += input.len() as u64;
             match kind {
                 TransformKind::Checksum => {
@@ -207,8 +314,8 @@ fn encode_record(
         }
         match cur {
             None => {
-                sink.write(data.slice(start..end))?;
-                written += (end - start) as u64;
+                written += data.len() as u64;
+                sink.write(data)?;
             }
             Some(out) if !out.is_empty() => {
                 written += out.len() as u64;
@@ -216,7 +323,6 @@ fn encode_record(
             }
             Some(_) => {}
         }
-        start = end;
     }
     // Finish stage by stage: what a stage emits on finish passes through the
     // stages after it.

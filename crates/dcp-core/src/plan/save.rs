@@ -122,10 +122,13 @@ impl SavePlanner for DefaultSavePlanner {
                             index: WriteIndex::Chunk(c.region.clone()),
                             dtype: Some(t.dtype),
                             shape: t.shape.clone(),
-                            nbytes: c.data.len() as u64,
+                            nbytes: c.data.len(),
                             replicated: t.replicated,
+                            // Sources (device memory) are compared only
+                            // once staged: no digest at planning.
                             digest: (t.replicated && self.check_replicas)
-                                .then(|| crc32c::crc32c(&c.data)),
+                                .then(|| c.data.host().map(|b| crc32c::crc32c(b)))
+                                .flatten(),
                         });
                     }
                 }
@@ -298,7 +301,7 @@ mod tests {
             .iter()
             .map(|&(o, s)| TensorChunk {
                 region: ChunkBox::new(vec![o], vec![s]).unwrap(),
-                data: Bytes::from(vec![fill; s as usize * 4]),
+                data: Bytes::from(vec![fill; s as usize * 4]).into(),
             })
             .collect();
         sd.insert_tensor("w", DType::F32, vec![8], chunks, replicated)

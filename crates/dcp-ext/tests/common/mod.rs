@@ -110,7 +110,7 @@ pub fn saved_state(rank: u64, world: u64) -> Result<StateDict> {
             vec![s.rows, s.cols],
             vec![TensorChunk {
                 region: ChunkBox::new(vec![lo, 0], vec![hi - lo, s.cols])?,
-                data: Bytes::from(region(s, lo, hi, 0, s.cols)),
+                data: Bytes::from(region(s, lo, hi, 0, s.cols)).into(),
             }],
             false,
         )?;
@@ -121,7 +121,7 @@ pub fn saved_state(rank: u64, world: u64) -> Result<StateDict> {
         vec![BIAS_LEN],
         vec![TensorChunk {
             region: ChunkBox::full(&[BIAS_LEN]),
-            data: Bytes::from(bias()),
+            data: Bytes::from(bias()).into(),
         }],
         true,
     )?;

@@ -68,7 +68,7 @@ pub fn state_dict(seed: u32, rank: u64, n: u64, big_cols: u64) -> Result<StateDi
         vec![ROWS, COLS],
         vec![TensorChunk {
             region: ChunkBox::new(vec![lo, 0], vec![hi - lo, COLS])?,
-            data: Bytes::from(fill(seed, lo * COLS..hi * COLS, 2)),
+            data: Bytes::from(fill(seed, lo * COLS..hi * COLS, 2)).into(),
         }],
         false,
     )?;
@@ -79,7 +79,7 @@ pub fn state_dict(seed: u32, rank: u64, n: u64, big_cols: u64) -> Result<StateDi
             vec![n, big_cols],
             vec![TensorChunk {
                 region: ChunkBox::new(vec![rank, 0], vec![1, big_cols])?,
-                data: Bytes::from(fill(seed, rank * big_cols..(rank + 1) * big_cols, 4)),
+                data: Bytes::from(fill(seed, rank * big_cols..(rank + 1) * big_cols, 4)).into(),
             }],
             false,
         )?;
@@ -90,7 +90,7 @@ pub fn state_dict(seed: u32, rank: u64, n: u64, big_cols: u64) -> Result<StateDi
         vec![7],
         vec![TensorChunk {
             region: ChunkBox::full(&[7]),
-            data: Bytes::from(fill(seed, 0..7, 4)),
+            data: Bytes::from(fill(seed, 0..7, 4)).into(),
         }],
         true,
     )?;

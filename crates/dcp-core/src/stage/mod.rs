@@ -1,0 +1,19 @@
+//! Staging: turning item sources into host buffers ready to write.
+//!
+//! A synchronous save of host memory stages nothing: records go to the file
+//! sinks as the caller's `Bytes` (zero copy). Chunks whose bytes live
+//! elsewhere ([`ChunkData::Source`]: device memory) are copied out piece by
+//! piece on the writer thread's copy lane, a few pieces ahead, within the
+//! thread's `per_thread_copy_ahead` budget ([`budget`]), so copies overlap
+//! writes. An asynchronous save ([`AsyncSaver`](crate::AsyncSaver)) copies
+//! the whole state dict once into a [`HostPool`] reused across saves, and
+//! writes in the background.
+
+pub(crate) mod budget;
+mod pool;
+pub mod sim;
+mod source;
+
+pub use budget::StagedGauge;
+pub use pool::{HostPool, PooledBuf};
+pub use source::{ChunkData, ChunkSource, StagedCopy};
