@@ -20,7 +20,7 @@
 //! the loaded bytes (first repetition). `ratio = raw_seconds / seconds`
 //! (1.0: dcp runs at the limit), from medians over `--reps`.
 
-mod sys;
+pub(crate) mod sys;
 pub mod workload;
 
 use crate::demo::Format;
