@@ -20,6 +20,8 @@
 //! the loaded bytes (first repetition). `ratio = raw_seconds / seconds`
 //! (1.0: dcp runs at the limit), from medians over `--reps`.
 
+mod staging;
+pub use staging::memcpy_seconds;
 pub(crate) mod sys;
 pub mod workload;
 
@@ -55,6 +57,12 @@ pub enum ScenarioKind {
     /// `FsspecReader`) on a `file://` URL: OpenDAL's local backend, with
     /// buffer lending between ranks kept (needs the `object-store` feature).
     ReshardFsspec,
+    /// An asynchronous save (`AsyncSaver`): its blocking time against a
+    /// plain copy of the same state dicts, and the peak RSS.
+    Async,
+    /// A save of tensors in simulated device memory (20 GB/s copies): its
+    /// time against the larger of the copy time and a raw write.
+    Device,
 }
 
 /// Arguments of `dcp bench`.
@@ -312,6 +320,12 @@ impl Bench {
         let sds = Arc::new(self.workload.state_dicts(self.ranks)?);
         let mut out = Vec::new();
         let mut saved: Option<(Arc<Metadata>, bool)> = None;
+        if wants(ScenarioKind::Async) {
+            out.push(self.async_scenario(&sds, syncs[0])?);
+        }
+        if wants(ScenarioKind::Device) {
+            out.push(self.device_scenario(&sds, syncs[0])?);
+        }
         if wants(ScenarioKind::Save) {
             for &sync in &syncs {
                 let (rec, md) = self.save_scenario(&sds, sync)?;

@@ -226,7 +226,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
         let options = SaveOptions::default().user_metadata(spec.user_metadata());
         let started = Instant::now();
         let results = if args.async_save {
-            report.memcpy_seconds = Some(memcpy_seconds(&sds));
+            report.memcpy_seconds = Some(crate::bench::memcpy_seconds(&sds));
             let started = Instant::now();
             let writer: Arc<dyn dcp_core::StorageWriter> = Arc::new(writer);
             let handles = rt.block_on(run_ranks(n, COLLECTIVE_TIMEOUT, move |g| {
@@ -297,34 +297,6 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
     }
 
     finish(&report, args.json)
-}
-
-/// Seconds to copy every rank's state dict into freshly allocated buffers,
-/// each rank on its own thread: the plain copy an asynchronous save's
-/// staging is measured against.
-fn memcpy_seconds(sds: &[dcp_core::StateDict]) -> f64 {
-    let started = Instant::now();
-    std::thread::scope(|s| {
-        for sd in sds {
-            s.spawn(move || {
-                let mut copies: Vec<Vec<u8>> = Vec::new();
-                for (_, item) in sd.iter() {
-                    match item {
-                        dcp_core::Item::Tensor(t) => {
-                            for c in &t.chunks {
-                                if let Some(b) = c.data.host() {
-                                    copies.push(b.to_vec());
-                                }
-                            }
-                        }
-                        dcp_core::Item::Bytes { data, .. } => copies.push(data.to_vec()),
-                    }
-                }
-                std::hint::black_box(&copies);
-            });
-        }
-    });
-    started.elapsed().as_secs_f64()
 }
 
 impl DemoReport {

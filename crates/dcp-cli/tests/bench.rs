@@ -228,3 +228,38 @@ fn bench_table_and_selection() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("local directory"));
 }
+
+/// The staging scenarios: `async_save` (blocking time against a plain copy,
+/// peak RSS) and `device_save` (simulated device memory), each one line.
+#[test]
+fn bench_staging_scenarios() {
+    let dir = tempfile::tempdir().unwrap();
+    let lines = bench(
+        dir.path(),
+        &[
+            "--layers",
+            "1",
+            "--hidden",
+            "32",
+            "--vocab",
+            "64",
+            "--sync",
+            "0",
+            "--scenarios",
+            "async,device",
+        ],
+    );
+    let scenarios: Vec<&str> = lines
+        .iter()
+        .map(|l| l["scenario"].as_str().unwrap())
+        .collect();
+    assert_eq!(scenarios, ["async_save", "device_save"]);
+    for l in &lines {
+        for k in ["seconds", "raw_seconds", "ratio"] {
+            assert!(l[k].as_f64().unwrap() > 0.0, "{k}: {l}");
+        }
+        assert_eq!(l["files"], 4 * 2, "4 ranks, 2 threads: {l}");
+    }
+    assert!(lines[0]["peak_rss"].as_u64().unwrap() >= lines[0]["bytes"].as_u64().unwrap());
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}

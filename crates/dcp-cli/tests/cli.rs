@@ -45,6 +45,33 @@ fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 temp path")
 }
 
+/// `dcp demo --async`: the save blocks only while the state dicts are
+/// copied; the report adds the blocking time, a plain copy's time and the
+/// peak RSS, and the checkpoint loads and verifies as usual.
+#[test]
+fn demo_async_reports_blocking_and_memcpy_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ck");
+    let r = json(&demo_args(path_str(&dir), &["--async"]));
+    assert_eq!(r["verified"], true, "{r}");
+    let (b, m, s) = (
+        r["blocking_seconds"].as_f64().unwrap(),
+        r["memcpy_seconds"].as_f64().unwrap(),
+        r["save_seconds"].as_f64().unwrap(),
+    );
+    assert!(b > 0.0 && m > 0.0 && b <= s, "{r}");
+    assert!(
+        r["peak_rss"].as_u64().unwrap() > r["bytes"].as_u64().unwrap(),
+        "{r}"
+    );
+    // Without --async the fields are absent.
+    let r = json(&demo_args(path_str(&dir), &[]));
+    assert!(r.get("blocking_seconds").is_none(), "{r}");
+    // --async saves: it cannot go with --load-only.
+    let o = dcp(&["demo", "--dir", path_str(&dir), "--async", "--load-only"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}
+
 #[test]
 fn demo_saves_loads_and_verifies() {
     let tmp = tempfile::tempdir().unwrap();

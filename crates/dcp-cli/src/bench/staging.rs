@@ -1,0 +1,194 @@
+//! The staging scenarios of `dcp bench`: `async_save` (how long an
+//! asynchronous save blocks, against a plain copy of the same bytes) and
+//! `device` (a save of chunks in simulated device memory, against the
+//! larger of the copy time and a raw write of the same bytes: 1.0 is full
+//! overlap of copies and writes).
+
+use super::{sys, Bench, BenchRecord, Rep, COLLECTIVE_TIMEOUT};
+use crate::CliError;
+use dcp_core::local::run_ranks;
+use dcp_core::stage::sim::SimDevice;
+use dcp_core::{
+    AsyncSaver, ChunkData, Collective, Item, SaveOptions, StateDict, StorageWriter, TensorChunk,
+};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The simulated device's copy bandwidth: PCIe 4.0 x16 in practice.
+pub const DEVICE_BANDWIDTH: f64 = 20e9;
+/// The simulated device's latency per copy.
+pub const DEVICE_LATENCY: Duration = Duration::from_micros(10);
+
+impl Bench {
+    /// `async_save`: per rep, a plain copy of every rank's state dict (each
+    /// on its own thread: the baseline), then an asynchronous save whose
+    /// blocking time is measured (each rank keeps its saver across reps, so
+    /// later reps reuse the pool); the peak RSS covers the whole save.
+    pub(super) fn async_scenario(
+        &self,
+        sds: &Arc<Vec<StateDict>>,
+        sync: bool,
+    ) -> Result<BenchRecord, CliError> {
+        let savers: Arc<Vec<AsyncSaver>> =
+            Arc::new((0..self.ranks).map(|_| AsyncSaver::new()).collect());
+        let mut reps = Vec::new();
+        let mut md = None;
+        let mut reset = true;
+        for rep in 0..=self.args.reps {
+            self.progress.phase(format_args!(
+                "async_save: rep {rep} with {} ranks",
+                self.ranks
+            ));
+            sys::remove_dir(&self.ckpt).map_err(|e| self.io_err(&self.ckpt, e))?;
+            let mut r = Rep {
+                raw_seconds: memcpy_seconds(sds),
+                ..Rep::default()
+            };
+            reset &= sys::reset_peak_rss();
+            r.base_rss = sys::status_bytes("VmRSS").unwrap_or(0);
+            let writer: Arc<dyn StorageWriter> = Arc::new(self.writer(sync)?);
+            let (sds, savers2) = (sds.clone(), savers.clone());
+            let started = Instant::now();
+            let handles = self
+                .rt
+                .block_on(run_ranks(self.ranks, COLLECTIVE_TIMEOUT, move |g| {
+                    let (sds, savers, writer) = (sds.clone(), savers2.clone(), writer.clone());
+                    async move {
+                        let rank = g.rank();
+                        savers[rank]
+                            .async_save(&sds[rank], writer, Arc::new(g), SaveOptions::default())
+                            .await
+                    }
+                }))
+                .into_iter()
+                .collect::<dcp_core::Result<Vec<_>>>()?;
+            r.seconds = started.elapsed().as_secs_f64();
+            let mut results = Vec::new();
+            for h in handles {
+                results.push(self.rt.block_on(h)?);
+            }
+            r.peak_rss = sys::status_bytes("VmHWM").unwrap_or(0);
+            md = results.into_iter().next().map(|s| s.metadata);
+            if rep > 0 {
+                reps.push(r);
+            }
+        }
+        let md = md.ok_or_else(|| CliError::msg("no rank ran"))?;
+        let mut rec = self.record(&md, "async_save", self.ranks as u32, sync, &reps)?;
+        rec.peak_rss_reset = reset;
+        Ok(rec)
+    }
+
+    /// `device`: the state dicts' tensors in a simulated device's memory
+    /// ([`DEVICE_BANDWIDTH`], [`DEVICE_LATENCY`]), saved; the baseline is the
+    /// larger of the copy time of those bytes and a raw write of the
+    /// checkpoint's bytes (the save can go no faster than either).
+    pub(super) fn device_scenario(
+        &self,
+        sds: &Arc<Vec<StateDict>>,
+        sync: bool,
+    ) -> Result<BenchRecord, CliError> {
+        let dev = SimDevice::new(DEVICE_LATENCY, DEVICE_BANDWIDTH)?;
+        let on_device: Arc<Vec<StateDict>> = Arc::new(
+            sds.iter()
+                .map(|sd| on_device(sd, &dev))
+                .collect::<dcp_core::Result<_>>()?,
+        );
+        let mut reps = Vec::new();
+        let mut md = None;
+        let mut images: Option<Vec<Vec<u8>>> = None;
+        for rep in 0..=self.args.reps {
+            self.progress
+                .phase(format_args!("device: rep {rep} with {} ranks", self.ranks));
+            sys::remove_dir(&self.ckpt).map_err(|e| self.io_err(&self.ckpt, e))?;
+            sys::remove_dir(&self.raw).map_err(|e| self.io_err(&self.raw, e))?;
+            sys::sync_everything();
+            let copied = dev.copied_bytes();
+            let started = Instant::now();
+            let m = self.save_once(&on_device, sync)?;
+            let seconds = started.elapsed().as_secs_f64();
+            let copy = dev.copy_time(dev.copied_bytes() - copied).as_secs_f64();
+            if images.is_none() {
+                images = Some(
+                    sys::mirror(&m, sds)
+                        .map_err(CliError::msg)?
+                        .iter()
+                        .map(sys::RawFile::image)
+                        .collect(),
+                );
+            }
+            std::fs::create_dir_all(&self.raw).map_err(|e| self.io_err(&self.raw, e))?;
+            sys::sync_everything();
+            let images = images.as_deref().expect("built above");
+            let started = Instant::now();
+            sys::raw_write(&self.raw, images, sync, self.raw_checksum())
+                .map_err(|e| self.io_err(&self.raw, e))?;
+            let write = started.elapsed().as_secs_f64();
+            md = Some(m);
+            if rep > 0 {
+                reps.push(Rep {
+                    seconds,
+                    raw_seconds: copy.max(write),
+                    ..Rep::default()
+                });
+            }
+        }
+        let md = md.ok_or_else(|| CliError::msg("no rank ran"))?;
+        self.record(&md, "device_save", self.ranks as u32, sync, &reps)
+    }
+}
+
+/// `sd` with every tensor chunk in `dev`'s memory.
+fn on_device(sd: &StateDict, dev: &Arc<SimDevice>) -> dcp_core::Result<StateDict> {
+    let mut out = StateDict::new();
+    for (name, item) in sd.iter() {
+        match item {
+            Item::Tensor(t) => {
+                let chunks = t
+                    .chunks
+                    .iter()
+                    .map(|c| match &c.data {
+                        ChunkData::Host(b) => TensorChunk::new(
+                            c.region.clone(),
+                            ChunkData::Source(dev.source(b.clone())),
+                        ),
+                        ChunkData::Source(_) => c.clone(),
+                    })
+                    .collect();
+                out.insert_tensor(name.clone(), t.dtype, t.shape.clone(), chunks, t.replicated)?;
+            }
+            Item::Bytes { data, replicated } => {
+                out.insert_bytes(name.clone(), data.clone(), *replicated)?
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Seconds to copy every rank's state dict into fresh buffers, each rank
+/// on its own thread: the plain copy an asynchronous save's staging is
+/// measured against (`dcp demo --async` reports the same).
+pub fn memcpy_seconds(sds: &[StateDict]) -> f64 {
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for sd in sds {
+            s.spawn(move || {
+                let mut copies: Vec<Vec<u8>> = Vec::new();
+                for (_, item) in sd.iter() {
+                    match item {
+                        Item::Tensor(t) => {
+                            for c in &t.chunks {
+                                if let Some(b) = c.data.host() {
+                                    copies.push(b.to_vec());
+                                }
+                            }
+                        }
+                        Item::Bytes { data, .. } => copies.push(data.to_vec()),
+                    }
+                }
+                std::hint::black_box(&copies);
+            });
+        }
+    });
+    started.elapsed().as_secs_f64()
+}
