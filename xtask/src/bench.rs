@@ -99,6 +99,22 @@ pub fn runs(o: &BenchOptions) -> Vec<Vec<String>> {
         .concat(),
         [&["--workload", "many-small"], small].concat(),
         [&["--workload", "optimizer"], opt].concat(),
+        // Staging: an asynchronous save, and a save from simulated device
+        // memory (no fsync: the copies and the overlap are measured).
+        [
+            &[
+                "--workload",
+                "llm",
+                "--ranks",
+                "4",
+                "--sync",
+                "0",
+                "--scenarios",
+                "async,device",
+            ],
+            llm,
+        ]
+        .concat(),
     ];
     sets.into_iter()
         .map(|s| {
@@ -389,6 +405,29 @@ pub fn targets(lines: &[Value]) -> String {
             )
         });
     line("metadata < 40 B/chunk".to_string(), got);
+    let got = find(lines, "llm", "async_save", Some(4)).map(|l| {
+        let blocking = num(l, "seconds") / num(l, "raw_seconds").max(1e-9);
+        let rss = num(l, "peak_rss") / num(l, "bytes").max(1.0);
+        (
+            blocking <= 1.2 && rss <= 2.1,
+            format!("blocking {blocking:.2}x a plain copy, peak RSS {rss:.2}x the state dict"),
+        )
+    });
+    line(
+        "async_save: blocking <= 1.2x memcpy, RSS <= 2.1x".to_string(),
+        got,
+    );
+    let got = find(lines, "llm", "device_save", Some(4)).map(|l| {
+        let over = num(l, "seconds") / num(l, "raw_seconds").max(1e-9);
+        (
+            over <= 1.15,
+            format!("{over:.2}x max(copy time, raw write)"),
+        )
+    });
+    line(
+        "device_save (simulated): <= 1.15x max(copy, write)".to_string(),
+        got,
+    );
     out.push_str("  (1M-chunk metadata encode+decode < 1 s: cargo xtask bench --micro)\n");
     out
 }
@@ -408,7 +447,8 @@ mod tests {
         assert!(parse(&s(&["--reps", "0"])).is_err());
         let o = parse(&s(&["--quick", "--reps", "5", "--dir", "/d"])).unwrap();
         let r = runs(&o);
-        assert_eq!(r.len(), 5);
+        assert_eq!(r.len(), 6);
+        assert!(r[5].join(" ").contains("--scenarios async,device"));
         assert!(r.iter().all(|a| a.join(" ").contains("--json --reps 5")));
         assert!(r[1]
             .join(" ")
