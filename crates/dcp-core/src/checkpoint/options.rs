@@ -54,10 +54,15 @@ pub struct WriterOptions {
     /// rank with `single_file_per_rank`. Default 1; 0 is refused.
     pub thread_count: usize,
     /// torch's `per_thread_copy_ahead` ("bytes to copy from the GPU ahead of
-    /// saving them"). Today it bounds the staged output of one writer
-    /// thread: codecs (compression) run over pieces of at most this many
-    /// bytes (at least 64 KiB). Records without a codec are written straight
-    /// from the caller's memory and stage nothing. Default 10,000,000.
+    /// saving them"): the bytes one writer thread may have staged (copied
+    /// out of [`ChunkData::Source`](crate::ChunkData::Source) chunks, device
+    /// memory) and not yet written, for every `thread_count`: sources are
+    /// copied in pieces of half this, the next copying while the last is
+    /// written, so a rank holds at most `thread_count x
+    /// per_thread_copy_ahead` staged bytes (`SaveResult::staged_peak_bytes`).
+    /// Codecs (compression) also run over pieces of at most this many bytes
+    /// (at least 64 KiB). Host memory without a codec is written straight
+    /// from the caller's buffers and stages nothing. Default 10,000,000.
     pub per_thread_copy_ahead: usize,
     /// torch's `overwrite`: replace an existing checkpoint (crash-safely:
     /// the old one stays loadable until the new `.metadata` is committed).
