@@ -73,6 +73,11 @@ pub trait ChunkSource: Send + Sync + fmt::Debug + 'static {
     /// Length in bytes.
     fn len(&self) -> u64;
 
+    /// True when the source holds no bytes.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Start copying `len` bytes at `offset` into a host buffer, on copy
     /// lane `lane` (copies on one lane complete in the order they were
     /// started). Returns at once; [`StagedCopy::wait`] yields the bytes.
