@@ -33,6 +33,11 @@
 //! Device tensors must be ready when a save starts: writes made through
 //! cudarc are waited for (cudarc's events), work launched elsewhere must be
 //! synchronized by the caller.
+//!
+//! The `unsafe` here (pinned allocation, the view of a completed copy's
+//! buffer) is exercised by the GPU tests (`tests/gpu.rs`), which need a
+//! device: without one they print `SKIPPED` and pass; `cargo xtask
+//! gpu-check` runs them with skipping forbidden.
 
 use bytes::Bytes;
 use cudarc::driver::{
