@@ -20,8 +20,12 @@
 //!   instead of at random moments.
 //! * `cargo xtask fuzz [--seconds N]`: every cargo-fuzz target for N seconds
 //!   each (`fuzz/run.sh`; installs cargo-fuzz when missing).
+//! * `cargo xtask gpu-check [--gib N]`: on a machine with an NVIDIA GPU,
+//!   dcp-cuda's GPU tests (none may skip) and its staging benchmark against
+//!   a plain pinned device-to-host copy (see `gpu.rs`); fails without a GPU.
 
 mod bench;
+mod gpu;
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -47,7 +51,11 @@ commands:
                   run every fuzz target for N seconds (default 60)
   bench [--quick] [--reps N] [--dir DIR] [--out FILE] [--micro] [--dry-run]
                   the standard dcp bench set (release, --json), a summary table
-                  and the issue's targets; --micro adds cargo bench -p dcp-core";
+                  and the issue's targets; --micro adds cargo bench -p dcp-core
+  gpu-check [--gib N]
+                  on an NVIDIA GPU: dcp-cuda's GPU tests, then dcp staging of
+                  N GiB (default 1) of device tensors against a plain pinned
+                  device-to-host copy (target >= 0.8); fails without a GPU";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -57,6 +65,7 @@ fn main() -> ExitCode {
         Some("bench") => bench::bench(&args[1..]),
         Some("crash") => crash(&args[1..]),
         Some("fuzz") => fuzz(&args[1..]),
+        Some("gpu-check") => gpu::gpu_check(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;

@@ -95,6 +95,11 @@
 //!   `dcp::mpi::MpiGroup` is a [`Collective`] over an MPI communicator.
 //!   Off by default: it needs an MPI library and libclang to build (Debian:
 //!   `libopenmpi-dev openmpi-bin libclang-dev`).
+//! - `cuda`: NVIDIA GPUs, through dcp-cuda (re-exported as `dcp::cuda`):
+//!   `dcp::cuda::CudaStager` turns device tensors into chunks a save stages
+//!   through pinned host buffers, one CUDA stream per writer thread. Off by
+//!   default; builds without a CUDA toolkit, needs the NVIDIA driver at run
+//!   time (without it, an `Unsupported` error, never a panic).
 //!
 //! Without `fs`, local paths are refused; without `ext`, checkpoints using a
 //! transform load only if the caller registers its factory. Without `mpi`,
@@ -104,6 +109,11 @@
 pub use dcp_core::location::{Backend, Location};
 pub use dcp_core::*;
 
+/// NVIDIA GPUs: device tensors as chunk sources staged through pinned host
+/// buffers, one CUDA stream per writer thread: the dcp-cuda crate (feature
+/// `cuda`).
+#[cfg(feature = "cuda")]
+pub use dcp_cuda as cuda;
 /// Compression and checksums: the dcp-ext crate (feature `ext`).
 #[cfg(feature = "ext")]
 pub use dcp_ext as ext;
