@@ -78,7 +78,7 @@ async fn device_chunks_are_staged_within_the_copy_ahead_budget() {
             if zstd {
                 o = o.extensions(vec![
                     Arc::new(dcp_ext::Zstd::new(3).unwrap()),
-                    Arc::new(dcp_ext::Crc32c::default()),
+                    Arc::new(dcp_ext::Crc32c),
                 ]);
             }
             let sds = m

@@ -35,6 +35,7 @@ fn demo_save(dir: &str, compress: &str, checksum: &str) {
         checksum: checksum.to_string(),
         json: true,
         mpi: false,
+        async_save: false,
     };
     let code = dcp_cli::demo::run(args).unwrap_or_else(|e| panic!("demo: {e}"));
     assert_eq!(
