@@ -20,6 +20,7 @@
 //! the loaded bytes (first repetition). `ratio = raw_seconds / seconds`
 //! (1.0: dcp runs at the limit), from medians over `--reps`.
 
+mod scale;
 mod staging;
 pub use staging::memcpy_seconds;
 pub(crate) mod sys;
@@ -87,9 +88,14 @@ pub struct BenchArgs {
     /// removed) (default: dcp-bench in the system temp dir).
     #[arg(long)]
     pub dir: Option<PathBuf>,
-    /// Ranks that save and load [default: llm 4, many-small 4, optimizer 8].
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    /// Ranks that save and load [default: llm 4, many-small 4, optimizer 8,
+    /// scale 1024 (simulated)].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub ranks: Option<u32>,
+    /// Chunks each simulated rank holds (the scale workload: one row of
+    /// each of this many tensors).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub chunks_per_rank: u64,
     /// Ranks that load resharded [default: llm 3, many-small 3, optimizer 6].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub load_ranks: Option<u32>,
@@ -220,6 +226,14 @@ struct Bench {
 
 /// Run `dcp bench`.
 pub fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
+    if args.workload == WorkloadKind::Scale {
+        return scale::run(&args);
+    }
+    if args.ranks.is_some_and(|r| r > 4096) {
+        return Err(CliError::usage(
+            "--ranks above 4096 is for the scale workload (simulated ranks)",
+        ));
+    }
     let (workload, ranks, load_ranks) = build_workload(&args);
     let root = match args.dir.as_deref().and_then(Path::to_str) {
         Some(d) if d.starts_with("file://") => PathBuf::from(&d["file://".len()..]),
@@ -281,7 +295,8 @@ fn build_workload(args: &BenchArgs) -> (Workload, u32, u32) {
         seed: 0,
     };
     let (w, n, m) = match args.workload {
-        WorkloadKind::Llm => (Workload::llm(&spec(10, 2048)), 4, 3),
+        // The scale workload never gets here (`run` hands it to `scale`).
+        WorkloadKind::Llm | WorkloadKind::Scale => (Workload::llm(&spec(10, 2048)), 4, 3),
         WorkloadKind::Optimizer => (Workload::optimizer(&spec(4, 1024)), 8, 6),
         WorkloadKind::ManySmall => (
             Workload::many_small(args.items.unwrap_or(DEFAULT_SMALL_ITEMS), 0),

@@ -20,6 +20,9 @@ pub enum WorkloadKind {
     ManySmall,
     /// fp32 weights plus two fp32 moments per weight, more ranks.
     Optimizer,
+    /// The save and load protocols at many simulated ranks (no storage):
+    /// `--ranks R --chunks-per-rank C`.
+    Scale,
 }
 
 impl WorkloadKind {
@@ -29,6 +32,7 @@ impl WorkloadKind {
             WorkloadKind::Llm => "llm",
             WorkloadKind::ManySmall => "many-small",
             WorkloadKind::Optimizer => "optimizer",
+            WorkloadKind::Scale => "scale",
         }
     }
 }

@@ -23,6 +23,7 @@ mod lease;
 mod load;
 mod options;
 mod save;
+pub mod simulate;
 mod store;
 mod versioned;
 pub(crate) mod wire;

@@ -299,7 +299,7 @@ fn records_for(sd: &StateDict, plan: &SavePlan) -> Result<Vec<crate::checkpoint:
 }
 
 /// Build the checkpoint's metadata from every rank's write results.
-fn assemble(
+pub(crate) fn assemble(
     save_id: &str,
     generation: u64,
     plans: &[SavePlan],
