@@ -71,7 +71,11 @@ fn tensor_name(t: usize) -> String {
         "norm2.weight",
         "mlp.bias",
     ];
-    format!("model.layers.{}.{}", t / KINDS.len(), KINDS[t % KINDS.len()])
+    format!(
+        "model.layers.{}.{}",
+        t / KINDS.len(),
+        KINDS[t % KINDS.len()]
+    )
 }
 
 /// Rank `rank`'s state dict: row `rank` of each of `tensors` tensors of
@@ -84,7 +88,10 @@ fn state_dict(rank: usize, ranks: usize, tensors: usize) -> dcp_core::Result<Sta
             tensor_name(t),
             DType::U8,
             vec![ranks as u64, CHUNK_BYTES],
-            vec![TensorChunk::new(region, vec![(rank % 251) as u8; CHUNK_BYTES as usize])],
+            vec![TensorChunk::new(
+                region,
+                vec![(rank % 251) as u8; CHUNK_BYTES as usize],
+            )],
             false,
         )?;
     }

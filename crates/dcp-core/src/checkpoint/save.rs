@@ -310,7 +310,9 @@ pub(crate) fn assemble(
     let mut kinds: HashMap<&str, (Option<crate::DType>, &[u64], u64)> = HashMap::new();
     for p in plans {
         for it in &p.items {
-            kinds.insert(&it.name, (it.dtype, &it.shape, it.nbytes));
+            kinds
+                .entry(&it.name)
+                .or_insert((it.dtype, &it.shape, it.nbytes));
         }
     }
     let mut files = Vec::new();
@@ -343,20 +345,22 @@ pub(crate) fn assemble(
                 .ok_or_else(|| Error::plan(format!("{name}: written but never planned")))?;
             match index {
                 WriteIndex::Chunk(region) => {
-                    let entry = items
-                        .entry(name.clone())
-                        .or_insert_with(|| ItemMeta::Tensor {
+                    // Looked up first: the name is moved in only once.
+                    let entry = match items.get_mut(name.as_str()) {
+                        Some(e) => e,
+                        None => items.entry(name).or_insert_with(|| ItemMeta::Tensor {
                             dtype: dtype.unwrap_or(crate::DType::U8),
                             shape: shape.to_vec(),
                             chunks: Vec::new(),
-                        });
+                        }),
+                    };
                     if let ItemMeta::Tensor { chunks, .. } = entry {
                         chunks.push(ChunkMeta { region, storage });
                     }
                 }
                 WriteIndex::Bytes => {
                     items.insert(
-                        name.clone(),
+                        name,
                         ItemMeta::Bytes {
                             length: nbytes,
                             storage,

@@ -151,13 +151,22 @@ pub fn simulate_protocol(
     let writes: Vec<RankWrite> = first_error(
         results
             .iter()
-            .map(|b| decode::<std::result::Result<RankWrite, WireError>>(b).map_err(|e| e.to_wire()))
+            .map(|b| {
+                decode::<std::result::Result<RankWrite, WireError>>(b).map_err(|e| e.to_wire())
+            })
             .map(|r| r.and_then(|x| x))
             .collect(),
     )
     .map_err(crate::Error::from_wire)?;
     drop(results);
-    let md = assemble(&save_id, 1, &global, writes, FormatKind::Raw, &BTreeMap::new())?;
+    let md = assemble(
+        &save_id,
+        1,
+        &global,
+        writes,
+        FormatKind::Raw,
+        &BTreeMap::new(),
+    )?;
     let encoded = md.encode()?;
     cost.coordinator_metadata = t.elapsed();
     drop(global);

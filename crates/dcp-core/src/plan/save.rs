@@ -147,83 +147,126 @@ impl SavePlanner for DefaultSavePlanner {
     }
 
     fn global_plan(&self, plans: &[SavePlan]) -> Result<Vec<SavePlan>> {
-        // Consistency of each name across ranks.
-        let mut kinds: HashMap<&str, (Option<DType>, &[u64], usize)> = HashMap::new();
-        // Holders of each record.
-        let mut holders: HashMap<(&str, &WriteIndex), Vec<(usize, usize)>> = HashMap::new();
+        // One pass over every offered record: consistency of each name
+        // across ranks; records not declared replicated go to the rank that
+        // offers them (a duplicate among them shows as overlapping chunks,
+        // diagnosed below); replicated ones are collected by record. No
+        // per-record allocation or hashing of chunk boxes on the common
+        // path: at scale this is the coordinator's whole planning cost.
+        struct NameInfo<'a> {
+            dtype: Option<DType>,
+            shape: &'a [u64],
+            rank: usize,
+            boxes: Vec<(&'a ChunkBox, usize)>,
+            bytes_owner: Option<usize>,
+        }
+        let mismatch = |name: &str,
+                        r0: usize,
+                        rank: usize,
+                        a: (&Option<DType>, &[u64]),
+                        b: (&Option<DType>, &[u64])| {
+            let show = |d: &Option<DType>, s: &[u64]| match d {
+                Some(d) => format!("{d} tensor of shape {s:?}"),
+                None => "bytes item".to_string(),
+            };
+            Error::plan(format!(
+                "{name}: rank {r0} offers a {} but rank {rank} a {}",
+                show(a.0, a.1),
+                show(b.0, b.1)
+            ))
+        };
+        let mut names: HashMap<&str, NameInfo<'_>> = HashMap::new();
+        let mut replicated: HashMap<(&str, &WriteIndex), Vec<(usize, usize)>> = HashMap::new();
+        let mut load = vec![0u64; plans.len()];
+        let mut assigned: Vec<Vec<usize>> = plans
+            .iter()
+            .map(|p| Vec::with_capacity(p.items.len()))
+            .collect();
         for (rank, plan) in plans.iter().enumerate() {
             for (i, it) in plan.items.iter().enumerate() {
-                match kinds.get(it.name.as_str()) {
-                    Some((dt, shape, r0)) => {
-                        if *dt != it.dtype || *shape != it.shape.as_slice() {
-                            let show = |d: &Option<DType>, s: &[u64]| match d {
-                                Some(d) => format!("{d} tensor of shape {s:?}"),
-                                None => "bytes item".to_string(),
-                            };
-                            return Err(Error::plan(format!(
-                                "{}: rank {r0} offers a {} but rank {rank} a {}",
-                                it.name,
-                                show(dt, shape),
-                                show(&it.dtype, &it.shape)
-                            )));
+                let info = names.entry(&it.name).or_insert_with(|| NameInfo {
+                    dtype: it.dtype,
+                    shape: &it.shape,
+                    rank,
+                    boxes: Vec::new(),
+                    bytes_owner: None,
+                });
+                if info.dtype != it.dtype || info.shape != it.shape.as_slice() {
+                    return Err(mismatch(
+                        &it.name,
+                        info.rank,
+                        rank,
+                        (&info.dtype, info.shape),
+                        (&it.dtype, &it.shape),
+                    ));
+                }
+                if it.replicated {
+                    replicated
+                        .entry((&it.name, &it.index))
+                        .or_default()
+                        .push((rank, i));
+                    continue;
+                }
+                match &it.index {
+                    WriteIndex::Chunk(b) => info.boxes.push((b, rank)),
+                    WriteIndex::Bytes => {
+                        if let Some(r0) = info.bytes_owner.replace(rank) {
+                            return Err(undeclared(
+                                &it.name,
+                                "bytes item".into(),
+                                &[r0, rank],
+                                rank,
+                            ));
                         }
                     }
-                    None => {
-                        kinds.insert(&it.name, (it.dtype, &it.shape, rank));
-                    }
                 }
-                holders
-                    .entry((&it.name, &it.index))
-                    .or_default()
-                    .push((rank, i));
+                load[rank] += it.nbytes;
+                assigned[rank].push(i);
             }
         }
         let mut declared: Vec<TensorDecl> = Vec::new();
         for (rank, plan) in plans.iter().enumerate() {
             for d in &plan.declared {
-                match kinds.get(d.name.as_str()) {
-                    Some((dt, shape, r0))
-                        if *dt != Some(d.dtype) || *shape != d.shape.as_slice() =>
+                match names.get(d.name.as_str()) {
+                    Some(info)
+                        if info.dtype != Some(d.dtype) || info.shape != d.shape.as_slice() =>
                     {
                         return Err(Error::plan(format!(
-                            "{}: rank {r0} and rank {rank} offer different dtypes or shapes",
-                            d.name
+                            "{}: rank {} and rank {rank} offer different dtypes or shapes",
+                            d.name, info.rank
                         )));
                     }
                     Some(_) => {}
                     None => {
-                        kinds.insert(&d.name, (Some(d.dtype), &d.shape, rank));
+                        names.insert(
+                            &d.name,
+                            NameInfo {
+                                dtype: Some(d.dtype),
+                                shape: &d.shape,
+                                rank,
+                                boxes: Vec::new(),
+                                bytes_owner: None,
+                            },
+                        );
                         declared.push(d.clone());
                     }
                 }
             }
         }
-        let mut load = vec![0u64; plans.len()];
-        let mut assigned: Vec<Vec<usize>> = vec![Vec::new(); plans.len()];
         type Holders = Vec<(usize, usize)>;
         let mut shared: Vec<(&(&str, &WriteIndex), &Holders)> = Vec::new();
-        for (key, hs) in &holders {
-            if hs.len() == 1 {
-                let (r, i) = hs[0];
-                load[r] += plans[r].items[i].nbytes;
-                assigned[r].push(i);
-                continue;
+        for (key, hs) in &replicated {
+            if let Some(info) = names.get(key.0) {
+                if matches!(key.1, WriteIndex::Bytes) {
+                    if let Some(r0) = info.bytes_owner {
+                        let r = hs[0].0;
+                        return Err(undeclared(key.0, "bytes item".into(), &[r0, r], r0));
+                    }
+                }
             }
             let first = &plans[hs[0].0].items[hs[0].1];
             for &(r, i) in hs {
                 let it = &plans[r].items[i];
-                if !it.replicated {
-                    let ranks: Vec<usize> = hs.iter().map(|h| h.0).collect();
-                    let what = match &it.index {
-                        WriteIndex::Chunk(b) => format!("chunk ({b})"),
-                        WriteIndex::Bytes => "bytes item".to_string(),
-                    };
-                    return Err(Error::plan(format!(
-                        "{}: {what} is offered by ranks {ranks:?} but rank {r} does not declare it replicated; \
-                         give per-rank items distinct names or mark them replicated",
-                        it.name
-                    )));
-                }
                 if it.nbytes != first.nbytes
                     || (it.digest.is_some() && first.digest.is_some() && it.digest != first.digest)
                 {
@@ -242,30 +285,52 @@ impl SavePlanner for DefaultSavePlanner {
             let nb = plans[b.1[0].0].items[b.1[0].1].nbytes;
             nb.cmp(&na).then_with(|| a.0.cmp(b.0))
         });
-        for (_, hs) in shared {
+        for (key, hs) in shared {
             let &(r, i) = hs
                 .iter()
                 .min_by_key(|(r, _)| (load[*r], *r))
-                .expect("at least two holders");
+                .expect("at least one holder");
             load[r] += plans[r].items[i].nbytes;
             assigned[r].push(i);
-        }
-        // Chunks of one tensor must not overlap.
-        let mut boxes: HashMap<&str, Vec<&ChunkBox>> = HashMap::new();
-        for (rank, idx) in assigned.iter().enumerate() {
-            for &i in idx {
-                if let WriteIndex::Chunk(b) = &plans[rank].items[i].index {
-                    boxes.entry(&plans[rank].items[i].name).or_default().push(b);
-                }
+            if let (WriteIndex::Chunk(b), Some(info)) = (key.1, names.get_mut(key.0)) {
+                info.boxes.push((b, r));
             }
         }
-        for (name, bs) in boxes {
-            crate::metadata::check_disjoint(name, bs).map_err(|e| {
-                Error::plan(e.message().replace(
+        // Chunks of one tensor must not overlap; two ranks offering the
+        // same chunk without declaring it replicated is named as such.
+        for (name, info) in names {
+            let boxes: Vec<&ChunkBox> = info.boxes.iter().map(|(b, _)| *b).collect();
+            if let Err(e) = crate::metadata::check_disjoint(name, boxes) {
+                let mut by_box: HashMap<&ChunkBox, Vec<usize>> = HashMap::new();
+                for (b, r) in &info.boxes {
+                    by_box.entry(b).or_default().push(*r);
+                }
+                if let Some((b, ranks)) = by_box.into_iter().find(|(_, rs)| rs.len() > 1) {
+                    let not_declared = ranks
+                        .iter()
+                        .copied()
+                        .find(|&r| {
+                            plans[r].items.iter().any(|it| {
+                                it.name == name
+                                    && !it.replicated
+                                    && it.index == WriteIndex::Chunk(b.clone())
+                            })
+                        })
+                        .unwrap_or(ranks[0]);
+                    let mut ranks = ranks;
+                    ranks.sort_unstable();
+                    return Err(undeclared(
+                        name,
+                        format!("chunk ({b})"),
+                        &ranks,
+                        not_declared,
+                    ));
+                }
+                return Err(Error::plan(e.message().replace(
                     "invalid metadata: ",
                     "chunks offered by the ranks overlap: ",
-                ))
-            })?;
+                )));
+            }
         }
         Ok(assigned
             .into_iter()
@@ -287,6 +352,15 @@ impl SavePlanner for DefaultSavePlanner {
             })
             .collect())
     }
+}
+
+/// The error for a record offered by several ranks without being declared
+/// replicated by rank `r`.
+fn undeclared(name: &str, what: String, ranks: &[usize], r: usize) -> Error {
+    Error::plan(format!(
+        "{name}: {what} is offered by ranks {ranks:?} but rank {r} does not declare it replicated; \
+         give per-rank items distinct names or mark them replicated"
+    ))
 }
 
 #[cfg(test)]
