@@ -106,6 +106,25 @@ impl FileSystem for MemoryFs {
         check_file_name(name)?;
         Ok(self.lock().get(name).map(|f| f.len() as u64))
     }
+    /// The file as it is at one moment (one lookup): a concurrent
+    /// replacement is seen whole or not at all.
+    fn read_small(&self, name: &str, max_len: u64) -> Result<Vec<u8>> {
+        check_file_name(name)?;
+        let f = self.lock().get(name).cloned().ok_or_else(|| {
+            Error::new(
+                ErrorKind::NotFound,
+                format!("{name} not found in {}", self.name),
+            )
+        })?;
+        if f.len() as u64 > max_len {
+            return Err(Error::corrupt(format!(
+                "{name} in {} is {} bytes, more than the limit of {max_len}",
+                self.name,
+                f.len()
+            )));
+        }
+        Ok(f.to_vec())
+    }
     fn write_atomic(&self, name: &str, data: &[u8], _sync: bool) -> Result<()> {
         check_file_name(name)?;
         self.lock()

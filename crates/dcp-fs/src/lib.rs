@@ -559,6 +559,51 @@ impl FileSystem for LocalFs {
         }
     }
 
+    /// Opens the file once and reads it through that descriptor: the file
+    /// as it was when opened, whole, even if a rename replaces it meanwhile
+    /// (`.metadata` during a commit, `.lease` during a renewal).
+    fn read_small(&self, name: &str, max_len: u64) -> Result<Vec<u8>> {
+        use std::io::Read;
+        let path = self.path(name)?;
+        let show = path.display().to_string();
+        let f = match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::new(
+                    ErrorKind::NotFound,
+                    format!("{name} not found in {}", self.location()),
+                ))
+            }
+            Err(e) => return Err(open_error("open", &show, e)),
+        };
+        let md = f.metadata().map_err(|e| Error::io("stat", &show, e))?;
+        if !md.is_file() {
+            return Err(not_regular(&show, &md));
+        }
+        if md.len() > max_len {
+            return Err(Error::corrupt(format!(
+                "{name} in {} is {} bytes, more than the limit of {max_len}",
+                self.location(),
+                md.len()
+            )));
+        }
+        let mut out = Vec::with_capacity(md.len() as usize);
+        f.take(max_len.saturating_add(1))
+            .read_to_end(&mut out)
+            .map_err(|e| Error::io("read", &show, e))?;
+        if out.len() as u64 > max_len {
+            return Err(Error::corrupt(format!(
+                "{name} in {} grew past the limit of {max_len} bytes while read",
+                self.location()
+            )));
+        }
+        Ok(out)
+    }
+
     fn write_atomic(&self, name: &str, data: &[u8], sync: bool) -> Result<()> {
         let path = self.path(name)?;
         let tmp_name = format!("{name}.tmp");
@@ -770,6 +815,44 @@ mod tests {
         let fs = LocalFs::new(dir.path().join("ckpt"));
         fs.prepare().unwrap();
         (dir, fs)
+    }
+
+    /// A small file read while renames replace it is always one whole
+    /// version: never a length of one and the bytes of another.
+    #[test]
+    fn read_small_sees_one_version_while_it_is_replaced() {
+        let (_d, fs) = setup();
+        let (a, b) = (vec![1u8; 100], vec![2u8; 250]);
+        fs.write_atomic(".lease", &a, false).unwrap();
+        let fs = Arc::new(fs);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (fs, stop, a, b) = (fs.clone(), stop.clone(), a.clone(), b.clone());
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let v = if n % 2 == 0 { &b } else { &a };
+                    fs.write_atomic(".lease", v, false).unwrap();
+                    n += 1;
+                }
+                n
+            })
+        };
+        for _ in 0..5000 {
+            let got = fs.read_small(".lease", 1000).unwrap();
+            assert!(
+                got == a || got == b,
+                "a mix of versions: {} bytes",
+                got.len()
+            );
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(writer.join().unwrap() > 0);
+        assert_eq!(
+            fs.read_small(".lease", 99).unwrap_err().kind(),
+            ErrorKind::Corrupt,
+            "over the limit"
+        );
     }
 
     /// Conditional replace: a swap based on a stale version is refused and

@@ -595,6 +595,75 @@ impl FileSystem for OpendalFs {
         }
     }
 
+    /// The object as it is at one moment: its length (refused over
+    /// `max_len` before anything is downloaded), then one GET of the whole
+    /// object, conditional on the ETag just seen where the service allows
+    /// (`If-Match`): a replacement in between is refused by the store and
+    /// the pair retried, never read as a mix of two versions or as a
+    /// length that no longer holds.
+    fn read_small(&self, name: &str, max_len: u64) -> Result<Vec<u8>> {
+        check_file_name(name)?;
+        let path = self.path(name);
+        let op = &self.inner.op;
+        let if_match = op.info().capability().read_with_if_match;
+        for _ in 0..5 {
+            let meta = match self.block_on(op.stat(&path)) {
+                Ok(m) if m.is_file() => m,
+                Ok(_) => {
+                    return Err(Error::new(
+                        ErrorKind::NotFound,
+                        format!("{name} not found in {}", self.inner.location),
+                    ))
+                }
+                Err(e) if e.kind() == opendal::ErrorKind::NotFound => {
+                    return Err(Error::new(
+                        ErrorKind::NotFound,
+                        format!("{name} not found in {}", self.inner.location),
+                    ))
+                }
+                Err(e) => return Err(self.err("stat", name, e)),
+            };
+            if meta.content_length() > max_len {
+                return Err(Error::corrupt(format!(
+                    "{}/{name} is {} bytes, more than the limit of {max_len}",
+                    self.inner.location,
+                    meta.content_length()
+                )));
+            }
+            let read = match (if_match, meta.etag()) {
+                (true, Some(tag)) => self.block_on(std::future::IntoFuture::into_future(
+                    op.read_with(&path).if_match(tag),
+                )),
+                _ => self.block_on(op.read(&path)),
+            };
+            match read {
+                Ok(buf) if buf.len() as u64 <= max_len => return Ok(buf.to_vec()),
+                Ok(buf) => {
+                    return Err(Error::corrupt(format!(
+                        "{}/{name} is {} bytes, more than the limit of {max_len}",
+                        self.inner.location,
+                        buf.len()
+                    )))
+                }
+                // Replaced (or removed) between the two requests: again.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        opendal::ErrorKind::ConditionNotMatch | opendal::ErrorKind::NotFound
+                    ) => {}
+                Err(e) => return Err(self.err("get", name, e)),
+            }
+        }
+        Err(Error::new(
+            ErrorKind::Busy,
+            format!(
+                "{}/{name} was replaced between every stat and read (5 tries)",
+                self.inner.location
+            ),
+        )
+        .with_temporary(true))
+    }
+
     fn write_atomic(&self, name: &str, data: &[u8], _sync: bool) -> Result<()> {
         check_file_name(name)?;
         // One PUT: the object appears whole or not at all, replacing the old

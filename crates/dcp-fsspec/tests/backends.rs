@@ -309,6 +309,27 @@ async fn conditional_replace(kind: &str) {
     assert_eq!(fs.read_small("f", 100).unwrap(), b"two");
 }
 
+/// `read_small`: empty objects, objects at and over the limit, and missing
+/// ones.
+async fn small_reads(kind: &str) {
+    let Some(b) = Backend::new(kind) else { return };
+    let fs = b.fs();
+    fs.prepare().unwrap();
+    fs.write_atomic("empty", b"", true).unwrap();
+    assert_eq!(
+        fs.read_small("empty", 10).unwrap(),
+        Vec::<u8>::new(),
+        "{kind}"
+    );
+    fs.write_atomic("ten", &[7u8; 10], true).unwrap();
+    assert_eq!(fs.read_small("ten", 10).unwrap(), vec![7u8; 10], "{kind}");
+    let e = fs.read_small("ten", 9).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{kind}: {e}");
+    assert!(e.message().contains("limit of 9"), "{kind}: {e}");
+    let e = fs.read_small("missing", 9).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{kind}: {e}");
+}
+
 macro_rules! suite {
     ($kind:ident) => {
         mod $kind {
@@ -336,6 +357,10 @@ macro_rules! suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn abort_leaves_no_object() {
                 abort_leaves_nothing(stringify!($kind)).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn small_reads_whole_or_refused() {
+                small_reads(stringify!($kind)).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn conditional_replace_compares_the_etag() {
