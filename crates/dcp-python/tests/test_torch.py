@@ -246,3 +246,38 @@ def test_dcp_demo_checkpoint_loads_bit_exact(tmp_path, dcp_cli):
     for name, t in dest.items():
         want = _demo_bf16(seed, name, list(t.shape))
         assert torch.equal(t.view(torch.int16), want.view(torch.int16)), name
+
+
+def test_async_save(tmp_path):
+    path = str(tmp_path / "c")
+    sd = {"w": torch.randn(100, 10), "step": 3}
+    fut = tdcp.async_save(sd, storage_writer=dcp.torch.FileSystemWriter(path), no_dist=True)
+    fut.result()
+    dest = {"w": torch.zeros(100, 10), "step": 0}
+    tdcp.load(dest, storage_reader=dcp.torch.FileSystemReader(path))
+    assert torch.equal(dest["w"], sd["w"]) and dest["step"] == 3
+
+
+def test_failed_save_releases_its_lease(tmp_path):
+    path = str(tmp_path / "c")
+    w = dcp.torch.FileSystemWriter(path)
+
+    class Boom(Exception):
+        pass
+
+    class Unsaveable:
+        def __reduce__(self):
+            raise Boom("not picklable")
+
+    # The coordinator took the lease in prepare_global_plan; write_data fails,
+    # so torch never calls finish.
+    with pytest.raises(CheckpointException):
+        tdcp.save({"w": torch.ones(2), "bad": Unsaveable()}, storage_writer=w)
+    # The same writer saves again (its begin releases the old lease first),
+    # and so does a fresh writer once that one is done.
+    tdcp.save({"w": torch.ones(2)}, storage_writer=w)
+    tdcp.save({"w": torch.full((2,), 5.0)}, storage_writer=dcp.torch.FileSystemWriter(path))
+    dest = {"w": torch.zeros(2)}
+    tdcp.load(dest, storage_reader=dcp.torch.FileSystemReader(path))
+    assert torch.equal(dest["w"], torch.full((2,), 5.0))
+    assert not (tmp_path / "c" / ".lease").exists()
