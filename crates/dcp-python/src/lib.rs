@@ -3,14 +3,14 @@
 //! Python's `dcp.torch` drives torch's save and load protocol (torch's
 //! planners and process groups); every byte moves here, in dcp's Rust core:
 //!
-//! * [`Writer`]: the coordinator takes the location (`begin`: refuses an
+//! * `Writer`: the coordinator takes the location (`begin`: refuses an
 //!   existing checkpoint unless overwriting, takes the lease, fixes the save
 //!   id and the generation); every rank writes its records
 //!   (`write`, [`StorageWriter::write_rank`]) straight from the tensors'
 //!   memory, with the GIL released; the coordinator assembles dcp metadata
 //!   from every rank's result and commits it (`commit`: compare-and-swap of
 //!   `.metadata`, cleanup, lease release).
-//! * [`Reader`]: `read_metadata` reads and validates dcp's `.metadata` and
+//! * `Reader`: `read_metadata` reads and validates dcp's `.metadata` and
 //!   hands it to Python (which presents it to torch as torch's `Metadata`);
 //!   `read` fills destination buffers in place through dcp's load pipeline
 //!   (coalesced reads, checksums verified), with the GIL released.
