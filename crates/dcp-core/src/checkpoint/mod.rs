@@ -35,7 +35,7 @@ pub use fs_writer::{is_data_file_name, FileSystemWriter};
 pub use lease::{LeaseInfo, LEASE_FILE};
 pub use load::{load, load_with, read_metadata, LoadResult};
 pub use options::{LoadOptions, ReaderOptions, SaveOptions, WriterOptions};
-pub use save::{save, save_with, SaveResult};
+pub use save::{assemble_metadata, save, save_with, SaveResult};
 pub use store::{RankWrite, StorageReader, StorageWriter, WriteRecord};
 
 /// The coordinator of saves and loads.

@@ -194,7 +194,7 @@ async fn save_phases(
                     .collect(),
             )?;
             let md = wire(
-                assemble(
+                assemble_metadata(
                     &save_id,
                     generation,
                     &global_plans,
@@ -298,8 +298,14 @@ fn records_for(sd: &StateDict, plan: &SavePlan) -> Result<Vec<crate::checkpoint:
     Ok(out)
 }
 
-/// Build the checkpoint's metadata from every rank's write results.
-pub(crate) fn assemble(
+/// Build the checkpoint's metadata from every rank's plan (`plans[r]`: the
+/// records rank `r` was assigned, and the tensors it declared without data)
+/// and write results (`writes`, in rank order), as the coordinator of a save
+/// does before its commit. Public for drivers whose ranks are coordinated by
+/// another framework (the Python bindings under torch's planners), which
+/// call [`StorageWriter::write_rank`] on each rank and
+/// [`StorageWriter::commit`] with the result on the coordinator.
+pub fn assemble_metadata(
     save_id: &str,
     generation: u64,
     plans: &[SavePlan],

@@ -4,7 +4,7 @@
 //! encode the assignments, decode every write result, build and encode the
 //! metadata), timing each phase. `dcp bench --workload scale` reports it.
 
-use crate::checkpoint::save::assemble;
+use crate::checkpoint::save::assemble_metadata;
 use crate::checkpoint::wire::{decode, encode, first_error, wire};
 use crate::checkpoint::RankWrite;
 use crate::error::{Result, WireError};
@@ -159,7 +159,7 @@ pub fn simulate_protocol(
     )
     .map_err(crate::Error::from_wire)?;
     drop(results);
-    let md = assemble(
+    let md = assemble_metadata(
         &save_id,
         1,
         &global,

@@ -1,0 +1,626 @@
+//! `dcp._dcp`: the Rust half of the `dcp` Python package.
+//!
+//! Python's `dcp.torch` drives torch's save and load protocol (torch's
+//! planners and process groups); every byte moves here, in dcp's Rust core:
+//!
+//! * `Writer`: the coordinator takes the location (`begin`: refuses an
+//!   existing checkpoint unless overwriting, takes the lease, fixes the save
+//!   id and the generation); every rank writes its records
+//!   (`write`, [`StorageWriter::write_rank`]) straight from the tensors'
+//!   memory, with the GIL released; the coordinator assembles dcp metadata
+//!   from every rank's result and commits it (`commit`: compare-and-swap of
+//!   `.metadata`, cleanup, lease release).
+//! * `Reader`: `read_metadata` reads and validates dcp's `.metadata` and
+//!   hands it to Python (which presents it to torch as torch's `Metadata`);
+//!   `read` fills destination buffers in place through dcp's load pipeline
+//!   (coalesced reads, checksums verified), with the GIL released.
+//!
+//! Tensor memory crosses over as numpy arrays (`tensor.view(torch.uint8)
+//! .numpy()` shares the tensor's memory): the array is kept alive, and its
+//! address and length are numpy's own, never numbers taken from the caller.
+
+use bytes::Bytes;
+use dcp::checkpoint::{assemble_metadata, RankWrite, WriteRecord};
+use dcp::metadata::ItemMeta;
+use dcp::plan::{SavePlan, TensorDecl, WriteIndex, WriteItem};
+use dcp::{
+    ChunkBox, ChunkData, DType, DestChunk, DestStateDict, ErrorKind, FileSystemReader,
+    FileSystemWriter, LoadOptions, Metadata, ReaderOptions, StorageReader, StorageWriter,
+    TensorBuffer, WriterOptions,
+};
+use pyo3::exceptions::{PyFileExistsError, PyFileNotFoundError, PyOSError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList, PyType};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// The runtime every blocking call of the module runs its futures on.
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("dcp")
+            .enable_all()
+            .build()
+            .expect("the tokio runtime starts")
+    })
+}
+
+/// A dcp error as the Python exception of its kind, with dcp's message and
+/// kind: `FileNotFoundError`, `FileExistsError`, `ValueError` (corruption,
+/// checksum mismatches, invalid input), `OSError` (storage and the rest).
+fn to_py(e: dcp::Error) -> PyErr {
+    let msg = format!("{e} [dcp: {}]", e.kind());
+    match e.kind() {
+        ErrorKind::NotFound => PyFileNotFoundError::new_err(msg),
+        ErrorKind::AlreadyExists => PyFileExistsError::new_err(msg),
+        ErrorKind::Corrupt
+        | ErrorKind::ChecksumMismatch
+        | ErrorKind::InvalidInput
+        | ErrorKind::Plan
+        | ErrorKind::Unsupported => PyValueError::new_err(msg),
+        _ => PyOSError::new_err(msg),
+    }
+}
+
+fn parse_dtype(name: &str) -> PyResult<DType> {
+    name.parse::<DType>().map_err(to_py)
+}
+
+fn new_save_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.write_u32(std::process::id());
+    format!("{:016x}", h.finish())
+}
+
+/// The memory of a numpy array: an exact `numpy.ndarray` (no subclass, so
+/// its attributes are numpy's own), of `uint8`, C-contiguous, held by a
+/// strong reference so it lives as long as this value. Its address and
+/// length are numpy's (`__array_interface__`, `nbytes`), never numbers the
+/// caller chose. (The buffer protocol would do the same, but it is in the
+/// stable ABI only from CPython 3.11, and the module supports 3.9.)
+struct ArrayMemory {
+    /// Keeps the array, hence its memory, alive.
+    _array: Py<PyAny>,
+    ptr: usize,
+    len: usize,
+}
+
+impl ArrayMemory {
+    fn new(obj: &Bound<'_, PyAny>, writable: bool) -> PyResult<Self> {
+        let py = obj.py();
+        let ndarray = numpy_ndarray(py)?;
+        if !obj.get_type().is(ndarray) {
+            return Err(PyValueError::new_err(format!(
+                "dcp: tensor memory must be an exact numpy.ndarray, got {}",
+                obj.get_type().name()?
+            )));
+        }
+        let flags = obj.getattr("flags")?;
+        let dtype: String = obj.getattr("dtype")?.getattr("str")?.extract()?;
+        if dtype != "|u1" || !flags.getattr("c_contiguous")?.extract::<bool>()? {
+            return Err(PyValueError::new_err(
+                "dcp: tensor memory must be a C-contiguous uint8 array",
+            ));
+        }
+        let (ptr, readonly): (usize, bool) = obj
+            .getattr("__array_interface__")?
+            .get_item("data")?
+            .extract()?;
+        if writable && (readonly || !flags.getattr("writeable")?.extract::<bool>()?) {
+            return Err(PyValueError::new_err(
+                "dcp: a destination must be writable memory",
+            ));
+        }
+        let len: usize = obj.getattr("nbytes")?.extract()?;
+        Ok(ArrayMemory {
+            _array: obj.clone().unbind(),
+            ptr,
+            len,
+        })
+    }
+
+    fn range(&self) -> (usize, usize) {
+        (self.ptr, self.ptr + self.len)
+    }
+
+    fn bytes(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: `ptr` and `len` are numpy's own address and size of the
+        // array's data (`ArrayMemory::new` accepts only an exact
+        // `numpy.ndarray`, C-contiguous `uint8`, so its `len` bytes from
+        // `ptr` are exactly its memory), valid for reads while the array
+        // lives, which `_array` ensures; an array holding a reference cannot
+        // be resized (numpy's reference check) so the memory does not move;
+        // `u8` needs no alignment; numpy arrays are at most `isize::MAX`
+        // bytes. The memory is not written while it is borrowed: the caller's
+        // contract (as for torch's own writers and readers) is that the
+        // tensors of a state dict being saved or loaded are not touched until
+        // the call returns.
+        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
+    }
+}
+
+/// `numpy.ndarray`, imported once.
+fn numpy_ndarray(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
+    static NDARRAY: pyo3::sync::PyOnceLock<Py<PyType>> = pyo3::sync::PyOnceLock::new();
+    NDARRAY.import(py, "numpy", "ndarray")
+}
+
+/// A source record's memory, owned by the [`Bytes`] the writer sends to
+/// storage (no copy).
+struct SourceBuffer(ArrayMemory);
+
+impl AsRef<[u8]> for SourceBuffer {
+    fn as_ref(&self) -> &[u8] {
+        self.0.bytes()
+    }
+}
+
+/// A destination's memory, writable, that a load fills in place.
+struct DestBuffer(ArrayMemory);
+
+impl TensorBuffer for DestBuffer {
+    fn as_bytes(&self) -> &[u8] {
+        self.0.bytes()
+    }
+
+    fn as_mut_bytes(&mut self) -> &mut [u8] {
+        let m = &self.0;
+        if m.len == 0 {
+            return &mut [];
+        }
+        // SAFETY: as for `ArrayMemory::bytes`, and writable: `DestBuffer` is
+        // built only from arrays `ArrayMemory::new(_, true)` found writeable.
+        // No other Rust reference to this memory exists while the returned
+        // one lives: it borrows `self` mutably, and `Reader::read` refuses
+        // two destinations whose memory overlaps, so no other `DestBuffer`
+        // of the load aliases it.
+        unsafe { std::slice::from_raw_parts_mut(m.ptr as *mut u8, m.len) }
+    }
+}
+
+fn py_storage_options(options: Option<HashMap<String, String>>) -> HashMap<String, String> {
+    options.unwrap_or_default()
+}
+
+/// One record `write` takes: item name, dtype name (`None` for a bytes
+/// item), global shape, the chunk's offsets and sizes, and its memory.
+type PyRecord<'py> = (
+    String,
+    Option<String>,
+    Vec<u64>,
+    Vec<u64>,
+    Vec<u64>,
+    Bound<'py, PyAny>,
+);
+
+/// The storage side of a save (`dcp._dcp.Writer`).
+#[pyclass(module = "dcp._dcp", frozen)]
+struct Writer {
+    inner: Arc<FileSystemWriter>,
+    location: String,
+    /// The save id whose lease this writer holds (between `begin` and
+    /// `commit`/`end`).
+    active: Mutex<Option<String>>,
+}
+
+impl Writer {
+    fn end_active(&self) {
+        let id = self.active.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(id) = id {
+            runtime().block_on(self.inner.end(&id));
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.end_active();
+    }
+}
+
+#[pymethods]
+impl Writer {
+    #[new]
+    #[pyo3(signature = (location, storage_options=None, *, thread_count=1, sync_files=true,
+        per_thread_copy_ahead=10_000_000, overwrite=true, single_file_per_rank=true,
+        compression=None, zstd_level=3, checksum=Some("crc32c".to_string()),
+        format="raw".to_string()))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        location: String,
+        storage_options: Option<HashMap<String, String>>,
+        thread_count: usize,
+        sync_files: bool,
+        per_thread_copy_ahead: usize,
+        overwrite: bool,
+        single_file_per_rank: bool,
+        compression: Option<String>,
+        zstd_level: i32,
+        checksum: Option<String>,
+        format: String,
+    ) -> PyResult<Self> {
+        let compression = match compression {
+            Some(c) => dcp::ext::compression_from_name(&c, zstd_level).map_err(to_py)?,
+            None => None,
+        };
+        let checksum = match checksum {
+            Some(c) => dcp::ext::checksum_from_name(&c).map_err(to_py)?,
+            None => None,
+        };
+        let serialization: Arc<dyn dcp::SerializationFormat> = match format.as_str() {
+            "raw" => Arc::new(dcp::format::Raw),
+            "safetensors" => Arc::new(dcp::format::Safetensors),
+            other => {
+                let msg = format!("dcp: unknown serialization format {other:?}");
+                return Err(PyValueError::new_err(
+                    msg + ": expected \"raw\" or \"safetensors\"",
+                ));
+            }
+        };
+        let options = WriterOptions::default()
+            .thread_count(thread_count)
+            .sync_files(sync_files)
+            .per_thread_copy_ahead(per_thread_copy_ahead)
+            .overwrite(overwrite)
+            .single_file_per_rank(single_file_per_rank)
+            .extensions(dcp::ext::chain(compression, checksum))
+            .serialization_format(serialization);
+        let inner = dcp::writer_with(&location, &py_storage_options(storage_options), options)
+            .map_err(to_py)?;
+        Ok(Writer {
+            inner: Arc::new(inner),
+            location,
+            active: Mutex::new(None),
+        })
+    }
+
+    /// The location, as given.
+    #[getter]
+    fn location(&self) -> &str {
+        &self.location
+    }
+
+    /// On the coordinator, before any rank writes: create the location,
+    /// refuse an existing checkpoint unless overwriting, take the lease for
+    /// a fresh save id. Returns `(save_id, generation)`.
+    fn begin(&self, py: Python<'_>) -> PyResult<(String, u64)> {
+        self.end_active();
+        let id = new_save_id();
+        let inner = self.inner.clone();
+        let sid = id.clone();
+        let generation = py
+            .detach(move || {
+                runtime().block_on(async move {
+                    inner.prepare().await?;
+                    inner.begin(&sid).await
+                })
+            })
+            .map_err(to_py);
+        // `begin` may have taken the lease before failing: always release.
+        *self.active.lock().unwrap_or_else(|p| p.into_inner()) = Some(id.clone());
+        match generation {
+            Ok(g) => Ok((id, g)),
+            Err(e) => {
+                self.end_active();
+                Err(e)
+            }
+        }
+    }
+
+    /// Write this rank's records under names unique to `save_id`, straight
+    /// from their memory (no copy without a codec), with the GIL released.
+    /// Returns this rank's result, opaque, for `commit` on the coordinator.
+    fn write<'py>(
+        &self,
+        py: Python<'py>,
+        rank: usize,
+        save_id: String,
+        records: Vec<PyRecord<'py>>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let mut plan = SavePlan::default();
+        let mut out = Vec::with_capacity(records.len());
+        for (name, dtype, shape, offsets, sizes, obj) in records {
+            let src = SourceBuffer(ArrayMemory::new(&obj, false)?);
+            let len = src.0.len as u64;
+            let (index, dtype, whole) = match dtype {
+                Some(d) => {
+                    let d = parse_dtype(&d)?;
+                    let region = ChunkBox::new(offsets, sizes).map_err(to_py)?;
+                    region.check_within(&shape).map_err(to_py)?;
+                    let want = region.numel() * d.size() as u64;
+                    if want != len {
+                        return Err(PyValueError::new_err(format!(
+                            "dcp: {name}: chunk ({region}) of {} needs {want} bytes, the buffer has {len}",
+                            d.name()
+                        )));
+                    }
+                    let whole = region.offsets.iter().all(|&o| o == 0) && region.sizes == shape;
+                    (WriteIndex::Chunk(region), Some(d), whole)
+                }
+                None => (WriteIndex::Bytes, None, true),
+            };
+            plan.items.push(WriteItem {
+                name: name.clone(),
+                index: index.clone(),
+                dtype,
+                shape: if dtype.is_some() { shape } else { Vec::new() },
+                nbytes: len,
+                replicated: false,
+                digest: None,
+            });
+            out.push(WriteRecord {
+                name,
+                index,
+                dtype,
+                whole,
+                data: ChunkData::from(Bytes::from_owner(src)),
+            });
+        }
+        let inner = self.inner.clone();
+        let written: RankWrite = py
+            .detach(move || runtime().block_on(inner.write_rank(rank, &save_id, out)))
+            .map_err(to_py)?;
+        let blob = postcard::to_allocvec(&(plan, written))
+            .map_err(|e| PyValueError::new_err(format!("dcp: encoding a write result: {e}")))?;
+        Ok(PyBytes::new(py, &blob))
+    }
+
+    /// On the coordinator, after every rank wrote: assemble the metadata
+    /// from every rank's result (`results[r]`: rank `r`'s, `None` for a rank
+    /// that wrote nothing), with `declared` tensors (name, dtype, shape)
+    /// recorded even without data, and commit it (compare-and-swap of
+    /// `.metadata`), remove dead files, release the lease. Returns the names
+    /// of the files removed.
+    fn commit(
+        &self,
+        py: Python<'_>,
+        save_id: String,
+        generation: u64,
+        results: Vec<Option<Vec<u8>>>,
+        declared: Vec<(String, String, Vec<u64>)>,
+        user: BTreeMap<String, String>,
+    ) -> PyResult<Vec<String>> {
+        let mut plans = Vec::with_capacity(results.len());
+        let mut writes = Vec::with_capacity(results.len());
+        for (rank, r) in results.iter().enumerate() {
+            match r {
+                Some(b) => {
+                    let (p, w): (SavePlan, RankWrite) = postcard::from_bytes(b).map_err(|e| {
+                        PyValueError::new_err(format!(
+                            "dcp: the write result of rank {rank} does not decode: {e}"
+                        ))
+                    })?;
+                    plans.push(p);
+                    writes.push(w);
+                }
+                None => {
+                    plans.push(SavePlan::default());
+                    writes.push(RankWrite::default());
+                }
+            }
+        }
+        if plans.is_empty() {
+            plans.push(SavePlan::default());
+        }
+        for (name, dtype, shape) in declared {
+            let dtype = parse_dtype(&dtype)?;
+            plans[0].declared.push(TensorDecl { name, dtype, shape });
+        }
+        let format = self.inner.format();
+        let md = assemble_metadata(&save_id, generation, &plans, writes, format, &user)
+            .map_err(to_py)?;
+        let inner = self.inner.clone();
+        let result = py.detach(move || {
+            runtime().block_on(async move {
+                let encoded = md.encode()?;
+                inner
+                    .commit(&md, &encoded)
+                    .await
+                    .map_err(|e| e.context("commit"))?;
+                Ok::<_, dcp::Error>(inner.cleanup(&md).await.unwrap_or_default())
+            })
+        });
+        self.end_active();
+        result.map_err(to_py)
+    }
+
+    /// Release the lease `begin` took, if this writer still holds it (a
+    /// save that failed before its commit). Idempotent.
+    fn end(&self, py: Python<'_>) {
+        py.detach(|| self.end_active());
+    }
+}
+
+/// The storage side of a load (`dcp._dcp.Reader`).
+#[pyclass(module = "dcp._dcp", frozen)]
+struct Reader {
+    inner: Arc<FileSystemReader>,
+    location: String,
+    metadata: Mutex<Option<Arc<Metadata>>>,
+}
+
+/// One tensor destination `read` takes: item name, the box in global
+/// coordinates (offsets, sizes), and writable memory of the saved dtype.
+type PyDest<'py> = (String, Vec<u64>, Vec<u64>, Bound<'py, PyAny>);
+
+#[pymethods]
+impl Reader {
+    #[new]
+    #[pyo3(signature = (location, storage_options=None, *, thread_count=1, verify_checksums=true))]
+    fn new(
+        location: String,
+        storage_options: Option<HashMap<String, String>>,
+        thread_count: usize,
+        verify_checksums: bool,
+    ) -> PyResult<Self> {
+        let options = ReaderOptions::default()
+            .thread_count(thread_count.max(1))
+            .verify_checksums(verify_checksums);
+        let inner = dcp::reader_with(&location, &py_storage_options(storage_options), options)
+            .map_err(to_py)?;
+        Ok(Reader {
+            inner: Arc::new(inner),
+            location,
+            metadata: Mutex::new(None),
+        })
+    }
+
+    /// The location, as given.
+    #[getter]
+    fn location(&self) -> &str {
+        &self.location
+    }
+
+    /// Read and validate `.metadata`, keep it for `read`, and return it as
+    /// a dict: `save_id`, `generation`, `world_size`, `format`, `user`, and
+    /// `items`: `(name, "tensor", dtype, shape, [(offsets, sizes), ...])` or
+    /// `(name, "bytes", length, None, None)`.
+    fn read_metadata<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let inner = self.inner.clone();
+        let md = py
+            .detach(move || {
+                runtime().block_on(async move {
+                    let b = inner.read_metadata().await?;
+                    Metadata::decode(&b)
+                })
+            })
+            .map_err(to_py)?;
+        let d = PyDict::new(py);
+        d.set_item("save_id", &md.save_id)?;
+        d.set_item("generation", md.generation)?;
+        d.set_item("world_size", md.world_size)?;
+        d.set_item("format", md.format.name())?;
+        d.set_item("user", md.user.clone())?;
+        let items = PyList::empty(py);
+        for (name, item) in &md.items {
+            match item {
+                ItemMeta::Tensor {
+                    dtype,
+                    shape,
+                    chunks,
+                } => {
+                    let cs: Vec<(Vec<u64>, Vec<u64>)> = chunks
+                        .iter()
+                        .map(|c| (c.region.offsets.clone(), c.region.sizes.clone()))
+                        .collect();
+                    items.append((name, "tensor", dtype.name(), shape.clone(), cs))?;
+                }
+                ItemMeta::Bytes { length, .. } => {
+                    items.append((name, "bytes", *length, py.None(), py.None()))?;
+                }
+            }
+        }
+        d.set_item("items", items)?;
+        *self.metadata.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(md));
+        Ok(d)
+    }
+
+    /// Fill `tensors` (each a box of a saved tensor, in global coordinates,
+    /// with writable memory of its saved dtype) and return the bytes of
+    /// `byte_items`, from the checkpoint `read_metadata` read: dcp's load
+    /// pipeline reads only what they need, coalesced, straight into the
+    /// memory, checksums verified, with the GIL released. Refuses
+    /// destinations whose memory overlaps.
+    fn read<'py>(
+        &self,
+        py: Python<'py>,
+        tensors: Vec<PyDest<'py>>,
+        byte_items: Vec<String>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let md = self
+            .metadata
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| PyValueError::new_err("dcp: read before read_metadata"))?;
+        let mut by_name: BTreeMap<String, Vec<DestChunk>> = BTreeMap::new();
+        let mut ranges = Vec::with_capacity(tensors.len());
+        for (name, offsets, sizes, obj) in tensors {
+            let buf = DestBuffer(ArrayMemory::new(&obj, true)?);
+            let (start, end) = buf.0.range();
+            if end > start {
+                ranges.push((start, end, name.clone()));
+            }
+            let region = ChunkBox::new(offsets, sizes).map_err(to_py)?;
+            by_name
+                .entry(name)
+                .or_default()
+                .push(DestChunk::provided(region, buf));
+        }
+        ranges.sort();
+        for w in ranges.windows(2) {
+            if w[1].0 < w[0].1 {
+                return Err(PyValueError::new_err(format!(
+                    "dcp: destinations of {} and {} share memory",
+                    w[0].2, w[1].2
+                )));
+            }
+        }
+        let mut dest = DestStateDict::new();
+        for (name, chunks) in by_name {
+            let (dtype, shape) = match md.item(&name) {
+                Some(ItemMeta::Tensor { dtype, shape, .. }) => (*dtype, shape.clone()),
+                Some(_) => {
+                    return Err(PyValueError::new_err(format!(
+                        "dcp: {name} is a bytes item in {}, not a tensor",
+                        self.location
+                    )))
+                }
+                None => {
+                    return Err(PyFileNotFoundError::new_err(format!(
+                        "dcp: {name} is not in the checkpoint at {}",
+                        self.location
+                    )))
+                }
+            };
+            dest.insert_tensor(name, dtype, shape, chunks)
+                .map_err(to_py)?;
+        }
+        for name in &byte_items {
+            dest.want_bytes(name.clone()).map_err(to_py)?;
+        }
+        let inner = self.inner.clone();
+        let loaded = py
+            .detach(move || {
+                let plan = LoadOptions::default().planner.plan(&md, &dest)?;
+                runtime().block_on(inner.read(md, plan, dest))
+            })
+            .map_err(to_py)?;
+        let (dest, _stats) = loaded;
+        let out = PyDict::new(py);
+        for name in &byte_items {
+            if let Some(b) = dest.bytes(name) {
+                out.set_item(name, PyBytes::new(py, b))?;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Whether this build opens `location` (torch's `validate_checkpoint_id`):
+/// it parses and its backend is compiled in. Touches no storage.
+#[pyfunction]
+fn validate_checkpoint_id(location: &str) -> bool {
+    dcp::validate_checkpoint_id(location)
+}
+
+/// The module: `dcp._dcp`.
+#[pymodule]
+fn _dcp(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Writer>()?;
+    m.add_class::<Reader>()?;
+    m.add_function(wrap_pyfunction!(validate_checkpoint_id, m)?)?;
+    Ok(())
+}

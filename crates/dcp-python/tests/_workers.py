@@ -1,0 +1,92 @@
+"""Rank bodies for the multi-process tests (spawned by torch.multiprocessing,
+so they live in an importable module)."""
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as tdcp
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
+
+import dcp.torch
+
+
+def _init(rank: int, world: int, port: int) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def originals() -> dict:
+    """The full tensors and values every test saves (the same on every rank)."""
+    g = torch.Generator().manual_seed(1234)
+    return {
+        "row": torch.randn(10, 6, generator=g),  # 10 rows over 4 ranks: 3, 3, 3, 1
+        "col": torch.randn(5, 9, generator=g).to(torch.bfloat16),
+        "rep": torch.randn(7, generator=g, dtype=torch.float64),
+        "grid": torch.randn(8, 6, generator=g),
+        "ids": torch.arange(13, dtype=torch.int64),
+        "exp_avg": torch.randn(10, 6, generator=g),
+    }
+
+
+SAVE_PLACEMENTS = {
+    "row": [Shard(0)],
+    "col": [Shard(1)],
+    "rep": [Replicate()],
+    "ids": [Shard(0)],
+    "exp_avg": [Shard(0)],
+}
+LOAD_PLACEMENTS = {
+    "row": [Shard(1)],
+    "col": [Shard(0)],
+    "rep": [Shard(0)],
+    "grid": [Replicate()],
+    "ids": [Shard(0)],
+    "exp_avg": [Replicate()],
+}
+
+
+def _state(full: dict, mesh, mesh2d, placements: dict, zero: bool) -> dict:
+    def dt(name):
+        t = torch.zeros_like(full[name]) if zero else full[name]
+        if name == "grid" and mesh2d is not None:
+            return distribute_tensor(t, mesh2d, [Shard(0), Shard(1)])
+        return distribute_tensor(t, mesh, placements[name])
+
+    return {
+        "model": {k: dt(k) for k in ("row", "col", "rep", "grid", "ids")},
+        "optim": {"state": {"exp_avg": dt("exp_avg")}, "step": 0 if zero else 42},
+        "extra": {"epoch": 0 if zero else 3, "name": "" if zero else "run-1"},
+    }
+
+
+def save_worker(rank: int, world: int, port: int, path: str, kwargs: dict) -> None:
+    _init(rank, world, port)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        mesh2d = init_device_mesh("cpu", (2, world // 2)) if world % 2 == 0 else None
+        sd = _state(originals(), mesh, mesh2d, SAVE_PLACEMENTS, zero=False)
+        tdcp.save(sd, storage_writer=dcp.torch.FileSystemWriter(path, **kwargs))
+    finally:
+        dist.destroy_process_group()
+
+
+def load_worker(rank: int, world: int, port: int, path: str) -> None:
+    _init(rank, world, port)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        full = originals()
+        sd = _state(full, mesh, None, LOAD_PLACEMENTS, zero=True)
+        tdcp.load(sd, storage_reader=dcp.torch.FileSystemReader(path))
+        for k in ("row", "col", "rep", "grid", "ids"):
+            got = sd["model"][k].full_tensor()
+            assert got.dtype == full[k].dtype, k
+            # Bit-exact: compare the bytes, not the values.
+            assert torch.equal(got.view(-1).view(torch.uint8), full[k].view(-1).view(torch.uint8)), k
+        got = sd["optim"]["state"]["exp_avg"].full_tensor()
+        assert torch.equal(got, full["exp_avg"])
+        assert sd["optim"]["step"] == 42, sd["optim"]["step"]
+        assert sd["extra"] == {"epoch": 3, "name": "run-1"}, sd["extra"]
+    finally:
+        dist.destroy_process_group()
