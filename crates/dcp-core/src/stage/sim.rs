@@ -23,6 +23,7 @@ pub struct SimDevice {
     lanes: Mutex<Vec<Sender<Job>>>,
     pool: HostPool,
     copied: AtomicU64,
+    host_copy: bool,
 }
 
 struct Job {
@@ -42,6 +43,24 @@ impl SimDevice {
         Ok(Arc::new(SimDevice {
             latency,
             bandwidth,
+            lanes: Mutex::new(Vec::new()),
+            pool: HostPool::new(),
+            copied: AtomicU64::new(0),
+            host_copy: true,
+        }))
+    }
+
+    /// Like [`SimDevice::new`], but a copy costs the host no CPU, as a
+    /// device's DMA engine does: after its simulated duration it hands out
+    /// the bytes themselves instead of copying them into a pooled buffer.
+    /// For benchmarks on machines with few cores, where a real copy on the
+    /// lane threads would compete with the writes it should overlap.
+    pub fn dma(latency: Duration, bandwidth: f64) -> Result<Arc<SimDevice>> {
+        let dev = SimDevice::new(latency, bandwidth)?;
+        Ok(Arc::new(SimDevice {
+            host_copy: false,
+            latency: dev.latency,
+            bandwidth: dev.bandwidth,
             lanes: Mutex::new(Vec::new()),
             pool: HostPool::new(),
             copied: AtomicU64::new(0),
@@ -76,6 +95,7 @@ impl SimDevice {
         while lanes.len() <= lane {
             let (tx, rx) = channel::<Job>();
             let (pool, latency, bandwidth) = (self.pool.clone(), self.latency, self.bandwidth);
+            let pool = self.host_copy.then_some(pool);
             std::thread::Builder::new()
                 .name(format!("dcp-sim-lane-{}", lanes.len()))
                 .spawn(move || run_lane(rx, pool, latency, bandwidth))
@@ -87,20 +107,27 @@ impl SimDevice {
 }
 
 /// One lane: copies in order, each finishing no earlier than the previous
-/// one's end plus its own duration.
-fn run_lane(rx: Receiver<Job>, pool: HostPool, latency: Duration, bandwidth: f64) {
+/// one's end plus its own duration; into a pooled buffer, or (no pool: a
+/// DMA-like device) handing out the bytes themselves.
+fn run_lane(rx: Receiver<Job>, pool: Option<HostPool>, latency: Duration, bandwidth: f64) {
     let mut free_at = Instant::now();
     for job in rx {
         let start = free_at.max(Instant::now());
         let end = start + latency + Duration::from_secs_f64(job.data.len() as f64 / bandwidth);
-        let mut buf = pool.take(job.data.len());
-        buf.as_mut_slice().copy_from_slice(&job.data);
+        let out = match &pool {
+            Some(pool) => {
+                let mut buf = pool.take(job.data.len());
+                buf.as_mut_slice().copy_from_slice(&job.data);
+                buf.into_bytes()
+            }
+            None => job.data,
+        };
         let now = Instant::now();
         if end > now {
             std::thread::sleep(end - now);
         }
         free_at = end;
-        let _ = job.done.send(Ok(buf.into_bytes()));
+        let _ = job.done.send(Ok(out));
     }
 }
 
