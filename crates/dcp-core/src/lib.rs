@@ -52,8 +52,8 @@ pub mod verify;
 
 pub use checkpoint::{
     is_data_file_name, load, load_with, read_metadata, save, save_with, FileSystemReader,
-    FileSystemWriter, LeaseInfo, LoadOptions, LoadResult, ReaderOptions, SaveOptions, SaveResult,
-    StorageReader, StorageWriter, WriterOptions, LEASE_FILE,
+    FileSystemWriter, LeaseInfo, LoadOptions, LoadResult, MetadataTranslator, ReaderOptions,
+    SaveOptions, SaveResult, StorageReader, StorageWriter, WriterOptions, LEASE_FILE,
 };
 pub use collective::{Collective, LocalGroup, LocalValue, Single};
 pub use dtype::DType;

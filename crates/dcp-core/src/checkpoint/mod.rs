@@ -16,6 +16,7 @@
 //! it; every rank plans and reads only what its destination needs; the
 //! outcome is agreed by an all-gather.
 
+mod foreign;
 mod fs_reader;
 mod fs_writer;
 mod lease;
@@ -26,6 +27,7 @@ mod store;
 mod versioned;
 pub(crate) mod wire;
 
+pub use foreign::MetadataTranslator;
 pub(crate) use fs_reader::located;
 pub use fs_reader::FileSystemReader;
 pub use fs_writer::{is_data_file_name, FileSystemWriter};
