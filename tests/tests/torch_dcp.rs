@@ -281,29 +281,34 @@ async fn translated_metadata_describes_the_checkpoint() {
 }
 
 /// Uncompressed tensor records are read where the tensor's bytes are, not
-/// whole: loading one row of a large-ish tensor reads far less than its
-/// record.
+/// whole archives: loading one row reads the tensor's bytes once to check
+/// the archive's CRC-32 of them, and without checksums only that row.
 #[tokio::test]
 async fn a_partial_load_reads_only_what_it_needs() {
     let store = upload("torch_save", Backend::Fs);
     let exp = expected("torch_save");
     let (dtype, shape, full) = &exp.tensors["model.embed.weight"];
     let one_row = ChunkBox::new(vec![5, 0], vec![1, shape[1]]).unwrap();
-    let mut dest = DestStateDict::new();
-    dest.want_tensor(
-        "model.embed.weight",
-        *dtype,
-        shape.clone(),
-        vec![one_row.clone()],
-    )
-    .unwrap();
-    let reader = FileSystemReader::new(store.fs(), torch_options());
-    let l = dcp_core::load_with(dest, &reader, &Single, &LoadOptions::default())
-        .await
+    for (verify, want_read) in [(true, 64 * 32 * 2), (false, shape[1] * 2)] {
+        let mut dest = DestStateDict::new();
+        dest.want_tensor(
+            "model.embed.weight",
+            *dtype,
+            shape.clone(),
+            vec![one_row.clone()],
+        )
         .unwrap();
-    let t = l.state_dict.tensor("model.embed.weight").unwrap();
-    assert_eq!(t.chunks[0].data, sub_box(full, shape, 2, &one_row));
-    assert_eq!(l.stats.bytes_read, shape[1] * 2, "one row of bf16, no more");
+        let reader = FileSystemReader::new(store.fs(), torch_options().verify_checksums(verify));
+        let l = dcp_core::load_with(dest, &reader, &Single, &LoadOptions::default())
+            .await
+            .unwrap();
+        let t = l.state_dict.tensor("model.embed.weight").unwrap();
+        assert_eq!(t.chunks[0].data, sub_box(full, shape, 2, &one_row));
+        assert_eq!(
+            l.stats.bytes_read, want_read,
+            "checksums {verify}: the tensor's bytes (to check its CRC-32) or one row of bf16, never the 5673-byte archive"
+        );
+    }
 }
 
 /// Without the torch translator, a torch checkpoint is refused with a hint,
@@ -446,12 +451,30 @@ async fn a_storage_count_that_lies_fails_load_and_verify() {
 }
 
 #[tokio::test]
-async fn a_damaged_tensor_byte_fails_verify_on_the_archive_crc() {
+async fn a_damaged_tensor_byte_fails_load_and_verify_on_the_archive_crc() {
     let store = upload("torch_save", Backend::Memory);
     let mut data = store.read_raw("__0_0.distcp").unwrap();
     let (_, at, _) = entry_in(&data[5044..5044 + 5673], "archive/data/0");
     data[5044 + at + 100] ^= 1;
     store.write_raw("__0_0.distcp", data);
+    // A load of any part of it, on one rank or resharded on three.
+    let exp = expected("torch_save");
+    let (dtype, shape, _) = &exp.tensors["model.embed.weight"];
+    for (world, sharding) in [(1, Sharding::Rows), (3, Sharding::Cols)] {
+        let dests = (0..world)
+            .map(|r| {
+                let mut d = DestStateDict::new();
+                let b = load_boxes(shape, sharding, world)[r].clone();
+                d.want_tensor("model.embed.weight", *dtype, shape.clone(), b)
+                    .unwrap();
+                d
+            })
+            .collect();
+        for e in all_err(load_ranks(store.fs(), torch_options(), dests).await, "crc") {
+            assert_eq!(e.kind(), ErrorKind::ChecksumMismatch, "{e}");
+            assert!(e.message().contains("model.embed.weight"), "{e}");
+        }
+    }
     let reader = FileSystemReader::new(store.fs(), torch_options());
     let md = dcp_core::read_metadata(&reader).await.unwrap();
     let registry = torch_options().registry;

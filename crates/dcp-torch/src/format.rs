@@ -16,7 +16,7 @@
 
 use crate::record::{self, Record};
 use dcp_core::format::SerializationFormat;
-use dcp_core::metadata::{StorageInfo, MAX_NDIM};
+use dcp_core::metadata::{AppliedTransform, StorageInfo, MAX_NDIM};
 use dcp_core::transform::Descriptor;
 use dcp_core::{
     DType, Error, ErrorKind, ExtensionFactory, FileSystem, Result, StreamEncoder,
@@ -47,6 +47,11 @@ pub struct RecordTag {
     pub dtype: Option<DType>,
     /// A tensor chunk's shape (`None` for an object).
     pub shape: Option<Vec<u64>>,
+    /// The index of `crc32/1` in the metadata's transform table, for an
+    /// uncompressed tensor record: [`TorchSaveFormat::locate`] gives the
+    /// located bytes that checksum with the CRC-32 the archive records for
+    /// them, so every load verifies them.
+    pub crc32: Option<u32>,
 }
 
 const TAG_VERSION: u8 = 1;
@@ -56,10 +61,16 @@ const TAG_VERSION: u8 = 1;
 const TAG_MAX_NDIM: usize = 30;
 
 impl RecordTag {
-    /// The encoded value: version, flags, dtype code, then the shape.
+    /// The encoded value: version, flags, dtype code, the `crc32/1`
+    /// descriptor index (4 bytes, when flagged), then the shape.
     pub fn encode(&self) -> Vec<u8> {
-        let flags = u8::from(self.object) | (u8::from(self.zstd) << 1);
+        let flags = u8::from(self.object)
+            | (u8::from(self.zstd) << 1)
+            | (u8::from(self.crc32.is_some()) << 2);
         let mut v = vec![TAG_VERSION, flags, self.dtype.map_or(0, DType::code)];
+        if let Some(i) = self.crc32 {
+            v.extend_from_slice(&i.to_le_bytes());
+        }
         match &self.shape {
             Some(s) if s.len() <= TAG_MAX_NDIM => {
                 v.push(s.len() as u8);
@@ -80,14 +91,27 @@ impl RecordTag {
                 "{TRANSFORM_NAME}: recorded value {v:02x?} is not a record tag"
             ))
         };
-        let [version, flags, dtype, ndim, rest @ ..] = v else {
+        let [version, flags, dtype, rest @ ..] = v else {
             return Err(bad());
         };
-        if *version != TAG_VERSION || *flags > 3 {
+        if *version != TAG_VERSION || *flags > 7 {
             return Err(bad());
         }
         let object = flags & 1 != 0;
         let zstd = flags & 2 != 0;
+        let (crc32, rest) = if flags & 4 != 0 {
+            match rest {
+                [a, b, c, d, rest @ ..] if !object && !zstd => {
+                    (Some(u32::from_le_bytes([*a, *b, *c, *d])), rest)
+                }
+                _ => return Err(bad()),
+            }
+        } else {
+            (None, rest)
+        };
+        let [ndim, rest @ ..] = rest else {
+            return Err(bad());
+        };
         let (dtype, shape) = if object {
             if *dtype != 0 || *ndim != u8::MAX || !rest.is_empty() {
                 return Err(bad());
@@ -117,6 +141,7 @@ impl RecordTag {
             zstd,
             dtype,
             shape,
+            crc32,
         })
     }
 }
@@ -153,7 +178,9 @@ impl SerializationFormat for TorchSaveFormat {
     /// For an uncompressed tensor record (one `torch.save/1` transform),
     /// the tensor's bytes inside the archive, checked against the record:
     /// stored entry inside the record, dtype and shape as the metadata
-    /// says, every element inside the storage. A non-contiguous view, a
+    /// says, every element inside the storage; with the archive's CRC-32
+    /// of them as a `crc32/1` checksum when the tag names that descriptor
+    /// and the bytes are the whole storage entry. A non-contiguous view, a
     /// compressed record or a non-tensor value stays where it is (`None`)
     /// and is decoded whole.
     fn locate(
@@ -184,11 +211,24 @@ impl SerializationFormat for TorchSaveFormat {
         let Some((start, len)) = rec.byte_range() else {
             return Ok(None);
         };
+        // The archive's CRC-32 covers the whole storage entry: it checks the
+        // located bytes when they are all of it (torch saves a view's own
+        // copy when its storage is larger).
+        let transforms = match tag.crc32 {
+            Some(descriptor) if rec.storage_offset == 0 && len == rec.data_len => {
+                vec![AppliedTransform {
+                    descriptor,
+                    value: rec.crc32.to_le_bytes().to_vec(),
+                    input_len: None,
+                }]
+            }
+            _ => Vec::new(),
+        };
         Ok(Some(StorageInfo {
             file: stored.file,
             offset: stored.offset + start,
             length: len,
-            transforms: Vec::new(),
+            transforms,
         }))
     }
 }
@@ -440,18 +480,21 @@ mod tests {
                 zstd: false,
                 dtype: None,
                 shape: None,
+                crc32: None,
             },
             RecordTag {
                 object: false,
                 zstd: true,
                 dtype: Some(DType::BF16),
                 shape: Some(vec![3, 0, 7]),
+                crc32: None,
             },
             RecordTag {
                 object: false,
                 zstd: false,
                 dtype: Some(DType::F32),
                 shape: None,
+                crc32: Some(7),
             },
         ] {
             assert_eq!(RecordTag::decode(&tag.encode()).unwrap(), tag);

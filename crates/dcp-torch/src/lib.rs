@@ -49,8 +49,9 @@ use dcp_core::ReaderOptions;
 use std::sync::Arc;
 
 /// Make `options` read torch DCP checkpoints: add [`TorchTranslator`] to its
-/// translators, [`TorchSaveFormat`] to its formats and [`TorchSaveFactory`]
-/// to its extension registry (each unless one of the same name is there).
+/// translators, [`TorchSaveFormat`] to its formats, and [`TorchSaveFactory`]
+/// and dcp-ext's CRC-32 (which checks the archives' CRCs on load) to its
+/// extension registry (each unless one of the same name is there).
 pub fn register(options: &mut ReaderOptions) {
     if !options
         .translators
@@ -65,5 +66,8 @@ pub fn register(options: &mut ReaderOptions) {
     }
     if !options.registry.contains(format::TRANSFORM_NAME) {
         options.registry.register(Arc::new(TorchSaveFactory));
+    }
+    if !options.registry.contains("crc32") {
+        options.registry.register(Arc::new(dcp_ext::Crc32Factory));
     }
 }

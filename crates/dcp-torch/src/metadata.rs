@@ -13,7 +13,8 @@
 //!   `torch.save` archive, with one `torch.save` transform
 //!   ([`TorchSave`](crate::format::TorchSave)) that records its dtype and
 //!   shape; empty chunks are dropped (dcp records a tensor without data
-//!   with no chunks);
+//!   with no chunks); the transform table also holds `crc32/1`, which the
+//!   format gives located tensors (the archive's CRC-32 of their bytes);
 //! * every non-tensor item becomes a dcp bytes item holding its value as
 //!   JSON; the record is read once here to learn the JSON's length;
 //! * the data files are the `relative_path`s, each checked to be a plain
@@ -38,6 +39,10 @@ use std::collections::{BTreeMap, HashMap};
 
 /// The torch extension descriptor dcp reads (`ZStandard()`).
 pub const TORCH_ZSTD: &str = "stream.zstd/1";
+/// dcp-ext's CRC-32, the checksum zip archives record for each entry.
+pub const CRC32_DESCRIPTOR: &str = "crc32/1";
+/// Where the translation puts [`CRC32_DESCRIPTOR`] in the transform table.
+pub const CRC32_INDEX: u32 = 0;
 
 /// True when `bytes` open like a torch `.metadata`: a pickle of protocol 2
 /// to 5 (`0x80` and the protocol byte), where dcp's own open with
@@ -361,7 +366,10 @@ pub fn translate(fs: &dyn FileSystem, bytes: &[u8]) -> Result<Metadata> {
     let tm = parse(bytes)?;
     let mut files: Vec<DataFile> = Vec::new();
     let mut file_index: HashMap<String, u32> = HashMap::new();
-    let mut transforms: Vec<String> = Vec::new();
+    // `crc32/1` first (CRC32_INDEX): the archives' CRC-32 of an
+    // uncompressed tensor's bytes, which the format's `locate` gives dcp
+    // to check on every load.
+    let mut transforms: Vec<String> = vec![CRC32_DESCRIPTOR.to_string()];
     let mut world = 1u32;
     // The dcp storage of a torch record, its file opened and checked.
     let mut storage_of =
@@ -434,6 +442,7 @@ pub fn translate(fs: &dyn FileSystem, bytes: &[u8]) -> Result<Metadata> {
                     zstd,
                     dtype: None,
                     shape: None,
+                    crc32: None,
                 };
                 // Placed first (file opened, bounds checked), then read.
                 let mut st = storage_of(name, s, &tag, 0)?;
@@ -480,11 +489,13 @@ pub fn translate(fs: &dyn FileSystem, bytes: &[u8]) -> Result<Metadata> {
                     if logical == 0 {
                         continue;
                     }
+                    let zstd = zstd_of(name, &s.transforms)?;
                     let tag = RecordTag {
                         object: false,
-                        zstd: zstd_of(name, &s.transforms)?,
+                        zstd,
                         dtype: Some(*dtype),
                         shape: Some(sizes.clone()),
+                        crc32: (!zstd).then_some(CRC32_INDEX),
                     };
                     out.push(ChunkMeta {
                         region,

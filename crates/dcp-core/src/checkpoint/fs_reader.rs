@@ -121,10 +121,15 @@ impl FileSystemReader {
                 mark(storage);
             }
         }
+        // A format that relocates records may give them transforms of the
+        // table the metadata's records do not use (a checksum over the
+        // located bytes): resolve those too, where the registry can.
         let mut resolved = Vec::with_capacity(md.transforms.len());
         for (i, d) in md.transforms.iter().enumerate() {
             resolved.push(if used[i] {
                 Some(self.options.registry.resolve(d)?)
+            } else if format.relocates() {
+                self.options.registry.resolve(d).ok()
             } else {
                 None
             });
