@@ -15,7 +15,9 @@
 //! * [`record`]: one `torch.save` archive: its tensor (dtype, shape,
 //!   strides, storage offset, where its bytes are) or its plain value as
 //!   JSON;
-//! * [`format`]: the hooks dcp reads records through: the
+//! * [`safetensors`]: tensors of torch's SAFETENSORS serialization format,
+//!   found in their data file's safetensors blob;
+//! * [`format`](mod@format): the hooks dcp reads records through: the
 //!   `torch-save` [`SerializationFormat`](dcp_core::SerializationFormat)
 //!   ([`TorchSaveFormat`], which points dcp at a tensor's bytes inside its
 //!   archive) and the `torch.save` stream transform ([`TorchSave`], which
@@ -41,6 +43,7 @@ pub mod format;
 pub mod metadata;
 pub mod pickle;
 pub mod record;
+pub mod safetensors;
 
 pub use format::{TorchSave, TorchSaveFactory, TorchSaveFormat};
 pub use metadata::{is_torch_metadata, TorchTranslator};

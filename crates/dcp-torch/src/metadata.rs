@@ -1,4 +1,4 @@
-//! torch DCP's `.metadata`, read with the safe [`pickle`](crate::pickle)
+//! torch DCP's `.metadata`, read with the safe [`pickle`]
 //! reader and translated into dcp's [`Metadata`].
 //!
 //! torch pickles `Metadata(state_dict_metadata, planner_data, storage_data,
@@ -11,7 +11,7 @@
 //!
 //! * every tensor chunk becomes a dcp chunk whose record is the whole
 //!   `torch.save` archive, with one `torch.save` transform
-//!   ([`TorchSave`](crate::format::TorchSave)) that records its dtype and
+//!   ([`TorchSave`]) that records its dtype and
 //!   shape; empty chunks are dropped (dcp records a tensor without data
 //!   with no chunks); the transform table also holds `crc32/1`, which the
 //!   format gives located tensors (the archive's CRC-32 of their bytes);
@@ -24,9 +24,10 @@
 //!   highest rank in the data files' names (`__{rank}_{n}.distcp`), the
 //!   generation 0, and the user metadata `torch.version`.
 //!
-//! Records of torch's SAFETENSORS serialization format are not read: torch
-//! 2.15's own reader cannot load them (every record gets offset 0), and they
-//! fail here as records that are not `torch.save` archives.
+//! Tensor records of torch's SAFETENSORS serialization format are found in
+//! their data file's safetensors blob ([`crate::safetensors`]): torch 2.15
+//! records them at the blob's offset, not their own, and its own reader
+//! cannot load them. They are plain bytes (no transform, no checksum).
 
 use crate::format::{RecordTag, TorchSave, FORMAT_NAME};
 use crate::pickle::{self, uints, Global, Object, Pickle, Value};
@@ -356,76 +357,141 @@ fn zstd_of(name: &str, transforms: &[String]) -> Result<bool> {
     }
 }
 
+/// How the tensor records of one data file are stored.
+#[derive(Debug)]
+enum FileKind {
+    /// Each a `torch.save` archive (TORCH_SAVE).
+    TorchSave,
+    /// In one safetensors blob at this offset (SAFETENSORS).
+    Safetensors(u64, crate::safetensors::Blob),
+}
+
+/// The state of one translation: the data files met so far (checked and
+/// measured once each), the transform table, the highest rank.
+struct Translation<'a> {
+    fs: &'a dyn FileSystem,
+    files: Vec<DataFile>,
+    file_index: HashMap<String, u32>,
+    kinds: HashMap<u32, FileKind>,
+    transforms: Vec<String>,
+    world: u32,
+}
+
+impl Translation<'_> {
+    /// The data file `name` (checked plain and present), by index.
+    fn file(&mut self, item: &str, name: &str) -> Result<u32> {
+        if let Some(&i) = self.file_index.get(name) {
+            return Ok(i);
+        }
+        check_file_name(name).map_err(|e| e.context(item))?;
+        let len = self.fs.file_len(name)?.ok_or_else(|| {
+            Error::new(
+                ErrorKind::NotFound,
+                format!(
+                    "{item}: data file {name} is missing from {}",
+                    self.fs.location()
+                ),
+            )
+        })?;
+        if let Some(r) = rank_of(name) {
+            self.world = self.world.max(r.saturating_add(1));
+        }
+        self.files.push(DataFile {
+            name: name.to_string(),
+            length: len,
+        });
+        let i = (self.files.len() - 1) as u32;
+        self.file_index.insert(name.to_string(), i);
+        Ok(i)
+    }
+
+    /// The torch record `s` of item `item`, inside its file, with its
+    /// `torch.save` transform.
+    fn record(
+        &mut self,
+        item: &str,
+        s: &TorchStorage,
+        tag: &RecordTag,
+        input_len: u64,
+    ) -> Result<StorageInfo> {
+        let file = self.file(item, &s.relative_path)?;
+        let flen = self.files[file as usize].length;
+        if s.offset.checked_add(s.length).is_none_or(|e| e > flen) {
+            return Err(Error::corrupt(format!(
+                "{item}: record at offset {} of {} bytes lies past the end of {} ({flen} bytes)",
+                s.offset, s.length, s.relative_path
+            )));
+        }
+        let d = TorchSave::descriptor_for(tag.zstd);
+        let descriptor = match self.transforms.iter().position(|t| *t == d) {
+            Some(i) => i as u32,
+            None => {
+                self.transforms.push(d);
+                (self.transforms.len() - 1) as u32
+            }
+        };
+        Ok(StorageInfo {
+            file,
+            offset: s.offset,
+            length: s.length,
+            transforms: vec![AppliedTransform {
+                descriptor,
+                value: tag.encode(),
+                input_len: Some(input_len),
+            }],
+        })
+    }
+
+    /// How the tensor records of `s`'s file are stored: looked at once per
+    /// file, at the first uncompressed tensor record's offset (a zip
+    /// archive, or a safetensors blob).
+    fn kind(&mut self, item: &str, s: &TorchStorage) -> Result<(u32, &FileKind)> {
+        let file = self.file(item, &s.relative_path)?;
+        if !self.kinds.contains_key(&file) {
+            let flen = self.files[file as usize].length;
+            let mut head = [0u8; 4];
+            let n = flen.saturating_sub(s.offset).min(4) as usize;
+            self.fs
+                .read_into(&s.relative_path, s.offset, &mut head[..n])
+                .map_err(|e| e.context(item))?;
+            let kind = if crate::safetensors::is_zip(&head[..n]) {
+                FileKind::TorchSave
+            } else {
+                let blob = crate::safetensors::read_blob(self.fs, &s.relative_path, flen, s.offset)
+                    .map_err(|e| {
+                        e.context(format!(
+                            "{item}: the record is neither a torch.save archive nor in a safetensors blob"
+                        ))
+                    })?;
+                FileKind::Safetensors(s.offset, blob)
+            };
+            self.kinds.insert(file, kind);
+        }
+        Ok((file, &self.kinds[&file]))
+    }
+}
+
 /// Translate torch's `.metadata` (`bytes`) into dcp's [`Metadata`], reading
-/// through `fs` the length of every data file and every non-tensor record
-/// (to know its JSON's length). Errors name the item: a missing data file
-/// is [`ErrorKind::NotFound`], a record past the end of its file, a record
-/// that is not a `torch.save` archive or a chunk without a record
-/// [`ErrorKind::Corrupt`].
+/// through `fs` the length of every data file, every non-tensor record (to
+/// know its JSON's length), and a few bytes of each data file's first
+/// tensor record (a `torch.save` archive, or torch's SAFETENSORS format,
+/// whose blob header is read once per file: see [`crate::safetensors`]).
+/// Errors name the item: a missing data file is [`ErrorKind::NotFound`], a
+/// record past the end of its file, a record that is not a `torch.save`
+/// archive or a chunk without a record [`ErrorKind::Corrupt`].
 pub fn translate(fs: &dyn FileSystem, bytes: &[u8]) -> Result<Metadata> {
     let tm = parse(bytes)?;
-    let mut files: Vec<DataFile> = Vec::new();
-    let mut file_index: HashMap<String, u32> = HashMap::new();
     // `crc32/1` first (CRC32_INDEX): the archives' CRC-32 of an
     // uncompressed tensor's bytes, which the format's `locate` gives dcp
     // to check on every load.
-    let mut transforms: Vec<String> = vec![CRC32_DESCRIPTOR.to_string()];
-    let mut world = 1u32;
-    // The dcp storage of a torch record, its file opened and checked.
-    let mut storage_of =
-        |name: &str, s: &TorchStorage, tag: &RecordTag, input_len: u64| -> Result<StorageInfo> {
-            let file = match file_index.get(&s.relative_path) {
-                Some(&i) => i,
-                None => {
-                    check_file_name(&s.relative_path).map_err(|e| e.context(name))?;
-                    let len = fs.file_len(&s.relative_path)?.ok_or_else(|| {
-                        Error::new(
-                            ErrorKind::NotFound,
-                            format!(
-                                "{name}: data file {} is missing from {}",
-                                s.relative_path,
-                                fs.location()
-                            ),
-                        )
-                    })?;
-                    if let Some(r) = rank_of(&s.relative_path) {
-                        world = world.max(r.saturating_add(1));
-                    }
-                    files.push(DataFile {
-                        name: s.relative_path.clone(),
-                        length: len,
-                    });
-                    let i = (files.len() - 1) as u32;
-                    file_index.insert(s.relative_path.clone(), i);
-                    i
-                }
-            };
-            let flen = files[file as usize].length;
-            if s.offset.checked_add(s.length).is_none_or(|e| e > flen) {
-                return Err(Error::corrupt(format!(
-                "{name}: record at offset {} of {} bytes lies past the end of {} ({flen} bytes)",
-                s.offset, s.length, s.relative_path
-            )));
-            }
-            let d = TorchSave::descriptor_for(tag.zstd);
-            let descriptor = match transforms.iter().position(|t| *t == d) {
-                Some(i) => i as u32,
-                None => {
-                    transforms.push(d);
-                    (transforms.len() - 1) as u32
-                }
-            };
-            Ok(StorageInfo {
-                file,
-                offset: s.offset,
-                length: s.length,
-                transforms: vec![AppliedTransform {
-                    descriptor,
-                    value: tag.encode(),
-                    input_len: Some(input_len),
-                }],
-            })
-        };
+    let mut t = Translation {
+        fs,
+        files: Vec::new(),
+        file_index: HashMap::new(),
+        kinds: HashMap::new(),
+        transforms: vec![CRC32_DESCRIPTOR.to_string()],
+        world: 1,
+    };
     let mut items = Vec::with_capacity(tm.items.len());
     let mut used = 0usize;
     for (name, item) in &tm.items {
@@ -445,7 +511,7 @@ pub fn translate(fs: &dyn FileSystem, bytes: &[u8]) -> Result<Metadata> {
                     crc32: None,
                 };
                 // Placed first (file opened, bounds checked), then read.
-                let mut st = storage_of(name, s, &tag, 0)?;
+                let mut st = t.record(name, s, &tag, 0)?;
                 let mut buf = vec![0u8; s.length as usize];
                 fs.read_into(&s.relative_path, s.offset, &mut buf)
                     .map_err(|e| e.context(name))?;
@@ -470,6 +536,7 @@ pub fn translate(fs: &dyn FileSystem, bytes: &[u8]) -> Result<Metadata> {
                 chunks,
             } => {
                 let mut out = Vec::with_capacity(chunks.len());
+                let mut blob_keys = std::collections::HashSet::new();
                 for (offsets, sizes) in chunks {
                     let region = ChunkBox::new(offsets.clone(), sizes.clone())
                         .map_err(|e| Error::corrupt(format!("{name}: {}", e.message())))?;
@@ -490,17 +557,40 @@ pub fn translate(fs: &dyn FileSystem, bytes: &[u8]) -> Result<Metadata> {
                         continue;
                     }
                     let zstd = zstd_of(name, &s.transforms)?;
-                    let tag = RecordTag {
-                        object: false,
-                        zstd,
-                        dtype: Some(*dtype),
-                        shape: Some(sizes.clone()),
-                        crc32: (!zstd).then_some(CRC32_INDEX),
+                    let storage = match if zstd { None } else { Some(t.kind(name, s)?) } {
+                        Some((file, FileKind::Safetensors(at, blob))) => {
+                            if s.offset != *at {
+                                return Err(Error::corrupt(format!(
+                                    "{name}: record at offset {} of {}, whose tensors are in the safetensors blob at {at}",
+                                    s.offset, s.relative_path
+                                )));
+                            }
+                            if !blob_keys.insert(file) {
+                                return Err(Error::corrupt(format!(
+                                    "{name}: several chunks in the safetensors blob of {}, which keys tensors by name",
+                                    s.relative_path
+                                )));
+                            }
+                            let e = blob.find(name, *dtype, offsets, sizes, logical)?;
+                            StorageInfo {
+                                file,
+                                offset: e.offset,
+                                length: e.length,
+                                transforms: Vec::new(),
+                            }
+                        }
+                        _ => {
+                            let tag = RecordTag {
+                                object: false,
+                                zstd,
+                                dtype: Some(*dtype),
+                                shape: Some(sizes.clone()),
+                                crc32: (!zstd).then_some(CRC32_INDEX),
+                            };
+                            t.record(name, s, &tag, logical)?
+                        }
                     };
-                    out.push(ChunkMeta {
-                        region,
-                        storage: storage_of(name, s, &tag, logical)?,
-                    });
+                    out.push(ChunkMeta { region, storage });
                 }
                 items.push((
                     name.clone(),
@@ -544,10 +634,10 @@ pub fn translate(fs: &dyn FileSystem, bytes: &[u8]) -> Result<Metadata> {
     }
     let md = Metadata {
         save_id,
-        world_size: world,
+        world_size: t.world,
         format: FormatKind::from_name(FORMAT_NAME),
-        files,
-        transforms,
+        files: t.files,
+        transforms: t.transforms,
         items,
         user,
         generation: 0,

@@ -9,7 +9,7 @@
 //! `('storage', torch.<Type>Storage, key, location, numel)`.
 //!
 //! [`parse`] reads the archive's directory and `data.pkl` (with the safe
-//! [`pickle`](crate::pickle) reader) and checks everything the tensor's
+//! [`pickle`] reader) and checks everything the tensor's
 //! bytes depend on: the storage entry is stored, lies inside the record and
 //! holds exactly `numel` elements of the storage's dtype, and every element
 //! the view reaches lies inside the storage. A non-tensor value must be
