@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Load a checkpoint written by torch.distributed.checkpoint three ways and
-time each: dcp (dcp-torch), a raw read of the same data files, and torch's own
-FileSystemReader. Needs torch (CPU is enough) and a release build of the
+time each: dcp (dcp-torch; with the archives' CRC-32 checked, and without),
+a raw read of the same data files, and torch's own FileSystemReader. Needs torch (CPU is enough) and a release build of the
 example `load_bench` of the dcp-torch crate.
 
     cargo build --release -p dcp-torch --example load_bench
@@ -67,7 +67,7 @@ def torch_load(d, args):
 
 
 def example(d, mode, args, exe):
-    extra = [str(args.ranks), str(args.threads)] if mode == "dcp" else [str(args.threads)]
+    extra = [str(args.ranks), str(args.threads)] if mode.startswith("dcp") else [str(args.threads)]
     out = subprocess.run([exe, d, mode] + extra, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["seconds"]
 
@@ -94,6 +94,7 @@ def main():
     nbytes = sum(os.path.getsize(f) for f in data_files(d))
     contenders = {
         "dcp": lambda: example(d, "dcp", args, args.exe),
+        "dcp-nocrc": lambda: example(d, "dcp-nocrc", args, args.exe),
         "raw": lambda: example(d, "raw", args, args.exe),
         "torch": lambda: torch_load(d, args),
     }
@@ -108,11 +109,13 @@ def main():
             results[(cache, name)] = med
             print(json.dumps({"contender": name, "cache": cache, "median_s": round(med, 4),
                               "gb_per_s": round(nbytes / med / 1e9, 3), "runs_s": [round(t, 4) for t in times],
-                              "bytes": nbytes, "ranks": args.ranks if name == "dcp" else 1}))
+                              "bytes": nbytes, "ranks": args.ranks if name.startswith("dcp") else 1}))
     for cache in ("warm", "cold"):
-        raw, mine, theirs = (results[(cache, n)] for n in ("raw", "dcp", "torch"))
-        print(f"# {cache}: dcp at {raw / mine:.2f} of a raw read, {theirs / mine:.2f}x torch's FileSystemReader",
-              file=sys.stderr)
+        raw, theirs = results[(cache, "raw")], results[(cache, "torch")]
+        for n in ("dcp", "dcp-nocrc"):
+            mine = results[(cache, n)]
+            print(f"# {cache}: {n} at {raw / mine:.2f} of a raw read, {theirs / mine:.2f}x torch's FileSystemReader",
+                  file=sys.stderr)
 
 
 if __name__ == "__main__":
