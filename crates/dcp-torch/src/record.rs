@@ -11,8 +11,10 @@
 //! [`parse`] reads the archive's directory and `data.pkl` (with the safe
 //! [`pickle`] reader) and checks everything the tensor's
 //! bytes depend on: the storage entry is stored, lies inside the record and
-//! holds exactly `numel` elements of the storage's dtype, and every element
-//! the view reaches lies inside the storage. A non-tensor value must be
+//! holds exactly `numel` elements of the storage's dtype, the view has at
+//! most as many elements as the storage (so a record never decodes to more
+//! bytes than it holds), and every element the view reaches lies inside
+//! the storage. A non-tensor value must be
 //! plain data ([`Pickle::to_json`](crate::pickle::Pickle::to_json)). Errors
 //! are [`ErrorKind::Corrupt`](dcp_core::ErrorKind::Corrupt) for a record
 //! that lies and [`ErrorKind::Unsupported`](dcp_core::ErrorKind::Unsupported)
@@ -287,6 +289,14 @@ pub fn parse<R: Read + Seek>(reader: R, len: u64) -> Result<Record> {
         .iter()
         .try_fold(1u64, |a, &s| a.checked_mul(s))
         .ok_or_else(|| Error::corrupt(format!("tensor size {shape:?} overflows")))?;
+    // torch DCP saves a view's own copy when it does not cover its storage
+    // exactly, so a record never repeats storage elements (stride 0); such
+    // a view would also decode to more bytes than the record holds.
+    if count > numel {
+        return Err(Error::corrupt(format!(
+            "tensor of size {shape:?} has {count} elements over a storage of {numel}: it repeats elements"
+        )));
+    }
     if count > 0 {
         let last = shape
             .iter()
@@ -405,6 +415,65 @@ mod tests {
         assert!(rec(vec![0, 4], vec![4, 1], 0).gather(&storage).is_empty());
         // Size-1 dimensions may have any stride.
         assert!(rec(vec![1, 4], vec![99, 1], 0).is_contiguous());
+    }
+
+    /// A `torch.save` archive of a float32 view over a 6-element storage,
+    /// as torch writes it (protocol 2, stored entries).
+    fn archive(size: &[u8], stride: &[u8], offset: u8) -> Vec<u8> {
+        use std::io::Write;
+        let mut pkl =
+            b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storage".to_vec();
+        pkl.extend_from_slice(
+            b"ctorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x06tQK",
+        );
+        pkl.push(offset);
+        pkl.extend_from_slice(size);
+        pkl.extend_from_slice(stride);
+        pkl.extend_from_slice(b"\x89ccollections\nOrderedDict\n)RtR.");
+        let data: Vec<u8> = (0..6u32).flat_map(|i| (i as f32).to_le_bytes()).collect();
+        let mut w = zip::ZipWriter::new(Cursor::new(Vec::new()));
+        let o = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored);
+        w.start_file("archive/data.pkl", o).unwrap();
+        w.write_all(&pkl).unwrap();
+        w.start_file("archive/data/0", o).unwrap();
+        w.write_all(&data).unwrap();
+        w.finish().unwrap().into_inner()
+    }
+
+    fn floats(b: &[u8]) -> Vec<f32> {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn archives_decode_through_their_strides() {
+        // (2, 3) row-major, its transpose (3, 2) with strides (1, 3), and a
+        // column at offset 1 with stride 3.
+        let (r, b) = decode(&archive(b"K\x02K\x03\x86", b"K\x03K\x01\x86", 0)).unwrap();
+        assert!(matches!(r, Record::Tensor(ref t) if t.is_contiguous()));
+        assert_eq!(floats(&b.unwrap()), vec![0., 1., 2., 3., 4., 5.]);
+        let (_, b) = decode(&archive(b"K\x03K\x02\x86", b"K\x01K\x03\x86", 0)).unwrap();
+        assert_eq!(floats(&b.unwrap()), vec![0., 3., 1., 4., 2., 5.]);
+        let (_, b) = decode(&archive(b"K\x02\x85", b"K\x03\x85", 1)).unwrap();
+        assert_eq!(floats(&b.unwrap()), vec![1., 4.]);
+    }
+
+    #[test]
+    fn views_that_lie_about_their_storage_are_refused() {
+        // 16 elements of stride 0 over a storage of 6: repeated elements.
+        let e = decode(&archive(b"K\x10\x85", b"K\x00\x85", 0)).unwrap_err();
+        assert!(e.message().contains("repeats elements"), "{e}");
+        // A (2, 3) view starting at element 1 reaches element 6.
+        let e = decode(&archive(b"K\x02K\x03\x86", b"K\x03K\x01\x86", 1)).unwrap_err();
+        assert!(e.message().contains("reaches past its storage"), "{e}");
+        // A damaged storage byte fails the entry's CRC-32.
+        let mut a = archive(b"K\x02K\x03\x86", b"K\x03K\x01\x86", 0);
+        let at = a.windows(4).position(|w| w == 2f32.to_le_bytes()).unwrap();
+        a[at] ^= 1;
+        let e = decode(&a).unwrap_err();
+        assert_eq!(e.kind(), dcp_core::ErrorKind::ChecksumMismatch, "{e}");
     }
 
     #[test]
