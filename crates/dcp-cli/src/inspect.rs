@@ -1,10 +1,11 @@
 //! `dcp inspect`: what a checkpoint holds and where, from its metadata alone
-//! (no data file is read).
+//! (no data file is read; a torch DCP checkpoint's non-tensor records are,
+//! to learn the length of their JSON).
 
 use crate::{human_bytes, location::open_location, CliError};
 use clap::Args;
 use dcp_core::metadata::{ItemMeta, StorageInfo};
-use dcp_core::{FileSystemReader, Metadata, ReaderOptions};
+use dcp_core::{FileSystemReader, Metadata};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -107,7 +108,7 @@ pub struct FileReport {
 /// Run `dcp inspect`.
 pub fn run(args: InspectArgs) -> Result<ExitCode, CliError> {
     let fs = open_location(&args.path)?;
-    let reader = FileSystemReader::new(fs.clone(), ReaderOptions::default());
+    let reader = FileSystemReader::new(fs.clone(), crate::reader_options());
     let md = crate::runtime()?.block_on(dcp_core::read_metadata(&reader))?;
     let report = InspectReport::new(fs.location(), &md);
     if args.json {

@@ -35,6 +35,7 @@ macro_rules! outln {
 }
 
 pub mod bench;
+pub mod convert;
 pub mod demo;
 pub mod inspect;
 pub mod location;
@@ -43,7 +44,7 @@ pub mod mpi;
 pub mod verify;
 
 use clap::{Parser, Subcommand};
-use dcp_core::ExtensionRegistry;
+use dcp_core::{ExtensionRegistry, ReaderOptions};
 use std::fmt;
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -54,7 +55,7 @@ use std::time::Instant;
 #[command(
     name = "dcp",
     version,
-    about = "Distributed checkpoints: demo, inspect, verify."
+    about = "Distributed checkpoints: demo, inspect, verify, convert."
 )]
 pub struct Cli {
     /// The command to run.
@@ -75,6 +76,9 @@ pub enum Command {
     /// Measure save, load and resharded load against the raw speed of the
     /// disk (the same bytes written and read with plain file I/O).
     Bench(bench::BenchArgs),
+    /// Write a checkpoint (dcp's, or one written by torch.distributed.checkpoint)
+    /// out as a dcp checkpoint, for N ranks.
+    Convert(convert::ConvertArgs),
 }
 
 /// An error of a `dcp` command: a message for people and an exit status.
@@ -127,6 +131,17 @@ impl From<dcp_core::Error> for CliError {
 /// this one function.
 pub fn registry() -> ExtensionRegistry {
     dcp::default_registry()
+}
+
+/// The reader options every command that reads a checkpoint uses: this
+/// build's transforms ([`registry`]) and the readers of other tools'
+/// checkpoints ([`dcp::add_foreign_readers`]: torch DCP's), so `inspect`,
+/// `verify` and `convert` accept a checkpoint written by
+/// `torch.distributed.checkpoint` as they accept dcp's.
+pub fn reader_options() -> ReaderOptions {
+    let mut o = ReaderOptions::default().registry(registry());
+    dcp::add_foreign_readers(&mut o);
+    o
 }
 
 /// Phase lines on stderr, printed only when stderr is a terminal.
@@ -220,6 +235,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Inspect(a) => inspect::run(a),
         Command::Verify(a) => verify::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Convert(a) => convert::run(a),
     };
     match result {
         Ok(code) => code,

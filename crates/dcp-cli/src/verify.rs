@@ -4,7 +4,7 @@
 
 use crate::{human_bytes, location::open_location, CliError};
 use clap::Args;
-use dcp_core::{FileSystemReader, ReaderOptions};
+use dcp_core::FileSystemReader;
 use std::process::ExitCode;
 
 /// Arguments of `dcp verify`.
@@ -25,11 +25,9 @@ pub struct VerifyArgs {
 /// otherwise.
 pub fn run(args: VerifyArgs) -> Result<ExitCode, CliError> {
     let fs = open_location(&args.path)?;
-    let registry = crate::registry();
-    let reader = FileSystemReader::new(
-        fs.clone(),
-        ReaderOptions::default().registry(registry.clone()),
-    );
+    let options = crate::reader_options();
+    let registry = options.registry.clone();
+    let reader = FileSystemReader::new(fs.clone(), options);
     let rt = crate::runtime()?;
     let md = rt.block_on(dcp_core::read_metadata(&reader))?;
     let checksums = !args.no_checksums;

@@ -75,7 +75,7 @@ mod zstd_codec;
 pub use crc::{Crc32, Crc32Factory};
 pub use dcp_core::transform::{Crc32c, Crc32cFactory};
 pub use lz4_codec::{Lz4, Lz4Factory};
-pub use zstd_codec::{Zstd, ZstdFactory};
+pub use zstd_codec::{decompress_at_most, Zstd, ZstdFactory};
 
 use dcp_core::{Error, ExtensionFactory, ExtensionRegistry, Result, StreamTransformExtension};
 use std::sync::Arc;

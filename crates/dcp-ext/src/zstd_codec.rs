@@ -155,17 +155,35 @@ thread_local! {
 /// zstd's one-shot decoder writes only into that buffer (no window buffer),
 /// so a bomb or a corrupt frame cannot make it allocate more.
 fn decompress_bounded(input: &[u8], expected_len: usize) -> Result<Vec<u8>> {
+    let out = decompress_at_most(input, expected_len)?;
+    if out.len() == expected_len {
+        Ok(out)
+    } else {
+        Err(Error::corrupt(format!(
+            "zstd/1: stream decodes to {} bytes, expected {expected_len}",
+            out.len()
+        )))
+    }
+}
+
+/// Decompress the zstd frames of `input` (any zstd stream: dcp's `zstd/1`
+/// records, torch's `stream.zstd/1`) into a buffer of capacity `max_len`,
+/// for callers that know a bound on the output but not its exact length.
+/// zstd's one-shot decoder writes only into that buffer, so a bomb cannot
+/// make it allocate more; a stream that decodes to more than `max_len`
+/// bytes, or is corrupt, is an [`ErrorKind::Corrupt`] error.
+pub fn decompress_at_most(input: &[u8], max_len: usize) -> Result<Vec<u8>> {
     const NAME: &str = "zstd/1";
     let corrupt = |why: String| Error::corrupt(format!("{NAME}: {why}"));
     // A frame that declares its size lets us refuse early with both numbers.
     if let Ok(Some(declared)) = zstd_safe::get_frame_content_size(input) {
-        if declared > expected_len as u64 {
+        if declared > max_len as u64 {
             return Err(corrupt(format!(
-                "stream declares {declared} decoded bytes, expected {expected_len}"
+                "stream declares {declared} decoded bytes, at most {max_len} expected"
             )));
         }
     }
-    let mut out = with_capacity(NAME, expected_len)?;
+    let mut out = with_capacity(NAME, max_len)?;
     let res = DCTX.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
@@ -185,15 +203,12 @@ fn decompress_bounded(input: &[u8], expected_len: usize) -> Result<Vec<u8>> {
         Ok(r)
     })?;
     match res {
-        Ok(n) if n == expected_len => Ok(out),
-        Ok(n) => Err(corrupt(format!(
-            "stream decodes to {n} bytes, expected {expected_len}"
-        ))),
+        Ok(_) => Ok(out),
         Err(code) => {
             let name = zstd_safe::get_error_name(code);
             if name.contains("too small") {
                 Err(corrupt(format!(
-                    "stream decodes to more than the expected {expected_len} bytes"
+                    "stream decodes to more than the expected {max_len} bytes"
                 )))
             } else {
                 Err(corrupt(format!(

@@ -12,7 +12,10 @@
 //! * [`writer`] / [`writer_with`]: a [`FileSystemWriter`] for a location;
 //! * [`reader`] / [`reader_with`]: a [`FileSystemReader`] for a location that
 //!   resolves every transform this build ships ([`default_registry`]), so a
-//!   compressed or checksummed checkpoint loads with default options;
+//!   compressed or checksummed checkpoint loads with default options, and
+//!   (feature `torch`) reads a checkpoint written by
+//!   `torch.distributed.checkpoint` as well, recognized by its `.metadata`
+//!   (a pickle where dcp's opens with `DCPMETA`);
 //! * [`open`]: the location's [`FileSystem`] itself;
 //! * [`validate_checkpoint_id`]: whether this build can open a location
 //!   (torch's `validate_checkpoint_id`).
@@ -128,6 +131,11 @@ pub use dcp_fsspec as fsspec;
 /// `mpi`).
 #[cfg(feature = "mpi")]
 pub use dcp_mpi as mpi;
+
+/// Checkpoints written by `torch.distributed.checkpoint`: the dcp-torch
+/// crate (feature `torch`), which [`reader`] registers.
+#[cfg(feature = "torch")]
+pub use dcp_torch as torch;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -281,8 +289,10 @@ pub fn reader(location: &str, options: ReaderOptions) -> Result<FileSystemReader
 /// `storage_options` (see [`open`]). Every factory of [`default_registry`]
 /// whose name `options.registry` lacks is added to it (the caller's own
 /// factories win), so a checkpoint saved with dcp-ext's compression or
-/// checksums loads with [`ReaderOptions::default`]. Refuses what [`open`]
-/// refuses.
+/// checksums loads with [`ReaderOptions::default`]. With the `torch`
+/// feature it also reads checkpoints written by
+/// `torch.distributed.checkpoint` ([`add_foreign_readers`]). Refuses what
+/// [`open`] refuses.
 pub fn reader_with(
     location: &str,
     storage_options: &HashMap<String, String>,
@@ -291,7 +301,19 @@ pub fn reader_with(
     let fs = open(location, storage_options)?;
     let mut options = options;
     add_default_extensions(&mut options.registry);
+    add_foreign_readers(&mut options);
     Ok(FileSystemReader::new(fs, options))
+}
+
+/// Make `options` read the checkpoints of other tools this build knows:
+/// with the `torch` feature, `torch.distributed.checkpoint`'s
+/// ([`dcp_torch::register`]: its metadata translator, record format and
+/// transform). Without it, nothing.
+pub fn add_foreign_readers(options: &mut ReaderOptions) {
+    #[cfg(feature = "torch")]
+    dcp_torch::register(options);
+    #[cfg(not(feature = "torch"))]
+    let _ = options;
 }
 
 /// The factories of every transform the enabled crates ship: dcp-ext's
@@ -348,6 +370,39 @@ mod tests {
         assert!(!validate_checkpoint_id("ftp://h/x"));
         assert!(!validate_checkpoint_id("file://relative"));
         assert!(!validate_checkpoint_id(""));
+    }
+
+    /// `dcp::reader` picks torch's reader by the `.metadata` it finds: the
+    /// zstd fixture written by torch 2.15 loads with default options.
+    #[cfg(all(feature = "torch", feature = "fs"))]
+    #[test]
+    fn reader_recognizes_a_torch_checkpoint() {
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/torch-dcp-2.15/torch_save_zstd/ckpt"
+        );
+        let r = reader(dir, ReaderOptions::default()).unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let md = rt.block_on(read_metadata(&r)).unwrap();
+        assert_eq!(md.format.name(), "torch-save");
+        let mut dest = DestStateDict::new();
+        dest.want_bytes("optim.name").unwrap();
+        dest.want_tensor(
+            "optim.hist.1",
+            DType::F32,
+            vec![2, 3],
+            vec![ChunkBox::full(&[2, 3])],
+        )
+        .unwrap();
+        let l = rt.block_on(load(dest, &r, &Single)).unwrap();
+        assert_eq!(l.state_dict.bytes("optim.name").unwrap(), b"\"adamw\"");
+        let hist: Vec<f32> = l.state_dict.tensor("optim.hist.1").unwrap().chunks[0]
+            .data
+            .as_slice()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        assert_eq!(hist, vec![0.0, 2.0, 4.0, 6.0, 8.0, 10.0]);
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! [`FileSystemReader`]: the reader of the design (torch's
 //! `FileSystemReader`) over any [`FileSystem`].
 
+use crate::checkpoint::MetadataTranslator;
 use crate::checkpoint::{ReaderOptions, StorageReader};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::SerializationFormat;
-use crate::metadata::{ItemMeta, Metadata, StorageInfo, MAX_METADATA_LEN};
+use crate::metadata::{ItemMeta, Metadata, StorageInfo, MAGIC, MAX_METADATA_LEN};
 use crate::model::DestStateDict;
 use crate::pipeline::blocking;
 use crate::pipeline::read::{read_plan, ReadConfig, ReadStats};
@@ -44,22 +45,29 @@ impl StorageReader for FileSystemReader {
         self.fs.location()
     }
 
+    /// The bytes of `.metadata`; a checkpoint of another tool that one of
+    /// [`ReaderOptions::translators`] recognizes comes back translated, as
+    /// dcp's encoded [`Metadata`].
     async fn read_metadata(&self) -> Result<Vec<u8>> {
         let fs = self.fs.clone();
+        let translators = self.options.translators.clone();
         blocking(move || {
-            fs.read_small(METADATA_FILE, MAX_METADATA_LEN).map_err(|e| {
-                if e.kind() == ErrorKind::NotFound {
-                    Error::new(
-                        ErrorKind::NotFound,
-                        format!(
-                            "no checkpoint at {}: {METADATA_FILE} is missing",
-                            fs.location()
-                        ),
-                    )
-                } else {
-                    e
-                }
-            })
+            let bytes = fs
+                .read_small(METADATA_FILE, MAX_METADATA_LEN)
+                .map_err(|e| {
+                    if e.kind() == ErrorKind::NotFound {
+                        Error::new(
+                            ErrorKind::NotFound,
+                            format!(
+                                "no checkpoint at {}: {METADATA_FILE} is missing",
+                                fs.location()
+                            ),
+                        )
+                    } else {
+                        e
+                    }
+                })?;
+            translate_foreign(fs.as_ref(), &translators, bytes)
         })
         .await
     }
@@ -113,10 +121,15 @@ impl FileSystemReader {
                 mark(storage);
             }
         }
+        // A format that relocates records may give them transforms of the
+        // table the metadata's records do not use (a checksum over the
+        // located bytes): resolve those too, where the registry can.
         let mut resolved = Vec::with_capacity(md.transforms.len());
         for (i, d) in md.transforms.iter().enumerate() {
             resolved.push(if used[i] {
                 Some(self.options.registry.resolve(d)?)
+            } else if format.relocates() {
+                self.options.registry.resolve(d).ok()
             } else {
                 None
             });
@@ -184,4 +197,37 @@ pub(crate) fn located(
         }
     }
     Ok(Arc::new(out))
+}
+
+/// `bytes` as they are when they are dcp's metadata; otherwise translated
+/// by the first of `translators` that recognizes them and encoded as dcp's.
+/// A pickle no translator takes is refused with a hint (a torch DCP
+/// checkpoint read by a build without torch support).
+fn translate_foreign(
+    fs: &dyn FileSystem,
+    translators: &[Arc<dyn MetadataTranslator>],
+    bytes: Vec<u8>,
+) -> Result<Vec<u8>> {
+    if bytes.starts_with(&MAGIC) {
+        return Ok(bytes);
+    }
+    if let Some(t) = translators.iter().find(|t| t.recognizes(&bytes)) {
+        let md = t.translate(fs, &bytes).map_err(|e| {
+            e.context(format!(
+                "{}: reading a {} checkpoint",
+                fs.location(),
+                t.name()
+            ))
+        })?;
+        return md.encode();
+    }
+    if bytes.len() >= 2 && bytes[0] == 0x80 && bytes[1] <= 5 {
+        return Err(Error::unsupported(format!(
+            "{}: {METADATA_FILE} is a Python pickle (a torch.distributed.checkpoint checkpoint?), \
+             and this reader has no translator for it; open it with the dcp crate's `torch` feature \
+             (dcp::reader), or add dcp_torch's translator to ReaderOptions::translators",
+            fs.location()
+        )));
+    }
+    Ok(bytes)
 }

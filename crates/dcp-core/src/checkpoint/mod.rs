@@ -17,6 +17,7 @@
 //! outcome is agreed by an all-gather.
 
 mod async_save;
+mod foreign;
 mod fs_reader;
 mod fs_writer;
 mod lease;
@@ -29,6 +30,7 @@ mod versioned;
 pub(crate) mod wire;
 
 pub use async_save::{AsyncSave, AsyncSaver, WhenBusy};
+pub use foreign::MetadataTranslator;
 pub(crate) use fs_reader::located;
 pub use fs_reader::FileSystemReader;
 pub use fs_writer::{is_data_file_name, FileSystemWriter};

@@ -6,6 +6,7 @@
 //! `WriterOptions::default().thread_count(4).sync_files(false)`. The fields
 //! stay public to read, and to set on a value you already have.
 
+use crate::checkpoint::MetadataTranslator;
 use crate::format::{FormatRegistry, Raw, SerializationFormat};
 use crate::plan::{DefaultLoadPlanner, DefaultSavePlanner, LoadPlanner, SavePlanner};
 use crate::transform::{Crc32c, ExtensionRegistry, StreamTransformExtension};
@@ -164,6 +165,11 @@ pub struct ReaderOptions {
     /// Records shorter than this are read in coalesced requests with their
     /// neighbours (then copied) instead of one request each. Default 256 KiB.
     pub small_record: u64,
+    /// Readers of checkpoints written by other tools, asked in order when
+    /// `.metadata` is not dcp's (see [`MetadataTranslator`]). Default: none
+    /// (such a checkpoint is refused); the `dcp` facade's readers add
+    /// torch's with its `torch` feature.
+    pub translators: Vec<Arc<dyn MetadataTranslator>>,
 }
 
 impl Default for ReaderOptions {
@@ -176,6 +182,7 @@ impl Default for ReaderOptions {
             coalesce_gap: 4096,
             max_request: 64 << 20,
             small_record: 256 * 1024,
+            translators: Vec::new(),
         }
     }
 }
@@ -195,6 +202,8 @@ setters!(ReaderOptions {
     max_request: u64,
     /// Set [`ReaderOptions::small_record`].
     small_record: u64,
+    /// Set [`ReaderOptions::translators`].
+    translators: Vec<Arc<dyn MetadataTranslator>>,
 });
 
 /// Options of [`save_with`](crate::save_with).

@@ -114,7 +114,11 @@ pub trait SerializationFormat: Send + Sync + fmt::Debug {
     /// Reading records back: where the bytes of the record the metadata
     /// records as `stored` in data file `file` really are, reading the file
     /// through `fs` if needed (a container format finds its payload). `None`
-    /// keeps the metadata's location. Called only when
+    /// keeps the metadata's location. The located record's transforms may
+    /// name any descriptor of the metadata's table (a checksum the container
+    /// records over its payload); readers resolve the whole table for a
+    /// format that relocates, and a descriptor they cannot resolve fails
+    /// the read of such a record. Called only when
     /// [`SerializationFormat::relocates`] is true, once per record a load
     /// reads; a record that is not where the format expects is an error of
     /// kind [`ErrorKind::Corrupt`] naming the file and offset.

@@ -1,0 +1,139 @@
+//! `dcp convert SRC --to-dcp OUT [--ranks N]`: write a checkpoint out as a
+//! dcp checkpoint. SRC is anything `dcp::reader` reads: a dcp checkpoint, or
+//! one written by `torch.distributed.checkpoint` (its non-tensor values
+//! become bytes items holding JSON). N simulated ranks (default 1) each load
+//! their row shard (`Shard(0)`, torch's split) of every tensor, and save it:
+//! the output holds every tensor split by rows into N records, under the
+//! same flattened names (`model.layers.0.attn.q.weight`, `optim.hist.0`).
+
+use crate::{human_bytes, location::open_location, CliError};
+use bytes::Bytes;
+use clap::Args;
+use dcp_core::local::run_ranks;
+use dcp_core::metadata::ItemMeta;
+use dcp_core::placement::{DeviceMesh, Placement};
+use dcp_core::{
+    ChunkBox, Collective, DestItem, DestStateDict, Error, FileSystemReader, FileSystemWriter,
+    StateDict, TensorChunk, WriterOptions,
+};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Arguments of `dcp convert`.
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    /// The checkpoint to convert: a path or a URL.
+    pub src: String,
+    /// Write it as a dcp checkpoint at this location (a path or a URL).
+    #[arg(long = "to-dcp", value_name = "OUT")]
+    pub to_dcp: String,
+    /// Ranks to write it as: each tensor is split by rows over them.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub ranks: u32,
+}
+
+/// The row shard of a tensor of `shape` that `rank` of `n` holds (torch's
+/// `Shard(0)`); a scalar is held whole by rank 0.
+fn row_box(shape: &[u64], n: usize, rank: usize) -> dcp_core::Result<Vec<ChunkBox>> {
+    if shape.is_empty() {
+        return Ok(if rank == 0 {
+            vec![ChunkBox::full(shape)]
+        } else {
+            Vec::new()
+        });
+    }
+    let mesh = DeviceMesh::new(vec![n])?;
+    Ok(mesh
+        .local_box(shape, &[Placement::Shard(0)], rank)?
+        .into_iter()
+        .collect())
+}
+
+/// Run `dcp convert`: one summary line and exit 0, or an error naming what
+/// failed (the source's item, the output location).
+pub fn run(args: ConvertArgs) -> Result<ExitCode, CliError> {
+    let src = open_location(&args.src)?;
+    let out = open_location(&args.to_dcp)?;
+    let reader = Arc::new(FileSystemReader::new(src.clone(), crate::reader_options()));
+    let writer = Arc::new(FileSystemWriter::new(
+        out.clone(),
+        WriterOptions::default().overwrite(false),
+    )?);
+    let rt = crate::runtime()?;
+    let md = Arc::new(rt.block_on(dcp_core::read_metadata(reader.as_ref()))?);
+    let n = args.ranks as usize;
+    let started = Instant::now();
+    let task_md = md.clone();
+    let results = rt.block_on(run_ranks(n, Duration::from_secs(24 * 3600), move |g| {
+        let (md, reader, writer) = (task_md.clone(), reader.clone(), writer.clone());
+        async move {
+            let rank = g.rank();
+            let mut dest = DestStateDict::new();
+            for (name, item) in &md.items {
+                match item {
+                    ItemMeta::Tensor { dtype, shape, .. } => dest.want_tensor(
+                        name.clone(),
+                        *dtype,
+                        shape.clone(),
+                        row_box(shape, n, rank)?,
+                    )?,
+                    ItemMeta::Bytes { .. } if rank == 0 => dest.want_bytes(name.clone())?,
+                    ItemMeta::Bytes { .. } => {}
+                }
+            }
+            let loaded = dcp_core::load(dest, reader.as_ref(), &g).await?;
+            let mut sd = StateDict::new();
+            for (name, item) in loaded.state_dict.iter() {
+                match item {
+                    DestItem::Tensor(t) => {
+                        let chunks = t
+                            .chunks
+                            .iter()
+                            .filter(|c| !c.region.is_empty())
+                            .map(|c| TensorChunk {
+                                region: c.region.clone(),
+                                data: Bytes::copy_from_slice(c.data.as_slice()).into(),
+                            })
+                            .collect();
+                        sd.insert_tensor(name.clone(), t.dtype, t.shape.clone(), chunks, false)?;
+                    }
+                    DestItem::Bytes(Some(b)) => sd.insert_bytes(name.clone(), b.clone(), false)?,
+                    DestItem::Bytes(None) => {
+                        return Err(Error::corrupt(format!("{name}: bytes item not loaded")))
+                    }
+                }
+            }
+            dcp_core::save(&sd, writer.as_ref(), &g).await
+        }
+    }));
+    let mut saved = None;
+    for r in results {
+        saved = Some(r?);
+    }
+    let saved = saved.ok_or_else(|| CliError::msg("no rank ran"))?;
+    crate::emit(&format!(
+        "ok: {} ({} items, {}) -> {}: dcp checkpoint of {n} ranks, save {}, in {:.2} s\n",
+        src.location(),
+        md.items.len(),
+        human_bytes(md.logical_bytes()),
+        out.location(),
+        saved.metadata.save_id,
+        started.elapsed().as_secs_f64()
+    ))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_split_like_torch_and_scalars_go_to_rank_0() {
+        let b: Vec<Vec<ChunkBox>> = (0..3).map(|r| row_box(&[5, 2], 3, r).unwrap()).collect();
+        let rows: Vec<(u64, u64)> = b.iter().map(|v| (v[0].offsets[0], v[0].sizes[0])).collect();
+        assert_eq!(rows, vec![(0, 2), (2, 2), (4, 1)]);
+        assert_eq!(row_box(&[], 3, 0).unwrap().len(), 1);
+        assert!(row_box(&[], 3, 1).unwrap().is_empty());
+    }
+}
