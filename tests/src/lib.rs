@@ -786,6 +786,25 @@ impl Model {
     }
 }
 
+/// A load sharding other than each tensor's save sharding in `m`, rotating
+/// with `k` (rows become columns, grids rows, ...).
+pub fn other_sharding(m: &Model, k: usize) -> impl Fn(&TensorSpec) -> Sharding + '_ {
+    move |spec| {
+        let (i, (_, saved)) = m
+            .tensors
+            .iter()
+            .enumerate()
+            .find(|(_, (t, _))| t.name == spec.name)
+            .expect("spec in model");
+        let n = Sharding::ALL.len();
+        let mut s = Sharding::ALL[(i + k) % n];
+        if s == *saved {
+            s = Sharding::ALL[(i + k + 1) % n];
+        }
+        s
+    }
+}
+
 /// Assert that every chunk of `t` holds exactly the reference bytes of
 /// `spec` in its box.
 pub fn check_tensor(spec: &TensorSpec, t: &DestTensor) {

@@ -45,24 +45,6 @@ fn model() -> Model {
     m
 }
 
-/// A load sharding other than the save sharding, rotating with `k`.
-fn other_sharding(m: &Model, k: usize) -> impl Fn(&TensorSpec) -> Sharding + '_ {
-    move |spec| {
-        let (i, (_, saved)) = m
-            .tensors
-            .iter()
-            .enumerate()
-            .find(|(_, (t, _))| t.name == spec.name)
-            .expect("spec in model");
-        let n = Sharding::ALL.len();
-        let mut s = Sharding::ALL[(i + k) % n];
-        if s == *saved {
-            s = Sharding::ALL[(i + k + 1) % n];
-        }
-        s
-    }
-}
-
 /// Every data file of a safetensors checkpoint opens with the `safetensors`
 /// crate, holds exactly the records the metadata places in it, at the
 /// recorded offsets, with the reference bytes.

@@ -41,7 +41,7 @@ use dcp_core::{
 use dcp_mpi::mpi::topology::{Color, Communicator};
 use dcp_mpi::{Mpi, MpiGroup, MpiOptions};
 use dcp_testkit::{Fault, FaultFs, Op, StepFs, When};
-use dcp_tests::{load_and_check, save_model, Model, Sharding, TensorSpec};
+use dcp_tests::{load_and_check, other_sharding, save_model, Model, Sharding};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
@@ -100,25 +100,6 @@ fn model(seed: u64) -> Model {
         );
     }
     m.reseeded(seed)
-}
-
-/// A load sharding other than the save sharding, rotating with `k` (rows
-/// become columns, grids rows, ...).
-fn other_sharding(m: &Model, k: usize) -> impl Fn(&TensorSpec) -> Sharding + '_ {
-    move |spec| {
-        let (i, (_, saved)) = m
-            .tensors
-            .iter()
-            .enumerate()
-            .find(|(_, (t, _))| t.name == spec.name)
-            .expect("spec in model");
-        let n = Sharding::ALL.len();
-        let mut s = Sharding::ALL[(i + k) % n];
-        if s == *saved {
-            s = Sharding::ALL[(i + k + 1) % n];
-        }
-        s
-    }
 }
 
 fn writer_options() -> WriterOptions {
