@@ -1,5 +1,7 @@
 //! `dcp convert SRC --to-dcp OUT [--ranks N]`: write a checkpoint out as a
-//! dcp checkpoint. SRC is anything `dcp::reader` reads: a dcp checkpoint, or
+//! dcp checkpoint; `dcp convert SRC --to-safetensors OUT [--max-shard-size
+//! 5GB] [--keys GLOB]... [--rename FROM=TO]...`: as Hugging Face safetensors
+//! ([`dcp::hf::export_safetensors`]). SRC is anything `dcp::reader` reads: a dcp checkpoint, or
 //! one written by `torch.distributed.checkpoint` (its non-tensor values
 //! become bytes items holding JSON). N simulated ranks (default 1) each load
 //! their row shard (`Shard(0)`, torch's split) of every tensor, and save it:
@@ -26,11 +28,102 @@ pub struct ConvertArgs {
     /// The checkpoint to convert: a path or a URL.
     pub src: String,
     /// Write it as a dcp checkpoint at this location (a path or a URL).
-    #[arg(long = "to-dcp", value_name = "OUT")]
-    pub to_dcp: String,
+    #[arg(
+        long = "to-dcp",
+        value_name = "OUT",
+        required_unless_present = "to_safetensors",
+        conflicts_with = "to_safetensors"
+    )]
+    pub to_dcp: Option<String>,
     /// Ranks to write it as: each tensor is split by rows over them.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub ranks: u32,
+    /// Write its tensors as Hugging Face safetensors: a local path ending in
+    /// `.safetensors` (one file), or a directory that receives
+    /// `model.safetensors`, or shards and `model.safetensors.index.json`.
+    #[arg(long = "to-safetensors", value_name = "OUT")]
+    pub to_safetensors: Option<std::path::PathBuf>,
+    /// With --to-safetensors: the largest shard (`5GB`, `500MB`, `10KiB`,
+    /// bytes).
+    #[arg(long, default_value = "5GB", value_parser = parse_size)]
+    pub max_shard_size: u64,
+    /// With --to-safetensors: only the tensors whose names match this glob
+    /// (repeatable).
+    #[arg(long = "keys", value_name = "GLOB")]
+    pub keys: Vec<String>,
+    /// With --to-safetensors: rename names starting with FROM to start with
+    /// TO (repeatable; the first that matches applies).
+    #[arg(long = "rename", value_name = "FROM=TO", value_parser = parse_rename)]
+    pub renames: Vec<(String, String)>,
+}
+
+/// `5GB`, `500MB`, `10KiB`, `1024`: bytes (SI and binary units).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 5GB, 500MB)"))?;
+    let mult: f64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "TB" => 1e12,
+        "KIB" => 1024.0,
+        "MIB" => 1024.0 * 1024.0,
+        "GIB" => 1024.0 * 1024.0 * 1024.0,
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown unit {unit:?} (B, KB, MB, GB, TB, KiB, MiB, GiB)"
+            ))
+        }
+    };
+    let v = n * mult;
+    if !(v.is_finite() && v >= 1.0) {
+        return Err(format!("{s:?} is not a positive size"));
+    }
+    Ok(v as u64)
+}
+
+/// `FROM=TO`.
+fn parse_rename(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .filter(|(a, _)| !a.is_empty())
+        .ok_or_else(|| format!("{s:?} is not FROM=TO"))
+}
+
+/// `--to-safetensors`.
+fn to_safetensors(args: &ConvertArgs, out: &std::path::Path) -> Result<ExitCode, CliError> {
+    let src = open_location(&args.src)?;
+    let reader = FileSystemReader::new(src.clone(), crate::reader_options());
+    let started = Instant::now();
+    let options = dcp::hf::ExportOptions::default()
+        .max_shard_size(args.max_shard_size)
+        .keys(args.keys.clone())
+        .renames(args.renames.clone());
+    let report = dcp::hf::export_safetensors(&reader, out, &options)?;
+    if !report.skipped_bytes_items.is_empty() {
+        eprintln!(
+            "note: {} bytes items not written (safetensors holds tensors only): {}",
+            report.skipped_bytes_items.len(),
+            report.skipped_bytes_items.join(", ")
+        );
+    }
+    crate::emit(&format!(
+        "ok: {} -> {}: {} tensors, {} in {} file(s), in {:.2} s\n",
+        src.location(),
+        out.display(),
+        report.tensors,
+        human_bytes(report.bytes),
+        report.files.len(),
+        started.elapsed().as_secs_f64()
+    ))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The row shard of a tensor of `shape` that `rank` of `n` holds (torch's
@@ -53,8 +146,14 @@ fn row_box(shape: &[u64], n: usize, rank: usize) -> dcp_core::Result<Vec<ChunkBo
 /// Run `dcp convert`: one summary line and exit 0, or an error naming what
 /// failed (the source's item, the output location).
 pub fn run(args: ConvertArgs) -> Result<ExitCode, CliError> {
+    if let Some(out) = &args.to_safetensors {
+        return to_safetensors(&args, out);
+    }
+    let Some(to_dcp) = &args.to_dcp else {
+        return Err(CliError::usage("give --to-dcp OUT or --to-safetensors OUT"));
+    };
     let src = open_location(&args.src)?;
-    let out = open_location(&args.to_dcp)?;
+    let out = open_location(to_dcp)?;
     let reader = Arc::new(FileSystemReader::new(src.clone(), crate::reader_options()));
     let writer = Arc::new(FileSystemWriter::new(
         out.clone(),

@@ -718,3 +718,57 @@ fn verify_names_the_item_of_a_damaged_torch_record() {
     );
     assert_eq!(s.lines().count(), 1, "{s}");
 }
+
+/// `dcp convert --to-safetensors`: a demo checkpoint as Hugging Face
+/// shards with an index (the demo's JSON bytes item noted, not written);
+/// every shard opens with the `safetensors` format's layout; one of
+/// `--to-dcp` and `--to-safetensors` is required.
+#[test]
+fn convert_to_safetensors_writes_shards_and_an_index() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = tmp.path().join("ck");
+    let r = json(&demo_args(path_str(&ck), &["--save-only"]));
+    assert_eq!(r["ranks"], 4);
+    let out = tmp.path().join("hf");
+    let o = dcp(&[
+        "convert",
+        path_str(&ck),
+        "--to-safetensors",
+        path_str(&out),
+        "--max-shard-size",
+        "40KB",
+        "--rename",
+        "model.=",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).starts_with("ok: "), "{}", stdout(&o));
+    assert!(
+        stderr(&o).contains("bytes items not written"),
+        "{}",
+        stderr(&o)
+    );
+    let index: Value =
+        serde_json::from_slice(&std::fs::read(out.join("model.safetensors.index.json")).unwrap())
+            .unwrap();
+    let map = index["weight_map"].as_object().unwrap();
+    assert!(map.keys().all(|k| !k.starts_with("model.")), "{map:?}");
+    let mut total = 0u64;
+    for file in map
+        .values()
+        .map(|v| v.as_str().unwrap())
+        .collect::<std::collections::BTreeSet<_>>()
+    {
+        let bytes = std::fs::read(out.join(file)).unwrap();
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let head: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+        for (k, v) in head.as_object().unwrap() {
+            if k != "__metadata__" {
+                let off = v["data_offsets"].as_array().unwrap();
+                total += off[1].as_u64().unwrap() - off[0].as_u64().unwrap();
+            }
+        }
+    }
+    assert_eq!(index["metadata"]["total_size"].as_u64(), Some(total));
+    let o = dcp(&["convert", path_str(&ck)]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}

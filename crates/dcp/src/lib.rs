@@ -109,6 +109,7 @@
 //! the ranks of a save or load are tasks of one process
 //! ([`LocalGroup`]), or any other [`Collective`] the caller brings.
 
+pub mod hf;
 pub use dcp_core::location::{Backend, Location};
 pub use dcp_core::*;
 

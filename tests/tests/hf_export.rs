@@ -1,0 +1,240 @@
+//! Hugging Face safetensors export (`dcp::hf::export_safetensors`): a
+//! checkpoint of every dtype saved by 3 ranks with row, column and 2-D
+//! sharding, exported through a buffer smaller than one row (so tensors are
+//! assembled from many slabs of many saved chunks), opens with the
+//! `safetensors` crate and every tensor equals the generator's; sharded
+//! output has a correct index; renames, key filters and refusals.
+
+use dcp::hf::{export_safetensors, ExportOptions};
+use dcp_core::{DType, ErrorKind, FileSystemReader, ReaderOptions};
+use dcp_tests::*;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+const WORLD: usize = 3;
+
+fn model() -> Model {
+    let mut m = Model {
+        seed: 42,
+        ..Default::default()
+    };
+    let dtypes = [
+        DType::Bool,
+        DType::U8,
+        DType::I8,
+        DType::I16,
+        DType::I32,
+        DType::I64,
+        DType::U16,
+        DType::U32,
+        DType::U64,
+        DType::F16,
+        DType::BF16,
+        DType::F32,
+        DType::F64,
+        DType::F8E4M3,
+        DType::F8E5M2,
+    ];
+    let shardings = [Sharding::Rows, Sharding::Cols, Sharding::Grid];
+    for (i, dt) in dtypes.iter().enumerate() {
+        m = m.tensor(
+            &format!("model.layers.{i}.w"),
+            *dt,
+            &[7 + i as u64, 5],
+            shardings[i % 3],
+        );
+    }
+    m.tensor("model.scalar", DType::F32, &[], Sharding::Full)
+        .tensor("model.empty", DType::F32, &[0, 3], Sharding::Rows)
+        .bytes("rng", 16, true)
+}
+
+async fn saved(label: &str) -> (Store, Model) {
+    let m = model();
+    let store = Backend::Fs.make_fs(label);
+    save_model(store.fs(), &m, WORLD, fast_writer()).await;
+    (store, m)
+}
+
+/// Every tensor of every safetensors file under `files`, by name, checked
+/// against the model (names mapped back with `unrename`).
+fn check_files(
+    files: &[std::path::PathBuf],
+    m: &Model,
+    unrename: &dyn Fn(&str) -> String,
+) -> usize {
+    let mut n = 0;
+    for f in files
+        .iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "safetensors"))
+    {
+        let bytes = std::fs::read(f).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        for (name, view) in st.tensors() {
+            let spec = m.spec(&unrename(&name));
+            assert_eq!(
+                format!("{:?}", view.dtype())
+                    .to_uppercase()
+                    .replace('_', ""),
+                spec.dtype.safetensors_name().replace('_', ""),
+                "{name}"
+            );
+            let shape: Vec<u64> = view.shape().iter().map(|&d| d as u64).collect();
+            assert_eq!(shape, spec.shape, "{name}");
+            assert_eq!(view.data(), &spec.global()[..], "{name}: bytes");
+            n += 1;
+        }
+    }
+    n
+}
+
+fn reader(store: &Store) -> FileSystemReader {
+    FileSystemReader::new(store.fs(), ReaderOptions::default())
+}
+
+fn leftovers(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp-"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_file_through_a_small_buffer_matches_the_generator() {
+    let (store, m) = saved("hf-one").await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("model.safetensors");
+    let r = reader(&store);
+    let o = out.clone();
+    let report = tokio::task::spawn_blocking(move || {
+        // 16 bytes: smaller than a row of most tensors.
+        export_safetensors(&r, &o, &ExportOptions::default().buffer_bytes(16))
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(report.files, vec![out.clone()]);
+    assert_eq!(report.tensors, m.tensors.len());
+    assert_eq!(report.skipped_bytes_items, ["rng.0", "rng.1", "rng.2"]);
+    assert_eq!(
+        check_files(&report.files, &m, &|n| n.to_string()),
+        m.tensors.len()
+    );
+    assert!(leftovers(dir.path()).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_have_an_index_and_renames_and_keys_apply() {
+    let (store, m) = saved("hf-shards").await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("hf");
+    let r = reader(&store);
+    let o = out.clone();
+    let report = tokio::task::spawn_blocking(move || {
+        export_safetensors(
+            &r,
+            &o,
+            &ExportOptions::default()
+                .max_shard_size(300)
+                .keys(vec!["model.layers.*".into()])
+                .renames(vec![("model.".into(), "".into())]),
+        )
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let shards: Vec<_> = report
+        .files
+        .iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    assert!(shards.len() > 1, "{:?}", report.files);
+    let n = shards.len();
+    for (i, f) in shards.iter().enumerate() {
+        assert_eq!(
+            f.file_name().unwrap().to_string_lossy(),
+            format!("model-{:05}-of-{n:05}.safetensors", i + 1)
+        );
+    }
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("model.safetensors.index.json")).unwrap())
+            .unwrap();
+    let map: BTreeMap<String, String> =
+        serde_json::from_value(index["weight_map"].clone()).unwrap();
+    let want: Vec<String> = m
+        .tensors
+        .iter()
+        .filter(|(t, _)| t.name.starts_with("model.layers."))
+        .map(|(t, _)| t.name.trim_start_matches("model.").to_string())
+        .collect();
+    assert_eq!(map.keys().cloned().collect::<Vec<_>>(), {
+        let mut w = want.clone();
+        w.sort();
+        w
+    });
+    assert_eq!(index["metadata"]["total_size"].as_u64(), Some(report.bytes));
+    let checked = check_files(&report.files, &m, &|n| format!("model.{n}"));
+    assert_eq!(checked, want.len());
+    // Each tensor is in the file the index names.
+    for (name, file) in &map {
+        let bytes = std::fs::read(out.join(file)).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert!(st.tensor(name).is_ok(), "{name} not in {file}");
+    }
+    assert!(leftovers(&out).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_leave_nothing_written() {
+    let (store, _m) = saved("hf-refuse").await;
+    let dir = tempfile::tempdir().unwrap();
+    let run = |out: std::path::PathBuf, o: ExportOptions| {
+        let r = reader(&store);
+        move || export_safetensors(&r, &out, &o)
+    };
+    // One file asked for, several shards needed.
+    let one = dir.path().join("x.safetensors");
+    let e = tokio::task::spawn_blocking(run(
+        one.clone(),
+        ExportOptions::default().max_shard_size(100),
+    ))
+    .await
+    .unwrap()
+    .unwrap_err();
+    assert_error(&e, ErrorKind::InvalidInput, &["shards", "give a directory"]);
+    assert!(!one.exists());
+    // Nothing matches.
+    let e = tokio::task::spawn_blocking(run(
+        one.clone(),
+        ExportOptions::default().keys(vec!["nope.*".into()]),
+    ))
+    .await
+    .unwrap()
+    .unwrap_err();
+    assert_error(&e, ErrorKind::NotFound, &["no tensor matches"]);
+    // Two names renamed to one.
+    let e = tokio::task::spawn_blocking(run(
+        one.clone(),
+        ExportOptions::default()
+            .renames(vec![
+                ("model.layers.0".into(), "x".into()),
+                ("model.layers.1".into(), "x".into()),
+            ])
+            .keys(vec!["model.layers.[01].w".into()]),
+    ))
+    .await
+    .unwrap()
+    .unwrap_err();
+    assert!(e.to_string().contains("both renamed to x.w"), "{e}");
+    // An existing output is not overwritten.
+    std::fs::write(&one, b"keep").unwrap();
+    let e = tokio::task::spawn_blocking(run(one.clone(), ExportOptions::default()))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{e}");
+    assert_eq!(std::fs::read(&one).unwrap(), b"keep");
+    assert!(leftovers(dir.path()).is_empty());
+}
