@@ -238,3 +238,146 @@ async fn refusals_leave_nothing_written() {
     assert_eq!(std::fs::read(&one).unwrap(), b"keep");
     assert!(leftovers(dir.path()).is_empty());
 }
+
+/// Import: the exported shards (and a single file) back into dcp
+/// checkpoints of 4 ranks split by rows and by columns: every tensor loads
+/// whole equal to the generator's, and exporting the import again gives
+/// the same files, byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_round_trips_tensor_for_tensor() {
+    use dcp::hf_import::{import_safetensors, read_safetensors, ImportShard};
+    let (store, m) = saved("hf-import").await;
+    let dir = tempfile::tempdir().unwrap();
+    let first = dir.path().join("first");
+    let r = reader(&store);
+    let f = first.clone();
+    let o = ExportOptions::default().max_shard_size(300);
+    let exported = tokio::task::spawn_blocking(move || export_safetensors(&r, &f, &o))
+        .await
+        .unwrap()
+        .unwrap();
+    for shard in [ImportShard::Rows, ImportShard::Cols] {
+        let back = Backend::Fs.make_fs("hf-import-back");
+        let w: std::sync::Arc<dyn dcp_core::StorageWriter> = std::sync::Arc::new(
+            dcp_core::FileSystemWriter::new(back.fs(), fast_writer().per_thread_copy_ahead(64))
+                .unwrap(),
+        );
+        let md = import_safetensors(read_safetensors(&first).unwrap(), w, 4, shard)
+            .await
+            .unwrap();
+        assert_eq!(md.world_size, 4);
+        // Every tensor, loaded whole on one rank, equals the generator's.
+        let mut dest = dcp_core::DestStateDict::new();
+        for (spec, _) in &m.tensors {
+            dest.want_tensor(
+                &spec.name,
+                spec.dtype,
+                spec.shape.clone(),
+                vec![dcp_core::ChunkBox::full(&spec.shape)],
+            )
+            .unwrap();
+        }
+        let loaded = load_ranks(back.fs(), ReaderOptions::default(), vec![dest]).await;
+        let loaded = all_ok(loaded, "load the import");
+        for (spec, _) in &m.tensors {
+            check_tensor(spec, loaded[0].state_dict.tensor(&spec.name).unwrap());
+        }
+        // Exported again: the same files.
+        let again = dir.path().join(format!("again-{shard:?}"));
+        let r2 = reader(&back);
+        let a = again.clone();
+        let o = ExportOptions::default().max_shard_size(300);
+        let second = tokio::task::spawn_blocking(move || export_safetensors(&r2, &a, &o))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(second.files.len(), exported.files.len());
+        for (x, y) in exported.files.iter().zip(&second.files) {
+            assert_eq!(x.file_name(), y.file_name());
+            assert_eq!(
+                std::fs::read(x).unwrap(),
+                std::fs::read(y).unwrap(),
+                "{x:?}"
+            );
+        }
+    }
+}
+
+/// Safetensors that lie are refused naming the file and the tensor.
+#[test]
+fn lying_safetensors_are_refused() {
+    use dcp::hf_import::{read_safetensors, read_safetensors_header};
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, header: &str, data: usize| {
+        let p = dir.path().join(name);
+        let mut b = (header.len() as u64).to_le_bytes().to_vec();
+        b.extend_from_slice(header.as_bytes());
+        b.extend(std::iter::repeat_n(0u8, data));
+        std::fs::write(&p, b).unwrap();
+        p
+    };
+    let cases = [
+        (
+            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[12,16]}}"#,
+            16,
+            "a gap before it",
+        ),
+        (
+            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#,
+            12,
+            "overlaps",
+        ),
+        (
+            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
+            4,
+            "the file has",
+        ),
+        (
+            r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#,
+            8,
+            "needs 12",
+        ),
+        (
+            r#"{"a":{"dtype":"Q4","shape":[2],"data_offsets":[0,8]}}"#,
+            8,
+            "unknown dtype \"Q4\"",
+        ),
+    ];
+    for (i, (h, data, want)) in cases.iter().enumerate() {
+        let p = write(&format!("bad{i}.safetensors"), h, *data);
+        let e = read_safetensors_header(&p).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+        let text = e.to_string();
+        assert!(
+            text.contains(want) && text.contains(&format!("bad{i}.safetensors")),
+            "{text}"
+        );
+    }
+    // An index naming a missing shard, and a tensor in two shards.
+    let sub = dir.path().join("idx");
+    std::fs::create_dir(&sub).unwrap();
+    let ok = r#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}"#;
+    let mut b = (ok.len() as u64).to_le_bytes().to_vec();
+    b.extend_from_slice(ok.as_bytes());
+    b.extend([1u8, 2]);
+    std::fs::write(sub.join("s1.safetensors"), &b).unwrap();
+    std::fs::write(sub.join("s2.safetensors"), &b).unwrap();
+    std::fs::write(
+        sub.join("model.safetensors.index.json"),
+        r#"{"weight_map":{"a":"s1.safetensors","b":"gone.safetensors"}}"#,
+    )
+    .unwrap();
+    let e = read_safetensors(&sub).unwrap_err();
+    assert!(e.to_string().contains("gone.safetensors"), "{e}");
+    std::fs::write(
+        sub.join("model.safetensors.index.json"),
+        r#"{"weight_map":{"a":"s1.safetensors","a2":"s2.safetensors"}}"#,
+    )
+    .unwrap();
+    let e = read_safetensors(&sub).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("a: in both s1.safetensors and s2.safetensors"),
+        "{e}"
+    );
+}

@@ -35,9 +35,13 @@ pub struct ConvertArgs {
         conflicts_with = "to_safetensors"
     )]
     pub to_dcp: Option<String>,
-    /// Ranks to write it as: each tensor is split by rows over them.
+    /// Ranks to write it as: each tensor is split over them (see --shard).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub ranks: u32,
+    /// With --to-dcp from Hugging Face safetensors: split each tensor by
+    /// rows (torch's Shard(0)) or columns (Shard(1)).
+    #[arg(long, default_value = "row", value_parser = ["row", "col"])]
+    pub shard: String,
     /// Write its tensors as Hugging Face safetensors: a local path ending in
     /// `.safetensors` (one file), or a directory that receives
     /// `model.safetensors`, or shards and `model.safetensors.index.json`.
@@ -97,6 +101,54 @@ fn parse_rename(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{s:?} is not FROM=TO"))
 }
 
+/// Whether `src` is Hugging Face safetensors: a `.safetensors` file, or a
+/// directory without `.metadata` that holds `model.safetensors` or an index.
+fn is_safetensors(src: &str) -> bool {
+    let p = std::path::Path::new(src);
+    if p.is_file() {
+        return p.extension().is_some_and(|e| e == "safetensors");
+    }
+    p.is_dir()
+        && !p.join(".metadata").exists()
+        && (p.join("model.safetensors.index.json").exists() || p.join("model.safetensors").exists())
+}
+
+/// `--to-dcp` from Hugging Face safetensors.
+fn from_safetensors(args: &ConvertArgs, to_dcp: &str) -> Result<ExitCode, CliError> {
+    let src = std::path::Path::new(&args.src);
+    let tensors = dcp::hf_import::read_safetensors(src)?;
+    let out = open_location(to_dcp)?;
+    let writer: Arc<dyn dcp_core::StorageWriter> = Arc::new(FileSystemWriter::new(
+        out.clone(),
+        WriterOptions::default().overwrite(false),
+    )?);
+    let shard = if args.shard == "col" {
+        dcp::hf_import::ImportShard::Cols
+    } else {
+        dcp::hf_import::ImportShard::Rows
+    };
+    let n = tensors.len();
+    let rt = crate::runtime()?;
+    let started = Instant::now();
+    let md = rt.block_on(dcp::hf_import::import_safetensors(
+        tensors,
+        writer,
+        args.ranks as usize,
+        shard,
+    ))?;
+    crate::emit(&format!(
+        "ok: {} ({n} tensors, {}) -> {}: dcp checkpoint of {} ranks split by {}s, save {}, in {:.2} s\n",
+        src.display(),
+        human_bytes(md.logical_bytes()),
+        out.location(),
+        args.ranks,
+        args.shard,
+        md.save_id,
+        started.elapsed().as_secs_f64()
+    ))?;
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `--to-safetensors`.
 fn to_safetensors(args: &ConvertArgs, out: &std::path::Path) -> Result<ExitCode, CliError> {
     let src = open_location(&args.src)?;
@@ -152,6 +204,9 @@ pub fn run(args: ConvertArgs) -> Result<ExitCode, CliError> {
     let Some(to_dcp) = &args.to_dcp else {
         return Err(CliError::usage("give --to-dcp OUT or --to-safetensors OUT"));
     };
+    if is_safetensors(&args.src) {
+        return from_safetensors(&args, to_dcp);
+    }
     let src = open_location(&args.src)?;
     let out = open_location(to_dcp)?;
     let reader = Arc::new(FileSystemReader::new(src.clone(), crate::reader_options()));

@@ -771,4 +771,43 @@ fn convert_to_safetensors_writes_shards_and_an_index() {
     assert_eq!(index["metadata"]["total_size"].as_u64(), Some(total));
     let o = dcp(&["convert", path_str(&ck)]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+
+    // And back: the shards into a dcp checkpoint of 3 ranks split by
+    // columns, which verifies and exports again to the same files.
+    let back = tmp.path().join("back");
+    let o = dcp(&[
+        "convert",
+        path_str(&out),
+        "--to-dcp",
+        path_str(&back),
+        "--ranks",
+        "3",
+        "--shard",
+        "col",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("3 ranks split by cols"),
+        "{}",
+        stdout(&o)
+    );
+    let o = dcp(&["verify", path_str(&back)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let again = tmp.path().join("again");
+    let o = dcp(&[
+        "convert",
+        path_str(&back),
+        "--to-safetensors",
+        path_str(&again),
+        "--max-shard-size",
+        "40KB",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for f in map.values().map(|v| v.as_str().unwrap()) {
+        assert_eq!(
+            std::fs::read(out.join(f)).unwrap(),
+            std::fs::read(again.join(f)).unwrap(),
+            "{f}"
+        );
+    }
 }

@@ -110,6 +110,7 @@
 //! ([`LocalGroup`]), or any other [`Collective`] the caller brings.
 
 pub mod hf;
+pub mod hf_import;
 pub use dcp_core::location::{Backend, Location};
 pub use dcp_core::*;
 
