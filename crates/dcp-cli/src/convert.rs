@@ -59,6 +59,11 @@ pub struct ConvertArgs {
     /// TO (repeatable; the first that matches applies).
     #[arg(long = "rename", value_name = "FROM=TO", value_parser = parse_rename)]
     pub renames: Vec<(String, String)>,
+    /// With --to-safetensors: check every record's checksum while
+    /// exporting (memory then grows to the largest record; `dcp verify`
+    /// checks them in a separate pass).
+    #[arg(long)]
+    pub verify: bool,
 }
 
 /// `5GB`, `500MB`, `10KiB`, `1024`: bytes (SI and binary units).
@@ -118,9 +123,11 @@ fn from_safetensors(args: &ConvertArgs, to_dcp: &str) -> Result<ExitCode, CliErr
     let src = std::path::Path::new(&args.src);
     let tensors = dcp::hf_import::read_safetensors(src)?;
     let out = open_location(to_dcp)?;
+    // Four writer threads per rank: each reads its records' ranges from
+    // the safetensors files and checksums them while the others write.
     let writer: Arc<dyn dcp_core::StorageWriter> = Arc::new(FileSystemWriter::new(
         out.clone(),
-        WriterOptions::default().overwrite(false),
+        WriterOptions::default().overwrite(false).thread_count(4),
     )?);
     let shard = if args.shard == "col" {
         dcp::hf_import::ImportShard::Cols
@@ -157,7 +164,8 @@ fn to_safetensors(args: &ConvertArgs, out: &std::path::Path) -> Result<ExitCode,
     let options = dcp::hf::ExportOptions::default()
         .max_shard_size(args.max_shard_size)
         .keys(args.keys.clone())
-        .renames(args.renames.clone());
+        .renames(args.renames.clone())
+        .verify_checksums(args.verify);
     let report = dcp::hf::export_safetensors(&reader, out, &options)?;
     if !report.skipped_bytes_items.is_empty() {
         eprintln!(

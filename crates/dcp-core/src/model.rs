@@ -592,6 +592,11 @@ impl DestStateDict {
         self.items.get(name)
     }
 
+    /// Take an item out (its buffers with it, no copy).
+    pub fn remove(&mut self, name: &str) -> Option<DestItem> {
+        self.items.remove(name)
+    }
+
     /// The bytes of a loaded bytes item.
     pub fn bytes(&self, name: &str) -> Option<&[u8]> {
         match self.items.get(name) {

@@ -35,6 +35,11 @@ pub struct ExportOptions {
     pub renames: Vec<(String, String)>,
     /// The most bytes of tensor data held in memory at once. Default 64 MiB.
     pub buffer_bytes: u64,
+    /// Check each record's checksum while exporting. A checksummed record
+    /// is then read whole for every slab that touches it, so memory grows
+    /// to the largest record and large records are read many times; off by
+    /// default, when `dcp verify` (or a load) is the place to check them.
+    pub verify_checksums: bool,
 }
 
 impl Default for ExportOptions {
@@ -44,6 +49,7 @@ impl Default for ExportOptions {
             keys: Vec::new(),
             renames: Vec::new(),
             buffer_bytes: 64 << 20,
+            verify_checksums: false,
         }
     }
 }
@@ -67,6 +73,11 @@ impl ExportOptions {
     /// Set [`ExportOptions::buffer_bytes`].
     pub fn buffer_bytes(mut self, bytes: u64) -> Self {
         self.buffer_bytes = bytes;
+        self
+    }
+    /// Set [`ExportOptions::verify_checksums`].
+    pub fn verify_checksums(mut self, verify: bool) -> Self {
+        self.verify_checksums = verify;
         self
     }
 }
@@ -134,6 +145,15 @@ fn export_on(
     options: &ExportOptions,
 ) -> Result<ExportReport> {
     let md = rt.block_on(dcp_core::read_metadata(reader))?;
+    // The slabs' reader: the caller's, with checksums checked or not.
+    let slab_reader = FileSystemReader::new(
+        reader.fs().clone(),
+        reader
+            .options()
+            .clone()
+            .verify_checksums(options.verify_checksums),
+    );
+    let reader = &slab_reader;
     let (plans, skipped) = plan(&md, options)?;
     let shards = shard(&plans, options.max_shard_size);
     let single = out.extension().is_some_and(|e| e == "safetensors");
@@ -345,11 +365,16 @@ fn read_slab(
     let mut dest = DestStateDict::new();
     dest.want_tensor(p.name.clone(), p.dtype, p.shape.clone(), vec![region])?;
     let loaded = rt.block_on(dcp_core::load(dest, reader, &Single))?;
-    let t = loaded
-        .state_dict
-        .tensor(&p.name)
-        .ok_or_else(|| Error::corrupt(format!("{}: not loaded", p.name)))?;
-    Ok(t.chunks[0].data.as_slice().to_vec())
+    let mut state = loaded.state_dict;
+    match state.remove(&p.name) {
+        Some(dcp_core::DestItem::Tensor(t)) => t
+            .chunks
+            .into_iter()
+            .next()
+            .map(|c| c.data.into_vec())
+            .ok_or_else(|| Error::corrupt(format!("{}: not loaded", p.name))),
+        _ => Err(Error::corrupt(format!("{}: not loaded", p.name))),
+    }
 }
 
 /// Contiguous row-major boxes covering `shape` in order, each of at most
