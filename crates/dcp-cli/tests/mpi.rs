@@ -167,14 +167,13 @@ fn a_failure_before_the_save_ends_every_process() {
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     // mpirun aborts the job when the first process exits non-zero, so the
-    // others may be killed before they print: at least one prints, and
-    // every process that prints names the location.
-    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error: ")).collect();
-    assert!(!errors.is_empty() && errors.len() <= 3, "{err}");
-    assert!(
-        errors.iter().all(|l| l.contains("ftp://nowhere/x")),
-        "{err}"
-    );
+    // others may be killed before they print, and it interleaves the
+    // processes' stderr with its own banner: at least one process reports
+    // the location, at most all three.
+    let reports = err
+        .matches("ftp://nowhere/x: unknown location scheme")
+        .count();
+    assert!((1..=3).contains(&reports), "{err}");
     // Nobody waited for a collective deadline.
     assert!(started.elapsed() < std::time::Duration::from_secs(60));
 }
