@@ -381,3 +381,46 @@ fn lying_safetensors_are_refused() {
         "{e}"
     );
 }
+
+/// Checkpoints written by torch DCP export to safetensors equal to the
+/// values torch saved (`expected.safetensors` beside each fixture), under
+/// torch's flattened names, from every fixture.
+#[test]
+fn torch_checkpoints_export_to_the_values_torch_saved() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/torch-dcp-2.15");
+    for fixture in [
+        "torch_save",
+        "torch_save_zstd",
+        "torch_save_per_item_files",
+        "torch_save_2threads",
+        "sharded4",
+        "strided",
+        "safetensors_format",
+    ] {
+        let dir = root.join(fixture);
+        let reader =
+            dcp::reader(dir.join("ckpt").to_str().unwrap(), ReaderOptions::default()).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("model.safetensors");
+        let report = export_safetensors(&reader, &out, &ExportOptions::default().buffer_bytes(64))
+            .unwrap_or_else(|e| panic!("{fixture}: {e}"));
+        let got_bytes = std::fs::read(&out).unwrap();
+        let got = safetensors::SafeTensors::deserialize(&got_bytes).unwrap();
+        let want_bytes = std::fs::read(dir.join("expected.safetensors")).unwrap();
+        let want = safetensors::SafeTensors::deserialize(&want_bytes).unwrap();
+        let mut n = 0;
+        for (name, w) in want.tensors() {
+            let g = got
+                .tensor(&name)
+                .unwrap_or_else(|e| panic!("{fixture}: {name}: {e}"));
+            assert_eq!(g.dtype(), w.dtype(), "{fixture}: {name}");
+            assert_eq!(g.shape(), w.shape(), "{fixture}: {name}");
+            assert_eq!(g.data(), w.data(), "{fixture}: {name}");
+            n += 1;
+        }
+        assert_eq!(
+            n, report.tensors,
+            "{fixture}: every exported tensor was expected"
+        );
+    }
+}
