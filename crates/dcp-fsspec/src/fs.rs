@@ -630,26 +630,46 @@ impl FileSystem for OpendalFs {
                     meta.content_length()
                 )));
             }
-            let read = match (if_match, meta.etag()) {
-                (true, Some(tag)) => self.block_on(std::future::IntoFuture::into_future(
-                    op.read_with(&path).if_match(tag),
-                )),
-                _ => self.block_on(op.read(&path)),
+            let len = meta.content_length();
+            if len == 0 {
+                return Ok(Vec::new());
+            }
+            // One ranged request through `Reader::fetch`, which the retry
+            // layer repeats whole (a streaming read would resume mid-object
+            // on retry; see `read_into`).
+            let tag = if if_match {
+                meta.etag().map(str::to_string)
+            } else {
+                None
             };
-            match read {
-                Ok(buf) if buf.len() as u64 <= max_len => return Ok(buf.to_vec()),
-                Ok(buf) => {
-                    return Err(Error::corrupt(format!(
-                        "{}/{name} is {} bytes, more than the limit of {max_len}",
-                        self.inner.location,
-                        buf.len()
-                    )))
+            let read = self.block_on(async {
+                let reader = match &tag {
+                    Some(t) => {
+                        std::future::IntoFuture::into_future(op.reader_with(&path).if_match(t))
+                            .await?
+                    }
+                    None => op.reader(&path).await?,
+                };
+                #[allow(clippy::single_range_in_vec_init)] // one range, on purpose
+                let parts: Vec<Buffer> = reader.fetch(vec![0..len]).await?;
+                let mut out = Vec::with_capacity(len as usize);
+                for p in &parts {
+                    out.extend_from_slice(&p.to_vec());
                 }
+                Ok::<Vec<u8>, opendal::Error>(out)
+            });
+            match read {
+                Ok(buf) if buf.len() as u64 == len => return Ok(buf),
+                // Shorter or longer than the stat said: replaced in between
+                // (without an ETag to refuse it); again.
+                Ok(_) => {}
                 // Replaced (or removed) between the two requests: again.
                 Err(e)
                     if matches!(
                         e.kind(),
-                        opendal::ErrorKind::ConditionNotMatch | opendal::ErrorKind::NotFound
+                        opendal::ErrorKind::ConditionNotMatch
+                            | opendal::ErrorKind::NotFound
+                            | opendal::ErrorKind::RangeNotSatisfied
                     ) => {}
                 Err(e) => return Err(self.err("get", name, e)),
             }
