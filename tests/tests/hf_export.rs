@@ -18,23 +18,7 @@ fn model() -> Model {
         seed: 42,
         ..Default::default()
     };
-    let dtypes = [
-        DType::Bool,
-        DType::U8,
-        DType::I8,
-        DType::I16,
-        DType::I32,
-        DType::I64,
-        DType::U16,
-        DType::U32,
-        DType::U64,
-        DType::F16,
-        DType::BF16,
-        DType::F32,
-        DType::F64,
-        DType::F8E4M3,
-        DType::F8E5M2,
-    ];
+    let dtypes = DType::ALL;
     let shardings = [Sharding::Rows, Sharding::Cols, Sharding::Grid];
     for (i, dt) in dtypes.iter().enumerate() {
         m = m.tensor(
