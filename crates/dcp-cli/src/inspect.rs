@@ -18,6 +18,10 @@ pub struct InspectArgs {
     /// Print one JSON object instead of tables.
     #[arg(long)]
     pub json: bool,
+    /// Only the items whose names match this glob (`*`, `?`, `[...]`;
+    /// repeatable); the totals count those items.
+    #[arg(long = "keys", value_name = "GLOB")]
+    pub keys: Vec<String>,
 }
 
 /// The JSON form of a checkpoint's metadata.
@@ -109,7 +113,17 @@ pub struct FileReport {
 pub fn run(args: InspectArgs) -> Result<ExitCode, CliError> {
     let fs = open_location(&args.path)?;
     let reader = FileSystemReader::new(fs.clone(), crate::reader_options());
-    let md = crate::runtime()?.block_on(dcp_core::read_metadata(&reader))?;
+    let mut md = crate::runtime()?.block_on(dcp_core::read_metadata(&reader))?;
+    if !args.keys.is_empty() {
+        let mut b = globset::GlobSetBuilder::new();
+        for k in &args.keys {
+            b.add(
+                globset::Glob::new(k).map_err(|e| CliError::usage(format!("--keys {k:?}: {e}")))?,
+            );
+        }
+        let globs = b.build().map_err(|e| CliError::usage(e.to_string()))?;
+        md.items.retain(|(name, _)| globs.is_match(name));
+    }
     let report = InspectReport::new(fs.location(), &md);
     if args.json {
         let out = serde_json::to_string_pretty(&report)

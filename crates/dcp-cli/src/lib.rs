@@ -76,9 +76,18 @@ pub enum Command {
     /// Measure save, load and resharded load against the raw speed of the
     /// disk (the same bytes written and read with plain file I/O).
     Bench(bench::BenchArgs),
-    /// Write a checkpoint (dcp's, or one written by torch.distributed.checkpoint)
-    /// out as a dcp checkpoint, for N ranks.
+    /// Write a checkpoint (dcp's, or one written by
+    /// torch.distributed.checkpoint) out as a dcp checkpoint for N ranks or
+    /// as Hugging Face safetensors; or Hugging Face safetensors in as a dcp
+    /// checkpoint. Example: `dcp convert ckpt/ --to-safetensors hf/
+    /// --max-shard-size 5GB`.
     Convert(convert::ConvertArgs),
+    /// Print a shell completion script: `dcp completions bash >
+    /// /etc/bash_completion.d/dcp` (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// An error of a `dcp` command: a message for people and an exit status.
@@ -236,6 +245,16 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Verify(a) => verify::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Convert(a) => convert::run(a),
+        Command::Completions { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "dcp",
+                &mut out,
+            );
+            emit(&String::from_utf8_lossy(&out)).map(|()| ExitCode::SUCCESS)
+        }
     };
     match result {
         Ok(code) => code,

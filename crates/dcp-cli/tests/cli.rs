@@ -811,3 +811,39 @@ fn convert_to_safetensors_writes_shards_and_an_index() {
         );
     }
 }
+
+/// `dcp inspect --keys` filters the items (and the totals count only them);
+/// `dcp completions SHELL` prints a completion script naming the commands.
+#[test]
+fn inspect_keys_and_completions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = tmp.path().join("ck");
+    json(&demo_args(path_str(&ck), &["--save-only"]));
+    let all = json(&["inspect", path_str(&ck), "--json"]);
+    let some = json(&["inspect", path_str(&ck), "--json", "--keys", "layers.0.*"]);
+    let names = |v: &Value| -> Vec<String> {
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (all, some) = (names(&all), names(&some));
+    assert!(
+        !some.is_empty() && some.len() < all.len(),
+        "{some:?} of {all:?}"
+    );
+    assert!(some.iter().all(|n| n.starts_with("layers.0.")), "{some:?}");
+    let o = dcp(&["inspect", path_str(&ck), "--keys", "[oops"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    for shell in ["bash", "zsh", "fish"] {
+        let o = dcp(&["completions", shell]);
+        assert!(o.status.success(), "{shell}: {}", stderr(&o));
+        let s = stdout(&o);
+        assert!(
+            s.contains("inspect") && s.contains("convert"),
+            "{shell}: {s}"
+        );
+    }
+}
