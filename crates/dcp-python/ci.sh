@@ -14,7 +14,7 @@ venv="${DCP_PY_VENV:-/tmp/dcp-ci-venv}"
 
 python3 -m venv "$venv"
 start=$(date +%s)
-"$venv/bin/pip" install --quiet --disable-pip-version-check \
+"$venv/bin/pip" install --quiet --disable-pip-version-check --no-cache-dir \
     'torch==2.15.0' numpy pytest 'maturin>=1.5,<2'
 echo "python test dependencies (torch 2.15.0 and its CUDA wheels) installed in $(( $(date +%s) - start )) s"
 
