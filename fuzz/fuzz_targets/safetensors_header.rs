@@ -120,13 +120,10 @@ fn save_case(input: &Input) {
             } => {
                 let dt = dtype(*d);
                 let shape: Vec<u64> = shape.iter().take(3).map(|&x| x as u64 % 9).collect();
-                let mut chunks = Vec::new();
+                let mut chunks: Vec<(ChunkBox, Bytes)> = Vec::new();
                 if shape.is_empty() || *split <= 1 || shape[0] == 0 {
                     let data = Bytes::from(fill(numel(&shape) as usize * dt.size(), i as u8));
-                    chunks.push(TensorChunk {
-                        region: ChunkBox::full(&shape),
-                        data,
-                    });
+                    chunks.push((ChunkBox::full(&shape), data));
                 } else {
                     let parts = (*split as u64).min(shape[0]);
                     for p in 0..parts {
@@ -139,12 +136,16 @@ fn save_case(input: &Input) {
                             region.numel() as usize * dt.size(),
                             (i + p as usize) as u8,
                         ));
-                        chunks.push(TensorChunk { region, data });
+                        chunks.push((region, data));
                     }
                 }
                 let kept: Vec<(Option<ChunkBox>, Bytes)> = chunks
                     .iter()
-                    .map(|c| (Some(c.region.clone()), c.data.clone()))
+                    .map(|(r, d)| (Some(r.clone()), d.clone()))
+                    .collect();
+                let chunks = chunks
+                    .into_iter()
+                    .map(|(r, d)| TensorChunk::new(r, d))
                     .collect();
                 if sd
                     .insert_tensor(name.clone(), dt, shape, chunks, false)
