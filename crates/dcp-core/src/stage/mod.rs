@@ -4,7 +4,7 @@
 //! sinks as the caller's `Bytes` (zero copy). Chunks whose bytes live
 //! elsewhere ([`ChunkData::Source`]: device memory) are copied out piece by
 //! piece on the writer thread's copy lane, a few pieces ahead, within the
-//! thread's `per_thread_copy_ahead` budget ([`budget`]), so copies overlap
+//! thread's `per_thread_copy_ahead` budget (the peak is [`StagedGauge`]'s), so copies overlap
 //! writes. An asynchronous save ([`AsyncSaver`](crate::AsyncSaver)) copies
 //! the whole state dict once into a [`HostPool`] reused across saves, and
 //! writes in the background.
