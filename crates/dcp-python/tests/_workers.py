@@ -68,6 +68,10 @@ def save_worker(rank: int, world: int, port: int, path: str, kwargs: dict) -> No
         mesh2d = init_device_mesh("cpu", (2, world // 2)) if world % 2 == 0 else None
         sd = _state(originals(), mesh, mesh2d, SAVE_PLACEMENTS, zero=False)
         tdcp.save(sd, storage_writer=dcp.torch.FileSystemWriter(path, **kwargs))
+        # Every rank done with its collectives before any tears gloo down
+        # (a rank destroying its group while a peer still sends aborts the
+        # peer: "terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -88,5 +92,6 @@ def load_worker(rank: int, world: int, port: int, path: str) -> None:
         assert torch.equal(got, full["exp_avg"])
         assert sd["optim"]["step"] == 42, sd["optim"]["step"]
         assert sd["extra"] == {"epoch": 3, "name": "run-1"}, sd["extra"]
+        dist.barrier()
     finally:
         dist.destroy_process_group()
