@@ -107,6 +107,16 @@ pub trait FileSystemLayer: Send + Sync + fmt::Debug + 'static {
         self.inner().read_if_cached(name, offset, buf)
     }
 
+    /// [`FileSystem::read_requests_in_flight`]; forwarded by default.
+    fn read_requests_in_flight(&self) -> usize {
+        self.inner().read_requests_in_flight()
+    }
+
+    /// [`FileSystem::read_request_size`]; forwarded by default.
+    fn read_request_size(&self) -> Option<u64> {
+        self.inner().read_request_size()
+    }
+
     /// [`FileSystem::file_len`]; forwarded by default.
     fn file_len(&self, name: &str) -> Result<Option<u64>> {
         self.inner().file_len(name)
@@ -189,6 +199,12 @@ impl<L: FileSystemLayer> FileSystem for L {
     fn file_len(&self, name: &str) -> Result<Option<u64>> {
         FileSystemLayer::file_len(self, name)
     }
+    fn read_requests_in_flight(&self) -> usize {
+        FileSystemLayer::read_requests_in_flight(self)
+    }
+    fn read_request_size(&self) -> Option<u64> {
+        FileSystemLayer::read_request_size(self)
+    }
     fn write_atomic(&self, name: &str, data: &[u8], sync: bool) -> Result<()> {
         FileSystemLayer::write_atomic(self, name, data, sync)
     }
@@ -230,7 +246,7 @@ mod tests {
     /// Every `FileSystem` method, in declaration order. Add a new method
     /// here when it is added to the trait: the test then fails until the
     /// layer forwards it.
-    const METHODS: [&str; 16] = [
+    const METHODS: [&str; 18] = [
         "location",
         "capabilities",
         "prepare",
@@ -247,6 +263,8 @@ mod tests {
         "remove",
         "sync_dir",
         "read_small",
+        "read_requests_in_flight",
+        "read_request_size",
     ];
 
     /// A file system whose every method (the defaulted ones too) records
@@ -361,6 +379,14 @@ mod tests {
             self.record("read_small");
             Ok(vec![4; 5])
         }
+        fn read_requests_in_flight(&self) -> usize {
+            self.record("read_requests_in_flight");
+            6
+        }
+        fn read_request_size(&self) -> Option<u64> {
+            self.record("read_request_size");
+            Some(9)
+        }
     }
 
     /// A layer that overrides nothing.
@@ -409,6 +435,8 @@ mod tests {
         fs.remove("f").unwrap();
         fs.sync_dir().unwrap();
         assert_eq!(fs.read_small("f", 10).unwrap(), vec![4; 5]);
+        assert_eq!(fs.read_requests_in_flight(), 6, "not the trait's 1");
+        assert_eq!(fs.read_request_size(), Some(9), "not the trait's None");
 
         let calls = rec.calls.lock().unwrap().clone();
         assert_eq!(calls, METHODS, "the inner file system saw exactly these");

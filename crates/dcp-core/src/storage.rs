@@ -182,6 +182,29 @@ pub trait FileSystem: Send + Sync + fmt::Debug + 'static {
     /// Make the location's directory entries durable (no-op where meaningless).
     fn sync_dir(&self) -> Result<()>;
 
+    /// How many read requests one reader thread of a load keeps in flight
+    /// on this file system. A load runs this many reads at once per reader
+    /// thread (each one record, or one coalesced span), so a store where
+    /// every request is a network round trip is not read one request at a
+    /// time. The default, 1, suits a local disk, whose kernel queue and
+    /// read-ahead already overlap requests; object stores answer more (see
+    /// dcp-fsspec's `read_concurrency`). Never 0 (0 is taken as 1).
+    fn read_requests_in_flight(&self) -> usize {
+        1
+    }
+
+    /// The request size this file system reads best, if it has one: a load
+    /// then reads neighbouring whole records together, scattered straight
+    /// into their destinations, in requests of at most this many bytes, and
+    /// lowers the reader's `max_request` to it. The default, `None`, leaves
+    /// the reader's settings as they are (right for a local disk, where a
+    /// request is cheap). Object stores answer their part size: each
+    /// request costs a round trip, and some servers pay per request in
+    /// proportion to the object's size.
+    fn read_request_size(&self) -> Option<u64> {
+        None
+    }
+
     /// Read a whole small file, refusing files longer than `max_len`.
     fn read_small(&self, name: &str, max_len: u64) -> Result<Vec<u8>> {
         let len = self.file_len(name)?.ok_or_else(|| {

@@ -3,8 +3,12 @@
 //!
 //! ```text
 //! cargo run --release -p dcp-fsspec --example s3_bench -- \
-//!     --endpoint http://127.0.0.1:PORT --bucket B [--mib 256] [--reps 3]
+//!     --endpoint http://127.0.0.1:PORT --bucket B [--mib 256] [--reps 3] \
+//!     [--tensor-mib 16] [--threads 1,4] [--part-mib N] [--write-concurrency N] \
+//!     [--read-chunk-mib N] [--read-concurrency N]
 //! ```
+//! The last four override [`OpendalOptions`]' defaults (which is what is
+//! measured without them).
 //! Without `--endpoint` it starts `moto_server` on a free port on 127.0.0.1
 //! itself (and stops it at the end). For 1 and 4 writer threads it prints
 //! the median of `--reps` runs of: a dcp save (`dcp_fsspec::writer`, one rank), a
@@ -29,6 +33,9 @@ struct Args {
     bucket: String,
     mib: usize,
     reps: usize,
+    tensor_mib: usize,
+    threads: Vec<usize>,
+    dal: OpendalOptions,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -37,7 +44,11 @@ fn parse_args() -> Result<Args, String> {
         bucket: "dcp-bench".into(),
         mib: 256,
         reps: 3,
+        tensor_mib: 16,
+        threads: vec![1, 4],
+        dal: OpendalOptions::default(),
     };
+    let num = |k: &str, v: String| v.parse::<usize>().map_err(|e| format!("{k}: {e}"));
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         let mut v = || it.next().ok_or(format!("{k} needs a value"));
@@ -46,6 +57,17 @@ fn parse_args() -> Result<Args, String> {
             "--bucket" => a.bucket = v()?,
             "--mib" => a.mib = v()?.parse().map_err(|e| format!("--mib: {e}"))?,
             "--reps" => a.reps = v()?.parse().map_err(|e| format!("--reps: {e}"))?,
+            "--tensor-mib" => a.tensor_mib = num(&k, v()?)?,
+            "--threads" => {
+                a.threads = v()?
+                    .split(',')
+                    .map(|t| num("--threads", t.to_string()))
+                    .collect::<Result<_, _>>()?
+            }
+            "--part-mib" => a.dal.part_size = num(&k, v()?)? << 20,
+            "--write-concurrency" => a.dal.write_concurrency = num(&k, v()?)?,
+            "--read-chunk-mib" => a.dal.read_chunk = num(&k, v()?)? << 20,
+            "--read-concurrency" => a.dal.read_concurrency = num(&k, v()?)?,
             "-h" | "--help" => {
                 return Err(
                     "usage: s3_bench [--endpoint URL --bucket B] [--mib 256] [--reps 3]".into(),
@@ -54,8 +76,11 @@ fn parse_args() -> Result<Args, String> {
             other => return Err(format!("unknown argument {other}")),
         }
     }
-    if a.reps == 0 || a.mib < 16 {
-        return Err("--reps must be at least 1 and --mib at least 16".into());
+    if a.reps == 0 || a.tensor_mib == 0 || a.mib < a.tensor_mib || a.threads.contains(&0) {
+        return Err(
+            "--reps, --tensor-mib and --threads must be at least 1, --mib at least --tensor-mib"
+                .into(),
+        );
     }
     Ok(a)
 }
@@ -111,12 +136,10 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-const TENSOR_MIB: usize = 16;
-
-fn state_dict(mib: usize) -> StateDict {
+fn state_dict(mib: usize, tensor_mib: usize) -> StateDict {
     let mut sd = StateDict::new();
-    let elems = TENSOR_MIB << 18; // f32
-    for t in 0..mib / TENSOR_MIB {
+    let elems = tensor_mib << 18; // f32
+    for t in 0..mib / tensor_mib {
         let data: Vec<u8> = (0..elems as u32)
             .flat_map(|i| (i.wrapping_mul(2_654_435_761) ^ t as u32).to_le_bytes())
             .collect();
@@ -131,10 +154,10 @@ fn state_dict(mib: usize) -> StateDict {
     sd
 }
 
-fn dest(mib: usize) -> DestStateDict {
+fn dest(mib: usize, tensor_mib: usize) -> DestStateDict {
     let mut d = DestStateDict::new();
-    let elems = (TENSOR_MIB << 18) as u64;
-    for t in 0..mib / TENSOR_MIB {
+    let elems = (tensor_mib << 18) as u64;
+    for t in 0..mib / tensor_mib {
         d.want_tensor(
             format!("layers.{t}.weight"),
             DType::F32,
@@ -188,17 +211,18 @@ async fn run() -> Result<(), String> {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
-    let dal = OpendalOptions::default();
-    let sd = state_dict(args.mib);
-    let total = (args.mib / TENSOR_MIB * TENSOR_MIB) as f64 * 1048576.0;
+    let dal = args.dal.clone();
+    let tensor_mib = args.tensor_mib;
+    let sd = state_dict(args.mib, tensor_mib);
+    let total = (args.mib / tensor_mib * tensor_mib) as f64 * 1048576.0;
     let raw_fs = OpendalFs::from_url_with(&format!("s3://{}/raw", args.bucket), &so, dal.clone())
         .map_err(|e| e.to_string())?;
     let op = raw_fs.operator().clone();
     println!(
-        "dcp-fsspec s3_bench: {:.0} MiB in {} tensors of {TENSOR_MIB} MiB, endpoint {endpoint}, \
+        "dcp-fsspec s3_bench: {:.0} MiB in {} tensors of {tensor_mib} MiB, endpoint {endpoint}, \
          part {} MiB x {} concurrent, read chunk {} MiB x {}, median of {} reps",
         total / 1048576.0,
-        args.mib / TENSOR_MIB,
+        args.mib / tensor_mib,
         dal.part_size >> 20,
         dal.write_concurrency,
         dal.read_chunk >> 20,
@@ -217,7 +241,7 @@ async fn run() -> Result<(), String> {
         "load MB/s",
         "ratio"
     );
-    for threads in [1usize, 4] {
+    for &threads in &args.threads {
         let url = format!("s3://{}/ckpt-t{threads}", args.bucket);
         let (mut save_s, mut up_s, mut load_s, mut down_s) = (vec![], vec![], vec![], vec![]);
         for _ in 0..args.reps {
@@ -276,7 +300,7 @@ async fn run() -> Result<(), String> {
             )
             .map_err(|e| e.to_string())?;
             let t = Instant::now();
-            let out = load(dest(args.mib), &r, &Single)
+            let out = load(dest(args.mib, tensor_mib), &r, &Single)
                 .await
                 .map_err(|e| e.to_string())?;
             load_s.push(t.elapsed().as_secs_f64());

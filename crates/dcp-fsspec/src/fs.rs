@@ -33,10 +33,20 @@ pub struct OpendalOptions {
     pub part_size: usize,
     /// Parts of one object uploaded at once (default 8).
     pub write_concurrency: usize,
-    /// Reads larger than this are split into ranges of this size fetched
-    /// concurrently (default 8 MiB).
+    /// Part size of reads: a read larger than this is split into ranged
+    /// GETs of this size, fetched concurrently, and neighbouring records
+    /// smaller than this are read together in one GET of at most this size
+    /// ([`FileSystem::read_request_size`](dcp_core::FileSystem::read_request_size)).
+    /// Default 32 MiB, chosen by measurement (`examples/s3_bench.rs`; see
+    /// BENCHMARKS.md): fewer, larger requests load faster wherever a request
+    /// costs more than its bytes.
     pub read_chunk: usize,
-    /// Range requests of one read in flight at once (default 8).
+    /// Requests in flight per reader thread (default 8): a load's reader
+    /// thread runs this many reads at once (one record, or one span of
+    /// small records, each; see
+    /// [`FileSystem::read_requests_in_flight`](dcp_core::FileSystem::read_requests_in_flight)),
+    /// and one read larger than `read_chunk` fetches up to this many of its
+    /// ranges at once. Independent of the number of reader threads.
     pub read_concurrency: usize,
     /// Retries of a temporary failure before giving up (default 4; 0 turns
     /// retrying off).
@@ -58,7 +68,7 @@ impl Default for OpendalOptions {
         OpendalOptions {
             part_size: 16 << 20,
             write_concurrency: 8,
-            read_chunk: 8 << 20,
+            read_chunk: 32 << 20,
             read_concurrency: 8,
             max_retries: 4,
             retry_min_delay: Duration::from_millis(200),
@@ -292,6 +302,110 @@ impl OpendalFs {
     fn err(&self, op: &str, name: &str, e: opendal::Error) -> Error {
         map_error(&self.inner, op, name, e)
     }
+
+    /// Fill `segs`, in order, from `name` starting at `offset`: the range
+    /// is cut into `read_chunk` parts, each one ranged GET, fetched
+    /// `read_concurrency` at a time and copied straight into the segments
+    /// it covers.
+    fn read_segments(&self, name: &str, offset: u64, segs: Vec<&mut [u8]>) -> Result<()> {
+        check_file_name(name)?;
+        let len: u64 = segs.iter().map(|s| s.len() as u64).sum();
+        let past_end = |size: u64| {
+            Error::corrupt(format!(
+                "read {}/{name} at offset {offset} length {len}: the object has only {size} bytes",
+                self.inner.location
+            ))
+        };
+        let end = offset.checked_add(len).ok_or_else(|| past_end(0))?;
+        if len == 0 {
+            let size = self.file_len(name)?.ok_or_else(|| {
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!("{}/{name} not found", self.inner.location),
+                )
+            })?;
+            return if offset > size {
+                Err(past_end(size))
+            } else {
+                Ok(())
+            };
+        }
+        let parts = split_parts(segs, offset, self.inner.options.read_chunk);
+        let path = self.path(name);
+        let op = &self.inner.op;
+        let result: std::result::Result<(), ReadFail> = self.block_on(async {
+            // `Reader::fetch` reads each range with one request that the
+            // retry layer repeats whole on a temporary error. (Streaming
+            // reads resume mid-stream on retry instead, and OpenDAL 0.59
+            // panics when a stream fails after its last byte.)
+            let reader = op.reader(&path).await.map_err(ReadFail::Dal)?;
+            let reader = &reader;
+            let pieces = parts.into_iter().map(|(a, mut segs)| {
+                let b = a + segs.iter().map(|s| s.len() as u64).sum::<u64>();
+                async move {
+                    #[allow(clippy::single_range_in_vec_init)] // one range, on purpose
+                    let data: Vec<Buffer> =
+                        reader.fetch(vec![a..b]).await.map_err(ReadFail::Dal)?;
+                    let got: u64 = data.iter().map(|d| d.len() as u64).sum();
+                    if got != b - a {
+                        return Err(ReadFail::Short);
+                    }
+                    copy_into(&data, &mut segs);
+                    Ok(())
+                }
+            });
+            futures::stream::iter(pieces)
+                .buffer_unordered(self.inner.options.read_concurrency)
+                .try_collect()
+                .await
+        });
+        match result {
+            Ok(()) => Ok(()),
+            Err(ReadFail::Short) => {
+                let size = self.file_len(name)?.unwrap_or(0);
+                Err(past_end(size))
+            }
+            Err(ReadFail::Dal(e)) => {
+                // A range past the end shows up as "range not satisfied" on
+                // some services and as a short or failed read on others:
+                // decide by the object's length.
+                if e.kind() != opendal::ErrorKind::NotFound {
+                    if let Ok(Some(size)) = self.file_len(name) {
+                        if end > size {
+                            return Err(past_end(size));
+                        }
+                    }
+                }
+                Err(self.err(&format!("read at offset {offset} length {len} of"), name, e))
+            }
+        }
+    }
+}
+
+/// Cut the segments of a read starting at file offset `offset` into parts
+/// of at most `part` bytes (never across a part boundary): each part's file
+/// offset and the (pieces of) segments it fills, in order. Empty segments
+/// are dropped.
+fn split_parts(segs: Vec<&mut [u8]>, offset: u64, part: usize) -> Vec<(u64, Vec<&mut [u8]>)> {
+    let part = part.max(1);
+    let mut out: Vec<(u64, Vec<&mut [u8]>)> = Vec::new();
+    let mut at = offset;
+    let mut room = 0usize;
+    for mut seg in segs {
+        while !seg.is_empty() {
+            if room == 0 {
+                out.push((at, Vec::new()));
+                room = part;
+            }
+            let n = room.min(seg.len());
+            let (head, tail) = std::mem::take(&mut seg).split_at_mut(n);
+            out.last_mut().expect("a part is open").1.push(head);
+            seg = tail;
+            room -= n;
+            at += n as u64;
+        }
+    }
+    out
 }
 
 /// Whether `op` serves a store whose objects live in buckets (or
@@ -507,82 +621,31 @@ impl FileSystem for OpendalFs {
     }
 
     fn read_into(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
-        check_file_name(name)?;
-        let len = buf.len() as u64;
-        let past_end = |size: u64| {
-            Error::corrupt(format!(
-                "read {}/{name} at offset {offset} length {len}: the object has only {size} bytes",
-                self.inner.location
-            ))
-        };
-        let end = offset.checked_add(len).ok_or_else(|| past_end(0))?;
-        if len == 0 {
-            let size = self.file_len(name)?.ok_or_else(|| {
-                Error::new(
-                    ErrorKind::NotFound,
-                    format!("{}/{name} not found", self.inner.location),
-                )
-            })?;
-            return if offset > size {
-                Err(past_end(size))
-            } else {
-                Ok(())
-            };
-        }
-        let path = self.path(name);
-        let op = &self.inner.op;
-        let chunk = self.inner.options.read_chunk;
-        let result: std::result::Result<(), ReadFail> = self.block_on(async {
-            // `Reader::fetch` reads each range with one request that the
-            // retry layer repeats whole on a temporary error. (Streaming
-            // reads resume mid-stream on retry instead, and OpenDAL 0.59
-            // panics when a stream fails after its last byte.)
-            let reader = op.reader(&path).await.map_err(ReadFail::Dal)?;
-            let reader = &reader;
-            let pieces = buf.chunks_mut(chunk).enumerate().map(|(i, piece)| {
-                let a = offset + (i * chunk) as u64;
-                let b = a + piece.len() as u64;
-                async move {
-                    #[allow(clippy::single_range_in_vec_init)] // one range, on purpose
-                    let data: Vec<Buffer> =
-                        reader.fetch(vec![a..b]).await.map_err(ReadFail::Dal)?;
-                    let got: usize = data.iter().map(Buffer::len).sum();
-                    if got != piece.len() {
-                        return Err(ReadFail::Short);
-                    }
-                    let mut at = 0;
-                    for d in &data {
-                        copy_into(d, &mut piece[at..at + d.len()]);
-                        at += d.len();
-                    }
-                    Ok(())
-                }
-            });
-            futures::stream::iter(pieces)
-                .buffer_unordered(self.inner.options.read_concurrency)
-                .try_collect()
-                .await
-        });
-        match result {
-            Ok(()) => Ok(()),
-            Err(ReadFail::Short) => {
-                let size = self.file_len(name)?.unwrap_or(0);
-                Err(past_end(size))
-            }
-            Err(ReadFail::Dal(e)) => {
-                // A range past the end shows up as "range not satisfied" on
-                // some services and as a short or failed read on others:
-                // decide by the object's length.
-                if e.kind() != opendal::ErrorKind::NotFound {
-                    if let Ok(Some(size)) = self.file_len(name) {
-                        if end > size {
-                            return Err(past_end(size));
-                        }
-                    }
-                }
-                Err(self.err(&format!("read at offset {offset} length {len} of"), name, e))
-            }
-        }
+        self.read_segments(name, offset, vec![buf])
+    }
+
+    /// Ranged GETs straight into the caller's buffers: no temporary buffer
+    /// of the range's size (the trait's default), one copy out of the HTTP
+    /// client's buffers, as [`FileSystem::read_into`].
+    fn read_scattered(
+        &self,
+        name: &str,
+        offset: u64,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+    ) -> Result<()> {
+        self.read_segments(name, offset, bufs.iter_mut().map(|b| &mut **b).collect())
+    }
+
+    /// [`OpendalOptions::read_concurrency`]: each reader thread of a load
+    /// keeps that many record reads in flight.
+    fn read_requests_in_flight(&self) -> usize {
+        self.inner.options.read_concurrency
+    }
+
+    /// [`OpendalOptions::read_chunk`]: records smaller than a part are read
+    /// with their neighbours, a part per request.
+    fn read_request_size(&self) -> Option<u64> {
+        Some(self.inner.options.read_chunk as u64)
     }
 
     fn file_len(&self, name: &str) -> Result<Option<u64>> {
@@ -844,13 +907,64 @@ enum ReadFail {
     Short,
 }
 
-/// Copy a (possibly non-contiguous) OpenDAL buffer into `dst`, which has
-/// exactly its length.
-fn copy_into(src: &Buffer, dst: &mut [u8]) {
-    let mut at = 0;
-    for part in src.clone() {
-        let n = part.len().min(dst.len() - at);
-        dst[at..at + n].copy_from_slice(&part[..n]);
-        at += n;
+/// Copy OpenDAL buffers (each possibly non-contiguous) into `dst`, whose
+/// lengths add up to exactly theirs, in order.
+fn copy_into(src: &[Buffer], dst: &mut [&mut [u8]]) {
+    let mut segs = dst.iter_mut();
+    let mut cur: &mut [u8] = &mut [];
+    for buf in src {
+        for bytes in buf.clone() {
+            let mut from: &[u8] = &bytes;
+            while !from.is_empty() {
+                if cur.is_empty() {
+                    match segs.next() {
+                        Some(s) => cur = &mut s[..],
+                        None => return,
+                    }
+                    continue;
+                }
+                let n = cur.len().min(from.len());
+                let (head, tail) = std::mem::take(&mut cur).split_at_mut(n);
+                head.copy_from_slice(&from[..n]);
+                cur = tail;
+                from = &from[n..];
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_cut_segments_at_part_boundaries_and_copies_fill_them_in_order() {
+        let (mut a, mut b, mut c) = (vec![0u8; 5], vec![0u8; 0], vec![0u8; 9]);
+        let parts = split_parts(vec![&mut a, &mut b, &mut c], 100, 4);
+        let shape: Vec<(u64, Vec<usize>)> = parts
+            .iter()
+            .map(|(o, s)| (*o, s.iter().map(|x| x.len()).collect()))
+            .collect();
+        assert_eq!(
+            shape,
+            vec![
+                (100, vec![4]),
+                (104, vec![1, 3]),
+                (108, vec![4]),
+                (112, vec![2])
+            ]
+        );
+        // Fill every part from buffers split unlike the segments.
+        for (o, mut segs) in parts {
+            let n: usize = segs.iter().map(|s| s.len()).sum();
+            let bytes: Vec<u8> = (0..n as u64).map(|i| (o + i) as u8).collect();
+            let (x, y) = bytes.split_at(n / 2);
+            copy_into(
+                &[Buffer::from(x.to_vec()), Buffer::from(y.to_vec())],
+                &mut segs,
+            );
+        }
+        assert_eq!(a, [100, 101, 102, 103, 104]);
+        assert_eq!(c, (105..114).collect::<Vec<u8>>());
     }
 }

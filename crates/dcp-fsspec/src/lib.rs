@@ -14,9 +14,13 @@
 //! - **Throughput.** Each data file is a multipart upload whose parts
 //!   (`part_size`, 16 MiB by default) go up `write_concurrency` (8) at a
 //!   time, and `thread_count` files per rank upload at once; the bytes of the
-//!   state dict are handed to the HTTP client without copying. Large reads
-//!   are split into `read_chunk` ranges fetched concurrently and copied
-//!   straight into the destination.
+//!   state dict are handed to the HTTP client without copying. On load,
+//!   each reader thread keeps `read_concurrency` (8) reads in flight
+//!   ([`FileSystem::read_requests_in_flight`](dcp_core::FileSystem::read_requests_in_flight)),
+//!   whatever `thread_count` is; a read larger than `read_chunk` (32 MiB)
+//!   is split into ranged GETs fetched concurrently, neighbouring smaller
+//!   records are read together in one GET, and every byte is copied
+//!   straight from the HTTP client's buffers into its destination.
 //! - **No fsync or rename on object stores, and no need for them.**
 //!   `sync_files` maps to "every upload completed": a data file exists only
 //!   once its multipart upload is completed, and a failed or aborted upload

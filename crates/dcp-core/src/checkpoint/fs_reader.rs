@@ -134,11 +134,21 @@ impl FileSystemReader {
                 None
             });
         }
+        // A store with a request size of its own reads neighbouring records
+        // together in requests of at most that size (see
+        // `read_request_size`).
+        let request_size = self.fs.read_request_size().map(|n| n.max(1));
+        let max_request = match request_size {
+            Some(n) => self.options.max_request.min(n),
+            None => self.options.max_request,
+        };
         let cfg = ReadConfig {
             thread_count: self.options.thread_count.max(1),
+            requests_in_flight: self.fs.read_requests_in_flight().max(1),
+            request_size,
             verify_checksums: self.options.verify_checksums,
             coalesce_gap: self.options.coalesce_gap,
-            max_request: self.options.max_request.max(1),
+            max_request: max_request.max(1),
             small_record: self.options.small_record,
         };
         Ok((resolved, cfg, format))

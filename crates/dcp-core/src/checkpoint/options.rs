@@ -160,10 +160,13 @@ pub struct ReaderOptions {
     /// apart. Default 4 KiB.
     pub coalesce_gap: u64,
     /// Largest single read request, except a single record read whole.
-    /// Default 64 MiB.
+    /// Default 64 MiB; a file system with a request size of its own
+    /// ([`FileSystem::read_request_size`](crate::FileSystem::read_request_size),
+    /// an object store's part size) lowers it to that.
     pub max_request: u64,
     /// Records shorter than this are read in coalesced requests with their
-    /// neighbours (then copied) instead of one request each. Default 256 KiB.
+    /// neighbours (then copied) instead of one request each. Default
+    /// 256 KiB.
     pub small_record: u64,
     /// Readers of checkpoints written by other tools, asked in order when
     /// `.metadata` is not dcp's (see [`MetadataTranslator`]). Default: none

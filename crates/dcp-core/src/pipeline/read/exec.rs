@@ -1,4 +1,5 @@
-//! Running a [`Schedule`]: each worker thread runs its tasks in order,
+//! Running a [`Schedule`]: each worker runs its tasks in order (with up to
+//! [`ReadConfig::requests_in_flight`] of them at once),
 //! reading through the [`FileSystem`] into the destination slots, undoing
 //! transforms and verifying checksums.
 
@@ -11,10 +12,11 @@ use crate::pipeline::copy::{copy_region_from, LineStreamer};
 use crate::storage::FileSystem;
 use crate::transform::{StreamTransformExtension, TransformKind};
 use std::borrow::Cow;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// Run `sched` on `cfg.thread_count` scoped worker threads at most.
+/// Run `sched` on `cfg.thread_count` workers of
+/// `cfg.requests_in_flight` scoped threads each, at most.
 pub(super) fn execute(
     fs: &dyn FileSystem,
     md: &Metadata,
@@ -37,14 +39,27 @@ pub(super) fn execute(
         requests: &stats_requests,
         verify: cfg.verify_checksums,
     };
+    // Each worker's tasks are taken in order by `in_flight` threads, so a
+    // worker keeps that many requests outstanding (one on a local disk,
+    // several on an object store, where each request is a round trip).
+    let in_flight = cfg.requests_in_flight.max(1);
+    let cursors: Vec<AtomicUsize> = assigned.iter().map(|_| AtomicUsize::new(0)).collect();
     let results: Vec<Result<()>> = std::thread::scope(|scope| {
         let handles: Vec<_> = assigned
             .iter()
-            .map(|list| {
+            .zip(&cursors)
+            .flat_map(|(list, cursor)| {
+                (0..in_flight.min(list.len()).max(1)).map(move |_| (list, cursor))
+            })
+            .map(|(list, cursor)| {
                 let (ctx, tasks, cancel) = (&ctx, tasks, &cancel);
                 scope.spawn(move || -> Result<()> {
                     let mut scratch = Vec::new();
-                    for &i in list {
+                    loop {
+                        let k = cursor.fetch_add(1, Ordering::Relaxed);
+                        let Some(&i) = list.get(k) else {
+                            return Ok(());
+                        };
                         if cancel.load(Ordering::Relaxed) {
                             return Ok(());
                         }
@@ -53,7 +68,6 @@ pub(super) fn execute(
                             return Err(e);
                         }
                     }
-                    Ok(())
                 })
             })
             .collect();
@@ -87,7 +101,7 @@ struct Ctx<'a> {
     verify: bool,
 }
 
-impl Ctx<'_> {
+impl<'a> Ctx<'a> {
     fn file_name(&self, file: u32) -> &str {
         &self.md.files[file as usize].name
     }
@@ -144,6 +158,7 @@ impl Ctx<'_> {
                 runs,
                 verify,
             } => self.scatter_read(&self.records[*record], runs, *verify, scratch),
+            Task::Group { file, members } => self.group_read(*file, members),
             Task::Span {
                 file,
                 start,
@@ -345,6 +360,124 @@ impl Ctx<'_> {
                 }
             }
             self.check_checksums(rec, enc)?;
+        }
+        Ok(())
+    }
+
+    /// The destination chunk a tensor target of `rec` fills.
+    fn dest_chunk(&self, rec: &Record<'_>, target: usize) -> &'a Mutex<DestData> {
+        let Target::Tensor {
+            dest_item,
+            dest_chunk,
+            ..
+        } = &rec.targets[target]
+        else {
+            unreachable!("scatter targets are tensors")
+        };
+        let Slot::Tensor(chunks) = self.slots[*dest_item] else {
+            unreachable!("planned as tensor")
+        };
+        &chunks[*dest_chunk].1
+    }
+
+    /// Read the neighbouring whole records `members` of `file` with one
+    /// scattered request straight into their runs (the bytes between
+    /// records into scratch), then check each record's checksums over its
+    /// runs. Every destination chunk is locked first, in address order (as
+    /// [`Ctx::scatter_read`] does, so overlapping lock sets cannot
+    /// deadlock).
+    fn group_read(&self, file: u32, members: &[(usize, Vec<Run>)]) -> Result<()> {
+        let (Some(first), Some(last)) = (members.first(), members.last()) else {
+            return Ok(());
+        };
+        let first_rec = &self.records[first.0];
+        let start = first_rec.offset;
+        let end = self.records[last.0].offset + self.records[last.0].length;
+        let context = |e: Error| e.context(first_rec.name);
+        // Every run of every member, in file order: (member, run).
+        let all: Vec<(usize, &Run)> = members
+            .iter()
+            .enumerate()
+            .flat_map(|(m, (_, runs))| runs.iter().map(move |r| (m, r)))
+            .collect();
+        let chunk_of = |(m, r): &(usize, &Run)| self.dest_chunk(&self.records[members[*m].0], r.target);
+        let addr = |c: &&Mutex<DestData>| std::ptr::from_ref(*c) as usize;
+        let mut chunks: Vec<&Mutex<DestData>> = all.iter().map(chunk_of).collect();
+        chunks.sort_by_key(addr);
+        chunks.dedup_by_key(|c| addr(c));
+        let mut guards: Vec<_> = chunks.iter().map(|m| lock(m)).collect();
+        // Each chunk's runs, by destination offset, checked disjoint.
+        let mut by_chunk: Vec<Vec<usize>> = vec![Vec::new(); chunks.len()];
+        for (i, x) in all.iter().enumerate() {
+            let c = chunks
+                .binary_search_by_key(&addr(&chunk_of(x)), addr)
+                .expect("every run's chunk is locked");
+            by_chunk[c].push(i);
+        }
+        let mut slices: Vec<Option<&mut [u8]>> = (0..all.len()).map(|_| None).collect();
+        for (guard, list) in guards.iter_mut().zip(by_chunk.iter_mut()) {
+            list.sort_unstable_by_key(|&i| all[i].1.dest);
+            let mut rest: &mut [u8] = &mut guard[..];
+            let mut pos = 0usize;
+            for &i in list.iter() {
+                let r = all[i].1;
+                if r.dest < pos || r.dest.checked_add(r.len).is_none_or(|e| e - pos > rest.len()) {
+                    return Err(Error::invalid(format!(
+                        "{}: planned destination runs overlap or overflow their chunk",
+                        self.where_(&self.records[members[all[i].0].0])
+                    )));
+                }
+                let (_, tail) = std::mem::take(&mut rest).split_at_mut(r.dest - pos);
+                let (piece, tail) = tail.split_at_mut(r.len);
+                slices[i] = Some(piece);
+                rest = tail;
+                pos = r.dest + r.len;
+            }
+        }
+        let mut slices: Vec<&mut [u8]> = slices
+            .into_iter()
+            .map(|s| s.expect("every run has a slice"))
+            .collect();
+        // The bytes between records (at most the coalescing gap each).
+        let gaps: Vec<usize> = members
+            .windows(2)
+            .map(|w| {
+                let (a, b) = (&self.records[w[0].0], &self.records[w[1].0]);
+                (b.offset - (a.offset + a.length)) as usize
+            })
+            .collect();
+        let mut gap_buf = vec![0u8; gaps.iter().sum()];
+        {
+            let mut gap_rest: &mut [u8] = &mut gap_buf;
+            let mut iov: Vec<std::io::IoSliceMut<'_>> = Vec::with_capacity(all.len() + gaps.len());
+            let mut run_slices = slices.iter_mut();
+            for (m, (_, runs)) in members.iter().enumerate() {
+                for s in run_slices.by_ref().take(runs.len()) {
+                    iov.push(std::io::IoSliceMut::new(s));
+                }
+                if let Some(&g) = gaps.get(m) {
+                    let (g, tail) = std::mem::take(&mut gap_rest).split_at_mut(g);
+                    iov.push(std::io::IoSliceMut::new(g));
+                    gap_rest = tail;
+                }
+            }
+            self.requests.fetch_add(1, Ordering::Relaxed);
+            self.bytes.fetch_add(end - start, Ordering::Relaxed);
+            self.fs
+                .read_scattered(self.file_name(file), start, &mut iov)
+                .map_err(context)?;
+        }
+        let mut at = 0usize;
+        for (record, runs) in members {
+            let rec = &self.records[*record];
+            let mut enc = self.checksum_encoders(rec)?;
+            for p in &slices[at..at + runs.len()] {
+                for (e, _) in &mut enc {
+                    e.update(p, &mut Vec::new())?;
+                }
+            }
+            self.check_checksums(rec, enc)?;
+            at += runs.len();
         }
         Ok(())
     }

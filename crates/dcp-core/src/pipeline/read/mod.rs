@@ -44,6 +44,13 @@ pub struct ReadStats {
 #[derive(Clone, Debug)]
 pub(crate) struct ReadConfig {
     pub thread_count: usize,
+    /// Reads each worker keeps in flight (the file system's
+    /// [`FileSystem::read_requests_in_flight`]).
+    pub requests_in_flight: usize,
+    /// The file system's request size
+    /// ([`FileSystem::read_request_size`]): neighbouring whole records are
+    /// read together in requests of at most this many bytes.
+    pub request_size: Option<u64>,
     pub verify_checksums: bool,
     pub coalesce_gap: u64,
     pub max_request: u64,

@@ -67,6 +67,13 @@ pub(super) enum Task {
         runs: Vec<Run>,
         verify: bool,
     },
+    /// Read neighbouring whole records of one file with one request,
+    /// scattered straight into their destination runs (as [`Task::Scatter`]
+    /// with `verify`, for several records; the few bytes between them go
+    /// to scratch), then check each record's checksums. Only on a file
+    /// system with a request size of its own
+    /// ([`ReadConfig::request_size`]), where a request costs a round trip.
+    Group { file: u32, members: Vec<(usize, Vec<Run>)> },
     /// Read `[start, start+len)` of a file once and serve several pieces.
     Span {
         file: u32,
@@ -100,6 +107,11 @@ impl Task {
         match self {
             Task::Direct { len, .. } => *len as u64,
             Task::Scatter { runs, .. } => runs.iter().map(|r| r.len as u64).sum(),
+            Task::Group { members, .. } => members
+                .iter()
+                .flat_map(|(_, runs)| runs)
+                .map(|r| r.len as u64)
+                .sum(),
             Task::Span { len, .. } => *len,
         }
     }
@@ -114,6 +126,9 @@ impl Task {
             Task::Scatter { record, runs, .. } => {
                 let r = &records[*record];
                 (r.file, r.offset + runs.first().map_or(0, |x| x.rel))
+            }
+            Task::Group { file, members } => {
+                (*file, members.first().map_or(0, |m| records[m.0].offset))
             }
             Task::Span { file, start, .. } => (*file, *start),
         }
@@ -269,6 +284,9 @@ pub(super) fn schedule<'a>(
     check_lengths(md, &records, file_len)?;
     let (mut tasks, spans) = choose_tasks(md, &records, slots, kinds, cfg)?;
     coalesce(spans, cfg, &mut tasks);
+    if let Some(size) = cfg.request_size {
+        tasks = group_records(tasks, &records, size, cfg.coalesce_gap);
+    }
     let workers = assign_workers(&tasks, &records, cfg.thread_count);
     Ok(Schedule {
         records,
@@ -609,6 +627,51 @@ fn coalesce(mut spans: Vec<SpanPiece>, cfg: &ReadConfig, tasks: &mut Vec<Task>) 
     }
 }
 
+/// Merge whole-record scatter reads (verified, so each covers its record
+/// exactly) of neighbouring records of one file, at most `gap` bytes
+/// apart, into [`Task::Group`]s of at most `size` bytes: one request each
+/// instead of one per record.
+fn group_records(tasks: Vec<Task>, records: &[Record<'_>], size: u64, gap: u64) -> Vec<Task> {
+    let (mut whole, mut out): (Vec<Task>, Vec<Task>) = tasks
+        .into_iter()
+        .partition(|t| matches!(t, Task::Scatter { verify: true, .. }));
+    whole.sort_by_key(|t| t.key(records));
+    // The group being built: file, byte range, members.
+    let mut cur: Option<(u32, u64, u64, Vec<(usize, Vec<Run>)>)> = None;
+    let flush = |cur: Option<(u32, u64, u64, Vec<(usize, Vec<Run>)>)>, out: &mut Vec<Task>| {
+        if let Some((file, _, _, mut members)) = cur {
+            if members.len() == 1 {
+                let (record, runs) = members.pop().expect("one member");
+                out.push(Task::Scatter {
+                    record,
+                    runs,
+                    verify: true,
+                });
+            } else {
+                out.push(Task::Group { file, members });
+            }
+        }
+    };
+    for t in whole {
+        let Task::Scatter { record, runs, .. } = t else {
+            unreachable!("partitioned")
+        };
+        let rec = &records[record];
+        let (start, end) = (rec.offset, rec.offset + rec.length);
+        if let Some((file, s, e, members)) = &mut cur {
+            if *file == rec.file && start >= *e && start - *e <= gap && end - *s <= size {
+                *e = end;
+                members.push((record, runs));
+                continue;
+            }
+        }
+        flush(cur.take(), &mut out);
+        cur = Some((rec.file, start, end, vec![(record, runs)]));
+    }
+    flush(cur, &mut out);
+    out
+}
+
 /// Give each worker a contiguous run of the tasks in file and offset
 /// order, of about equal bytes: every worker then reads forward through
 /// its own stretch of the files, which keeps the kernel's readahead
@@ -810,6 +873,8 @@ mod tests {
     fn cfg(threads: usize, small: u64) -> ReadConfig {
         ReadConfig {
             thread_count: threads,
+            requests_in_flight: 1,
+            request_size: None,
             verify_checksums: true,
             coalesce_gap: 4096,
             max_request: 64 << 20,
