@@ -121,14 +121,31 @@ fn is_safetensors(src: &str) -> bool {
 /// `--to-dcp` from Hugging Face safetensors.
 fn from_safetensors(args: &ConvertArgs, to_dcp: &str) -> Result<ExitCode, CliError> {
     let src = std::path::Path::new(&args.src);
-    let tensors = dcp::hf_import::read_safetensors(src)?;
+    let failed = |e: Error| {
+        CliError::failed(
+            format!(
+                "cannot convert {} to a dcp checkpoint at {to_dcp}",
+                src.display()
+            ),
+            &e,
+        )
+    };
+    let tensors = dcp::hf_import::read_safetensors(src).map_err(failed)?;
     let out = open_location(to_dcp)?;
+    let total: u64 = tensors
+        .iter()
+        .map(|t| t.shape.iter().product::<u64>() * t.dtype.size() as u64)
+        .sum();
+    let bar = crate::progress::bar(total, "importing");
     // Four writer threads per rank: each reads its records' ranges from
     // the safetensors files and checksums them while the others write.
-    let writer: Arc<dyn dcp_core::StorageWriter> = Arc::new(FileSystemWriter::new(
-        out.clone(),
-        WriterOptions::default().overwrite(false).thread_count(4),
-    )?);
+    let writer: Arc<dyn dcp_core::StorageWriter> = Arc::new(
+        FileSystemWriter::new(
+            crate::progress::Metered::wrap(out.clone(), &bar),
+            WriterOptions::default().overwrite(false).thread_count(4),
+        )
+        .map_err(failed)?,
+    );
     let shard = if args.shard == "col" {
         dcp::hf_import::ImportShard::Cols
     } else {
@@ -142,7 +159,9 @@ fn from_safetensors(args: &ConvertArgs, to_dcp: &str) -> Result<ExitCode, CliErr
         writer,
         args.ranks as usize,
         shard,
-    ))?;
+    ));
+    bar.finish_and_clear();
+    let md = md.map_err(failed)?;
     crate::emit(&format!(
         "ok: {} ({n} tensors, {}) -> {}: dcp checkpoint of {} ranks split by {}s, save {}, in {:.2} s\n",
         src.display(),
@@ -161,12 +180,29 @@ fn to_safetensors(args: &ConvertArgs, out: &std::path::Path) -> Result<ExitCode,
     let src = open_location(&args.src)?;
     let reader = FileSystemReader::new(src.clone(), crate::reader_options());
     let started = Instant::now();
+    let bar = crate::progress::bar(0, "exporting");
+    let on_bar = bar.clone();
     let options = dcp::hf::ExportOptions::default()
         .max_shard_size(args.max_shard_size)
         .keys(args.keys.clone())
         .renames(args.renames.clone())
-        .verify_checksums(args.verify);
-    let report = dcp::hf::export_safetensors(&reader, out, &options)?;
+        .verify_checksums(args.verify)
+        .on_progress(move |n, total| {
+            on_bar.set_length(total);
+            on_bar.inc(n);
+        });
+    let report = dcp::hf::export_safetensors(&reader, out, &options);
+    bar.finish_and_clear();
+    let report = report.map_err(|e| {
+        CliError::failed(
+            format!(
+                "cannot convert {} to safetensors at {}",
+                src.location(),
+                out.display()
+            ),
+            &e,
+        )
+    })?;
     if !report.skipped_bytes_items.is_empty() {
         eprintln!(
             "note: {} bytes items not written (safetensors holds tensors only): {}",
@@ -217,13 +253,31 @@ pub fn run(args: ConvertArgs) -> Result<ExitCode, CliError> {
     }
     let src = open_location(&args.src)?;
     let out = open_location(to_dcp)?;
+    let failed = |e: Error| {
+        CliError::failed(
+            format!(
+                "cannot convert {} to a dcp checkpoint at {}",
+                src.location(),
+                out.location()
+            ),
+            &e,
+        )
+    };
     let reader = Arc::new(FileSystemReader::new(src.clone(), crate::reader_options()));
-    let writer = Arc::new(FileSystemWriter::new(
-        out.clone(),
-        WriterOptions::default().overwrite(false),
-    )?);
     let rt = crate::runtime()?;
-    let md = Arc::new(rt.block_on(dcp_core::read_metadata(reader.as_ref()))?);
+    let md = Arc::new(
+        rt.block_on(dcp_core::read_metadata(reader.as_ref()))
+            .map_err(failed)?,
+    );
+    // The bar follows the bytes the ranks write.
+    let bar = crate::progress::bar(md.logical_bytes(), "converting");
+    let writer = Arc::new(
+        FileSystemWriter::new(
+            crate::progress::Metered::wrap(out.clone(), &bar),
+            WriterOptions::default().overwrite(false),
+        )
+        .map_err(failed)?,
+    );
     let n = args.ranks as usize;
     let started = Instant::now();
     let task_md = md.clone();
@@ -269,9 +323,10 @@ pub fn run(args: ConvertArgs) -> Result<ExitCode, CliError> {
             dcp_core::save(&sd, writer.as_ref(), &g).await
         }
     }));
+    bar.finish_and_clear();
     let mut saved = None;
     for r in results {
-        saved = Some(r?);
+        saved = Some(r.map_err(failed)?);
     }
     let saved = saved.ok_or_else(|| CliError::msg("no rank ran"))?;
     crate::emit(&format!(

@@ -40,6 +40,21 @@ pub struct ExportOptions {
     /// to the largest record and large records are read many times; off by
     /// default, when `dcp verify` (or a load) is the place to check them.
     pub verify_checksums: bool,
+    /// Called after each slab is written (from the export's thread) with
+    /// the bytes of tensor data just written and the total the export
+    /// writes: drives a progress bar. None by default.
+    pub on_progress: Option<OnProgress>,
+}
+
+/// A progress callback of [`ExportOptions::on_progress`]: called with the
+/// number of tensor bytes just written and the export's total.
+#[derive(Clone)]
+pub struct OnProgress(pub std::sync::Arc<dyn Fn(u64, u64) + Send + Sync>);
+
+impl std::fmt::Debug for OnProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnProgress(..)")
+    }
 }
 
 impl Default for ExportOptions {
@@ -50,6 +65,7 @@ impl Default for ExportOptions {
             renames: Vec::new(),
             buffer_bytes: 64 << 20,
             verify_checksums: false,
+            on_progress: None,
         }
     }
 }
@@ -78,6 +94,12 @@ impl ExportOptions {
     /// Set [`ExportOptions::verify_checksums`].
     pub fn verify_checksums(mut self, verify: bool) -> Self {
         self.verify_checksums = verify;
+        self
+    }
+    /// Set [`ExportOptions::on_progress`]: `f(written, total)` is called
+    /// after each slab is written.
+    pub fn on_progress(mut self, f: impl Fn(u64, u64) + Send + Sync + 'static) -> Self {
+        self.on_progress = Some(OnProgress(std::sync::Arc::new(f)));
         self
     }
 }
@@ -195,8 +217,9 @@ fn export_on(
         ..ExportReport::default()
     };
     let mut weight_map = BTreeMap::new();
+    let total: u64 = plans.iter().map(|p| p.bytes).sum();
     for (shard, path) in shards.iter().zip(&names) {
-        write_file(rt, reader, shard, path, options.buffer_bytes)?;
+        write_file(rt, reader, shard, path, options, total)?;
         for p in shard {
             weight_map.insert(
                 p.out.clone(),
@@ -336,8 +359,10 @@ fn write_file(
     reader: &FileSystemReader,
     tensors: &[&Plan],
     path: &Path,
-    buffer: u64,
+    options: &ExportOptions,
+    total: u64,
 ) -> Result<()> {
+    let buffer = options.buffer_bytes;
     let head = header(tensors)?;
     write_atomically(path, |f| {
         f.write_all(&(head.len() as u64).to_le_bytes())?;
@@ -349,6 +374,9 @@ fn write_file(
             for region in slabs(&p.shape, p.dtype.size() as u64, buffer) {
                 let bytes = read_slab(rt, reader, p, region).map_err(std::io::Error::other)?;
                 f.write_all(&bytes)?;
+                if let Some(OnProgress(report)) = &options.on_progress {
+                    report(bytes.len() as u64, total);
+                }
             }
         }
         Ok(())
