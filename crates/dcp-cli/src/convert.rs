@@ -136,6 +136,12 @@ fn from_safetensors(args: &ConvertArgs, to_dcp: &str) -> Result<ExitCode, CliErr
         .iter()
         .map(|t| t.shape.iter().product::<u64>() * t.dtype.size() as u64)
         .sum();
+    tracing::info!(
+        tensors = tensors.len(),
+        bytes = total,
+        ranks = args.ranks,
+        "importing safetensors"
+    );
     let bar = crate::progress::bar(total, "importing");
     // Four writer threads per rank: each reads its records' ranges from
     // the safetensors files and checksums them while the others write.
@@ -180,6 +186,7 @@ fn to_safetensors(args: &ConvertArgs, out: &std::path::Path) -> Result<ExitCode,
     let src = open_location(&args.src)?;
     let reader = FileSystemReader::new(src.clone(), crate::reader_options());
     let started = Instant::now();
+    tracing::info!(src = %src.location(), out = %out.display(), "exporting safetensors");
     let bar = crate::progress::bar(0, "exporting");
     let on_bar = bar.clone();
     let options = dcp::hf::ExportOptions::default()

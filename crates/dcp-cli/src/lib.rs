@@ -14,7 +14,12 @@
 //! Every command takes a path or a URL; [`location::open_location`] maps
 //! them to storage backends through [`dcp::open`]. Exit status: 0 on success,
 //! 1 on an error, a damaged checkpoint or a failed verification, 2 on a
-//! usage error. Errors print as one `error: ...` line, never a panic.
+//! usage error. Errors print as one `error: ...` line, then one `  caused
+//! by: ...` line per cause ([`CliError::report`]), never a panic.
+//!
+//! On a terminal, commands that move bytes draw progress bars on stderr
+//! ([`progress`]); piped, or with `--quiet`, they draw nothing. `--log
+//! LEVEL` or `RUST_LOG` send tracing to stderr ([`log_filter`]).
 //!
 //! ```no_run
 //! use clap::Parser;
