@@ -564,7 +564,10 @@ async fn a_python_written_sharded_directory_round_trips() {
             .map(|e| e.unwrap().path())
             .collect();
         files.sort();
-        let (a, b) = (python_reads(python, &files), python_reads(python, &report.files));
+        let (a, b) = (
+            python_reads(python, &files),
+            python_reads(python, &report.files),
+        );
         assert_eq!(a.as_object().unwrap().len(), 12);
         assert_eq!(a, b, "{shard:?}: every tensor identical, in the same file");
     }

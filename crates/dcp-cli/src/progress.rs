@@ -34,6 +34,7 @@ pub fn enabled() -> bool {
 
 /// A byte bar of `total` bytes labelled `what` (`saving`, `verifying`),
 /// drawn on stderr when [`enabled`], hidden (drawing nothing) otherwise.
+/// A `total` of 0 means not known yet: set it with `set_length`.
 pub fn bar(total: u64, what: &str) -> ProgressBar {
     if !enabled() {
         return ProgressBar::hidden();
@@ -47,7 +48,11 @@ pub fn bar(total: u64, what: &str) -> ProgressBar {
         .progress_chars("=> "),
     );
     bar.set_prefix(what.to_string());
-    bar.tick();
+    // Drawn at once when the total is known; else at the first bytes (the
+    // caller sets the length then).
+    if total > 0 {
+        bar.tick();
+    }
     bar
 }
 

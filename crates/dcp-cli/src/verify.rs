@@ -31,7 +31,12 @@ pub fn run(args: VerifyArgs) -> Result<ExitCode, CliError> {
     let rt = crate::runtime()?;
     let md = rt.block_on(dcp_core::read_metadata(&reader))?;
     let checksums = !args.no_checksums;
-    tracing::info!(items = md.items.len(), files = md.files.len(), checksums, "verifying");
+    tracing::info!(
+        items = md.items.len(),
+        files = md.files.len(),
+        checksums,
+        "verifying"
+    );
     let threads = args.threads as usize;
     // With checksums, verify reads every record: a bar of the files' bytes.
     let bar = if checksums {

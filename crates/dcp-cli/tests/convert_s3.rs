@@ -95,7 +95,10 @@ fn convert_reads_and_writes_checkpoints_on_s3() {
         ],
     );
     let s = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert!(s.contains("-> s3://convert-s3/imported: dcp checkpoint of 2 ranks"), "{s}");
+    assert!(
+        s.contains("-> s3://convert-s3/imported: dcp checkpoint of 2 ranks"),
+        "{s}"
+    );
     let o = dcp_s3(moto, &["verify", "s3://convert-s3/imported"]);
     assert!(String::from_utf8_lossy(&o.stdout).starts_with("ok: "));
     export("s3://convert-s3/imported", &format!("{d}/imported"));

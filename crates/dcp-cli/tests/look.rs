@@ -142,7 +142,10 @@ fn bars_render_on_a_terminal_and_stay_out_of_pipes() {
     let (code, t) = on_terminal(&format!("{DCP} verify {d}/ck 2>{d}/err.txt"));
     assert_eq!(code, Some(0), "{t}");
     assert!(!t.contains("verifying") && !t.contains('\x1b'), "{t:?}");
-    assert_eq!(std::fs::read_to_string(tmp.path().join("err.txt")).unwrap(), "");
+    assert_eq!(
+        std::fs::read_to_string(tmp.path().join("err.txt")).unwrap(),
+        ""
+    );
 
     // Both piped (a plain child process): stderr empty, stdout the result.
     for args in [
@@ -173,13 +176,25 @@ fn the_inspect_table_renders_on_a_terminal() {
         .lines()
         .find(|l| l.starts_with("ITEM "))
         .unwrap_or_else(|| panic!("no table header: {t}"));
-    for col in ["KIND", "DTYPE", "SHAPE", "CHUNKS", "BYTES", "STORED", "TRANSFORMS"] {
+    for col in [
+        "KIND",
+        "DTYPE",
+        "SHAPE",
+        "CHUNKS",
+        "BYTES",
+        "STORED",
+        "TRANSFORMS",
+    ] {
         assert!(header.contains(col), "{header}");
     }
     assert!(t.contains("compression ratio"), "{t}");
     assert!(t.contains("layers.0.attn.q.weight"), "{t}");
     let piped = text(&dcp(&["inspect", path_str(&ck)]).stdout);
-    assert_eq!(t.replace("\r\n", "\n"), piped, "the same text on a terminal and piped");
+    assert_eq!(
+        t.replace("\r\n", "\n"),
+        piped,
+        "the same text on a terminal and piped"
+    );
 }
 
 /// `dcp --help` and every subcommand's `--help` end with examples that run
@@ -228,19 +243,33 @@ fn errors_give_their_causes_and_exit_statuses() {
     assert_eq!(lines.len(), 2, "{e}");
     assert_eq!(
         lines[0],
-        format!("error: cannot convert {} to a dcp checkpoint at {out}", bad.display())
+        format!(
+            "error: cannot convert {} to a dcp checkpoint at {out}",
+            bad.display()
+        )
     );
     assert!(lines[1].starts_with("  caused by: "), "{e}");
-    assert!(lines[1].contains("bad.safetensors") && lines[1].contains("does not fit"), "{e}");
+    assert!(
+        lines[1].contains("bad.safetensors") && lines[1].contains("does not fit"),
+        "{e}"
+    );
     assert!(text(&o.stdout).is_empty());
     assert!(!Path::new(&out).exists(), "nothing written at OUT");
 
     // No checkpoint at the source.
-    let o = dcp(&["convert", &format!("{d}/none"), "--to-safetensors", &format!("{d}/hf")]);
+    let o = dcp(&[
+        "convert",
+        &format!("{d}/none"),
+        "--to-safetensors",
+        &format!("{d}/hf"),
+    ]);
     assert_eq!(o.status.code(), Some(1));
     let e = text(&o.stderr);
     assert!(e.starts_with("error: cannot convert "), "{e}");
-    assert!(e.contains("\n  caused by: ") && e.contains(".metadata is missing"), "{e}");
+    assert!(
+        e.contains("\n  caused by: ") && e.contains(".metadata is missing"),
+        "{e}"
+    );
 
     // A plain failure without causes stays one line.
     let o = dcp(&["verify", &format!("{d}/none")]);
@@ -250,13 +279,30 @@ fn errors_give_their_causes_and_exit_statuses() {
     // Usage errors: exit 2, clap's message naming the argument.
     for (args, says) in [
         (vec!["convert", d], "--to-dcp"),
-        (vec!["--log", "dcp=loud", "inspect", d], "is not a log level"),
-        (vec!["convert", d, "--to-safetensors", "x", "--max-shard-size", "5XB"], "unknown unit"),
+        (
+            vec!["--log", "dcp=loud", "inspect", d],
+            "is not a log level",
+        ),
+        (
+            vec![
+                "convert",
+                d,
+                "--to-safetensors",
+                "x",
+                "--max-shard-size",
+                "5XB",
+            ],
+            "unknown unit",
+        ),
         (vec!["inspect"], "<PATH>"),
     ] {
         let o = dcp(&args);
         assert_eq!(o.status.code(), Some(2), "{args:?}");
-        assert!(text(&o.stderr).contains(says), "{args:?}: {}", text(&o.stderr));
+        assert!(
+            text(&o.stderr).contains(says),
+            "{args:?}: {}",
+            text(&o.stderr)
+        );
     }
 }
 
@@ -282,10 +328,19 @@ fn log_and_rust_log_trace_to_stderr() {
     let quiet = run(&["verify", p], None);
     assert_eq!(quiet, "");
     let debug = run(&["--log", "debug", "verify", p], None);
-    assert!(debug.contains("DEBUG") && debug.contains("opened location"), "{debug}");
-    assert!(debug.contains("INFO") && debug.contains("verifying"), "{debug}");
+    assert!(
+        debug.contains("DEBUG") && debug.contains("opened location"),
+        "{debug}"
+    );
+    assert!(
+        debug.contains("INFO") && debug.contains("verifying"),
+        "{debug}"
+    );
     let info = run(&["verify", p, "--log", "info"], None);
-    assert!(info.contains("verifying") && !info.contains("DEBUG"), "{info}");
+    assert!(
+        info.contains("verifying") && !info.contains("DEBUG"),
+        "{info}"
+    );
     let env = run(&["verify", p], Some("dcp_cli=debug"));
     assert!(env.contains("opened location"), "{env}");
     let overridden = run(&["--log", "error", "verify", p], Some("debug"));
