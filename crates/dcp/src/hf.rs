@@ -367,13 +367,17 @@ fn write_file(
     write_atomically(path, |f| {
         f.write_all(&(head.len() as u64).to_le_bytes())?;
         f.write_all(&head)?;
+        // One buffer for every slab: a fresh one per slab would page-fault
+        // (and zero) every byte of the export once more.
+        let mut slab = Vec::new();
         for p in tensors {
             if p.bytes == 0 {
                 continue;
             }
             for region in slabs(&p.shape, p.dtype.size() as u64, buffer) {
-                let bytes = read_slab(rt, reader, p, region).map_err(std::io::Error::other)?;
-                f.write_all(&bytes)?;
+                slab = read_slab(rt, reader, p, region, slab).map_err(std::io::Error::other)?;
+                let bytes = &slab;
+                f.write_all(bytes)?;
                 if let Some(OnProgress(report)) = &options.on_progress {
                     report(bytes.len() as u64, total);
                 }
@@ -383,15 +387,25 @@ fn write_file(
     })
 }
 
-/// One slab of a tensor, loaded through the ordinary load path.
+/// One slab of a tensor, loaded through the ordinary load path into `buf`
+/// (resized to the slab; handed back filled).
 fn read_slab(
     rt: &tokio::runtime::Runtime,
     reader: &FileSystemReader,
     p: &Plan,
     region: ChunkBox,
+    mut buf: Vec<u8>,
 ) -> Result<Vec<u8>> {
+    let len = usize::try_from(region.numel() * p.dtype.size() as u64)
+        .map_err(|_| Error::invalid(format!("{}: a slab does not fit in memory", p.name)))?;
+    buf.resize(len, 0);
     let mut dest = DestStateDict::new();
-    dest.want_tensor(p.name.clone(), p.dtype, p.shape.clone(), vec![region])?;
+    dest.insert_tensor(
+        p.name.clone(),
+        p.dtype,
+        p.shape.clone(),
+        vec![dcp_core::DestChunk::new(region, buf)],
+    )?;
     let loaded = rt.block_on(dcp_core::load(dest, reader, &Single))?;
     let mut state = loaded.state_dict;
     match state.remove(&p.name) {
