@@ -33,7 +33,8 @@ pub struct ExportOptions {
     /// `(from, to)` prefix renames, the first that matches applies:
     /// `("model.", "")` drops a prefix.
     pub renames: Vec<(String, String)>,
-    /// The most bytes of tensor data held in memory at once. Default 64 MiB.
+    /// The most bytes of tensor data held in memory at once: two slabs of
+    /// half this, one read while the other is written. Default 64 MiB.
     pub buffer_bytes: u64,
     /// Check each record's checksum while exporting. A checksummed record
     /// is then read whole for every slab that touches it, so memory grows
@@ -362,28 +363,55 @@ fn write_file(
     options: &ExportOptions,
     total: u64,
 ) -> Result<()> {
-    let buffer = options.buffer_bytes;
+    // Two slab buffers of half the budget each: the next slab is read while
+    // the last is written, so the export runs at the slower of reading and
+    // writing, not their sum. Buffers go round (a fresh one per slab would
+    // page-fault and zero every byte once more).
+    let slab_max = (options.buffer_bytes / 2).max(1);
     let head = header(tensors)?;
     write_atomically(path, |f| {
         f.write_all(&(head.len() as u64).to_le_bytes())?;
         f.write_all(&head)?;
-        // One buffer for every slab: a fresh one per slab would page-fault
-        // (and zero) every byte of the export once more.
-        let mut slab = Vec::new();
-        for p in tensors {
-            if p.bytes == 0 {
-                continue;
-            }
-            for region in slabs(&p.shape, p.dtype.size() as u64, buffer) {
-                slab = read_slab(rt, reader, p, region, slab).map_err(std::io::Error::other)?;
-                let bytes = &slab;
-                f.write_all(bytes)?;
-                if let Some(OnProgress(report)) = &options.on_progress {
-                    report(bytes.len() as u64, total);
-                }
-            }
+        let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Result<Vec<u8>>>(1);
+        let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        for _ in 0..2 {
+            let _ = empty_tx.send(Vec::new());
         }
-        Ok(())
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                for p in tensors.iter().filter(|p| p.bytes > 0) {
+                    for region in slabs(&p.shape, p.dtype.size() as u64, slab_max) {
+                        // The writer gave up (its receivers are gone): stop.
+                        let Ok(buf) = empty_rx.recv() else { return };
+                        let slab = read_slab(rt, reader, p, region, buf);
+                        let failed = slab.is_err();
+                        if full_tx.send(slab).is_err() || failed {
+                            return;
+                        }
+                    }
+                }
+            });
+            // Owns the writer's ends, so that leaving early (an error)
+            // drops them and the reader stops before the scope joins it.
+            let (full_rx, empty_tx) = (full_rx, empty_tx);
+            let mut written = 0u64;
+            for slab in full_rx {
+                let slab = slab.map_err(std::io::Error::other)?;
+                f.write_all(&slab)?;
+                written += slab.len() as u64;
+                if let Some(OnProgress(report)) = &options.on_progress {
+                    report(slab.len() as u64, total);
+                }
+                let _ = empty_tx.send(slab);
+            }
+            let want: u64 = tensors.iter().map(|p| p.bytes).sum();
+            if written != want {
+                return Err(std::io::Error::other(format!(
+                    "the slab reader stopped after {written} of {want} bytes"
+                )));
+            }
+            Ok(())
+        })
     })
 }
 
