@@ -118,8 +118,41 @@ fn is_safetensors(src: &str) -> bool {
         && (p.join("model.safetensors.index.json").exists() || p.join("model.safetensors").exists())
 }
 
-/// `--to-dcp` from Hugging Face safetensors.
-fn from_safetensors(args: &ConvertArgs, to_dcp: &str) -> Result<ExitCode, CliError> {
+/// Hugging Face safetensors in an object store: `URL/NAME.safetensors` (the
+/// store at URL and the file NAME), or a URL holding
+/// `model.safetensors.index.json` or `model.safetensors` and no `.metadata`
+/// (the store, no name). `None` for local paths and for anything else.
+fn safetensors_in_store(src: &str) -> Result<Option<StoreSrc>, CliError> {
+    let Ok(loc) = dcp::Location::parse(src) else {
+        return Ok(None);
+    };
+    if matches!(loc.backend(), dcp::Backend::Local) {
+        return Ok(None);
+    }
+    let trimmed = src.trim_end_matches('/');
+    if let Some((dir, name)) = trimmed.rsplit_once('/') {
+        if name.ends_with(".safetensors") && !dir.ends_with('/') && !dir.ends_with(':') {
+            return Ok(Some((open_location(dir)?, Some(name.to_string()))));
+        }
+    }
+    let fs = open_location(src)?;
+    let has = |n: &str| fs.file_len(n).map(|l| l.is_some());
+    let hf =
+        !has(".metadata")? && (has("model.safetensors.index.json")? || has("model.safetensors")?);
+    Ok(hf.then_some((fs, None)))
+}
+
+/// Safetensors in a store: the store, and the file name (or `None`: the
+/// location is the directory).
+type StoreSrc = (Arc<dyn dcp_core::FileSystem>, Option<String>);
+
+/// `--to-dcp` from Hugging Face safetensors: a local file or directory, or
+/// in `store` ([`safetensors_in_store`]).
+fn from_safetensors(
+    args: &ConvertArgs,
+    to_dcp: &str,
+    store: Option<StoreSrc>,
+) -> Result<ExitCode, CliError> {
     let src = std::path::Path::new(&args.src);
     let failed = |e: Error| {
         CliError::failed(
@@ -130,7 +163,11 @@ fn from_safetensors(args: &ConvertArgs, to_dcp: &str) -> Result<ExitCode, CliErr
             &e,
         )
     };
-    let tensors = dcp::hf_import::read_safetensors(src).map_err(failed)?;
+    let tensors = match &store {
+        Some((fs, name)) => dcp::hf_import::read_safetensors_in(fs, name.as_deref()),
+        None => dcp::hf_import::read_safetensors(src),
+    }
+    .map_err(failed)?;
     let out = open_location(to_dcp)?;
     let total: u64 = tensors
         .iter()
@@ -256,7 +293,10 @@ pub fn run(args: ConvertArgs) -> Result<ExitCode, CliError> {
         return Err(CliError::usage("give --to-dcp OUT or --to-safetensors OUT"));
     };
     if is_safetensors(&args.src) {
-        return from_safetensors(&args, to_dcp);
+        return from_safetensors(&args, to_dcp, None);
+    }
+    if let Some(store) = safetensors_in_store(&args.src)? {
+        return from_safetensors(&args, to_dcp, Some(store));
     }
     let src = open_location(&args.src)?;
     let out = open_location(to_dcp)?;

@@ -1,6 +1,7 @@
 //! `dcp convert` with checkpoints on S3 (a moto server on 127.0.0.1,
 //! dcp-testkit's `Moto`): export from a checkpoint on `s3://` to local
 //! safetensors, import local safetensors writing a checkpoint to `s3://`,
+//! import safetensors read from `s3://` (a sharded directory, one file),
 //! and dcp-to-dcp from one bucket prefix to another. Every safetensors file
 //! equals, byte for byte, the export of the same demo checkpoint saved on
 //! local disk.
@@ -103,6 +104,77 @@ fn convert_reads_and_writes_checkpoints_on_s3() {
     assert!(String::from_utf8_lossy(&o.stdout).starts_with("ok: "));
     export("s3://convert-s3/imported", &format!("{d}/imported"));
     assert_eq!(files(&tmp.path().join("imported")), reference);
+
+    // Safetensors read from S3 (the reference files uploaded): the
+    // directory with its index, and one file by its URL.
+    let port: u16 = moto.endpoint().rsplit(':').next().unwrap().parse().unwrap();
+    for (name, bytes) in &reference {
+        let (status, body) =
+            dcp_testkit::moto::http(port, "PUT", &format!("/convert-s3/hf/{name}"), bytes).unwrap();
+        assert_eq!(status, 200, "upload {name}: {body}");
+    }
+    dcp_s3(
+        moto,
+        &[
+            "convert",
+            "s3://convert-s3/hf",
+            "--to-dcp",
+            "s3://convert-s3/from-hf",
+            "--ranks",
+            "3",
+        ],
+    );
+    export("s3://convert-s3/from-hf", &format!("{d}/from-hf"));
+    assert_eq!(files(&tmp.path().join("from-hf")), reference);
+    let (first, _) = reference
+        .iter()
+        .find(|(n, _)| n.ends_with(".safetensors"))
+        .unwrap();
+    dcp_s3(
+        moto,
+        &[
+            "convert",
+            &format!("s3://convert-s3/hf/{first}"),
+            "--to-dcp",
+            &format!("{d}/one-shard"),
+        ],
+    );
+    let o = dcp_s3(
+        moto,
+        &[
+            "convert",
+            &format!("{d}/one-shard"),
+            "--to-safetensors",
+            &format!("{d}/one.safetensors"),
+        ],
+    );
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("ok: "));
+    let local = {
+        let o = dcp_s3(
+            moto,
+            &[
+                "convert",
+                &format!("{d}/reference/{first}"),
+                "--to-dcp",
+                &format!("{d}/one-shard-local"),
+            ],
+        );
+        assert!(o.status.success());
+        dcp_s3(
+            moto,
+            &[
+                "convert",
+                &format!("{d}/one-shard-local"),
+                "--to-safetensors",
+                &format!("{d}/one-local.safetensors"),
+            ],
+        );
+        std::fs::read(tmp.path().join("one-local.safetensors")).unwrap()
+    };
+    assert_eq!(
+        std::fs::read(tmp.path().join("one.safetensors")).unwrap(),
+        local
+    );
 
     // dcp to dcp, S3 to S3, resharded for 4 ranks.
     dcp_s3(
