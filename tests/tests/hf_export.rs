@@ -408,3 +408,167 @@ fn torch_checkpoints_export_to_the_values_torch_saved() {
         );
     }
 }
+
+/// `python3` with the `safetensors` and `numpy` packages, or `None` after a
+/// `SKIPPED` notice (a panic under CI, where `.ci/run` installs them).
+fn python_with_safetensors() -> Option<&'static str> {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import safetensors, numpy"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ok {
+        return Some("python3");
+    }
+    if dcp_testkit::moto::under_ci() {
+        panic!("python3 with safetensors and numpy is missing and CI is set (pip install safetensors numpy; .ci/run does this)");
+    }
+    eprintln!("SKIPPED: python3 with the safetensors and numpy packages is not available (pip install safetensors numpy)");
+    None
+}
+
+fn fixture_script(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/hf")
+        .join(name)
+}
+
+/// Every tensor of `files` as Python's `safetensors` package reads them
+/// (tests/fixtures/hf/check_export.py): name -> (file, dtype, shape, hex).
+fn python_reads(python: &str, files: &[std::path::PathBuf]) -> serde_json::Value {
+    let mut args = vec![fixture_script("check_export.py")];
+    args.extend(
+        files
+            .iter()
+            .filter(|f| f.extension().is_some_and(|e| e == "safetensors"))
+            .cloned(),
+    );
+    let o = std::process::Command::new(python)
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "check_export.py failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Every exported file (shards of every dtype, integers, bool and fp8
+/// included) opens with Python's `safetensors` package, and every tensor
+/// there has the generator's dtype, shape and bytes. The export's progress
+/// callback adds up to the bytes written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_safetensors_reads_every_exported_tensor() {
+    let Some(python) = python_with_safetensors() else {
+        return;
+    };
+    let (store, m) = saved("hf-python").await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("hf");
+    let r = reader(&store);
+    let o = out.clone();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new((0u64, 0u64, 0usize)));
+    let s = seen.clone();
+    let options = ExportOptions::default()
+        .max_shard_size(300)
+        .buffer_bytes(24)
+        .on_progress(move |n, total| {
+            let mut s = s.lock().unwrap();
+            s.0 += n;
+            s.1 = total;
+            s.2 += 1;
+        });
+    let report = tokio::task::spawn_blocking(move || export_safetensors(&r, &o, &options))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(report.files.len() > 3, "sharded: {:?}", report.files);
+    let (sum, total, calls) = *seen.lock().unwrap();
+    assert_eq!((sum, total), (report.bytes, report.bytes));
+    assert!(calls > m.tensors.len(), "one call per slab: {calls}");
+
+    let read = python_reads(python, &report.files);
+    let read = read.as_object().unwrap();
+    assert_eq!(read.len(), m.tensors.len());
+    let mut by_numpy = 0;
+    for (spec, _) in &m.tensors {
+        let t = &read[&spec.name];
+        assert_eq!(t["dtype"], spec.dtype.safetensors_name(), "{}", spec.name);
+        assert_eq!(t["shape"], serde_json::json!(spec.shape), "{}", spec.name);
+        assert_eq!(t["hex"], hex(&spec.global()), "{}: bytes", spec.name);
+        by_numpy += usize::from(t["numpy"] == true);
+    }
+    // The numpy arrays were checked too, for every dtype numpy has.
+    assert!(by_numpy >= 10, "{by_numpy} tensors read through numpy");
+}
+
+/// A sharded directory written the way transformers' `save_pretrained`
+/// and huggingface_hub lay it out (tests/fixtures/hf/make_sharded.py:
+/// Python's `safetensors`, shards greedily in name order, an index) imports
+/// into a dcp checkpoint of 2 ranks, and exports again with the same shard
+/// limit to the same `weight_map` and `total_size`, tensor for tensor
+/// identical as Python reads them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_written_sharded_directory_round_trips() {
+    use dcp::hf_import::{import_safetensors, read_safetensors, ImportShard};
+    let Some(python) = python_with_safetensors() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let hf = dir.path().join("from-python");
+    let o = std::process::Command::new(python)
+        .arg(fixture_script("make_sharded.py"))
+        .arg(&hf)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let made: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let max = made["max_shard_size"].as_u64().unwrap();
+    assert!(made["shards"].as_u64().unwrap() >= 3, "{made}");
+
+    for shard in [ImportShard::Rows, ImportShard::Cols] {
+        let store = Backend::Fs.make_fs("hf-python-import");
+        let w: std::sync::Arc<dyn dcp_core::StorageWriter> = std::sync::Arc::new(
+            dcp_core::FileSystemWriter::new(store.fs(), fast_writer()).unwrap(),
+        );
+        let md = import_safetensors(read_safetensors(&hf).unwrap(), w, 2, shard)
+            .await
+            .unwrap();
+        assert_eq!(md.world_size, 2);
+        let again = dir.path().join(format!("again-{shard:?}"));
+        let r = reader(&store);
+        let a = again.clone();
+        let report = tokio::task::spawn_blocking(move || {
+            export_safetensors(&r, &a, &ExportOptions::default().max_shard_size(max))
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        let index = |d: &Path| -> serde_json::Value {
+            serde_json::from_slice(&std::fs::read(d.join("model.safetensors.index.json")).unwrap())
+                .unwrap()
+        };
+        let (theirs, ours) = (index(&hf), index(&again));
+        assert_eq!(ours["weight_map"], theirs["weight_map"], "{shard:?}");
+        assert_eq!(
+            ours["metadata"]["total_size"], theirs["metadata"]["total_size"],
+            "{shard:?}"
+        );
+        let mut files: Vec<_> = std::fs::read_dir(&hf)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        let (a, b) = (
+            python_reads(python, &files),
+            python_reads(python, &report.files),
+        );
+        assert_eq!(a.as_object().unwrap().len(), 12);
+        assert_eq!(a, b, "{shard:?}: every tensor identical, in the same file");
+    }
+}

@@ -118,17 +118,77 @@ fn is_safetensors(src: &str) -> bool {
         && (p.join("model.safetensors.index.json").exists() || p.join("model.safetensors").exists())
 }
 
-/// `--to-dcp` from Hugging Face safetensors.
-fn from_safetensors(args: &ConvertArgs, to_dcp: &str) -> Result<ExitCode, CliError> {
+/// Hugging Face safetensors in an object store: `URL/NAME.safetensors` (the
+/// store at URL and the file NAME), or a URL holding
+/// `model.safetensors.index.json` or `model.safetensors` and no `.metadata`
+/// (the store, no name). `None` for local paths and for anything else.
+fn safetensors_in_store(src: &str) -> Result<Option<StoreSrc>, CliError> {
+    let Ok(loc) = dcp::Location::parse(src) else {
+        return Ok(None);
+    };
+    if matches!(loc.backend(), dcp::Backend::Local) {
+        return Ok(None);
+    }
+    let trimmed = src.trim_end_matches('/');
+    if let Some((dir, name)) = trimmed.rsplit_once('/') {
+        if name.ends_with(".safetensors") && !dir.ends_with('/') && !dir.ends_with(':') {
+            return Ok(Some((open_location(dir)?, Some(name.to_string()))));
+        }
+    }
+    let fs = open_location(src)?;
+    let has = |n: &str| fs.file_len(n).map(|l| l.is_some());
+    let hf =
+        !has(".metadata")? && (has("model.safetensors.index.json")? || has("model.safetensors")?);
+    Ok(hf.then_some((fs, None)))
+}
+
+/// Safetensors in a store: the store, and the file name (or `None`: the
+/// location is the directory).
+type StoreSrc = (Arc<dyn dcp_core::FileSystem>, Option<String>);
+
+/// `--to-dcp` from Hugging Face safetensors: a local file or directory, or
+/// in `store` ([`safetensors_in_store`]).
+fn from_safetensors(
+    args: &ConvertArgs,
+    to_dcp: &str,
+    store: Option<StoreSrc>,
+) -> Result<ExitCode, CliError> {
     let src = std::path::Path::new(&args.src);
-    let tensors = dcp::hf_import::read_safetensors(src)?;
+    let failed = |e: Error| {
+        CliError::failed(
+            format!(
+                "cannot convert {} to a dcp checkpoint at {to_dcp}",
+                src.display()
+            ),
+            &e,
+        )
+    };
+    let tensors = match &store {
+        Some((fs, name)) => dcp::hf_import::read_safetensors_in(fs, name.as_deref()),
+        None => dcp::hf_import::read_safetensors(src),
+    }
+    .map_err(failed)?;
     let out = open_location(to_dcp)?;
+    let total: u64 = tensors
+        .iter()
+        .map(|t| t.shape.iter().product::<u64>() * t.dtype.size() as u64)
+        .sum();
+    tracing::info!(
+        tensors = tensors.len(),
+        bytes = total,
+        ranks = args.ranks,
+        "importing safetensors"
+    );
+    let bar = crate::progress::bar(total, "importing");
     // Four writer threads per rank: each reads its records' ranges from
     // the safetensors files and checksums them while the others write.
-    let writer: Arc<dyn dcp_core::StorageWriter> = Arc::new(FileSystemWriter::new(
-        out.clone(),
-        WriterOptions::default().overwrite(false).thread_count(4),
-    )?);
+    let writer: Arc<dyn dcp_core::StorageWriter> = Arc::new(
+        FileSystemWriter::new(
+            crate::progress::Metered::wrap(out.clone(), &bar),
+            WriterOptions::default().overwrite(false).thread_count(4),
+        )
+        .map_err(failed)?,
+    );
     let shard = if args.shard == "col" {
         dcp::hf_import::ImportShard::Cols
     } else {
@@ -142,7 +202,9 @@ fn from_safetensors(args: &ConvertArgs, to_dcp: &str) -> Result<ExitCode, CliErr
         writer,
         args.ranks as usize,
         shard,
-    ))?;
+    ));
+    bar.finish_and_clear();
+    let md = md.map_err(failed)?;
     crate::emit(&format!(
         "ok: {} ({n} tensors, {}) -> {}: dcp checkpoint of {} ranks split by {}s, save {}, in {:.2} s\n",
         src.display(),
@@ -161,12 +223,30 @@ fn to_safetensors(args: &ConvertArgs, out: &std::path::Path) -> Result<ExitCode,
     let src = open_location(&args.src)?;
     let reader = FileSystemReader::new(src.clone(), crate::reader_options());
     let started = Instant::now();
+    tracing::info!(src = %src.location(), out = %out.display(), "exporting safetensors");
+    let bar = crate::progress::bar(0, "exporting");
+    let on_bar = bar.clone();
     let options = dcp::hf::ExportOptions::default()
         .max_shard_size(args.max_shard_size)
         .keys(args.keys.clone())
         .renames(args.renames.clone())
-        .verify_checksums(args.verify);
-    let report = dcp::hf::export_safetensors(&reader, out, &options)?;
+        .verify_checksums(args.verify)
+        .on_progress(move |n, total| {
+            on_bar.set_length(total);
+            on_bar.inc(n);
+        });
+    let report = dcp::hf::export_safetensors(&reader, out, &options);
+    bar.finish_and_clear();
+    let report = report.map_err(|e| {
+        CliError::failed(
+            format!(
+                "cannot convert {} to safetensors at {}",
+                src.location(),
+                out.display()
+            ),
+            &e,
+        )
+    })?;
     if !report.skipped_bytes_items.is_empty() {
         eprintln!(
             "note: {} bytes items not written (safetensors holds tensors only): {}",
@@ -213,17 +293,38 @@ pub fn run(args: ConvertArgs) -> Result<ExitCode, CliError> {
         return Err(CliError::usage("give --to-dcp OUT or --to-safetensors OUT"));
     };
     if is_safetensors(&args.src) {
-        return from_safetensors(&args, to_dcp);
+        return from_safetensors(&args, to_dcp, None);
+    }
+    if let Some(store) = safetensors_in_store(&args.src)? {
+        return from_safetensors(&args, to_dcp, Some(store));
     }
     let src = open_location(&args.src)?;
     let out = open_location(to_dcp)?;
+    let failed = |e: Error| {
+        CliError::failed(
+            format!(
+                "cannot convert {} to a dcp checkpoint at {}",
+                src.location(),
+                out.location()
+            ),
+            &e,
+        )
+    };
     let reader = Arc::new(FileSystemReader::new(src.clone(), crate::reader_options()));
-    let writer = Arc::new(FileSystemWriter::new(
-        out.clone(),
-        WriterOptions::default().overwrite(false),
-    )?);
     let rt = crate::runtime()?;
-    let md = Arc::new(rt.block_on(dcp_core::read_metadata(reader.as_ref()))?);
+    let md = Arc::new(
+        rt.block_on(dcp_core::read_metadata(reader.as_ref()))
+            .map_err(failed)?,
+    );
+    // The bar follows the bytes the ranks write.
+    let bar = crate::progress::bar(md.logical_bytes(), "converting");
+    let writer = Arc::new(
+        FileSystemWriter::new(
+            crate::progress::Metered::wrap(out.clone(), &bar),
+            WriterOptions::default().overwrite(false),
+        )
+        .map_err(failed)?,
+    );
     let n = args.ranks as usize;
     let started = Instant::now();
     let task_md = md.clone();
@@ -269,9 +370,10 @@ pub fn run(args: ConvertArgs) -> Result<ExitCode, CliError> {
             dcp_core::save(&sd, writer.as_ref(), &g).await
         }
     }));
+    bar.finish_and_clear();
     let mut saved = None;
     for r in results {
-        saved = Some(r?);
+        saved = Some(r.map_err(failed)?);
     }
     let saved = saved.ok_or_else(|| CliError::msg("no rank ran"))?;
     crate::emit(&format!(

@@ -222,7 +222,9 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
         ));
         let sds = Arc::new(model::generate_state_dicts(&spec, n)?);
         progress.phase(format_args!("saving with {n} ranks to {}", fs.location()));
-        let writer = writer(&fs, &args)?;
+        // The bar follows the bytes written (less than this when compressed).
+        let bar = crate::progress::bar(spec.total_bytes(), "saving");
+        let writer = writer(&crate::progress::Metered::wrap(fs.clone(), &bar), &args)?;
         let options = SaveOptions::default().user_metadata(spec.user_metadata());
         let started = Instant::now();
         let results = if args.async_save {
@@ -259,6 +261,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
             }))
         };
         let seconds = started.elapsed().as_secs_f64();
+        bar.finish_and_clear();
         let saved = first_ok(results)?;
         let md = Arc::unwrap_or_clone(saved.metadata);
         report.save_seconds = Some(seconds);
@@ -274,8 +277,12 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
             .map(|r| model::rank_dest(&spec, r, m).map(Some))
             .collect::<dcp_core::Result<_>>()?;
         let dests = Arc::new(Mutex::new(dests));
-        let reader = reader(&fs, args.threads);
         progress.phase(format_args!("loading with {m} ranks, resharded"));
+        let bar = crate::progress::bar(md.files.iter().map(|f| f.length).sum(), "loading");
+        let reader = reader(
+            &crate::progress::Metered::wrap(fs.clone(), &bar),
+            args.threads,
+        );
         let started = Instant::now();
         let results = rt.block_on(run_ranks(m, COLLECTIVE_TIMEOUT, move |g| {
             let (dests, reader) = (dests.clone(), reader.clone());
@@ -287,6 +294,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
             }
         }));
         let seconds = started.elapsed().as_secs_f64();
+        bar.finish_and_clear();
         let loaded = collect_ok(results)?;
         report.load_seconds = Some(seconds);
         report.load_gbps = Some(gbps(report.bytes, seconds));

@@ -14,7 +14,12 @@
 //! Every command takes a path or a URL; [`location::open_location`] maps
 //! them to storage backends through [`dcp::open`]. Exit status: 0 on success,
 //! 1 on an error, a damaged checkpoint or a failed verification, 2 on a
-//! usage error. Errors print as one `error: ...` line, never a panic.
+//! usage error. Errors print as one `error: ...` line, then one `  caused
+//! by: ...` line per cause ([`CliError::report`]), never a panic.
+//!
+//! On a terminal, commands that move bytes draw progress bars on stderr
+//! ([`progress`]); piped, or with `--quiet`, they draw nothing. `--log
+//! LEVEL` or `RUST_LOG` send tracing to stderr ([`log_filter`]).
 //!
 //! ```no_run
 //! use clap::Parser;
@@ -41,6 +46,7 @@ pub mod inspect;
 pub mod location;
 pub mod model;
 pub mod mpi;
+pub mod progress;
 pub mod verify;
 
 use clap::{Parser, Subcommand};
@@ -55,12 +61,30 @@ use std::time::Instant;
 #[command(
     name = "dcp",
     version,
-    about = "Distributed checkpoints: demo, inspect, verify, convert."
+    about = "Distributed checkpoints: demo, inspect, verify, convert.",
+    after_help = "Examples:\n  dcp demo --ranks 4 --load-ranks 3\n  dcp inspect ckpt/step100\n  dcp convert ckpt/ --to-safetensors hf/\n\nExit status: 0 success, 1 failure (one error line, then its causes), 2 usage error."
 )]
 pub struct Cli {
     /// The command to run.
     #[command(subcommand)]
     pub command: Command,
+    /// No progress bars or phase lines on stderr (they are drawn only when
+    /// stderr is a terminal anyway). Errors and results still print.
+    #[arg(long, short = 'q', global = true)]
+    pub quiet: bool,
+    /// Tracing output on stderr: a level (error, warn, info, debug, trace)
+    /// or a filter like `dcp_core=debug,info`. Overrides `RUST_LOG`;
+    /// default `warn`.
+    #[arg(long, global = true, value_name = "LEVEL", value_parser = parse_log_filter)]
+    pub log: Option<String>,
+}
+
+/// `--log`: a level or an `EnvFilter` directive list, checked here so a bad
+/// one is a usage error.
+fn parse_log_filter(s: &str) -> Result<String, String> {
+    tracing_subscriber::EnvFilter::try_new(s)
+        .map(|_| s.to_string())
+        .map_err(|e| format!("{s:?} is not a log level or filter (error, warn, info, debug, trace, or e.g. dcp_core=debug): {e}"))
 }
 
 /// The subcommands of `dcp`.
@@ -68,22 +92,40 @@ pub struct Cli {
 pub enum Command {
     /// Save an LLM-shaped state dict with N ranks, load it with M ranks
     /// resharded, verify every byte, and print the throughput.
+    #[command(
+        after_help = "Examples:\n  dcp demo --ranks 4 --load-ranks 3 --dir /tmp/dcp-demo\n  dcp demo --dir s3://bucket/demo --compress zstd --json"
+    )]
     Demo(demo::DemoArgs),
     /// Show a checkpoint's items, chunks and files.
+    #[command(
+        after_help = "Examples:\n  dcp inspect ckpt/step100\n  dcp inspect s3://bucket/ckpt --keys 'model.layers.0.*' --json"
+    )]
     Inspect(inspect::InspectArgs),
     /// Check that a checkpoint's files and checksums match its metadata.
+    #[command(
+        after_help = "Examples:\n  dcp verify ckpt/step100\n  dcp verify s3://bucket/ckpt --no-checksums"
+    )]
     Verify(verify::VerifyArgs),
     /// Measure save, load and resharded load against the raw speed of the
     /// disk (the same bytes written and read with plain file I/O).
+    #[command(
+        after_help = "Examples:\n  dcp bench --dir /mnt/nvme/bench\n  dcp bench --dir /mnt/nvme/bench --json"
+    )]
     Bench(bench::BenchArgs),
     /// Write a checkpoint (dcp's, or one written by
     /// torch.distributed.checkpoint) out as a dcp checkpoint for N ranks or
     /// as Hugging Face safetensors; or Hugging Face safetensors in as a dcp
     /// checkpoint. Example: `dcp convert ckpt/ --to-safetensors hf/
     /// --max-shard-size 5GB`.
+    #[command(
+        after_help = "Examples:\n  dcp convert ckpt/ --to-safetensors hf/ --max-shard-size 5GB\n  dcp convert ckpt/ --to-safetensors model.safetensors --keys 'model.*' --rename model.=\n  dcp convert hf/ --to-dcp s3://bucket/ckpt --ranks 8 --shard row\n  dcp convert ckpt/ --to-dcp resharded/ --ranks 4"
+    )]
     Convert(convert::ConvertArgs),
     /// Print a shell completion script: `dcp completions bash >
     /// /etc/bash_completion.d/dcp` (bash, zsh, fish, elvish, powershell).
+    #[command(
+        after_help = "Examples:\n  dcp completions bash > /etc/bash_completion.d/dcp\n  dcp completions zsh > ~/.zfunc/_dcp\n  dcp completions fish > ~/.config/fish/completions/dcp.fish"
+    )]
     Completions {
         /// The shell.
         shell: clap_complete::Shell,
@@ -94,6 +136,7 @@ pub enum Command {
 #[derive(Debug)]
 pub struct CliError {
     message: String,
+    causes: Vec<String>,
     code: u8,
 }
 
@@ -102,6 +145,7 @@ impl CliError {
     pub fn msg(message: impl Into<String>) -> Self {
         CliError {
             message: message.into(),
+            causes: Vec::new(),
             code: 1,
         }
     }
@@ -110,8 +154,50 @@ impl CliError {
     pub fn usage(message: impl Into<String>) -> Self {
         CliError {
             message: message.into(),
+            causes: Vec::new(),
             code: 2,
         }
+    }
+
+    /// A failure (exit status 1) saying what could not be done, caused by
+    /// `cause`: its message and its chain of sources become the causes.
+    pub fn failed(message: impl Into<String>, cause: &(dyn std::error::Error + 'static)) -> Self {
+        let mut e = CliError::msg(message);
+        e.causes.push(cause.to_string());
+        e.add_sources(cause);
+        e
+    }
+
+    /// The causes printed under the message, outermost first.
+    pub fn causes(&self) -> &[String] {
+        &self.causes
+    }
+
+    /// Append the sources of `e` not already said by the message or an
+    /// earlier cause (an I/O error's text is usually part of its message).
+    fn add_sources(&mut self, e: &(dyn std::error::Error + 'static)) {
+        let mut next = e.source();
+        while let Some(s) = next {
+            let text = s.to_string();
+            let said = std::iter::once(&self.message)
+                .chain(&self.causes)
+                .any(|m| m.contains(&text));
+            if !text.is_empty() && !said {
+                self.causes.push(text);
+            }
+            next = s.source();
+        }
+    }
+
+    /// The text printed on stderr: `error: MESSAGE`, then one
+    /// `  caused by: CAUSE` line per cause.
+    pub fn report(&self) -> String {
+        let mut out = format!("error: {}", self.message);
+        for c in &self.causes {
+            out.push_str("\n  caused by: ");
+            out.push_str(c);
+        }
+        out
     }
 
     /// The exit status this error ends the command with.
@@ -130,7 +216,9 @@ impl std::error::Error for CliError {}
 
 impl From<dcp_core::Error> for CliError {
     fn from(e: dcp_core::Error) -> Self {
-        CliError::msg(e.to_string())
+        let mut c = CliError::msg(e.to_string());
+        c.add_sources(&e);
+        c
     }
 }
 
@@ -153,7 +241,8 @@ pub fn reader_options() -> ReaderOptions {
     o
 }
 
-/// Phase lines on stderr, printed only when stderr is a terminal.
+/// Phase lines on stderr, printed only when stderr is a terminal and
+/// `--quiet` was not given ([`progress::enabled`]).
 #[derive(Debug)]
 pub struct Progress {
     enabled: bool,
@@ -161,10 +250,10 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// Progress that prints when stderr is a terminal.
+    /// Progress that prints when stderr is a terminal (and not `--quiet`).
     pub fn new() -> Self {
         Progress {
-            enabled: std::io::stderr().is_terminal(),
+            enabled: progress::enabled(),
             started: Instant::now(),
         }
     }
@@ -239,6 +328,7 @@ pub fn human_rate(bytes: u64, seconds: f64) -> String {
 /// Run a parsed command line; prints `error: ...` for a failure and returns
 /// the exit status.
 pub fn run(cli: Cli) -> ExitCode {
+    progress::set_quiet(cli.quiet);
     let result = match cli.command {
         Command::Demo(a) => demo::run(a),
         Command::Inspect(a) => inspect::run(a),
@@ -259,29 +349,44 @@ pub fn run(cli: Cli) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("{}", e.report());
             ExitCode::from(e.exit_code())
         }
     }
 }
 
-/// The whole program: logging from `RUST_LOG` (default `warn`, with the S3
-/// signer's credential probing and OpenDAL's retry notices at `error`) to
-/// stderr, argument parsing (usage errors exit 2), then [`run`].
+/// The tracing filter: `--log` if given, else `RUST_LOG` if set and valid,
+/// else `warn` (with the S3 signer's credential probing and OpenDAL's retry
+/// notices at `error`). An invalid `RUST_LOG` is reported once on stderr and
+/// the default used.
+pub fn log_filter(log: Option<&str>) -> tracing_subscriber::EnvFilter {
+    const DEFAULT: &str = "warn,reqsign_core=error,reqsign=error,opendal=error";
+    if let Some(f) = log.and_then(|l| tracing_subscriber::EnvFilter::try_new(l).ok()) {
+        return f;
+    }
+    match std::env::var("RUST_LOG") {
+        Ok(v) if !v.trim().is_empty() => {
+            tracing_subscriber::EnvFilter::try_new(&v).unwrap_or_else(|e| {
+                eprintln!("warning: RUST_LOG={v:?} is not a log filter ({e}); using warn");
+                tracing_subscriber::EnvFilter::new(DEFAULT)
+            })
+        }
+        _ => tracing_subscriber::EnvFilter::new(DEFAULT),
+    }
+}
+
+/// The whole program: argument parsing (usage errors exit 2), tracing to
+/// stderr filtered by `--log` or `RUST_LOG` ([`log_filter`]), then [`run`].
 pub fn main() -> ExitCode {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(v) if !v.is_empty() => tracing_subscriber::EnvFilter::new(v),
-        _ => tracing_subscriber::EnvFilter::new(
-            "warn,reqsign_core=error,reqsign=error,opendal=error",
-        ),
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
     match Cli::try_parse() {
-        Ok(cli) => run(cli),
+        Ok(cli) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(log_filter(cli.log.as_deref()))
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal())
+                .init();
+            run(cli)
+        }
         Err(e) => {
             let _ = e.print();
             ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2))

@@ -18,7 +18,11 @@ use std::sync::Arc;
 /// 2); a location this build cannot serve is a failure (exit status 1) that
 /// names the feature of this command to build it with.
 pub fn open_location(s: &str) -> Result<Arc<dyn FileSystem>, CliError> {
-    dcp::open(s, &HashMap::new()).map_err(|e| match e.kind() {
+    let opened = dcp::open(s, &HashMap::new());
+    if let Ok(fs) = &opened {
+        tracing::debug!(input = s, location = %fs.location(), "opened location");
+    }
+    opened.map_err(|e| match e.kind() {
         ErrorKind::InvalidInput => CliError::usage(e.to_string()),
         ErrorKind::Unsupported => {
             let feature = Location::parse(s).ok().and_then(|l| match l.backend() {

@@ -31,8 +31,23 @@ pub fn run(args: VerifyArgs) -> Result<ExitCode, CliError> {
     let rt = crate::runtime()?;
     let md = rt.block_on(dcp_core::read_metadata(&reader))?;
     let checksums = !args.no_checksums;
+    tracing::info!(
+        items = md.items.len(),
+        files = md.files.len(),
+        checksums,
+        "verifying"
+    );
     let threads = args.threads as usize;
-    let report = dcp_core::verify::verify(fs.as_ref(), &md, &registry, checksums, threads)?;
+    // With checksums, verify reads every record: a bar of the files' bytes.
+    let bar = if checksums {
+        crate::progress::bar(md.files.iter().map(|f| f.length).sum(), "verifying")
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let metered = crate::progress::Metered::wrap(fs.clone(), &bar);
+    let report = dcp_core::verify::verify(metered.as_ref(), &md, &registry, checksums, threads);
+    bar.finish_and_clear();
+    let report = report?;
     let location = fs.location();
     if report.is_sound() {
         let checks = if !checksums {

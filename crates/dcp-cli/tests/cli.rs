@@ -562,10 +562,15 @@ fn object_store_errors(home: &Path) {
         "{e}"
     );
     assert!(
-        e.contains("127.0.0.1:9"),
+        e.lines().next().unwrap().contains("127.0.0.1:9"),
         "the error names the endpoint: {e}"
     );
-    assert_eq!(e.lines().count(), 1, "{e}");
+    // Then the causes, one line each, down to the refused connection.
+    assert!(
+        e.lines().skip(1).all(|l| l.starts_with("  caused by: ")),
+        "{e}"
+    );
+    assert!(e.contains("Connection refused"), "{e}");
     assert!(started.elapsed() < std::time::Duration::from_secs(60));
 
     // No credentials at all: an error that says so, not a retry loop.

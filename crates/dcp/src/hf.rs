@@ -33,13 +33,29 @@ pub struct ExportOptions {
     /// `(from, to)` prefix renames, the first that matches applies:
     /// `("model.", "")` drops a prefix.
     pub renames: Vec<(String, String)>,
-    /// The most bytes of tensor data held in memory at once. Default 64 MiB.
+    /// The most bytes of tensor data held in memory at once: two slabs of
+    /// half this, one read while the other is written. Default 64 MiB.
     pub buffer_bytes: u64,
     /// Check each record's checksum while exporting. A checksummed record
     /// is then read whole for every slab that touches it, so memory grows
     /// to the largest record and large records are read many times; off by
     /// default, when `dcp verify` (or a load) is the place to check them.
     pub verify_checksums: bool,
+    /// Called after each slab is written (from the export's thread) with
+    /// the bytes of tensor data just written and the total the export
+    /// writes: drives a progress bar. None by default.
+    pub on_progress: Option<OnProgress>,
+}
+
+/// A progress callback of [`ExportOptions::on_progress`]: called with the
+/// number of tensor bytes just written and the export's total.
+#[derive(Clone)]
+pub struct OnProgress(pub std::sync::Arc<dyn Fn(u64, u64) + Send + Sync>);
+
+impl std::fmt::Debug for OnProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnProgress(..)")
+    }
 }
 
 impl Default for ExportOptions {
@@ -50,6 +66,7 @@ impl Default for ExportOptions {
             renames: Vec::new(),
             buffer_bytes: 64 << 20,
             verify_checksums: false,
+            on_progress: None,
         }
     }
 }
@@ -78,6 +95,12 @@ impl ExportOptions {
     /// Set [`ExportOptions::verify_checksums`].
     pub fn verify_checksums(mut self, verify: bool) -> Self {
         self.verify_checksums = verify;
+        self
+    }
+    /// Set [`ExportOptions::on_progress`]: `f(written, total)` is called
+    /// after each slab is written.
+    pub fn on_progress(mut self, f: impl Fn(u64, u64) + Send + Sync + 'static) -> Self {
+        self.on_progress = Some(OnProgress(std::sync::Arc::new(f)));
         self
     }
 }
@@ -195,8 +218,9 @@ fn export_on(
         ..ExportReport::default()
     };
     let mut weight_map = BTreeMap::new();
+    let total: u64 = plans.iter().map(|p| p.bytes).sum();
     for (shard, path) in shards.iter().zip(&names) {
-        write_file(rt, reader, shard, path, options.buffer_bytes)?;
+        write_file(rt, reader, shard, path, options, total)?;
         for p in shard {
             weight_map.insert(
                 p.out.clone(),
@@ -336,34 +360,80 @@ fn write_file(
     reader: &FileSystemReader,
     tensors: &[&Plan],
     path: &Path,
-    buffer: u64,
+    options: &ExportOptions,
+    total: u64,
 ) -> Result<()> {
+    // Two slab buffers of half the budget each: the next slab is read while
+    // the last is written, so the export runs at the slower of reading and
+    // writing, not their sum. Buffers go round (a fresh one per slab would
+    // page-fault and zero every byte once more).
+    let slab_max = (options.buffer_bytes / 2).max(1);
     let head = header(tensors)?;
     write_atomically(path, |f| {
         f.write_all(&(head.len() as u64).to_le_bytes())?;
         f.write_all(&head)?;
-        for p in tensors {
-            if p.bytes == 0 {
-                continue;
-            }
-            for region in slabs(&p.shape, p.dtype.size() as u64, buffer) {
-                let bytes = read_slab(rt, reader, p, region).map_err(std::io::Error::other)?;
-                f.write_all(&bytes)?;
-            }
+        let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Result<Vec<u8>>>(1);
+        let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        for _ in 0..2 {
+            let _ = empty_tx.send(Vec::new());
         }
-        Ok(())
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                for p in tensors.iter().filter(|p| p.bytes > 0) {
+                    for region in slabs(&p.shape, p.dtype.size() as u64, slab_max) {
+                        // The writer gave up (its receivers are gone): stop.
+                        let Ok(buf) = empty_rx.recv() else { return };
+                        let slab = read_slab(rt, reader, p, region, buf);
+                        let failed = slab.is_err();
+                        if full_tx.send(slab).is_err() || failed {
+                            return;
+                        }
+                    }
+                }
+            });
+            // Owns the writer's ends, so that leaving early (an error)
+            // drops them and the reader stops before the scope joins it.
+            let (full_rx, empty_tx) = (full_rx, empty_tx);
+            let mut written = 0u64;
+            for slab in full_rx {
+                let slab = slab.map_err(std::io::Error::other)?;
+                f.write_all(&slab)?;
+                written += slab.len() as u64;
+                if let Some(OnProgress(report)) = &options.on_progress {
+                    report(slab.len() as u64, total);
+                }
+                let _ = empty_tx.send(slab);
+            }
+            let want: u64 = tensors.iter().map(|p| p.bytes).sum();
+            if written != want {
+                return Err(std::io::Error::other(format!(
+                    "the slab reader stopped after {written} of {want} bytes"
+                )));
+            }
+            Ok(())
+        })
     })
 }
 
-/// One slab of a tensor, loaded through the ordinary load path.
+/// One slab of a tensor, loaded through the ordinary load path into `buf`
+/// (resized to the slab; handed back filled).
 fn read_slab(
     rt: &tokio::runtime::Runtime,
     reader: &FileSystemReader,
     p: &Plan,
     region: ChunkBox,
+    mut buf: Vec<u8>,
 ) -> Result<Vec<u8>> {
+    let len = usize::try_from(region.numel() * p.dtype.size() as u64)
+        .map_err(|_| Error::invalid(format!("{}: a slab does not fit in memory", p.name)))?;
+    buf.resize(len, 0);
     let mut dest = DestStateDict::new();
-    dest.want_tensor(p.name.clone(), p.dtype, p.shape.clone(), vec![region])?;
+    dest.insert_tensor(
+        p.name.clone(),
+        p.dtype,
+        p.shape.clone(),
+        vec![dcp_core::DestChunk::new(region, buf)],
+    )?;
     let loaded = rt.block_on(dcp_core::load(dest, reader, &Single))?;
     let mut state = loaded.state_dict;
     match state.remove(&p.name) {

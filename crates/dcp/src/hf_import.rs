@@ -12,8 +12,8 @@ use dcp_core::local::run_ranks;
 use dcp_core::placement::{DeviceMesh, Placement};
 use dcp_core::stage::{ChunkSource, StagedCopy};
 use dcp_core::{
-    ChunkBox, ChunkData, Collective, DType, Error, ErrorKind, Metadata, Result, StateDict,
-    StorageWriter, TensorChunk,
+    ChunkBox, ChunkData, Collective, DType, Error, ErrorKind, FileSystem, Metadata, Result,
+    StateDict, StorageWriter, TensorChunk,
 };
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
@@ -33,26 +33,86 @@ pub struct SafetensorsTensor {
     pub dtype: DType,
     /// Shape.
     pub shape: Vec<u64>,
-    /// The file holding it.
+    /// The file holding it: a local path, or a file name in [`Self::store`].
     pub file: PathBuf,
     /// Byte offset of its data in the file.
     pub offset: u64,
+    /// The storage holding [`Self::file`] (an object store, say); `None`:
+    /// the local file system.
+    pub store: Option<Arc<dyn FileSystem>>,
+}
+
+/// A safetensors file to read: a local path, or a name in a store.
+struct Src<'a> {
+    store: Option<&'a Arc<dyn FileSystem>>,
+    file: PathBuf,
+}
+
+impl Src<'_> {
+    fn show(&self) -> String {
+        match self.store {
+            Some(fs) => format!("{}/{}", fs.location(), self.file.display()),
+            None => self.file.display().to_string(),
+        }
+    }
+
+    fn name(&self) -> Result<&str> {
+        self.file
+            .to_str()
+            .ok_or_else(|| Error::invalid(format!("{}: not a UTF-8 name", self.show())))
+    }
+
+    /// The file's length; a missing file is an error naming it.
+    fn len(&self) -> Result<u64> {
+        match self.store {
+            Some(fs) => fs.file_len(self.name()?)?.ok_or_else(|| {
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!("{}: no such file", self.show()),
+                )
+            }),
+            None => std::fs::metadata(&self.file)
+                .map(|m| m.len())
+                .map_err(|e| Error::io("stat", &self.show(), e)),
+        }
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], at: u64) -> Result<()> {
+        match self.store {
+            Some(fs) => fs.read_into(self.name()?, at, buf),
+            None => {
+                let f = std::fs::File::open(&self.file)
+                    .map_err(|e| Error::io("open", &self.show(), e))?;
+                f.read_exact_at(buf, at)
+                    .map_err(|e| Error::io("read", &self.show(), e))
+            }
+        }
+    }
 }
 
 /// The tensors of a safetensors file, refused unless the header is sound:
 /// known dtypes, lengths equal to shape x dtype size, data ranges that tile
 /// the data section exactly (no overlap, no gap, nothing past the end).
 pub fn read_safetensors_header(path: &Path) -> Result<Vec<SafetensorsTensor>> {
-    let show = path.display().to_string();
-    let f = std::fs::File::open(path).map_err(|e| Error::io("open", &show, e))?;
-    let file_len = f.metadata().map_err(|e| Error::io("stat", &show, e))?.len();
+    header_of(&Src {
+        store: None,
+        file: path.to_path_buf(),
+    })
+}
+
+/// [`read_safetensors_header`] of a file read through a [`FileSystem`].
+fn header_of(src: &Src<'_>) -> Result<Vec<SafetensorsTensor>> {
+    let show = src.show();
+    let path = &src.file;
+    let file_len = src.len()?;
     let bad = |m: String| Error::corrupt(format!("{show}: {m}"));
     let mut n = [0u8; 8];
-    f.read_exact_at(&mut n, 0).map_err(|_| {
-        bad(format!(
+    if file_len < 8 {
+        return Err(bad(format!(
             "{file_len} bytes, shorter than the 8-byte header length"
-        ))
-    })?;
+        )));
+    }
+    src.read_exact_at(&mut n, 0)?;
     let n = u64::from_le_bytes(n);
     if n > MAX_HEADER || n.saturating_add(8) > file_len {
         return Err(bad(format!(
@@ -60,8 +120,7 @@ pub fn read_safetensors_header(path: &Path) -> Result<Vec<SafetensorsTensor>> {
         )));
     }
     let mut head = vec![0u8; n as usize];
-    f.read_exact_at(&mut head, 8)
-        .map_err(|e| Error::io("read", &show, e))?;
+    src.read_exact_at(&mut head, 8)?;
     let json: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&head)
         .map_err(|e| bad(format!("header is not a JSON object: {e}")))?;
     let data_start = 8 + n;
@@ -98,6 +157,7 @@ pub fn read_safetensors_header(path: &Path) -> Result<Vec<SafetensorsTensor>> {
             shape,
             file: path.to_path_buf(),
             offset: data_start + offs[0],
+            store: src.store.cloned(),
         });
     }
     ranges.sort();
@@ -132,12 +192,52 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<SafetensorsTensor>> {
     if !path.is_dir() {
         return read_safetensors_header(path);
     }
-    let index = path.join("model.safetensors.index.json");
-    if !index.exists() {
-        return read_safetensors_header(&path.join("model.safetensors"));
+    read_dir(None, path)
+}
+
+/// [`read_safetensors`] of files in `store` (an object store, say): the
+/// file `name`, or with `None` the location as a directory (its index and
+/// shards, or its `model.safetensors`). Tensors are then read from the
+/// store when imported.
+pub fn read_safetensors_in(
+    store: &Arc<dyn FileSystem>,
+    name: Option<&str>,
+) -> Result<Vec<SafetensorsTensor>> {
+    match name {
+        Some(n) => header_of(&Src {
+            store: Some(store),
+            file: PathBuf::from(n),
+        }),
+        None => read_dir(Some(store), Path::new("")),
     }
-    let show = index.display().to_string();
-    let text = std::fs::read(&index).map_err(|e| Error::io("read", &show, e))?;
+}
+
+/// A directory of safetensors: its index and shards, or `model.safetensors`.
+fn read_dir(store: Option<&Arc<dyn FileSystem>>, path: &Path) -> Result<Vec<SafetensorsTensor>> {
+    let src = |name: &str| Src {
+        store,
+        file: path.join(name),
+    };
+    let index = src("model.safetensors.index.json");
+    let exists = match store {
+        Some(fs) => fs.file_len("model.safetensors.index.json")?.is_some(),
+        None => index.file.exists(),
+    };
+    if !exists {
+        return header_of(&src("model.safetensors"));
+    }
+    let show = index.show();
+    let text = {
+        let len = index.len()?;
+        if len > MAX_HEADER {
+            return Err(Error::corrupt(format!(
+                "{show}: {len} bytes, too large for an index"
+            )));
+        }
+        let mut buf = vec![0u8; len as usize];
+        index.read_exact_at(&mut buf, 0)?;
+        buf
+    };
     let json: serde_json::Value =
         serde_json::from_slice(&text).map_err(|e| Error::corrupt(format!("{show}: {e}")))?;
     let map: BTreeMap<String, String> = serde_json::from_value(json["weight_map"].clone())
@@ -153,7 +253,7 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<SafetensorsTensor>> {
                 "{show}: shard {f:?} is not a file name"
             )));
         }
-        for t in read_safetensors_header(&path.join(f))? {
+        for t in header_of(&src(f))? {
             if let Some(other) = seen.insert(t.name.clone(), f.clone()) {
                 return Err(Error::corrupt(format!(
                     "{}: in both {other} and {f}",
@@ -249,6 +349,7 @@ fn shard_box(
 /// row-major order of the box, read with positional reads.
 #[derive(Debug)]
 struct BoxSource {
+    store: Option<Arc<dyn FileSystem>>,
     file: PathBuf,
     base: u64,
     shape: Vec<u64>,
@@ -259,6 +360,7 @@ struct BoxSource {
 impl BoxSource {
     fn new(t: &SafetensorsTensor, region: ChunkBox) -> BoxSource {
         BoxSource {
+            store: t.store.clone(),
             file: t.file.clone(),
             base: t.offset,
             shape: t.shape.clone(),
@@ -303,13 +405,25 @@ impl ChunkSource for BoxSource {
                 self.file.display()
             )));
         }
-        let show = self.file.display().to_string();
-        let f = std::fs::File::open(&self.file).map_err(|e| Error::io("open", &show, e))?;
+        let src = Src {
+            store: self.store.as_ref(),
+            file: self.file.clone(),
+        };
+        let show = src.show();
+        let f = match self.store {
+            Some(_) => None,
+            None => Some(std::fs::File::open(&self.file).map_err(|e| Error::io("open", &show, e))?),
+        };
         let mut buf = vec![0u8; len];
         let mut done = 0usize;
         while done < len {
             let (pos, run) = self.locate(offset + done as u64);
             let n = (run as usize).min(len - done);
+            let Some(f) = &f else {
+                src.read_exact_at(&mut buf[done..done + n], pos)?;
+                done += n;
+                continue;
+            };
             f.read_exact_at(&mut buf[done..done + n], pos)
                 .map_err(|e| {
                     if e.kind() == std::io::ErrorKind::UnexpectedEof {
