@@ -233,8 +233,21 @@ impl Workload {
     /// Every rank's state dict for a save by `n` ranks, generated on all
     /// cores.
     pub fn state_dicts(&self, n: usize) -> dcp_core::Result<Vec<StateDict>> {
+        self.rank_state_dicts(0..n, n)
+    }
+
+    /// The state dicts of ranks `ranks` (of `n`) only, in order: what the
+    /// processes of an MPI job generate, each its own. Refuses nothing
+    /// (ranks at or past `n` hold only the items listed everywhere).
+    pub fn rank_state_dicts(
+        &self,
+        ranks: std::ops::Range<usize>,
+        n: usize,
+    ) -> dcp_core::Result<Vec<StateDict>> {
+        let first = ranks.start;
+        let count = ranks.len();
         let mut units = Vec::new();
-        for rank in 0..n {
+        for rank in ranks {
             for (i, it) in self.items.iter().enumerate() {
                 if let Content::Tensor { shape, .. } = &it.content {
                     if let Some(region) = it.layout.region(shape, rank, n) {
@@ -251,9 +264,9 @@ impl Workload {
             };
             Bytes::from(self.chunk_bytes(&it.name, *dtype, shape, region))
         });
-        let mut held: Vec<BTreeMap<usize, Vec<TensorChunk>>> = vec![BTreeMap::new(); n];
+        let mut held: Vec<BTreeMap<usize, Vec<TensorChunk>>> = vec![BTreeMap::new(); count];
         for ((rank, i, region), data) in units.into_iter().zip(data) {
-            held[rank]
+            held[rank - first]
                 .entry(i)
                 .or_default()
                 .push(TensorChunk::new(region, data));
