@@ -411,6 +411,37 @@ mod tests {
         assert_eq!(step.len(), 8);
     }
 
+    /// What one MPI process generates for itself is what the all-ranks
+    /// generator gives that rank, chunk for chunk and byte for byte.
+    #[test]
+    fn one_rank_state_dict_equals_its_share_of_all() {
+        for w in [Workload::llm(&spec()), Workload::many_small(11, 0)] {
+            let all = w.state_dicts(3).unwrap();
+            for (rank, want) in all.iter().enumerate() {
+                let got = w.rank_state_dicts(rank..rank + 1, 3).unwrap();
+                assert_eq!(got.len(), 1);
+                let flat = |sd: &StateDict| -> Vec<(String, Vec<(ChunkBox, Vec<u8>)>)> {
+                    sd.iter()
+                        .map(|(name, item)| {
+                            let chunks = match item {
+                                dcp_core::Item::Tensor(t) => t
+                                    .chunks
+                                    .iter()
+                                    .map(|c| (c.region.clone(), c.data.host().unwrap().to_vec()))
+                                    .collect(),
+                                dcp_core::Item::Bytes { data, .. } => {
+                                    vec![(ChunkBox::full(&[]), data.to_vec())]
+                                }
+                            };
+                            (name.clone(), chunks)
+                        })
+                        .collect()
+                };
+                assert_eq!(flat(&got[0]), flat(want), "{:?} rank {rank}", w.kind);
+            }
+        }
+    }
+
     #[test]
     fn every_workload_round_trips_through_its_layouts() {
         for w in [
