@@ -283,6 +283,41 @@ async fn collectives(mpi: &Mpi) {
             assert_eq!(&b[..], &vec![(from * 10 + me + k) as u8; k * 3][..]);
         }
     }
+    // Lists of up to 40 buffers: past 25 a message travels framed.
+    let count = |to: usize| to * 13 + 1;
+    let v: Vec<Vec<Bytes>> = (0..n)
+        .map(|to| {
+            (0..count(to))
+                .map(|k| Bytes::from(vec![(me + 2 * to + k) as u8; (k * 5 + me) % 17]))
+                .collect()
+        })
+        .collect();
+    let recv = g.all_to_all_v(v).await.unwrap();
+    for (from, bufs) in recv.iter().enumerate() {
+        assert_eq!(bufs.len(), count(me), "from {from}");
+        for (k, b) in bufs.iter().enumerate() {
+            assert_eq!(
+                &b[..],
+                &vec![(from + 2 * me + k) as u8; (k * 5 + from) % 17][..]
+            );
+        }
+    }
+    // Ranks that call different operations (a list of two buffers where
+    // the others expect one message) are told so, not handed a mixture.
+    if me == 0 {
+        let e = g
+            .all_to_all_v(vec![vec![Bytes::new(), Bytes::new()]; n])
+            .await;
+        e.expect("rank 0 receives one buffer from each other rank");
+    } else {
+        let e = g.all_to_all(vec![Bytes::new(); n]).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Collective);
+        assert!(
+            e.message()
+                .contains("rank 0 sent 2 buffers where this rank expected one message"),
+            "{e}"
+        );
+    }
 
     // Refused inputs, on every rank alike (the group stays usable).
     let e = g.all_to_all(vec![Bytes::new()]).await.unwrap_err();
@@ -746,11 +781,7 @@ fn mpi_save(l: &Launcher, dir: &Path, n: usize, seed: u64) -> String {
 
 /// [`mpi_save`] with `env` set for every process.
 fn mpi_save_env(l: &Launcher, dir: &Path, n: usize, seed: u64, env: &[(&str, &str)]) -> String {
-    let job = l.mpirun_env(
-        n,
-        &["save", &dir.to_string_lossy(), &seed.to_string()],
-        env,
-    );
+    let job = l.mpirun_env(n, &["save", &dir.to_string_lossy(), &seed.to_string()], env);
     job.expect_ok("save");
     let r = job.results();
     assert_eq!(
