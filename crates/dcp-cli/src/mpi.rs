@@ -37,9 +37,9 @@ pub fn demo(args: DemoArgs) -> Result<ExitCode, CliError> {
 }
 
 #[cfg(feature = "mpi")]
-pub use imp::demo;
-#[cfg(feature = "mpi")]
 pub(crate) use imp::agree;
+#[cfg(feature = "mpi")]
+pub use imp::demo;
 
 #[cfg(feature = "mpi")]
 mod imp {
@@ -83,7 +83,10 @@ mod imp {
 
     /// Every rank's local outcome: all succeed, or all fail with the first
     /// failing rank's error (named).
-    pub(crate) async fn agree<T>(group: &MpiGroup, local: Result<T, CliError>) -> Result<T, CliError> {
+    pub(crate) async fn agree<T>(
+        group: &MpiGroup,
+        local: Result<T, CliError>,
+    ) -> Result<T, CliError> {
         let msg = match &local {
             Ok(_) => Bytes::new(),
             Err(e) => Bytes::from(e.to_string()),

@@ -262,7 +262,11 @@ fn bench_under_mpirun_reports_like_local_ranks() {
         assert_eq!(r["verified"], true, "{r}");
         let amp = r["read_amplification"].as_f64().unwrap();
         assert!((1.0..=1.1).contains(&amp), "{r}");
-        let ranks = if scenario.starts_with("reshard") { 3 } else { 4 };
+        let ranks = if scenario.starts_with("reshard") {
+            3
+        } else {
+            4
+        };
         assert_eq!(r["ranks"], ranks, "{r}");
     }
     // The same fields as without --mpi.
@@ -279,7 +283,10 @@ fn bench_under_mpirun_reports_like_local_ranks() {
     assert_eq!(keys(&records[0]), keys(&first));
 
     for (extra, want) in [
-        (&["--scenarios", "async"][..], "not measured across processes"),
+        (
+            &["--scenarios", "async"][..],
+            "not measured across processes",
+        ),
         (&["--load-ranks", "5"][..], "the job has 4 processes"),
     ] {
         let mut a = vec!["bench", "--mpi", "--dir", &dir];

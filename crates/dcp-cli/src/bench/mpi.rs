@@ -274,9 +274,8 @@ mod imp {
         let all = world.all_gather(Bytes::from(msg)).await?;
         let mut out = Vec::with_capacity(all.len());
         for (r, m) in all.iter().enumerate() {
-            let m: Mine = serde_json::from_slice(m).map_err(|e| {
-                CliError::msg(format!("rank {r} sent a malformed report: {e}"))
-            })?;
+            let m: Mine = serde_json::from_slice(m)
+                .map_err(|e| CliError::msg(format!("rank {r} sent a malformed report: {e}")))?;
             out.push(m);
         }
         if let Some((r, e)) = out
@@ -352,8 +351,7 @@ mod imp {
             let (base_rss, r) = start(world).await?;
             reset &= r;
             let started = Instant::now();
-            let saved =
-                dcp_core::save_with(sd, &writer, world, &SaveOptions::default()).await?;
+            let saved = dcp_core::save_with(sd, &writer, world, &SaveOptions::default()).await?;
             let mine = Mine {
                 ran: true,
                 seconds: started.elapsed().as_secs_f64(),
@@ -410,8 +408,7 @@ mod imp {
         sys::sync_everything();
         let images = images.as_deref().expect("read above");
         let started = Instant::now();
-        sys::raw_write(&b.raw, images, sync, b.raw_checksum())
-            .map_err(|e| b.io_err(&b.raw, e))?;
+        sys::raw_write(&b.raw, images, sync, b.raw_checksum()).map_err(|e| b.io_err(&b.raw, e))?;
         Ok(started.elapsed().as_secs_f64())
     }
 
