@@ -144,7 +144,10 @@ fn main() {
                 &mut ptr as *mut *mut u8 as *mut std::ffi::c_void,
             )
         };
-        assert!(rc == 0 && size as usize == chunk_len, "MPI_Win_shared_query");
+        assert!(
+            rc == 0 && size as usize == chunk_len,
+            "MPI_Win_shared_query"
+        );
         peers.push(ptr);
     }
     // The chunk lands in this process's window (untimed: storage would be

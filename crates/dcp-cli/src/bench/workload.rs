@@ -420,7 +420,8 @@ mod tests {
             for (rank, want) in all.iter().enumerate() {
                 let got = w.rank_state_dicts(rank..rank + 1, 3).unwrap();
                 assert_eq!(got.len(), 1);
-                let flat = |sd: &StateDict| -> Vec<(String, Vec<(ChunkBox, Vec<u8>)>)> {
+                type Flat = Vec<(String, Vec<(ChunkBox, Vec<u8>)>)>;
+                let flat = |sd: &StateDict| -> Flat {
                     sd.iter()
                         .map(|(name, item)| {
                             let chunks = match item {

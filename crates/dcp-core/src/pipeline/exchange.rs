@@ -361,7 +361,11 @@ mod tests {
     /// needs a column more of each.
     #[test]
     fn nearly_equal_needs_spread_the_reading() {
-        let mut m = md(vec![b([0, 0], [2, 25]), b([2, 0], [2, 25]), b([4, 0], [2, 25])]);
+        let mut m = md(vec![
+            b([0, 0], [2, 25]),
+            b([2, 0], [2, 25]),
+            b([4, 0], [2, 25]),
+        ]);
         if let ItemMeta::Tensor { shape, .. } = &mut m.items[0].1 {
             *shape = vec![6, 25];
         }
