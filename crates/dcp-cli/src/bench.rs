@@ -20,6 +20,7 @@
 //! the loaded bytes (first repetition). `ratio = raw_seconds / seconds`
 //! (1.0: dcp runs at the limit), from medians over `--reps`.
 
+mod mpi;
 mod scale;
 mod staging;
 pub use staging::memcpy_seconds;
@@ -127,6 +128,13 @@ pub struct BenchArgs {
     /// Print one JSON object per scenario and line instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Run as one rank of an MPI job (under `mpirun -n N` or `srun`): the
+    /// N processes save and load, rank 0 runs the raw baseline and prints
+    /// the report. Scenarios save, load, reshard and reshard-fsspec; the
+    /// reshard runs on the first `--load-ranks` processes. Needs a dcp
+    /// built with the `mpi` feature.
+    #[arg(long, conflicts_with = "ranks")]
+    pub mpi: bool,
 }
 
 /// One line of `dcp bench --json`: one scenario, medians over the reps.
@@ -137,6 +145,9 @@ pub struct BenchRecord {
     /// `save`, `save_nosync`, `load_warm`, `load_cold`, `reshard_warm`,
     /// `reshard_cold`.
     pub scenario: String,
+    /// How the ranks talked: `local` (tasks of one process, a
+    /// `LocalGroup`) or `mpi` (the processes of an MPI job).
+    pub collective: &'static str,
     /// Ranks that ran the scenario.
     pub ranks: u32,
     /// Ranks that saved the checkpoint.
@@ -179,9 +190,11 @@ pub struct BenchRecord {
     pub read_amplification: f64,
     /// Read requests of all ranks (loads; median rep).
     pub read_requests: u64,
-    /// Peak resident set (VmHWM) during dcp's phase, bytes (largest rep).
+    /// Peak resident set (VmHWM) during dcp's phase, bytes (largest rep);
+    /// under MPI, the sum of every process's peak.
     pub peak_rss: u64,
-    /// Resident set when dcp's phase started (state dicts, destinations).
+    /// Resident set when dcp's phase started (state dicts, destinations);
+    /// under MPI, the sum over the processes.
     pub base_rss: u64,
     /// Whether the peak could be reset before each phase (else it is the
     /// process's peak so far).
@@ -226,6 +239,9 @@ struct Bench {
 
 /// Run `dcp bench`.
 pub fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
+    if args.mpi {
+        return mpi::run(args);
+    }
     if args.workload == WorkloadKind::Scale {
         return scale::run(&args);
     }
@@ -235,19 +251,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
         ));
     }
     let (workload, ranks, load_ranks) = build_workload(&args);
-    let root = match args.dir.as_deref().and_then(Path::to_str) {
-        Some(d) if d.starts_with("file://") => PathBuf::from(&d["file://".len()..]),
-        // The baseline and cold loads need local files.
-        Some(d) if d.contains("://") => {
-            return Err(CliError::usage(format!(
-                "{d}: dcp bench measures a local directory (a path or file:///path)"
-            )))
-        }
-        _ => args
-            .dir
-            .clone()
-            .unwrap_or_else(|| std::env::temp_dir().join("dcp-bench")),
-    };
+    let root = root_dir(&args)?;
     std::fs::create_dir_all(&root)
         .map_err(|e| CliError::msg(format!("cannot create {}: {e}", root.display())))?;
     let name = workload.kind.name();
@@ -268,16 +272,39 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
         let _ = sys::remove_dir(&b.raw);
     }
     let records = result?;
+    print_report(&b, &records)
+}
+
+/// The local directory `--dir` names (a path or `file:///path`; refuses
+/// other URLs: the baseline and cold loads need local files).
+fn root_dir(args: &BenchArgs) -> Result<PathBuf, CliError> {
+    Ok(match args.dir.as_deref().and_then(Path::to_str) {
+        Some(d) if d.starts_with("file://") => PathBuf::from(&d["file://".len()..]),
+        Some(d) if d.contains("://") => {
+            return Err(CliError::usage(format!(
+                "{d}: dcp bench measures a local directory (a path or file:///path)"
+            )))
+        }
+        _ => args
+            .dir
+            .clone()
+            .unwrap_or_else(|| std::env::temp_dir().join("dcp-bench")),
+    })
+}
+
+/// Print the records (JSON lines or the table); exit status 1 when loaded
+/// bytes differed.
+fn print_report(b: &Bench, records: &[BenchRecord]) -> Result<ExitCode, CliError> {
     if b.args.json {
         let mut out = String::new();
-        for r in &records {
+        for r in records {
             let line = serde_json::to_string(r)
                 .map_err(|e| CliError::msg(format!("cannot encode the report: {e}")))?;
             outln!(out, "{line}");
         }
         crate::emit(&out)?;
     } else {
-        crate::emit(&table(&b, &records))?;
+        crate::emit(&table(b, records))?;
     }
     if records.iter().any(|r| r.verified == Some(false)) {
         eprintln!("error: loaded bytes differ from what was saved");
@@ -681,6 +708,7 @@ impl Bench {
         Ok(BenchRecord {
             workload: self.workload.kind.name(),
             scenario: label.to_string(),
+            collective: "local",
             ranks,
             save_ranks: self.ranks as u32,
             threads: self.args.threads,

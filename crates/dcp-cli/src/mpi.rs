@@ -23,7 +23,7 @@ use std::process::ExitCode;
 
 /// The message for `--mpi` in a build without MPI.
 #[cfg(not(feature = "mpi"))]
-fn unavailable() -> CliError {
+pub(crate) fn unavailable() -> CliError {
     CliError::usage(
         "--mpi: this dcp was built without MPI; build it with `cargo build --release -p dcp-cli --features mpi` (needs an MPI library and libclang: libopenmpi-dev openmpi-bin libclang-dev)",
     )
@@ -36,6 +36,8 @@ pub fn demo(args: DemoArgs) -> Result<ExitCode, CliError> {
     Err(unavailable())
 }
 
+#[cfg(feature = "mpi")]
+pub(crate) use imp::agree;
 #[cfg(feature = "mpi")]
 pub use imp::demo;
 
@@ -81,7 +83,10 @@ mod imp {
 
     /// Every rank's local outcome: all succeed, or all fail with the first
     /// failing rank's error (named).
-    async fn agree<T>(group: &MpiGroup, local: Result<T, CliError>) -> Result<T, CliError> {
+    pub(crate) async fn agree<T>(
+        group: &MpiGroup,
+        local: Result<T, CliError>,
+    ) -> Result<T, CliError> {
         let msg = match &local {
             Ok(_) => Bytes::new(),
             Err(e) => Bytes::from(e.to_string()),

@@ -35,22 +35,28 @@ fn one_json(o: &Output, what: &str) -> Value {
 #[cfg(not(feature = "mpi"))]
 #[test]
 fn mpi_flag_needs_the_feature() {
-    let o = dcp(&["demo", "--mpi"]);
-    assert_eq!(o.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        err.contains("built without MPI") && err.contains("--features mpi"),
-        "{err}"
-    );
+    for cmd in ["demo", "bench"] {
+        let o = dcp(&[cmd, "--mpi"]);
+        assert_eq!(o.status.code(), Some(2), "{cmd}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("built without MPI") && err.contains("--features mpi"),
+            "{cmd}: {err}"
+        );
+    }
 }
 
 #[test]
 fn mpi_flag_conflicts_with_rank_counts() {
-    for flag in ["--ranks", "--load-ranks"] {
-        let o = dcp(&["demo", "--mpi", flag, "3"]);
-        assert_eq!(o.status.code(), Some(2), "{flag}");
+    for (cmd, flag) in [
+        ("demo", "--ranks"),
+        ("demo", "--load-ranks"),
+        ("bench", "--ranks"),
+    ] {
+        let o = dcp(&[cmd, "--mpi", flag, "3"]);
+        assert_eq!(o.status.code(), Some(2), "{cmd} {flag}");
         let err = String::from_utf8_lossy(&o.stderr);
-        assert!(err.contains("cannot be used with"), "{flag}: {err}");
+        assert!(err.contains("cannot be used with"), "{cmd} {flag}: {err}");
     }
 }
 
@@ -176,4 +182,118 @@ fn a_failure_before_the_save_ends_every_process() {
     assert!((1..=3).contains(&reports), "{err}");
     // Nobody waited for a collective deadline.
     assert!(started.elapsed() < std::time::Duration::from_secs(60));
+}
+
+/// `mpirun -n 4 dcp bench --mpi --json`: rank 0 alone prints one record per
+/// scenario, with the same fields as `dcp bench` without `--mpi`; the
+/// loads are verified, the 4 -> 3 reshard runs on 3 of the 4 processes and
+/// reads the checkpoint once. Scenarios that cannot cross processes and a
+/// resharded load larger than the job are usage errors on every process.
+#[cfg(feature = "mpi")]
+#[test]
+fn bench_under_mpirun_reports_like_local_ranks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_string_lossy().into_owned();
+    let args = [
+        "bench",
+        "--json",
+        "--reps",
+        "1",
+        "--sync",
+        "0",
+        "--layers",
+        "1",
+        "--hidden",
+        "128",
+        "--vocab",
+        "500",
+        "--load-ranks",
+        "3",
+        "--scenarios",
+        "save,load,reshard",
+        "--dir",
+        &dir,
+    ];
+    let mut with_mpi = args.to_vec();
+    with_mpi.push("--mpi");
+    let Some(o) = mpirun(4, &with_mpi) else {
+        return;
+    };
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let records: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let names: Vec<&str> = records
+        .iter()
+        .map(|r| r["scenario"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "save_nosync",
+            "load_warm",
+            "load_cold",
+            "reshard_warm",
+            "reshard_cold"
+        ],
+        "one record per scenario, from rank 0 alone: {out}"
+    );
+    for r in &records {
+        assert_eq!(r["collective"], "mpi", "{r}");
+        assert_eq!(r["save_ranks"], 4, "{r}");
+        if r["reps"] == 0 {
+            // Cold loads are skipped where the page cache cannot be dropped.
+            assert_eq!(r["cold_method"], "cold not available", "{r}");
+            continue;
+        }
+        assert!(r["seconds"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["raw_seconds"].as_f64().unwrap() > 0.0, "{r}");
+        let scenario = r["scenario"].as_str().unwrap();
+        if scenario == "save_nosync" {
+            assert_eq!(r["ranks"], 4);
+            continue;
+        }
+        assert_eq!(r["verified"], true, "{r}");
+        let amp = r["read_amplification"].as_f64().unwrap();
+        assert!((1.0..=1.1).contains(&amp), "{r}");
+        let ranks = if scenario.starts_with("reshard") {
+            3
+        } else {
+            4
+        };
+        assert_eq!(r["ranks"], ranks, "{r}");
+    }
+    // The same fields as without --mpi.
+    let local = dcp(&[&args[..], &["--ranks", "4"]].concat());
+    let local_out = String::from_utf8_lossy(&local.stdout);
+    assert!(local.status.success(), "{local_out}");
+    let first: Value = serde_json::from_str(local_out.lines().next().unwrap()).unwrap();
+    assert_eq!(first["collective"], "local");
+    let keys = |v: &Value| {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    };
+    assert_eq!(keys(&records[0]), keys(&first));
+
+    for (extra, want) in [
+        (
+            &["--scenarios", "async"][..],
+            "not measured across processes",
+        ),
+        (&["--load-ranks", "5"][..], "the job has 4 processes"),
+    ] {
+        let mut a = vec!["bench", "--mpi", "--dir", &dir];
+        a.extend_from_slice(extra);
+        let o = mpirun(4, &a).unwrap();
+        assert!(!o.status.success(), "{extra:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(want), "{extra:?}: {err}");
+    }
 }

@@ -4,15 +4,19 @@
 //! immediate (non-blocking) point-to-point operations polled against the
 //! operation's deadline:
 //!
-//! 1. every rank sends every other rank a 32-byte [`Header`] (operation
-//!    number, message length, piece size) and receives theirs;
-//! 2. every rank sends its messages in pieces of at most the piece size
-//!    and receives the others' straight into one buffer per sender.
+//! 1. every rank sends every other rank a [`Header`] (operation number,
+//!    message length, piece size, the lengths of the buffers the message is
+//!    made of) and receives theirs;
+//! 2. every rank sends each buffer of its messages in pieces of at most the
+//!    piece size and receives the others' straight into one buffer per
+//!    sender, handed out as slices (no copy on either side).
 //!
-//! Gather, scatter, broadcast, all-gather and barrier are the trait's
-//! defaults on top of this exchange, so in every operation every rank
-//! hears from every rank: a rank that never arrives is named by all the
-//! others, not only by a root.
+//! `all_to_all` and `all_to_all_v` (a message of several buffers, as the
+//! resharded load's shared-read exchange sends) are native. Gather,
+//! scatter, broadcast, all-gather and barrier are the trait's defaults on
+//! top of this exchange, so in every operation every rank hears from every
+//! rank: a rank that never arrives is named by all the others, not only by
+//! a root.
 //!
 //! The exchange runs on a thread of its own, so the async caller never
 //! blocks its runtime. MPI cannot cancel an operation another rank never
@@ -22,7 +26,7 @@
 //! good, holding them). The group is broken from then on.
 
 use crate::env::{finalizing, lock, threads_allowed};
-use crate::header::{piece_count, Header, HEADER_LEN, MAX_PIECE};
+use crate::header::{frame, piece_count, unframe, Header, HEADER_LEN, MAX_PIECE, MAX_SEGMENTS};
 use async_trait::async_trait;
 use bytes::Bytes;
 use dcp_core::collective::DEFAULT_TIMEOUT;
@@ -294,6 +298,43 @@ impl Collective for MpiGroup {
                 send.len()
             )));
         }
+        let recv = self
+            .exchange(send.into_iter().map(|m| vec![m]).collect())
+            .await?;
+        recv.into_iter()
+            .enumerate()
+            .map(|(from, mut bufs)| match bufs.len() {
+                1 => Ok(bufs.pop().expect("one")),
+                k => Err(Error::new(
+                    ErrorKind::Collective,
+                    format!(
+                        "rank {from} sent {k} buffers where this rank expected one message: ranks called different collective operations"
+                    ),
+                )
+                .with_rank(shared.rank)),
+            })
+            .collect()
+    }
+
+    /// Native: each buffer travels as it is (no framing copy), and arrives
+    /// as a slice of one receive buffer per sender.
+    async fn all_to_all_v(&self, send: Vec<Vec<Bytes>>) -> Result<Vec<Vec<Bytes>>> {
+        if send.len() != self.shared.size {
+            return Err(Error::invalid(format!(
+                "all_to_all_v needs {} message lists, got {}",
+                self.shared.size,
+                send.len()
+            )));
+        }
+        self.exchange(send).await
+    }
+}
+
+impl MpiGroup {
+    /// One exchange of `send[peer]` (each a list of buffers) with every
+    /// peer, on a thread of its own, against the deadline.
+    async fn exchange(&self, send: Vec<Vec<Bytes>>) -> Result<Vec<Vec<Bytes>>> {
+        let shared = &self.shared;
         shared.check()?;
         let guard = shared.op.clone().lock_owned().await;
         shared.check()?;
@@ -357,11 +398,11 @@ struct Exchange {
     /// The group's operation lock, released once this operation is over
     /// (or has failed).
     guard: Option<OwnedMutexGuard<()>>,
-    reply: Option<oneshot::Sender<Result<Vec<Bytes>>>>,
+    reply: Option<oneshot::Sender<Result<Vec<Vec<Bytes>>>>>,
 }
 
 impl Exchange {
-    fn answer(&mut self, r: Result<Vec<Bytes>>) {
+    fn answer(&mut self, r: Result<Vec<Vec<Bytes>>>) {
         self.guard.take();
         if let Some(tx) = self.reply.take() {
             let _ = tx.send(r);
@@ -405,19 +446,41 @@ impl Exchange {
         self.fail(Error::new(ErrorKind::Collective, msg));
     }
 
-    fn run(mut self, send: Vec<Bytes>) {
+    fn run(mut self, send: Vec<Vec<Bytes>>) {
         let shared = self.shared.clone();
         let (me, n) = (shared.rank, shared.size);
         let piece = shared.options.piece_size;
 
-        // Phase 1: headers.
-        let out_headers: Vec<[u8; HEADER_LEN]> = send
+        // What goes on the wire to each peer: its buffers, or one frame of
+        // them when there are more than a header lists.
+        let mut framed = vec![false; n];
+        let wire: Vec<Vec<Bytes>> = send
             .iter()
-            .map(|m| {
+            .enumerate()
+            .map(|(peer, bufs)| {
+                if peer == me {
+                    Vec::new()
+                } else if bufs.len() > MAX_SEGMENTS {
+                    framed[peer] = true;
+                    vec![frame(bufs)]
+                } else {
+                    bufs.clone()
+                }
+            })
+            .collect();
+
+        // Phase 1: headers.
+        let out_headers: Vec<Vec<u8>> = wire
+            .iter()
+            .zip(&framed)
+            .map(|(bufs, &framed)| {
+                let segments: Vec<u64> = bufs.iter().map(|b| b.len() as u64).collect();
                 Header {
                     op: self.op,
-                    len: m.len() as u64,
+                    len: segments.iter().sum(),
                     piece: piece as u64,
+                    framed,
+                    segments,
                 }
                 .encode()
             })
@@ -472,30 +535,35 @@ impl Exchange {
             }
         }
 
-        // Phase 2: the messages, in pieces, each received in place.
+        // Phase 2: every buffer in pieces, each received in place.
         let mut recv: Vec<Vec<u8>> = Vec::with_capacity(n);
         for (peer, h) in headers.iter().enumerate() {
-            let len = h.map_or(0, |h| h.len());
-            let mut buf = Vec::new();
-            if let Err(e) = buf.try_reserve_exact(len) {
-                return self.fail(Error::new(
-                    ErrorKind::Collective,
-                    format!("cannot allocate {len} bytes for the message from rank {peer}: {e}"),
-                ));
+            let len = h.as_ref().map_or(0, Header::len);
+            match zeroed(len) {
+                Ok(buf) => recv.push(buf),
+                Err(e) => {
+                    return self.fail(Error::new(
+                        ErrorKind::Collective,
+                        format!(
+                            "cannot allocate {len} bytes for the message from rank {peer}: {e}"
+                        ),
+                    ))
+                }
             }
-            buf.resize(len, 0);
-            recv.push(buf);
         }
         let pieces: usize = headers
             .iter()
             .flatten()
-            .map(|h| piece_count(h.len(), h.piece()))
+            .flat_map(|h| {
+                h.segments
+                    .iter()
+                    .map(|&s| piece_count(s as usize, h.piece()))
+            })
             .sum::<usize>()
-            + send
+            + wire
                 .iter()
-                .enumerate()
-                .filter(|(p, _)| *p != me)
-                .map(|(_, m)| piece_count(m.len(), piece))
+                .flatten()
+                .map(|m| piece_count(m.len(), piece))
                 .sum::<usize>();
         let on_time = mpi::request::scope(|scope| {
             let mut reqs = Vec::with_capacity(pieces);
@@ -503,23 +571,25 @@ impl Exchange {
                 let g = lock();
                 let comm = shared.comm.get(&g);
                 for (peer, buf) in recv.iter_mut().enumerate() {
-                    let Some(h) = headers[peer] else { continue };
+                    let Some(h) = &headers[peer] else { continue };
                     let from = comm.process_at_rank(peer as i32);
-                    for chunk in buf.chunks_mut(h.piece()) {
-                        let req = from.immediate_receive_into_with_tag(scope, chunk, TAG_DATA);
-                        reqs.push(Pending {
-                            peer,
-                            dir: Dir::Recv,
-                            req,
-                        });
+                    let mut rest: &mut [u8] = buf;
+                    for &seg in &h.segments {
+                        let (this, next) = std::mem::take(&mut rest).split_at_mut(seg as usize);
+                        rest = next;
+                        for chunk in this.chunks_mut(h.piece()) {
+                            let req = from.immediate_receive_into_with_tag(scope, chunk, TAG_DATA);
+                            reqs.push(Pending {
+                                peer,
+                                dir: Dir::Recv,
+                                req,
+                            });
+                        }
                     }
                 }
-                for (peer, msg) in send.iter().enumerate() {
-                    if peer == me {
-                        continue;
-                    }
+                for (peer, bufs) in wire.iter().enumerate() {
                     let to = comm.process_at_rank(peer as i32);
-                    for chunk in msg.chunks(piece) {
+                    for chunk in bufs.iter().flat_map(|b| b.chunks(piece)) {
                         let req = to.immediate_send_with_tag(scope, chunk, TAG_DATA);
                         reqs.push(Pending {
                             peer,
@@ -534,19 +604,53 @@ impl Exchange {
         if !on_time {
             return;
         }
-        let out = recv
-            .into_iter()
-            .enumerate()
-            .map(|(peer, buf)| {
-                if peer == me {
-                    send[me].clone()
-                } else {
-                    Bytes::from(buf)
+        let mut out = Vec::with_capacity(n);
+        let mut send = send;
+        for (peer, buf) in recv.into_iter().enumerate() {
+            let Some(h) = &headers[peer] else {
+                out.push(std::mem::take(&mut send[me]));
+                continue;
+            };
+            let whole = Bytes::from(buf);
+            let mut at = 0usize;
+            let mut bufs = Vec::with_capacity(h.segments.len());
+            for &seg in &h.segments {
+                bufs.push(whole.slice(at..at + seg as usize));
+                at += seg as usize;
+            }
+            if h.framed {
+                match unframe(&bufs[0], peer) {
+                    Ok(v) => bufs = v,
+                    Err(e) => return self.fail(e),
                 }
-            })
-            .collect();
+            }
+            out.push(bufs);
+        }
         self.answer(Ok(out));
     }
+}
+
+/// A zero-filled buffer of `len` bytes, or why it cannot be allocated.
+/// Large ones come from the allocator's zeroed pages (`calloc`: pages fresh
+/// from the kernel are zero already), so a received message is not written
+/// twice, once with zeros and once by MPI.
+fn zeroed(len: usize) -> std::result::Result<Vec<u8>, String> {
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<u8>(len).map_err(|e| e.to_string())?;
+    // SAFETY: `layout` has a non-zero size (`len > 0` above), as
+    // `alloc_zeroed` requires.
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+    if ptr.is_null() {
+        return Err("out of memory".into());
+    }
+    // SAFETY: `ptr` is non-null and was allocated by the global allocator
+    // with `layout`: size `len`, alignment 1, which is exactly the layout a
+    // `Vec<u8>` of capacity `len` frees with; all `len` bytes are
+    // initialized (zeroed), so length `len` is valid. Tested by
+    // `tests::zeroed_buffers`.
+    Ok(unsafe { Vec::from_raw_parts(ptr, len, len) })
 }
 
 #[derive(Clone, Copy)]
@@ -616,5 +720,27 @@ fn pause(idle_polls: u32, late: bool) {
     } else {
         let us = (10 * u64::from(idle_polls - 49)).min(500);
         std::thread::sleep(Duration::from_micros(us));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zeroed_buffers() {
+        assert!(zeroed(0).unwrap().is_empty());
+        for len in [1usize, 7, 4096, 3 << 20] {
+            let mut v = zeroed(len).unwrap();
+            assert_eq!(v.len(), len);
+            assert!(v.capacity() >= len);
+            assert!(v.iter().all(|&b| b == 0));
+            // Writable, growable and freed like any Vec.
+            v[len - 1] = 9;
+            v.push(1);
+            assert_eq!(v[len - 1..], [9, 1]);
+        }
+        let e = zeroed(usize::MAX / 2).unwrap_err();
+        assert!(!e.is_empty());
     }
 }

@@ -60,7 +60,13 @@
 //!
 //! Ranks in different processes cannot lend each other buffers, so a
 //! resharded load exchanges the slices one rank read for another as bytes
-//! (each saved byte is still read from storage once in total).
+//! (each saved byte is still read from storage once in total): one
+//! `all_to_all_v` per round, whose buffers travel without being framed
+//! into one message. Lending through MPI shared memory
+//! (`MPI_Win_allocate_shared` on the node communicator) would save the
+//! copies into fresh buffers this costs; rsmpi 0.8 does not wrap windows,
+//! and the measurement and what it would take are in BENCHMARKS.md ("Would
+//! MPI shared memory pay?", example `shm_exchange`).
 
 mod env;
 mod group;

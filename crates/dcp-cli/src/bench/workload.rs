@@ -233,8 +233,21 @@ impl Workload {
     /// Every rank's state dict for a save by `n` ranks, generated on all
     /// cores.
     pub fn state_dicts(&self, n: usize) -> dcp_core::Result<Vec<StateDict>> {
+        self.rank_state_dicts(0..n, n)
+    }
+
+    /// The state dicts of ranks `ranks` (of `n`) only, in order: what the
+    /// processes of an MPI job generate, each its own. Refuses nothing
+    /// (ranks at or past `n` hold only the items listed everywhere).
+    pub fn rank_state_dicts(
+        &self,
+        ranks: std::ops::Range<usize>,
+        n: usize,
+    ) -> dcp_core::Result<Vec<StateDict>> {
+        let first = ranks.start;
+        let count = ranks.len();
         let mut units = Vec::new();
-        for rank in 0..n {
+        for rank in ranks {
             for (i, it) in self.items.iter().enumerate() {
                 if let Content::Tensor { shape, .. } = &it.content {
                     if let Some(region) = it.layout.region(shape, rank, n) {
@@ -251,9 +264,9 @@ impl Workload {
             };
             Bytes::from(self.chunk_bytes(&it.name, *dtype, shape, region))
         });
-        let mut held: Vec<BTreeMap<usize, Vec<TensorChunk>>> = vec![BTreeMap::new(); n];
+        let mut held: Vec<BTreeMap<usize, Vec<TensorChunk>>> = vec![BTreeMap::new(); count];
         for ((rank, i, region), data) in units.into_iter().zip(data) {
-            held[rank]
+            held[rank - first]
                 .entry(i)
                 .or_default()
                 .push(TensorChunk::new(region, data));
@@ -396,6 +409,38 @@ mod tests {
         }
         let step = w.chunk_bytes(model::STEP, DType::I64, &[], &ChunkBox::full(&[]));
         assert_eq!(step.len(), 8);
+    }
+
+    /// What one MPI process generates for itself is what the all-ranks
+    /// generator gives that rank, chunk for chunk and byte for byte.
+    #[test]
+    fn one_rank_state_dict_equals_its_share_of_all() {
+        for w in [Workload::llm(&spec()), Workload::many_small(11, 0)] {
+            let all = w.state_dicts(3).unwrap();
+            for (rank, want) in all.iter().enumerate() {
+                let got = w.rank_state_dicts(rank..rank + 1, 3).unwrap();
+                assert_eq!(got.len(), 1);
+                type Flat = Vec<(String, Vec<(ChunkBox, Vec<u8>)>)>;
+                let flat = |sd: &StateDict| -> Flat {
+                    sd.iter()
+                        .map(|(name, item)| {
+                            let chunks = match item {
+                                dcp_core::Item::Tensor(t) => t
+                                    .chunks
+                                    .iter()
+                                    .map(|c| (c.region.clone(), c.data.host().unwrap().to_vec()))
+                                    .collect(),
+                                dcp_core::Item::Bytes { data, .. } => {
+                                    vec![(ChunkBox::full(&[]), data.to_vec())]
+                                }
+                            };
+                            (name.clone(), chunks)
+                        })
+                        .collect()
+                };
+                assert_eq!(flat(&got[0]), flat(want), "{:?} rank {rank}", w.kind);
+            }
+        }
     }
 
     #[test]
