@@ -85,7 +85,14 @@ fn model() -> Model {
             seed: 18,
             ..Model::default()
         },
-        |m, i| m.tensor(&format!("layer{i:02}.w"), DType::F32, &[128, 1024], Sharding::Full),
+        |m, i| {
+            m.tensor(
+                &format!("layer{i:02}.w"),
+                DType::F32,
+                &[128, 1024],
+                Sharding::Full,
+            )
+        },
     )
 }
 
@@ -113,7 +120,11 @@ async fn one_reader_thread_keeps_the_stores_number_of_reads_in_flight() {
             peak, expect,
             "{threads} reader thread(s) x {in_flight} in flight: {peak} reads overlapped"
         );
-        assert_eq!(store.reads.load(Ordering::SeqCst), 16, "one read per record");
+        assert_eq!(
+            store.reads.load(Ordering::SeqCst),
+            16,
+            "one read per record"
+        );
     }
 }
 
@@ -132,11 +143,18 @@ async fn resharded_loads_with_reads_in_flight_are_exact() {
     let fs: Arc<dyn FileSystem> = Arc::new(MemoryFs::new("memory://concurrency-reshard"));
     save_model(fs.clone(), &m, 4, fast_writer()).await;
     let store = Arc::new(SlowStore::new(fs, 4, 0));
-    load_and_check(store.clone(), &m, 4, 3, opts(1), &|s| match s.name.as_str() {
-        "w" => Sharding::Cols,
-        "v" => Sharding::Grid,
-        _ => Sharding::Full,
-    })
+    load_and_check(
+        store.clone(),
+        &m,
+        4,
+        3,
+        opts(1),
+        &|s| match s.name.as_str() {
+            "w" => Sharding::Cols,
+            "v" => Sharding::Grid,
+            _ => Sharding::Full,
+        },
+    )
     .await;
     assert!(store.peak.load(Ordering::SeqCst) > 1, "reads overlapped");
 }

@@ -400,7 +400,8 @@ impl<'a> Ctx<'a> {
             .enumerate()
             .flat_map(|(m, (_, runs))| runs.iter().map(move |r| (m, r)))
             .collect();
-        let chunk_of = |(m, r): &(usize, &Run)| self.dest_chunk(&self.records[members[*m].0], r.target);
+        let chunk_of =
+            |(m, r): &(usize, &Run)| self.dest_chunk(&self.records[members[*m].0], r.target);
         let addr = |c: &&Mutex<DestData>| std::ptr::from_ref(*c) as usize;
         let mut chunks: Vec<&Mutex<DestData>> = all.iter().map(chunk_of).collect();
         chunks.sort_by_key(addr);
@@ -421,7 +422,11 @@ impl<'a> Ctx<'a> {
             let mut pos = 0usize;
             for &i in list.iter() {
                 let r = all[i].1;
-                if r.dest < pos || r.dest.checked_add(r.len).is_none_or(|e| e - pos > rest.len()) {
+                if r.dest < pos
+                    || r.dest
+                        .checked_add(r.len)
+                        .is_none_or(|e| e - pos > rest.len())
+                {
                     return Err(Error::invalid(format!(
                         "{}: planned destination runs overlap or overflow their chunk",
                         self.where_(&self.records[members[all[i].0].0])

@@ -73,7 +73,10 @@ pub(super) enum Task {
     /// to scratch), then check each record's checksums. Only on a file
     /// system with a request size of its own
     /// ([`ReadConfig::request_size`]), where a request costs a round trip.
-    Group { file: u32, members: Vec<(usize, Vec<Run>)> },
+    Group {
+        file: u32,
+        members: Vec<(usize, Vec<Run>)>,
+    },
     /// Read `[start, start+len)` of a file once and serve several pieces.
     Span {
         file: u32,
@@ -637,8 +640,9 @@ fn group_records(tasks: Vec<Task>, records: &[Record<'_>], size: u64, gap: u64) 
         .partition(|t| matches!(t, Task::Scatter { verify: true, .. }));
     whole.sort_by_key(|t| t.key(records));
     // The group being built: file, byte range, members.
-    let mut cur: Option<(u32, u64, u64, Vec<(usize, Vec<Run>)>)> = None;
-    let flush = |cur: Option<(u32, u64, u64, Vec<(usize, Vec<Run>)>)>, out: &mut Vec<Task>| {
+    type Building = (u32, u64, u64, Vec<(usize, Vec<Run>)>);
+    let mut cur: Option<Building> = None;
+    let flush = |cur: Option<Building>, out: &mut Vec<Task>| {
         if let Some((file, _, _, mut members)) = cur {
             if members.len() == 1 {
                 let (record, runs) = members.pop().expect("one member");
