@@ -165,7 +165,7 @@ impl OpendalFs {
         let target = config::parse_url(url)?;
         config::check_keys(&target, storage_options)?;
         config::apply_dcp_options(&mut options, storage_options)?;
-        let cfg = config::service_config(&target, storage_options, &|k| std::env::var(k).ok());
+        let cfg = config::service_config(&target, storage_options, &|k| std::env::var(k).ok())?;
         let endpoint = config::endpoint_of(&target, &cfg);
         let no_credentials = target.scheme == Backend::S3
             && !cfg.contains_key("access_key_id")
@@ -326,9 +326,15 @@ fn map_error(inner: &Inner, op: &str, name: &str, e: opendal::Error) -> Error {
             ErrorKind::Io,
             format!(
                 "{op} {what}: access denied by {} (bucket {:?}): the credentials were refused \
-                 or lack permission; check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or \
-                 storage_options) and the bucket policy",
-                inner.endpoint, inner.bucket
+                 or lack permission; check {} (or storage_options) and the bucket's permissions",
+                inner.endpoint,
+                inner.bucket,
+                match inner.op.info().scheme() {
+                    "gcs" => "GOOGLE_APPLICATION_CREDENTIALS",
+                    "azblob" =>
+                        "AZURE_STORAGE_ACCOUNT / AZURE_STORAGE_KEY or AZURE_STORAGE_CONNECTION_STRING",
+                    _ => "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY",
+                }
             ),
         ),
         K::ConfigInvalid => (

@@ -56,10 +56,8 @@ impl Server {
         argv: &[String],
         ready: impl Fn(u16) -> bool,
     ) -> Server {
-        let log = std::env::temp_dir().join(format!(
-            "dcp-{name}-{}-{port}.log",
-            std::process::id()
-        ));
+        let log =
+            std::env::temp_dir().join(format!("dcp-{name}-{}-{port}.log", std::process::id()));
         let mut wrapper = Command::new("sh")
             .args(["-c", WRAPPER, "dcp-server"])
             .arg(&log)

@@ -30,7 +30,12 @@ fn azurite_starts_checks_shared_keys_and_stops() {
     az.create_container("kit-container");
     // Listing the container's blobs, signed with the right key and a wrong one.
     let (status, body) = az
-        .signed("GET", "kit-container", "comp=list&restype=container", azurite::KEY)
+        .signed(
+            "GET",
+            "kit-container",
+            "comp=list&restype=container",
+            azurite::KEY,
+        )
         .unwrap();
     assert_eq!(status, 200, "{body}");
     let wrong = "d3Jvbmcga2V5IG9mIGFuIGFjY291bnQ=";
