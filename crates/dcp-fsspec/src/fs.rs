@@ -119,19 +119,28 @@ impl fmt::Debug for OpendalFs {
     }
 }
 
+/// What a service's conditional writes compare: the ETag (`If-Match`: s3,
+/// azblob) or the object's version (GCS generations, `ifGenerationMatch`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Compare {
+    Etag,
+    Version,
+}
+
 impl OpendalFs {
-    /// `Unsupported` unless the service writes conditionally on an ETag
-    /// and on absence (OpenDAL's `write_with_if_match` and
-    /// `write_with_if_not_exists`).
-    fn check_conditional(&self) -> Result<()> {
+    /// How the service writes conditionally on a version of the object and
+    /// on its absence (OpenDAL's `write_with_if_match` or
+    /// `write_with_if_version_match`, and `write_with_if_not_exists`);
+    /// `Unsupported` when it cannot.
+    fn check_conditional(&self) -> Result<Compare> {
         let cap = self.inner.op.info().capability();
-        if cap.write_with_if_match && cap.write_with_if_not_exists {
-            Ok(())
-        } else {
-            Err(Error::unsupported(format!(
-                "{} cannot write conditionally on an ETag",
+        match cap.write_with_if_not_exists {
+            true if cap.write_with_if_match => Ok(Compare::Etag),
+            true if cap.write_with_if_version_match => Ok(Compare::Version),
+            _ => Err(Error::unsupported(format!(
+                "{} cannot write conditionally on an ETag or a generation",
                 self.location()
-            )))
+            ))),
         }
     }
 
@@ -741,31 +750,43 @@ impl FileSystem for OpendalFs {
             .map_err(|e| self.err("put", name, e))
     }
 
-    /// The object's ETag, where the service can write conditionally on it
-    /// (`write_with_if_match` and `write_with_if_not_exists` in OpenDAL
-    /// 0.59: s3 and azblob); `Unsupported` elsewhere (gcs, whose
-    /// generation preconditions OpenDAL does not expose for writes, and
-    /// the rest), where dcp compares under its lease instead.
+    /// The object's ETag where the service writes conditionally on it
+    /// (`write_with_if_match` in OpenDAL 0.59: s3, azblob), its generation
+    /// where it writes conditionally on that (`write_with_if_version_match`:
+    /// gcs); `Unsupported` elsewhere, where dcp compares under its lease
+    /// instead.
     fn version(&self, name: &str) -> Result<Option<String>> {
         check_file_name(name)?;
-        self.check_conditional()?;
+        let compare = self.check_conditional()?;
         match self.block_on(self.inner.op.stat(&self.path(name))) {
-            Ok(m) if m.is_file() => match m.etag() {
-                Some(tag) => Ok(Some(tag.to_string())),
-                None => Err(Error::unsupported(format!(
-                    "{} returned no ETag for {name}",
-                    self.location()
-                ))),
-            },
+            Ok(m) if m.is_file() => {
+                let tag = match compare {
+                    Compare::Etag => m.etag(),
+                    Compare::Version => m.version(),
+                };
+                match tag {
+                    Some(tag) => Ok(Some(tag.to_string())),
+                    None => Err(Error::unsupported(format!(
+                        "{} returned no {} for {name}",
+                        self.location(),
+                        if compare == Compare::Etag {
+                            "ETag"
+                        } else {
+                            "generation"
+                        }
+                    ))),
+                }
+            }
             Ok(_) => Ok(None),
             Err(e) if e.kind() == opendal::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(self.err("stat", name, e)),
         }
     }
 
-    /// One PUT with `If-Match: <etag>`, or `If-None-Match: *` when
-    /// `expected` is `None`; a `412 Precondition Failed` (or "already
-    /// exists") is `Ok(false)`. `Unsupported` wherever
+    /// One PUT with `If-Match: <etag>` (GCS: an upload with
+    /// `ifGenerationMatch=<generation>`), or `If-None-Match: *` (GCS:
+    /// `ifGenerationMatch=0`) when `expected` is `None`; a `412 Precondition
+    /// Failed` (or "already exists") is `Ok(false)`. `Unsupported` wherever
     /// [`version`](FileSystem::version) is.
     fn replace_if(
         &self,
@@ -775,13 +796,14 @@ impl FileSystem for OpendalFs {
         expected: Option<&str>,
     ) -> Result<bool> {
         check_file_name(name)?;
-        self.check_conditional()?;
+        let compare = self.check_conditional()?;
         let path = self.path(name);
         let buf = Buffer::from(data.to_vec());
         let op = &self.inner.op;
-        let put = match expected {
-            Some(tag) => op.write_with(&path, buf).if_match(tag),
-            None => op.write_with(&path, buf).if_not_exists(true),
+        let put = match (expected, compare) {
+            (Some(tag), Compare::Etag) => op.write_with(&path, buf).if_match(tag),
+            (Some(tag), Compare::Version) => op.write_with(&path, buf).if_version_match(tag),
+            (None, _) => op.write_with(&path, buf).if_not_exists(true),
         };
         match self.block_on(std::future::IntoFuture::into_future(put)) {
             Ok(_) => Ok(true),
