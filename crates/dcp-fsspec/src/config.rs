@@ -466,6 +466,27 @@ fn emulator_endpoint(host: &str) -> String {
     }
 }
 
+/// Refuse (`InvalidInput`, naming `source` and the path) a Google
+/// credential file that cannot be read or is not a JSON object with a
+/// `type` (`service_account`, `authorized_user`, ...): OpenDAL would fail
+/// only when signing the first request, with an error that reads like a
+/// network problem (and is retried as one).
+fn check_gcs_credential_file(path: &str, source: &str) -> Result<()> {
+    let bad = |why: String| {
+        Error::invalid(format!(
+            "{source}={path:?}: {why}; it should be a service account or authorized-user \
+             JSON key file"
+        ))
+    };
+    let text = std::fs::read(path).map_err(|e| bad(format!("cannot read it: {e}")))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+    match v.get("type") {
+        Some(serde_json::Value::String(_)) => Ok(()),
+        _ => Err(bad("no \"type\" field".into())),
+    }
+}
+
 /// GCS settings meaning "no credentials": none loaded from the
 /// environment, the gcloud configuration or the VM metadata server.
 const GCS_ANONYMOUS: [(&str, &str); 3] = [
@@ -539,6 +560,7 @@ pub(crate) fn service_config(
             } else if let Some(path) = env("GOOGLE_APPLICATION_CREDENTIALS") {
                 cfg.insert("credential_path".into(), path);
             }
+            let from_env = cfg.contains_key("credential_path");
             cfg.insert("bucket".into(), t.bucket.clone());
             cfg.insert("root".into(), root_of(&t.prefix));
             for (k, v) in user {
@@ -555,6 +577,14 @@ pub(crate) fn service_config(
                         cfg.insert(k.clone(), v.clone());
                     }
                 }
+            }
+            if let Some(path) = cfg.get("credential_path") {
+                let source = if from_env && !storage_options.contains_key("credential_path") {
+                    "GOOGLE_APPLICATION_CREDENTIALS"
+                } else {
+                    "storage option credential_path"
+                };
+                check_gcs_credential_file(path, source)?;
             }
         }
         Backend::Azblob => {
@@ -972,32 +1002,64 @@ mod tests {
         }
         // A credential file from GOOGLE_APPLICATION_CREDENTIALS (not with an
         // emulator, which takes none).
-        let cfg = service_config(
-            &t,
-            &HashMap::new(),
-            &env_of(&[("GOOGLE_APPLICATION_CREDENTIALS", "/k.json")]),
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("k.json");
+        std::fs::write(
+            &key,
+            br#"{"type": "service_account", "client_email": "x@y"}"#,
         )
         .unwrap();
-        assert_eq!(cfg["credential_path"], "/k.json");
+        let key = key.to_str().unwrap().to_string();
+        let k2 = key.clone();
+        let creds = move |k: &str| (k == "GOOGLE_APPLICATION_CREDENTIALS").then(|| k2.clone());
+        let cfg = service_config(&t, &HashMap::new(), &creds).unwrap();
+        assert_eq!(cfg["credential_path"], key);
         assert!(!cfg.contains_key("endpoint") && !cfg.contains_key("allow_anonymous"));
-        let both = env_of(&[
-            ("GOOGLE_APPLICATION_CREDENTIALS", "/k.json"),
-            ("STORAGE_EMULATOR_HOST", "e:1"),
-        ]);
+        let k3 = key.clone();
+        let both = move |k: &str| match k {
+            "GOOGLE_APPLICATION_CREDENTIALS" => Some(k3.clone()),
+            "STORAGE_EMULATOR_HOST" => Some("e:1".to_string()),
+            _ => None,
+        };
         assert!(!service_config(&t, &HashMap::new(), &both)
             .unwrap()
             .contains_key("credential_path"));
         // storage_options win; gcsfs's spellings.
-        let opts = map(&[
-            ("endpoint_url", "http://opt:2"),
-            ("credential_path", "/o.json"),
-        ]);
+        let opts = map(&[("endpoint_url", "http://opt:2"), ("credential_path", &key)]);
         check_keys(&t, &opts).unwrap();
         let cfg = service_config(&t, &opts, &both).unwrap();
         assert_eq!(
             (cfg["endpoint"].as_str(), cfg["credential_path"].as_str()),
-            ("http://opt:2", "/o.json")
+            ("http://opt:2", key.as_str())
         );
+        // A credential file that cannot be used is refused up front, naming it.
+        let garbage = dir.path().join("garbage.json");
+        std::fs::write(&garbage, b"{ not json").unwrap();
+        let garbage = garbage.to_str().unwrap().to_string();
+        let no_type = dir.path().join("no-type.json");
+        std::fs::write(&no_type, b"{}").unwrap();
+        let no_type = no_type.to_str().unwrap().to_string();
+        for (path, want) in [
+            ("/no/such/key.json", "cannot read it"),
+            (garbage.as_str(), "not JSON"),
+            (no_type.as_str(), "no \"type\" field"),
+        ] {
+            let p = path.to_string();
+            let env = move |k: &str| (k == "GOOGLE_APPLICATION_CREDENTIALS").then(|| p.clone());
+            let e = service_config(&t, &HashMap::new(), &env).unwrap_err();
+            assert_eq!(e.kind(), dcp_core::ErrorKind::InvalidInput);
+            assert!(
+                e.message()
+                    .starts_with(&format!("GOOGLE_APPLICATION_CREDENTIALS={path:?}: {want}")),
+                "{e}"
+            );
+            let e = service_config(&t, &map(&[("credential_path", path)]), &|_| None).unwrap_err();
+            assert!(
+                e.message()
+                    .starts_with(&format!("storage option credential_path={path:?}: {want}")),
+                "{e}"
+            );
+        }
         let opts = map(&[
             ("token", "anon"),
             ("client_kwargs", r#"{"endpoint_url":"http://kw:3"}"#),

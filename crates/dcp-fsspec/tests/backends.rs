@@ -7,10 +7,10 @@
 mod common;
 
 use common::*;
-use dcp_testkit::azurite::Azurite;
-use dcp_testkit::gcs::FakeGcs;
 use dcp_core::*;
 use dcp_fsspec::OpendalFs;
+use dcp_testkit::azurite::Azurite;
+use dcp_testkit::gcs::FakeGcs;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,7 +41,7 @@ impl Backend {
             "fs" => {
                 let dir = tempfile::tempdir().unwrap();
                 Backend {
-                        url: format!("file://{}/ckpt", dir.path().display()),
+                    url: format!("file://{}/ckpt", dir.path().display()),
                     options: HashMap::new(),
                     moto: None,
                     bucket: String::new(),
@@ -52,7 +52,7 @@ impl Backend {
                 let moto = Moto::shared()?;
                 moto.create_bucket(&name);
                 Backend {
-                        url: format!("s3://{name}/ckpt/step-1"),
+                    url: format!("s3://{name}/ckpt/step-1"),
                     options: moto.options(),
                     moto: Some(moto),
                     bucket: name,
@@ -68,7 +68,7 @@ impl Backend {
                     moto: None,
                     bucket: name,
                     _dir: None,
-                    }
+                }
             }
             "azblob" => {
                 let az = Azurite::shared()?;
@@ -79,7 +79,7 @@ impl Backend {
                     moto: None,
                     bucket: name,
                     _dir: None,
-                    }
+                }
             }
             _ => unreachable!(),
         })
@@ -367,7 +367,10 @@ fn gcs_generation_preconditions(b: &Backend) {
     assert_eq!(uploads.len(), 3, "{uploads:?}");
     assert!(uploads[0].contains("ifGenerationMatch=0"), "{uploads:?}");
     assert!(!uploads[1].contains("ifGenerationMatch"), "{uploads:?}");
-    assert!(uploads[2].contains(&format!("ifGenerationMatch={v2}")), "{uploads:?}");
+    assert!(
+        uploads[2].contains(&format!("ifGenerationMatch={v2}")),
+        "{uploads:?}"
+    );
 }
 
 /// `read_small`: empty objects, objects at and over the limit, and missing

@@ -371,8 +371,8 @@ mod tests {
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
 
-    /// An HTTP server that answers every request on a connection with 200
-    /// "ok" until the client closes.
+    /// An HTTP server that answers the first request of each connection
+    /// with 200 "ok" and closes it.
     fn http_ok_server() -> u16 {
         let server = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = server.local_addr().unwrap().port();
@@ -381,14 +381,10 @@ mod tests {
                 let Ok(mut s) = s else { continue };
                 std::thread::spawn(move || {
                     let mut buf = [0u8; 4096];
-                    while let Ok(n) = s.read(&mut buf) {
-                        if n == 0 {
-                            break;
-                        }
+                    if matches!(s.read(&mut buf), Ok(n) if n > 0) {
                         let _ = s.write_all(
                             b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
                         );
-                        break;
                     }
                 });
             }
