@@ -180,6 +180,11 @@ pub(crate) fn expand_client_kwargs(
                     ))
                 })?;
             for (nk, nv) in map {
+                if !allowed.contains(&nk.as_str()) {
+                    // Named as unknown below, before its type matters.
+                    nested.push((nk, String::new()));
+                    continue;
+                }
                 let serde_json::Value::String(nv) = nv else {
                     return Err(Error::invalid(format!(
                         "storage option client_kwargs.{nk} for {}: {nv} is not a string",
@@ -957,6 +962,12 @@ mod tests {
             ),
             (
                 map(&[("client_kwargs.verify", "false")]),
+                "unknown key \"verify\" in storage option client_kwargs",
+            ),
+            // What Python sends for client_kwargs={"verify": False}: the
+            // unknown key is named, not its type.
+            (
+                map(&[("client_kwargs", r#"{"verify": false}"#)]),
                 "unknown key \"verify\" in storage option client_kwargs",
             ),
             (
