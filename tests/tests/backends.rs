@@ -1,5 +1,6 @@
 //! The backends themselves: `DCP_TEST_BACKEND` parsing, raw access on every
-//! selected backend, the moto server's lifetime, and a known problem of
+//! selected backend (S3, GCS and Azure Blob included), the moto server's
+//! lifetime, and a known problem of
 //! `OpendalFs` when called on an async executor thread.
 
 use dcp_core::FileSystem;
@@ -32,11 +33,14 @@ fn backend_names_round_trip() {
         ] {
             assert!(selected.contains(&b), "{b:?} is a default backend");
         }
-        assert_eq!(
-            selected.contains(&Backend::S3),
-            moto::moto_installed(),
-            "s3 runs by default exactly when moto is installed"
-        );
+        for b in [Backend::S3, Backend::Gcs, Backend::Azblob] {
+            assert_eq!(
+                selected.contains(&b),
+                b.installed(),
+                "{} runs by default exactly when its server is installed",
+                b.name()
+            );
+        }
     }
 }
 

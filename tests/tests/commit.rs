@@ -168,6 +168,9 @@ fn spawn_save(
 async fn a_second_save_is_refused_while_the_first_holds_the_lease() {
     let (m0, ma, mb) = (model(1), model(2), model(3));
     for backend in backends() {
+        if !backend.checks_conditions("a_second_save_is_refused_while_the_first_holds_the_lease") {
+            continue;
+        }
         let what = backend.name();
         let store = backend.make_fs("race-refused");
         let first = save_model(store.fs(), &m0, WORLD, opts()).await;
@@ -238,6 +241,11 @@ async fn a_second_save_is_refused_while_the_first_holds_the_lease() {
 async fn a_second_save_with_lease_wait_waits_then_commits_after_the_first() {
     let (m0, ma, mb) = (model(1), model(2), model(3));
     for backend in backends() {
+        if !backend
+            .checks_conditions("a_second_save_with_lease_wait_waits_then_commits_after_the_first")
+        {
+            continue;
+        }
         let what = backend.name();
         let store = backend.make_fs("race-wait");
         let first = save_model(store.fs(), &m0, WORLD, opts()).await;
@@ -319,6 +327,9 @@ async fn stale_leases_are_broken_and_live_ones_are_not() {
     };
     let far = now_ms() + 3_600_000;
     for backend in backends() {
+        if !backend.checks_conditions("stale_leases_are_broken_and_live_ones_are_not") {
+            continue;
+        }
         let what = backend.name();
         let store = backend.make_fs("stale");
         save_model(store.fs(), &m, WORLD, opts()).await;
@@ -695,6 +706,9 @@ async fn cleanup_keeps_the_previous_generation_for_loads_in_flight() {
 async fn a_commit_over_a_changed_checkpoint_is_refused() {
     let (m0, m1, m2) = (model(20), model(21), model(22));
     for backend in backends() {
+        if !backend.checks_conditions("a_commit_over_a_changed_checkpoint_is_refused") {
+            continue;
+        }
         let what = backend.name();
         let store = backend.make_fs("cas");
         save_model(store.fs(), &m0, WORLD, opts()).await;
@@ -781,6 +795,9 @@ impl FileSystemLayer for HoldBeforeCompare {
 async fn overwrite_false_is_checked_again_under_the_lease() {
     let (ma, mb) = (model(30), model(31));
     for backend in backends() {
+        if !backend.checks_conditions("overwrite_false_is_checked_again_under_the_lease") {
+            continue;
+        }
         let what = backend.name();
         let store = backend.make_fs("wait-no-overwrite");
         let (gate, reached, go) = Gate::new();

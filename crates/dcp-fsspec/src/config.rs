@@ -131,6 +131,102 @@ const S3_FSSPEC_KEYS: &[&str] = &[
     "aws_region",
 ];
 
+/// gcsfs spellings of GCS settings that dcp maps itself (see
+/// [`service_config`]): `endpoint_url`, and `token="anon"` for anonymous
+/// access (any other `token` is OpenDAL's OAuth access token).
+const GCS_FSSPEC_KEYS: &[&str] = &["endpoint_url"];
+
+/// adlfs spellings of Azure settings that dcp maps itself: a whole
+/// `connection_string`, `account_host` (`acct.blob.core.windows.net`), and
+/// `endpoint_url`.
+const AZBLOB_FSSPEC_KEYS: &[&str] = &["connection_string", "account_host", "endpoint_url"];
+
+/// The nested dict s3fs users pass as `client_kwargs={"endpoint_url": ...}`
+/// (gcsfs and adlfs take `endpoint_url` there too). A
+/// `HashMap<String, String>` cannot hold a dict, so it arrives either
+/// flattened, one key per entry (`client_kwargs.endpoint_url`), or as the
+/// key `client_kwargs` whose value is a JSON object (what the Python
+/// package sends for a dict value); both become the plain key.
+pub(crate) const CLIENT_KWARGS: &str = "client_kwargs";
+
+/// The keys accepted inside `client_kwargs` for `backend`.
+fn client_kwargs_keys(backend: Backend) -> &'static [&'static str] {
+    match backend {
+        Backend::S3 => &["endpoint_url", "region_name"],
+        Backend::Gcs | Backend::Azblob => &["endpoint_url"],
+        _ => &[],
+    }
+}
+
+/// `storage_options` with `client_kwargs` (flattened or JSON) replaced by
+/// the plain keys it holds. Refuses a `client_kwargs` that is not a JSON
+/// object of strings, a key it may not hold, and a key given twice with
+/// two values.
+pub(crate) fn expand_client_kwargs(
+    t: &Target,
+    storage_options: &HashMap<String, String>,
+) -> Result<HashMap<String, String>> {
+    let allowed = client_kwargs_keys(t.scheme);
+    let mut out: HashMap<String, String> = HashMap::new();
+    let mut nested: Vec<(String, String)> = Vec::new();
+    for (k, v) in storage_options {
+        if k == CLIENT_KWARGS {
+            let map: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str(v).map_err(|e| {
+                    Error::invalid(format!(
+                        "storage option client_kwargs={v:?} for {}: not a JSON object ({e}); \
+                         pass {{\"endpoint_url\": \"...\"}} or the key client_kwargs.endpoint_url",
+                        t.url
+                    ))
+                })?;
+            for (nk, nv) in map {
+                if !allowed.contains(&nk.as_str()) {
+                    // Named as unknown below, before its type matters.
+                    nested.push((nk, String::new()));
+                    continue;
+                }
+                let serde_json::Value::String(nv) = nv else {
+                    return Err(Error::invalid(format!(
+                        "storage option client_kwargs.{nk} for {}: {nv} is not a string",
+                        t.url
+                    )));
+                };
+                nested.push((nk, nv));
+            }
+        } else if let Some(nk) = k.strip_prefix("client_kwargs.") {
+            nested.push((nk.to_string(), v.clone()));
+        } else {
+            out.insert(k.clone(), v.clone());
+        }
+    }
+    nested.sort();
+    for (k, v) in nested {
+        if !allowed.contains(&k.as_str()) {
+            return Err(Error::invalid(format!(
+                "unknown key {k:?} in storage option client_kwargs for {}; accepted there: {}",
+                t.url,
+                if allowed.is_empty() {
+                    "none".to_string()
+                } else {
+                    allowed.join(", ")
+                }
+            )));
+        }
+        match out.get(&k) {
+            Some(old) if *old != v => {
+                return Err(Error::invalid(format!(
+                    "storage option {k} for {} is given twice, as {old:?} and in client_kwargs as {v:?}",
+                    t.url
+                )))
+            }
+            _ => {
+                out.insert(k, v);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// The field names (with their serde aliases) of an OpenDAL service's
 /// configuration struct, read from its `Deserialize` implementation.
 #[cfg(any(feature = "s3", feature = "gcs", feature = "azblob"))]
@@ -184,8 +280,14 @@ fn service_keys(backend: Backend) -> &'static [&'static str] {
 /// keys of the service, less the ones the URL sets.
 pub(crate) fn accepted_keys(backend: Backend) -> Vec<&'static str> {
     let mut keys: Vec<&'static str> = DCP_KEYS.to_vec();
-    if backend == Backend::S3 {
-        keys.extend_from_slice(S3_FSSPEC_KEYS);
+    match backend {
+        Backend::S3 => keys.extend_from_slice(S3_FSSPEC_KEYS),
+        Backend::Gcs => keys.extend_from_slice(GCS_FSSPEC_KEYS),
+        Backend::Azblob => keys.extend_from_slice(AZBLOB_FSSPEC_KEYS),
+        _ => {}
+    }
+    if !client_kwargs_keys(backend).is_empty() {
+        keys.push(CLIENT_KWARGS);
     }
     keys.extend(
         service_keys(backend)
@@ -199,8 +301,10 @@ pub(crate) fn accepted_keys(backend: Backend) -> Vec<&'static str> {
 
 /// Refuse any key of `storage_options` that [`accepted_keys`] does not list
 /// for `t` (OpenDAL would ignore it silently), and the keys the URL sets,
-/// with [`ErrorKind::InvalidInput`](dcp_core::ErrorKind::InvalidInput).
+/// with [`ErrorKind::InvalidInput`](dcp_core::ErrorKind::InvalidInput);
+/// `client_kwargs` is checked as [`expand_client_kwargs`] reads it.
 pub(crate) fn check_keys(t: &Target, storage_options: &HashMap<String, String>) -> Result<()> {
+    let storage_options = &expand_client_kwargs(t, storage_options)?;
     let accepted = accepted_keys(t.scheme);
     let mut keys: Vec<&str> = storage_options.keys().map(String::as_str).collect();
     keys.sort_unstable();
@@ -294,17 +398,141 @@ fn s3_alias(key: &str) -> &str {
     }
 }
 
-/// Service configuration: environment first (S3 only), then the URL's
-/// bucket and root, then `storage_options` (which override both).
+/// The development storage account of the Azure emulators (Azurite), as
+/// `UseDevelopmentStorage=true` in a connection string means it.
+const AZURITE_ACCOUNT: &str = "devstoreaccount1";
+const AZURITE_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+/// The OpenDAL azblob settings (`endpoint`, `account_name`, `account_key`,
+/// `sas_token`) of an Azure Storage connection string
+/// (`AccountName=..;AccountKey=..;BlobEndpoint=..` or with
+/// `DefaultEndpointsProtocol` and `EndpointSuffix`, `SharedAccessSignature`,
+/// or `UseDevelopmentStorage=true`). `source` names where it came from in
+/// errors. Refuses a part without `=`, and a string that names neither an
+/// account nor a blob endpoint.
+pub(crate) fn parse_connection_string(conn: &str, source: &str) -> Result<Vec<(String, String)>> {
+    let mut fields: HashMap<String, String> = HashMap::new();
+    for part in conn.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = part.split_once('=').ok_or_else(|| {
+            Error::invalid(format!(
+                "{source}: {part:?} is not Key=Value (an Azure Storage connection string is \
+                 Key=Value pairs separated by ';')"
+            ))
+        })?;
+        fields.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+    }
+    let get = |k: &str| fields.get(k).filter(|v| !v.is_empty()).cloned();
+    let mut out = Vec::new();
+    if get("usedevelopmentstorage").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+        out.push((
+            "endpoint".to_string(),
+            format!("http://127.0.0.1:10000/{AZURITE_ACCOUNT}"),
+        ));
+        out.push(("account_name".to_string(), AZURITE_ACCOUNT.to_string()));
+        out.push(("account_key".to_string(), AZURITE_KEY.to_string()));
+        return Ok(out);
+    }
+    let account = get("accountname");
+    let endpoint = match (get("blobendpoint"), &account) {
+        (Some(e), _) => e.trim_end_matches('/').to_string(),
+        (None, Some(a)) => format!(
+            "{}://{a}.blob.{}",
+            get("defaultendpointsprotocol").unwrap_or_else(|| "https".into()),
+            get("endpointsuffix").unwrap_or_else(|| "core.windows.net".into())
+        ),
+        (None, None) => {
+            return Err(Error::invalid(format!(
+                "{source}: the connection string names neither AccountName nor BlobEndpoint"
+            )))
+        }
+    };
+    out.push(("endpoint".to_string(), endpoint));
+    if let Some(a) = account {
+        out.push(("account_name".to_string(), a));
+    }
+    if let Some(k) = get("accountkey") {
+        out.push(("account_key".to_string(), k));
+    }
+    if let Some(sas) = get("sharedaccesssignature") {
+        out.push(("sas_token".to_string(), sas));
+    }
+    Ok(out)
+}
+
+/// `STORAGE_EMULATOR_HOST` as an endpoint URL: the Google client libraries
+/// take `host:port` or a URL; a bare host gets `http://`.
+fn emulator_endpoint(host: &str) -> String {
+    let host = host.trim().trim_end_matches('/');
+    if host.contains("://") {
+        host.to_string()
+    } else {
+        format!("http://{host}")
+    }
+}
+
+/// Refuse (`InvalidInput`, naming `source` and the path) a Google
+/// credential file that cannot be read or is not a JSON object with a
+/// `type` (`service_account`, `authorized_user`, ...): OpenDAL would fail
+/// only when signing the first request, with an error that reads like a
+/// network problem (and is retried as one).
+fn check_gcs_credential_file(path: &str, source: &str) -> Result<()> {
+    let bad = |why: String| {
+        Error::invalid(format!(
+            "{source}={path:?}: {why}; it should be a service account or authorized-user \
+             JSON key file"
+        ))
+    };
+    let text = std::fs::read(path).map_err(|e| bad(format!("cannot read it: {e}")))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+    match v.get("type") {
+        Some(serde_json::Value::String(_)) => Ok(()),
+        _ => Err(bad("no \"type\" field".into())),
+    }
+}
+
+/// GCS settings meaning "no credentials": none loaded from the
+/// environment, the gcloud configuration or the VM metadata server.
+const GCS_ANONYMOUS: [(&str, &str); 3] = [
+    ("allow_anonymous", "true"),
+    ("disable_vm_metadata", "true"),
+    ("disable_config_load", "true"),
+];
+
+/// Service configuration: the environment, then the URL's bucket and root,
+/// then `storage_options` (which override both; `client_kwargs` expanded
+/// as [`expand_client_kwargs`] does).
+///
+/// - S3: `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`, `AWS_REGION` /
+///   `AWS_DEFAULT_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+///   `AWS_SESSION_TOKEN`; s3fs's `key`, `secret`, `token`,
+///   `endpoint_url`, `region_name`.
+/// - GCS: `STORAGE_EMULATOR_HOST` (an emulator: its endpoint, anonymous
+///   access), else `GOOGLE_APPLICATION_CREDENTIALS` (a service account or
+///   authorized-user JSON file); gcsfs's `endpoint_url` and `token="anon"`.
+/// - Azure Blob: `AZURE_STORAGE_ACCOUNT` (or `AZURE_STORAGE_ACCOUNT_NAME`),
+///   `AZURE_STORAGE_KEY` (or `AZURE_STORAGE_ACCOUNT_KEY`),
+///   `AZURE_STORAGE_SAS_TOKEN`, then `AZURE_STORAGE_CONNECTION_STRING`,
+///   which wins, as in the Azure CLI; adlfs's `connection_string`,
+///   `account_host`, `endpoint_url`. With an account and no endpoint, the
+///   endpoint is `https://{account}.blob.core.windows.net`.
+///
+/// Refuses (`InvalidInput`) a malformed connection string, naming where it
+/// came from.
 pub(crate) fn service_config(
     t: &Target,
     storage_options: &HashMap<String, String>,
     env: &dyn Fn(&str) -> Option<String>,
-) -> HashMap<String, String> {
+) -> Result<HashMap<String, String>> {
+    let storage_options = expand_client_kwargs(t, storage_options)?;
+    let env = |k: &str| env(k).filter(|v| !v.trim().is_empty());
     let mut cfg = HashMap::new();
-    let user = storage_options
+    let mut user: Vec<(&String, &String)> = storage_options
         .iter()
-        .filter(|(k, _)| !DCP_KEYS.contains(&k.as_str()));
+        .filter(|(k, _)| !DCP_KEYS.contains(&k.as_str()))
+        .collect();
+    user.sort();
     match t.scheme {
         Backend::S3 => {
             let from_env = [
@@ -315,7 +543,7 @@ pub(crate) fn service_config(
                 ("session_token", &["AWS_SESSION_TOKEN"][..]),
             ];
             for (key, vars) in from_env {
-                if let Some(v) = vars.iter().find_map(|v| env(v).filter(|s| !s.is_empty())) {
+                if let Some(v) = vars.iter().find_map(|v| env(v)) {
                     cfg.insert(key.to_string(), v);
                 }
             }
@@ -329,14 +557,96 @@ pub(crate) fn service_config(
                 .or_insert_with(|| "us-east-1".into());
         }
         Backend::Gcs => {
+            if let Some(host) = env("STORAGE_EMULATOR_HOST") {
+                cfg.insert("endpoint".into(), emulator_endpoint(&host));
+                for (k, v) in GCS_ANONYMOUS {
+                    cfg.insert(k.into(), v.into());
+                }
+            } else if let Some(path) = env("GOOGLE_APPLICATION_CREDENTIALS") {
+                cfg.insert("credential_path".into(), path);
+            }
+            let from_env = cfg.contains_key("credential_path");
             cfg.insert("bucket".into(), t.bucket.clone());
             cfg.insert("root".into(), root_of(&t.prefix));
-            cfg.extend(user.map(|(k, v)| (k.clone(), v.clone())));
+            for (k, v) in user {
+                match (k.as_str(), v.as_str()) {
+                    ("endpoint_url", _) => {
+                        cfg.insert("endpoint".into(), v.clone());
+                    }
+                    ("token", "anon") => {
+                        for (k, v) in GCS_ANONYMOUS {
+                            cfg.insert(k.into(), v.into());
+                        }
+                    }
+                    _ => {
+                        cfg.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+            if let Some(path) = cfg.get("credential_path") {
+                let source = if from_env && !storage_options.contains_key("credential_path") {
+                    "GOOGLE_APPLICATION_CREDENTIALS"
+                } else {
+                    "storage option credential_path"
+                };
+                check_gcs_credential_file(path, source)?;
+            }
         }
         Backend::Azblob => {
+            let from_env = [
+                (
+                    "account_name",
+                    &["AZURE_STORAGE_ACCOUNT", "AZURE_STORAGE_ACCOUNT_NAME"][..],
+                ),
+                (
+                    "account_key",
+                    &["AZURE_STORAGE_KEY", "AZURE_STORAGE_ACCOUNT_KEY"][..],
+                ),
+                ("sas_token", &["AZURE_STORAGE_SAS_TOKEN"][..]),
+            ];
+            for (key, vars) in from_env {
+                if let Some(v) = vars.iter().find_map(|v| env(v)) {
+                    cfg.insert(key.to_string(), v);
+                }
+            }
+            if let Some(conn) = env("AZURE_STORAGE_CONNECTION_STRING") {
+                for (k, v) in parse_connection_string(&conn, "AZURE_STORAGE_CONNECTION_STRING")? {
+                    cfg.insert(k, v);
+                }
+            }
             cfg.insert("container".into(), t.bucket.clone());
             cfg.insert("root".into(), root_of(&t.prefix));
-            cfg.extend(user.map(|(k, v)| (k.clone(), v.clone())));
+            // A connection string first, so that keys given beside it win.
+            if let Some(conn) = storage_options.get("connection_string") {
+                for (k, v) in parse_connection_string(conn, "storage option connection_string")? {
+                    cfg.insert(k, v);
+                }
+            }
+            for (k, v) in user {
+                match k.as_str() {
+                    "connection_string" => {}
+                    "endpoint_url" => {
+                        cfg.insert("endpoint".into(), v.trim_end_matches('/').to_string());
+                    }
+                    "account_host" => {
+                        cfg.insert(
+                            "endpoint".into(),
+                            format!("https://{}", v.trim_end_matches('/')),
+                        );
+                    }
+                    _ => {
+                        cfg.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+            if !cfg.contains_key("endpoint") {
+                if let Some(a) = cfg.get("account_name").cloned() {
+                    cfg.insert(
+                        "endpoint".into(),
+                        format!("https://{a}.blob.core.windows.net"),
+                    );
+                }
+            }
         }
         Backend::Local => {
             cfg.insert("root".into(), t.prefix.clone());
@@ -352,7 +662,7 @@ pub(crate) fn service_config(
             cfg.insert("root".into(), root_of(&t.prefix));
         }
     }
-    cfg
+    Ok(cfg)
 }
 
 /// The endpoint the configuration talks to, for messages.
@@ -366,10 +676,11 @@ pub(crate) fn endpoint_of(t: &Target, cfg: &HashMap<String, String>) -> String {
             .get("endpoint")
             .cloned()
             .unwrap_or_else(|| "https://storage.googleapis.com (default)".into()),
-        Backend::Azblob => cfg
-            .get("endpoint")
-            .cloned()
-            .unwrap_or_else(|| "(endpoint not set)".into()),
+        Backend::Azblob => cfg.get("endpoint").cloned().unwrap_or_else(|| {
+            "(no endpoint: set AZURE_STORAGE_ACCOUNT, AZURE_STORAGE_CONNECTION_STRING, \
+                 or account_name or endpoint in storage_options)"
+                .into()
+        }),
         Backend::Local => "local file system".into(),
         _ => "process memory".into(),
     }
@@ -497,14 +808,14 @@ mod tests {
             ("dcp_part_size".to_string(), "8MiB".to_string()),
         ]
         .into();
-        let cfg = service_config(&t, &opts, &env);
+        let cfg = service_config(&t, &opts, &env).unwrap();
         assert_eq!(cfg["endpoint"], "http://opt:2");
         assert_eq!(cfg["region"], "eu-west-1");
         assert_eq!(cfg["access_key_id"], "envkey");
         assert_eq!(cfg["root"], "/p/");
         assert_eq!(cfg["bucket"], "b");
         assert!(!cfg.contains_key("dcp_part_size"));
-        let cfg = service_config(&t, &HashMap::new(), &|_| None);
+        let cfg = service_config(&t, &HashMap::new(), &|_| None).unwrap();
         assert_eq!(cfg["region"], "us-east-1");
         assert!(!cfg.contains_key("endpoint"));
     }
@@ -589,6 +900,312 @@ mod tests {
             assert!(keys.contains(&k), "{k}: {keys:?}");
         }
         assert!(!keys.contains(&"container") && !keys.contains(&"root"));
+    }
+
+    fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn env_of(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |k| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    /// s3fs's nested `client_kwargs`, flattened or as JSON, becomes the plain
+    /// key; conflicts, unknown nested keys and non-objects are refused.
+    #[cfg(feature = "s3")]
+    #[test]
+    fn client_kwargs_flattened_or_json() {
+        let t = parse_url("s3://b/p").unwrap();
+        for opts in [
+            map(&[
+                ("client_kwargs.endpoint_url", "http://h:1"),
+                ("client_kwargs.region_name", "eu-1"),
+            ]),
+            map(&[(
+                "client_kwargs",
+                r#"{"endpoint_url": "http://h:1", "region_name": "eu-1"}"#,
+            )]),
+            map(&[
+                ("client_kwargs", r#"{"endpoint_url": "http://h:1"}"#),
+                ("region_name", "eu-1"),
+            ]),
+            // The same value twice is no conflict.
+            map(&[
+                ("client_kwargs.endpoint_url", "http://h:1"),
+                ("endpoint_url", "http://h:1"),
+                ("region", "eu-1"),
+            ]),
+        ] {
+            check_keys(&t, &opts).unwrap();
+            let cfg = service_config(&t, &opts, &|_| None).unwrap();
+            assert_eq!(cfg["endpoint"], "http://h:1", "{opts:?}");
+            assert_eq!(cfg["region"], "eu-1", "{opts:?}");
+            assert!(!cfg.keys().any(|k| k.contains("client_kwargs")), "{cfg:?}");
+        }
+        let cases = [
+            (
+                map(&[("client_kwargs", "{'endpoint_url': 'x'}")]),
+                "not a JSON object",
+            ),
+            (map(&[("client_kwargs", "[1]")]), "not a JSON object"),
+            (
+                map(&[("client_kwargs", r#"{"endpoint_url": 5}"#)]),
+                "client_kwargs.endpoint_url",
+            ),
+            (
+                map(&[("client_kwargs.verify", "false")]),
+                "unknown key \"verify\" in storage option client_kwargs",
+            ),
+            // What Python sends for client_kwargs={"verify": False}: the
+            // unknown key is named, not its type.
+            (
+                map(&[("client_kwargs", r#"{"verify": false}"#)]),
+                "unknown key \"verify\" in storage option client_kwargs",
+            ),
+            (
+                map(&[
+                    ("client_kwargs.endpoint_url", "http://a"),
+                    ("endpoint_url", "http://b"),
+                ]),
+                "given twice",
+            ),
+        ];
+        for (opts, want) in cases {
+            let e = check_keys(&t, &opts).unwrap_err();
+            assert_eq!(e.kind(), dcp_core::ErrorKind::InvalidInput, "{opts:?}");
+            assert!(e.message().contains(want), "{opts:?}: {e}");
+            assert!(service_config(&t, &opts, &|_| None).is_err());
+        }
+        // Memory takes no client_kwargs at all.
+        let t = parse_url("memory://m/p").unwrap();
+        let e = check_keys(&t, &map(&[("client_kwargs.endpoint_url", "x")])).unwrap_err();
+        assert!(e.message().contains("accepted there: none"), "{e}");
+    }
+
+    #[cfg(feature = "gcs")]
+    #[test]
+    fn gcs_settings_from_the_environment_and_options() {
+        let t = parse_url("gs://bkt/a/b").unwrap();
+        // The emulator: its endpoint, and no credentials looked for.
+        for (host, want) in [
+            ("127.0.0.1:4443", "http://127.0.0.1:4443"),
+            ("http://h:9/", "http://h:9"),
+        ] {
+            let env = move |k: &str| (k == "STORAGE_EMULATOR_HOST").then(|| host.to_string());
+            let cfg = service_config(&t, &HashMap::new(), &env).unwrap();
+            assert_eq!(cfg["endpoint"], want);
+            assert_eq!(cfg["allow_anonymous"], "true");
+            assert_eq!(cfg["disable_vm_metadata"], "true");
+            assert_eq!(cfg["disable_config_load"], "true");
+            assert_eq!(
+                (cfg["bucket"].as_str(), cfg["root"].as_str()),
+                ("bkt", "/a/b/")
+            );
+            build_operator(&t, cfg).unwrap();
+        }
+        // A credential file from GOOGLE_APPLICATION_CREDENTIALS (not with an
+        // emulator, which takes none).
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("k.json");
+        std::fs::write(
+            &key,
+            br#"{"type": "service_account", "client_email": "x@y"}"#,
+        )
+        .unwrap();
+        let key = key.to_str().unwrap().to_string();
+        let k2 = key.clone();
+        let creds = move |k: &str| (k == "GOOGLE_APPLICATION_CREDENTIALS").then(|| k2.clone());
+        let cfg = service_config(&t, &HashMap::new(), &creds).unwrap();
+        assert_eq!(cfg["credential_path"], key);
+        assert!(!cfg.contains_key("endpoint") && !cfg.contains_key("allow_anonymous"));
+        let k3 = key.clone();
+        let both = move |k: &str| match k {
+            "GOOGLE_APPLICATION_CREDENTIALS" => Some(k3.clone()),
+            "STORAGE_EMULATOR_HOST" => Some("e:1".to_string()),
+            _ => None,
+        };
+        assert!(!service_config(&t, &HashMap::new(), &both)
+            .unwrap()
+            .contains_key("credential_path"));
+        // storage_options win; gcsfs's spellings.
+        let opts = map(&[("endpoint_url", "http://opt:2"), ("credential_path", &key)]);
+        check_keys(&t, &opts).unwrap();
+        let cfg = service_config(&t, &opts, &both).unwrap();
+        assert_eq!(
+            (cfg["endpoint"].as_str(), cfg["credential_path"].as_str()),
+            ("http://opt:2", key.as_str())
+        );
+        // A credential file that cannot be used is refused up front, naming it.
+        let garbage = dir.path().join("garbage.json");
+        std::fs::write(&garbage, b"{ not json").unwrap();
+        let garbage = garbage.to_str().unwrap().to_string();
+        let no_type = dir.path().join("no-type.json");
+        std::fs::write(&no_type, b"{}").unwrap();
+        let no_type = no_type.to_str().unwrap().to_string();
+        for (path, want) in [
+            ("/no/such/key.json", "cannot read it"),
+            (garbage.as_str(), "not JSON"),
+            (no_type.as_str(), "no \"type\" field"),
+        ] {
+            let p = path.to_string();
+            let env = move |k: &str| (k == "GOOGLE_APPLICATION_CREDENTIALS").then(|| p.clone());
+            let e = service_config(&t, &HashMap::new(), &env).unwrap_err();
+            assert_eq!(e.kind(), dcp_core::ErrorKind::InvalidInput);
+            assert!(
+                e.message()
+                    .starts_with(&format!("GOOGLE_APPLICATION_CREDENTIALS={path:?}: {want}")),
+                "{e}"
+            );
+            let e = service_config(&t, &map(&[("credential_path", path)]), &|_| None).unwrap_err();
+            assert!(
+                e.message()
+                    .starts_with(&format!("storage option credential_path={path:?}: {want}")),
+                "{e}"
+            );
+        }
+        let opts = map(&[
+            ("token", "anon"),
+            ("client_kwargs", r#"{"endpoint_url":"http://kw:3"}"#),
+        ]);
+        check_keys(&t, &opts).unwrap();
+        let cfg = service_config(&t, &opts, &|_| None).unwrap();
+        assert_eq!(cfg["endpoint"], "http://kw:3");
+        assert_eq!(cfg["allow_anonymous"], "true");
+        assert!(!cfg.contains_key("token"));
+        // Any other token is OpenDAL's OAuth access token.
+        let cfg = service_config(&t, &map(&[("token", "ya29.x")]), &|_| None).unwrap();
+        assert_eq!(cfg["token"], "ya29.x");
+        assert_eq!(
+            endpoint_of(&t, &HashMap::new()),
+            "https://storage.googleapis.com (default)"
+        );
+    }
+
+    #[test]
+    fn connection_strings() {
+        let got = |c: &str| -> HashMap<String, String> {
+            parse_connection_string(c, "test")
+                .unwrap()
+                .into_iter()
+                .collect()
+        };
+        let c = got(
+            "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=a2V5==;\
+                     BlobEndpoint=http://127.0.0.1:10000/devstoreaccount1/;QueueEndpoint=http://q;",
+        );
+        assert_eq!(c["endpoint"], "http://127.0.0.1:10000/devstoreaccount1");
+        assert_eq!(c["account_name"], "devstoreaccount1");
+        assert_eq!(c["account_key"], "a2V5==", "a value keeps its '='");
+        assert_eq!(c.len(), 3);
+        let c = got("AccountName=acct;AccountKey=k;EndpointSuffix=core.chinacloudapi.cn");
+        assert_eq!(c["endpoint"], "https://acct.blob.core.chinacloudapi.cn");
+        let c = got("accountname=acct; sharedaccesssignature=sv=2021&sig=x ;");
+        assert_eq!(c["endpoint"], "https://acct.blob.core.windows.net");
+        assert_eq!(c["sas_token"], "sv=2021&sig=x");
+        assert!(!c.contains_key("account_key"));
+        let c = got("UseDevelopmentStorage=true");
+        assert_eq!(c["endpoint"], "http://127.0.0.1:10000/devstoreaccount1");
+        assert_eq!(c["account_name"], "devstoreaccount1");
+        assert_eq!(c["account_key"], AZURITE_KEY);
+        for (bad, want) in [
+            ("AccountName=a;garbage", "\"garbage\" is not Key=Value"),
+            ("AccountKey=k", "neither AccountName nor BlobEndpoint"),
+            ("", "neither AccountName nor BlobEndpoint"),
+        ] {
+            let e = parse_connection_string(bad, "AZURE_STORAGE_CONNECTION_STRING").unwrap_err();
+            assert_eq!(e.kind(), dcp_core::ErrorKind::InvalidInput);
+            assert!(
+                e.message().starts_with("AZURE_STORAGE_CONNECTION_STRING: "),
+                "{e}"
+            );
+            assert!(e.message().contains(want), "{bad:?}: {e}");
+        }
+    }
+
+    #[cfg(feature = "azblob")]
+    #[test]
+    fn azblob_settings_from_the_environment_and_options() {
+        let t = parse_url("azblob://cont/a").unwrap();
+        // Account and key: the default public endpoint.
+        let env = env_of(&[
+            ("AZURE_STORAGE_ACCOUNT", "acct"),
+            ("AZURE_STORAGE_KEY", "a2V5"),
+        ]);
+        let cfg = service_config(&t, &HashMap::new(), &env).unwrap();
+        assert_eq!(cfg["account_name"], "acct");
+        assert_eq!(cfg["account_key"], "a2V5");
+        assert_eq!(cfg["endpoint"], "https://acct.blob.core.windows.net");
+        assert_eq!(
+            (cfg["container"].as_str(), cfg["root"].as_str()),
+            ("cont", "/a/")
+        );
+        build_operator(&t, cfg).unwrap();
+        // The longer names reqsign reads work too.
+        let env2 = env_of(&[
+            ("AZURE_STORAGE_ACCOUNT_NAME", "a2"),
+            ("AZURE_STORAGE_ACCOUNT_KEY", "k2"),
+        ]);
+        let cfg = service_config(&t, &HashMap::new(), &env2).unwrap();
+        assert_eq!(
+            (cfg["account_name"].as_str(), cfg["account_key"].as_str()),
+            ("a2", "k2")
+        );
+        // A connection string wins over account and key (as in the Azure CLI).
+        let env = env_of(&[
+            ("AZURE_STORAGE_ACCOUNT", "acct"),
+            ("AZURE_STORAGE_KEY", "a2V5"),
+            ("AZURE_STORAGE_CONNECTION_STRING", "AccountName=devstoreaccount1;AccountKey=ZGV2;BlobEndpoint=http://127.0.0.1:1/devstoreaccount1"),
+        ]);
+        let cfg = service_config(&t, &HashMap::new(), &env).unwrap();
+        assert_eq!(cfg["account_name"], "devstoreaccount1");
+        assert_eq!(cfg["account_key"], "ZGV2");
+        assert_eq!(cfg["endpoint"], "http://127.0.0.1:1/devstoreaccount1");
+        // storage_options win over both; adlfs's spellings.
+        let opts = map(&[
+            ("account_name", "o"),
+            ("account_host", "o.blob.core.windows.net"),
+        ]);
+        check_keys(&t, &opts).unwrap();
+        let cfg = service_config(&t, &opts, &env).unwrap();
+        assert_eq!(cfg["account_name"], "o");
+        assert_eq!(cfg["endpoint"], "https://o.blob.core.windows.net");
+        let opts = map(&[
+            ("connection_string", "UseDevelopmentStorage=true"),
+            (
+                "client_kwargs.endpoint_url",
+                "http://127.0.0.1:7/devstoreaccount1",
+            ),
+        ]);
+        check_keys(&t, &opts).unwrap();
+        let cfg = service_config(&t, &opts, &env).unwrap();
+        assert_eq!(cfg["endpoint"], "http://127.0.0.1:7/devstoreaccount1");
+        assert_eq!(cfg["account_key"], AZURITE_KEY);
+        assert!(!cfg.contains_key("connection_string"));
+        // A malformed connection string names where it came from.
+        let bad = env_of(&[("AZURE_STORAGE_CONNECTION_STRING", "nonsense")]);
+        let e = service_config(&t, &HashMap::new(), &bad).unwrap_err();
+        assert!(
+            e.message().starts_with("AZURE_STORAGE_CONNECTION_STRING: "),
+            "{e}"
+        );
+        let e = service_config(&t, &map(&[("connection_string", "x")]), &|_| None).unwrap_err();
+        assert!(
+            e.message()
+                .starts_with("storage option connection_string: "),
+            "{e}"
+        );
+        // Nothing at all: the message says what to set.
+        let cfg = service_config(&t, &HashMap::new(), &|_| None).unwrap();
+        assert!(!cfg.contains_key("endpoint"));
+        assert!(endpoint_of(&t, &cfg).contains("AZURE_STORAGE_CONNECTION_STRING"));
     }
 
     #[test]

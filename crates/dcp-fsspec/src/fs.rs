@@ -129,19 +129,28 @@ impl fmt::Debug for OpendalFs {
     }
 }
 
+/// What a service's conditional writes compare: the ETag (`If-Match`: s3,
+/// azblob) or the object's version (GCS generations, `ifGenerationMatch`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Compare {
+    Etag,
+    Version,
+}
+
 impl OpendalFs {
-    /// `Unsupported` unless the service writes conditionally on an ETag
-    /// and on absence (OpenDAL's `write_with_if_match` and
-    /// `write_with_if_not_exists`).
-    fn check_conditional(&self) -> Result<()> {
+    /// How the service writes conditionally on a version of the object and
+    /// on its absence (OpenDAL's `write_with_if_match` or
+    /// `write_with_if_version_match`, and `write_with_if_not_exists`);
+    /// `Unsupported` when it cannot.
+    fn check_conditional(&self) -> Result<Compare> {
         let cap = self.inner.op.info().capability();
-        if cap.write_with_if_match && cap.write_with_if_not_exists {
-            Ok(())
-        } else {
-            Err(Error::unsupported(format!(
-                "{} cannot write conditionally on an ETag",
+        match cap.write_with_if_not_exists {
+            true if cap.write_with_if_match => Ok(Compare::Etag),
+            true if cap.write_with_if_version_match => Ok(Compare::Version),
+            _ => Err(Error::unsupported(format!(
+                "{} cannot write conditionally on an ETag or a generation",
                 self.location()
-            )))
+            ))),
         }
     }
 
@@ -175,7 +184,7 @@ impl OpendalFs {
         let target = config::parse_url(url)?;
         config::check_keys(&target, storage_options)?;
         config::apply_dcp_options(&mut options, storage_options)?;
-        let cfg = config::service_config(&target, storage_options, &|k| std::env::var(k).ok());
+        let cfg = config::service_config(&target, storage_options, &|k| std::env::var(k).ok())?;
         let endpoint = config::endpoint_of(&target, &cfg);
         let no_credentials = target.scheme == Backend::S3
             && !cfg.contains_key("access_key_id")
@@ -440,9 +449,15 @@ fn map_error(inner: &Inner, op: &str, name: &str, e: opendal::Error) -> Error {
             ErrorKind::Io,
             format!(
                 "{op} {what}: access denied by {} (bucket {:?}): the credentials were refused \
-                 or lack permission; check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or \
-                 storage_options) and the bucket policy",
-                inner.endpoint, inner.bucket
+                 or lack permission; check {} (or storage_options) and the bucket's permissions",
+                inner.endpoint,
+                inner.bucket,
+                match inner.op.info().scheme() {
+                    "gcs" => "GOOGLE_APPLICATION_CREDENTIALS",
+                    "azblob" =>
+                        "AZURE_STORAGE_ACCOUNT / AZURE_STORAGE_KEY or AZURE_STORAGE_CONNECTION_STRING",
+                    _ => "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY",
+                }
             ),
         ),
         K::ConfigInvalid => (
@@ -798,31 +813,43 @@ impl FileSystem for OpendalFs {
             .map_err(|e| self.err("put", name, e))
     }
 
-    /// The object's ETag, where the service can write conditionally on it
-    /// (`write_with_if_match` and `write_with_if_not_exists` in OpenDAL
-    /// 0.59: s3 and azblob); `Unsupported` elsewhere (gcs, whose
-    /// generation preconditions OpenDAL does not expose for writes, and
-    /// the rest), where dcp compares under its lease instead.
+    /// The object's ETag where the service writes conditionally on it
+    /// (`write_with_if_match` in OpenDAL 0.59: s3, azblob), its generation
+    /// where it writes conditionally on that (`write_with_if_version_match`:
+    /// gcs); `Unsupported` elsewhere, where dcp compares under its lease
+    /// instead.
     fn version(&self, name: &str) -> Result<Option<String>> {
         check_file_name(name)?;
-        self.check_conditional()?;
+        let compare = self.check_conditional()?;
         match self.block_on(self.inner.op.stat(&self.path(name))) {
-            Ok(m) if m.is_file() => match m.etag() {
-                Some(tag) => Ok(Some(tag.to_string())),
-                None => Err(Error::unsupported(format!(
-                    "{} returned no ETag for {name}",
-                    self.location()
-                ))),
-            },
+            Ok(m) if m.is_file() => {
+                let tag = match compare {
+                    Compare::Etag => m.etag(),
+                    Compare::Version => m.version(),
+                };
+                match tag {
+                    Some(tag) => Ok(Some(tag.to_string())),
+                    None => Err(Error::unsupported(format!(
+                        "{} returned no {} for {name}",
+                        self.location(),
+                        if compare == Compare::Etag {
+                            "ETag"
+                        } else {
+                            "generation"
+                        }
+                    ))),
+                }
+            }
             Ok(_) => Ok(None),
             Err(e) if e.kind() == opendal::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(self.err("stat", name, e)),
         }
     }
 
-    /// One PUT with `If-Match: <etag>`, or `If-None-Match: *` when
-    /// `expected` is `None`; a `412 Precondition Failed` (or "already
-    /// exists") is `Ok(false)`. `Unsupported` wherever
+    /// One PUT with `If-Match: <etag>` (GCS: an upload with
+    /// `ifGenerationMatch=<generation>`), or `If-None-Match: *` (GCS:
+    /// `ifGenerationMatch=0`) when `expected` is `None`; a `412 Precondition
+    /// Failed` (or "already exists") is `Ok(false)`. `Unsupported` wherever
     /// [`version`](FileSystem::version) is.
     fn replace_if(
         &self,
@@ -832,13 +859,14 @@ impl FileSystem for OpendalFs {
         expected: Option<&str>,
     ) -> Result<bool> {
         check_file_name(name)?;
-        self.check_conditional()?;
+        let compare = self.check_conditional()?;
         let path = self.path(name);
         let buf = Buffer::from(data.to_vec());
         let op = &self.inner.op;
-        let put = match expected {
-            Some(tag) => op.write_with(&path, buf).if_match(tag),
-            None => op.write_with(&path, buf).if_not_exists(true),
+        let put = match (expected, compare) {
+            (Some(tag), Compare::Etag) => op.write_with(&path, buf).if_match(tag),
+            (Some(tag), Compare::Version) => op.write_with(&path, buf).if_version_match(tag),
+            (None, _) => op.write_with(&path, buf).if_not_exists(true),
         };
         match self.block_on(std::future::IntoFuture::into_future(put)) {
             Ok(_) => Ok(true),

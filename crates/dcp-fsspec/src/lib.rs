@@ -38,14 +38,36 @@
 //!   exponential backoff by OpenDAL's `RetryLayer`, and every request is
 //!   bounded by a `TimeoutLayer`, so a dead endpoint gives an error, not a
 //!   hang.
+//! - **Conditional commit on every cloud store.** The commit's
+//!   compare-and-swap is a PUT with `If-Match` on the ETag on S3 and Azure
+//!   Blob, and an upload with `ifGenerationMatch` on the object's generation
+//!   on GCS (`FileSystem::version` returns the generation there).
 //!
 //! # URLs and `storage_options`
 //! `s3://bucket/prefix` (feature `s3`, on by default), `gs://bucket/prefix`
 //! (feature `gcs`), `azblob://container/prefix` (feature `azblob`),
-//! `file:///abs/path` and `memory://name/prefix` (always). S3 settings come
-//! from `AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`,
-//! `AWS_SECRET_ACCESS_KEY`, then from `storage_options`, which override the
-//! environment. The other keys of the service's OpenDAL configuration
+//! `file:///abs/path` and `memory://name/prefix` (always). Settings come
+//! from each ecosystem's environment variables, then from
+//! `storage_options`, which override them:
+//! - S3: `AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`,
+//!   `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`; s3fs's `key`, `secret`,
+//!   `token`, `endpoint_url`, `region_name`.
+//! - GCS: `STORAGE_EMULATOR_HOST` (`host:port` or a URL: an emulator, no
+//!   credentials), else `GOOGLE_APPLICATION_CREDENTIALS` (a JSON key file,
+//!   refused up front, naming it, when it cannot be read or is not one);
+//!   gcsfs's `endpoint_url` and `token="anon"`.
+//! - Azure Blob: `AZURE_STORAGE_CONNECTION_STRING` (which wins), else
+//!   `AZURE_STORAGE_ACCOUNT` / `AZURE_STORAGE_KEY` (or their
+//!   `..._ACCOUNT_NAME` / `..._ACCOUNT_KEY` spellings) and
+//!   `AZURE_STORAGE_SAS_TOKEN`; adlfs's `connection_string`, `account_host`
+//!   and `endpoint_url`. With an account and no endpoint the endpoint is
+//!   `https://{account}.blob.core.windows.net`.
+//! - s3fs's nested `client_kwargs={"endpoint_url": ...}` (and
+//!   `region_name` for S3) arrives flattened as the key
+//!   `client_kwargs.endpoint_url`, or as the key `client_kwargs` whose value
+//!   is a JSON object (the Python package sends a dict value that way).
+//!
+//! The other keys of the service's OpenDAL configuration
 //! (`S3Config`, `GcsConfig`, `AzblobConfig`, with their aliases) go to it as
 //! they are, except those the URL sets (bucket, container, root); `dcp_*`
 //! keys tune [`OpendalOptions`]; any other key is an

@@ -1,13 +1,16 @@
 //! The same save/load/commit-protocol cases against every backend: OpenDAL
-//! memory, OpenDAL fs (a temporary directory), and a real S3 server (moto on
-//! 127.0.0.1; skipped with a message when `moto_server` is missing and `CI`
-//! is unset).
+//! memory, OpenDAL fs (a temporary directory), and real servers on
+//! 127.0.0.1: S3 (moto), GCS (fake-gcs-server) and Azure Blob (Azurite),
+//! each skipped with a message when the server is not installed and `CI`
+//! is unset.
 
 mod common;
 
 use common::*;
 use dcp_core::*;
 use dcp_fsspec::OpendalFs;
+use dcp_testkit::azurite::Azurite;
+use dcp_testkit::gcs::FakeGcs;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,6 +55,28 @@ impl Backend {
                     url: format!("s3://{name}/ckpt/step-1"),
                     options: moto.options(),
                     moto: Some(moto),
+                    bucket: name,
+                    _dir: None,
+                }
+            }
+            "gcs" => {
+                let gcs = FakeGcs::shared()?;
+                gcs.create_bucket(&name);
+                Backend {
+                    url: format!("gs://{name}/ckpt/step-1"),
+                    options: gcs.options(),
+                    moto: None,
+                    bucket: name,
+                    _dir: None,
+                }
+            }
+            "azblob" => {
+                let az = Azurite::shared()?;
+                az.create_container(&name);
+                Backend {
+                    url: format!("azblob://{name}/ckpt/step-1"),
+                    options: az.options(),
+                    moto: None,
                     bucket: name,
                     _dir: None,
                 }
@@ -273,15 +298,17 @@ async fn abort_leaves_nothing(kind: &str) {
     b.no_pending_uploads();
 }
 
-/// The commit's compare-and-swap: on S3, `version` is the ETag and
-/// `replace_if` a PUT with `If-Match` (or `If-None-Match: *`) that the
-/// server refuses once the object changed; services without ETag-conditional
-/// writes refuse both with `Unsupported` (dcp then compares under its lease).
+/// The commit's compare-and-swap: on S3 and Azure Blob, `version` is the
+/// ETag and `replace_if` a PUT with `If-Match` (or `If-None-Match: *`); on
+/// GCS `version` is the object's generation and `replace_if` an upload
+/// with `ifGenerationMatch` (0 for "absent"). The server refuses either once
+/// the object changed. Services without conditional writes (memory, fs)
+/// refuse both with `Unsupported` (dcp then compares under its lease).
 async fn conditional_replace(kind: &str) {
     let Some(b) = Backend::new(kind) else { return };
     let fs = b.fs();
     fs.prepare().unwrap();
-    if kind != "s3" {
+    if !matches!(kind, "s3" | "gcs" | "azblob") {
         for e in [
             fs.version("f").unwrap_err(),
             fs.replace_if("f", b"x", true, None).unwrap_err(),
@@ -290,10 +317,13 @@ async fn conditional_replace(kind: &str) {
         }
         return;
     }
+    if kind == "gcs" {
+        return gcs_generation_preconditions(&b);
+    }
     assert_eq!(fs.version("f").unwrap(), None, "absent");
     assert!(fs.replace_if("f", b"one", true, None).unwrap(), "created");
     assert!(!fs.replace_if("f", b"two", true, None).unwrap(), "exists");
-    let v1 = fs.version("f").unwrap().expect("an ETag");
+    let v1 = fs.version("f").unwrap().expect("an ETag or a generation");
     assert_eq!(fs.version("f").unwrap().as_deref(), Some(&v1[..]), "stable");
     // Another writer replaces it: a swap based on v1 is refused.
     fs.write_atomic("f", b"other", true).unwrap();
@@ -307,6 +337,40 @@ async fn conditional_replace(kind: &str) {
     );
     assert!(fs.replace_if("f", b"two", true, Some(&v2)).unwrap());
     assert_eq!(fs.read_small("f", 100).unwrap(), b"two");
+}
+
+/// GCS: `version` is the generation, and `replace_if` uploads with
+/// `ifGenerationMatch` (0 when the object must be absent), seen on the wire
+/// through a proxy. fake-gcs-server (1.54) ignores generation preconditions
+/// on uploads, so that the store refuses a stale one is not checkable
+/// here; real GCS refuses it with 412, which is `Ok(false)` as on S3.
+fn gcs_generation_preconditions(b: &Backend) {
+    let gcs = FakeGcs::shared().unwrap();
+    let proxy = dcp_testkit::TcpProxy::start(gcs.port()).unwrap();
+    let mut so = b.options.clone();
+    so.insert("endpoint".into(), proxy.endpoint());
+    let fs = OpendalFs::from_url_with(&b.url, &so, fast_options()).unwrap();
+    assert_eq!(fs.version("f").unwrap(), None, "absent");
+    assert!(fs.replace_if("f", b"one", true, None).unwrap(), "created");
+    let v1 = fs.version("f").unwrap().expect("a generation");
+    assert!(v1.parse::<u64>().is_ok(), "a generation is a number: {v1}");
+    fs.write_atomic("f", b"other", true).unwrap();
+    let v2 = fs.version("f").unwrap().unwrap();
+    assert_ne!(v1, v2, "a new generation");
+    assert!(fs.replace_if("f", b"two", true, Some(&v2)).unwrap());
+    assert_eq!(fs.read_small("f", 100).unwrap(), b"two");
+    let uploads: Vec<String> = proxy
+        .request_targets()
+        .into_iter()
+        .filter(|r| r.starts_with("POST /upload/"))
+        .collect();
+    assert_eq!(uploads.len(), 3, "{uploads:?}");
+    assert!(uploads[0].contains("ifGenerationMatch=0"), "{uploads:?}");
+    assert!(!uploads[1].contains("ifGenerationMatch"), "{uploads:?}");
+    assert!(
+        uploads[2].contains(&format!("ifGenerationMatch={v2}")),
+        "{uploads:?}"
+    );
 }
 
 /// `read_small`: empty objects, objects at and over the limit, and missing
@@ -374,6 +438,10 @@ suite!(memory);
 suite!(fs);
 #[cfg(feature = "s3")]
 suite!(s3);
+#[cfg(feature = "gcs")]
+suite!(gcs);
+#[cfg(feature = "azblob")]
+suite!(azblob);
 
 #[cfg(feature = "s3")]
 /// Records of 12 MiB with 5 MiB parts: every data file is a multipart upload

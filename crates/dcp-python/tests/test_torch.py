@@ -88,6 +88,33 @@ def test_overwrite_false_refused(tmp_path):
     assert torch.equal(got["w"], torch.zeros(3))
 
 
+def test_storage_options_take_s3fs_client_kwargs():
+    # A dict value travels as JSON, a bool as "true"/"false".
+    opts = dcp.torch._storage_options(
+        {"client_kwargs": {"endpoint_url": "http://h:1"}, "anon": True, "dcp_part_size": 8}
+    )
+    assert opts == {
+        "client_kwargs": '{"endpoint_url": "http://h:1"}',
+        "anon": "true",
+        "dcp_part_size": "8",
+    }
+    # Through to the store: the nested endpoint is the one dcp talks to (a
+    # closed port, reached with no retries), and a key client_kwargs may
+    # not hold is refused, naming it.
+    port = free_port()
+    reader = dcp.torch.FsspecReader(
+        "s3://bkt/ckpt",
+        client_kwargs={"endpoint_url": f"http://127.0.0.1:{port}"},
+        key="k",
+        secret="s",
+        dcp_max_retries=0,
+    )
+    with pytest.raises(Exception, match=f"127.0.0.1:{port}"):
+        reader.read_metadata()
+    with pytest.raises(Exception, match='unknown key "verify" in storage option client_kwargs'):
+        dcp.torch.FsspecReader("s3://bkt/ckpt", client_kwargs={"verify": False}).read_metadata()
+
+
 def test_missing_checkpoint_is_file_not_found(tmp_path):
     reader = dcp.torch.FileSystemReader(str(tmp_path / "none"))
     with pytest.raises(FileNotFoundError, match="no checkpoint at .*none"):

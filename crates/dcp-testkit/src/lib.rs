@@ -16,6 +16,8 @@
 //!   server (moto) unreachable mid-save while keeping its state to check.
 //! * [`moto`]: a moto S3 server on 127.0.0.1, once per test binary or
 //!   private, that skips (or fails under CI) when moto is not installed.
+//! * [`gcs`] and [`azurite`]: fake-gcs-server and Azurite on 127.0.0.1, the
+//!   same way (their process lifetime in [`server`]).
 //! * [`frame_metadata`], [`encode_metadata_unchecked`]: `.metadata` bytes
 //!   built by hand, to craft hostile checkpoints.
 //! * [`data`] (feature `data`, on by default): deterministic tensors and
@@ -39,10 +41,13 @@
 //! assert_eq!(fs.count(Op::List), 2);
 //! ```
 
+pub mod azurite;
 pub mod fault;
+pub mod gcs;
 pub mod moto;
 pub mod proxy;
 pub mod recording;
+pub mod server;
 pub mod steps;
 
 #[cfg(feature = "data")]

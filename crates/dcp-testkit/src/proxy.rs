@@ -8,6 +8,12 @@
 //! through to the server (which stores the object), but the server's reply
 //! never reaches the client: the connection is cut instead, as a reply lost
 //! on the network is. The client cannot tell whether the PUT took effect.
+//!
+//! It can stall ([`TcpProxy::stall`]): connections stay open, nothing is
+//! forwarded either way, as a server that hangs. And it can answer in the
+//! server's place ([`TcpProxy::reply_instead`]): the next requests get a
+//! canned reply (a `503 SlowDown`, a `429`) and their connection is closed,
+//! without reaching the server, as a throttling service answers.
 
 use std::io;
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -24,8 +30,16 @@ struct State {
     drop_put: Mutex<Option<String>>,
     /// Replies dropped so far.
     dropped: std::sync::atomic::AtomicUsize,
-    /// `METHOD path` of every request seen, in order.
+    /// `METHOD target` (query string kept) of every request seen, in order.
     seen: Mutex<Vec<String>>,
+    /// Forward nothing, either way.
+    stalled: AtomicBool,
+    /// Requests still to answer with `canned` instead of forwarding.
+    canned_left: std::sync::atomic::AtomicUsize,
+    /// The reply given in the server's place.
+    canned: Mutex<Vec<u8>>,
+    /// Requests answered with `canned` so far.
+    canned_sent: std::sync::atomic::AtomicUsize,
 }
 
 /// Forwards every connection made to [`TcpProxy::port`] to a target port on
@@ -97,6 +111,44 @@ impl TcpProxy {
             .unwrap_or_else(|p| p.into_inner()) = name.map(str::to_string);
     }
 
+    /// From now on forward nothing, either way, on open connections and new
+    /// ones (which are still accepted): requests hang as on a server that
+    /// stopped answering. [`TcpProxy::resume`] forwards again (what was
+    /// dropped meanwhile is lost).
+    pub fn stall(&self) {
+        self.state.stalled.store(true, Ordering::SeqCst);
+    }
+
+    /// Forward again after [`TcpProxy::stall`].
+    pub fn resume(&self) {
+        self.state.stalled.store(false, Ordering::SeqCst);
+    }
+
+    /// Answer the next `n` requests in the server's place with `status`
+    /// `reason`, a body of `content_type`, and `Connection: close`, then
+    /// close their connection; they never reach the server.
+    pub fn reply_instead(
+        &self,
+        n: usize,
+        status: u16,
+        reason: &str,
+        content_type: &str,
+        body: &str,
+    ) {
+        *self.state.canned.lock().unwrap_or_else(|p| p.into_inner()) = format!(
+            "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+             Retry-After: 0\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes();
+        self.state.canned_left.store(n, Ordering::SeqCst);
+    }
+
+    /// How many requests were answered by [`TcpProxy::reply_instead`].
+    pub fn replied_instead(&self) -> usize {
+        self.state.canned_sent.load(Ordering::SeqCst)
+    }
+
     /// How many replies were lost so far.
     pub fn dropped(&self) -> usize {
         self.state.dropped.load(Ordering::SeqCst)
@@ -105,6 +157,18 @@ impl TcpProxy {
     /// `METHOD path` (query string cut) of every HTTP request that passed
     /// through so far, in the order they were seen.
     pub fn requests(&self) -> Vec<String> {
+        self.request_targets()
+            .into_iter()
+            .map(|r| match r.split_once('?') {
+                Some((head, _)) => head.to_string(),
+                None => r,
+            })
+            .collect()
+    }
+
+    /// `METHOD target` of every HTTP request that passed through so far,
+    /// query string included (`POST /upload/storage/v1/b/b/o?ifGenerationMatch=0&..`).
+    pub fn request_targets(&self) -> Vec<String> {
         self.state
             .seen
             .lock()
@@ -170,7 +234,7 @@ fn is_put_of(chunk: &[u8], name: &str) -> bool {
     })
 }
 
-/// `METHOD path` when `chunk` begins with an HTTP/1 request line (a
+/// `METHOD target` when `chunk` begins with an HTTP/1 request line (a
 /// request's head starts a read: clients send one request at a time per
 /// connection).
 fn request_line(chunk: &[u8]) -> Option<String> {
@@ -183,8 +247,7 @@ fn request_line(chunk: &[u8]) -> Option<String> {
         return None;
     };
     let known = ["GET", "PUT", "HEAD", "DELETE", "POST"].contains(&method);
-    (known && version.starts_with("HTTP/1."))
-        .then(|| format!("{method} {}", target.split('?').next().unwrap_or(target)))
+    (known && version.starts_with("HTTP/1.")).then(|| format!("{method} {target}"))
 }
 
 /// Copy client requests to the server on a thread until either side
@@ -203,8 +266,25 @@ fn requests(mut from: TcpStream, mut to: TcpStream, st: Arc<State>, lose: Arc<At
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone();
+            if st.stalled.load(Ordering::SeqCst) {
+                continue;
+            }
             if let Some(line) = request_line(&buf[..n]) {
                 st.seen.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+                let take = st
+                    .canned_left
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok();
+                if take {
+                    let reply = st.canned.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    st.canned_sent.fetch_add(1, Ordering::SeqCst);
+                    // The server never sees this request: answer the client,
+                    // then close both sides.
+                    let _ = from.write_all(&reply);
+                    let _ = from.shutdown(Shutdown::Both);
+                    let _ = to.shutdown(Shutdown::Both);
+                    return;
+                }
             }
             if target.is_some_and(|t| is_put_of(&buf[..n], &t)) {
                 lose.store(true, Ordering::SeqCst);
@@ -229,6 +309,9 @@ fn replies(mut from: TcpStream, mut to: TcpStream, st: Arc<State>, lose: Arc<Ato
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
+            if st.stalled.load(Ordering::SeqCst) {
+                continue;
+            }
             if lose.load(Ordering::SeqCst) {
                 st.dropped.fetch_add(1, Ordering::SeqCst);
                 let _ = to.shutdown(Shutdown::Both);
@@ -251,7 +334,7 @@ mod tests {
     fn request_lines() {
         assert_eq!(
             super::request_line(b"HEAD /b/p/.lease?x=1 HTTP/1.1\r\nhost: x\r\n\r\n").as_deref(),
-            Some("HEAD /b/p/.lease")
+            Some("HEAD /b/p/.lease?x=1")
         );
         assert_eq!(super::request_line(b"\x00\x01 binary body\r\n"), None);
         assert_eq!(
@@ -287,6 +370,69 @@ mod tests {
     }
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
+
+    /// An HTTP server that answers the first request of each connection
+    /// with 200 "ok" and closes it.
+    fn http_ok_server() -> u16 {
+        let server = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = server.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for s in server.incoming() {
+                let Ok(mut s) = s else { continue };
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    if matches!(s.read(&mut buf), Ok(n) if n > 0) {
+                        let _ = s.write_all(
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                        );
+                    }
+                });
+            }
+        });
+        port
+    }
+
+    fn get(port: u16) -> std::io::Result<String> {
+        let mut c = TcpStream::connect(("127.0.0.1", port))?;
+        c.set_read_timeout(Some(std::time::Duration::from_millis(500)))?;
+        c.write_all(b"GET /x?a=1 HTTP/1.1\r\nHost: h\r\n\r\n")?;
+        let mut out = String::new();
+        c.read_to_string(&mut out)?;
+        Ok(out)
+    }
+
+    #[test]
+    fn replies_instead_then_forwards_and_stalls() {
+        let proxy = TcpProxy::start(http_ok_server()).unwrap();
+        proxy.reply_instead(
+            2,
+            503,
+            "Slow Down",
+            "application/xml",
+            "<Error><Code>SlowDown</Code></Error>",
+        );
+        for _ in 0..2 {
+            let r = get(proxy.port).unwrap();
+            assert!(r.starts_with("HTTP/1.1 503 Slow Down\r\n"), "{r}");
+            assert!(r.ends_with("<Error><Code>SlowDown</Code></Error>"), "{r}");
+        }
+        assert!(get(proxy.port).unwrap().ends_with("\r\n\r\nok"));
+        assert_eq!(proxy.replied_instead(), 2);
+        assert_eq!(proxy.request_targets(), vec!["GET /x?a=1"; 3]);
+        assert_eq!(proxy.requests(), vec!["GET /x"; 3]);
+        // Stalled: the request is taken, no reply comes (the read times out).
+        proxy.stall();
+        let e = get(proxy.port).unwrap_err();
+        assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "{e}"
+        );
+        proxy.resume();
+        assert!(get(proxy.port).unwrap().ends_with("ok"));
+    }
 
     #[test]
     fn forwards_then_refuses_after_kill() {

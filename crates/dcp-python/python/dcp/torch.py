@@ -89,6 +89,21 @@ def _dcp_dtype(dtype: torch.dtype, name: str) -> str:
         raise ValueError(f"dcp: {name}: dtype {dtype} is not supported by dcp") from None
 
 
+def _storage_options(options: Dict[str, Any]) -> Dict[str, str]:
+    """``storage_options`` as the strings dcp takes: a dict value (s3fs's
+    ``client_kwargs={"endpoint_url": ...}``) as a JSON object, a bool as
+    ``true``/``false``, anything else as ``str(v)``."""
+    out = {}
+    for k, v in options.items():
+        if isinstance(v, dict):
+            out[k] = json.dumps(v)
+        elif isinstance(v, bool):
+            out[k] = "true" if v else "false"
+        else:
+            out[k] = str(v)
+    return out
+
+
 def _location(path: PathLike) -> str:
     return os.fspath(path)
 
@@ -198,7 +213,7 @@ class FsspecWriter(StorageWriter):
         self.compression, self.checksum, self.format = _options(
             _extensions, serialization_format
         )
-        self.storage_options = {k: str(v) for k, v in storage_options.items()}
+        self.storage_options = _storage_options(storage_options)
         self.save_id = uuid.uuid4().hex
         self.is_coordinator = False
         self.rank: Optional[int] = None
@@ -345,7 +360,7 @@ class FsspecReader(StorageReader):
         super().__init__()
         self.path = _location(path)
         self.thread_count = thread_count
-        self.storage_options = {k: str(v) for k, v in storage_options.items()}
+        self.storage_options = _storage_options(storage_options)
         self.load_id = uuid.uuid4().hex
         self.is_coordinator = False
         self._rust: Optional[_dcp.Reader] = None
