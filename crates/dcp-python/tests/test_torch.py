@@ -113,6 +113,22 @@ def test_corrupted_record_names_item_and_file(tmp_path):
     assert "victim" in str(f) and data.name in str(f), str(f)
 
 
+def test_verify_checksums_off_reads_damage_unchecked(tmp_path):
+    path = tmp_path / "c"
+    w = torch.arange(1000, dtype=torch.float32)
+    _single_save(str(path), {"victim": w})
+    (data,) = [p for p in path.iterdir() if p.suffix == ".dcp"]
+    b = bytearray(data.read_bytes())
+    b[len(b) // 2] ^= 0xFF
+    data.write_bytes(bytes(b))
+    dest = {"victim": torch.zeros(1000)}
+    with pytest.raises(CheckpointException):
+        tdcp.load(dest, storage_reader=dcp.torch.FileSystemReader(str(path)))
+    # Unchecked, the damaged bytes load as they are: one element differs.
+    tdcp.load(dest, storage_reader=dcp.torch.FileSystemReader(str(path), verify_checksums=False))
+    assert (dest["victim"] != w).sum().item() == 1
+
+
 def test_plain_tensors_dtypes_and_values_round_trip(tmp_path):
     path = str(tmp_path / "c")
     sd = {

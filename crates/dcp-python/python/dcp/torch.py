@@ -455,6 +455,10 @@ class FsspecReader(StorageReader):
     own can be allowed with ``torch.serialization.safe_globals([...])``
     around the load. ``weights_only=False`` (a dcp addition) trusts the
     checkpoint, as torch's own readers do.
+
+    ``verify_checksums=False`` (a dcp addition) skips checking each record's
+    checksum: a load that needs part of a record (a reshard) then reads only
+    that part, where checking it reads the whole record.
     """
 
     def __init__(
@@ -462,12 +466,14 @@ class FsspecReader(StorageReader):
         path: PathLike,
         thread_count: int = 1,
         weights_only: bool = True,
+        verify_checksums: bool = True,
         **storage_options: Any,
     ) -> None:
         super().__init__()
         self.path = _location(path)
         self.thread_count = thread_count
         self.weights_only = weights_only
+        self.verify_checksums = verify_checksums
         self.storage_options = _storage_options(storage_options)
         self.load_id = uuid.uuid4().hex
         self.is_coordinator = False
@@ -477,7 +483,10 @@ class FsspecReader(StorageReader):
     def _reader(self) -> _dcp.Reader:
         if self._rust is None:
             self._rust = _dcp.Reader(
-                self.path, self.storage_options, thread_count=self.thread_count
+                self.path,
+                self.storage_options,
+                thread_count=self.thread_count,
+                verify_checksums=self.verify_checksums,
             )
         return self._rust
 
@@ -640,13 +649,24 @@ class FileSystemWriter(FsspecWriter):
 
 class FileSystemReader(FsspecReader):
     """torch's ``FileSystemReader`` (a local directory), loading a dcp
-    checkpoint; ``thread_count`` and ``weights_only`` as
-    :class:`FsspecReader`."""
+    checkpoint; ``thread_count``, ``weights_only`` and ``verify_checksums``
+    as :class:`FsspecReader`."""
 
-    def __init__(self, path: PathLike, thread_count: int = 1, weights_only: bool = True) -> None:
+    def __init__(
+        self,
+        path: PathLike,
+        thread_count: int = 1,
+        weights_only: bool = True,
+        verify_checksums: bool = True,
+    ) -> None:
         if not _is_local(_location(path)):
             raise ValueError(f"dcp: FileSystemReader takes a local path, not {path!r}")
-        super().__init__(path, thread_count=thread_count, weights_only=weights_only)
+        super().__init__(
+            path,
+            thread_count=thread_count,
+            weights_only=weights_only,
+            verify_checksums=verify_checksums,
+        )
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: PathLike) -> bool:
