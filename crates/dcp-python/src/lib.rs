@@ -212,7 +212,10 @@ impl dcp::ChunkSource for PySource {
         offset: u64,
         len: usize,
     ) -> dcp::Result<Box<dyn dcp::stage::StagedCopy>> {
-        if offset.checked_add(len as u64).is_none_or(|end| end > self.len) {
+        if offset
+            .checked_add(len as u64)
+            .is_none_or(|end| end > self.len)
+        {
             return Err(dcp::Error::invalid(format!(
                 "staging {}: range {offset}+{len} is past its {} bytes",
                 self.name, self.len
