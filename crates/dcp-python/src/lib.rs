@@ -15,6 +15,10 @@
 //!   `read` fills destination buffers in place through dcp's load pipeline
 //!   (coalesced reads, checksums verified), with the GIL released.
 //!
+//! Memory dcp cannot read in place (CUDA tensors) crosses over as a Python
+//! stager object instead: `PySource`, a [`dcp::ChunkSource`] that dcp's save
+//! pipeline stages piece by piece, as any device memory.
+//!
 //! Tensor memory crosses over as numpy arrays (`tensor.view(torch.uint8)
 //! .numpy()` shares the tensor's memory): the array is kept alive, and its
 //! address and length are numpy's own, never numbers taken from the caller.
@@ -164,6 +168,99 @@ struct SourceBuffer(ArrayMemory);
 impl AsRef<[u8]> for SourceBuffer {
     fn as_ref(&self) -> &[u8] {
         self.0.bytes()
+    }
+}
+
+/// Memory dcp cannot read directly (a CUDA tensor), lent by a Python object
+/// with an int `nbytes` and `stage(lane, offset, length)`, which starts
+/// copying those bytes to host memory and returns a handle whose `wait()`
+/// returns them as a C-contiguous `uint8` numpy array of exactly `length`
+/// bytes (`dcp.torch` passes its device stager). dcp's save pipeline drives
+/// it as any [`dcp::ChunkSource`]: pieces of at most `per_thread_copy_ahead`
+/// bytes per writer thread, on the writer thread's copy lane, a few ahead of
+/// the writes. Each call takes the GIL; the save releases it while it runs.
+struct PySource {
+    obj: Py<PyAny>,
+    len: u64,
+    /// The item, for messages.
+    name: String,
+}
+
+impl std::fmt::Debug for PySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PySource({}, {} bytes)", self.name, self.len)
+    }
+}
+
+/// A Python exception raised while staging `name`, as a dcp I/O error that
+/// keeps its message.
+fn staging_error(name: &str, what: &str, e: PyErr) -> dcp::Error {
+    dcp::Error::new(
+        ErrorKind::Io,
+        format!("staging {name} to host memory: {what}: {e}"),
+    )
+}
+
+impl dcp::ChunkSource for PySource {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn stage(
+        &self,
+        lane: usize,
+        offset: u64,
+        len: usize,
+    ) -> dcp::Result<Box<dyn dcp::stage::StagedCopy>> {
+        if offset
+            .checked_add(len as u64)
+            .is_none_or(|end| end > self.len)
+        {
+            return Err(dcp::Error::invalid(format!(
+                "staging {}: range {offset}+{len} is past its {} bytes",
+                self.name, self.len
+            )));
+        }
+        Python::attach(|py| {
+            let handle = self
+                .obj
+                .bind(py)
+                .call_method1("stage", (lane, offset, len))
+                .map_err(|e| staging_error(&self.name, "stage()", e))?;
+            Ok(Box::new(PyStaged {
+                handle: handle.unbind(),
+                len,
+                name: self.name.clone(),
+            }) as Box<dyn dcp::stage::StagedCopy>)
+        })
+    }
+}
+
+/// A copy [`PySource::stage`] started: its `wait()` yields the bytes.
+struct PyStaged {
+    handle: Py<PyAny>,
+    len: usize,
+    name: String,
+}
+
+impl dcp::stage::StagedCopy for PyStaged {
+    fn wait(self: Box<Self>) -> dcp::Result<Bytes> {
+        Python::attach(|py| {
+            let arr = self
+                .handle
+                .bind(py)
+                .call_method0("wait")
+                .map_err(|e| staging_error(&self.name, "wait()", e))?;
+            let mem = ArrayMemory::new(&arr, false)
+                .map_err(|e| staging_error(&self.name, "wait() result", e))?;
+            if mem.len != self.len {
+                return Err(dcp::Error::invalid(format!(
+                    "staging {}: wait() returned {} bytes for a piece of {}",
+                    self.name, mem.len, self.len
+                )));
+            }
+            Ok(Bytes::from_owner(SourceBuffer(mem)))
+        })
     }
 }
 
@@ -332,8 +429,25 @@ impl Writer {
         let mut plan = SavePlan::default();
         let mut out = Vec::with_capacity(records.len());
         for (name, dtype, shape, offsets, sizes, obj) in records {
-            let src = SourceBuffer(ArrayMemory::new(&obj, false)?);
-            let len = src.0.len as u64;
+            let data = if obj.get_type().is(numpy_ndarray(py)?) {
+                ChunkData::from(Bytes::from_owner(SourceBuffer(ArrayMemory::new(
+                    &obj, false,
+                )?)))
+            } else if obj.hasattr("stage")? {
+                let len: u64 = obj.getattr("nbytes")?.extract()?;
+                ChunkData::Source(Arc::new(PySource {
+                    obj: obj.clone().unbind(),
+                    len,
+                    name: name.clone(),
+                }))
+            } else {
+                return Err(PyValueError::new_err(format!(
+                    "dcp: {name}: tensor memory must be an exact numpy.ndarray, or a \
+                     stager with nbytes and stage(lane, offset, length); got {}",
+                    obj.get_type().name()?
+                )));
+            };
+            let len = data.len();
             let (index, dtype, whole) = match dtype {
                 Some(d) => {
                     let d = parse_dtype(&d)?;
@@ -365,7 +479,7 @@ impl Writer {
                 index,
                 dtype,
                 whole,
-                data: ChunkData::from(Bytes::from_owner(src)),
+                data,
             });
         }
         let inner = self.inner.clone();

@@ -140,6 +140,22 @@ def test_corrupted_record_names_item_and_file(tmp_path):
     assert "victim" in str(f) and data.name in str(f), str(f)
 
 
+def test_verify_checksums_off_reads_damage_unchecked(tmp_path):
+    path = tmp_path / "c"
+    w = torch.arange(1000, dtype=torch.float32)
+    _single_save(str(path), {"victim": w})
+    (data,) = [p for p in path.iterdir() if p.suffix == ".dcp"]
+    b = bytearray(data.read_bytes())
+    b[len(b) // 2] ^= 0xFF
+    data.write_bytes(bytes(b))
+    dest = {"victim": torch.zeros(1000)}
+    with pytest.raises(CheckpointException):
+        tdcp.load(dest, storage_reader=dcp.torch.FileSystemReader(str(path)))
+    # Unchecked, the damaged bytes load as they are: one element differs.
+    tdcp.load(dest, storage_reader=dcp.torch.FileSystemReader(str(path), verify_checksums=False))
+    assert (dest["victim"] != w).sum().item() == 1
+
+
 def test_plain_tensors_dtypes_and_values_round_trip(tmp_path):
     path = str(tmp_path / "c")
     sd = {
@@ -309,3 +325,204 @@ def test_failed_save_releases_its_lease(tmp_path):
     tdcp.load(dest, storage_reader=dcp.torch.FileSystemReader(path))
     assert torch.equal(dest["w"], torch.full((2,), 5.0))
     assert not (tmp_path / "c" / ".lease").exists()
+
+
+# --- S3 (moto) ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_4_ranks_s3(moto):
+    bucket = moto.bucket("dtensor")
+    url = f"s3://{bucket}/ckpt4"
+    spawn(_workers.save_worker, 4, url, dict(moto.options, thread_count=2))
+    return url
+
+
+@pytest.mark.parametrize("world", [3, 5])
+def test_dtensor_save_4_load_resharded_s3(saved_4_ranks_s3, moto, world):
+    # As the local test, to S3: FsspecWriter on 4 ranks, FsspecReader on 3
+    # and 5, with s3fs's client_kwargs spelling of the endpoint.
+    opts = {k: v for k, v in moto.options.items() if k != "endpoint_url"}
+    opts["client_kwargs"] = {"endpoint_url": moto.url}
+    spawn(_workers.load_worker, world, saved_4_ranks_s3, opts)
+
+
+def test_s3_checkpoint_is_dcp(saved_4_ranks_s3, moto):
+    md = dcp.Reader(saved_4_ranks_s3, moto.options).read_metadata()
+    assert md["world_size"] == 4
+    items = {i[0]: i for i in md["items"]}
+    assert items["model.row"][1:4] == ("tensor", "f32", [10, 6])
+    # overwrite=False is refused on S3 too, naming the location.
+    with pytest.raises(CheckpointException) as e:
+        tdcp.save(
+            {"w": torch.ones(2)},
+            storage_writer=dcp.torch.FsspecWriter(saved_4_ranks_s3, overwrite=False, **moto.options),
+            no_dist=True,
+        )
+    f = failure(e.value)
+    assert isinstance(f, FileExistsError) and "already exists" in str(f), repr(f)
+
+
+def test_storage_options_client_kwargs_conflicts_are_refused():
+    # dcp's store expands client_kwargs (for every store, in Rust): a key
+    # given twice with two values, or a client_kwargs that is not a dict of
+    # strings, is refused when the location is opened, naming it.
+    with pytest.raises(ValueError, match="endpoint_url .*given twice"):
+        dcp.torch.FsspecReader(
+            "s3://b/p", endpoint_url="http://a", client_kwargs={"endpoint_url": "http://b"}
+        )._reader()
+    with pytest.raises(ValueError, match="client_kwargs"):
+        dcp.torch.FsspecReader("s3://b/p", client_kwargs="endpoint_url=x")._reader()
+    # An unknown key is refused by dcp when the location is opened.
+    with pytest.raises(ValueError, match='unknown storage option "endpiont"'):
+        dcp.torch.FsspecReader("s3://b/p", endpiont="http://x")._reader()
+
+
+# --- Non-tensor values: weights_only -------------------------------------------
+
+
+class Payload:
+    """Unpickling it creates directory `path` (what a hostile pickle could
+    do instead)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+class Config:
+    """A type of the caller's own: not on torch's allow-list."""
+
+    def __init__(self, lr=0.0):
+        self.lr = lr
+
+    def __eq__(self, other):
+        return isinstance(other, Config) and other.lr == self.lr
+
+
+def test_hostile_pickle_refused(tmp_path):
+    path = str(tmp_path / "c")
+    marker = tmp_path / "pwned"
+    _single_save(path, {"w": torch.ones(2), "evil": Payload(str(marker))})
+    dest = {"w": torch.zeros(2), "evil": None}
+    with pytest.raises(CheckpointException) as e:
+        tdcp.load(dest, storage_reader=dcp.torch.FileSystemReader(path))
+    f = failure(e.value)
+    import pickle
+
+    assert isinstance(f, pickle.UnpicklingError), repr(f)
+    assert "evil" in str(f) and "weights_only" in str(f), str(f)
+    assert not marker.exists()
+    # Opting out trusts the checkpoint: the payload runs (so the refusal
+    # above is what kept it from running).
+    tdcp.load(dest, storage_reader=dcp.torch.FileSystemReader(path, weights_only=False))
+    assert marker.is_dir()
+
+
+def test_weights_only_allow_list(tmp_path):
+    path = str(tmp_path / "c")
+    _single_save(path, {"cfg": Config(0.5), "plain": {"a": [1, 2.5, "x"], "t": (True, None)}})
+    dest = {"cfg": None, "plain": {"a": None, "t": None}}
+    # Plain values load; a type of one's own is refused...
+    with pytest.raises(CheckpointException) as e:
+        tdcp.load(dest, storage_reader=dcp.torch.FileSystemReader(path))
+    assert "cfg" in str(failure(e.value)) and "Config" in str(failure(e.value))
+    # ...unless allowed, torch's way.
+    with torch.serialization.safe_globals([Config]):
+        tdcp.load(dest, storage_reader=dcp.torch.FileSystemReader(path))
+    assert dest == {"cfg": Config(0.5), "plain": {"a": [1, 2.5, "x"], "t": (True, None)}}
+
+
+# --- Device tensors: dcp's stager --------------------------------------------
+
+
+def test_staged_tensors_through_dcps_stager(tmp_path, monkeypatch):
+    # Every tensor takes the path CUDA tensors take (dcp's stager asks the
+    # Python source for pieces on the writer threads' copy lanes); on CPU
+    # the copies are synchronous, the path and the bounds are the same.
+    calls = []
+    real = dcp.torch._DeviceSource.stage
+
+    def stage(self, lane, offset, length):
+        calls.append((self.nbytes, lane, offset, length))
+        return real(self, lane, offset, length)
+
+    monkeypatch.setattr(dcp.torch, "_staged", lambda t: True)
+    monkeypatch.setattr(dcp.torch._DeviceSource, "stage", stage)
+    g = torch.Generator().manual_seed(3)
+    sd = {
+        "a": torch.randn(300, 100, generator=g),  # 120,000 bytes
+        "b": torch.randn(50, generator=g).to(torch.bfloat16),
+        "c": torch.arange(12.0).reshape(3, 4).t(),  # not contiguous
+    }
+    path = str(tmp_path / "c")
+    _single_save(path, sd, thread_count=2, per_thread_copy_ahead=16384)
+    by_size = {}
+    for nbytes, lane, offset, length in calls:
+        assert lane in (0, 1) and 0 < length <= 16384, (lane, length)
+        by_size.setdefault(nbytes, []).append((offset, length))
+    # Each tensor staged once, in pieces that tile it exactly.
+    assert sorted(by_size) == sorted([100, 48, 120000]), sorted(by_size)
+    for nbytes, pieces in by_size.items():
+        pieces.sort()
+        assert pieces[0][0] == 0 and sum(n for _, n in pieces) == nbytes
+        assert all(o + n == o2 for (o, n), (o2, _) in zip(pieces, pieces[1:]))
+    assert len(by_size[120000]) >= 120000 // 16384
+    dest = {k: torch.zeros_like(v) for k, v in sd.items()}
+    tdcp.load(dest, storage_reader=dcp.torch.FileSystemReader(path))
+    for k, v in sd.items():
+        assert torch.equal(dest[k].contiguous().view(torch.uint8), v.contiguous().view(torch.uint8)), k
+
+
+class _BadSource:
+    def __init__(self, nbytes, fail):
+        self.nbytes = nbytes
+        self.fail = fail
+
+    def stage(self, lane, offset, length):
+        if self.fail == "stage":
+            raise RuntimeError("device lost")
+        return self
+
+    def wait(self):
+        return np.zeros(1, dtype=np.uint8)  # not the piece's length
+
+
+def test_staging_failures_are_errors(tmp_path):
+    w = dcp.Writer(str(tmp_path / "d"))
+    sid, _ = w.begin()
+    with pytest.raises(OSError, match="staging w to host memory: stage\\(\\): RuntimeError: device lost"):
+        w.write(0, sid, [("w", "u8", [64], [0], [64], _BadSource(64, "stage"))])
+    with pytest.raises(ValueError, match="staging w: wait\\(\\) returned 1 bytes for a piece of 64"):
+        w.write(0, sid, [("w", "u8", [64], [0], [64], _BadSource(64, "wait"))])
+    with pytest.raises(ValueError, match="needs 64 bytes, the buffer has 8"):
+        w.write(0, sid, [("w", "u8", [64], [0], [64], _BadSource(8, "wait"))])
+    with pytest.raises(ValueError, match="numpy.ndarray, or a stager"):
+        w.write(0, sid, [("w", "u8", [64], [0], [64], object())])
+    w.end()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_tensors_round_trip(tmp_path):
+    g = torch.Generator().manual_seed(5)
+    cpu = {"w": torch.randn(1000, 257, generator=g), "h": torch.randn(33, generator=g).half()}
+    sd = {k: v.cuda() for k, v in cpu.items()}
+    path = str(tmp_path / "c")
+    _single_save(path, sd, thread_count=2, per_thread_copy_ahead=1 << 16)
+    dest = {k: torch.zeros_like(v) for k, v in sd.items()}  # on the device
+    tdcp.load(dest, storage_reader=dcp.torch.FileSystemReader(path))
+    for k, v in cpu.items():
+        assert torch.equal(dest[k].cpu(), v), k
+
+
+# --- FSDP2 ---------------------------------------------------------------------
+
+
+def test_fsdp2_save_4_load_3(tmp_path):
+    # fully_shard on CPU with gloo: model and Adam state of 4 ranks, loaded
+    # into a fresh FSDP2 model on 3, equal to the full state torch gathers.
+    path, ref = str(tmp_path / "c"), str(tmp_path / "ref.pt")
+    spawn(_workers.fsdp2_save_worker, 4, path, ref)
+    spawn(_workers.fsdp2_load_worker, 3, path, ref)

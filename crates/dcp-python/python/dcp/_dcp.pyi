@@ -1,6 +1,6 @@
 """The Rust half of the dcp package (PyO3). ``dcp.torch`` drives it."""
 
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -40,12 +40,16 @@ class Writer:
         rank: int,
         save_id: str,
         records: Sequence[
-            Tuple[str, Optional[str], Sequence[int], Sequence[int], Sequence[int], np.ndarray]
+            Tuple[str, Optional[str], Sequence[int], Sequence[int], Sequence[int], Any]
         ],
     ) -> bytes:
         """Write this rank's records ``(name, dtype or None for bytes, global
-        shape, offsets, sizes, uint8 C-contiguous array)`` from their memory,
-        GIL released. Returns this rank's opaque result for ``commit``."""
+        shape, offsets, sizes, memory)`` from their memory, GIL released.
+        ``memory`` is a uint8 C-contiguous numpy array, or a source dcp
+        stages (device memory): an object with an int ``nbytes`` and
+        ``stage(lane, offset, length)`` returning a handle whose ``wait()``
+        returns those bytes as such an array. Returns this rank's opaque
+        result for ``commit``."""
     def commit(
         self,
         save_id: str,

@@ -11,7 +11,8 @@ Drop-in for torch's classes of the same names::
 torch's planners and process groups do what they always do (which rank
 writes what, resharding on load, collectives); these classes only store:
 ``write_data`` hands each CPU tensor's memory to dcp's Rust core without a
-copy (other devices are copied to the CPU first), ``read_data`` reads
+copy (CUDA tensors are staged through dcp's stager: copied to pinned host
+memory piece by piece, overlapping the writes), ``read_data`` reads
 straight into the destination tensors where their memory allows, and the
 GIL is released while the I/O runs. What they write is a dcp checkpoint:
 dcp's ``.metadata`` and data files, CRC-32C on every record, committed
@@ -30,6 +31,7 @@ import dataclasses
 import io
 import json
 import os
+import pickle
 import uuid
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -92,7 +94,9 @@ def _dcp_dtype(dtype: torch.dtype, name: str) -> str:
 def _storage_options(options: Dict[str, Any]) -> Dict[str, str]:
     """``storage_options`` as the strings dcp takes: a dict value (s3fs's
     ``client_kwargs={"endpoint_url": ...}``) as a JSON object, a bool as
-    ``true``/``false``, anything else as ``str(v)``."""
+    ``true``/``false``, anything else as ``str(v)``. dcp's store (in Rust)
+    reads ``client_kwargs`` for every store: it refuses a key it does not
+    map and one that contradicts the same key given directly."""
     out = {}
     for k, v in options.items():
         if isinstance(v, dict):
@@ -110,6 +114,75 @@ def _location(path: PathLike) -> str:
 
 def _is_local(location: str) -> bool:
     return "://" not in location or location.startswith("file://")
+
+
+class _StagedPiece:
+    """A copy :meth:`_DeviceSource.stage` started: ``wait()`` returns the
+    host bytes as a numpy array once the copy is complete."""
+
+    __slots__ = ("_host", "_event")
+
+    def __init__(self, host: torch.Tensor, event: Any) -> None:
+        self._host = host
+        self._event = event
+
+    def wait(self) -> Any:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.numpy()
+
+
+class _DeviceSource:
+    """A tensor dcp cannot read in place (a CUDA tensor), as the source
+    dcp's save pipeline stages (``dcp._dcp.Writer.write`` takes it where it
+    takes a numpy array): dcp asks for pieces of at most
+    ``per_thread_copy_ahead`` bytes on the copy lane of the writer thread
+    that will write them, a few ahead of the writes, and writes each as soon
+    as its copy completes, so device-to-host copies overlap the writes and
+    at most that many bytes per writer thread are in host memory.
+
+    On CUDA each lane is a CUDA stream of the tensor's device (waiting for
+    the stream that produced the tensor), each piece is copied into a
+    page-locked buffer (torch's caching host allocator reuses them) and an
+    event recorded after it marks it ready. Other devices copy each piece
+    synchronously (``.cpu()``)."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self._flat = t.reshape(-1).view(torch.uint8)
+        self.nbytes = int(self._flat.numel())
+        self._cuda = t.device.type == "cuda"
+        self._streams: Dict[int, Any] = {}
+        self._producer = torch.cuda.current_stream(t.device) if self._cuda else None
+
+    def _stream(self, lane: int) -> Any:
+        st = self._streams.get(lane)
+        if st is None:
+            st = torch.cuda.Stream(device=self._flat.device)
+            st.wait_stream(self._producer)
+            self._streams[lane] = st
+        return st
+
+    def stage(self, lane: int, offset: int, length: int) -> _StagedPiece:
+        if offset < 0 or length < 0 or offset + length > self.nbytes:
+            raise ValueError(
+                f"dcp: staging range {offset}+{length} is past the tensor's {self.nbytes} bytes"
+            )
+        piece = self._flat[offset : offset + length]
+        if not self._cuda:
+            return _StagedPiece(piece.cpu().clone(), None)
+        stream = self._stream(lane)
+        host = torch.empty(length, dtype=torch.uint8, pin_memory=True)
+        with torch.cuda.stream(stream):
+            host.copy_(piece, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
+        return _StagedPiece(host, event)
+
+
+def _staged(t: torch.Tensor) -> bool:
+    """Whether ``write_data`` stages ``t`` through dcp's stager rather than
+    reading its memory in place: every tensor not in CPU memory."""
+    return t.device.type != "cpu"
 
 
 def _memory(t: torch.Tensor) -> Any:
@@ -187,7 +260,8 @@ class FsspecWriter(StorageWriter):
     ``serialization_format``: ``SerializationFormat.SAFETENSORS`` makes
     every data file a safetensors file; otherwise dcp's raw records (tensors
     are never pickled). ``storage_options`` go to the store (see dcp's
-    README). ``single_file_per_rank`` is accepted for compatibility: dcp
+    README; for S3 s3fs's ``endpoint_url``, ``key``, ``secret``,
+    ``region_name``, and ``client_kwargs={"endpoint_url": ...}``). ``single_file_per_rank`` is accepted for compatibility: dcp
     always writes ``thread_count`` files per rank.
     """
 
@@ -291,10 +365,7 @@ class FsspecWriter(StorageWriter):
                 continue
             td = item.tensor_data
             assert td is not None
-            t = data.detach()
-            if t.device.type != "cpu":
-                t = t.cpu()
-            t = t.contiguous()
+            t = data.detach().contiguous()
             nbytes = t.numel() * t.element_size()
             sizes.append(nbytes)
             if t.numel() == 0:
@@ -306,7 +377,7 @@ class FsspecWriter(StorageWriter):
                     list(td.size),
                     list(td.chunk.offsets),
                     list(td.chunk.sizes),
-                    _memory(t),
+                    _DeviceSource(t) if _staged(t) else _memory(t),
                 )
             )
         blob = self._writer().write(ticket.rank, ticket.save_id, records)
@@ -354,12 +425,33 @@ class FsspecReader(StorageReader):
     by dcp (coalesced, checksums verified, straight into the destination
     tensors where their memory allows). ``storage_options`` go to the store;
     ``thread_count`` (a dcp addition) sets the reader threads per rank.
+
+    Non-tensor values are unpickled with ``torch.load(weights_only=True)``
+    before torch's planner sees them, so a checkpoint holding a pickle that
+    would run code (or build any object outside torch's allow-list) is
+    refused with ``pickle.UnpicklingError`` naming the item; types of your
+    own can be allowed with ``torch.serialization.safe_globals([...])``
+    around the load. ``weights_only=False`` (a dcp addition) trusts the
+    checkpoint, as torch's own readers do.
+
+    ``verify_checksums=False`` (a dcp addition) skips checking each record's
+    checksum: a load that needs part of a record (a reshard) then reads only
+    that part, where checking it reads the whole record.
     """
 
-    def __init__(self, path: PathLike, thread_count: int = 1, **storage_options: Any) -> None:
+    def __init__(
+        self,
+        path: PathLike,
+        thread_count: int = 1,
+        weights_only: bool = True,
+        verify_checksums: bool = True,
+        **storage_options: Any,
+    ) -> None:
         super().__init__()
         self.path = _location(path)
         self.thread_count = thread_count
+        self.weights_only = weights_only
+        self.verify_checksums = verify_checksums
         self.storage_options = _storage_options(storage_options)
         self.load_id = uuid.uuid4().hex
         self.is_coordinator = False
@@ -369,7 +461,10 @@ class FsspecReader(StorageReader):
     def _reader(self) -> _dcp.Reader:
         if self._rust is None:
             self._rust = _dcp.Reader(
-                self.path, self.storage_options, thread_count=self.thread_count
+                self.path,
+                self.storage_options,
+                thread_count=self.thread_count,
+                verify_checksums=self.verify_checksums,
             )
         return self._rust
 
@@ -472,8 +567,24 @@ class FsspecReader(StorageReader):
             if buf is not None and not d:
                 target.copy_(buf)
             planner.commit_tensor(req, target)
+        checked: Dict[str, bytes] = {}
         for req in byte_reqs:
-            planner.load_bytes(req, io.BytesIO(got[req.storage_index.fqn]))
+            fqn = req.storage_index.fqn
+            raw = got[fqn]
+            if self.weights_only and fqn not in checked:
+                # torch's planners unpickle with weights_only=False: the bytes
+                # reach them only once the restricted unpickler took them (the
+                # same bytes unpickle to the same allow-listed objects).
+                try:
+                    torch.load(io.BytesIO(raw), weights_only=True)
+                except pickle.UnpicklingError as e:
+                    raise pickle.UnpicklingError(
+                        f"dcp: {fqn} in {self.path} is not loadable with weights_only=True "
+                        f"(pass weights_only=False to the reader only for a trusted "
+                        f"checkpoint): {e}"
+                    ) from None
+                checked[fqn] = raw
+            planner.load_bytes(req, io.BytesIO(raw))
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
@@ -516,12 +627,24 @@ class FileSystemWriter(FsspecWriter):
 
 class FileSystemReader(FsspecReader):
     """torch's ``FileSystemReader`` (a local directory), loading a dcp
-    checkpoint."""
+    checkpoint; ``thread_count``, ``weights_only`` and ``verify_checksums``
+    as :class:`FsspecReader`."""
 
-    def __init__(self, path: PathLike, thread_count: int = 1) -> None:
+    def __init__(
+        self,
+        path: PathLike,
+        thread_count: int = 1,
+        weights_only: bool = True,
+        verify_checksums: bool = True,
+    ) -> None:
         if not _is_local(_location(path)):
             raise ValueError(f"dcp: FileSystemReader takes a local path, not {path!r}")
-        super().__init__(path, thread_count=thread_count)
+        super().__init__(
+            path,
+            thread_count=thread_count,
+            weights_only=weights_only,
+            verify_checksums=verify_checksums,
+        )
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: PathLike) -> bool:
