@@ -18,6 +18,7 @@ use dcp_core::{
     ChunkBox, Collective, DestItem, DestStateDict, Error, FileSystemReader, FileSystemWriter,
     StateDict, TensorChunk, WriterOptions,
 };
+use std::collections::HashMap;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,9 +43,10 @@ pub struct ConvertArgs {
     /// rows (torch's Shard(0)) or columns (Shard(1)).
     #[arg(long, default_value = "row", value_parser = ["row", "col"])]
     pub shard: String,
-    /// Write its tensors as Hugging Face safetensors: a local path ending in
-    /// `.safetensors` (one file), or a directory that receives
-    /// `model.safetensors`, or shards and `model.safetensors.index.json`.
+    /// Write its tensors as Hugging Face safetensors: a path or URL
+    /// (`s3://`, `gs://`, `azblob://`) ending in `.safetensors` (one file),
+    /// or a directory (prefix) that receives `model.safetensors`, or shards
+    /// and `model.safetensors.index.json`.
     #[arg(long = "to-safetensors", value_name = "OUT")]
     pub to_safetensors: Option<std::path::PathBuf>,
     /// With --to-safetensors: the largest shard (`5GB`, `500MB`, `10KiB`,
@@ -235,7 +237,12 @@ fn to_safetensors(args: &ConvertArgs, out: &std::path::Path) -> Result<ExitCode,
             on_bar.set_length(total);
             on_bar.inc(n);
         });
-    let report = dcp::hf::export_safetensors(&reader, out, &options);
+    // A path or a URL (S3 settings from the `AWS_*` environment, as every
+    // location of this command).
+    let report = match out.to_str() {
+        Some(url) => dcp::hf::export_safetensors_at(&reader, url, &HashMap::new(), &options),
+        None => dcp::hf::export_safetensors(&reader, out, &options),
+    };
     bar.finish_and_clear();
     let report = report.map_err(|e| {
         CliError::failed(

@@ -1,6 +1,7 @@
 //! `dcp convert` with checkpoints on S3 (a moto server on 127.0.0.1,
 //! dcp-testkit's `Moto`): export from a checkpoint on `s3://` to local
-//! safetensors, import local safetensors writing a checkpoint to `s3://`,
+//! safetensors and to safetensors on `s3://`, import local safetensors
+//! writing a checkpoint to `s3://`,
 //! import safetensors read from `s3://` (a sharded directory, one file),
 //! and dcp-to-dcp from one bucket prefix to another. Every safetensors file
 //! equals, byte for byte, the export of the same demo checkpoint saved on
@@ -173,6 +174,73 @@ fn convert_reads_and_writes_checkpoints_on_s3() {
     };
     assert_eq!(
         std::fs::read(tmp.path().join("one.safetensors")).unwrap(),
+        local
+    );
+
+    // Export to S3: a sharded prefix (imported back through its index and
+    // exported locally: equal to the reference), one file by its URL, and
+    // no overwrite.
+    export("s3://convert-s3/ck", "s3://convert-s3/st");
+    dcp_s3(
+        moto,
+        &[
+            "convert",
+            "s3://convert-s3/st",
+            "--to-dcp",
+            &format!("{d}/st-back"),
+        ],
+    );
+    export(&format!("{d}/st-back"), &format!("{d}/st-back-st"));
+    assert_eq!(files(&tmp.path().join("st-back-st")), reference);
+    let again = Command::new(env!("CARGO_BIN_EXE_dcp"))
+        .args([
+            "convert",
+            "s3://convert-s3/ck",
+            "--to-safetensors",
+            "s3://convert-s3/st",
+        ])
+        .args(shard)
+        .env("AWS_ENDPOINT_URL", moto.endpoint())
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("exists; dcp convert does not overwrite"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    dcp_s3(
+        moto,
+        &[
+            "convert",
+            &format!("{d}/one-shard"),
+            "--to-safetensors",
+            "s3://convert-s3/single/one.safetensors",
+        ],
+    );
+    dcp_s3(
+        moto,
+        &[
+            "convert",
+            "s3://convert-s3/single/one.safetensors",
+            "--to-dcp",
+            &format!("{d}/one-back"),
+        ],
+    );
+    dcp_s3(
+        moto,
+        &[
+            "convert",
+            &format!("{d}/one-back"),
+            "--to-safetensors",
+            &format!("{d}/one-back.safetensors"),
+        ],
+    );
+    assert_eq!(
+        std::fs::read(tmp.path().join("one-back.safetensors")).unwrap(),
         local
     );
 

@@ -7,17 +7,21 @@
 //! row-major slabs (whole rows where they fit, parts of a row where one
 //! does not) through dcp's ordinary load path, so a tensor saved in many
 //! chunks by many ranks is assembled on the fly and memory is bounded by
-//! the buffer, not by the largest tensor. Files are written under a
-//! temporary name, fsynced and renamed into place: a failed export leaves
-//! no partial file at the output.
+//! the buffer, not by the largest tensor. Local files are written under a
+//! temporary name, fsynced and renamed into place; on an object store
+//! ([`export_safetensors_at`]) each file is one upload that becomes
+//! visible only once complete and is aborted on error: either way a failed
+//! export leaves no partial file at the output.
 
 use dcp_core::metadata::ItemMeta;
 use dcp_core::{
-    ChunkBox, DType, DestStateDict, Error, ErrorKind, FileSystemReader, Metadata, Result, Single,
+    ChunkBox, DType, DestStateDict, Error, ErrorKind, FileSink, FileSystem, FileSystemReader,
+    Metadata, Result, Single,
 };
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Options of [`export_safetensors`].
 #[derive(Clone, Debug)]
@@ -147,6 +151,66 @@ pub fn export_safetensors(
     out: &Path,
     options: &ExportOptions,
 ) -> Result<ExportReport> {
+    let single = out.extension().is_some_and(|e| e == "safetensors");
+    let (dir, single) = if single {
+        let dir = out.parent().map(Path::to_path_buf).unwrap_or_default();
+        let name = out.file_name().unwrap_or_default().to_string_lossy();
+        (dir, Some(name.into_owned()))
+    } else {
+        (out.to_path_buf(), None)
+    };
+    export_to(reader, Dest::Local(dir), single, options)
+}
+
+/// [`export_safetensors`] to `out` given as a path or a URL: a local path
+/// (or `file://`) exports as [`export_safetensors`] does; an object store
+/// (`s3://`, `gs://`, `azblob://`, `memory://`, opened with
+/// `storage_options` as [`crate::open`] opens it) receives each file as one
+/// upload, visible only once complete and aborted on error, after a check
+/// that none of the files exists (refused with `AlreadyExists`, nothing
+/// written). `out` ending in `.safetensors` is one file; anything else is
+/// the prefix ("directory") that receives `model.safetensors` or the
+/// shards and the index.
+pub fn export_safetensors_at(
+    reader: &FileSystemReader,
+    out: &str,
+    storage_options: &HashMap<String, String>,
+    options: &ExportOptions,
+) -> Result<ExportReport> {
+    let loc = crate::Location::parse(out)?;
+    if let Some(path) = loc.local_path() {
+        if !storage_options.is_empty() {
+            return Err(Error::invalid(format!(
+                "{out} is a local path: storage options do not apply"
+            )));
+        }
+        return export_safetensors(reader, Path::new(&path), options);
+    }
+    let url = loc.url();
+    let (dir, single) = match url.strip_suffix(".safetensors") {
+        Some(_) => match url.rsplit_once('/') {
+            Some((dir, name)) if !dir.ends_with('/') && dir.contains("://") => {
+                (dir.to_string(), Some(name.to_string()))
+            }
+            _ => {
+                return Err(Error::invalid(format!(
+                    "{out}: name a file inside a bucket (scheme://bucket/name.safetensors)"
+                )))
+            }
+        },
+        None => (url.clone(), None),
+    };
+    let fs = crate::open(&dir, storage_options)?;
+    export_to(reader, Dest::Store { fs, url: dir }, single, options)
+}
+
+/// Run the export on a thread and a runtime of its own.
+fn export_to(
+    reader: &FileSystemReader,
+    dest: Dest,
+    single: Option<String>,
+    options: &ExportOptions,
+) -> Result<ExportReport> {
     std::thread::scope(|s| {
         s.spawn(|| {
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -154,17 +218,117 @@ pub fn export_safetensors(
                 .enable_all()
                 .build()
                 .map_err(|e| Error::new(ErrorKind::Io, format!("start a tokio runtime: {e}")))?;
-            export_on(&rt, reader, out, options)
+            export_on(&rt, reader, &dest, single.as_deref(), options)
         })
         .join()
         .unwrap_or_else(|_| Err(Error::invalid("the export thread panicked")))
     })
 }
 
+/// Where the exported files go: a local directory, or a prefix of a store.
+enum Dest {
+    Local(PathBuf),
+    Store {
+        fs: Arc<dyn FileSystem>,
+        url: String,
+    },
+}
+
+impl Dest {
+    /// `name` as a path or URL, for messages and the report.
+    fn show(&self, name: &str) -> PathBuf {
+        match self {
+            Dest::Local(dir) => dir.join(name),
+            Dest::Store { url, .. } => {
+                PathBuf::from(format!("{}/{name}", url.trim_end_matches('/')))
+            }
+        }
+    }
+
+    /// Create the directory (a store needs none).
+    fn prepare(&self) -> Result<()> {
+        match self {
+            Dest::Local(dir) if !dir.as_os_str().is_empty() => std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io("create", &dir.display().to_string(), e)),
+            Dest::Local(_) => Ok(()),
+            Dest::Store { fs, .. } => fs.prepare(),
+        }
+    }
+
+    fn exists(&self, name: &str) -> Result<bool> {
+        match self {
+            Dest::Local(dir) => Ok(dir.join(name).exists()),
+            Dest::Store { fs, .. } => Ok(fs.file_len(name)?.is_some()),
+        }
+    }
+
+    /// Write `name` through `fill`, whole or not at all.
+    fn write(
+        &self,
+        name: &str,
+        fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+    ) -> Result<()> {
+        match self {
+            Dest::Local(dir) => write_atomically(&dir.join(name), fill),
+            Dest::Store { fs, .. } => {
+                let show = self.show(name).display().to_string();
+                let mut w = SinkWriter {
+                    sink: fs.create(name)?,
+                    buf: Vec::with_capacity(SINK_PIECE),
+                };
+                let filled = fill(&mut w).and_then(|()| w.push());
+                match filled {
+                    Ok(()) => w.sink.finish(true).map(|_| ()),
+                    Err(e) => {
+                        w.sink.abort();
+                        Err(from_io(&show, e))
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Bytes handed to a store's upload at a time.
+const SINK_PIECE: usize = 8 << 20;
+
+/// An upload as a `Write`: bytes gathered into pieces of [`SINK_PIECE`].
+struct SinkWriter {
+    sink: Box<dyn FileSink>,
+    buf: Vec<u8>,
+}
+
+impl SinkWriter {
+    fn push(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let piece = std::mem::replace(&mut self.buf, Vec::with_capacity(SINK_PIECE));
+        self.sink
+            .write(bytes::Bytes::from(piece))
+            .map_err(std::io::Error::other)
+    }
+}
+
+impl Write for SinkWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let n = data.len().min(SINK_PIECE - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == SINK_PIECE {
+            self.push()?;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 fn export_on(
     rt: &tokio::runtime::Runtime,
     reader: &FileSystemReader,
-    out: &Path,
+    dest: &Dest,
+    single: Option<&str>,
     options: &ExportOptions,
 ) -> Result<ExportReport> {
     let md = rt.block_on(dcp_core::read_metadata(reader))?;
@@ -179,37 +343,34 @@ fn export_on(
     let reader = &slab_reader;
     let (plans, skipped) = plan(&md, options)?;
     let shards = shard(&plans, options.max_shard_size);
-    let single = out.extension().is_some_and(|e| e == "safetensors");
-    if single && shards.len() > 1 {
+    if let (Some(name), true) = (single, shards.len() > 1) {
         return Err(Error::invalid(format!(
             "{}: the tensors need {} shards of at most {} bytes; give a directory",
-            out.display(),
+            dest.show(name).display(),
             shards.len(),
             options.max_shard_size
         )));
     }
-    let dir = if single {
-        out.parent().map(Path::to_path_buf).unwrap_or_default()
-    } else {
-        std::fs::create_dir_all(out)
-            .map_err(|e| Error::io("create", &out.display().to_string(), e))?;
-        out.to_path_buf()
-    };
-    let names: Vec<PathBuf> = if single {
-        vec![out.to_path_buf()]
+    dest.prepare()?;
+    let names: Vec<String> = if let Some(name) = single {
+        vec![name.to_string()]
     } else if shards.len() == 1 {
-        vec![dir.join("model.safetensors")]
+        vec!["model.safetensors".to_string()]
     } else {
         (1..=shards.len())
-            .map(|i| dir.join(format!("model-{i:05}-of-{:05}.safetensors", shards.len())))
+            .map(|i| format!("model-{i:05}-of-{:05}.safetensors", shards.len()))
             .collect()
     };
-    let index = (!single && shards.len() > 1).then(|| dir.join("model.safetensors.index.json"));
-    for p in names.iter().chain(index.iter()) {
-        if p.exists() {
+    let index =
+        (single.is_none() && shards.len() > 1).then(|| "model.safetensors.index.json".to_string());
+    for name in names.iter().chain(index.iter()) {
+        if dest.exists(name)? {
             return Err(Error::new(
                 ErrorKind::AlreadyExists,
-                format!("{} exists; dcp convert does not overwrite", p.display()),
+                format!(
+                    "{} exists; dcp convert does not overwrite",
+                    dest.show(name).display()
+                ),
             ));
         }
     }
@@ -219,20 +380,14 @@ fn export_on(
     };
     let mut weight_map = BTreeMap::new();
     let total: u64 = plans.iter().map(|p| p.bytes).sum();
-    for (shard, path) in shards.iter().zip(&names) {
-        write_file(rt, reader, shard, path, options, total)?;
+    for (shard, name) in shards.iter().zip(&names) {
+        write_file(rt, reader, shard, dest, name, options, total)?;
         for p in shard {
-            weight_map.insert(
-                p.out.clone(),
-                path.file_name()
-                    .unwrap_or_default()
-                    .to_string_lossy()
-                    .into_owned(),
-            );
+            weight_map.insert(p.out.clone(), name.clone());
             report.tensors += 1;
             report.bytes += p.bytes;
         }
-        report.files.push(path.clone());
+        report.files.push(dest.show(name));
     }
     if let Some(index) = index {
         let json = serde_json::json!({
@@ -240,8 +395,8 @@ fn export_on(
             "weight_map": weight_map,
         });
         let text = serde_json::to_vec_pretty(&json).map_err(|e| Error::invalid(e.to_string()))?;
-        write_atomically(&index, |f| f.write_all(&text))?;
-        report.files.push(index);
+        dest.write(&index, |f| f.write_all(&text))?;
+        report.files.push(dest.show(&index));
     }
     Ok(report)
 }
@@ -359,7 +514,8 @@ fn write_file(
     rt: &tokio::runtime::Runtime,
     reader: &FileSystemReader,
     tensors: &[&Plan],
-    path: &Path,
+    dest: &Dest,
+    name: &str,
     options: &ExportOptions,
     total: u64,
 ) -> Result<()> {
@@ -369,7 +525,7 @@ fn write_file(
     // page-fault and zero every byte once more).
     let slab_max = (options.buffer_bytes / 2).max(1);
     let head = header(tensors)?;
-    write_atomically(path, |f| {
+    dest.write(name, |f| {
         f.write_all(&(head.len() as u64).to_le_bytes())?;
         f.write_all(&head)?;
         let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Result<Vec<u8>>>(1);
@@ -493,7 +649,7 @@ pub(crate) fn slabs(shape: &[u64], elem: u64, max: u64) -> Vec<ChunkBox> {
 /// any error the temporary file is removed and `path` is untouched.
 fn write_atomically(
     path: &Path,
-    fill: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>,
+    fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
 ) -> Result<()> {
     let show = path.display().to_string();
     let dir = path
@@ -519,15 +675,20 @@ fn write_atomically(
     })();
     result.map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
-        // A load's error travels inside the io::Error: give it back whole.
-        if e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
-            if let Some(Ok(dcp)) = e.into_inner().map(|inner| inner.downcast::<Error>()) {
-                return dcp.context(format!("write {show}"));
-            }
-            return Error::invalid(format!("write {show}: a load failed"));
-        }
-        Error::io("write", &show, e)
+        from_io(&show, e)
     })
+}
+
+/// The error of writing `show`: a dcp error (a load's, an upload's) that
+/// travelled inside the `io::Error` given back whole, with context.
+fn from_io(show: &str, e: std::io::Error) -> Error {
+    if e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
+        if let Some(Ok(dcp)) = e.into_inner().map(|inner| inner.downcast::<Error>()) {
+            return dcp.context(format!("write {show}"));
+        }
+        return Error::invalid(format!("write {show}: a load failed"));
+    }
+    Error::io("write", show, e)
 }
 
 #[cfg(test)]
