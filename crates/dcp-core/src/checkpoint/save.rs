@@ -1,5 +1,9 @@
 //! The save protocol: plan, write, commit, agree on the outcome.
 
+use crate::checkpoint::plan_cache::{
+    coordinate, layout_digest, replica_digests, Assign, CompactWrite, CoordEntry, Decision, Offer,
+    PendingCoord, RankEntry, Report,
+};
 use crate::checkpoint::wire::{decode, encode, first_error, wire};
 use crate::checkpoint::{RankWrite, SaveOptions, StorageWriter, WriteRecord, ROOT};
 use crate::collective::Collective;
@@ -85,72 +89,131 @@ async fn save_phases(
     let rank = collective.rank();
     let n = collective.world_size();
     let started = Instant::now();
+    let cache = options.plan_cache.as_ref();
 
     // 1. Plan.
     let local = options
         .planner
         .local_plan(state_dict, rank)
         .and_then(|p| writer.check_plan(&p).map(|_| p));
+    let layout = local.as_ref().ok().map(layout_digest);
+    // This rank's cached assignment, when its layout is unchanged.
+    let hit = match (cache, layout) {
+        (Some(c), Some(l)) => c.rank_entry(rank, n).filter(|e| e.layout == l),
+        _ => None,
+    };
     // The coordinator takes the location (the lease) before any rank
     // writes, and learns the generation it will commit.
-    let prep = match root_id {
+    let prep: std::result::Result<u64, WireError> = match root_id {
         Some(id) => match writer.prepare().await {
-            Ok(()) => writer.begin(id).await,
-            Err(e) => Err(e),
+            Ok(()) => wire(writer.begin(id).await, ROOT),
+            Err(e) => wire(Err(e), ROOT),
         },
         None => Ok(0),
     };
     let generation = *prep.as_ref().unwrap_or(&0);
-    let gathered = collective.gather(encode(&wire(local, rank))?, ROOT).await?;
+    // The coordinator's planning state: the assignments (planned saves) or
+    // the cache entry (cached saves), and what to cache after the commit.
     let mut global_plans: Vec<SavePlan> = Vec::new();
-    let assignment = if rank == ROOT {
-        let gathered = gathered.expect("root receives");
-        let outcome: std::result::Result<(String, Vec<SavePlan>), WireError> = (|| {
-            wire(prep, ROOT)?;
-            let plans = first_error(
-                gathered
-                    .iter()
-                    .enumerate()
-                    .map(|(r, b)| {
-                        decode::<std::result::Result<SavePlan, WireError>>(b)
-                            .map_err(|e| e.with_rank(r).to_wire())
-                            .and_then(|x| x)
-                    })
-                    .collect(),
-            )?;
-            let global = wire(options.planner.global_plan(&plans), ROOT)?;
-            if global.len() != n {
-                return Err(
-                    Error::plan("planner returned a plan per rank of the wrong count")
-                        .with_rank(ROOT)
-                        .to_wire(),
-                );
-            }
-            Ok((
-                root_id.expect("the coordinator has a save id").to_string(),
-                global,
-            ))
-        })();
-        let msgs = match &outcome {
-            Ok((id, g)) => {
-                global_plans = g.clone();
-                g.iter()
-                    .map(|p| encode(&Ok::<_, WireError>((id.clone(), p.clone()))))
-                    .collect::<Result<Vec<_>>>()?
-            }
-            Err(w) => vec![encode(&Err::<(String, SavePlan), _>(w.clone()))?; n],
+    let mut pending: Option<PendingCoord> = None;
+    let mut cached_entry: Option<CoordEntry> = None;
+    // At most two rounds: a digest the coordinator cannot confirm makes
+    // every rank offer its whole plan again.
+    let mut full_only = false;
+    let (save_id, my_plan, new_rank_entry) = loop {
+        let offer = local.as_ref().map(|p| match (&hit, full_only) {
+            (Some(e), false) => Offer::Same {
+                layout: e.layout,
+                plan_id: e.plan_id,
+                replicas: replica_digests(p),
+            },
+            _ => Offer::Full {
+                plan: p,
+                layout: layout.expect("digest of a plan"),
+            },
+        });
+        let offer = offer.map_err(|e| e.detached());
+        let gathered = collective.gather(encode(&wire(offer, rank))?, ROOT).await?;
+        let assignment = if rank == ROOT {
+            let gathered = gathered.expect("root receives");
+            let outcome: std::result::Result<Decision, WireError> = (|| {
+                prep.clone()?;
+                let offers = first_error(
+                    gathered
+                        .iter()
+                        .enumerate()
+                        .map(|(r, b)| {
+                            decode::<std::result::Result<Offer<SavePlan>, WireError>>(b)
+                                .map_err(|e| e.with_rank(r).to_wire())
+                                .and_then(|x| x)
+                        })
+                        .collect(),
+                )?;
+                drop(gathered);
+                wire(coordinate(cache, options.planner.as_ref(), offers), ROOT)
+            })();
+            let id = root_id.expect("the coordinator has a save id").to_string();
+            let msgs = match outcome {
+                Ok(Decision::Planned { global, pending: p }) => {
+                    let plan_id = p.plan_id();
+                    let msgs = global
+                        .iter()
+                        .map(|g| {
+                            encode(&Ok::<_, WireError>((
+                                &id,
+                                Assign::Plan { plan: g, plan_id },
+                            )))
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    global_plans = global;
+                    pending = Some(p);
+                    msgs
+                }
+                Ok(Decision::Cached(entry)) => {
+                    cached_entry = Some(entry);
+                    vec![encode(&Ok::<_, WireError>((&id, Assign::<SavePlan>::Cached)))?; n]
+                }
+                Ok(Decision::Resend) => {
+                    vec![encode(&Ok::<_, WireError>((&id, Assign::<SavePlan>::Resend)))?; n]
+                }
+                Err(w) => vec![encode(&Err::<(String, Assign<SavePlan>), _>(w))?; n],
+            };
+            collective.scatter(Some(msgs), ROOT).await?
+        } else {
+            collective.scatter(None, ROOT).await?
         };
-        collective.scatter(Some(msgs), ROOT).await?
-    } else {
-        collective.scatter(None, ROOT).await?
+        let (save_id, assign) =
+            decode::<std::result::Result<(String, Assign<SavePlan>), WireError>>(&assignment)?
+                .map_err(Error::from_wire)?;
+        match assign {
+            Assign::Resend => full_only = true,
+            Assign::Cached => match &hit {
+                Some(e) if !full_only => break (save_id, e.assignment.clone(), None),
+                _ => {
+                    return Err(Error::plan(
+                        "the coordinator reused a cached plan this rank does not hold",
+                    )
+                    .with_rank(rank))
+                }
+            },
+            Assign::Plan { plan, plan_id } => {
+                let plan = Arc::new(plan);
+                let entry = layout.map(|layout| RankEntry {
+                    world: n,
+                    layout,
+                    plan_id,
+                    assignment: plan.clone(),
+                });
+                break (save_id, plan, entry);
+            }
+        }
     };
-    let (save_id, my_plan) =
-        decode::<std::result::Result<(String, SavePlan), WireError>>(&assignment)?
-            .map_err(Error::from_wire)?;
+    let cached = new_rank_entry.is_none();
     tracing::debug!(
         rank,
         records = my_plan.items.len(),
         bytes = my_plan.bytes(),
+        cached,
         "planned"
     );
 
@@ -165,7 +228,16 @@ async fn save_phases(
         .unwrap_or_default();
     let bytes_written = written.as_ref().map(|w| w.bytes()).unwrap_or(0);
     let staged_peak_bytes = written.as_ref().map_or(0, |w| w.staged_peak_bytes);
-    let gathered = match collective.gather(encode(&wire(written, rank))?, ROOT).await {
+    // A cached save reports its records' storage in assignment order,
+    // without names.
+    let report = written.and_then(|w| {
+        if cached {
+            CompactWrite::from_write(w, &my_plan).map(Report::Compact)
+        } else {
+            Ok(Report::Full(w))
+        }
+    });
+    let gathered = match collective.gather(encode(&wire(report, rank))?, ROOT).await {
         Ok(g) => g,
         Err(e) => {
             // The coordinator commits only after this gather completes, and a
@@ -178,32 +250,68 @@ async fn save_phases(
 
     // 3. Commit on the coordinator, then agree on the outcome.
     let mut removed = Vec::new();
-    let mut committed: Option<Metadata> = None;
+    let mut committed: Option<Arc<Metadata>> = None;
     let outcome = if rank == ROOT {
         let gathered = gathered.expect("root receives");
         let result: std::result::Result<Vec<u8>, WireError> = async {
-            let writes = first_error(
+            let reports = first_error(
                 gathered
                     .iter()
                     .enumerate()
                     .map(|(r, b)| {
-                        decode::<std::result::Result<RankWrite, WireError>>(b)
+                        decode::<std::result::Result<Report, WireError>>(b)
                             .map_err(|e| e.with_rank(r).to_wire())
                             .and_then(|x| x)
                     })
                     .collect(),
             )?;
-            let md = wire(
-                assemble_metadata(
-                    &save_id,
-                    generation,
-                    &global_plans,
-                    writes,
-                    writer.format(),
-                    &options.user_metadata,
-                ),
-                ROOT,
-            )?;
+            drop(gathered);
+            let mismatch = || {
+                Error::plan("a rank reported its writes for another kind of plan")
+                    .with_rank(ROOT)
+                    .to_wire()
+            };
+            let md = match cached_entry.as_mut() {
+                Some(entry) => {
+                    let writes = reports
+                        .into_iter()
+                        .map(|r| match r {
+                            Report::Compact(c) => Ok(c),
+                            Report::Full(_) => Err(mismatch()),
+                        })
+                        .collect::<std::result::Result<Vec<_>, _>>()?;
+                    wire(
+                        entry.fill(
+                            &save_id,
+                            generation,
+                            writes,
+                            writer.format(),
+                            &options.user_metadata,
+                        ),
+                        ROOT,
+                    )?
+                }
+                None => {
+                    let writes = reports
+                        .into_iter()
+                        .map(|r| match r {
+                            Report::Full(w) => Ok(w),
+                            Report::Compact(_) => Err(mismatch()),
+                        })
+                        .collect::<std::result::Result<Vec<_>, _>>()?;
+                    Arc::new(wire(
+                        assemble_metadata(
+                            &save_id,
+                            generation,
+                            &global_plans,
+                            writes,
+                            writer.format(),
+                            &options.user_metadata,
+                        ),
+                        ROOT,
+                    )?)
+                }
+            };
             let encoded = wire(md.encode(), ROOT)?;
             wire(
                 writer
@@ -218,6 +326,18 @@ async fn save_phases(
                     "checkpoint committed, but removing files of earlier saves failed: {e}"
                 ),
             }
+            // Only a committed save is cached; a failed one leaves the
+            // coordinator without an entry, so the next save re-plans.
+            if let Some(c) = cache {
+                match (cached_entry.take(), pending.take()) {
+                    (Some(entry), _) => c.set_coord(entry, true),
+                    (None, Some(p)) => match p.complete(&global_plans, md.clone()) {
+                        Ok(entry) => c.set_coord(entry, false),
+                        Err(e) => tracing::warn!("save plan not cached: {e}"),
+                    },
+                    (None, None) => {}
+                }
+            }
             committed = Some(md);
             Ok(encoded)
         }
@@ -231,10 +351,13 @@ async fn save_phases(
         Ok(md_bytes) => {
             // The coordinator keeps what it built; the others check what
             // they received.
-            let metadata = Arc::new(match committed {
+            let metadata = match committed {
                 Some(md) => md,
-                None => Metadata::decode(&md_bytes)?,
-            });
+                None => Arc::new(Metadata::decode(&md_bytes)?),
+            };
+            if let (Some(c), Some(e)) = (cache, new_rank_entry) {
+                c.set_rank_entry(rank, e);
+            }
             tracing::info!(
                 rank,
                 bytes_written,
