@@ -10,6 +10,7 @@
 //! dtype, name, chunk, record size or world size; a rank or coordinator
 //! without an entry) re-plans from full plans, as the first save did.
 
+use crate::checkpoint::save::Slots;
 use crate::checkpoint::RankWrite;
 use crate::error::{Error, Result};
 use crate::metadata::{DataFile, FormatKind, ItemMeta, Metadata, StorageInfo};
@@ -351,7 +352,11 @@ pub(crate) fn coordinate(
             Offer::Same { .. } => unreachable!("checked above"),
         }
     }
-    let global = planner.global_plan(&plans)?;
+    let replica_groups = match cache {
+        Some(_) => replica_groups(&plans),
+        None => Vec::new(),
+    };
+    let global = planner.global_plan_owned(plans)?;
     if global.len() != n {
         return Err(Error::plan(
             "planner returned a plan per rank of the wrong count",
@@ -361,7 +366,7 @@ pub(crate) fn coordinate(
         Some(_) => PendingCoord {
             plan_id: rand::random::<u64>(),
             layouts,
-            replica_groups: replica_groups(&plans),
+            replica_groups,
         },
         None => PendingCoord {
             plan_id: 0,
@@ -403,50 +408,18 @@ impl PendingCoord {
         self.plan_id
     }
 
-    /// The full entry, once the metadata of the planned save is built:
-    /// where every rank's assigned record sits in it.
-    pub(crate) fn complete(self, global: &[SavePlan], md: Arc<Metadata>) -> Result<CoordEntry> {
-        let by_name: HashMap<&str, u32> = md
-            .items
-            .iter()
-            .enumerate()
-            .map(|(i, (n, _))| (n.as_str(), i as u32))
-            .collect();
-        let total: usize = global.iter().map(|p| p.items.len()).sum();
-        let mut slots = Vec::with_capacity(total);
-        let mut slot_start = Vec::with_capacity(global.len() + 1);
-        for p in global {
-            slot_start.push(slots.len());
-            for it in &p.items {
-                let missing =
-                    || Error::plan(format!("{}: assigned but not in the metadata", it.name));
-                let i = *by_name.get(it.name.as_str()).ok_or_else(missing)?;
-                let j = match (&md.items[i as usize].1, &it.index) {
-                    (ItemMeta::Tensor { chunks, .. }, WriteIndex::Chunk(b)) => {
-                        let j = chunks
-                            .binary_search_by(|c| c.region.offsets.cmp(&b.offsets))
-                            .map_err(|_| missing())?;
-                        if chunks[j].region != *b {
-                            return Err(missing());
-                        }
-                        j as u32
-                    }
-                    (ItemMeta::Bytes { .. }, WriteIndex::Bytes) => u32::MAX,
-                    _ => return Err(missing()),
-                };
-                slots.push((i, j));
-            }
-        }
-        slot_start.push(slots.len());
-        Ok(CoordEntry {
-            world: global.len(),
+    /// The full entry, once the metadata of the planned save is built,
+    /// with where every assigned record sits in it.
+    pub(crate) fn complete(self, slots: Slots, md: Arc<Metadata>) -> CoordEntry {
+        CoordEntry {
+            world: slots.start.len() - 1,
             plan_id: self.plan_id,
             layouts: self.layouts,
             replica_groups: self.replica_groups,
-            slot_start,
-            slots,
+            slot_start: slots.start,
+            slots: slots.slots,
             skeleton: md,
-        })
+        }
     }
 }
 
