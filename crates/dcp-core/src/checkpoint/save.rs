@@ -641,6 +641,13 @@ impl<'a> Assembler<'a> {
         let tracking = self.track.is_some();
         for (_, item) in &mut self.items {
             let moved = match item {
+                // Already in order (rank order often is): nothing moves.
+                ItemMeta::Tensor { chunks, .. }
+                    if chunks.is_sorted_by(|a, b| a.region.offsets <= b.region.offsets) =>
+                {
+                    // Empty: the identity.
+                    Vec::new()
+                }
                 ItemMeta::Tensor { chunks, .. } if tracking => {
                     let mut perm: Vec<u32> = (0..chunks.len() as u32).collect();
                     perm.sort_by(|&a, &b| {
@@ -686,7 +693,10 @@ impl<'a> Assembler<'a> {
                 }
                 let chunk = match s.1 {
                     u32::MAX => u32::MAX,
-                    c => new_chunk[s.0 as usize][c as usize],
+                    c => match &new_chunk[s.0 as usize] {
+                        m if m.is_empty() => c,
+                        m => m[c as usize],
+                    },
                 };
                 *s = (new_item[s.0 as usize], chunk);
             }
