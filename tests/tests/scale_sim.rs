@@ -1,9 +1,10 @@
 //! The scale simulation does the real protocol's work: at 1,024 ranks, the
 //! metadata `simulate_protocol` builds has the same items, chunks and
 //! placements (which rank's data file holds each chunk, at what length) as
-//! a real save of the same state by 1,024 `LocalGroup` ranks.
+//! a real save of the same state by 1,024 `LocalGroup` ranks; a simulated
+//! cached save (plan and skeleton reused) builds the same metadata.
 
-use dcp_core::checkpoint::simulate::simulate_protocol;
+use dcp_core::checkpoint::simulate::{simulate_protocol, simulate_protocol_with};
 use dcp_core::metadata::ItemMeta;
 use dcp_core::{
     ChunkBox, DType, DestStateDict, FileSystem, FileSystemWriter, Metadata, StateDict, TensorChunk,
@@ -88,4 +89,14 @@ async fn simulated_metadata_matches_a_real_save_at_1024_ranks() {
     assert_eq!(names(&sim), names(&real));
     assert_eq!(placements(&sim), placements(&real));
     assert_eq!(placements(&sim).len(), RANKS * TENSORS + 1);
+
+    // A second, cached save of the same layout fills the cached skeleton:
+    // the same metadata but for its generation.
+    let mut cached = simulate_protocol_with(RANKS, state_dict, |_| Ok(DestStateDict::new()), true)
+        .unwrap()
+        .metadata
+        .unwrap();
+    assert_eq!(cached.generation, 2);
+    cached.generation = sim.generation;
+    assert_eq!(cached, sim);
 }

@@ -54,8 +54,8 @@ pub mod verify;
 pub use checkpoint::{
     is_data_file_name, load, load_with, read_metadata, save, save_with, AsyncSave, AsyncSaver,
     FileSystemReader, FileSystemWriter, LeaseInfo, LoadOptions, LoadResult, MetadataTranslator,
-    ReaderOptions, SaveOptions, SaveResult, StorageReader, StorageWriter, WhenBusy, WriterOptions,
-    LEASE_FILE,
+    PlanCacheStats, ReaderOptions, SaveOptions, SavePlanCache, SaveResult, StorageReader,
+    StorageWriter, WhenBusy, WriterOptions, LEASE_FILE,
 };
 pub use collective::{Collective, LocalGroup, LocalValue, Single};
 pub use dtype::DType;

@@ -7,7 +7,7 @@
 
 use super::{sys, BenchArgs};
 use crate::CliError;
-use dcp_core::checkpoint::simulate::simulate_protocol;
+use dcp_core::checkpoint::simulate::simulate_protocol_with;
 use dcp_core::{ChunkBox, DType, DestStateDict, StateDict, TensorChunk};
 use serde::Serialize;
 use std::process::ExitCode;
@@ -34,6 +34,22 @@ pub struct ScaleRecord {
     /// The coordinator: decode every write result, build and encode the
     /// metadata.
     pub coordinator_metadata_seconds: f64,
+    /// A second save of the same layout with the plan cached: the
+    /// coordinator's planning (decode and confirm every rank's digest,
+    /// encode the assignments).
+    pub cached_save_plan_seconds: f64,
+    /// The cached save's slowest rank: local plan, digest, offer.
+    pub cached_rank_plan_seconds: f64,
+    /// The cached save's coordinator metadata: decode the compact write
+    /// results, fill the cached skeleton, encode it.
+    pub cached_coordinator_metadata_seconds: f64,
+    /// The cached save's collective bytes: digests gathered, assignments
+    /// scattered, compact write results gathered.
+    pub cached_plan_gather_bytes: u64,
+    /// See `cached_plan_gather_bytes`.
+    pub cached_scatter_bytes: u64,
+    /// See `cached_plan_gather_bytes`.
+    pub cached_result_gather_bytes: u64,
     /// One rank's load planning: decode the metadata, plan its reads.
     pub load_plan_seconds: f64,
     /// Bytes of `.metadata`.
@@ -103,7 +119,7 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode, CliError> {
     let ranks = args.ranks.unwrap_or(1024) as usize;
     let tensors = args.chunks_per_rank as usize;
     sys::reset_peak_rss();
-    let cost = simulate_protocol(
+    let cost = simulate_protocol_with(
         ranks,
         |r| state_dict(r, ranks, tensors),
         |_| {
@@ -119,6 +135,7 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode, CliError> {
             }
             Ok(d)
         },
+        true,
     )?;
     let rec = ScaleRecord {
         workload: "scale",
@@ -129,6 +146,12 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode, CliError> {
         coordinator_plan_seconds: cost.coordinator_plan.as_secs_f64(),
         rank_results_seconds: cost.rank_results.as_secs_f64(),
         coordinator_metadata_seconds: cost.coordinator_metadata.as_secs_f64(),
+        cached_save_plan_seconds: cost.cached_save_plan().as_secs_f64(),
+        cached_rank_plan_seconds: cost.cached_rank_plan.as_secs_f64(),
+        cached_coordinator_metadata_seconds: cost.cached_coordinator_metadata.as_secs_f64(),
+        cached_plan_gather_bytes: cost.cached_plan_gather_bytes,
+        cached_scatter_bytes: cost.cached_scatter_bytes,
+        cached_result_gather_bytes: cost.cached_result_gather_bytes,
         load_plan_seconds: cost.load_plan.as_secs_f64(),
         metadata_bytes: cost.metadata_bytes,
         metadata_bytes_per_chunk: cost.metadata_bytes as f64 / cost.chunks.max(1) as f64,
@@ -144,7 +167,7 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode, CliError> {
         crate::emit(&format!("{line}\n"))?;
     } else {
         crate::emit(&format!(
-            "scale: {} ranks x {} chunks = {} chunks\n  save protocol {:.3} s (rank plan {:.3}, coordinator plan {:.3}, rank results {:.3}, coordinator metadata {:.3})\n  load planning {:.3} s\n  metadata {} bytes ({:.1} B/chunk), each loading rank receives {}\n  collectives: gather {} B, scatter {} B, gather {} B; peak RSS {} B\n",
+            "scale: {} ranks x {} chunks = {} chunks\n  save protocol {:.3} s (rank plan {:.3}, coordinator plan {:.3}, rank results {:.3}, coordinator metadata {:.3})\n  cached save: coordinator plan {:.3} s, metadata {:.3} s; rank plan {:.3} s; collectives {} / {} / {} B\n  load planning {:.3} s\n  metadata {} bytes ({:.1} B/chunk), each loading rank receives {}\n  collectives: gather {} B, scatter {} B, gather {} B; peak RSS {} B\n",
             rec.ranks,
             tensors,
             rec.chunks,
@@ -153,6 +176,12 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode, CliError> {
             rec.coordinator_plan_seconds,
             rec.rank_results_seconds,
             rec.coordinator_metadata_seconds,
+            rec.cached_save_plan_seconds,
+            rec.cached_coordinator_metadata_seconds,
+            rec.cached_rank_plan_seconds,
+            rec.cached_plan_gather_bytes,
+            rec.cached_scatter_bytes,
+            rec.cached_result_gather_bytes,
             rec.load_plan_seconds,
             rec.metadata_bytes,
             rec.metadata_bytes_per_chunk,

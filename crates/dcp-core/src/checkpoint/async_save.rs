@@ -1,7 +1,7 @@
 //! [`AsyncSaver`]: saves that block only while the state dict is copied out
 //! of the way, then write and commit in the background.
 
-use crate::checkpoint::{save_with, SaveOptions, SaveResult, StorageWriter};
+use crate::checkpoint::{save_with, SaveOptions, SavePlanCache, SaveResult, StorageWriter};
 use crate::collective::Collective;
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::{Item, StateDict, TensorChunk, TensorItem};
@@ -39,6 +39,7 @@ pub struct AsyncSaver {
     pool: HostPool,
     gate: Arc<Semaphore>,
     when_busy: WhenBusy,
+    plan_cache: SavePlanCache,
 }
 
 impl Default for AsyncSaver {
@@ -54,6 +55,7 @@ impl AsyncSaver {
             pool: HostPool::new(),
             gate: Arc::new(Semaphore::new(1)),
             when_busy: WhenBusy::Wait,
+            plan_cache: SavePlanCache::new(),
         }
     }
 
@@ -61,6 +63,13 @@ impl AsyncSaver {
     pub fn when_busy(mut self, when_busy: WhenBusy) -> AsyncSaver {
         self.when_busy = when_busy;
         self
+    }
+
+    /// The plan cache of this saver's saves (used when the options passed
+    /// to [`async_save`](AsyncSaver::async_save) carry none): a save with
+    /// the layout of the last one reuses its plan.
+    pub fn plan_cache(&self) -> &SavePlanCache {
+        &self.plan_cache
     }
 
     /// The pool staged copies live in.
@@ -102,6 +111,10 @@ impl AsyncSaver {
                 .map_err(|_| busy())?,
             WhenBusy::Fail => self.gate.clone().try_acquire_owned().map_err(|_| busy())?,
         };
+        let mut options = options;
+        if options.plan_cache.is_none() {
+            options.plan_cache = Some(self.plan_cache.clone());
+        }
         let staged = stage_all(state_dict, &self.pool)?;
         let staged_bytes = staged.local_bytes();
         let staging = started.elapsed();

@@ -23,6 +23,7 @@ mod fs_writer;
 mod lease;
 mod load;
 mod options;
+mod plan_cache;
 mod save;
 pub mod simulate;
 mod store;
@@ -37,6 +38,7 @@ pub use fs_writer::{is_data_file_name, FileSystemWriter};
 pub use lease::{LeaseInfo, LEASE_FILE};
 pub use load::{load, load_with, read_metadata, LoadResult};
 pub use options::{LoadOptions, ReaderOptions, SaveOptions, WriterOptions};
+pub use plan_cache::{PlanCacheStats, SavePlanCache};
 pub use save::{assemble_metadata, save, save_with, SaveResult};
 pub use store::{RankWrite, StorageReader, StorageWriter, WriteRecord};
 

@@ -6,7 +6,7 @@
 //! `WriterOptions::default().thread_count(4).sync_files(false)`. The fields
 //! stay public to read, and to set on a value you already have.
 
-use crate::checkpoint::MetadataTranslator;
+use crate::checkpoint::{MetadataTranslator, SavePlanCache};
 use crate::format::{FormatRegistry, Raw, SerializationFormat};
 use crate::plan::{DefaultLoadPlanner, DefaultSavePlanner, LoadPlanner, SavePlanner};
 use crate::transform::{Crc32c, ExtensionRegistry, StreamTransformExtension};
@@ -218,6 +218,11 @@ pub struct SaveOptions {
     pub planner: Arc<dyn SavePlanner>,
     /// User key/value metadata stored in `.metadata` (taken from rank 0).
     pub user_metadata: BTreeMap<String, String>,
+    /// Reuse the plan of an earlier save with an unchanged layout (see
+    /// [`SavePlanCache`]): pass the same cache to every save of the job.
+    /// Default `None`: every save plans from full plans.
+    /// [`AsyncSaver`](crate::AsyncSaver) sets its own when this is `None`.
+    pub plan_cache: Option<SavePlanCache>,
 }
 
 impl Default for SaveOptions {
@@ -225,6 +230,7 @@ impl Default for SaveOptions {
         SaveOptions {
             planner: Arc::new(DefaultSavePlanner::default()),
             user_metadata: BTreeMap::new(),
+            plan_cache: None,
         }
     }
 }
@@ -234,6 +240,8 @@ setters!(SaveOptions {
     planner: Arc<dyn SavePlanner>,
     /// Set [`SaveOptions::user_metadata`].
     user_metadata: BTreeMap<String, String>,
+    /// Set [`SaveOptions::plan_cache`].
+    plan_cache: Option<SavePlanCache>,
 });
 
 /// Options of [`load_with`](crate::load_with).

@@ -4,17 +4,20 @@
 //! encode the assignments, decode every write result, build and encode the
 //! metadata), timing each phase. `dcp bench --workload scale` reports it.
 
-use crate::checkpoint::save::assemble_metadata;
+use crate::checkpoint::plan_cache::{
+    coordinate, layout_digest, replica_digests, Assign, CompactWrite, Decision, Digest, Offer,
+    Report, SavePlanCache,
+};
+use crate::checkpoint::save::Assembler;
 use crate::checkpoint::wire::{decode, encode, first_error, wire};
 use crate::checkpoint::RankWrite;
-use crate::error::{Result, WireError};
+use crate::error::{Error, Result, WireError};
 use crate::metadata::{DataFile, FormatKind, Metadata, StorageInfo};
 use crate::model::{DestStateDict, StateDict};
-use crate::plan::{
-    DefaultLoadPlanner, DefaultSavePlanner, LoadPlanner, SavePlan, SavePlanner, WriteIndex,
-};
+use crate::plan::{DefaultLoadPlanner, DefaultSavePlanner, LoadPlanner, SavePlan, SavePlanner};
 use bytes::Bytes;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// What the protocols cost, phase by phase.
@@ -24,7 +27,8 @@ pub struct ProtocolCost {
     pub ranks: usize,
     /// Saved records (chunks and bytes items) in the metadata.
     pub chunks: u64,
-    /// The slowest rank's own work before the gather (local plan, encode).
+    /// The slowest rank's own work before the gather (local plan, its
+    /// digest, encode).
     pub rank_plan: Duration,
     /// The coordinator: decode every plan, plan globally, encode the
     /// assignments.
@@ -33,7 +37,7 @@ pub struct ProtocolCost {
     /// (decode its assignment, encode its write result).
     pub rank_results: Duration,
     /// The coordinator: decode every write result, build and encode the
-    /// metadata.
+    /// metadata (noting where each record lands, for the plan cache).
     pub coordinator_metadata: Duration,
     /// Bytes the coordinator receives in the plan gather.
     pub plan_gather_bytes: u64,
@@ -47,30 +51,69 @@ pub struct ProtocolCost {
     pub metadata_bytes_per_rank: u64,
     /// One rank's load: decode the metadata and plan its reads.
     pub load_plan: Duration,
-    /// The metadata built.
+    /// A second save of the same layout (new data), with the plan cached:
+    /// the slowest rank's local plan, digest and offer.
+    pub cached_rank_plan: Duration,
+    /// The cached save's coordinator planning: decode every rank's digest
+    /// offer, confirm it, encode the assignments (reuse the plan).
+    pub cached_coordinator_plan: Duration,
+    /// The cached save's coordinator metadata: decode every compact write
+    /// result, fill the metadata skeleton, encode it.
+    pub cached_coordinator_metadata: Duration,
+    /// Bytes the coordinator receives in the cached save's plan gather.
+    pub cached_plan_gather_bytes: u64,
+    /// Bytes the coordinator sends in the cached save's scatter.
+    pub cached_scatter_bytes: u64,
+    /// Bytes the coordinator receives in the cached save's result gather.
+    pub cached_result_gather_bytes: u64,
+    /// The metadata built (by the cached save, when it ran).
     pub metadata: Option<Metadata>,
 }
 
 impl ProtocolCost {
     /// The save protocol through the encoded metadata, as a job sees it:
-    /// the slowest rank's work in each rank phase plus the coordinator's.
+    /// the slowest rank's work in each rank phase plus the coordinator's
+    /// (noting where each record lands, for the plan cache, included).
     pub fn save_plan(&self) -> Duration {
         self.rank_plan + self.coordinator_plan + self.rank_results + self.coordinator_metadata
     }
+
+    /// The cached save's coordination: the coordinator's planning alone
+    /// (decode and confirm every digest, encode the assignments).
+    pub fn cached_save_plan(&self) -> Duration {
+        self.cached_coordinator_plan
+    }
 }
+
+/// The save's id in the simulation.
+const SAVE_ID: &str = "5ca1e5ca1e5ca1e5";
 
 /// Run the save protocol's planning and metadata phases for `ranks` ranks
 /// whose state dicts `state_dict_of(rank)` builds (each is dropped once
 /// its plan is made), then one load's planning: decode the metadata and
-/// plan `load_dest` against it. Every rank writes its assignment into one
-/// data file of consecutive records. Refuses what a real save refuses (the
-/// planners' errors).
+/// plan `load_dest` against it. With `cached_save`, then a second save of
+/// the same state dicts through a [`SavePlanCache`]: digests instead of
+/// plans, the cached assignments, compact write results and the metadata
+/// skeleton filled. Every rank writes its assignment into one data file of
+/// consecutive records. Refuses what a real save refuses (the planners'
+/// errors).
 pub fn simulate_protocol(
     ranks: usize,
     state_dict_of: impl Fn(usize) -> Result<StateDict>,
     load_dest: impl FnOnce(&Metadata) -> Result<DestStateDict>,
 ) -> Result<ProtocolCost> {
+    simulate_protocol_with(ranks, state_dict_of, load_dest, false)
+}
+
+/// [`simulate_protocol`], with the cached second save when `cached_save`.
+pub fn simulate_protocol_with(
+    ranks: usize,
+    state_dict_of: impl Fn(usize) -> Result<StateDict>,
+    load_dest: impl FnOnce(&Metadata) -> Result<DestStateDict>,
+    cached_save: bool,
+) -> Result<ProtocolCost> {
     let planner = DefaultSavePlanner::default();
+    let cache = SavePlanCache::new();
     let mut cost = ProtocolCost {
         ranks,
         ..ProtocolCost::default()
@@ -78,98 +121,91 @@ pub fn simulate_protocol(
 
     // 1. Every rank's plan, encoded as the gather carries it.
     let mut gathered: Vec<Bytes> = Vec::with_capacity(ranks);
+    let mut layouts: Vec<Digest> = Vec::with_capacity(ranks);
     for rank in 0..ranks {
         let sd = state_dict_of(rank)?;
         let t = Instant::now();
-        let msg = encode(&wire(planner.local_plan(&sd, rank), rank))?;
+        let plan = planner.local_plan(&sd, rank);
+        let layout = plan.as_ref().map(layout_digest).unwrap_or_default();
+        let offer = plan.map(|p| Offer::Full { plan: p, layout });
+        let msg = encode(&wire(offer, rank))?;
         cost.rank_plan = cost.rank_plan.max(t.elapsed());
         drop(sd);
         cost.plan_gather_bytes += msg.len() as u64;
         gathered.push(msg);
+        layouts.push(layout);
     }
 
     // 2. The coordinator plans and encodes the assignments.
-    let save_id = "5ca1e5ca1e5ca1e5".to_string();
     let t = Instant::now();
-    let plans: Vec<SavePlan> = first_error(
+    let offers: Vec<Offer<SavePlan>> = first_error(
         gathered
-            .iter()
-            .map(|b| decode::<std::result::Result<SavePlan, WireError>>(b).map_err(|e| e.to_wire()))
+            .into_iter()
+            .map(|b| {
+                decode::<std::result::Result<Offer<SavePlan>, WireError>>(&b)
+                    .map_err(|e| e.to_wire())
+            })
             .map(|r| r.and_then(|x| x))
             .collect(),
     )
-    .map_err(crate::Error::from_wire)?;
-    drop(gathered);
-    let global = planner.global_plan(&plans)?;
-    drop(plans);
+    .map_err(Error::from_wire)?;
+    let Decision::Planned { global, pending } = coordinate(Some(&cache), &planner, offers)? else {
+        return Err(Error::plan("full plans were not planned"));
+    };
+    let plan_id = pending.plan_id();
     let assignments: Vec<Bytes> = global
         .iter()
-        .map(|p| encode(&Ok::<_, WireError>((save_id.clone(), p.clone()))))
+        .map(|p| {
+            encode(&Ok::<_, WireError>((
+                SAVE_ID,
+                Assign::Plan { plan: p, plan_id },
+            )))
+        })
         .collect::<Result<_>>()?;
     cost.coordinator_plan = t.elapsed();
     cost.scatter_bytes = assignments.iter().map(|b| b.len() as u64).sum();
 
     // 3. Each rank decodes its assignment and reports what it wrote.
     let mut results: Vec<Bytes> = Vec::with_capacity(ranks);
+    // Each rank's record lengths, in assignment order (what it keeps).
+    let mut lengths: Vec<Vec<u64>> = Vec::with_capacity(ranks);
     for (rank, msg) in assignments.iter().enumerate() {
         let t = Instant::now();
-        let (_id, plan) = decode::<std::result::Result<(String, SavePlan), WireError>>(msg)?
-            .map_err(crate::Error::from_wire)?;
-        let mut offset = 0u64;
-        let records = plan
-            .items
-            .into_iter()
-            .map(|it| {
-                let storage = StorageInfo {
-                    file: 0,
-                    offset,
-                    length: it.nbytes,
-                    transforms: Vec::new(),
-                };
-                offset += it.nbytes;
-                (it.name, it.index, storage)
-            })
-            .collect::<Vec<(String, WriteIndex, StorageInfo)>>();
-        let rw = RankWrite {
-            files: vec![DataFile {
-                name: format!("__{rank}_0-{save_id}.dcp"),
-                length: offset,
-            }],
-            transforms: Vec::new(),
-            records,
-            staged_peak_bytes: 0,
+        let (_id, assign) =
+            decode::<std::result::Result<(String, Assign<SavePlan>), WireError>>(msg)?
+                .map_err(Error::from_wire)?;
+        let Assign::Plan { plan, .. } = assign else {
+            return Err(Error::plan("no assignment"));
         };
-        let msg = encode(&Ok::<_, WireError>(rw))?;
+        let rw = rank_write(rank, &plan);
+        let msg = encode(&Ok::<_, WireError>(Report::Full(rw)))?;
         cost.rank_results = cost.rank_results.max(t.elapsed());
         cost.result_gather_bytes += msg.len() as u64;
         results.push(msg);
+        lengths.push(plan.items.iter().map(|i| i.nbytes).collect());
     }
     drop(assignments);
 
     // 4. The coordinator builds and encodes the metadata.
     let t = Instant::now();
-    let writes: Vec<RankWrite> = first_error(
-        results
-            .iter()
-            .map(|b| {
-                decode::<std::result::Result<RankWrite, WireError>>(b).map_err(|e| e.to_wire())
-            })
-            .map(|r| r.and_then(|x| x))
-            .collect(),
-    )
-    .map_err(crate::Error::from_wire)?;
-    drop(results);
-    let md = assemble_metadata(
-        &save_id,
-        1,
-        &global,
-        writes,
-        FormatKind::Raw,
-        &BTreeMap::new(),
-    )?;
+    // Decoded and added rank by rank, as the coordinator of a save does.
+    let mut a = Assembler::new(&global).tracking();
+    for b in results {
+        match decode::<std::result::Result<Report, WireError>>(&b)? {
+            Ok(Report::Full(w)) => a.add(w)?,
+            Ok(Report::Compact(_)) => {
+                return Err(Error::plan("a compact report for a planned save"))
+            }
+            Err(w) => return Err(Error::from_wire(w)),
+        }
+    }
+    let (md, slots) = a.finish_tracked(SAVE_ID, 1, FormatKind::Raw, &BTreeMap::new());
+    let slots = slots.ok_or_else(|| Error::plan("a record was not reported exactly once"))?;
     let encoded = md.encode()?;
     cost.coordinator_metadata = t.elapsed();
     drop(global);
+    let md = Arc::new(md);
+    cache.set_coord(pending.complete(slots, md.clone()), false);
     cost.metadata_bytes = encoded.len() as u64;
     cost.metadata_bytes_per_rank = encoded.len() as u64;
     cost.chunks = md
@@ -187,8 +223,184 @@ pub fn simulate_protocol(
     let received = Metadata::decode(&encoded)?;
     DefaultLoadPlanner::default().plan(&received, &dest)?;
     cost.load_plan = t.elapsed();
-    cost.metadata = Some(md);
+    drop((received, encoded, dest));
+    drop(md);
+
+    if cached_save {
+        cached(
+            &mut cost,
+            &cache,
+            &planner,
+            state_dict_of,
+            &layouts,
+            plan_id,
+            &lengths,
+        )?;
+    } else {
+        let mut entry = cache.take_coord().expect("cached above");
+        let md = std::mem::replace(&mut entry.skeleton, Arc::new(empty()));
+        drop(entry);
+        cost.metadata = Some(Arc::unwrap_or_clone(md));
+    }
     Ok(cost)
+}
+
+/// A second save of the same layout: every rank offers its digest, the
+/// coordinator confirms them and reuses the plan, every rank reports its
+/// records' storage in assignment order, the coordinator fills the skeleton.
+fn cached(
+    cost: &mut ProtocolCost,
+    cache: &SavePlanCache,
+    planner: &DefaultSavePlanner,
+    state_dict_of: impl Fn(usize) -> Result<StateDict>,
+    layouts: &[Digest],
+    plan_id: u64,
+    lengths: &[Vec<u64>],
+) -> Result<()> {
+    let ranks = layouts.len();
+    let mut gathered: Vec<Bytes> = Vec::with_capacity(ranks);
+    for (rank, cached_layout) in layouts.iter().enumerate() {
+        let sd = state_dict_of(rank)?;
+        let t = Instant::now();
+        let plan = planner.local_plan(&sd, rank)?;
+        if layout_digest(&plan) != *cached_layout {
+            return Err(Error::plan(format!("rank {rank}: the layout changed")));
+        }
+        let offer: Offer<SavePlan> = Offer::Same {
+            layout: *cached_layout,
+            plan_id,
+            replicas: replica_digests(&plan),
+        };
+        let msg = encode(&Ok::<_, WireError>(offer))?;
+        cost.cached_rank_plan = cost.cached_rank_plan.max(t.elapsed());
+        cost.cached_plan_gather_bytes += msg.len() as u64;
+        gathered.push(msg);
+    }
+
+    let t = Instant::now();
+    let offers: Vec<Offer<SavePlan>> = first_error(
+        gathered
+            .iter()
+            .map(|b| {
+                decode::<std::result::Result<Offer<SavePlan>, WireError>>(b)
+                    .map_err(|e| e.to_wire())
+            })
+            .map(|r| r.and_then(|x| x))
+            .collect(),
+    )
+    .map_err(Error::from_wire)?;
+    let Decision::Cached(mut entry) = coordinate(Some(cache), planner, offers)? else {
+        return Err(Error::plan(
+            "an unchanged layout was not served from the cache",
+        ));
+    };
+    let assignments: Vec<Bytes> = (0..ranks)
+        .map(|_| encode(&Ok::<_, WireError>((SAVE_ID, Assign::<SavePlan>::Cached))))
+        .collect::<Result<_>>()?;
+    cost.cached_coordinator_plan = t.elapsed();
+    cost.cached_scatter_bytes = assignments.iter().map(|b| b.len() as u64).sum();
+
+    let mut results: Vec<Bytes> = Vec::with_capacity(ranks);
+    for (rank, msg) in assignments.iter().enumerate() {
+        let (_id, assign) =
+            decode::<std::result::Result<(String, Assign<SavePlan>), WireError>>(msg)?
+                .map_err(Error::from_wire)?;
+        if !matches!(assign, Assign::Cached) {
+            return Err(Error::plan("not a cached assignment"));
+        }
+        let mut offset = 0u64;
+        let storage = lengths[rank]
+            .iter()
+            .map(|&n| {
+                let s = StorageInfo {
+                    file: 0,
+                    offset,
+                    length: n,
+                    transforms: Vec::new(),
+                };
+                offset += n;
+                s
+            })
+            .collect();
+        let cw = CompactWrite {
+            files: vec![DataFile {
+                name: format!("__{rank}_0-{SAVE_ID}.dcp"),
+                length: offset,
+            }],
+            transforms: Vec::new(),
+            storage,
+            staged_peak_bytes: 0,
+        };
+        let msg = encode(&Ok::<_, WireError>(Report::Compact(cw)))?;
+        cost.cached_result_gather_bytes += msg.len() as u64;
+        results.push(msg);
+    }
+
+    let t = Instant::now();
+    let writes: Vec<CompactWrite> = first_error(
+        results
+            .iter()
+            .map(|b| decode::<std::result::Result<Report, WireError>>(b).map_err(|e| e.to_wire()))
+            .map(|r| match r {
+                Ok(Ok(Report::Compact(w))) => Ok(w),
+                Ok(Ok(Report::Full(_))) => {
+                    Err(Error::plan("a full report for a cached save").to_wire())
+                }
+                Ok(Err(w)) | Err(w) => Err(w),
+            })
+            .collect(),
+    )
+    .map_err(Error::from_wire)?;
+    drop(results);
+    let md = entry.fill(SAVE_ID, 2, writes, FormatKind::Raw, &BTreeMap::new())?;
+    md.encode()?;
+    cost.cached_coordinator_metadata = t.elapsed();
+    drop(md);
+    let md = std::mem::replace(&mut entry.skeleton, Arc::new(empty()));
+    drop(entry);
+    cost.metadata = Some(Arc::unwrap_or_clone(md));
+    Ok(())
+}
+
+/// What `rank` reports after writing `plan` into one data file.
+fn rank_write(rank: usize, plan: &SavePlan) -> RankWrite {
+    let mut offset = 0u64;
+    let records = plan
+        .items
+        .iter()
+        .map(|it| {
+            let storage = StorageInfo {
+                file: 0,
+                offset,
+                length: it.nbytes,
+                transforms: Vec::new(),
+            };
+            offset += it.nbytes;
+            (it.name.clone(), it.index.clone(), storage)
+        })
+        .collect();
+    RankWrite {
+        files: vec![DataFile {
+            name: format!("__{rank}_0-{SAVE_ID}.dcp"),
+            length: offset,
+        }],
+        transforms: Vec::new(),
+        records,
+        staged_peak_bytes: 0,
+    }
+}
+
+fn empty() -> Metadata {
+    Metadata {
+        save_id: String::new(),
+        world_size: 0,
+        format: FormatKind::Raw,
+        files: Vec::new(),
+        transforms: Vec::new(),
+        items: Vec::new(),
+        user: BTreeMap::new(),
+        generation: 0,
+    }
 }
 
 #[cfg(test)]
@@ -237,5 +449,21 @@ mod tests {
         assert_eq!(md.files.len(), ranks);
         assert_eq!(md.items.len(), tensors);
         assert!(cost.metadata_bytes > 0 && cost.plan_gather_bytes > 0);
+    }
+
+    #[test]
+    fn a_cached_save_builds_the_metadata_of_a_planned_one() {
+        let (ranks, tensors) = (16, 10);
+        let dest = |_: &Metadata| Ok(DestStateDict::new());
+        let planned = simulate_protocol(ranks, |r| sd(r, ranks, tensors), dest).unwrap();
+        let cached = simulate_protocol_with(ranks, |r| sd(r, ranks, tensors), dest, true).unwrap();
+        let (a, mut b) = (planned.metadata.unwrap(), cached.metadata.unwrap());
+        assert_eq!(b.generation, 2);
+        b.generation = 1;
+        assert_eq!(a, b);
+        // Digests and storage only: far less than the plans and write results.
+        assert!(cached.cached_plan_gather_bytes * 5 < planned.plan_gather_bytes);
+        assert!(cached.cached_result_gather_bytes < planned.result_gather_bytes);
+        assert!(cached.cached_scatter_bytes * 5 < planned.scatter_bytes);
     }
 }

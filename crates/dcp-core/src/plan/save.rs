@@ -73,6 +73,14 @@ pub trait SavePlanner: Send + Sync {
     /// Every offered record must be assigned to exactly one rank that
     /// offered it.
     fn global_plan(&self, plans: &[SavePlan]) -> Result<Vec<SavePlan>>;
+
+    /// [`global_plan`](SavePlanner::global_plan), taking the offers: a
+    /// planner may move records into the assignments instead of copying
+    /// them (the coordinator of a save calls this). The default calls
+    /// `global_plan`.
+    fn global_plan_owned(&self, plans: Vec<SavePlan>) -> Result<Vec<SavePlan>> {
+        self.global_plan(&plans)
+    }
 }
 
 /// The default planner: dedups records declared replicated (to the holder
@@ -147,6 +155,56 @@ impl SavePlanner for DefaultSavePlanner {
     }
 
     fn global_plan(&self, plans: &[SavePlan]) -> Result<Vec<SavePlan>> {
+        let (assigned, mut declared) = self.assign(plans)?;
+        Ok(assigned
+            .into_iter()
+            .enumerate()
+            .map(|(rank, idx)| SavePlan {
+                items: idx
+                    .into_iter()
+                    .map(|i| plans[rank].items[i].clone())
+                    .collect(),
+                // The coordinator records declarations; nothing is written for them.
+                declared: if rank == 0 {
+                    std::mem::take(&mut declared)
+                } else {
+                    Vec::new()
+                },
+            })
+            .collect())
+    }
+
+    fn global_plan_owned(&self, plans: Vec<SavePlan>) -> Result<Vec<SavePlan>> {
+        let (assigned, mut declared) = self.assign(&plans)?;
+        Ok(plans
+            .into_iter()
+            .zip(assigned)
+            .enumerate()
+            .map(|(rank, (p, idx))| {
+                let mut keep = idx.into_iter().peekable();
+                let items = p
+                    .items
+                    .into_iter()
+                    .enumerate()
+                    .filter_map(|(i, it)| (keep.next_if_eq(&i).is_some()).then_some(it))
+                    .collect();
+                SavePlan {
+                    items,
+                    declared: if rank == 0 {
+                        std::mem::take(&mut declared)
+                    } else {
+                        Vec::new()
+                    },
+                }
+            })
+            .collect())
+    }
+}
+
+impl DefaultSavePlanner {
+    /// Which of its offered records each rank writes (indices into its
+    /// plan, ascending), and the tensors declared without data.
+    fn assign(&self, plans: &[SavePlan]) -> Result<(Vec<Vec<usize>>, Vec<TensorDecl>)> {
         // One pass over every offered record: consistency of each name
         // across ranks; records not declared replicated go to the rank that
         // offers them (a duplicate among them shows as overlapping chunks,
@@ -332,25 +390,10 @@ impl SavePlanner for DefaultSavePlanner {
                 )));
             }
         }
-        Ok(assigned
-            .into_iter()
-            .enumerate()
-            .map(|(rank, mut idx)| {
-                idx.sort_unstable();
-                SavePlan {
-                    items: idx
-                        .into_iter()
-                        .map(|i| plans[rank].items[i].clone())
-                        .collect(),
-                    // The coordinator records declarations; nothing is written for them.
-                    declared: if rank == 0 {
-                        std::mem::take(&mut declared)
-                    } else {
-                        Vec::new()
-                    },
-                }
-            })
-            .collect())
+        for idx in &mut assigned {
+            idx.sort_unstable();
+        }
+        Ok((assigned, declared))
     }
 }
 
