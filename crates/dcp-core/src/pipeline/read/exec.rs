@@ -264,20 +264,7 @@ impl<'a> Ctx<'a> {
         let Some(first) = runs.first() else {
             return Ok(());
         };
-        let chunk_of = |target: usize| -> &Mutex<DestData> {
-            let Target::Tensor {
-                dest_item,
-                dest_chunk,
-                ..
-            } = &rec.targets[target]
-            else {
-                unreachable!("scatter targets are tensors")
-            };
-            let Slot::Tensor(chunks) = self.slots[*dest_item] else {
-                unreachable!("planned as tensor")
-            };
-            &chunks[*dest_chunk].1
-        };
+        let chunk_of = |target: usize| self.dest_chunk(rec, target);
         // Distinct chunks, by address; each run's index into them.
         let mut chunks: Vec<&Mutex<DestData>> = runs.iter().map(|r| chunk_of(r.target)).collect();
         chunks.sort_by_key(|m| std::ptr::from_ref(*m) as usize);
