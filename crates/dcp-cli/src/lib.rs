@@ -376,13 +376,14 @@ pub fn log_filter(log: Option<&str>) -> tracing_subscriber::EnvFilter {
 }
 
 /// The whole program: argument parsing (usage errors exit 2), tracing to
-/// stderr filtered by `--log` or `RUST_LOG` ([`log_filter`]), then [`run`].
+/// stderr filtered by `--log` or `RUST_LOG` ([`log_filter`]; lines are
+/// written around a drawn bar, see [`progress::LogWriter`]), then [`run`].
 pub fn main() -> ExitCode {
     match Cli::try_parse() {
         Ok(cli) => {
             tracing_subscriber::fmt()
                 .with_env_filter(log_filter(cli.log.as_deref()))
-                .with_writer(std::io::stderr)
+                .with_writer(|| progress::LogWriter)
                 .with_ansi(std::io::stderr().is_terminal())
                 .init();
             run(cli)

@@ -9,10 +9,37 @@
 
 use bytes::Bytes;
 use dcp_core::{FileSink, FileSystem, FileSystemLayer, Result};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use std::io::{IoSliceMut, IsTerminal};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle, WeakProgressBar};
+use std::io::{IoSliceMut, IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+/// The bar drawn last (a bar on screen at a time), for [`LogWriter`].
+static CURRENT: Mutex<Option<WeakProgressBar>> = Mutex::new(None);
+
+/// Tracing output (`--log`, `RUST_LOG`) on stderr that does not tear a
+/// bar: while one is drawn, each line is written with the bar cleared and
+/// redrawn after it (indicatif's `suspend`).
+pub struct LogWriter;
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let live = CURRENT
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .and_then(WeakProgressBar::upgrade)
+            .filter(|b| !b.is_finished());
+        match live {
+            Some(bar) => bar.suspend(|| std::io::stderr().write_all(buf))?,
+            None => std::io::stderr().write_all(buf)?,
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
 
 /// Set by `--quiet`: no bars, no phase lines.
 static QUIET: AtomicBool = AtomicBool::new(false);
@@ -48,6 +75,7 @@ pub fn bar(total: u64, what: &str) -> ProgressBar {
         .progress_chars("=> "),
     );
     bar.set_prefix(what.to_string());
+    *CURRENT.lock().unwrap_or_else(|p| p.into_inner()) = Some(bar.downgrade());
     // Drawn at once when the total is known; else at the first bytes (the
     // caller sets the length then).
     if total > 0 {

@@ -346,3 +346,34 @@ fn log_and_rust_log_trace_to_stderr() {
     let overridden = run(&["--log", "error", "verify", p], Some("debug"));
     assert_eq!(overridden, "", "--log wins over RUST_LOG");
 }
+
+/// Tracing output while a bar is drawn (`--log debug` during a save and a
+/// load) is written around the bar: every log line starts on a line of its
+/// own (the bar cleared first), never after a bar's text.
+#[test]
+fn log_lines_do_not_tear_a_bar() {
+    if !script_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = tmp.path().join("ck");
+    let (code, t) = on_terminal(&format!(
+        "{DCP} --log debug demo --dir {} --ranks 2 --load-ranks 2",
+        path_str(&ck)
+    ));
+    assert_eq!(code, Some(0), "{t}");
+    let segs: Vec<&str> = t.split(['\r', '\n']).collect();
+    let is_bar = |l: &str| l.contains(" [") && l.contains("B/");
+    let first = segs.iter().position(|l| is_bar(l)).expect("a bar drawn");
+    let last = segs.iter().rposition(|l| is_bar(l)).expect("a bar drawn");
+    let during: Vec<&str> = segs[first..last]
+        .iter()
+        .copied()
+        .filter(|l| l.contains("DEBUG") || l.contains("INFO"))
+        .collect();
+    assert!(!during.is_empty(), "log lines while the bar was drawn: {t}");
+    for l in during {
+        let level = l.find("DEBUG").or_else(|| l.find("INFO")).unwrap();
+        assert!(!is_bar(&l[..level]), "a log line after a bar's text: {l:?}");
+    }
+}
