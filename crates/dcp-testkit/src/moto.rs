@@ -11,39 +11,19 @@
 //! return `None`, so the S3 cases skip; under CI ([`under_ci`]) a missing
 //! moto panics instead, so a CI run never skips S3 silently.
 //!
-//! The server is started through a small `sh` wrapper whose standard input
-//! is a pipe from the test process. The test process never writes to it and
-//! keeps its end open for as long as the server is to run (for the shared
-//! server: until it exits; the handle lives in a `static`). The wrapper waits
-//! for end-of-file on it and then kills moto by its PID. A normal exit, a
-//! panic, `SIGKILL` of the test binary: in every case the kernel closes the
-//! pipe and the server goes with it, so no stray server is ever left behind.
+//! The server is a [`Server`](crate::server::Server): it cannot outlive
+//! the test binary (for the shared server the handle lives in a `static`),
+//! so no stray server is ever left behind.
 
+use crate::server::Server;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::OnceLock;
+use std::time::Duration;
 
 /// The executable that runs the server.
 pub const MOTO: &str = "moto_server";
-
-/// The wrapper: start moto, wait for EOF on stdin (the test process is
-/// gone, or the server is killed), kill moto by PID. `$1` is the port, `$2`
-/// the log file.
-const WRAPPER: &str = r#"
-moto_server -H 127.0.0.1 -p "$1" </dev/null >"$2" 2>&1 &
-pid=$!
-echo "$pid"
-trap 'kill "$pid" 2>/dev/null; rm -f "$2"; exit 0' HUP INT TERM
-while read -r _; do :; done
-kill "$pid" 2>/dev/null
-wait "$pid" 2>/dev/null
-rm -f "$2"
-exit 0
-"#;
 
 /// Whether this is a CI run: the environment variable `CI` is set to
 /// anything but empty, `0` or `false` (CI services set `CI=true`). Under CI
@@ -56,18 +36,7 @@ pub fn under_ci() -> bool {
 
 /// Whether `moto_server` is an executable file on `PATH`.
 pub fn moto_installed() -> bool {
-    let Some(path) = std::env::var_os("PATH") else {
-        return false;
-    };
-    std::env::split_paths(&path).any(|dir| {
-        let p = dir.join(MOTO);
-        std::fs::metadata(&p)
-            .map(|m| {
-                use std::os::unix::fs::PermissionsExt;
-                m.is_file() && m.permissions().mode() & 0o111 != 0
-            })
-            .unwrap_or(false)
-    })
+    crate::server::on_path(MOTO).is_some()
 }
 
 /// `true` when moto can run; otherwise print a `SKIPPED` notice (once per
@@ -93,9 +62,7 @@ pub struct Moto {
     pub port: u16,
     /// The PID of the moto process itself.
     pub pid: u32,
-    /// The wrapper; holding it holds the pipe that keeps the server alive.
-    wrapper: Mutex<Option<Child>>,
-    log: PathBuf,
+    server: Server,
 }
 
 impl Moto {
@@ -123,52 +90,13 @@ impl Moto {
 
     fn launch() -> Moto {
         let port = free_port();
-        let log = std::env::temp_dir().join(format!("dcp-moto-{}-{port}.log", std::process::id()));
-        let mut wrapper = Command::new("sh")
-            .args(["-c", WRAPPER, "dcp-moto"])
-            .arg(port.to_string())
-            .arg(&log)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start sh for {MOTO}: {e}"));
-        let mut line = String::new();
-        let mut out = wrapper.stdout.take().expect("piped stdout");
-        let mut byte = [0u8; 1];
-        while out.read(&mut byte).unwrap_or(0) == 1 && byte[0] != b'\n' {
-            line.push(byte[0] as char);
-        }
-        let pid: u32 = line
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("the {MOTO} wrapper printed no PID: {line:?}"));
-        let moto = Moto {
+        let argv = [MOTO, "-H", "127.0.0.1", "-p", &port.to_string()].map(String::from);
+        let server = Server::launch("moto", port, &argv, |p| http(p, "GET", "/", &[]).is_ok());
+        Moto {
             port,
-            pid,
-            wrapper: Mutex::new(Some(wrapper)),
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if http(port, "GET", "/", &[]).is_ok() {
-                break;
-            }
-            let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
-            assert!(
-                alive && Instant::now() < deadline,
-                "{MOTO} on port {port} {} (log {}):\n{}",
-                if alive {
-                    "did not answer within 60 s"
-                } else {
-                    "exited early"
-                },
-                moto.log.display(),
-                std::fs::read_to_string(&moto.log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(100));
+            pid: server.pid,
+            server,
         }
-        moto
     }
 
     /// The endpoint URL.
@@ -204,24 +132,10 @@ impl Moto {
         .collect()
     }
 
-    /// Stop the server now and wait until it is gone: closing the wrapper's
-    /// pipe makes it kill moto and wait for it. Later calls do nothing.
+    /// Stop the server now and wait until it is gone. Later calls do
+    /// nothing.
     pub fn kill(&self) {
-        let child = self
-            .wrapper
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(mut c) = child {
-            drop(c.stdin.take());
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        self.kill();
+        self.server.kill();
     }
 }
 
