@@ -205,6 +205,23 @@ async fn records_below_the_stores_request_size_are_read_together() {
     assert_eq!(store.store.reads.load(Ordering::SeqCst), 4);
     assert_eq!(store.store.peak.load(Ordering::SeqCst), 4);
     assert_eq!(out[0].stats.requests, 4);
+    // Without checksum checks (records read as unverified parts) too.
+    let fs = store.store.inner.clone();
+    let unverified = Arc::new(Sized {
+        store: SlowStore::new(fs, 4, 0),
+        size: 2 << 20,
+    });
+    let out = load_and_check(
+        unverified.clone(),
+        &m,
+        1,
+        1,
+        opts(1).verify_checksums(false),
+        &|_| Sharding::Full,
+    )
+    .await;
+    assert_eq!(unverified.store.reads.load(Ordering::SeqCst), 4);
+    assert_eq!(out[0].stats.requests, 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,7 +3,7 @@
 //! reading through the [`FileSystem`] into the destination slots, undoing
 //! transforms and verifying checksums.
 
-use super::plan::{Piece, Record, Run, Schedule, Target, Task, SCATTER_BLOCK};
+use super::plan::{Member, Piece, Record, Run, Schedule, Target, Task, SCATTER_BLOCK};
 use super::{lock, ReadConfig, ReadStats, Slot};
 use crate::error::{Error, Result};
 use crate::metadata::{AppliedTransform, Metadata};
@@ -367,25 +367,32 @@ impl<'a> Ctx<'a> {
         &chunks[*dest_chunk].1
     }
 
-    /// Read the neighbouring whole records `members` of `file` with one
-    /// scattered request straight into their runs (the bytes between
-    /// records into scratch), then check each record's checksums over its
-    /// runs. Every destination chunk is locked first, in address order (as
-    /// [`Ctx::scatter_read`] does, so overlapping lock sets cannot
-    /// deadlock).
-    fn group_read(&self, file: u32, members: &[(usize, Vec<Run>)]) -> Result<()> {
+    /// Read the neighbouring record parts `members` of `file` with one
+    /// scattered request straight into their runs (the bytes between parts
+    /// into scratch), then check the checksums of each member marked
+    /// `verify` over its runs. Every destination chunk is locked first, in
+    /// address order (as [`Ctx::scatter_read`] does, so overlapping lock
+    /// sets cannot deadlock).
+    fn group_read(&self, file: u32, members: &[Member]) -> Result<()> {
+        // Each member's byte range in the file.
+        let range = |(r, runs, _): &Member| {
+            let start = self.records[*r].offset + runs.first().map_or(0, |x| x.rel);
+            (
+                start,
+                start + runs.iter().map(|x| x.len as u64).sum::<u64>(),
+            )
+        };
         let (Some(first), Some(last)) = (members.first(), members.last()) else {
             return Ok(());
         };
         let first_rec = &self.records[first.0];
-        let start = first_rec.offset;
-        let end = self.records[last.0].offset + self.records[last.0].length;
+        let (start, end) = (range(first).0, range(last).1);
         let context = |e: Error| e.context(first_rec.name);
         // Every run of every member, in file order: (member, run).
         let all: Vec<(usize, &Run)> = members
             .iter()
             .enumerate()
-            .flat_map(|(m, (_, runs))| runs.iter().map(move |r| (m, r)))
+            .flat_map(|(m, (_, runs, _))| runs.iter().map(move |r| (m, r)))
             .collect();
         let chunk_of =
             |(m, r): &(usize, &Run)| self.dest_chunk(&self.records[members[*m].0], r.target);
@@ -433,17 +440,14 @@ impl<'a> Ctx<'a> {
         // The bytes between records (at most the coalescing gap each).
         let gaps: Vec<usize> = members
             .windows(2)
-            .map(|w| {
-                let (a, b) = (&self.records[w[0].0], &self.records[w[1].0]);
-                (b.offset - (a.offset + a.length)) as usize
-            })
+            .map(|w| (range(&w[1]).0 - range(&w[0]).1) as usize)
             .collect();
         let mut gap_buf = vec![0u8; gaps.iter().sum()];
         {
             let mut gap_rest: &mut [u8] = &mut gap_buf;
             let mut iov: Vec<std::io::IoSliceMut<'_>> = Vec::with_capacity(all.len() + gaps.len());
             let mut run_slices = slices.iter_mut();
-            for (m, (_, runs)) in members.iter().enumerate() {
+            for (m, (_, runs, _)) in members.iter().enumerate() {
                 for s in run_slices.by_ref().take(runs.len()) {
                     iov.push(std::io::IoSliceMut::new(s));
                 }
@@ -460,15 +464,17 @@ impl<'a> Ctx<'a> {
                 .map_err(context)?;
         }
         let mut at = 0usize;
-        for (record, runs) in members {
-            let rec = &self.records[*record];
-            let mut enc = self.checksum_encoders(rec)?;
-            for p in &slices[at..at + runs.len()] {
-                for (e, _) in &mut enc {
-                    e.update(p, &mut Vec::new())?;
+        for (record, runs, verify) in members {
+            if *verify {
+                let rec = &self.records[*record];
+                let mut enc = self.checksum_encoders(rec)?;
+                for p in &slices[at..at + runs.len()] {
+                    for (e, _) in &mut enc {
+                        e.update(p, &mut Vec::new())?;
+                    }
                 }
+                self.check_checksums(rec, enc)?;
             }
-            self.check_checksums(rec, enc)?;
             at += runs.len();
         }
         Ok(())

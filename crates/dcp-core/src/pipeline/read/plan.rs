@@ -67,16 +67,13 @@ pub(super) enum Task {
         runs: Vec<Run>,
         verify: bool,
     },
-    /// Read neighbouring whole records of one file with one request,
-    /// scattered straight into their destination runs (as [`Task::Scatter`]
-    /// with `verify`, for several records; the few bytes between them go
-    /// to scratch), then check each record's checksums. Only on a file
-    /// system with a request size of its own
+    /// Read neighbouring parts of records of one file with one request,
+    /// scattered straight into their destination runs (as several
+    /// [`Task::Scatter`]s; the few bytes between them go to scratch), then
+    /// check the checksums of the members marked `verify` (whole records).
+    /// Only on a file system with a request size of its own
     /// ([`ReadConfig::request_size`]), where a request costs a round trip.
-    Group {
-        file: u32,
-        members: Vec<(usize, Vec<Run>)>,
-    },
+    Group { file: u32, members: Vec<Member> },
     /// Read `[start, start+len)` of a file once and serve several pieces.
     Span {
         file: u32,
@@ -85,6 +82,11 @@ pub(super) enum Task {
         pieces: Vec<Piece>,
     },
 }
+
+/// One record's part in a [`Task::Group`]: the record, its runs (in
+/// record order, tiling the part), and whether the part is the whole record
+/// and its checksums are checked.
+pub(super) type Member = (usize, Vec<Run>, bool);
 
 /// One contiguous run of a scattered read: `len` bytes at `rel` in the
 /// record go to byte `dest` of target `target`'s destination chunk.
@@ -112,7 +114,7 @@ impl Task {
             Task::Scatter { runs, .. } => runs.iter().map(|r| r.len as u64).sum(),
             Task::Group { members, .. } => members
                 .iter()
-                .flat_map(|(_, runs)| runs)
+                .flat_map(|(_, runs, _)| runs)
                 .map(|r| r.len as u64)
                 .sum(),
             Task::Span { len, .. } => *len,
@@ -130,9 +132,12 @@ impl Task {
                 let r = &records[*record];
                 (r.file, r.offset + runs.first().map_or(0, |x| x.rel))
             }
-            Task::Group { file, members } => {
-                (*file, members.first().map_or(0, |m| records[m.0].offset))
-            }
+            Task::Group { file, members } => (
+                *file,
+                members.first().map_or(0, |(r, runs, _)| {
+                    records[*r].offset + runs.first().map_or(0, |x| x.rel)
+                }),
+            ),
             Task::Span { file, start, .. } => (*file, *start),
         }
     }
@@ -630,47 +635,74 @@ fn coalesce(mut spans: Vec<SpanPiece>, cfg: &ReadConfig, tasks: &mut Vec<Task>) 
     }
 }
 
-/// Merge whole-record scatter reads (verified, so each covers its record
-/// exactly) of neighbouring records of one file, at most `gap` bytes
+/// Merge scatter and direct reads of neighbouring parts of records of one
+/// file (whole records, verified, or parts read unverified), at most `gap` bytes
 /// apart, into [`Task::Group`]s of at most `size` bytes: one request each
-/// instead of one per record.
+/// instead of one per part.
 fn group_records(tasks: Vec<Task>, records: &[Record<'_>], size: u64, gap: u64) -> Vec<Task> {
-    let (mut whole, mut out): (Vec<Task>, Vec<Task>) = tasks
+    // A direct read is a scatter of one run.
+    let (mut scatters, mut out): (Vec<Task>, Vec<Task>) = tasks
         .into_iter()
-        .partition(|t| matches!(t, Task::Scatter { verify: true, .. }));
-    whole.sort_by_key(|t| t.key(records));
+        .map(|t| match t {
+            Task::Direct {
+                record,
+                target,
+                rel_start,
+                dest_start,
+                len,
+                verify,
+            } => Task::Scatter {
+                record,
+                runs: vec![Run {
+                    rel: rel_start,
+                    target,
+                    dest: dest_start,
+                    len,
+                }],
+                verify,
+            },
+            t => t,
+        })
+        .partition(|t| matches!(t, Task::Scatter { runs, .. } if !runs.is_empty()));
+    scatters.sort_by_key(|t| t.key(records));
     // The group being built: file, byte range, members.
-    type Building = (u32, u64, u64, Vec<(usize, Vec<Run>)>);
+    type Building = (u32, u64, u64, Vec<Member>);
     let mut cur: Option<Building> = None;
     let flush = |cur: Option<Building>, out: &mut Vec<Task>| {
         if let Some((file, _, _, mut members)) = cur {
             if members.len() == 1 {
-                let (record, runs) = members.pop().expect("one member");
+                let (record, runs, verify) = members.pop().expect("one member");
                 out.push(Task::Scatter {
                     record,
                     runs,
-                    verify: true,
+                    verify,
                 });
             } else {
                 out.push(Task::Group { file, members });
             }
         }
     };
-    for t in whole {
-        let Task::Scatter { record, runs, .. } = t else {
+    for t in scatters {
+        let Task::Scatter {
+            record,
+            runs,
+            verify,
+        } = t
+        else {
             unreachable!("partitioned")
         };
         let rec = &records[record];
-        let (start, end) = (rec.offset, rec.offset + rec.length);
+        let start = rec.offset + runs[0].rel;
+        let end = start + runs.iter().map(|r| r.len as u64).sum::<u64>();
         if let Some((file, s, e, members)) = &mut cur {
             if *file == rec.file && start >= *e && start - *e <= gap && end - *s <= size {
                 *e = end;
-                members.push((record, runs));
+                members.push((record, runs, verify));
                 continue;
             }
         }
         flush(cur.take(), &mut out);
-        cur = Some((rec.file, start, end, vec![(record, runs)]));
+        cur = Some((rec.file, start, end, vec![(record, runs, verify)]));
     }
     flush(cur, &mut out);
     out
