@@ -16,7 +16,7 @@
 //!   time, and `thread_count` files per rank upload at once; the bytes of the
 //!   state dict are handed to the HTTP client without copying. On load,
 //!   each reader thread keeps `read_concurrency` (8) reads in flight
-//!   ([`FileSystem::read_requests_in_flight`](dcp_core::FileSystem::read_requests_in_flight)),
+//!   ([`FileSystem::read_requests_in_flight`]),
 //!   whatever `thread_count` is; a read larger than `read_chunk` (32 MiB)
 //!   is split into ranged GETs fetched concurrently, neighbouring smaller
 //!   records are read together in one GET, and every byte is copied

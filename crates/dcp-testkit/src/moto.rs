@@ -11,7 +11,7 @@
 //! return `None`, so the S3 cases skip; under CI ([`under_ci`]) a missing
 //! moto panics instead, so a CI run never skips S3 silently.
 //!
-//! The server is a [`Server`](crate::server::Server): it cannot outlive
+//! The server is a [`Server`]: it cannot outlive
 //! the test binary (for the shared server the handle lives in a `static`),
 //! so no stray server is ever left behind.
 
