@@ -15,6 +15,37 @@ use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+/// Cut each locked destination chunk into the disjoint slices its runs
+/// fill: `lists[c]` holds the indices of chunk `c`'s runs in destination
+/// order, `run(i)` run `i`'s `(dest, len)`. The slices come back by run
+/// index (`n` runs in all); `None` when a run overlaps the one before it or
+/// reaches past its chunk.
+fn cut_runs<'g>(
+    guards: &'g mut [std::sync::MutexGuard<'_, DestData>],
+    lists: &[Vec<usize>],
+    n: usize,
+    run: impl Fn(usize) -> (usize, usize),
+) -> Option<Vec<&'g mut [u8]>> {
+    let mut slices: Vec<Option<&mut [u8]>> = (0..n).map(|_| None).collect();
+    for (guard, list) in guards.iter_mut().zip(lists) {
+        let mut rest: &mut [u8] = &mut guard[..];
+        let mut pos = 0usize;
+        for &i in list {
+            let (dest, len) = run(i);
+            let skip = dest.checked_sub(pos)?;
+            if skip.checked_add(len)? > rest.len() {
+                return None;
+            }
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut(skip);
+            let (piece, tail) = tail.split_at_mut(len);
+            slices[i] = Some(piece);
+            rest = tail;
+            pos = dest + len;
+        }
+    }
+    slices.into_iter().collect()
+}
+
 /// Run `sched` on `cfg.thread_count` workers of
 /// `cfg.requests_in_flight` scoped threads each, at most.
 pub(super) fn execute(
@@ -312,23 +343,10 @@ impl<'a> Ctx<'a> {
             self.bytes.fetch_add(first_block as u64, Ordering::Relaxed);
             return self.block_scatter(rec, runs, &run_chunk, &mut guards, start, verify, scratch);
         }
-        let mut slices: Vec<Option<&mut [u8]>> = (0..runs.len()).map(|_| None).collect();
-        for (guard, list) in guards.iter_mut().zip(&by_chunk) {
-            let mut rest: &mut [u8] = &mut guard[..];
-            let mut pos = 0usize;
-            for &i in list {
-                let r = &runs[i];
-                let (_, tail) = std::mem::take(&mut rest).split_at_mut(r.dest - pos);
-                let (piece, tail) = tail.split_at_mut(r.len);
-                slices[i] = Some(piece);
-                rest = tail;
-                pos = r.dest + r.len;
-            }
-        }
-        let mut slices: Vec<&mut [u8]> = slices
-            .into_iter()
-            .map(|s| s.expect("every run has a slice"))
-            .collect();
+        let mut slices = cut_runs(&mut guards, &by_chunk, runs.len(), |i| {
+            (runs[i].dest, runs[i].len)
+        })
+        .expect("runs checked disjoint and inside their chunks above");
         let mut iov: Vec<std::io::IoSliceMut<'_>> = slices
             .iter_mut()
             .map(|s| std::io::IoSliceMut::new(s))
@@ -409,34 +427,17 @@ impl<'a> Ctx<'a> {
                 .expect("every run's chunk is locked");
             by_chunk[c].push(i);
         }
-        let mut slices: Vec<Option<&mut [u8]>> = (0..all.len()).map(|_| None).collect();
-        for (guard, list) in guards.iter_mut().zip(by_chunk.iter_mut()) {
+        for list in &mut by_chunk {
             list.sort_unstable_by_key(|&i| all[i].1.dest);
-            let mut rest: &mut [u8] = &mut guard[..];
-            let mut pos = 0usize;
-            for &i in list.iter() {
-                let r = all[i].1;
-                if r.dest < pos
-                    || r.dest
-                        .checked_add(r.len)
-                        .is_none_or(|e| e - pos > rest.len())
-                {
-                    return Err(Error::invalid(format!(
-                        "{}: planned destination runs overlap or overflow their chunk",
-                        self.where_(&self.records[members[all[i].0].0])
-                    )));
-                }
-                let (_, tail) = std::mem::take(&mut rest).split_at_mut(r.dest - pos);
-                let (piece, tail) = tail.split_at_mut(r.len);
-                slices[i] = Some(piece);
-                rest = tail;
-                pos = r.dest + r.len;
-            }
         }
-        let mut slices: Vec<&mut [u8]> = slices
-            .into_iter()
-            .map(|s| s.expect("every run has a slice"))
-            .collect();
+        let Some(mut slices) = cut_runs(&mut guards, &by_chunk, all.len(), |i| {
+            (all[i].1.dest, all[i].1.len)
+        }) else {
+            return Err(Error::invalid(format!(
+                "{}: planned destination runs overlap or overflow their chunk",
+                self.where_(first_rec)
+            )));
+        };
         // The bytes between records (at most the coalescing gap each).
         let gaps: Vec<usize> = members
             .windows(2)
