@@ -95,7 +95,12 @@ pub(crate) fn needs_of(plan: &LoadPlan) -> Vec<Need> {
 /// equal bytes: balanced, and each rank reads neighbouring records (spans
 /// coalesced across small records never pull in another reader's bytes,
 /// except at the runs' ends).
-pub(crate) fn schedule(md: &Metadata, needs: &[Vec<Need>], budget: u64, lend: bool) -> Schedule {
+pub(crate) fn schedule<N: AsRef<[Need]>>(
+    md: &Metadata,
+    needs: &[N],
+    budget: u64,
+    lend: bool,
+) -> Schedule {
     let mut out = schedule_by_need(md, needs, budget);
     if lend && !out.shared.is_empty() {
         let world = needs.len() as u64;
@@ -124,12 +129,12 @@ pub(crate) fn schedule(md: &Metadata, needs: &[Vec<Need>], budget: u64, lend: bo
     out
 }
 
-fn schedule_by_need(md: &Metadata, needs: &[Vec<Need>], budget: u64) -> Schedule {
+fn schedule_by_need<N: AsRef<[Need]>>(md: &Metadata, needs: &[N], budget: u64) -> Schedule {
     // (rank, index into its needs, bytes needed) per saved chunk.
     type Users = Vec<(usize, usize, u64)>;
     let mut users: BTreeMap<(u32, u32), Users> = BTreeMap::new();
     for (rank, list) in needs.iter().enumerate() {
-        for (i, n) in list.iter().enumerate() {
+        for (i, n) in list.as_ref().iter().enumerate() {
             let elem = elem_size(md, n.item as usize) as u64;
             let bytes: u64 = n.overlaps.iter().map(|o| o.numel() * elem).sum();
             users

@@ -78,21 +78,44 @@ pub(crate) async fn read_shared(
         .into_iter()
         .filter(|n| shared.contains(&(n.item, n.chunk)))
         .collect();
+    if lend {
+        // Ranks of one process hand each other their lists as they are:
+        // nothing to encode, copy or decode.
+        let all = collective
+            .all_gather_local(Arc::new(mine) as crate::collective::LocalValue)
+            .await?;
+        let lists: Vec<Arc<Vec<Need>>> = all
+            .into_iter()
+            .map(|v| {
+                v.downcast::<Vec<Need>>().map_err(|_| {
+                    Error::new(
+                        ErrorKind::Collective,
+                        "a rank shared something other than its shared-read needs",
+                    )
+                })
+            })
+            .collect::<Result<_>>()?;
+        let needs: Vec<&[Need]> = lists.iter().map(|l| l.as_slice()).collect();
+        let sched = schedule(md, &needs, budget, true);
+        let (local_plan, _) = split_plan(plan, &sched);
+        let state = read_local(reader, md, local_plan, dest).await;
+        if sched.shared.is_empty() {
+            return Ok(state);
+        }
+        let fsr = reader
+            .file_system_reader()
+            .expect("every rank said it has a file-system reader");
+        return read_lent(state, md, fsr, collective, &sched, &needs).await;
+    }
     let all = collective.all_gather(encode(&mine)?).await?;
     drop(mine);
     let mut needs: Vec<Vec<Need>> = all
         .iter()
         .map(|b| decode::<Vec<Need>>(b))
         .collect::<Result<_>>()?;
-    let sched = schedule(md, &needs, budget, lend);
+    let sched = schedule(md, &needs, budget, false);
     let (local_plan, mut shared_reads) = split_plan(plan, &sched);
-    let mut state = reader.read(md.clone(), local_plan, dest).await;
-    if lend && !sched.shared.is_empty() {
-        let fsr = reader
-            .file_system_reader()
-            .expect("every rank said it has a file-system reader");
-        return read_lent(state, md, fsr, collective, &sched, &needs).await;
-    }
+    let mut state = read_local(reader, md, local_plan, dest).await;
     for round in &sched.rounds {
         // Read the shared chunks this rank serves in this round, whole.
         let mine: Vec<usize> = round
@@ -264,6 +287,20 @@ pub(crate) async fn read_shared(
     Ok(state)
 }
 
+/// Read what this rank reads alone; a plan with nothing in it (every chunk
+/// this rank needs is shared) leaves `dest` as it is without a pass over it.
+async fn read_local(
+    reader: &dyn StorageReader,
+    md: &Arc<Metadata>,
+    plan: LoadPlan,
+    dest: DestStateDict,
+) -> Result<(DestStateDict, ReadStats)> {
+    if plan.tensor_reads.is_empty() && plan.bytes_reads.is_empty() {
+        return Ok((dest, ReadStats::default()));
+    }
+    reader.read(md.clone(), plan, dest).await
+}
+
 /// A rank's destination, lent to the other ranks of its process while they
 /// read shared chunks into it (`None`: the rank already failed).
 struct Lent(Option<crate::pipeline::read::DestSlots>);
@@ -282,7 +319,7 @@ async fn read_lent(
     reader: &FileSystemReader,
     collective: &dyn Collective,
     sched: &crate::pipeline::exchange::Schedule,
-    needs: &[Vec<crate::pipeline::exchange::Need>],
+    needs: &[&[crate::pipeline::exchange::Need]],
 ) -> Result<Result<(DestStateDict, ReadStats)>> {
     use crate::pipeline::read::{read_slots, DestSlots, Slot};
     let rank = collective.rank();

@@ -121,6 +121,24 @@ pub(super) fn execute(
     })
 }
 
+/// A record's name, file and offset, as errors name it ("NAME: record in
+/// FILE at offset N"); a value, so the hot path formats nothing.
+struct Where<'r> {
+    name: &'r str,
+    file: &'r str,
+    offset: u64,
+}
+
+impl std::fmt::Display for Where<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: record in {} at offset {}",
+            self.name, self.file, self.offset
+        )
+    }
+}
+
 struct Ctx<'a> {
     fs: &'a dyn FileSystem,
     md: &'a Metadata,
@@ -137,13 +155,13 @@ impl<'a> Ctx<'a> {
         &self.md.files[file as usize].name
     }
 
-    fn where_(&self, rec: &Record<'_>) -> String {
-        format!(
-            "{}: record in {} at offset {}",
-            rec.name,
-            self.file_name(rec.file),
-            rec.offset
-        )
+    /// Where `rec` is, for error messages: formatted only when an error is.
+    fn where_<'r>(&'r self, rec: &'r Record<'_>) -> Where<'r> {
+        Where {
+            name: rec.name,
+            file: self.file_name(rec.file),
+            offset: rec.offset,
+        }
     }
 
     fn read(&self, file: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -667,7 +685,7 @@ const MAX_CODEC_RATIO: u64 = 1 << 16;
 /// errors.
 pub(crate) fn decode_record<'b>(
     resolved: &[Option<Arc<dyn StreamTransformExtension>>],
-    what: &str,
+    what: &dyn std::fmt::Display,
     transforms: &[AppliedTransform],
     logical: u64,
     stored: &'b [u8],
