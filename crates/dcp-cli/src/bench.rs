@@ -65,6 +65,9 @@ pub enum ScenarioKind {
     /// A save of tensors in simulated device memory (20 GB/s copies): its
     /// time against the larger of the copy time and a raw write.
     Device,
+    /// A load into simulated device memory (20 GB/s copies, warm cache):
+    /// its time against the larger of the copy time and a raw read.
+    DeviceLoad,
 }
 
 /// Arguments of `dcp bench`.
@@ -378,6 +381,7 @@ impl Bench {
         if !wants(ScenarioKind::Load)
             && !wants(ScenarioKind::Reshard)
             && !wants(ScenarioKind::ReshardFsspec)
+            && !wants(ScenarioKind::DeviceLoad)
         {
             return Ok(out);
         }
@@ -400,6 +404,9 @@ impl Bench {
         let lens: Vec<usize> = images.iter().map(Vec::len).collect();
         drop(images);
         drop(raw_files);
+        if wants(ScenarioKind::DeviceLoad) {
+            out.push(self.device_load_scenario(&md, sync, &lens)?);
+        }
         for kind in [
             ScenarioKind::Load,
             ScenarioKind::Reshard,
