@@ -161,8 +161,8 @@ impl Bench {
     /// the sharding they saved, into a simulated device's memory
     /// ([`DEVICE_BANDWIDTH`], [`DEVICE_LATENCY`]; DMA-like: the copies cost
     /// the host no CPU) through staging buffers of at most `threads x`
-    /// [`DEVICE_LOAD_COPY_AHEAD`] bytes per rank. Warm cache: one untimed
-    /// pass of each first. The baseline is the larger of the copy time of
+    /// [`DEVICE_LOAD_COPY_AHEAD`] bytes per rank, from the device's pool
+    /// (reused across reps). Warm cache: one untimed pass of each first. The baseline is the larger of the copy time of
     /// those bytes and a raw read of the checkpoint's bytes (the load can
     /// go no faster than either).
     pub(super) fn device_load_scenario(
@@ -185,13 +185,15 @@ impl Bench {
         let mut reps = Vec::new();
         let mut verified = None;
         let mut reset = true;
+        // One device for all reps: its pool of staging buffers is reused
+        // from the warm-up on, as a CUDA stager's pinned pool is.
+        let dev = SimDevice::dma(DEVICE_LATENCY, DEVICE_BANDWIDTH)?;
         for rep in 0..=self.args.reps as usize {
             let timed = rep > 0;
             self.progress.phase(format_args!(
                 "device_load: {} with {n} ranks",
                 if timed { "rep" } else { "warm-up" }
             ));
-            let dev = SimDevice::dma(DEVICE_LATENCY, DEVICE_BANDWIDTH)?;
             let ranks: Vec<DeviceRank> = (0..n).map(|k| self.device_dest(&dev, k, n)).collect();
             let (dests, sinks): (Vec<DeviceDest>, Vec<_>) = ranks.into_iter().unzip();
             let dests = Arc::new(dests);
