@@ -32,6 +32,9 @@ fn model() -> Model {
     .tensor("step", DType::I64, &[], Sharding::Full)
 }
 
+/// Simulated device memory by item name and box.
+type Sinks = Vec<(String, ChunkBox, Arc<SimSink>)>;
+
 /// Each rank's device destination under `sharding_of` for a `world`-rank
 /// load: every box in its own simulated device memory.
 fn device_dests(
@@ -39,7 +42,7 @@ fn device_dests(
     dev: &Arc<SimDevice>,
     world: usize,
     sharding_of: &dyn Fn(&TensorSpec) -> Sharding,
-) -> Vec<(DeviceDest, Vec<(String, ChunkBox, Arc<SimSink>)>)> {
+) -> Vec<(DeviceDest, Sinks)> {
     (0..world)
         .map(|rank| {
             let mut d = DeviceDest::new();
@@ -83,7 +86,7 @@ async fn load_device_ranks(
 }
 
 /// Assert every sink holds exactly the reference bytes of its box.
-fn check_sinks(m: &Model, sinks: &[(String, ChunkBox, Arc<SimSink>)], what: &str) {
+fn check_sinks(m: &Model, sinks: &Sinks, what: &str) {
     for (name, region, sink) in sinks {
         let spec = m.spec(name);
         let want = slice_box(&spec.global(), &spec.shape, spec.dtype.size(), region);

@@ -207,12 +207,15 @@ struct SinkInner {
     failing: AtomicBool,
 }
 
+/// A staging buffer kept as device memory, with the byte runs it fills.
+type Kept = (Vec<(u64, u64)>, Box<dyn TensorBuffer>);
+
 /// A sink's memory: bytes copied in, and (a DMA-like device) staging
 /// buffers kept as they are, applied over them in upload order.
 #[derive(Default)]
 struct SinkMem {
     bytes: Vec<u8>,
-    kept: Vec<(Vec<(u64, u64)>, Box<dyn TensorBuffer>)>,
+    kept: Vec<Kept>,
 }
 
 impl std::fmt::Debug for SimSink {
