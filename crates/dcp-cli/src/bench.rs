@@ -138,6 +138,18 @@ pub struct BenchArgs {
     /// built with the `mpi` feature.
     #[arg(long, conflicts_with = "ranks")]
     pub mpi: bool,
+    /// Copy bandwidth of each lane of the simulated device of the `device`
+    /// and `device-load` scenarios, in GB/s (PCIe 4.0 x16 in practice).
+    #[arg(long, default_value_t = staging::DEVICE_BANDWIDTH / 1e9, value_parser = positive_gbps)]
+    pub device_gbps: f64,
+}
+
+/// A positive, finite bandwidth in GB/s.
+fn positive_gbps(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a positive number of GB/s")),
+    }
 }
 
 /// One line of `dcp bench --json`: one scenario, medians over the reps.

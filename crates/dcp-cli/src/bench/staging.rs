@@ -19,7 +19,8 @@ use dcp_core::{
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// The simulated device's copy bandwidth: PCIe 4.0 x16 in practice.
+/// The simulated device's default copy bandwidth per lane (`dcp bench
+/// --device-gbps`): PCIe 4.0 x16 in practice.
 pub const DEVICE_BANDWIDTH: f64 = 20e9;
 /// The simulated device's latency per copy.
 pub const DEVICE_LATENCY: Duration = Duration::from_micros(10);
@@ -88,7 +89,7 @@ impl Bench {
     }
 
     /// `device`: the state dicts' tensors in a simulated device's memory
-    /// ([`DEVICE_BANDWIDTH`], [`DEVICE_LATENCY`]; DMA-like: the copies cost
+    /// (`--device-gbps`, default [`DEVICE_BANDWIDTH`]; [`DEVICE_LATENCY`]; DMA-like: the copies cost
     /// the host no CPU, as on a GPU), saved; the baseline is the
     /// larger of the copy time of those bytes and a raw write of the
     /// checkpoint's bytes (the save can go no faster than either).
@@ -97,7 +98,7 @@ impl Bench {
         sds: &Arc<Vec<StateDict>>,
         sync: bool,
     ) -> Result<BenchRecord, CliError> {
-        let dev = SimDevice::dma(DEVICE_LATENCY, DEVICE_BANDWIDTH)?;
+        let dev = SimDevice::dma(DEVICE_LATENCY, self.args.device_gbps * 1e9)?;
         let on_device: Arc<Vec<StateDict>> = Arc::new(
             sds.iter()
                 .map(|sd| on_device(sd, &dev))
@@ -159,7 +160,7 @@ type DeviceRank = (DeviceDest, Vec<(String, ChunkBox, Arc<SimSink>)>);
 impl Bench {
     /// `device-load`: the checkpoint loaded by the ranks that saved it, in
     /// the sharding they saved, into a simulated device's memory
-    /// ([`DEVICE_BANDWIDTH`], [`DEVICE_LATENCY`]; DMA-like: the copies cost
+    /// (`--device-gbps`, default [`DEVICE_BANDWIDTH`]; [`DEVICE_LATENCY`]; DMA-like: the copies cost
     /// the host no CPU) through staging buffers of at most `threads x`
     /// [`DEVICE_LOAD_COPY_AHEAD`] bytes per rank, from the device's pool
     /// (reused across reps). Warm cache: one untimed pass of each first. The baseline is the larger of the copy time of
@@ -187,7 +188,7 @@ impl Bench {
         let mut reset = true;
         // One device for all reps: its pool of staging buffers is reused
         // from the warm-up on, as a CUDA stager's pinned pool is.
-        let dev = SimDevice::dma(DEVICE_LATENCY, DEVICE_BANDWIDTH)?;
+        let dev = SimDevice::dma(DEVICE_LATENCY, self.args.device_gbps * 1e9)?;
         for rep in 0..=self.args.reps as usize {
             let timed = rep > 0;
             self.progress.phase(format_args!(
