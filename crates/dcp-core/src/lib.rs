@@ -6,7 +6,9 @@
 //! that moves bytes, and the plug points other crates implement:
 //! [`FileSystem`] (where bytes go: `dcp-fs`, `dcp-fsspec`),
 //! [`StreamTransformExtension`] (compression, checksums: `dcp-ext`) and
-//! [`Collective`] (how ranks talk: [`Single`], [`LocalGroup`], later MPI).
+//! [`Collective`] (how ranks talk: [`Single`], [`LocalGroup`], later MPI),
+//! and [`ChunkSource`]/[`ChunkSink`] (device memory a save copies out of
+//! and a load, [`load_to_device`], copies into).
 //!
 //! dcp-core does no I/O of its own: every byte goes through a `FileSystem`.
 //! It refuses, with an [`Error`] naming what is wrong, hostile or damaged

@@ -397,4 +397,48 @@ mod tests {
         drop((a, b));
         assert_eq!(dev.pool().free_bytes(), 4000, "buffers back in the pool");
     }
+
+    #[test]
+    fn uploads_fill_their_runs_in_lane_order_and_refuse_bad_runs() {
+        for dma in [false, true] {
+            let dev = if dma {
+                SimDevice::dma(Duration::from_micros(100), 1e9).unwrap()
+            } else {
+                SimDevice::new(Duration::from_micros(100), 1e9).unwrap()
+            };
+            let sink = dev.sink(10);
+            let mut a = sink.staging(4).unwrap();
+            a.as_mut_bytes().copy_from_slice(&[1, 2, 3, 4]);
+            let mut b = sink.staging(3).unwrap();
+            b.as_mut_bytes().copy_from_slice(&[7, 8, 9]);
+            let t = Instant::now();
+            // Two runs of two bytes from one buffer, then an overwrite.
+            let ua = sink.upload(0, vec![(0, 2), (6, 2)], a).unwrap();
+            let ub = sink.upload(0, vec![(1, 3)], b).unwrap();
+            ua.wait().unwrap();
+            ub.wait().unwrap();
+            assert!(t.elapsed() >= Duration::from_micros(200), "in lane order");
+            assert_eq!(
+                sink.to_vec(),
+                vec![1, 7, 8, 9, 0, 0, 3, 4, 0, 0],
+                "dma {dma}"
+            );
+            assert_eq!(sink.uploaded_bytes(), 7);
+            let c = sink.staging(2).unwrap();
+            let Err(e) = sink.upload(1, vec![(9, 2)], c) else {
+                panic!("a run past the end was accepted");
+            };
+            assert!(e.message().contains("10-byte destination"), "{e}");
+            let c = sink.staging(2).unwrap();
+            let Err(e) = sink.upload(1, vec![(0, 1)], c) else {
+                panic!("runs shorter than the buffer were accepted");
+            };
+            assert!(e.message().contains("cover 1 bytes"), "{e}");
+            sink.set_failing(true);
+            let c = sink.staging(2).unwrap();
+            let e = sink.upload(1, vec![(0, 2)], c).unwrap().wait().unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Io);
+            assert_eq!(sink.to_vec()[..2], [1, 7], "a failed copy wrote nothing");
+        }
+    }
 }
