@@ -99,8 +99,9 @@ pub fn runs(o: &BenchOptions) -> Vec<Vec<String>> {
         .concat(),
         [&["--workload", "many-small"], small].concat(),
         [&["--workload", "optimizer"], opt].concat(),
-        // Staging: an asynchronous save, and a save from simulated device
-        // memory (no fsync: the copies and the overlap are measured).
+        // Staging: an asynchronous save, a save from simulated device
+        // memory and a load into it (no fsync: the copies and the overlap
+        // are measured).
         [
             &[
                 "--workload",
@@ -110,7 +111,7 @@ pub fn runs(o: &BenchOptions) -> Vec<Vec<String>> {
                 "--sync",
                 "0",
                 "--scenarios",
-                "async,device",
+                "async,device,device-load",
             ],
             llm,
         ]
@@ -428,6 +429,14 @@ pub fn targets(lines: &[Value]) -> String {
         "device_save (simulated): <= 1.15x max(copy, write)".to_string(),
         got,
     );
+    let got = find(lines, "llm", "device_load", Some(4)).map(|l| {
+        let over = num(l, "seconds") / num(l, "raw_seconds").max(1e-9);
+        (over <= 1.15, format!("{over:.2}x max(copy time, raw read)"))
+    });
+    line(
+        "device_load (simulated): <= 1.15x max(copy, read)".to_string(),
+        got,
+    );
     out.push_str("  (1M-chunk metadata encode+decode < 1 s: cargo xtask bench --micro)\n");
     out
 }
@@ -448,7 +457,9 @@ mod tests {
         let o = parse(&s(&["--quick", "--reps", "5", "--dir", "/d"])).unwrap();
         let r = runs(&o);
         assert_eq!(r.len(), 6);
-        assert!(r[5].join(" ").contains("--scenarios async,device"));
+        assert!(r[5]
+            .join(" ")
+            .contains("--scenarios async,device,device-load"));
         assert!(r.iter().all(|a| a.join(" ").contains("--json --reps 5")));
         assert!(r[1]
             .join(" ")

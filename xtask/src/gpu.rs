@@ -7,7 +7,9 @@
 //! 3. dcp-cuda's GPU tests with `DCP_CUDA_REQUIRE_GPU=1`, so none may skip;
 //! 4. the `gpu_bench` example: 1 GiB of device tensors in 64 MiB chunks,
 //!    dcp's staging against a plain pinned `cuMemcpyDtoHAsync` of the same
-//!    bytes, target at least 0.8 (and the load direction, informational).
+//!    bytes, target at least 0.8 (and the load direction, informational:
+//!    `upload` and a whole `load_to_device` through pinned staging buffers,
+//!    each against a plain pinned `cuMemcpyHtoDAsync` of the same bytes).
 //!
 //! Every step prints its command and time; a summary says which failed.
 
@@ -70,7 +72,7 @@ pub fn gpu_check(args: &[String]) -> Result<bool, String> {
     tests.env("DCP_CUDA_REQUIRE_GPU", "1");
     let tests_ok = run("dcp-cuda GPU tests (none may skip)", tests)?;
     let bench_ok = step(
-        "benchmark: dcp staging vs plain pinned D2H",
+        "benchmark: dcp staging vs plain pinned D2H (and device loads vs plain H2D)",
         &[
             "run",
             "--release",

@@ -55,7 +55,8 @@ commands:
   gpu-check [--gib N]
                   on an NVIDIA GPU: dcp-cuda's GPU tests, then dcp staging of
                   N GiB (default 1) of device tensors against a plain pinned
-                  device-to-host copy (target >= 0.8); fails without a GPU";
+                  device-to-host copy (target >= 0.8), and device loads against a
+                  plain pinned host-to-device copy; fails without a GPU";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -65,6 +65,9 @@ pub enum ScenarioKind {
     /// A save of tensors in simulated device memory (20 GB/s copies): its
     /// time against the larger of the copy time and a raw write.
     Device,
+    /// A load into simulated device memory (20 GB/s copies, warm cache):
+    /// its time against the larger of the copy time and a raw read.
+    DeviceLoad,
 }
 
 /// Arguments of `dcp bench`.
@@ -135,6 +138,18 @@ pub struct BenchArgs {
     /// built with the `mpi` feature.
     #[arg(long, conflicts_with = "ranks")]
     pub mpi: bool,
+    /// Copy bandwidth of each lane of the simulated device of the `device`
+    /// and `device-load` scenarios, in GB/s (PCIe 4.0 x16 in practice).
+    #[arg(long, default_value_t = staging::DEVICE_BANDWIDTH / 1e9, value_parser = positive_gbps)]
+    pub device_gbps: f64,
+}
+
+/// A positive, finite bandwidth in GB/s.
+fn positive_gbps(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a positive number of GB/s")),
+    }
 }
 
 /// One line of `dcp bench --json`: one scenario, medians over the reps.
@@ -378,6 +393,7 @@ impl Bench {
         if !wants(ScenarioKind::Load)
             && !wants(ScenarioKind::Reshard)
             && !wants(ScenarioKind::ReshardFsspec)
+            && !wants(ScenarioKind::DeviceLoad)
         {
             return Ok(out);
         }
@@ -400,6 +416,9 @@ impl Bench {
         let lens: Vec<usize> = images.iter().map(Vec::len).collect();
         drop(images);
         drop(raw_files);
+        if wants(ScenarioKind::DeviceLoad) {
+            out.push(self.device_load_scenario(&md, sync, &lens)?);
+        }
         for kind in [
             ScenarioKind::Load,
             ScenarioKind::Reshard,

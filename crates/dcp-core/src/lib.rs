@@ -6,7 +6,9 @@
 //! that moves bytes, and the plug points other crates implement:
 //! [`FileSystem`] (where bytes go: `dcp-fs`, `dcp-fsspec`),
 //! [`StreamTransformExtension`] (compression, checksums: `dcp-ext`) and
-//! [`Collective`] (how ranks talk: [`Single`], [`LocalGroup`], later MPI).
+//! [`Collective`] (how ranks talk: [`Single`], [`LocalGroup`], later MPI),
+//! and [`ChunkSource`]/[`ChunkSink`] (device memory a save copies out of
+//! and a load, [`load_to_device`], copies into).
 //!
 //! dcp-core does no I/O of its own: every byte goes through a `FileSystem`.
 //! It refuses, with an [`Error`] naming what is wrong, hostile or damaged
@@ -52,10 +54,11 @@ pub mod transform;
 pub mod verify;
 
 pub use checkpoint::{
-    is_data_file_name, load, load_with, read_metadata, save, save_with, AsyncSave, AsyncSaver,
-    FileSystemReader, FileSystemWriter, LeaseInfo, LoadOptions, LoadResult, MetadataTranslator,
-    PlanCacheStats, ReaderOptions, SaveOptions, SavePlanCache, SaveResult, StorageReader,
-    StorageWriter, WhenBusy, WriterOptions, LEASE_FILE,
+    is_data_file_name, load, load_to_device, load_with, read_metadata, save, save_with, AsyncSave,
+    AsyncSaver, DeviceDest, DeviceLoadOptions, DeviceLoadResult, DeviceTensor, FileSystemReader,
+    FileSystemWriter, LeaseInfo, LoadOptions, LoadResult, MetadataTranslator, PlanCacheStats,
+    ReaderOptions, SaveOptions, SavePlanCache, SaveResult, StorageReader, StorageWriter, WhenBusy,
+    WriterOptions, LEASE_FILE,
 };
 pub use collective::{Collective, LocalGroup, LocalValue, Single};
 pub use dtype::DType;
@@ -68,7 +71,7 @@ pub use model::{
     TensorBuffer, TensorChunk, TensorItem,
 };
 pub use pipeline::ReadStats;
-pub use stage::{ChunkData, ChunkSource, HostPool};
+pub use stage::{ChunkData, ChunkSink, ChunkSource, HostPool};
 pub use storage::{Capabilities, FileEntry, FileSink, FileSystem};
 pub use transform::{
     Crc32c, ExtensionFactory, ExtensionRegistry, StreamEncoder, StreamTransformExtension,

@@ -9,6 +9,14 @@
 //! pool when dropped. [`CudaStager::upload`] copies loaded bytes back to the
 //! device through the same pinned buffers, two pieces in flight.
 //!
+//! Loads go the other way: device memory becomes a [`ChunkSink`]
+//! ([`CudaStager::sink`]). [`dcp_core::load_to_device`] reads records into
+//! pinned staging buffers of the same pool ([`ChunkSink::staging`]),
+//! verifies them, and copies each to the device with `cuMemcpyHtoDAsync`
+//! on the stream of its reader lane, an event marking its end, while the
+//! next records are read; the buffer goes back to the pool once its event
+//! has completed.
+//!
 //! It builds without a CUDA toolkit: the driver library (`libcuda.so`) is
 //! loaded at run time, through cudarc's driver API with the bindings of CUDA
 //! 12.8. It refuses, with an [`ErrorKind::Unsupported`] error and never a
@@ -41,10 +49,12 @@
 
 use bytes::Bytes;
 use cudarc::driver::{
-    result::DriverError, sys, CudaContext, CudaEvent, CudaSlice, CudaStream, PinnedHostSlice,
+    result::DriverError, sys, CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr,
+    PinnedHostSlice,
 };
 pub use dcp_core::stage::StagedCopy;
-use dcp_core::{ChunkData, ChunkSource, Error, ErrorKind, Result};
+use dcp_core::stage::{check_runs, PendingUpload};
+use dcp_core::{ChunkData, ChunkSink, ChunkSource, Error, ErrorKind, Result, TensorBuffer};
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -302,6 +312,36 @@ impl CudaStager {
         Ok(dst)
     }
 
+    /// Device memory `slice` as a load destination ([`ChunkSink`]): a
+    /// device load copies into it from pinned staging buffers on the
+    /// stream of each reader lane. Refuses memory of another device. Waits
+    /// for work cudarc has recorded on `slice` first; get the memory back
+    /// with [`CudaSink::into_slice`] once the load has returned.
+    pub fn sink(self: &Arc<Self>, slice: CudaSlice<u8>) -> Result<Arc<CudaSink>> {
+        if **slice.context() != *self.ctx {
+            return Err(Error::invalid(format!(
+                "a tensor of CUDA device {} given to the stager of device {}",
+                slice.ordinal(),
+                self.ctx.ordinal()
+            )));
+        }
+        let stream = self.lane(0)?;
+        let ptr = {
+            let (ptr, _read) = slice.device_ptr(&stream);
+            ptr
+        };
+        // Every copy into the sink is ordered after earlier writes to it.
+        stream
+            .synchronize()
+            .map_err(|e| driver_err("wait for a destination tensor", e))?;
+        Ok(Arc::new(CudaSink {
+            stager: self.clone(),
+            len: slice.len() as u64,
+            ptr,
+            slice: Mutex::new(Some(slice)),
+        }))
+    }
+
     /// [`CudaStager::upload_pieces`] in pieces of 32 MiB.
     pub fn upload(&self, lane: usize, data: &[u8]) -> Result<CudaSlice<u8>> {
         self.upload_pieces(lane, data, 32 << 20)
@@ -509,6 +549,185 @@ impl Drop for PinnedBytes {
     fn drop(&mut self) {
         if let Some(p) = self.pinned.take() {
             self.stager.pool.put(p);
+        }
+    }
+}
+
+/// Device memory a load fills (see [`CudaStager::sink`]).
+pub struct CudaSink {
+    stager: Arc<CudaStager>,
+    len: u64,
+    /// The device address of `slice`'s first byte.
+    ptr: sys::CUdeviceptr,
+    slice: Mutex<Option<CudaSlice<u8>>>,
+}
+
+impl fmt::Debug for CudaSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "CudaSink(device {}, {} bytes)",
+            self.stager.ctx.ordinal(),
+            self.len
+        )
+    }
+}
+
+impl CudaSink {
+    /// The device memory back, once no load uses the sink (after
+    /// [`dcp_core::load_to_device`] returned, every copy into it is
+    /// complete).
+    pub fn into_slice(self) -> CudaSlice<u8> {
+        self.slice
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner())
+            .expect("the slice is taken only here")
+    }
+}
+
+impl ChunkSink for CudaSink {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn staging(&self, len: usize) -> Result<Box<dyn TensorBuffer>> {
+        let p = self.stager.take(len)?;
+        let addr = p
+            .buf
+            .as_ptr()
+            .map_err(|e| driver_err("wait for a pinned buffer", e))? as usize;
+        Ok(Box::new(PinnedStaging {
+            pinned: Some(p),
+            addr,
+            stager: self.stager.clone(),
+        }))
+    }
+
+    fn upload(
+        &self,
+        lane: usize,
+        runs: Vec<(u64, u64)>,
+        src: Box<dyn TensorBuffer>,
+    ) -> Result<Box<dyn PendingUpload>> {
+        check_runs(&runs, self.len, src.as_bytes().len())?;
+        let stream = self.stager.lane(lane)?;
+        let done = self
+            .stager
+            .ctx
+            .new_event(Some(sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC))
+            .map_err(|e| driver_err("create a CUDA event", e))?;
+        let bytes = src.as_bytes();
+        let mut at = 0usize;
+        let mut started: std::result::Result<(), DriverError> = Ok(());
+        for (off, len) in &runs {
+            let len = *len as usize;
+            // SAFETY: the destination range lies inside the live device
+            // allocation `self.slice` (checked by `check_runs`), which this
+            // sink keeps alive; nothing else writes that range during the
+            // load (each destination byte belongs to one staged part). The
+            // source is `src`'s bytes, which the returned upload owns, and
+            // does not drop, move or hand out for writing until the event
+            // recorded after the copy has completed (or, if recording
+            // fails, until the stream is idle).
+            started = unsafe {
+                cudarc::driver::result::memcpy_htod_async(
+                    self.ptr + off,
+                    &bytes[at..at + len],
+                    stream.cu_stream(),
+                )
+            };
+            if started.is_err() {
+                break;
+            }
+            at += len;
+        }
+        let started = started.and_then(|()| done.record(&stream));
+        if let Err(e) = started {
+            // Nothing may still read `src` once the stream is idle.
+            let _ = stream.synchronize();
+            return Err(driver_err("copy to the device", e));
+        }
+        self.stager
+            .copied
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        Ok(Box::new(CudaUpload {
+            done,
+            src: Some(src),
+            stream,
+        }))
+    }
+}
+
+/// A pinned staging buffer lent to a load; back to the pool when dropped.
+struct PinnedStaging {
+    pinned: Option<Pinned>,
+    /// The buffer's address (a pointer is not `Send`).
+    addr: usize,
+    stager: Arc<CudaStager>,
+}
+
+impl TensorBuffer for PinnedStaging {
+    fn as_bytes(&self) -> &[u8] {
+        let len = self.pinned.as_ref().map_or(0, |p| p.buf.len());
+        // SAFETY: `addr` is the start of the pinned allocation of `len`
+        // bytes owned by `self.pinned`, which lives (and is not pooled)
+        // until `self` is dropped. Its bytes are initialized (zeroed at
+        // allocation). No copy writes into it while `self` holds it: it
+        // came from the pool, where only buffers whose copies completed
+        // are kept, and a copy to the device only reads it.
+        unsafe { std::slice::from_raw_parts(self.addr as *const u8, len) }
+    }
+
+    fn as_mut_bytes(&mut self) -> &mut [u8] {
+        let len = self.pinned.as_ref().map_or(0, |p| p.buf.len());
+        // SAFETY: as in `as_bytes`; `&mut self` makes this the only
+        // reference, and no copy to the device reads the buffer yet (an
+        // upload takes the buffer by value, so it cannot be borrowed
+        // mutably while a copy reads it).
+        unsafe { std::slice::from_raw_parts_mut(self.addr as *mut u8, len) }
+    }
+}
+
+impl Drop for PinnedStaging {
+    fn drop(&mut self) {
+        if let Some(p) = self.pinned.take() {
+            self.stager.pool.put(p);
+        }
+    }
+}
+
+/// A host-to-device copy in flight: it owns its source buffer until the
+/// event recorded after the copy has completed; dropped unwaited, it waits
+/// for the copy first.
+struct CudaUpload {
+    done: CudaEvent,
+    src: Option<Box<dyn TensorBuffer>>,
+    stream: Arc<CudaStream>,
+}
+
+impl PendingUpload for CudaUpload {
+    fn wait(mut self: Box<Self>) -> Result<()> {
+        let r = self
+            .done
+            .synchronize()
+            .map_err(|e| driver_err("wait for a copy to the device", e));
+        if r.is_err() {
+            // The event failed: the stream idle is the copy done.
+            let _ = self.stream.synchronize();
+        }
+        drop(self.src.take());
+        r
+    }
+}
+
+impl Drop for CudaUpload {
+    fn drop(&mut self) {
+        if let Some(src) = self.src.take() {
+            // Soundness: the DMA may still be reading `src`.
+            if self.done.synchronize().is_err() {
+                let _ = self.stream.synchronize();
+            }
+            drop(src);
         }
     }
 }

@@ -2,7 +2,8 @@
 //! 4 writer threads load bit-exact and are staged within the copy-ahead
 //! budget; pinned buffers are reused across saves; a staged copy dropped
 //! unwaited gives its buffer back only once the copy is done; loaded bytes
-//! go back to the device bit-exact.
+//! go back to the device bit-exact, and `load_to_device` fills device
+//! memory through pinned staging buffers bit-exact within its budget.
 //!
 //! They need an NVIDIA GPU and its driver. Without them each test says, on
 //! stderr and past the test harness's capture, that it was SKIPPED, and
@@ -194,4 +195,95 @@ fn an_unwaited_copy_returns_its_buffer_only_when_done() {
         panic!("a range past the end was staged");
     };
     assert!(e.message().contains("device tensor"), "{e}");
+}
+
+/// Loads into device memory through pinned staging buffers: the checkpoint
+/// of the host model loaded whole and in row shards (one saved chunk filling
+/// parts of several device tensors), with 1, 2 and 4 copy lanes, with and
+/// without checksum verification, lands bit-exact on the device, within
+/// `thread_count x per_thread_copy_ahead` staged bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn device_loads_land_bit_exact_within_the_budget() {
+    let Some(stager) = stager_or_skip("device_loads_land_bit_exact_within_the_budget") else {
+        return;
+    };
+    let host = host_model();
+    let dir = tempfile::tempdir().unwrap();
+    let fs: Arc<dyn FileSystem> = Arc::new(dcp_fs::LocalFs::new(dir.path()));
+    let mut sd = StateDict::new();
+    for (i, (name, dt, shape)) in layout().into_iter().enumerate() {
+        sd.insert_full_tensor(name, dt, shape, Bytes::from(host[i].clone()))
+            .unwrap();
+    }
+    let w = FileSystemWriter::new(fs.clone(), WriterOptions::default().sync_files(false)).unwrap();
+    save(&sd, &w, &Single).await.unwrap();
+    let copy_ahead = 1 << 20;
+    for threads in [1usize, 2, 4] {
+        for verify in [false, true] {
+            for parts in [1u64, 3] {
+                let what = format!("{threads} lanes, verify {verify}, {parts} parts");
+                let mut dest = dcp_core::DeviceDest::new();
+                let mut sinks = Vec::new();
+                for (i, (name, dt, shape)) in layout().into_iter().enumerate() {
+                    let rows = shape.first().copied().unwrap_or(1);
+                    let mut chunks: Vec<(ChunkBox, Arc<dyn dcp_core::ChunkSink>)> = Vec::new();
+                    for k in 0..parts.min(rows) {
+                        let region = if shape.is_empty() {
+                            ChunkBox::full(&shape)
+                        } else {
+                            let (lo, hi) = (rows * k / parts, rows * (k + 1) / parts);
+                            let mut sizes = shape.clone();
+                            sizes[0] = hi - lo;
+                            let mut offsets = vec![0; shape.len()];
+                            offsets[0] = lo;
+                            ChunkBox::new(offsets, sizes).unwrap()
+                        };
+                        let len = (region.numel() * dt.size() as u64) as usize;
+                        let start = if shape.is_empty() {
+                            0
+                        } else {
+                            len / region.sizes[0] as usize * region.offsets[0] as usize
+                        };
+                        let mem = stager.lane(0).unwrap().alloc_zeros::<u8>(len).unwrap();
+                        let sink = stager.sink(mem).unwrap();
+                        sinks.push((i, start, sink.clone()));
+                        chunks.push((region, sink));
+                    }
+                    dest.insert_tensor(name, dt, shape, chunks).unwrap();
+                }
+                let reader = FileSystemReader::new(
+                    fs.clone(),
+                    ReaderOptions::default()
+                        .thread_count(threads)
+                        .verify_checksums(verify),
+                );
+                let o = dcp_core::DeviceLoadOptions::default()
+                    .thread_count(threads)
+                    .per_thread_copy_ahead(copy_ahead);
+                let r = dcp_core::load_to_device(&dest, &reader, &Single, &o)
+                    .await
+                    .unwrap();
+                let total: usize = host.iter().map(Vec::len).sum();
+                assert_eq!(r.uploaded_bytes, total as u64, "{what}");
+                let largest = host.iter().map(Vec::len).max().unwrap() as u64;
+                let bound = (threads * copy_ahead) as u64;
+                let bound = if verify { bound.max(largest) } else { bound };
+                assert!(
+                    r.staged_peak_bytes > 0 && r.staged_peak_bytes <= bound,
+                    "{what}: {} staged bytes, bound {bound}",
+                    r.staged_peak_bytes
+                );
+                drop(dest);
+                for (i, start, sink) in sinks {
+                    let sink = Arc::try_unwrap(sink).expect("the load let go of the sink");
+                    let mem = sink.into_slice();
+                    let back = stager.lane(0).unwrap().clone_dtoh(&mem).unwrap();
+                    assert!(
+                        back[..] == host[i][start..start + back.len()],
+                        "{what}: tensor {i} at {start}: not bit-exact on the device"
+                    );
+                }
+            }
+        }
+    }
 }

@@ -74,11 +74,12 @@ mod imp {
                 "--mpi: the scale workload simulates its ranks in one process; run it without --mpi",
             ));
         }
-        if let Some(s) = args
-            .scenarios
-            .iter()
-            .find(|s| matches!(s, ScenarioKind::Async | ScenarioKind::Device))
-        {
+        if let Some(s) = args.scenarios.iter().find(|s| {
+            matches!(
+                s,
+                ScenarioKind::Async | ScenarioKind::Device | ScenarioKind::DeviceLoad
+            )
+        }) {
             return Err(CliError::usage(format!(
                 "--mpi: scenario {s:?} is not measured across processes (save, load, reshard and reshard-fsspec are)"
             )));

@@ -53,26 +53,7 @@ async fn load_inner(
     collective: &dyn Collective,
     options: &LoadOptions,
 ) -> Result<LoadResult> {
-    let rank = collective.rank();
-    // Rank 0 reads and validates the metadata once; the others validate what
-    // they receive (a rank never trusts bytes it did not check).
-    let mut root_md = None;
-    let md_msg = if rank == ROOT {
-        let r = reader.read_metadata().await.and_then(|b| {
-            root_md = Some(Metadata::decode(&b)?);
-            Ok(b)
-        });
-        let msg = encode(&wire(r, ROOT))?;
-        collective.broadcast(Some(msg), ROOT).await?
-    } else {
-        collective.broadcast(None, ROOT).await?
-    };
-    let md_bytes =
-        decode::<std::result::Result<Vec<u8>, WireError>>(&md_msg)?.map_err(Error::from_wire)?;
-    let metadata = Arc::new(match root_md {
-        Some(md) => md,
-        None => Metadata::decode(&md_bytes)?,
-    });
+    let metadata = broadcast_metadata(reader, collective).await?;
     let planned = options.planner.plan(&metadata, &dest);
     let result = if options.share_reads && collective.world_size() > 1 {
         read_shared(
@@ -90,9 +71,55 @@ async fn load_inner(
             Err(e) => Err(e),
         }
     };
+    let result = agree(result, &metadata, reader, collective).await;
+    let (state_dict, stats) = result?;
+    Ok(LoadResult {
+        state_dict,
+        stats,
+        metadata,
+    })
+}
+
+/// Rank 0 reads and validates the metadata once and broadcasts it; the
+/// others validate what they receive (a rank never trusts bytes it did not
+/// check).
+pub(crate) async fn broadcast_metadata(
+    reader: &dyn StorageReader,
+    collective: &dyn Collective,
+) -> Result<Arc<Metadata>> {
+    let rank = collective.rank();
+    let mut root_md = None;
+    let md_msg = if rank == ROOT {
+        let r = reader.read_metadata().await.and_then(|b| {
+            root_md = Some(Metadata::decode(&b)?);
+            Ok(b)
+        });
+        let msg = encode(&wire(r, ROOT))?;
+        collective.broadcast(Some(msg), ROOT).await?
+    } else {
+        collective.broadcast(None, ROOT).await?
+    };
+    let md_bytes =
+        decode::<std::result::Result<Vec<u8>, WireError>>(&md_msg)?.map_err(Error::from_wire)?;
+    Ok(Arc::new(match root_md {
+        Some(md) => md,
+        None => Metadata::decode(&md_bytes)?,
+    }))
+}
+
+/// Agree on a load's outcome across ranks (all succeed, or all fail with
+/// the first failing rank's error); a missing file is reported as the
+/// checkpoint replaced during the load when it was.
+pub(crate) async fn agree<T>(
+    result: Result<T>,
+    metadata: &Metadata,
+    reader: &dyn StorageReader,
+    collective: &dyn Collective,
+) -> Result<T> {
+    let rank = collective.rank();
     let result = match result {
         Err(e) if e.kind() == ErrorKind::NotFound => {
-            Err(replaced_during_load(e, &metadata, reader).await)
+            Err(replaced_during_load(e, metadata, reader).await)
         }
         r => r,
     };
@@ -104,12 +131,7 @@ async fn load_inner(
     for b in &all {
         decode::<std::result::Result<(), WireError>>(b)?.map_err(Error::from_wire)?;
     }
-    let (state_dict, stats) = result?;
-    Ok(LoadResult {
-        state_dict,
-        stats,
-        metadata,
-    })
+    result
 }
 
 /// A file the load needs is missing: if `.metadata` no longer holds the

@@ -14,9 +14,12 @@
 //!
 //! Load: the coordinator reads and validates `.metadata` once and broadcasts
 //! it; every rank plans and reads only what its destination needs; the
-//! outcome is agreed by an all-gather.
+//! outcome is agreed by an all-gather. A load into device memory
+//! ([`load_to_device`]) runs the same protocol, reading in bounded batches
+//! through staging buffers copied to the device while the next are read.
 
 mod async_save;
+mod device_load;
 mod foreign;
 mod fs_reader;
 mod fs_writer;
@@ -31,6 +34,9 @@ mod versioned;
 pub(crate) mod wire;
 
 pub use async_save::{AsyncSave, AsyncSaver, WhenBusy};
+pub use device_load::{
+    load_to_device, DeviceDest, DeviceLoadOptions, DeviceLoadResult, DeviceTensor,
+};
 pub use foreign::MetadataTranslator;
 pub(crate) use fs_reader::located;
 pub use fs_reader::FileSystemReader;

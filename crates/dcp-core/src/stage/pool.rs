@@ -103,6 +103,17 @@ impl PooledBuf {
     }
 }
 
+/// A pooled buffer is load staging memory too (see
+/// [`ChunkSink::staging`](super::ChunkSink::staging)).
+impl crate::model::TensorBuffer for PooledBuf {
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf
+    }
+    fn as_mut_bytes(&mut self) -> &mut [u8] {
+        &mut self.buf
+    }
+}
+
 impl AsRef<[u8]> for PooledBuf {
     fn as_ref(&self) -> &[u8] {
         &self.buf
