@@ -112,7 +112,7 @@ pub(crate) fn schedule<N: AsRef<[Need]>>(
             ItemMeta::Bytes { .. } => (0, 0, 0),
         };
         let mut order: Vec<usize> = (0..out.shared.len()).collect();
-        order.sort_by_key(|&i| place(&out.shared[i]));
+        order.sort_by_cached_key(|&i| place(&out.shared[i]));
         let total: u64 = order.iter().map(|&i| place(&out.shared[i]).2).sum();
         let mut before = 0u64;
         for i in order {

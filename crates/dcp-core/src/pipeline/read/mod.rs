@@ -70,21 +70,22 @@ pub(crate) enum Slot {
 /// A rank's destination state dict as [`Slot`]s, by destination item index
 /// (name order, as plans address it).
 pub(crate) struct DestSlots {
-    names: Vec<String>,
-    meta: Vec<Option<(crate::DType, Vec<u64>)>>,
+    /// Each item's name, and a tensor's dtype and shape; moved out by
+    /// [`DestSlots::take`] (behind a lock, as `take` works on a shared
+    /// `DestSlots`).
+    names: Mutex<Vec<(String, Option<(crate::DType, Vec<u64>)>)>>,
     pub(crate) slots: Vec<Slot>,
 }
 
 impl DestSlots {
     pub(crate) fn new(dest: DestStateDict) -> DestSlots {
         let items = dest.into_items();
-        let names: Vec<String> = items.keys().cloned().collect();
-        let mut meta: Vec<Option<(crate::DType, Vec<u64>)>> = Vec::with_capacity(items.len());
+        let mut names = Vec::with_capacity(items.len());
         let slots: Vec<Slot> = items
-            .into_values()
-            .map(|item| match item {
+            .into_iter()
+            .map(|(name, item)| match item {
                 DestItem::Tensor(t) => {
-                    meta.push(Some((t.dtype, t.shape)));
+                    names.push((name, Some((t.dtype, t.shape))));
                     Slot::Tensor(
                         t.chunks
                             .into_iter()
@@ -93,24 +94,28 @@ impl DestSlots {
                     )
                 }
                 DestItem::Bytes(b) => {
-                    meta.push(None);
+                    names.push((name, None));
                     Slot::Bytes(Mutex::new(b))
                 }
             })
             .collect();
-        DestSlots { names, meta, slots }
+        DestSlots {
+            names: Mutex::new(names),
+            slots,
+        }
     }
 
     /// Move the buffers back out into a state dict (through the locks, so it
     /// works on a shared `DestSlots`; what is left behind is empty).
     pub(crate) fn take(&self) -> DestStateDict {
+        let names = std::mem::take(&mut *lock(&self.names));
         let mut out = BTreeMap::new();
-        for ((name, slot), m) in self.names.iter().zip(&self.slots).zip(&self.meta) {
+        for ((name, m), slot) in names.into_iter().zip(&self.slots) {
             let item = match (slot, m) {
                 (Slot::Tensor(chunks), Some((dtype, shape))) => {
                     DestItem::Tensor(crate::model::DestTensor {
-                        dtype: *dtype,
-                        shape: shape.clone(),
+                        dtype,
+                        shape,
                         chunks: chunks
                             .iter()
                             .map(|(region, data)| crate::model::DestChunk {
@@ -123,7 +128,7 @@ impl DestSlots {
                 (Slot::Bytes(b), _) => DestItem::Bytes(lock(b).take()),
                 (Slot::Tensor(_), None) => unreachable!("tensor slots carry their meta"),
             };
-            out.insert(name.clone(), item);
+            out.insert(name, item);
         }
         DestStateDict::from_items(out)
     }
