@@ -67,13 +67,16 @@ pub(crate) enum Slot {
     Bytes(Mutex<Option<Vec<u8>>>),
 }
 
+/// A destination item's dtype and shape (`None` for a bytes item).
+type ItemShape = Option<(crate::DType, Vec<u64>)>;
+
 /// A rank's destination state dict as [`Slot`]s, by destination item index
 /// (name order, as plans address it).
 pub(crate) struct DestSlots {
     /// Each item's name, and a tensor's dtype and shape; moved out by
     /// [`DestSlots::take`] (behind a lock, as `take` works on a shared
     /// `DestSlots`).
-    names: Mutex<Vec<(String, Option<(crate::DType, Vec<u64>)>)>>,
+    names: Mutex<Vec<(String, ItemShape)>>,
     pub(crate) slots: Vec<Slot>,
 }
 
