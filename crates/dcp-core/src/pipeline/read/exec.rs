@@ -121,6 +121,11 @@ pub(super) fn execute(
     })
 }
 
+/// Spans up to this size are read into the worker's reused buffer (which
+/// then stays this large for the rest of the load); larger ones get a buffer
+/// of their own, freed when served.
+const SPAN_REUSE: usize = 4 * SCATTER_BLOCK;
+
 /// A record's name, file and offset, as errors name it ("NAME: record in
 /// FILE at offset N"); a value, so the hot path formats nothing.
 struct Where<'r> {
@@ -247,6 +252,16 @@ impl<'a> Ctx<'a> {
                         }
                         return Ok(());
                     }
+                }
+                // Small spans reuse the worker's buffer: a fresh one would be
+                // faulted in page by page by the read itself.
+                if n <= SPAN_REUSE {
+                    if scratch.len() < n {
+                        scratch.resize(n, 0);
+                    }
+                    self.read(*file, *start, &mut scratch[..n])
+                        .map_err(context)?;
+                    return self.serve_pieces(*start, &scratch[..n], pieces);
                 }
                 let mut buf = vec![0u8; n];
                 self.read(*file, *start, &mut buf).map_err(context)?;
