@@ -203,6 +203,68 @@ fn elem_size(md: &Metadata, item: usize) -> usize {
     }
 }
 
+/// Where the slices each rank of a node serves to the other ranks of its
+/// node lie in its shared-memory segment, for one round (see
+/// [`Collective::node_window`](crate::Collective::node_window)).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct WindowLayout {
+    /// Per shared chunk (index into [`Schedule::shared`]) read by a rank of
+    /// the node: each distinct overlap another rank of the node needs, and
+    /// its offset in the reader's segment. A reader's pieces follow each
+    /// other from offset 0, in round order.
+    pub pieces: BTreeMap<usize, Vec<(ChunkBox, usize)>>,
+    /// Bytes of its segment each reader of the node uses.
+    pub used: BTreeMap<usize, usize>,
+}
+
+impl WindowLayout {
+    /// The offset of `overlap` of shared chunk `s` in its reader's segment.
+    pub(crate) fn offset(&self, s: usize, overlap: &ChunkBox) -> Option<usize> {
+        self.pieces
+            .get(&s)?
+            .iter()
+            .find(|(o, _)| o == overlap)
+            .map(|p| p.1)
+    }
+}
+
+/// The [`WindowLayout`] of `round` for the ranks of `node` (ascending).
+/// Every rank of the node computes the same from the same schedule; ranks
+/// needing the same slice (a replicated tensor) share one piece.
+pub(crate) fn window_layout(
+    sched: &Schedule,
+    needs: &[Vec<Need>],
+    round: &[usize],
+    node: &[usize],
+) -> WindowLayout {
+    let on = |r: usize| node.binary_search(&r).is_ok();
+    let mut out = WindowLayout::default();
+    for &s in round {
+        let c = &sched.shared[s];
+        if !on(c.reader) {
+            continue;
+        }
+        let used = out.used.entry(c.reader).or_default();
+        let mut pieces: Vec<(ChunkBox, usize)> = Vec::new();
+        for &(r, i) in &c.users {
+            if r == c.reader || !on(r) {
+                continue;
+            }
+            for o in &needs[r][i].overlaps {
+                if pieces.iter().any(|(b, _)| b == o) {
+                    continue;
+                }
+                pieces.push((o.clone(), *used));
+                *used += o.numel() as usize * c.elem;
+            }
+        }
+        if !pieces.is_empty() {
+            out.pieces.insert(s, pieces);
+        }
+    }
+    out
+}
+
 /// Split `plan` into what this rank reads itself and the read items served by
 /// the exchange (by shared chunk index), keeping plan order.
 pub(crate) fn split_plan(
