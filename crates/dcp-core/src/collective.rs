@@ -188,10 +188,11 @@ pub trait NodeWindow: Send + Sync {
     /// earlier call are still alive.
     fn carve(&self, lens: &[usize]) -> Result<Vec<Box<dyn crate::model::TensorBuffer>>>;
 
-    /// Copy `dst.len()` bytes starting at `offset` of `rank`'s segment into
-    /// `dst`. Refuses with [`ErrorKind::InvalidInput`] a rank off this
-    /// node and bytes outside its segment.
-    fn copy_out(&self, rank: usize, offset: usize, dst: &mut [u8]) -> Result<()>;
+    /// Copy runs out of `rank`'s segment into `dst`: for each
+    /// `(from, to, len)`, the `len` bytes at `from` in the segment to `to`
+    /// in `dst`. Refuses with [`ErrorKind::InvalidInput`], copying nothing,
+    /// a rank off this node and a run outside the segment or `dst`.
+    fn copy_out(&self, rank: usize, runs: &[(usize, usize, usize)], dst: &mut [u8]) -> Result<()>;
 
     /// Order memory: this process's writes into its segment become visible
     /// to the node, and the others' to this process (`MPI_Win_sync`). Call

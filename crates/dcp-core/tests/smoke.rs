@@ -333,13 +333,15 @@ impl NodeWindow for FakeWindow {
             })
             .collect())
     }
-    fn copy_out(&self, rank: usize, offset: usize, dst: &mut [u8]) -> Result<()> {
+    fn copy_out(&self, rank: usize, runs: &[(usize, usize, usize)], dst: &mut [u8]) -> Result<()> {
         assert!(self.node.contains(&rank), "rank {rank} is off this node");
         let seg = self.nodes.segments[rank].lock().unwrap();
-        dst.copy_from_slice(&seg[offset..offset + dst.len()]);
-        self.nodes
-            .copied
-            .fetch_add(dst.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        for &(from, to, len) in runs {
+            dst[to..to + len].copy_from_slice(&seg[from..from + len]);
+            self.nodes
+                .copied
+                .fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(())
     }
     fn sync(&self) {}

@@ -250,30 +250,42 @@ impl NodeWindow for Segments {
         Ok(out)
     }
 
-    fn copy_out(&self, rank: usize, offset: usize, dst: &mut [u8]) -> Result<()> {
-        if dst.is_empty() {
-            return Ok(());
-        }
+    fn copy_out(&self, rank: usize, runs: &[(usize, usize, usize)], dst: &mut [u8]) -> Result<()> {
         let (Some(w), Some(i)) = (&self.window, self.node_rank(rank)) else {
+            if runs.iter().all(|r| r.2 == 0) {
+                return Ok(());
+            }
             return Err(Error::invalid(format!(
                 "rank {rank} has no shared-memory segment this process can read"
             )));
         };
-        let (ptr, len) = w.segments[i];
-        if offset.checked_add(dst.len()).is_none_or(|end| end > len) {
-            return Err(Error::invalid(format!(
-                "bytes {offset}..+{} are outside rank {rank}'s shared-memory segment of {len}",
-                dst.len()
-            )));
+        let (ptr, seg_len) = w.segments[i];
+        let mut total = 0u64;
+        for &(from, to, len) in runs {
+            let inside = |at: usize, limit: usize| at.checked_add(len).is_some_and(|e| e <= limit);
+            if !inside(from, seg_len) || !inside(to, dst.len()) {
+                return Err(Error::invalid(format!(
+                    "run of {len} bytes from {from} to {to} is outside rank {rank}'s shared-memory segment of {seg_len} or the destination of {}",
+                    dst.len()
+                )));
+            }
+            total += len as u64;
         }
-        // SAFETY: `offset + dst.len() <= len`, the length MPI reported for
-        // that segment, which stays mapped while `w` (an `Arc` held here)
-        // lives; `dst` is a distinct, exclusively borrowed Rust buffer, so
-        // the ranges cannot overlap. The source is copied, never borrowed:
-        // if a peer broke the protocol and wrote meanwhile, the bytes copied
-        // would be wrong, not this process's memory unsound.
-        unsafe { std::ptr::copy_nonoverlapping(ptr.add(offset), dst.as_mut_ptr(), dst.len()) };
-        self.copied.fetch_add(dst.len() as u64, Ordering::Relaxed);
+        for &(from, to, len) in runs {
+            if len == 0 {
+                continue;
+            }
+            // SAFETY: `from + len <= seg_len`, the length MPI reported for
+            // that segment (non-empty, so `ptr` is its start), which stays
+            // mapped while `w` (an `Arc` held here) lives; `to + len <=
+            // dst.len()` (both checked above); `dst` is an exclusively
+            // borrowed Rust buffer, not window memory, so the ranges cannot
+            // overlap. The source is copied, never borrowed: if a peer broke
+            // the protocol and wrote meanwhile, the bytes copied would be
+            // wrong, not this process's memory unsound.
+            unsafe { std::ptr::copy_nonoverlapping(ptr.add(from), dst.as_mut_ptr().add(to), len) };
+        }
+        self.copied.fetch_add(total, Ordering::Relaxed);
         Ok(())
     }
 

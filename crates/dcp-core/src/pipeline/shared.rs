@@ -437,11 +437,21 @@ async fn read_windowed(
         .map(|l| l.used.get(&rank).copied().unwrap_or(0))
         .max()
         .unwrap_or(0);
+    // Seconds spent per phase, for the debug trace at the end.
+    let mut clock = std::time::Instant::now();
+    let mut phases = [0f64; 5];
+    let mut lap = |i: usize| {
+        let now = std::time::Instant::now();
+        phases[i] += (now - clock).as_secs_f64();
+        clock = now;
+    };
     let window = collective.node_window(len).await?;
+    lap(0);
     for (ri, round) in sched.rounds.iter().enumerate() {
         if ri > 0 {
             // Nobody reads the previous round's pieces any more.
             collective.barrier().await?;
+            lap(4);
         }
         let lay = &layouts[ri];
         let served: Vec<usize> = round
@@ -480,6 +490,7 @@ async fn read_windowed(
                 };
             }
         }
+        lap(1);
         let status = match &state {
             Ok(_) => Bytes::from_static(&[0]),
             Err(e) => {
@@ -500,6 +511,7 @@ async fn read_windowed(
         window.sync();
         let recv = collective.all_to_all_v(msgs).await?;
         window.sync();
+        lap(2);
         for (from, m) in recv.iter().enumerate() {
             let status = m.first().cloned().unwrap_or_default();
             if status.first() != Some(&0) {
@@ -545,6 +557,7 @@ async fn read_windowed(
         let win = window.clone();
         let (dv, r) = blocking(move || {
             let mut next = vec![1usize; recv.len()];
+            let mut runs: Vec<(usize, usize, usize)> = Vec::new();
             let res = (|| -> Result<()> {
                 for (from, elem, via_window, items) in &jobs {
                     for (r, at) in items {
@@ -554,19 +567,17 @@ async fn read_windowed(
                         let crate::model::DestChunk { region, data } = &mut t.chunks[r.dest_chunk];
                         if *via_window {
                             let mut pos = *at;
-                            let mut res = Ok(());
+                            runs.clear();
                             crate::pipeline::copy::for_each_run(
                                 *elem,
                                 region,
                                 &r.overlap,
                                 |off, len| {
-                                    if res.is_ok() {
-                                        res = win.copy_out(*from, pos, &mut data[off..off + len]);
-                                    }
+                                    runs.push((pos, off, len));
                                     pos += len;
                                 },
                             );
-                            res?;
+                            win.copy_out(*from, &runs, data)?;
                         } else {
                             let i = next[*from];
                             next[*from] += 1;
@@ -594,7 +605,19 @@ async fn read_windowed(
         })
         .await?;
         state = r.map(|_| (DestStateDict::from_items(dv.into_iter().collect()), stats));
+        lap(3);
     }
+    tracing::debug!(
+        rank,
+        rounds = sched.rounds.len(),
+        window_bytes = len,
+        window_s = phases[0],
+        serve_s = phases[1],
+        exchange_s = phases[2],
+        fill_s = phases[3],
+        barrier_s = phases[4],
+        "shared reads through the node window"
+    );
     Ok(state)
 }
 
