@@ -873,18 +873,21 @@ fn case_save_4_load_3_and_5(l: &Launcher) {
         // through their shared-memory segments.
         let (read, shm) = mpi_load_env(l, &dir, n, 1, 4, k, &[]);
         assert!(shm.iter().all(|&b| b > 0), "{n} processes: {shm:?}");
-        // With shared memory off, everything goes as messages: the same
-        // bytes read, every byte checked against the reference again.
+        // With shared memory off, everything goes as messages (every byte
+        // checked against the reference again): the processes read exactly
+        // what ranks exchanging bytes in one process read.
+        let exchanging = bytes_only_load(&dir, &m, 4, n, k);
         if n == 3 {
             let (off, none) = mpi_load_env(l, &dir, n, 1, 4, k, &[("DCP_TEST_SHM", "0")]);
             assert_eq!(none, vec![0; n]);
-            assert_eq!(off, read);
+            assert_eq!(off, exchanging);
         }
         // The same load by LocalGroup ranks in this process, bit-exact
         // against the reference too. Those lend each other buffers; ranks
-        // that exchange bytes (as processes must) read the shared records
-        // whole, a little more: the processes read exactly what such ranks
-        // read in one process, and within 10% of the lending ranks.
+        // that exchange bytes read the shared records whole, a little more.
+        // Through the window the processes read no more than by messages
+        // (readers of neighbouring records share coalesced spans), and
+        // within 10% of the lending ranks.
         let local = block_on(load_and_check(
             local_fs(&dir),
             &m,
@@ -894,8 +897,7 @@ fn case_save_4_load_3_and_5(l: &Launcher) {
             &other_sharding(&m, k),
         ));
         let lending: u64 = local.iter().map(|r| r.stats.bytes_read).sum();
-        let exchanging = bytes_only_load(&dir, &m, 4, n, k);
-        assert_eq!(read, exchanging, "{n} processes");
+        assert!(read <= exchanging, "{n} processes: {read} > {exchanging}");
         assert!(
             read as f64 <= lending as f64 * 1.1,
             "{n} processes read {read} bytes, {n} lending LocalGroup ranks {lending}"

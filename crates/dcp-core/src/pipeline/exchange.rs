@@ -98,30 +98,72 @@ pub(crate) fn needs_of(plan: &LoadPlan) -> Vec<Need> {
 pub(crate) fn schedule(md: &Metadata, needs: &[Vec<Need>], budget: u64, lend: bool) -> Schedule {
     let mut out = schedule_by_need(md, needs, budget);
     if lend && !out.shared.is_empty() {
-        let world = needs.len() as u64;
-        let place = |c: &SharedChunk| match &md.items[c.item].1 {
-            ItemMeta::Tensor { chunks, .. } => {
-                let st = &chunks[c.chunk].storage;
-                (st.file, st.offset, st.length)
-            }
-            ItemMeta::Bytes { .. } => (0, 0, 0),
-        };
-        let mut order: Vec<usize> = (0..out.shared.len()).collect();
-        order.sort_by_key(|&i| place(&out.shared[i]));
-        let total: u64 = order.iter().map(|&i| place(&out.shared[i]).2).sum();
-        let mut before = 0u64;
-        for i in order {
-            let len = place(&out.shared[i]).2;
-            // The rank whose equal share holds this record's middle byte.
-            let mid = before + len / 2;
-            let reader = (u128::from(mid) * u128::from(world) / u128::from(total.max(1))) as usize;
-            out.shared[i].reader = reader.min(needs.len() - 1);
-            before += len;
-        }
-        // Nothing is staged: one round holds every shared chunk.
-        out.rounds = vec![(0..out.shared.len()).collect()];
+        spread(md, needs.len(), &mut out);
     }
     out
+}
+
+/// Give the shared chunks of `out` to `world` readers in file order, as
+/// contiguous runs of about equal bytes, all in one round: balanced, and
+/// each rank reads neighbouring records (a device's readahead then serves
+/// it, where readers taking every other record would defeat it).
+fn spread(md: &Metadata, world: usize, out: &mut Schedule) {
+    let place = |c: &SharedChunk| match &md.items[c.item].1 {
+        ItemMeta::Tensor { chunks, .. } => {
+            let st = &chunks[c.chunk].storage;
+            (st.file, st.offset, st.length)
+        }
+        ItemMeta::Bytes { .. } => (0, 0, 0),
+    };
+    let mut order: Vec<usize> = (0..out.shared.len()).collect();
+    order.sort_by_key(|&i| place(&out.shared[i]));
+    let total: u64 = order.iter().map(|&i| place(&out.shared[i]).2).sum();
+    let mut before = 0u64;
+    for i in order {
+        let len = place(&out.shared[i]).2;
+        // The rank whose equal share holds this record's middle byte.
+        let mid = before + len / 2;
+        let reader = (u128::from(mid) * world as u128 / u128::from(total.max(1))) as usize;
+        out.shared[i].reader = reader.min(world - 1);
+        before += len;
+    }
+    // Nothing is staged: one round holds every shared chunk.
+    out.rounds = vec![(0..out.shared.len()).collect()];
+}
+
+/// The schedule of [`schedule`] (by need, in budgeted rounds) for ranks
+/// exchanging through a node window: when it has one round, the readers
+/// are [`spread`] in file order instead, if every rank's bytes (chunks
+/// read plus slices served and received) still fit `budget`.
+pub(crate) fn schedule_windowed(md: &Metadata, needs: &[Vec<Need>], budget: u64) -> Schedule {
+    let by_need = schedule_by_need(md, needs, budget);
+    if by_need.rounds.len() != 1 {
+        return by_need;
+    }
+    let mut spread_out = by_need.clone();
+    spread(md, needs.len(), &mut spread_out);
+    let mut cost = vec![0u64; needs.len()];
+    for c in &spread_out.shared {
+        if let ItemMeta::Tensor { chunks, .. } = &md.items[c.item].1 {
+            cost[c.reader] += chunks[c.chunk].region.numel() * c.elem as u64;
+        }
+        for &(r, i) in &c.users {
+            if r != c.reader {
+                let b: u64 = needs[r][i]
+                    .overlaps
+                    .iter()
+                    .map(|o| o.numel() * c.elem as u64)
+                    .sum();
+                cost[r] += b;
+                cost[c.reader] += b;
+            }
+        }
+    }
+    if cost.iter().all(|&c| c <= budget) {
+        spread_out
+    } else {
+        by_need
+    }
 }
 
 fn schedule_by_need(md: &Metadata, needs: &[Vec<Need>], budget: u64) -> Schedule {
@@ -501,6 +543,22 @@ mod tests {
         // A tiny budget puts each chunk in its own round.
         let s = schedule(&m, &needs, 1, false);
         assert_eq!(s.rounds, vec![vec![0], vec![1]]);
+        // Through a node window: spread in file order when one round fits
+        // the budget (each rank then reads 24 bytes and moves 8 + 16: 48,
+        // where by need rank 0 would handle 64), by need in rounds
+        // otherwise.
+        let s = schedule_windowed(&m, &needs, 64);
+        let readers: Vec<usize> = s.shared.iter().map(|c| c.reader).collect();
+        assert_eq!(readers, vec![0, 1]);
+        assert_eq!(s.rounds, vec![vec![0, 1]]);
+        assert_eq!(
+            schedule_windowed(&m, &needs, 48),
+            schedule(&m, &needs, 48, false)
+        );
+        assert_eq!(
+            schedule_windowed(&m, &needs, 1),
+            schedule(&m, &needs, 1, false)
+        );
         // A chunk needed by one rank is not shared.
         let s = schedule(&m, &[needs[0].clone(), vec![]], 1 << 20, false);
         assert!(s.shared.is_empty() && s.rounds.is_empty());

@@ -91,7 +91,11 @@ pub(crate) async fn read_shared(
         .iter()
         .map(|b| decode::<Vec<Need>>(b))
         .collect::<Result<_>>()?;
-    let sched = schedule(md, &needs, budget, lend);
+    let sched = if window && !lend {
+        crate::pipeline::exchange::schedule_windowed(md, &needs, budget)
+    } else {
+        schedule(md, &needs, budget, lend)
+    };
     let (local_plan, mut shared_reads) = split_plan(plan, &sched);
     let mut state = reader.read(md.clone(), local_plan, dest).await;
     if lend && !sched.shared.is_empty() {
