@@ -63,6 +63,32 @@ pub trait Collective: Send + Sync {
         ))
     }
 
+    /// The ranks of this group that share memory with this one through
+    /// [`Collective::node_window`]: those on this rank's node, itself
+    /// included, ascending. `None` (the default) when the collective has no
+    /// such memory. A resharded load whose ranks all answer `Some` (and
+    /// none shares an address space, [`Collective::shares_memory`]) moves
+    /// the slices one rank read for another rank of its node through the
+    /// window instead of as messages; ranks on other nodes still get
+    /// messages.
+    fn node_ranks(&self) -> Option<Vec<usize>> {
+        None
+    }
+
+    /// Collective over the whole group: a window of memory shared with the
+    /// ranks of this rank's node ([`Collective::node_ranks`]), in which
+    /// this rank's segment holds at least `len` bytes. Every rank calls it
+    /// when every rank's `node_ranks` is `Some`, each with its own length
+    /// (0 is fine). The window may be one kept from an earlier call. The
+    /// default refuses with [`ErrorKind::Unsupported`]; an implementation
+    /// must fail on every rank or on none, and within its deadline.
+    async fn node_window(&self, len: usize) -> Result<Arc<dyn NodeWindow>> {
+        let _ = len;
+        Err(Error::unsupported(
+            "this collective has no memory shared between processes",
+        ))
+    }
+
     /// Like [`Collective::all_to_all`], with any number of buffers per
     /// destination. The default frames them into one message each
     /// (length-prefixed, one copy); an in-process group passes them as they
@@ -134,6 +160,45 @@ pub trait Collective: Send + Sync {
         let n = self.world_size();
         self.all_to_all(vec![Bytes::new(); n]).await.map(|_| ())
     }
+}
+
+/// Memory shared by the ranks of one node, from
+/// [`Collective::node_window`]: every rank has a segment of its own, which
+/// it fills and the other ranks of its node read.
+///
+/// Protocol (what a load follows): a rank writes only into its own
+/// segment, through the buffers of [`NodeWindow::carve`]; then
+/// [`NodeWindow::sync`], a collective operation every rank of the node
+/// takes part in, [`NodeWindow::sync`] again; then the others read with
+/// [`NodeWindow::copy_out`]; and another collective operation before the
+/// segment is written again. Breaking it cannot corrupt this process's
+/// memory (peers are only ever read by copying), but yields wrong bytes.
+pub trait NodeWindow: Send + Sync {
+    /// The group ranks whose segments this rank can read: its node, itself
+    /// included, ascending.
+    fn node_ranks(&self) -> &[usize];
+
+    /// Length in bytes of `rank`'s segment (0 for a rank off this node).
+    fn segment_len(&self, rank: usize) -> usize;
+
+    /// This rank's segment as disjoint buffers of `lens` bytes each,
+    /// consecutive from the segment's start, for a load to fill in place.
+    /// Refuses with [`ErrorKind::InvalidInput`] more bytes than the segment
+    /// holds, and with [`ErrorKind::Collective`] while buffers of an
+    /// earlier call are still alive.
+    fn carve(&self, lens: &[usize]) -> Result<Vec<Box<dyn crate::model::TensorBuffer>>>;
+
+    /// Copy runs out of `rank`'s segment into `dst`: for each
+    /// `(from, to, len)`, the `len` bytes at `from` in the segment to `to`
+    /// in `dst`. Refuses with [`ErrorKind::InvalidInput`], copying nothing,
+    /// a rank off this node and a run outside the segment or `dst`.
+    fn copy_out(&self, rank: usize, runs: &[(usize, usize, usize)], dst: &mut [u8]) -> Result<()>;
+
+    /// Order memory: this process's writes into its segment become visible
+    /// to the node, and the others' to this process (`MPI_Win_sync`). Call
+    /// it before and after the collective operation that separates writing
+    /// from reading.
+    fn sync(&self);
 }
 
 /// Split a message framed by the default [`Collective::all_to_all_v`].

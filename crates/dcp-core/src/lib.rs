@@ -60,7 +60,7 @@ pub use checkpoint::{
     ReaderOptions, SaveOptions, SavePlanCache, SaveResult, StorageReader, StorageWriter, WhenBusy,
     WriterOptions, LEASE_FILE,
 };
-pub use collective::{Collective, LocalGroup, LocalValue, Single};
+pub use collective::{Collective, LocalGroup, LocalValue, NodeWindow, Single};
 pub use dtype::DType;
 pub use error::{Error, ErrorKind, Result};
 pub use format::{FormatRegistry, SerializationFormat};

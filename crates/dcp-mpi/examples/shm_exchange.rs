@@ -23,7 +23,10 @@
 //!
 //! rsmpi 0.8 has no window API (neither `MPI_Win_allocate_shared` nor
 //! `MPI_Win_shared_query`): the window side calls the C functions through
-//! `mpi::ffi`, unsafely, which is why this stays a measurement.
+//! `mpi::ffi`, unsafely. This is the measurement that motivated the
+//! library's own window path (`src/window.rs`, used by resharded loads
+//! between processes of one node); it stays as the best case to compare
+//! against.
 
 use bytes::Bytes;
 use dcp_core::Collective;

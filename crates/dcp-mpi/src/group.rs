@@ -27,13 +27,16 @@
 
 use crate::env::{finalizing, lock, threads_allowed};
 use crate::header::{frame, piece_count, unframe, Header, HEADER_LEN, MAX_PIECE, MAX_SEGMENTS};
+use crate::window::{Segments, Window};
 use async_trait::async_trait;
 use bytes::Bytes;
 use dcp_core::collective::DEFAULT_TIMEOUT;
-use dcp_core::{Collective, Error, ErrorKind, Result};
+use dcp_core::{Collective, Error, ErrorKind, NodeWindow, Result};
+use mpi::collective::CommunicatorCollectives;
 use mpi::point_to_point::{Destination, Source};
 use mpi::request::{LocalScope, Request};
 use mpi::topology::{Communicator, SimpleCommunicator};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, OwnedMutexGuard};
@@ -56,6 +59,12 @@ pub struct MpiOptions {
     /// Largest piece a message is sent in, in bytes (default
     /// [`DEFAULT_PIECE_SIZE`]); `1..=i32::MAX`.
     pub piece_size: usize,
+    /// Whether the processes of one node move a resharded load's slices
+    /// through MPI shared memory (`MPI_Win_allocate_shared` on the node's
+    /// communicator) instead of as messages (default `true`; see the crate
+    /// docs, "Shared memory"). `false` keeps every byte on messages and
+    /// allocates no window.
+    pub shared_memory: bool,
 }
 
 impl Default for MpiOptions {
@@ -63,6 +72,7 @@ impl Default for MpiOptions {
         MpiOptions {
             timeout: DEFAULT_TIMEOUT,
             piece_size: DEFAULT_PIECE_SIZE,
+            shared_memory: true,
         }
     }
 }
@@ -77,6 +87,12 @@ impl MpiOptions {
     /// Set the largest piece a message is sent in.
     pub fn piece_size(mut self, bytes: usize) -> Self {
         self.piece_size = bytes;
+        self
+    }
+
+    /// Set [`MpiOptions::shared_memory`].
+    pub fn shared_memory(mut self, on: bool) -> Self {
+        self.shared_memory = on;
         self
     }
 }
@@ -127,8 +143,26 @@ struct State {
     broken: Option<String>,
 }
 
+/// The processes of this group on this process's node, and the
+/// shared-memory window they keep between loads.
+struct Node {
+    /// dcp's communicator split by node (`MPI_Comm_split_type`,
+    /// `MPI_COMM_TYPE_SHARED`), keyed by group rank.
+    comm: Comm,
+    /// Group ranks of the node, in node-rank order (ascending).
+    ranks: Arc<Vec<usize>>,
+    /// This process's rank on `comm`.
+    me: usize,
+    /// The window, once a load needed one; kept for the next load and
+    /// freed with the group.
+    window: Mutex<Option<Arc<Window>>>,
+    /// Bytes this process copied out of its peers' segments.
+    copied: Arc<AtomicU64>,
+}
+
 struct Shared {
     comm: Comm,
+    node: Option<Node>,
     rank: usize,
     size: usize,
     options: MpiOptions,
@@ -152,6 +186,11 @@ impl Shared {
             .with_rank(self.rank)),
             None => Ok(()),
         }
+    }
+
+    fn window(&self) -> MutexGuard<'_, Option<Arc<Window>>> {
+        let node = self.node.as_ref().expect("called with a node");
+        node.window.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn break_with(&self, why: &str) {
@@ -238,6 +277,19 @@ impl MpiGroup {
         }
         let dup = comm.duplicate();
         let (rank, size) = (dup.rank(), dup.size());
+        let node = options.shared_memory.then(|| {
+            let node = dup.split_shared(rank);
+            let mut ranks = vec![0u64; node.size().max(0) as usize];
+            node.all_gather_into(&(rank as u64), &mut ranks[..]);
+            let me = node.rank().max(0) as usize;
+            Node {
+                comm: Comm(Some(node)),
+                ranks: Arc::new(ranks.into_iter().map(|r| r as usize).collect()),
+                me,
+                window: Mutex::new(None),
+                copied: Arc::new(AtomicU64::new(0)),
+            }
+        });
         drop(g);
         let comm = Comm(Some(dup));
         let rank =
@@ -247,6 +299,7 @@ impl MpiGroup {
         Ok(MpiGroup {
             shared: Arc::new(Shared {
                 comm,
+                node,
                 rank,
                 size,
                 options,
@@ -262,6 +315,17 @@ impl MpiGroup {
     /// The settings this group was created with.
     pub fn options(&self) -> &MpiOptions {
         &self.shared.options
+    }
+
+    /// Bytes this process has copied out of the shared-memory segments of
+    /// the other processes of its node (resharded loads through the
+    /// window; see the crate docs, "Shared memory"), over the group's life.
+    /// 0 with [`MpiOptions::shared_memory`] off.
+    pub fn shared_memory_bytes(&self) -> u64 {
+        self.shared
+            .node
+            .as_ref()
+            .map_or(0, |n| n.copied.load(Ordering::Relaxed))
     }
 
     /// Whether an operation missed its deadline (or its thread died), so
@@ -327,6 +391,124 @@ impl Collective for MpiGroup {
             )));
         }
         self.exchange(send).await
+    }
+
+    fn node_ranks(&self) -> Option<Vec<usize>> {
+        self.shared.node.as_ref().map(|n| n.ranks.to_vec())
+    }
+
+    /// Agree (one deadline-bounded all-gather) on whether the processes of
+    /// each node need a larger window than the one they keep; if so, free
+    /// the old one (or leave it mapped, when some process still lends it
+    /// out) and allocate the new one, both blocking MPI collectives over the
+    /// node that every process enters right after the all-gather.
+    async fn node_window(&self, len: usize) -> Result<Arc<dyn NodeWindow>> {
+        let shared = &self.shared;
+        let Some(node) = &shared.node else {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "this MPI group was created with shared memory off",
+            ));
+        };
+        let (cap, idle) = match &*shared.window() {
+            Some(w) => (w.own_len(), Arc::strong_count(w) == 1),
+            None => (0, true),
+        };
+        let mut msg = Vec::with_capacity(17);
+        msg.extend_from_slice(&(len as u64).to_le_bytes());
+        msg.extend_from_slice(&(cap as u64).to_le_bytes());
+        msg.push(u8::from(idle));
+        let all = self.all_gather(Bytes::from(msg)).await?;
+        let mut grow = false;
+        let mut all_idle = true;
+        for &r in node.ranks.iter() {
+            let m = all.get(r).filter(|m| m.len() == 17).ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Collective,
+                    format!("rank {r} sent a malformed shared-memory request"),
+                )
+                .with_rank(shared.rank)
+            })?;
+            let word = |at: usize| u64::from_le_bytes(m[at..at + 8].try_into().expect("8 bytes"));
+            grow |= word(0) > word(8);
+            all_idle &= m[16] == 1;
+        }
+        if grow {
+            let op = shared.op.clone().lock_owned().await;
+            shared.check()?;
+            let (tx, rx) = oneshot::channel();
+            let sh = shared.clone();
+            let new_len = len.max(cap);
+            let spawned = std::thread::Builder::new()
+                .name(format!("dcp-mpi-win-{}", shared.rank))
+                .spawn(move || {
+                    let g = lock();
+                    let r = if finalizing() {
+                        Err(Error::invalid("MPI is finalized"))
+                    } else {
+                        let node = sh.node.as_ref().expect("checked");
+                        let old = sh.window().take();
+                        if let Some(old) = old {
+                            match Arc::try_unwrap(old) {
+                                Ok(w) if all_idle => w.free(&g),
+                                // Some process still lends its segment out:
+                                // every process leaves the old window mapped.
+                                Ok(w) => std::mem::forget(w),
+                                Err(a) => std::mem::forget(a),
+                            }
+                        }
+                        let comm = node.comm.get(&g);
+                        Window::allocate(comm, node.me, node.ranks.len(), new_len, &g).map(|w| {
+                            *sh.window() = Some(Arc::new(w));
+                        })
+                    };
+                    drop(g);
+                    drop(op);
+                    let _ = tx.send(r);
+                });
+            if let Err(e) = spawned {
+                let why = format!("cannot start a thread for the shared-memory window: {e}");
+                shared.break_with(&why);
+                return Err(Error::new(ErrorKind::Collective, why).with_rank(shared.rank));
+            }
+            match rx.await {
+                Ok(r) => r.map_err(|e| e.with_rank(shared.rank))?,
+                Err(_) => {
+                    let why = "the shared-memory window's thread ended without an answer";
+                    shared.break_with(why);
+                    return Err(Error::new(ErrorKind::Collective, why).with_rank(shared.rank));
+                }
+            }
+        }
+        Ok(Arc::new(Segments {
+            window: shared.window().clone(),
+            ranks: node.ranks.clone(),
+            copied: node.copied.clone(),
+        }))
+    }
+}
+
+impl Drop for Shared {
+    /// Free the window kept between loads: a collective over the node, as
+    /// every process drops its group. Left mapped instead after a missed
+    /// deadline (a peer may never come) or once MPI is finalizing.
+    fn drop(&mut self) {
+        let broken = self.state().broken.is_some();
+        let Some(node) = &mut self.node else { return };
+        let Some(w) = node
+            .window
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
+            return;
+        };
+        let g = lock();
+        match Arc::try_unwrap(w) {
+            Ok(w) if !broken && !finalizing() => w.free(&g),
+            Ok(w) => std::mem::forget(w),
+            Err(a) => std::mem::forget(a),
+        }
     }
 }
 

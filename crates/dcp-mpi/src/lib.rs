@@ -59,18 +59,51 @@
 //!   `Serialized` suffices; [`Mpi::init`] asks for `Multiple`.
 //!
 //! Ranks in different processes cannot lend each other buffers, so a
-//! resharded load exchanges the slices one rank read for another as bytes
-//! (each saved byte is still read from storage once in total): one
-//! `all_to_all_v` per round, whose buffers travel without being framed
-//! into one message. Lending through MPI shared memory
-//! (`MPI_Win_allocate_shared` on the node communicator) would save the
-//! copies into fresh buffers this costs; rsmpi 0.8 does not wrap windows,
-//! and the measurement and what it would take are in BENCHMARKS.md ("Would
-//! MPI shared memory pay?", example `shm_exchange`).
+//! resharded load moves the slices one rank read for another between them
+//! (each saved byte is still read from storage once in total).
+//!
+//! # Shared memory
+//!
+//! Between the processes of one node the slices go through MPI shared
+//! memory: [`MpiGroup::new`] splits dcp's communicator by node
+//! (`MPI_Comm_split_type`, `MPI_COMM_TYPE_SHARED`), and a resharded load
+//! asks for a window on it (`MPI_Win_allocate_shared`; dcp-core's
+//! [`Collective::node_window`](dcp_core::Collective::node_window)):
+//!
+//! 1. every process reads the shared records it serves once, scattered
+//!    straight into its own destination, into its window segment (the
+//!    slices the other processes of its node need, each once) and into
+//!    message buffers for processes on other nodes;
+//! 2. `MPI_Win_sync`, one exchange of statuses (and of the other nodes'
+//!    slices, as messages), `MPI_Win_sync`;
+//! 3. every process copies its slices from its peers' segments straight
+//!    into its destination: one copy, no buffer of its own;
+//! 4. a barrier before the segments are written again.
+//!
+//! The window is kept by the group for the next load (allocated again,
+//! larger, only when a load needs more) and freed when the group is
+//! dropped: dropping an `MpiGroup` that allocated one is then a collective
+//! over the node, as creating it is. Turn it off with
+//! [`MpiOptions::shared_memory`] (`false`): every slice then travels as a
+//! message, as between nodes. [`MpiGroup::shared_memory_bytes`] counts the
+//! bytes a process copied out of its peers' segments.
+//!
+//! **Failures.** Every step that waits for other processes is one of the
+//! group's deadline-bounded operations, except allocating and freeing the
+//! window, which are blocking MPI collectives: the group enters them only
+//! right after an all-gather every rank passed (so no rank is late), and
+//! never after a missed deadline (the window is then left mapped). A rank
+//! whose read fails still takes part in the exchange, with its error:
+//! every rank returns that error, naming it, before reading any segment. A
+//! rank that stalls fails every other rank at the next exchange's deadline;
+//! a process that dies ends the job the MPI way. All the `unsafe` of the
+//! window (the FFI calls rsmpi 0.8 does not wrap, and the segment
+//! pointers) is in one module, `window.rs`.
 
 mod env;
 mod group;
 mod header;
+mod window;
 
 pub use env::Mpi;
 pub use group::{MpiGroup, MpiOptions, DEFAULT_PIECE_SIZE};

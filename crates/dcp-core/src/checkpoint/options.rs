@@ -258,13 +258,16 @@ pub struct LoadOptions {
     /// process ([`Collective::shares_memory`](crate::Collective::shares_memory))
     /// whose readers are all [`FileSystemReader`](crate::FileSystemReader)s
     /// lend each other their destination buffers, and the reading rank
-    /// writes every rank's part straight into them; other ranks receive
-    /// their slices through the collective. Default `true`.
+    /// writes every rank's part straight into them. Ranks in separate
+    /// processes whose collective shares memory within a node
+    /// ([`Collective::node_window`](crate::Collective::node_window), MPI)
+    /// pass the slices for their node through it, one copy each; other
+    /// ranks receive their slices through the collective. Default `true`.
     pub share_reads: bool,
     /// Bytes a rank may hold per exchange round (decoded chunks it read plus
-    /// slices in flight) when slices travel through the collective. Lent
-    /// buffers need no staging, so this does not apply to them. Default
-    /// 512 MiB.
+    /// slices in flight, in a node window or as messages) when slices
+    /// travel through the collective. Lent buffers need no staging, so
+    /// this does not apply to them. Default 512 MiB.
     pub exchange_budget: u64,
 }
 

@@ -103,30 +103,72 @@ pub(crate) fn schedule<N: AsRef<[Need]>>(
 ) -> Schedule {
     let mut out = schedule_by_need(md, needs, budget);
     if lend && !out.shared.is_empty() {
-        let world = needs.len() as u64;
-        let place = |c: &SharedChunk| match &md.items[c.item].1 {
-            ItemMeta::Tensor { chunks, .. } => {
-                let st = &chunks[c.chunk].storage;
-                (st.file, st.offset, st.length)
-            }
-            ItemMeta::Bytes { .. } => (0, 0, 0),
-        };
-        let mut order: Vec<usize> = (0..out.shared.len()).collect();
-        order.sort_by_cached_key(|&i| place(&out.shared[i]));
-        let total: u64 = order.iter().map(|&i| place(&out.shared[i]).2).sum();
-        let mut before = 0u64;
-        for i in order {
-            let len = place(&out.shared[i]).2;
-            // The rank whose equal share holds this record's middle byte.
-            let mid = before + len / 2;
-            let reader = (u128::from(mid) * u128::from(world) / u128::from(total.max(1))) as usize;
-            out.shared[i].reader = reader.min(needs.len() - 1);
-            before += len;
-        }
-        // Nothing is staged: one round holds every shared chunk.
-        out.rounds = vec![(0..out.shared.len()).collect()];
+        spread(md, needs.len(), &mut out);
     }
     out
+}
+
+/// Give the shared chunks of `out` to `world` readers in file order, as
+/// contiguous runs of about equal bytes, all in one round: balanced, and
+/// each rank reads neighbouring records (a device's readahead then serves
+/// it, where readers taking every other record would defeat it).
+fn spread(md: &Metadata, world: usize, out: &mut Schedule) {
+    let place = |c: &SharedChunk| match &md.items[c.item].1 {
+        ItemMeta::Tensor { chunks, .. } => {
+            let st = &chunks[c.chunk].storage;
+            (st.file, st.offset, st.length)
+        }
+        ItemMeta::Bytes { .. } => (0, 0, 0),
+    };
+    let mut order: Vec<usize> = (0..out.shared.len()).collect();
+    order.sort_by_cached_key(|&i| place(&out.shared[i]));
+    let total: u64 = order.iter().map(|&i| place(&out.shared[i]).2).sum();
+    let mut before = 0u64;
+    for i in order {
+        let len = place(&out.shared[i]).2;
+        // The rank whose equal share holds this record's middle byte.
+        let mid = before + len / 2;
+        let reader = (u128::from(mid) * world as u128 / u128::from(total.max(1))) as usize;
+        out.shared[i].reader = reader.min(world - 1);
+        before += len;
+    }
+    // Nothing is staged: one round holds every shared chunk.
+    out.rounds = vec![(0..out.shared.len()).collect()];
+}
+
+/// The schedule of [`schedule`] (by need, in budgeted rounds) for ranks
+/// exchanging through a node window: when it has one round, the readers
+/// are [`spread`] in file order instead, if every rank's bytes (chunks
+/// read plus slices served and received) still fit `budget`.
+pub(crate) fn schedule_windowed(md: &Metadata, needs: &[Vec<Need>], budget: u64) -> Schedule {
+    let by_need = schedule_by_need(md, needs, budget);
+    if by_need.rounds.len() != 1 {
+        return by_need;
+    }
+    let mut spread_out = by_need.clone();
+    spread(md, needs.len(), &mut spread_out);
+    let mut cost = vec![0u64; needs.len()];
+    for c in &spread_out.shared {
+        if let ItemMeta::Tensor { chunks, .. } = &md.items[c.item].1 {
+            cost[c.reader] += chunks[c.chunk].region.numel() * c.elem as u64;
+        }
+        for &(r, i) in &c.users {
+            if r != c.reader {
+                let b: u64 = needs[r][i]
+                    .overlaps
+                    .iter()
+                    .map(|o| o.numel() * c.elem as u64)
+                    .sum();
+                cost[r] += b;
+                cost[c.reader] += b;
+            }
+        }
+    }
+    if cost.iter().all(|&c| c <= budget) {
+        spread_out
+    } else {
+        by_need
+    }
 }
 
 fn schedule_by_need<N: AsRef<[Need]>>(md: &Metadata, needs: &[N], budget: u64) -> Schedule {
@@ -206,6 +248,68 @@ fn elem_size(md: &Metadata, item: usize) -> usize {
         ItemMeta::Tensor { dtype, .. } => dtype.size(),
         ItemMeta::Bytes { .. } => 1,
     }
+}
+
+/// Where the slices each rank of a node serves to the other ranks of its
+/// node lie in its shared-memory segment, for one round (see
+/// [`Collective::node_window`](crate::Collective::node_window)).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct WindowLayout {
+    /// Per shared chunk (index into [`Schedule::shared`]) read by a rank of
+    /// the node: each distinct overlap another rank of the node needs, and
+    /// its offset in the reader's segment. A reader's pieces follow each
+    /// other from offset 0, in round order.
+    pub pieces: BTreeMap<usize, Vec<(ChunkBox, usize)>>,
+    /// Bytes of its segment each reader of the node uses.
+    pub used: BTreeMap<usize, usize>,
+}
+
+impl WindowLayout {
+    /// The offset of `overlap` of shared chunk `s` in its reader's segment.
+    pub(crate) fn offset(&self, s: usize, overlap: &ChunkBox) -> Option<usize> {
+        self.pieces
+            .get(&s)?
+            .iter()
+            .find(|(o, _)| o == overlap)
+            .map(|p| p.1)
+    }
+}
+
+/// The [`WindowLayout`] of `round` for the ranks of `node` (ascending).
+/// Every rank of the node computes the same from the same schedule; ranks
+/// needing the same slice (a replicated tensor) share one piece.
+pub(crate) fn window_layout(
+    sched: &Schedule,
+    needs: &[Vec<Need>],
+    round: &[usize],
+    node: &[usize],
+) -> WindowLayout {
+    let on = |r: usize| node.binary_search(&r).is_ok();
+    let mut out = WindowLayout::default();
+    for &s in round {
+        let c = &sched.shared[s];
+        if !on(c.reader) {
+            continue;
+        }
+        let used = out.used.entry(c.reader).or_default();
+        let mut pieces: Vec<(ChunkBox, usize)> = Vec::new();
+        for &(r, i) in &c.users {
+            if r == c.reader || !on(r) {
+                continue;
+            }
+            for o in &needs[r][i].overlaps {
+                if pieces.iter().any(|(b, _)| b == o) {
+                    continue;
+                }
+                pieces.push((o.clone(), *used));
+                *used += o.numel() as usize * c.elem;
+            }
+        }
+        if !pieces.is_empty() {
+            out.pieces.insert(s, pieces);
+        }
+    }
+    out
 }
 
 /// Split `plan` into what this rank reads itself and the read items served by
@@ -444,6 +548,22 @@ mod tests {
         // A tiny budget puts each chunk in its own round.
         let s = schedule(&m, &needs, 1, false);
         assert_eq!(s.rounds, vec![vec![0], vec![1]]);
+        // Through a node window: spread in file order when one round fits
+        // the budget (each rank then reads 24 bytes and moves 8 + 16: 48,
+        // where by need rank 0 would handle 64), by need in rounds
+        // otherwise.
+        let s = schedule_windowed(&m, &needs, 64);
+        let readers: Vec<usize> = s.shared.iter().map(|c| c.reader).collect();
+        assert_eq!(readers, vec![0, 1]);
+        assert_eq!(s.rounds, vec![vec![0, 1]]);
+        assert_eq!(
+            schedule_windowed(&m, &needs, 48),
+            schedule(&m, &needs, 48, false)
+        );
+        assert_eq!(
+            schedule_windowed(&m, &needs, 1),
+            schedule(&m, &needs, 1, false)
+        );
         // A chunk needed by one rank is not shared.
         let s = schedule(&m, &[needs[0].clone(), vec![]], 1 << 20, false);
         assert!(s.shared.is_empty() && s.rounds.is_empty());
