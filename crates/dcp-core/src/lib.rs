@@ -52,10 +52,10 @@ pub mod transform;
 pub mod verify;
 
 pub use checkpoint::{
-    is_data_file_name, load, load_with, read_metadata, save, save_with, AsyncSave, AsyncSaver,
-    FileSystemReader, FileSystemWriter, LeaseInfo, LoadOptions, LoadResult, MetadataTranslator,
-    PlanCacheStats, ReaderOptions, SaveOptions, SavePlanCache, SaveResult, StorageReader,
-    StorageWriter, WhenBusy, WriterOptions, LEASE_FILE,
+    is_data_file_name, load, load_from, load_with, read_metadata, save, save_with, AsyncSave,
+    AsyncSaver, FileSystemReader, FileSystemWriter, LeaseInfo, LoadOptions, LoadResult,
+    MetadataTranslator, PlanCacheStats, ReaderOptions, SaveOptions, SavePlanCache, SaveResult,
+    StorageReader, StorageWriter, WhenBusy, WriterOptions, LEASE_FILE,
 };
 pub use collective::{Collective, LocalGroup, LocalValue, Single};
 pub use dtype::DType;
