@@ -940,7 +940,7 @@ impl Reader {
     /// their checksums are checked; `.metadata` not counted), `requests`,
     /// `records`. Zeros before the first read and after a failed one.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let s = self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let s = *self.stats.lock().unwrap_or_else(|p| p.into_inner());
         let d = PyDict::new(py);
         d.set_item("bytes_read", s.bytes_read)?;
         d.set_item("requests", s.requests)?;
