@@ -86,13 +86,18 @@ def load(rank: int, world: int, port: int, path: str, out: str, dim: int, names,
         full = originals(names)
         sd = {n: distribute_tensor(torch.zeros_like(t), mesh, [Shard(dim)]) for n, t in full.items()}
         sd["extra"] = {"epoch": 0}
+        if reader_kwargs.get("process_group") == "new":
+            # A group of its own (every rank, another gloo group), given to
+            # both torch's load and dcp's reader.
+            reader_kwargs = dict(reader_kwargs, process_group=dist.new_group(backend="gloo"))
+        group = reader_kwargs.get("process_group")
         reader = dcp.torch.FileSystemReader(path, **reader_kwargs)
         planner = _FailingPlanner(*fail) if fail else None
         dist.barrier()
         before = _rchar()
         t0 = time.monotonic()
         try:
-            tdcp.load(sd, storage_reader=reader, planner=planner)
+            tdcp.load(sd, storage_reader=reader, planner=planner, process_group=group)
             report["ok"] = True
         except BaseException as e:  # torch's CheckpointException is one
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
