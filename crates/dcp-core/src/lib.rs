@@ -54,11 +54,11 @@ pub mod transform;
 pub mod verify;
 
 pub use checkpoint::{
-    is_data_file_name, load, load_to_device, load_with, read_metadata, save, save_with, AsyncSave,
-    AsyncSaver, DeviceDest, DeviceLoadOptions, DeviceLoadResult, DeviceTensor, FileSystemReader,
-    FileSystemWriter, LeaseInfo, LoadOptions, LoadResult, MetadataTranslator, PlanCacheStats,
-    ReaderOptions, SaveOptions, SavePlanCache, SaveResult, StorageReader, StorageWriter, WhenBusy,
-    WriterOptions, LEASE_FILE,
+    is_data_file_name, load, load_from, load_to_device, load_with, read_metadata, save, save_with,
+    AsyncSave, AsyncSaver, DeviceDest, DeviceLoadOptions, DeviceLoadResult, DeviceTensor,
+    FileSystemReader, FileSystemWriter, LeaseInfo, LoadOptions, LoadResult, MetadataTranslator,
+    PlanCacheStats, ReaderOptions, SaveOptions, SavePlanCache, SaveResult, StorageReader,
+    StorageWriter, WhenBusy, WriterOptions, LEASE_FILE,
 };
 pub use collective::{Collective, LocalGroup, LocalValue, NodeWindow, Single};
 pub use dtype::DType;

@@ -24,7 +24,11 @@ Three parts, each repeated ``--runs`` times, medians reported:
   implementation;
   reports the bytes the loading processes read (``rchar`` of
   ``/proc/self/io``, every read and pread, page cache included) against
-  the checkpoint's bytes on disk, and the load time; dcp also with
+  the checkpoint's bytes on disk, and the load time; for dcp also the
+  bytes its readers requested from storage (``FsspecReader.read_stats``).
+  dcp loads with shared reads (the default: each saved record read by one
+  rank, slices exchanged over gloo), without them (``share_reads=False``:
+  each rank reads the whole records it needs part of), and with
   ``verify_checksums=False`` (records read in part).
 
 Speed ratios are ``torch seconds / dcp seconds`` (above 1: dcp faster).
@@ -307,13 +311,15 @@ def _reshard_load(rank: int, world: int, port: int, impl: str, path: str, a: Dic
         if impl == "torch":
             r = tdcp.FileSystemReader(path)
         else:
-            r = dcp.torch.FileSystemReader(path, verify_checksums=impl == "dcp")
+            r = dcp.torch.FileSystemReader(path, verify_checksums=impl != "dcp, no verify",
+                                           share_reads=impl != "dcp, unshared")
         dist.barrier()
         before = _rchar()
         t0 = time.perf_counter()
         tdcp.load(sd, storage_reader=r)
         dt = time.perf_counter() - t0
         read = _rchar() - before
+        requested = r.read_stats["bytes_read"] if impl != "torch" else None
         for k, v in full.items():
             got = sd[k].to_local() if hasattr(sd[k], "to_local") else sd[k]
             if isinstance(v, torch.Tensor) and v.dim() == 2:
@@ -324,7 +330,7 @@ def _reshard_load(rank: int, world: int, port: int, impl: str, path: str, a: Dic
             if not ok:
                 raise AssertionError(f"reshard {impl}: rank {rank}: {k} differs")
         stats = [None] * world
-        dist.all_gather_object(stats, (read, dt))
+        dist.all_gather_object(stats, (read, dt, requested))
         if rank == 0:
             with open(out, "w") as f:
                 json.dump(stats, f)
@@ -345,9 +351,10 @@ def bench_reshard(args: argparse.Namespace, runs: List[Dict[str, Any]]) -> None:
             out = os.path.join(args.dir, f"reshard-{impl}.json")
             loads = [(impl, 0, "4 rows -> 3 rows"), (impl, 1, "4 rows -> 3 columns")]
             if impl == "dcp":
-                # The same checkpoint without checking records' checksums:
-                # partial records are read in part.
-                loads += [("dcp, no verify", d, l) for _, d, l in loads]
+                # The same checkpoint with each rank reading on its own
+                # (whole records, as before shared reads), and without
+                # checking records' checksums (partial records read in part).
+                loads += [(v, d, l) for v in ("dcp, unshared", "dcp, no verify") for _, d, l in loads]
             for impl_load, dim, layout in loads:
                 mp.spawn(_reshard_load, args=(3, free_port(), impl_load, path, a, out, dim),
                          nprocs=3, join=True)
@@ -355,10 +362,17 @@ def bench_reshard(args: argparse.Namespace, runs: List[Dict[str, Any]]) -> None:
                     stats = json.load(f)
                 read = sum(s[0] for s in stats)
                 load_s = max(s[1] for s in stats)
-                runs.append(dict(part=f"reshard {layout}", impl=impl_load, run=run, bytes=size,
-                                 ckpt_bytes=ckpt, bytes_read=read, read_x=read / ckpt, load_s=load_s))
+                rec = dict(part=f"reshard {layout}", impl=impl_load, run=run, bytes=size,
+                           ckpt_bytes=ckpt, bytes_read=read, read_x=read / ckpt, load_s=load_s)
+                extra = ""
+                if stats[0][2] is not None:
+                    requested = sum(s[2] for s in stats)
+                    rec.update(storage_bytes=requested, storage_x=requested / ckpt)
+                    extra = f", requested from storage {requested / ckpt:.2f}x"
+                runs.append(rec)
                 print(f"  reshard {layout} {impl_load:5} run {run}: read {read / 1e6:8.1f} MB of "
-                      f"{ckpt / 1e6:8.1f} MB ({read / ckpt:.2f}x), load {load_s:6.2f} s", flush=True)
+                      f"{ckpt / 1e6:8.1f} MB ({read / ckpt:.2f}x{extra}), load {load_s:6.2f} s",
+                      flush=True)
                 os.remove(out)
             shutil.rmtree(path, ignore_errors=True)
 
@@ -373,7 +387,7 @@ def summarize(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     rows = []
     for (part, impl, threads), rs in groups.items():
         row: Dict[str, Any] = dict(part=part, impl=impl, threads=threads, runs=len(rs), bytes=rs[0]["bytes"])
-        for k in ("save_s", "load_s", "bytes_read", "read_x", "ckpt_bytes"):
+        for k in ("save_s", "load_s", "bytes_read", "read_x", "ckpt_bytes", "storage_bytes", "storage_x"):
             vals = [r[k] for r in rs if k in r]
             if vals:
                 row[k] = statistics.median(vals)
@@ -403,6 +417,8 @@ def table(rows: List[Dict[str, Any]]) -> str:
 
         ratio = lambda k: ", ".join(f"{x:.2f}" for x in r.get(f"{k}_ratio_vs_dcp", [])) if r["impl"] == "torch" else ""  # noqa: E731
         rx = f"{r['read_x']:.2f}x ({r['bytes_read'] / 1e6:.0f} MB)" if "read_x" in r else ""
+        if "storage_x" in r:
+            rx += f"; requested {r['storage_x']:.2f}x"
         lines.append(f"| {r['part']} | {r['impl']} | {r['threads'] if r['threads'] is not None else ''} | "
                      f"{r['bytes'] / 1e6:.0f} MB | {f('save_s')} | {f('load_s')} | {rate('save_s')} | "
                      f"{rate('load_s')} | {ratio('save_s')} | {ratio('load_s')} | {rx} |")

@@ -13,7 +13,10 @@
 //! * `Reader`: `read_metadata` reads and validates dcp's `.metadata` and
 //!   hands it to Python (which presents it to torch as torch's `Metadata`);
 //!   `read` fills destination buffers in place through dcp's load pipeline
-//!   (coalesced reads, checksums verified), with the GIL released.
+//!   (coalesced reads, checksums verified), with the GIL released. Given
+//!   the ranks' process group (`TorchCollective`), a resharded load reads
+//!   each saved record once across the ranks and exchanges the slices
+//!   (dcp's shared reads, [`dcp::load_from`]).
 //!
 //! Memory dcp cannot read in place (CUDA tensors) crosses over as a Python
 //! stager object instead: `PySource`, a [`dcp::ChunkSource`] that dcp's save
@@ -28,9 +31,9 @@ use dcp::checkpoint::{assemble_metadata, RankWrite, WriteRecord};
 use dcp::metadata::ItemMeta;
 use dcp::plan::{SavePlan, TensorDecl, WriteIndex, WriteItem};
 use dcp::{
-    ChunkBox, ChunkData, DType, DestChunk, DestStateDict, ErrorKind, FileSystemReader,
-    FileSystemWriter, LoadOptions, Metadata, ReaderOptions, StorageReader, StorageWriter,
-    TensorBuffer, WriterOptions,
+    ChunkBox, ChunkData, Collective, DType, DestChunk, DestStateDict, ErrorKind, FileSystemReader,
+    FileSystemWriter, LoadOptions, Metadata, ReadStats, ReaderOptions, Single, StorageReader,
+    StorageWriter, TensorBuffer, WriterOptions,
 };
 use pyo3::exceptions::{PyFileExistsError, PyFileNotFoundError, PyOSError, PyValueError};
 use pyo3::prelude::*;
@@ -557,12 +560,200 @@ impl Writer {
     }
 }
 
+/// torch.distributed as a dcp [`Collective`], so that dcp's shared reads
+/// run unchanged over the process group of a torch load.
+///
+/// `exchange` is a Python object (`dcp.torch`'s `_Exchange`) with
+/// `buffer(n)`, which returns a writable C-contiguous `uint8` numpy array of
+/// `n` bytes, and `all_to_all(buffer, splits)`, which sends
+/// `buffer[sum(splits[:j]):][:splits[j]]` to rank `j` of the group and
+/// returns `(received, recv_splits)`: a `uint8` numpy array holding every
+/// rank's message in rank order and their lengths. Every operation is one
+/// such call: [`Collective::all_to_all`] and its framed
+/// [`Collective::all_to_all_v`] are native, the rest are the trait's
+/// defaults on top.
+///
+/// GIL: the load runs with the GIL released; each operation takes it on a
+/// blocking thread of the runtime (never an executor thread) for the Python
+/// call, and torch's collectives release it while they wait. A collective
+/// that fails in Python (a peer gone, torch's timeout) is an
+/// [`ErrorKind::Collective`] error with Python's message.
+struct TorchCollective {
+    exchange: Arc<Py<PyAny>>,
+    rank: usize,
+    world: usize,
+}
+
+/// A failure of the Python side of an exchange, as a dcp error.
+fn exchange_error(rank: usize, what: impl std::fmt::Display) -> dcp::Error {
+    dcp::Error::new(
+        ErrorKind::Collective,
+        format!("exchanging bytes over the torch.distributed process group: {what}"),
+    )
+    .with_rank(rank)
+}
+
+impl TorchCollective {
+    /// One all-to-all of `send[j]` (several buffers, sent as one message)
+    /// to each rank `j`; returns each rank's message. With `framed`, each
+    /// message is `[count][len, bytes]...` (little-endian u64s) so the
+    /// receiver can split it ([`unframe`]).
+    async fn exchange(&self, send: Vec<Vec<Bytes>>, framed: bool) -> dcp::Result<Vec<Bytes>> {
+        if send.len() != self.world {
+            return Err(dcp::Error::invalid(format!(
+                "all_to_all needs {} messages, got {}",
+                self.world,
+                send.len()
+            )));
+        }
+        let exchange = self.exchange.clone();
+        let (rank, world) = (self.rank, self.world);
+        tokio::task::spawn_blocking(move || {
+            Python::attach(|py| exchange_blocking(py, &exchange, rank, world, send, framed))
+        })
+        .await
+        .map_err(|e| exchange_error(rank, format!("the exchange thread failed: {e}")))?
+    }
+}
+
+/// The body of [`TorchCollective::exchange`], with the GIL held.
+fn exchange_blocking(
+    py: Python<'_>,
+    exchange: &Py<PyAny>,
+    rank: usize,
+    world: usize,
+    send: Vec<Vec<Bytes>>,
+    framed: bool,
+) -> dcp::Result<Vec<Bytes>> {
+    let err = |e: PyErr| exchange_error(rank, e);
+    let splits: Vec<usize> = send
+        .iter()
+        .map(|bufs| {
+            let data: usize = bufs.iter().map(Bytes::len).sum();
+            if framed {
+                8 + 8 * bufs.len() + data
+            } else {
+                data
+            }
+        })
+        .collect();
+    let total: usize = splits.iter().sum();
+    let ex = exchange.bind(py);
+    let buf = ex.call_method1("buffer", (total,)).map_err(err)?;
+    {
+        let mut dest = DestBuffer(ArrayMemory::new(&buf, true).map_err(err)?);
+        let out = dest.as_mut_bytes();
+        if out.len() != total {
+            return Err(exchange_error(
+                rank,
+                format!("buffer({total}) returned {} bytes", out.len()),
+            ));
+        }
+        let mut at = 0;
+        let mut put = |b: &[u8]| {
+            out[at..at + b.len()].copy_from_slice(b);
+            at += b.len();
+        };
+        for bufs in &send {
+            if framed {
+                put(&(bufs.len() as u64).to_le_bytes());
+            }
+            for b in bufs {
+                if framed {
+                    put(&(b.len() as u64).to_le_bytes());
+                }
+                put(b);
+            }
+        }
+    }
+    drop(send);
+    let (recv, recv_splits): (Bound<'_, PyAny>, Vec<usize>) = ex
+        .call_method1("all_to_all", (buf, splits))
+        .and_then(|r| r.extract())
+        .map_err(err)?;
+    let recv = Bytes::from_owner(SourceBuffer(ArrayMemory::new(&recv, false).map_err(err)?));
+    if recv_splits.len() != world || recv_splits.iter().sum::<usize>() != recv.len() {
+        return Err(exchange_error(
+            rank,
+            format!(
+                "all_to_all returned {} bytes split as {recv_splits:?} for {world} ranks",
+                recv.len()
+            ),
+        ));
+    }
+    let mut at = 0;
+    Ok(recv_splits
+        .into_iter()
+        .map(|len| {
+            at += len;
+            recv.slice(at - len..at)
+        })
+        .collect())
+}
+
+/// Split a message framed by [`TorchCollective::exchange`].
+fn unframe(msg: Bytes, from: usize) -> dcp::Result<Vec<Bytes>> {
+    let bad = || {
+        dcp::Error::new(
+            ErrorKind::Collective,
+            format!("malformed multi-buffer message from rank {from}"),
+        )
+    };
+    let word = |at: usize| -> dcp::Result<usize> {
+        let b = msg.get(at..at + 8).ok_or_else(bad)?;
+        usize::try_from(u64::from_le_bytes(b.try_into().map_err(|_| bad())?)).map_err(|_| bad())
+    };
+    let count = word(0)?;
+    let mut out = Vec::with_capacity(count.min(msg.len() / 8));
+    let mut at = 8;
+    for _ in 0..count {
+        let len = word(at)?;
+        at += 8;
+        let end = at
+            .checked_add(len)
+            .filter(|&e| e <= msg.len())
+            .ok_or_else(bad)?;
+        out.push(msg.slice(at..end));
+        at = end;
+    }
+    if at != msg.len() {
+        return Err(bad());
+    }
+    Ok(out)
+}
+
+#[async_trait::async_trait]
+impl Collective for TorchCollective {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    async fn all_to_all(&self, send: Vec<Bytes>) -> dcp::Result<Vec<Bytes>> {
+        self.exchange(send.into_iter().map(|b| vec![b]).collect(), false)
+            .await
+    }
+
+    async fn all_to_all_v(&self, send: Vec<Vec<Bytes>>) -> dcp::Result<Vec<Vec<Bytes>>> {
+        let recv = self.exchange(send, true).await?;
+        recv.into_iter()
+            .enumerate()
+            .map(|(from, m)| unframe(m, from))
+            .collect()
+    }
+}
+
 /// The storage side of a load (`dcp._dcp.Reader`).
 #[pyclass(module = "dcp._dcp", frozen)]
 struct Reader {
     inner: Arc<FileSystemReader>,
     location: String,
     metadata: Mutex<Option<Arc<Metadata>>>,
+    /// What the last `read` read from storage.
+    stats: Mutex<ReadStats>,
 }
 
 /// One tensor destination `read` takes: item name, the box in global
@@ -588,6 +779,7 @@ impl Reader {
             inner: Arc::new(inner),
             location,
             metadata: Mutex::new(None),
+            stats: Mutex::new(ReadStats::default()),
         })
     }
 
@@ -647,18 +839,126 @@ impl Reader {
     /// pipeline reads only what they need, coalesced, straight into the
     /// memory, checksums verified, with the GIL released. Refuses
     /// destinations whose memory overlaps.
+    ///
+    /// With `exchange` (see `TorchCollective`) and `world_size` above 1,
+    /// every rank of the group calls `read` together and the ranks share
+    /// reads: each saved record several ranks need is read (whole, its
+    /// checksum verified) by one of them, which sends the others their
+    /// slices, so a resharded load reads each record about once in total.
+    /// The outcome is agreed: a rank that fails makes every rank fail with
+    /// its error. `failure` is a rank that failed before it could call
+    /// `read` properly (its message): it still takes part, so the others
+    /// fail at once instead of waiting for it; it raises `RuntimeError`.
+    #[pyo3(signature = (tensors, byte_items, *, exchange=None, rank=0, world_size=1, failure=None))]
+    #[allow(clippy::too_many_arguments)]
     fn read<'py>(
         &self,
         py: Python<'py>,
         tensors: Vec<PyDest<'py>>,
         byte_items: Vec<String>,
+        exchange: Option<Py<PyAny>>,
+        rank: usize,
+        world_size: usize,
+        failure: Option<String>,
     ) -> PyResult<Bound<'py, PyDict>> {
+        *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = ReadStats::default();
         let md = self
             .metadata
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
             .ok_or_else(|| PyValueError::new_err("dcp: read before read_metadata"))?;
+        let group = match exchange {
+            Some(ex) if world_size > 1 => {
+                if rank >= world_size {
+                    return Err(PyValueError::new_err(format!(
+                        "dcp: rank {rank} is outside a group of {world_size}"
+                    )));
+                }
+                Some(TorchCollective {
+                    exchange: Arc::new(ex),
+                    rank,
+                    world: world_size,
+                })
+            }
+            _ => None,
+        };
+        // This rank's own failure: raised here once every rank knows of it.
+        let mut local: Option<PyErr> = None;
+        let dest = match (&failure, self.build_dest(&md, tensors, &byte_items)) {
+            (Some(msg), _) => {
+                local = Some(pyo3::exceptions::PyRuntimeError::new_err(format!(
+                    "dcp: rank {rank} failed before reading: {msg}"
+                )));
+                Err(dcp::Error::new(
+                    ErrorKind::RankFailed,
+                    format!("rank {rank} failed before reading: {msg}"),
+                )
+                .with_rank(rank))
+            }
+            (None, Ok(d)) => Ok(d),
+            (None, Err(e)) => {
+                let msg = e.to_string();
+                local = Some(e);
+                Err(
+                    dcp::Error::new(ErrorKind::RankFailed, format!("rank {rank}: {msg}"))
+                        .with_rank(rank),
+                )
+            }
+        };
+        if group.is_none() {
+            if let Some(e) = local {
+                return Err(e);
+            }
+        }
+        let inner = self.inner.clone();
+        let loaded = py.detach(move || {
+            runtime().block_on(async move {
+                let options = LoadOptions::default();
+                match &group {
+                    Some(g) => dcp::load_from(md, dest, inner.as_ref(), g, &options).await,
+                    None => dcp::load_from(md, dest, inner.as_ref(), &Single, &options).await,
+                }
+            })
+        });
+        if let Some(e) = local {
+            return Err(e);
+        }
+        let loaded = loaded.map_err(to_py)?;
+        *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = loaded.stats;
+        let out = PyDict::new(py);
+        for name in &byte_items {
+            if let Some(b) = loaded.state_dict.bytes(name) {
+                out.set_item(name, PyBytes::new(py, b))?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// What the last `read` on this rank read from storage, as a dict:
+    /// `bytes_read` (bytes requested from storage, whole records where
+    /// their checksums are checked; `.metadata` not counted), `requests`,
+    /// `records`. Zeros before the first read and after a failed one.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = *self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        let d = PyDict::new(py);
+        d.set_item("bytes_read", s.bytes_read)?;
+        d.set_item("requests", s.requests)?;
+        d.set_item("records", s.records)?;
+        Ok(d)
+    }
+}
+
+impl Reader {
+    /// The destination `read` fills: refuses memory that is not writable,
+    /// destinations sharing memory, and names that are not tensors of the
+    /// checkpoint.
+    fn build_dest(
+        &self,
+        md: &Metadata,
+        tensors: Vec<PyDest<'_>>,
+        byte_items: &[String],
+    ) -> PyResult<DestStateDict> {
         let mut by_name: BTreeMap<String, Vec<DestChunk>> = BTreeMap::new();
         let mut ranges = Vec::with_capacity(tensors.len());
         for (name, offsets, sizes, obj) in tensors {
@@ -702,24 +1002,10 @@ impl Reader {
             dest.insert_tensor(name, dtype, shape, chunks)
                 .map_err(to_py)?;
         }
-        for name in &byte_items {
+        for name in byte_items {
             dest.want_bytes(name.clone()).map_err(to_py)?;
         }
-        let inner = self.inner.clone();
-        let loaded = py
-            .detach(move || {
-                let plan = LoadOptions::default().planner.plan(&md, &dest)?;
-                runtime().block_on(inner.read(md, plan, dest))
-            })
-            .map_err(to_py)?;
-        let (dest, _stats) = loaded;
-        let out = PyDict::new(py);
-        for name in &byte_items {
-            if let Some(b) = dest.bytes(name) {
-                out.set_item(name, PyBytes::new(py, b))?;
-            }
-        }
-        Ok(out)
+        Ok(dest)
     }
 }
 

@@ -55,6 +55,75 @@ async fn load_inner(
 ) -> Result<LoadResult> {
     let metadata = broadcast_metadata(reader, collective).await?;
     let planned = options.planner.plan(&metadata, &dest);
+    read_agreed(planned, dest, metadata, reader, collective, options).await
+}
+
+/// Load into this rank's `dest` from a checkpoint whose `metadata` every
+/// rank already read and validated itself (a host such as torch's load
+/// protocol, which reads the metadata on every rank), with shared reads and
+/// the outcome agreed as [`load_with`] does. Every rank of `collective`
+/// calls it together.
+///
+/// `dest` is this rank's destination, or the error that kept the rank from
+/// building one: the rank still takes part, so the others fail with its
+/// error at once rather than wait for it. Refuses (on every rank, with
+/// [`ErrorKind::NotFound`], "checkpoint replaced during load") ranks whose
+/// metadata are of different saves (the checkpoint was replaced between
+/// their reads), since their plans would not agree on what each saved chunk
+/// holds.
+pub async fn load_from(
+    metadata: Arc<Metadata>,
+    dest: Result<DestStateDict>,
+    reader: &dyn StorageReader,
+    collective: &dyn Collective,
+    options: &LoadOptions,
+) -> Result<LoadResult> {
+    let span = tracing::info_span!("load", rank = collective.rank(), location = %reader.location());
+    async move {
+        if collective.world_size() > 1 {
+            let mine = (metadata.save_id.clone(), metadata.generation);
+            let all = collective.all_gather(encode(&mine)?).await?;
+            for (rank, b) in all.iter().enumerate() {
+                let theirs = decode::<(String, u64)>(b)?;
+                if theirs != mine {
+                    return Err(Error::new(
+                        ErrorKind::NotFound,
+                        format!(
+                            "checkpoint replaced during load: ranks read the metadata of \
+                             different saves at {}: rank {} save {} (generation {}), rank \
+                             {rank} save {} (generation {}); load again",
+                            reader.location(),
+                            collective.rank(),
+                            mine.0,
+                            mine.1,
+                            theirs.0,
+                            theirs.1
+                        ),
+                    ));
+                }
+            }
+        }
+        let (planned, dest) = match dest {
+            Ok(d) => (options.planner.plan(&metadata, &d), d),
+            Err(e) => (Err(e), DestStateDict::new()),
+        };
+        read_agreed(planned, dest, metadata, reader, collective, options).await
+    }
+    .instrument(span)
+    .await
+}
+
+/// Read `planned` into `dest` (shared reads when the options ask for them),
+/// then agree on the outcome: every rank returns success, or the first
+/// failing rank's error.
+async fn read_agreed(
+    planned: Result<crate::plan::LoadPlan>,
+    dest: DestStateDict,
+    metadata: Arc<Metadata>,
+    reader: &dyn StorageReader,
+    collective: &dyn Collective,
+    options: &LoadOptions,
+) -> Result<LoadResult> {
     let result = if options.share_reads && collective.world_size() > 1 {
         read_shared(
             planned,

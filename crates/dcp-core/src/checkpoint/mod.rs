@@ -42,7 +42,7 @@ pub(crate) use fs_reader::located;
 pub use fs_reader::FileSystemReader;
 pub use fs_writer::{is_data_file_name, FileSystemWriter};
 pub use lease::{LeaseInfo, LEASE_FILE};
-pub use load::{load, load_with, read_metadata, LoadResult};
+pub use load::{load, load_from, load_with, read_metadata, LoadResult};
 pub use options::{LoadOptions, ReaderOptions, SaveOptions, WriterOptions};
 pub use plan_cache::{PlanCacheStats, SavePlanCache};
 pub use save::{assemble_metadata, save, save_with, SaveResult};

@@ -84,9 +84,27 @@ class Reader:
         self,
         tensors: Sequence[Tuple[str, Sequence[int], Sequence[int], np.ndarray]],
         byte_items: Sequence[str],
+        *,
+        exchange: Optional[Any] = None,
+        rank: int = 0,
+        world_size: int = 1,
+        failure: Optional[str] = None,
     ) -> Dict[str, bytes]:
         """Fill each ``(name, global offsets, sizes, writable uint8 array)``
-        in place and return the bytes of ``byte_items``, GIL released."""
+        in place and return the bytes of ``byte_items``, GIL released.
+
+        With ``exchange`` (an object with ``buffer(n)`` returning a writable
+        uint8 numpy array and ``all_to_all(buffer, splits)`` returning
+        ``(received array, recv_splits)`` over a process group) and
+        ``world_size > 1``, every rank calls ``read`` together and each
+        saved record several ranks need is read by one of them and its
+        slices exchanged; the outcome is agreed (any rank's failure fails
+        every rank). ``failure``: this rank failed before it could read (its
+        message); it takes part so the others fail at once, and raises
+        ``RuntimeError``."""
+    def stats(self) -> Dict[str, int]:
+        """What the last ``read`` on this rank read from storage:
+        ``bytes_read``, ``requests``, ``records``."""
 
 def validate_checkpoint_id(location: str) -> bool:
     """Whether this build opens ``location`` (touches no storage)."""

@@ -18,7 +18,10 @@ GIL is released while the I/O runs. What they write is a dcp checkpoint:
 dcp's ``.metadata`` and data files, CRC-32C on every record, committed
 atomically; the ``dcp`` command and the Rust library load it, and what they
 write loads here (the reader presents dcp's metadata to torch as torch's
-``Metadata``).
+``Metadata``). Under a process group, a resharded load reads each saved
+record once across the ranks: the rank needing most of it reads it (its
+checksum verified) and sends the others their slices over the group
+(dcp's shared reads; ``FsspecReader(share_reads=False)`` turns it off).
 
 Like torch's own writers and readers, these require that the tensors of a
 state dict being saved or loaded are not modified by another thread until
@@ -36,6 +39,7 @@ import uuid
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
@@ -247,6 +251,67 @@ class _RankResult:
     blob: Optional[bytes]
 
 
+@dataclasses.dataclass(frozen=True)
+class _LoadTicket:
+    """``LoadPlan.storage_data`` of a load: the plan's rank among the
+    coordinator's plans, their number, and whether the ranks share reads.
+    The coordinator's reader decides for every rank, so all agree on
+    whether ``read_data`` runs collectives."""
+
+    rank: int
+    world: int
+    share_reads: bool
+
+
+def _exchange_device(group: Any) -> torch.device:
+    """The device whose tensors ``group``'s collectives take: CPU for gloo
+    (or a group with a CPU backend), the current CUDA device for NCCL
+    alone (torch's own rule for object collectives)."""
+    try:
+        kind = dist.distributed_c10d._get_object_coll_device(group)
+    except Exception:
+        return torch.device("cpu")
+    if kind == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(kind)
+
+
+class _Exchange:
+    """A torch.distributed process group as the byte transport of dcp's
+    shared reads (``dcp._dcp.Reader.read(exchange=...)``): dcp's Rust core
+    copies each rank's messages into ``buffer(n)`` and calls ``all_to_all``,
+    one ``all_to_all_single`` of the message lengths and one of the bytes
+    (gloo and NCCL both have it). A collective that fails (a peer gone, the
+    group's timeout) raises, and dcp fails the load with its message."""
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+        self.device = _exchange_device(group)
+
+    def buffer(self, n: int) -> Any:
+        return torch.empty(n, dtype=torch.uint8).numpy()
+
+    def all_to_all(self, send: Any, splits: List[int]) -> Tuple[Any, List[int]]:
+        # Every rank learns every rank's lengths, so all agree on skipping
+        # the byte exchange when nothing moves at all.
+        counts = torch.tensor(splits, dtype=torch.int64, device=self.device)
+        every = [torch.empty_like(counts) for _ in range(len(splits))]
+        dist.all_gather(every, counts, group=self.group)
+        me = dist.get_rank(self.group)
+        rs = [int(c[me]) for c in every]
+        out = torch.empty(sum(rs), dtype=torch.uint8, device=self.device)
+        if all(int(c.sum()) == 0 for c in every):
+            return out.cpu().numpy(), rs
+        dist.all_to_all_single(
+            out,
+            torch.from_numpy(send).to(self.device),
+            output_split_sizes=rs,
+            input_split_sizes=[int(x) for x in splits],
+            group=self.group,
+        )
+        return out.cpu().numpy(), rs
+
+
 class FsspecWriter(StorageWriter):
     """torch's ``FsspecWriter``, same arguments and meanings, storing a dcp
     checkpoint at ``path`` (a local path, ``file://``, ``memory://``, or an
@@ -437,6 +502,18 @@ class FsspecReader(StorageReader):
     ``verify_checksums=False`` (a dcp addition) skips checking each record's
     checksum: a load that needs part of a record (a reshard) then reads only
     that part, where checking it reads the whole record.
+
+    ``share_reads`` (a dcp addition, default on): under a process group, a
+    saved record that several ranks need is read by one rank only (whole,
+    its checksum verified), which sends every other rank its slices over
+    the group, so a resharded load reads the checkpoint about once in total
+    rather than once per rank. The group is ``process_group`` when given
+    (the one passed to ``dcp.load``), else torch's default group when the
+    load spans all of it; a load over another group reads without sharing.
+    The ranks agree on the outcome: one that fails makes every rank raise,
+    naming it; a rank that dies or stalls fails the others through the
+    group's own error or timeout (``init_process_group(timeout=...)``).
+    ``read_stats`` holds what this rank's last ``read_data`` read.
     """
 
     def __init__(
@@ -445,6 +522,8 @@ class FsspecReader(StorageReader):
         thread_count: int = 1,
         weights_only: bool = True,
         verify_checksums: bool = True,
+        share_reads: bool = True,
+        process_group: Optional[Any] = None,
         **storage_options: Any,
     ) -> None:
         super().__init__()
@@ -452,6 +531,9 @@ class FsspecReader(StorageReader):
         self.thread_count = thread_count
         self.weights_only = weights_only
         self.verify_checksums = verify_checksums
+        self.share_reads = share_reads
+        self.process_group = process_group
+        self.read_stats: Dict[str, int] = {"bytes_read": 0, "requests": 0, "records": 0}
         self.storage_options = _storage_options(storage_options)
         self.load_id = uuid.uuid4().hex
         self.is_coordinator = False
@@ -521,9 +603,91 @@ class FsspecReader(StorageReader):
         return plan
 
     def prepare_global_plan(self, plans: List[LoadPlan]) -> List[LoadPlan]:
-        return plans
+        return [
+            dataclasses.replace(
+                p, storage_data=_LoadTicket(rank, len(plans), self.share_reads)
+            )
+            for rank, p in enumerate(plans)
+        ]
+
+    def _exchange(self, plan: LoadPlan) -> Optional[Tuple[_Exchange, int, int]]:
+        """The group this load's ranks share reads over, with this rank and
+        the group's size; None to read alone (one rank, no process group,
+        sharing off, or a load over a group other than the default one
+        when none was given). Every rank decides alike: from the
+        coordinator's ticket and the group's size."""
+        t = plan.storage_data
+        if not isinstance(t, _LoadTicket) or t.world <= 1 or not t.share_reads:
+            return None
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.process_group
+        world = dist.get_world_size(group)
+        if world != t.world:
+            if group is not None:
+                raise ValueError(
+                    f"dcp: the reader's process_group has {world} ranks, the load {t.world}: "
+                    "pass the group given to dcp.load"
+                )
+            return None  # a load over a subgroup dcp was not given
+        rank = dist.get_rank(group)
+        if rank != t.rank:
+            raise ValueError(
+                f"dcp: this rank is rank {rank} of the reader's process group but "
+                f"rank {t.rank} of the load: pass the group given to dcp.load"
+            )
+        return _Exchange(group), rank, world
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        self.read_stats = {"bytes_read": 0, "requests": 0, "records": 0}
+        shared = self._exchange(plan)
+        share_kw: Dict[str, Any] = {}
+        if shared is not None:
+            share_kw = {"exchange": shared[0], "rank": shared[1], "world_size": shared[2]}
+        try:
+            tensors, names, pending, direct, buffers, byte_reqs = self._prepare(plan, planner)
+        except Exception as e:
+            if shared is not None:
+                # Every other rank is about to exchange with this one: take
+                # part with the failure, so they fail now rather than wait.
+                try:
+                    self._reader().read([], [], failure=f"{type(e).__name__}: {e}", **share_kw)
+                except Exception:
+                    pass
+            raise
+        reader = self._reader()
+        got = reader.read(tensors, names, **share_kw)
+        self.read_stats = reader.stats()
+        for (req, target, _, _, _), d, buf in zip(pending, direct, buffers):
+            if buf is not None and not d:
+                target.copy_(buf)
+            planner.commit_tensor(req, target)
+        checked: Dict[str, bytes] = {}
+        for req in byte_reqs:
+            fqn = req.storage_index.fqn
+            raw = got[fqn]
+            if self.weights_only and fqn not in checked:
+                # torch's planners unpickle with weights_only=False: the bytes
+                # reach them only once the restricted unpickler took them (the
+                # same bytes unpickle to the same allow-listed objects).
+                try:
+                    torch.load(io.BytesIO(raw), weights_only=True)
+                except pickle.UnpicklingError as e:
+                    raise pickle.UnpicklingError(
+                        f"dcp: {fqn} in {self.path} is not loadable with weights_only=True "
+                        f"(pass weights_only=False to the reader only for a trusted "
+                        f"checkpoint): {e}"
+                    ) from None
+                checked[fqn] = raw
+            planner.load_bytes(req, io.BytesIO(raw))
+        fut: Future[None] = Future()
+        fut.set_result(None)
+        return fut
+
+    def _prepare(self, plan: LoadPlan, planner: LoadPlanner) -> Tuple[Any, ...]:
+        """What ``read_data`` hands to dcp: the destinations (memory of the
+        targets, or of buffers copied into them after), the bytes items,
+        and what it needs to commit them to the planner."""
         byte_reqs = []
         pending = []  # (request, target, saved dtype, global offsets, sizes)
         for req in plan.items:
@@ -562,32 +726,7 @@ class FsspecReader(StorageReader):
             buffers.append(buf)
             tensors.append((req.storage_index.fqn, offsets, lengths, _memory(buf)))
         names = sorted({r.storage_index.fqn for r in byte_reqs})
-        got = self._reader().read(tensors, names)
-        for (req, target, _, _, _), d, buf in zip(pending, direct, buffers):
-            if buf is not None and not d:
-                target.copy_(buf)
-            planner.commit_tensor(req, target)
-        checked: Dict[str, bytes] = {}
-        for req in byte_reqs:
-            fqn = req.storage_index.fqn
-            raw = got[fqn]
-            if self.weights_only and fqn not in checked:
-                # torch's planners unpickle with weights_only=False: the bytes
-                # reach them only once the restricted unpickler took them (the
-                # same bytes unpickle to the same allow-listed objects).
-                try:
-                    torch.load(io.BytesIO(raw), weights_only=True)
-                except pickle.UnpicklingError as e:
-                    raise pickle.UnpicklingError(
-                        f"dcp: {fqn} in {self.path} is not loadable with weights_only=True "
-                        f"(pass weights_only=False to the reader only for a trusted "
-                        f"checkpoint): {e}"
-                    ) from None
-                checked[fqn] = raw
-            planner.load_bytes(req, io.BytesIO(raw))
-        fut: Future[None] = Future()
-        fut.set_result(None)
-        return fut
+        return tensors, names, pending, direct, buffers, byte_reqs
 
 
 class FileSystemWriter(FsspecWriter):
@@ -627,8 +766,8 @@ class FileSystemWriter(FsspecWriter):
 
 class FileSystemReader(FsspecReader):
     """torch's ``FileSystemReader`` (a local directory), loading a dcp
-    checkpoint; ``thread_count``, ``weights_only`` and ``verify_checksums``
-    as :class:`FsspecReader`."""
+    checkpoint; ``thread_count``, ``weights_only``, ``verify_checksums``,
+    ``share_reads`` and ``process_group`` as :class:`FsspecReader`."""
 
     def __init__(
         self,
@@ -636,6 +775,8 @@ class FileSystemReader(FsspecReader):
         thread_count: int = 1,
         weights_only: bool = True,
         verify_checksums: bool = True,
+        share_reads: bool = True,
+        process_group: Optional[Any] = None,
     ) -> None:
         if not _is_local(_location(path)):
             raise ValueError(f"dcp: FileSystemReader takes a local path, not {path!r}")
@@ -644,6 +785,8 @@ class FileSystemReader(FsspecReader):
             thread_count=thread_count,
             weights_only=weights_only,
             verify_checksums=verify_checksums,
+            share_reads=share_reads,
+            process_group=process_group,
         )
 
     @classmethod
