@@ -299,7 +299,7 @@ impl Metadata {
     pub fn encode(&self) -> Result<Vec<u8>> {
         self.validate()?;
         if sections::should_section(self) {
-            return sections::encode_sectioned(self, sections::SECTION_CHUNKS);
+            return sections::encode_sectioned(self, None);
         }
         self.encode_body()
     }
@@ -308,7 +308,7 @@ impl Metadata {
     /// whatever the size. Validates first.
     pub fn encode_sectioned(&self, per_section: usize) -> Result<Vec<u8>> {
         self.validate()?;
-        sections::encode_sectioned(self, per_section)
+        sections::encode_sectioned(self, Some(per_section))
     }
 
     /// Encode as one body (version 2), whatever the size. Validates first.

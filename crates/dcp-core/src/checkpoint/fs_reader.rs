@@ -78,6 +78,13 @@ impl StorageReader for FileSystemReader {
         let fs = self.fs.clone();
         let ranges = ranges.to_vec();
         blocking(move || {
+            // One range from the start, as a load's first read: a file that
+            // fits is read whole, as `read_metadata` reads it (one request).
+            if let [(0, l)] = ranges[..] {
+                if let Ok(b) = fs.read_small(METADATA_FILE, l) {
+                    return Ok(vec![b]);
+                }
+            }
             let len = fs.file_len(METADATA_FILE)?.ok_or_else(|| {
                 Error::new(
                     ErrorKind::NotFound,

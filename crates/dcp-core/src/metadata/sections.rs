@@ -8,9 +8,12 @@
 //! of sectioned tensors: the save id, world size, format, files, transforms,
 //! user metadata, generation, and every item (name, dtype, shape, or a
 //! bytes item's record). A tensor of one chunk keeps it in the index
-//! (inline); a tensor of more keeps them in sections of at most
-//! [`SECTION_CHUNKS`] consecutive chunks, each listed in the index with its
-//! bounding box, chunk count, place, length and CRC-32C. Sections are laid
+//! (inline); a tensor of n chunks keeps them in sections of
+//! [`section_chunks`]`(n)` (about the square root of 2n) consecutive chunks,
+//! each listed in the index with its bounding box, chunk count, place,
+//! length and CRC-32C: a rank that needs one chunk of each tensor then
+//! receives about as many bytes of index as of sections, in all about
+//! 2 x sqrt(26 n x 13) bytes a tensor instead of 13 n. Sections are laid
 //! out part-major (the first section of every item, then the second of
 //! every item, ...), so a rank that loads one shard of every tensor of an
 //! evenly sharded model finds its sections next to each other.
@@ -37,8 +40,21 @@ use std::collections::BTreeMap;
 
 /// The format version of sectioned metadata.
 pub const SECTIONED_FORMAT_VERSION: u32 = 3;
-/// Chunks per section (the last section of an item may hold fewer).
-pub const SECTION_CHUNKS: usize = 128;
+/// The fewest chunks per section [`Metadata::encode`] chooses.
+pub const MIN_SECTION_CHUNKS: usize = 16;
+
+/// Chunks per section of a tensor of `n` chunks as [`Metadata::encode`]
+/// writes it (the last section may hold fewer): the ceiling of the square
+/// root of 2n, at least [`MIN_SECTION_CHUNKS`]. An index entry costs about
+/// twice a chunk record, so this about balances the index a rank receives
+/// against the one section of the tensor it reads.
+pub fn section_chunks(n: usize) -> usize {
+    let mut k = ((2.0 * n as f64).sqrt().ceil() as usize).max(MIN_SECTION_CHUNKS);
+    while k > MIN_SECTION_CHUNKS && (k - 1) * (k - 1) >= 2 * n {
+        k -= 1;
+    }
+    k.min(MAX_SECTION_CHUNKS as usize)
+}
 /// The fewest records for which [`Metadata::encode`] writes sections.
 pub const SECTIONED_MIN_RECORDS: usize = 1 << 16;
 /// The most chunks a section may claim.
@@ -137,27 +153,32 @@ pub(super) fn should_section(md: &Metadata) -> bool {
 }
 
 /// Encode `md` (validated by the caller) in sections of at most
-/// `per_section` chunks.
-pub(super) fn encode_sectioned(md: &Metadata, per_section: usize) -> Result<Vec<u8>> {
+/// `per_section` chunks; `None`: [`section_chunks`] of each tensor's count.
+pub(super) fn encode_sectioned(md: &Metadata, per_section: Option<usize>) -> Result<Vec<u8>> {
     let (sections, area) = layout(md, per_section)?;
     assemble(md, sections, &area)
 }
 
 /// Each item's sections (in chunk order) and the bytes of all sections,
 /// part-major.
-fn layout(md: &Metadata, per_section: usize) -> Result<(Vec<Vec<Section>>, Vec<u8>)> {
-    let per_section = per_section.clamp(1, MAX_SECTION_CHUNKS as usize);
+fn layout(md: &Metadata, per_section: Option<usize>) -> Result<(Vec<Vec<Section>>, Vec<u8>)> {
     let enc = |e: postcard::Error| Error::invalid(format!("encode metadata: {e}"));
-    let parts_of = |item: &ItemMeta| match item {
-        ItemMeta::Tensor { chunks, .. } if chunks.len() > 1 => chunks.len().div_ceil(per_section),
-        _ => 0,
-    };
-    let most = md.items.iter().map(|(_, i)| parts_of(i)).max().unwrap_or(0);
-    let mut sections: Vec<Vec<Section>> = md
+    // Per item: chunks per section, and sections (0 for an inline tensor).
+    let shape: Vec<(usize, usize)> = md
         .items
         .iter()
-        .map(|(_, i)| Vec::with_capacity(parts_of(i)))
+        .map(|(_, i)| match i {
+            ItemMeta::Tensor { chunks, .. } if chunks.len() > 1 => {
+                let k = per_section
+                    .unwrap_or_else(|| section_chunks(chunks.len()))
+                    .clamp(1, MAX_SECTION_CHUNKS as usize);
+                (k, chunks.len().div_ceil(k))
+            }
+            _ => (1, 0),
+        })
         .collect();
+    let most = shape.iter().map(|s| s.1).max().unwrap_or(0);
+    let mut sections: Vec<Vec<Section>> = shape.iter().map(|s| Vec::with_capacity(s.1)).collect();
     let mut area: Vec<u8> = Vec::new();
     // Part-major: the j-th section of every item, then the next j.
     for j in 0..most {
@@ -165,10 +186,11 @@ fn layout(md: &Metadata, per_section: usize) -> Result<(Vec<Vec<Section>>, Vec<u
             let ItemMeta::Tensor { chunks, .. } = item else {
                 continue;
             };
-            if chunks.len() <= 1 || j * per_section >= chunks.len() {
+            let (k, n) = shape[i];
+            if j >= n {
                 continue;
             }
-            let part = &chunks[j * per_section..((j + 1) * per_section).min(chunks.len())];
+            let part = &chunks[j * k..((j + 1) * k).min(chunks.len())];
             let start = area.len();
             for c in part {
                 area = postcard::to_extend(c, area).map_err(enc)?;
@@ -822,7 +844,7 @@ mod tests {
         per: usize,
         f: impl FnOnce(&mut Vec<Vec<Section>>, &mut Vec<u8>),
     ) -> Vec<u8> {
-        let (mut sections, mut area) = layout(md, per).unwrap();
+        let (mut sections, mut area) = layout(md, Some(per)).unwrap();
         f(&mut sections, &mut area);
         assemble(md, sections, &area).unwrap()
     }
@@ -861,7 +883,7 @@ mod tests {
         let ItemMeta::Tensor { chunks, .. } = got.item("w").unwrap() else {
             panic!()
         };
-        assert_eq!(chunks.len(), SECTION_CHUNKS);
+        assert_eq!(chunks.len(), section_chunks(rows as usize));
     }
 
     /// Plans against the selected sections read the same saved chunks
@@ -913,6 +935,21 @@ mod tests {
                 panic!()
             };
             assert_eq!(chunks.len() as u64, 4 * per_item);
+        }
+    }
+
+    #[test]
+    fn sections_grow_as_the_square_root() {
+        for (n, k) in [
+            (2, 16),
+            (128, 16),
+            (200, 20),
+            (256, 23),
+            (16384, 182),
+            (1 << 20, 1449),
+        ] {
+            assert_eq!(section_chunks(n), k, "{n}");
+            assert!(k * k >= 2 * n || k == MIN_SECTION_CHUNKS);
         }
     }
 
