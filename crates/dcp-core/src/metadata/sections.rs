@@ -1015,41 +1015,42 @@ mod tests {
             "{m}"
         );
 
-        let w = 2; // the item index of "w"
-        let cases: Vec<(&str, Box<dyn FnOnce(&mut Vec<Vec<Section>>, &mut Vec<u8>)>)> = vec![
+        const W: usize = 2; // the item index of "w"
+        type Edit = Box<dyn FnOnce(&mut Vec<Vec<Section>>, &mut Vec<u8>)>;
+        let cases: Vec<(&str, Edit)> = vec![
             (
                 "past the end",
-                Box::new(|s, _| s[w][1].offset = u64::MAX - 1),
+                Box::new(|s, _| s[W][1].offset = u64::MAX - 1),
             ),
             (
                 "past the end",
-                Box::new(|s, a| s[w][1].offset = a.len() as u64),
+                Box::new(|s, a| s[W][1].offset = a.len() as u64),
             ),
-            ("claims 0 chunks", Box::new(|s, _| s[w][0].count = 0)),
+            ("claims 0 chunks", Box::new(|s, _| s[W][0].count = 0)),
             (
                 "claims 4294967295 chunks",
-                Box::new(|s, _| s[w][0].count = u32::MAX),
+                Box::new(|s, _| s[W][0].count = u32::MAX),
             ),
-            ("too short", Box::new(|s, _| s[w][0].length = 1)),
+            ("too short", Box::new(|s, _| s[W][0].length = 1)),
             (
                 "outside the section's box",
-                Box::new(|s, _| s[w][0].region = ChunkBox::new(vec![0, 0], vec![3, 4]).unwrap()),
+                Box::new(|s, _| s[W][0].region = ChunkBox::new(vec![0, 0], vec![3, 4]).unwrap()),
             ),
             (
                 "extends past shape",
-                Box::new(|s, _| s[w][0].region = ChunkBox::new(vec![0, 0], vec![99, 4]).unwrap()),
+                Box::new(|s, _| s[W][0].region = ChunkBox::new(vec![0, 0], vec![99, 4]).unwrap()),
             ),
-            ("trailing bytes", Box::new(|s, _| s[w][0].count = 3)),
-            ("does not decode", Box::new(|s, _| s[w][2].count = 5)),
+            ("trailing bytes", Box::new(|s, _| s[W][0].count = 3)),
+            ("does not decode", Box::new(|s, _| s[W][2].count = 5)),
             (
                 "overlap",
                 Box::new(|s, a| {
                     // The second section's bytes say what the first's say.
-                    let first = a[..s[w][0].length as usize].to_vec();
-                    let at = s[w][1].offset as usize;
+                    let first = a[..s[W][0].length as usize].to_vec();
+                    let at = s[W][1].offset as usize;
                     a[at..at + first.len()].copy_from_slice(&first);
-                    s[w][1].crc = crc32c::crc32c(&first);
-                    s[w][1].region = s[w][0].region.clone();
+                    s[W][1].crc = crc32c::crc32c(&first);
+                    s[W][1].region = s[W][0].region.clone();
                 }),
             ),
         ];
