@@ -312,3 +312,84 @@ async fn a_checkpoint_of_the_one_body_format_still_loads() {
         }
     }
 }
+
+/// An index longer than the first read (1 MiB): rank 0 reads the rest of
+/// it, and each rank then reads only its sections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_longer_than_the_first_read_is_read_in_full() {
+    use dcp_core::mem::MemoryFs;
+    use dcp_core::metadata::{ChunkMeta, DataFile, FormatKind, StorageInfo};
+    let rows = 60_000u64;
+    let data: Vec<u8> = (0..rows * 4).map(|i| (i / 4 % 251) as u8).collect();
+    let chunks = (0..rows)
+        .map(|r| ChunkMeta {
+            region: ChunkBox::new(vec![r, 0], vec![1, 4]).unwrap(),
+            storage: StorageInfo {
+                file: 0,
+                offset: r * 4,
+                length: 4,
+                transforms: vec![],
+            },
+        })
+        .collect();
+    let md = Metadata {
+        save_id: "0123456789abcdef".into(),
+        world_size: 1,
+        format: FormatKind::Raw,
+        files: vec![DataFile {
+            name: "__0_0-0123456789abcdef.dcp".into(),
+            length: rows * 4,
+        }],
+        transforms: vec![],
+        items: vec![(
+            "w".into(),
+            ItemMeta::Tensor {
+                dtype: DType::U8,
+                shape: vec![rows, 4],
+                chunks,
+            },
+        )],
+        user: Default::default(),
+        generation: 1,
+    };
+    let enc = md.encode_sectioned(1).unwrap();
+    let idx_len = dcp_core::metadata::sections::index_len(&enc)
+        .unwrap()
+        .unwrap();
+    assert!(idx_len > 1 << 20, "index of {idx_len} bytes");
+    let mem = MemoryFs::new("memory://long-index");
+    mem.put("__0_0-0123456789abcdef.dcp", data.clone());
+    mem.put(".metadata", enc);
+    let rec = Arc::new(RecordingFs::new(Arc::new(mem)));
+    let dests = (0..2u64)
+        .map(|r| {
+            let mut d = DestStateDict::new();
+            d.want_tensor(
+                "w",
+                DType::U8,
+                vec![rows, 4],
+                vec![ChunkBox::new(vec![r * 30_000 + 7, 0], vec![10, 4]).unwrap()],
+            )
+            .unwrap();
+            d
+        })
+        .collect();
+    let out = all_ok(
+        load_opts(rec.clone(), LoadOptions::default(), dests).await,
+        "load",
+    );
+    for (r, o) in out.iter().enumerate() {
+        let from = (r as u64 * 30_000 + 7) as usize * 4;
+        let t = o.state_dict.tensor("w").unwrap();
+        assert_eq!(t.chunks[0].data.as_slice(), &data[from..from + 40]);
+        assert_eq!(chunk_count(&o.metadata, "w"), 10, "rank {r}");
+    }
+    // Rank 0's first read, the rest of the index, and a few ranges.
+    let md_reads: Vec<_> = rec
+        .reads()
+        .into_iter()
+        .filter(|r| r.name == ".metadata")
+        .collect();
+    assert!(md_reads.iter().any(|r| r.offset == 1 << 20), "{md_reads:?}");
+    assert!(md_reads.len() <= 6, "{md_reads:?}");
+}

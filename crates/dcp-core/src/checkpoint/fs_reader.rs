@@ -80,9 +80,21 @@ impl StorageReader for FileSystemReader {
         blocking(move || {
             // One range from the start, as a load's first read: a file that
             // fits is read whole, as `read_metadata` reads it (one request).
+            // A longer file is refused as `Corrupt`: read its range below.
             if let [(0, l)] = ranges[..] {
-                if let Ok(b) = fs.read_small(METADATA_FILE, l) {
-                    return Ok(vec![b]);
+                match fs.read_small(METADATA_FILE, l) {
+                    Ok(b) => return Ok(vec![b]),
+                    Err(e) if e.kind() == ErrorKind::Corrupt => {}
+                    Err(e) if e.kind() == ErrorKind::NotFound => {
+                        return Err(Error::new(
+                            ErrorKind::NotFound,
+                            format!(
+                                "no checkpoint at {}: {METADATA_FILE} is missing",
+                                fs.location()
+                            ),
+                        ))
+                    }
+                    Err(e) => return Err(e),
                 }
             }
             let len = fs.file_len(METADATA_FILE)?.ok_or_else(|| {

@@ -164,28 +164,39 @@ async fn read_head(reader: &dyn StorageReader) -> Result<Vec<u8>> {
         // say: the reader's whole read decides.
         return reader.read_metadata().await;
     }
-    let want = match sections::index_len(&head)? {
-        Some(n) => n,
-        None => sections::one_body_len(&head)?.unwrap_or(0),
-    };
-    if want > MAX_METADATA_LEN + HEADER_LEN as u64 {
-        return Err(Error::corrupt(format!(
-            ".metadata says it is {want} bytes, more than the limit of {MAX_METADATA_LEN}"
-        )));
-    }
     let have = head.len() as u64;
-    if have < want && have == HEAD_READ {
-        let rest = reader
-            .read_metadata_ranges(&[(have, want - have)])
-            .await?
-            .pop()
-            .unwrap_or_default();
-        head.extend_from_slice(&rest);
+    if have < HEAD_READ {
+        // The whole file: of sectioned metadata, keep the header and index
+        // (a truncated one is left for the decoder to name).
+        if let Some(n) = sections::index_len(&head)? {
+            if n <= have {
+                head.truncate(n as usize);
+            }
+        }
+        return Ok(head);
     }
-    if sections::index_len(&head)?.is_some() {
-        head.truncate(want.min(head.len() as u64) as usize);
+    match sections::index_len(&head)? {
+        // One body longer than the first read: the reader's whole read,
+        // as before sectioned metadata (its limit, its messages).
+        None => reader.read_metadata().await,
+        Some(want) => {
+            if want > MAX_METADATA_LEN + HEADER_LEN as u64 {
+                return Err(Error::corrupt(format!(
+                    ".metadata says its index is {want} bytes, more than the limit of {MAX_METADATA_LEN}"
+                )));
+            }
+            if have < want {
+                let rest = reader
+                    .read_metadata_ranges(&[(have, want - have)])
+                    .await?
+                    .pop()
+                    .unwrap_or_default();
+                head.extend_from_slice(&rest);
+            }
+            head.truncate(want.min(head.len() as u64) as usize);
+            Ok(head)
+        }
     }
-    Ok(head)
 }
 
 /// The sections `ids` of the checkpoint `idx` indexes, read from storage

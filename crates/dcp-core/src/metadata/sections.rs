@@ -302,17 +302,6 @@ pub fn index_len(head: &[u8]) -> Result<Option<u64>> {
     Ok(Some(HEADER_LEN as u64 + h.body_len))
 }
 
-/// The total length of a `.metadata` whose first bytes are `head`, as its
-/// header says, when it is one body (version 1 or 2); `None` for sectioned
-/// metadata (its length is in the index).
-pub fn one_body_len(head: &[u8]) -> Result<Option<u64>> {
-    let h = parse_header(head)?;
-    if h.version == SECTIONED_FORMAT_VERSION {
-        return Ok(None);
-    }
-    Ok(Some((HEADER_LEN as u64).saturating_add(h.body_len)))
-}
-
 /// The decoded index of sectioned metadata: every item, and where the
 /// chunk records of each tensor's sections are. A loading rank decodes it,
 /// asks [`MetadataIndex::sections_for`] which sections its destination
