@@ -137,8 +137,10 @@ pub trait StorageReader: Send + Sync {
     /// bytes (fewer only where the file ends, none past its end). A load
     /// reads the header and index of sectioned metadata, and then only the
     /// sections its destination overlaps, this way. The default reads the
-    /// whole file once with [`StorageReader::read_metadata`] and slices it;
-    /// readers that can read a range of it override this.
+    /// whole file once with [`StorageReader::read_metadata`] and slices it
+    /// (correct, but then every loading rank of a sectioned checkpoint reads
+    /// all of it); readers that can read a range of it override this, as
+    /// [`FileSystemReader`] does.
     async fn read_metadata_ranges(&self, ranges: &[(u64, u64)]) -> Result<Vec<Vec<u8>>> {
         let all = self.read_metadata().await?;
         Ok(ranges
