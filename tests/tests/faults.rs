@@ -3,7 +3,7 @@
 //! checkpoint stays byte for byte and loads bit-exact; damage is a clear
 //! error of the right kind, never a panic.
 
-use dcp_core::metadata::{DataFile, FORMAT_VERSION};
+use dcp_core::metadata::{DataFile, NEWEST_FORMAT_VERSION};
 use dcp_core::{DType, Error, ErrorKind, FileSystem, ReaderOptions, WriterOptions};
 use dcp_testkit::{Fault, FaultFs, Op};
 use dcp_tests::*;
@@ -389,7 +389,7 @@ async fn damaged_checkpoints_are_clear_errors() {
 
         // Damaged metadata: a flipped body byte, a flipped magic byte, a
         // truncated file, an unknown version.
-        let future = format!("format version {}", FORMAT_VERSION + 1);
+        let future = format!("format version {}", NEWEST_FORMAT_VERSION + 1);
         let cases: Vec<(Vec<u8>, ErrorKind, &str)> = vec![
             (
                 {
@@ -419,7 +419,7 @@ async fn damaged_checkpoints_are_clear_errors() {
             (
                 {
                     let mut b = good.clone();
-                    b[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
+                    b[8..12].copy_from_slice(&(NEWEST_FORMAT_VERSION + 1).to_le_bytes());
                     b
                 },
                 ErrorKind::Unsupported,

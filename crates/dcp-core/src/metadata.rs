@@ -3,7 +3,10 @@
 //! Layout: a 28-byte header (magic `DCPMETA\0`, format version u32 LE, flags
 //! u32 LE, body length u64 LE, CRC-32C of the body u32 LE) and a postcard
 //! body. Files and transform descriptors are tables referenced by index, and
-//! integers are varints, so a chunk costs about 20 to 30 bytes.
+//! integers are varints, so a chunk costs about 13 to 30 bytes. Large
+//! sharded checkpoints are written in sections instead (version 3, same
+//! header, see [`sections`]): an index and per-tensor sections of chunk
+//! records, so that a loading rank reads only what its destination needs.
 //!
 //! Decoding never executes code, bounds every length before allocating, and
 //! validates the result ([`Metadata::validate`]) before anyone uses it: every
@@ -18,13 +21,19 @@ use crate::transform::{Descriptor, TransformKind};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+pub mod sections;
+
 /// Magic bytes that open a `.metadata` file.
 pub const MAGIC: [u8; 8] = *b"DCPMETA\0";
-/// The metadata format version this build writes. Version 2 added
+/// The one-body metadata format version this build writes (every checkpoint
+/// but large sharded ones, which are written as version 3,
+/// [`sections::SECTIONED_FORMAT_VERSION`]). Version 2 added
 /// [`Metadata::generation`]; this build also reads version 1 (as generation 0).
 pub const FORMAT_VERSION: u32 = 2;
 /// The oldest metadata format version this build reads.
 pub const OLDEST_FORMAT_VERSION: u32 = 1;
+/// The newest metadata format version this build reads.
+pub const NEWEST_FORMAT_VERSION: u32 = sections::SECTIONED_FORMAT_VERSION;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 28;
 /// The largest `.metadata` this build accepts (4 GiB).
@@ -185,6 +194,49 @@ impl From<MetadataV1> for Metadata {
     }
 }
 
+/// The fixed header of every version.
+pub(crate) struct Header {
+    /// Format version.
+    pub version: u32,
+    /// Length of the body (versions 1 and 2) or of the index (version 3).
+    pub body_len: u64,
+    /// CRC-32C of the body or of the index.
+    pub crc: u32,
+}
+
+/// Parse the header at the start of `bytes`: refuses a short input, a wrong
+/// magic, a version this build does not read and unknown flags.
+pub(crate) fn parse_header(bytes: &[u8]) -> Result<Header> {
+    if bytes.len() < HEADER_LEN {
+        return Err(Error::corrupt(format!(
+            ".metadata is {} bytes, shorter than its {HEADER_LEN}-byte header",
+            bytes.len()
+        )));
+    }
+    if bytes[..8] != MAGIC {
+        return Err(Error::corrupt(
+            ".metadata does not start with the dcp magic bytes",
+        ));
+    }
+    let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+    if !(OLDEST_FORMAT_VERSION..=NEWEST_FORMAT_VERSION).contains(&version) {
+        return Err(Error::unsupported(format!(
+            ".metadata has format version {version}; this build reads versions {OLDEST_FORMAT_VERSION} to {NEWEST_FORMAT_VERSION}"
+        )));
+    }
+    let flags = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes"));
+    if flags != 0 {
+        return Err(Error::unsupported(format!(
+            ".metadata has unknown flags {flags:#x}"
+        )));
+    }
+    Ok(Header {
+        version,
+        body_len: u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes")),
+        crc: u32::from_le_bytes(bytes[24..28].try_into().expect("4 bytes")),
+    })
+}
+
 impl Metadata {
     /// Look up an item by name (binary search).
     pub fn item(&self, name: &str) -> Option<&ItemMeta> {
@@ -239,9 +291,34 @@ impl Metadata {
     }
 
     /// Encode with header. Validates first, so an invalid metadata is never
-    /// written.
+    /// written. A checkpoint of at least
+    /// [`sections::SECTIONED_MIN_RECORDS`] records with a tensor of several
+    /// chunks is written in sections (version 3, see [`sections`]), so that
+    /// a loading rank reads only the records its destination overlaps; any
+    /// other stays one body (version 2).
     pub fn encode(&self) -> Result<Vec<u8>> {
         self.validate()?;
+        if sections::should_section(self) {
+            return sections::encode_sectioned(self, None);
+        }
+        self.encode_body()
+    }
+
+    /// Encode in sections of at most `per_section` chunks (version 3),
+    /// whatever the size. Validates first.
+    pub fn encode_sectioned(&self, per_section: usize) -> Result<Vec<u8>> {
+        self.validate()?;
+        sections::encode_sectioned(self, Some(per_section))
+    }
+
+    /// Encode as one body (version 2), whatever the size. Validates first.
+    pub fn encode_one_body(&self) -> Result<Vec<u8>> {
+        self.validate()?;
+        self.encode_body()
+    }
+
+    /// The one-body encoding of validated metadata.
+    fn encode_body(&self) -> Result<Vec<u8>> {
         let body = postcard::to_allocvec(self)
             .map_err(|e| Error::invalid(format!("encode metadata: {e}")))?;
         let mut out = Vec::with_capacity(HEADER_LEN + body.len());
@@ -256,33 +333,17 @@ impl Metadata {
 
     /// Decode and validate. Refuses a wrong magic, an unknown version, a body
     /// whose length or CRC does not match, and anything
-    /// [`Metadata::validate`] refuses.
+    /// [`Metadata::validate`] refuses. Sectioned metadata (version 3) is
+    /// decoded whole: the index and every section.
     pub fn decode(bytes: &[u8]) -> Result<Metadata> {
-        if bytes.len() < HEADER_LEN {
-            return Err(Error::corrupt(format!(
-                ".metadata is {} bytes, shorter than its {HEADER_LEN}-byte header",
-                bytes.len()
-            )));
+        let Header {
+            version,
+            body_len,
+            crc,
+        } = parse_header(bytes)?;
+        if version == sections::SECTIONED_FORMAT_VERSION {
+            return sections::decode_full(bytes);
         }
-        if bytes[..8] != MAGIC {
-            return Err(Error::corrupt(
-                ".metadata does not start with the dcp magic bytes",
-            ));
-        }
-        let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
-            return Err(Error::unsupported(format!(
-                ".metadata has format version {version}; this build reads versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}"
-            )));
-        }
-        let flags = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes"));
-        if flags != 0 {
-            return Err(Error::unsupported(format!(
-                ".metadata has unknown flags {flags:#x}"
-            )));
-        }
-        let body_len = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
-        let crc = u32::from_le_bytes(bytes[24..28].try_into().expect("4 bytes"));
         let body = &bytes[HEADER_LEN..];
         if body.len() as u64 != body_len {
             return Err(Error::corrupt(format!(

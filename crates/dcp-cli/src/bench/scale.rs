@@ -50,14 +50,18 @@ pub struct ScaleRecord {
     pub cached_scatter_bytes: u64,
     /// See `cached_plan_gather_bytes`.
     pub cached_result_gather_bytes: u64,
-    /// One rank's load planning: decode the metadata, plan its reads.
+    /// One rank's load planning: decode the metadata it receives (of
+    /// sectioned metadata, the index and its sections), plan its reads.
     pub load_plan_seconds: f64,
     /// Bytes of `.metadata`.
     pub metadata_bytes: u64,
     /// `metadata_bytes / chunks`.
     pub metadata_bytes_per_chunk: f64,
-    /// The most metadata bytes one loading rank receives (today: all of
-    /// it, broadcast).
+    /// The metadata bytes the measured loading rank (rank 0 of as many
+    /// loading ranks, its row of every tensor) receives: of sectioned
+    /// metadata the header and index (broadcast) and the sections its
+    /// destination overlaps (read by ranges); of one body, all of it. Every
+    /// rank's destination is alike here, so this is the most.
     pub max_rank_metadata_bytes_received: u64,
     /// Bytes through the collectives: the plan gather, the scatter of
     /// assignments, the write-result gather.

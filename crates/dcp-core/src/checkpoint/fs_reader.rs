@@ -72,6 +72,56 @@ impl StorageReader for FileSystemReader {
         .await
     }
 
+    /// Ranges of `.metadata` as stored (never translated: a load asks for
+    /// ranges only of dcp's own metadata, after reading its magic).
+    async fn read_metadata_ranges(&self, ranges: &[(u64, u64)]) -> Result<Vec<Vec<u8>>> {
+        let fs = self.fs.clone();
+        let ranges = ranges.to_vec();
+        blocking(move || {
+            // One range from the start, as a load's first read: a file that
+            // fits is read whole, as `read_metadata` reads it (one request).
+            // A longer file is refused as `Corrupt`: read its range below.
+            if let [(0, l)] = ranges[..] {
+                match fs.read_small(METADATA_FILE, l) {
+                    Ok(b) => return Ok(vec![b]),
+                    Err(e) if e.kind() == ErrorKind::Corrupt => {}
+                    Err(e) if e.kind() == ErrorKind::NotFound => {
+                        return Err(Error::new(
+                            ErrorKind::NotFound,
+                            format!(
+                                "no checkpoint at {}: {METADATA_FILE} is missing",
+                                fs.location()
+                            ),
+                        ))
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            let len = fs.file_len(METADATA_FILE)?.ok_or_else(|| {
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!(
+                        "no checkpoint at {}: {METADATA_FILE} is missing",
+                        fs.location()
+                    ),
+                )
+            })?;
+            ranges
+                .iter()
+                .map(|&(o, l)| {
+                    let from = o.min(len);
+                    let to = o.saturating_add(l).min(len);
+                    let mut buf = vec![0u8; (to - from) as usize];
+                    if !buf.is_empty() {
+                        fs.read_into(METADATA_FILE, from, &mut buf)?;
+                    }
+                    Ok(buf)
+                })
+                .collect()
+        })
+        .await
+    }
+
     async fn read(
         &self,
         md: Arc<Metadata>,

@@ -12,6 +12,7 @@ use crate::checkpoint::save::Assembler;
 use crate::checkpoint::wire::{decode, encode, first_error, wire};
 use crate::checkpoint::RankWrite;
 use crate::error::{Error, Result, WireError};
+use crate::metadata::sections::{index_len, MetadataIndex};
 use crate::metadata::{DataFile, FormatKind, Metadata, StorageInfo};
 use crate::model::{DestStateDict, StateDict};
 use crate::plan::{DefaultLoadPlanner, DefaultSavePlanner, LoadPlanner, SavePlan, SavePlanner};
@@ -47,7 +48,10 @@ pub struct ProtocolCost {
     pub result_gather_bytes: u64,
     /// Bytes of the encoded `.metadata`.
     pub metadata_bytes: u64,
-    /// Bytes of metadata each loading rank receives (the broadcast).
+    /// Bytes of metadata the simulated loading rank receives: the whole
+    /// `.metadata` when it is one body; of sectioned metadata, the header
+    /// and index (broadcast) and the ranges of the sections its destination
+    /// overlaps (read from storage).
     pub metadata_bytes_per_rank: u64,
     /// One rank's load: decode the metadata and plan its reads.
     pub load_plan: Duration,
@@ -207,7 +211,6 @@ pub fn simulate_protocol_with(
     let md = Arc::new(md);
     cache.set_coord(pending.complete(slots, md.clone()), false);
     cost.metadata_bytes = encoded.len() as u64;
-    cost.metadata_bytes_per_rank = encoded.len() as u64;
     cost.chunks = md
         .items
         .iter()
@@ -217,12 +220,15 @@ pub fn simulate_protocol_with(
         })
         .sum();
 
-    // 5. One rank's load: the broadcast metadata decoded, its reads planned.
+    // 5. One rank's load: the broadcast metadata (of sectioned metadata,
+    // the index, then the sections its destination overlaps, read by
+    // ranges) decoded, its reads planned.
     let dest = load_dest(&md)?;
     let t = Instant::now();
-    let received = Metadata::decode(&encoded)?;
+    let (received, received_bytes) = receive_metadata(&encoded, &dest)?;
     DefaultLoadPlanner::default().plan(&received, &dest)?;
     cost.load_plan = t.elapsed();
+    cost.metadata_bytes_per_rank = received_bytes;
     drop((received, encoded, dest));
     drop(md);
 
@@ -360,6 +366,37 @@ fn cached(
     drop(entry);
     cost.metadata = Some(Arc::unwrap_or_clone(md));
     Ok(())
+}
+
+/// What a loading rank whose destination is `dest` receives of `encoded`,
+/// decoded, and how many bytes: the whole of one body; the header and
+/// index of sectioned metadata and the byte ranges of the sections `dest`
+/// overlaps, as a load reads them.
+pub fn receive_metadata(encoded: &[u8], dest: &DestStateDict) -> Result<(Metadata, u64)> {
+    let Some(n) = index_len(encoded)? else {
+        return Ok((Metadata::decode(encoded)?, encoded.len() as u64));
+    };
+    let n = (n as usize).min(encoded.len());
+    let idx = MetadataIndex::decode(&encoded[..n])?;
+    let ids = idx.sections_for(dest);
+    let ranges = idx.ranges(&ids);
+    let mut bytes = n as u64;
+    // Copied, as a read from storage would.
+    let bufs: Vec<Vec<u8>> = ranges
+        .iter()
+        .map(|&(o, l)| {
+            let from = (o as usize).min(encoded.len());
+            let to = (o.saturating_add(l) as usize).min(encoded.len());
+            bytes += (to - from) as u64;
+            encoded[from..to].to_vec()
+        })
+        .collect();
+    let fetched: Vec<(u64, &[u8])> = ranges
+        .iter()
+        .zip(&bufs)
+        .map(|(&(o, _), b)| (o, b.as_slice()))
+        .collect();
+    Ok((idx.select(&ids, &fetched)?.metadata, bytes))
 }
 
 /// What `rank` reports after writing `plan` into one data file.

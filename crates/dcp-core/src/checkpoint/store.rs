@@ -133,6 +133,26 @@ pub trait StorageReader: Send + Sync {
     /// The raw bytes of `.metadata`.
     async fn read_metadata(&self) -> Result<Vec<u8>>;
 
+    /// Byte ranges `(offset, length)` of `.metadata`, each up to `length`
+    /// bytes (fewer only where the file ends, none past its end). A load
+    /// reads the header and index of sectioned metadata, and then only the
+    /// sections its destination overlaps, this way. The default reads the
+    /// whole file once with [`StorageReader::read_metadata`] and slices it
+    /// (correct, but then every loading rank of a sectioned checkpoint reads
+    /// all of it); readers that can read a range of it override this, as
+    /// [`FileSystemReader`] does.
+    async fn read_metadata_ranges(&self, ranges: &[(u64, u64)]) -> Result<Vec<Vec<u8>>> {
+        let all = self.read_metadata().await?;
+        Ok(ranges
+            .iter()
+            .map(|&(o, l)| {
+                let from = o.min(all.len() as u64) as usize;
+                let to = o.saturating_add(l).min(all.len() as u64) as usize;
+                all[from..to].to_vec()
+            })
+            .collect())
+    }
+
     /// Execute `plan`, filling `dest`.
     async fn read(
         &self,
