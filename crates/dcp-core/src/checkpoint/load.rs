@@ -78,22 +78,34 @@ async fn load_inner(
 /// and index) and validates it, then broadcasts it; the others validate
 /// what they receive (a rank never trusts bytes it did not check).
 async fn broadcast_head(reader: &dyn StorageReader, collective: &dyn Collective) -> Result<Head> {
-    let mut root_head = None;
-    let md_msg = if collective.rank() == ROOT {
-        let r = read_head(reader).await.and_then(|b| {
-            root_head = Some(Head::decode(&b)?);
+    broadcast_decoded(collective, read_head(reader), Head::decode).await
+}
+
+/// Rank 0 runs `read` and decodes its bytes with `decode_with`, then
+/// broadcasts the bytes (or its error); every other rank decodes what it
+/// receives itself. Every rank returns the decoded value or the same error.
+async fn broadcast_decoded<T>(
+    collective: &dyn Collective,
+    read: impl std::future::Future<Output = Result<Vec<u8>>>,
+    decode_with: impl Fn(&[u8]) -> Result<T>,
+) -> Result<T> {
+    let mut root = None;
+    let msg = if collective.rank() == ROOT {
+        let r = read.await.and_then(|b| {
+            root = Some(decode_with(&b)?);
             Ok(b)
         });
-        let msg = encode(&wire(r, ROOT))?;
-        collective.broadcast(Some(msg), ROOT).await?
+        collective
+            .broadcast(Some(encode(&wire(r, ROOT))?), ROOT)
+            .await?
     } else {
         collective.broadcast(None, ROOT).await?
     };
-    let head_bytes =
-        decode::<std::result::Result<Vec<u8>, WireError>>(&md_msg)?.map_err(Error::from_wire)?;
-    match root_head {
-        Some(h) => Ok(h),
-        None => Head::decode(&head_bytes),
+    let bytes =
+        decode::<std::result::Result<Vec<u8>, WireError>>(&msg)?.map_err(Error::from_wire)?;
+    match root {
+        Some(v) => Ok(v),
+        None => decode_with(&bytes),
     }
 }
 
@@ -211,31 +223,15 @@ async fn finish(
     })
 }
 
-/// Rank 0 reads and validates the metadata once and broadcasts it; the
-/// others validate what they receive (a rank never trusts bytes it did not
-/// check).
+/// Rank 0 reads and validates the whole metadata once and broadcasts it;
+/// the others validate what they receive.
 pub(crate) async fn broadcast_metadata(
     reader: &dyn StorageReader,
     collective: &dyn Collective,
 ) -> Result<Arc<Metadata>> {
-    let rank = collective.rank();
-    let mut root_md = None;
-    let md_msg = if rank == ROOT {
-        let r = reader.read_metadata().await.and_then(|b| {
-            root_md = Some(Metadata::decode(&b)?);
-            Ok(b)
-        });
-        let msg = encode(&wire(r, ROOT))?;
-        collective.broadcast(Some(msg), ROOT).await?
-    } else {
-        collective.broadcast(None, ROOT).await?
-    };
-    let md_bytes =
-        decode::<std::result::Result<Vec<u8>, WireError>>(&md_msg)?.map_err(Error::from_wire)?;
-    Ok(Arc::new(match root_md {
-        Some(md) => md,
-        None => Metadata::decode(&md_bytes)?,
-    }))
+    broadcast_decoded(collective, reader.read_metadata(), Metadata::decode)
+        .await
+        .map(Arc::new)
 }
 
 /// Agree on a load's outcome across ranks (all succeed, or all fail with

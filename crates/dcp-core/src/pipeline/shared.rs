@@ -239,17 +239,8 @@ pub(crate) async fn read_shared(
         };
         let recv = collective.all_to_all_v(msgs).await?;
         // Any rank's failure ends the exchange for everyone after this round.
-        for (from, m) in recv.iter().enumerate() {
-            let status = m.first().cloned().unwrap_or_default();
-            if status.first() != Some(&0) {
-                let e = status
-                    .get(1..)
-                    .ok_or_else(|| Error::new(ErrorKind::Collective, "empty shared-read message"))
-                    .and_then(decode::<WireError>)
-                    .map(Error::from_wire)
-                    .unwrap_or_else(|e| e.with_rank(from));
-                return Ok(Err(e));
-            }
+        if let Some(e) = first_failure(&recv) {
+            return Ok(Err(e));
         }
         // Fill this rank's needs from what it received.
         let (dest_state, stats) = state.expect("no failure in this round");
@@ -302,6 +293,22 @@ pub(crate) async fn read_shared(
         state = r.map(|_| (DestStateDict::from_items(dv.into_iter().collect()), stats));
     }
     Ok(state)
+}
+
+/// The first failure among the exchange's messages: each begins with a
+/// status buffer, `[0]`, or `[1]` and the failing rank's error.
+fn first_failure(recv: &[Vec<Bytes>]) -> Option<Error> {
+    recv.iter().enumerate().find_map(|(from, m)| {
+        let status = m.first().cloned().unwrap_or_default();
+        (status.first() != Some(&0)).then(|| {
+            status
+                .get(1..)
+                .ok_or_else(|| Error::new(ErrorKind::Collective, "empty shared-read message"))
+                .and_then(decode::<WireError>)
+                .map(Error::from_wire)
+                .unwrap_or_else(|e| e.with_rank(from))
+        })
+    })
 }
 
 /// Read what this rank reads alone; a plan with nothing in it (every chunk
@@ -553,17 +560,8 @@ async fn read_windowed(
         let recv = collective.all_to_all_v(msgs).await?;
         window.sync();
         lap(2);
-        for (from, m) in recv.iter().enumerate() {
-            let status = m.first().cloned().unwrap_or_default();
-            if status.first() != Some(&0) {
-                let e = status
-                    .get(1..)
-                    .ok_or_else(|| Error::new(ErrorKind::Collective, "empty shared-read message"))
-                    .and_then(decode::<WireError>)
-                    .map(Error::from_wire)
-                    .unwrap_or_else(|e| e.with_rank(from));
-                return Ok(Err(e));
-            }
+        if let Some(e) = first_failure(&recv) {
+            return Ok(Err(e));
         }
         // Fill this rank's needs: from its node peers' segments, or from
         // their messages.
