@@ -201,8 +201,13 @@ pub trait NodeWindow: Send + Sync {
     fn sync(&self);
 }
 
-/// Split a message framed by the default [`Collective::all_to_all_v`].
-fn unframe(msg: Bytes) -> Result<Vec<Bytes>> {
+/// Split a message framed as the default [`Collective::all_to_all_v`]
+/// frames each rank's buffers (their count, then each one's length and
+/// bytes, lengths as little-endian `u64`), for collectives that carry the
+/// same framing over their own transport. Refuses, with
+/// [`ErrorKind::Collective`], a message whose counts or lengths run past its
+/// end or that has bytes left over.
+pub fn unframe(msg: Bytes) -> Result<Vec<Bytes>> {
     let bad = || {
         Error::new(
             ErrorKind::Collective,
@@ -225,6 +230,9 @@ fn unframe(msg: Bytes) -> Result<Vec<Bytes>> {
             .ok_or_else(bad)?;
         out.push(msg.slice(at..end));
         at = end;
+    }
+    if at != msg.len() {
+        return Err(bad());
     }
     Ok(out)
 }
@@ -589,6 +597,17 @@ mod tests {
             r.unwrap();
         }
         assert!(unframe(Bytes::from_static(&[1, 0, 0, 0, 0, 0, 0, 0, 9])).is_err());
+        // No buffers, then a stray byte: refused rather than dropped.
+        let e = unframe(Bytes::from_static(&[0, 0, 0, 0, 0, 0, 0, 0, 9])).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Collective);
+        assert!(e.message().contains("malformed"), "{e}");
+        assert_eq!(
+            unframe(Bytes::from_static(&[
+                1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 7
+            ]))
+            .unwrap(),
+            vec![Bytes::from_static(&[7])]
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

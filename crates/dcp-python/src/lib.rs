@@ -597,7 +597,7 @@ impl TorchCollective {
     /// One all-to-all of `send[j]` (several buffers, sent as one message)
     /// to each rank `j`; returns each rank's message. With `framed`, each
     /// message is `[count][len, bytes]...` (little-endian u64s) so the
-    /// receiver can split it ([`unframe`]).
+    /// receiver can split it (`dcp::collective::unframe`).
     async fn exchange(&self, send: Vec<Vec<Bytes>>, framed: bool) -> dcp::Result<Vec<Bytes>> {
         if send.len() != self.world {
             return Err(dcp::Error::invalid(format!(
@@ -691,37 +691,6 @@ fn exchange_blocking(
         .collect())
 }
 
-/// Split a message framed by [`TorchCollective::exchange`].
-fn unframe(msg: Bytes, from: usize) -> dcp::Result<Vec<Bytes>> {
-    let bad = || {
-        dcp::Error::new(
-            ErrorKind::Collective,
-            format!("malformed multi-buffer message from rank {from}"),
-        )
-    };
-    let word = |at: usize| -> dcp::Result<usize> {
-        let b = msg.get(at..at + 8).ok_or_else(bad)?;
-        usize::try_from(u64::from_le_bytes(b.try_into().map_err(|_| bad())?)).map_err(|_| bad())
-    };
-    let count = word(0)?;
-    let mut out = Vec::with_capacity(count.min(msg.len() / 8));
-    let mut at = 8;
-    for _ in 0..count {
-        let len = word(at)?;
-        at += 8;
-        let end = at
-            .checked_add(len)
-            .filter(|&e| e <= msg.len())
-            .ok_or_else(bad)?;
-        out.push(msg.slice(at..end));
-        at = end;
-    }
-    if at != msg.len() {
-        return Err(bad());
-    }
-    Ok(out)
-}
-
 #[async_trait::async_trait]
 impl Collective for TorchCollective {
     fn rank(&self) -> usize {
@@ -741,7 +710,10 @@ impl Collective for TorchCollective {
         let recv = self.exchange(send, true).await?;
         recv.into_iter()
             .enumerate()
-            .map(|(from, m)| unframe(m, from))
+            .map(|(from, m)| {
+                dcp::collective::unframe(m)
+                    .map_err(|e| e.context(format!("message from rank {from}")))
+            })
             .collect()
     }
 }
