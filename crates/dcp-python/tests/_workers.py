@@ -2,6 +2,7 @@
 so they live in an importable module)."""
 
 import os
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -107,6 +108,12 @@ def load_worker(rank: int, world: int, port: int, path: str, kwargs: dict = {}) 
         assert sd["optim"]["step"] == 42, sd["optim"]["step"]
         assert sd["extra"] == {"epoch": 3, "name": "run-1"}, sd["extra"]
         dist.barrier()
+    except BaseException:
+        # Said before the group is torn down: tearing it down while other
+        # ranks still wait in a collective can abort this process, and the
+        # exception would be lost with it.
+        traceback.print_exc()
+        raise
     finally:
         dist.destroy_process_group()
 
