@@ -464,6 +464,8 @@ impl Collective for MpiGroup {
                     };
                     drop(g);
                     drop(op);
+                    // Let go of the group before answering (see `Exchange`'s drop).
+                    drop(sh);
                     let _ = tx.send(r);
                 });
             if let Err(e) = spawned {
@@ -533,11 +535,12 @@ impl MpiGroup {
         };
         let (tx, rx) = oneshot::channel();
         let run = Exchange {
-            shared: shared.clone(),
+            shared: Some(shared.clone()),
             op,
             deadline: Instant::now() + shared.options.timeout,
             guard: Some(guard),
             reply: Some(tx),
+            outcome: None,
         };
         if let Err(e) = std::thread::Builder::new()
             .name(format!("dcp-mpi-{}", shared.rank))
@@ -574,20 +577,54 @@ struct Pending<'a, 'b> {
 
 /// One operation, run on its own thread.
 struct Exchange {
-    shared: Arc<Shared>,
+    /// The group, let go of before the caller hears back (see the `Drop`).
+    shared: Option<Arc<Shared>>,
     op: u64,
     deadline: Instant,
     /// The group's operation lock, released once this operation is over
     /// (or has failed).
     guard: Option<OwnedMutexGuard<()>>,
     reply: Option<oneshot::Sender<Result<Vec<Vec<Bytes>>>>>,
+    /// The outcome, sent to the caller when the operation is dropped.
+    outcome: Option<Result<Vec<Vec<Bytes>>>>,
+}
+
+impl Drop for Exchange {
+    /// Answer the caller only after this thread has let go of the group: a
+    /// caller that drops its group right after the answer then holds the
+    /// last reference, so the group's end (freeing the shared-memory window,
+    /// a collective over the node) runs on the caller's thread, in program
+    /// order, and never on this thread after the caller has gone on to
+    /// finalize MPI (which would leave the node's other processes waiting).
+    fn drop(&mut self) {
+        self.shared.take();
+        self.guard.take();
+        if let (Some(tx), Some(r)) = (self.reply.take(), self.outcome.take()) {
+            let _ = tx.send(r);
+        }
+    }
 }
 
 impl Exchange {
+    fn sh(&self) -> &Arc<Shared> {
+        self.shared
+            .as_ref()
+            .expect("held until the operation is dropped")
+    }
+
+    /// Settle the operation: a success is sent when this thread lets go
+    /// of the group (see the `Drop`); a failure at once, since this thread
+    /// may stay behind with requests a late peer never completes (the
+    /// group is then broken, and its end frees nothing collectively).
     fn answer(&mut self, r: Result<Vec<Vec<Bytes>>>) {
         self.guard.take();
-        if let Some(tx) = self.reply.take() {
-            let _ = tx.send(r);
+        match r {
+            Ok(v) => self.outcome = Some(Ok(v)),
+            Err(e) => {
+                if let Some(tx) = self.reply.take() {
+                    let _ = tx.send(Err(e));
+                }
+            }
         }
     }
 
@@ -595,11 +632,11 @@ impl Exchange {
     /// longer be trusted), then let the caller go.
     fn fail(&mut self, e: Error) {
         tracing::warn!(
-            rank = self.shared.rank,
+            rank = self.sh().rank,
             op = self.op,
             "MPI operation failed: {e}"
         );
-        self.shared.break_with(e.message());
+        self.sh().break_with(e.message());
         self.answer(Err(e));
     }
 
@@ -623,13 +660,13 @@ impl Exchange {
         };
         let msg = format!(
             "collective deadline of {:?} passed waiting for rank(s) {missing:?} ({what}; MPI operation #{}); the MPI group is unusable from now on: end the job (MpiGroup::abort)",
-            self.shared.options.timeout, self.op
+            self.sh().options.timeout, self.op
         );
         self.fail(Error::new(ErrorKind::Collective, msg));
     }
 
     fn run(mut self, send: Vec<Vec<Bytes>>) {
-        let shared = self.shared.clone();
+        let shared = self.sh().clone();
         let (me, n) = (shared.rank, shared.size);
         let piece = shared.options.piece_size;
 
