@@ -27,4 +27,4 @@ rm -rf "$venv/wheels"
 echo "dcp wheel built and installed in $(( $(date +%s) - start )) s"
 
 cd "$here"
-CI="${CI:-true}" "$venv/bin/python" -m pytest -q -p no:cacheprovider tests
+CI="${CI:-true}" "$venv/bin/python" -m pytest -q -rs -p no:cacheprovider tests
