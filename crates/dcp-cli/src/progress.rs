@@ -147,6 +147,9 @@ struct MeteredSink {
 }
 
 impl FileSink for MeteredSink {
+    fn expect_len(&mut self, len: u64) {
+        self.inner.expect_len(len)
+    }
     fn write(&mut self, buf: Bytes) -> Result<()> {
         let n = buf.len() as u64;
         self.inner.write(buf)?;

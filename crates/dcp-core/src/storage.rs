@@ -231,6 +231,16 @@ pub trait FileSink: Send {
     /// written.
     fn write(&mut self, buf: Bytes) -> Result<()>;
 
+    /// Told before the first [`FileSink::write`]: the file will be about
+    /// `len` bytes (the records' stored lengths plus header and padding; a
+    /// codec's output may differ a little). A sink may size its requests by
+    /// it (an object-store upload picks a part size that keeps the object
+    /// within the store's part limit); it is a hint, never a limit, and the
+    /// default ignores it. Wrapping sinks should forward it.
+    fn expect_len(&mut self, len: u64) {
+        let _ = len;
+    }
+
     /// Complete the file; with `sync`, make it durable first. Returns the
     /// file's length.
     fn finish(self: Box<Self>, sync: bool) -> Result<u64>;

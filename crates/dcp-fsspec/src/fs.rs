@@ -18,6 +18,21 @@ use std::time::Duration;
 pub const S3_MIN_PART_SIZE: usize = 5 << 20;
 /// The largest multipart part S3 accepts.
 pub const S3_MAX_PART_SIZE: usize = 5 << 30;
+/// The most parts one S3 multipart upload may have.
+pub const S3_MAX_PARTS: u64 = 10_000;
+
+/// The part size for an upload of about `expected` bytes: `part_size`, or
+/// the smallest whole number of MiB that keeps the object (with a margin of
+/// 1/64 and 64 MiB for a codec's output or a short hint) within
+/// [`S3_MAX_PARTS`] parts, at most [`S3_MAX_PART_SIZE`].
+pub fn part_size_for(expected: u64, part_size: usize) -> usize {
+    let with_margin = expected
+        .saturating_add(expected / 64)
+        .saturating_add(64 << 20);
+    let need = with_margin.div_ceil(S3_MAX_PARTS).next_multiple_of(1 << 20);
+    let need = usize::try_from(need).unwrap_or(usize::MAX);
+    part_size.max(need.min(S3_MAX_PART_SIZE))
+}
 
 /// Tuning of an [`OpendalFs`]: multipart writes, concurrent ranged reads,
 /// retries and timeouts. Each field can also be set through
@@ -27,11 +42,17 @@ pub const S3_MAX_PART_SIZE: usize = 5 << 30;
 /// `dcp_io_timeout_ms`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OpendalOptions {
-    /// Multipart part size in bytes (default 16 MiB; S3 needs at least
-    /// 5 MiB, and at most 10,000 parts per object, so objects up to
-    /// 10,000 x `part_size`).
+    /// Multipart part size in bytes (default 8 MiB; S3 needs at least
+    /// 5 MiB and takes at most 10,000 parts per object, so a data file
+    /// whose expected length ([`FileSink::expect_len`]) needs more parts
+    /// is uploaded in larger parts: [`part_size_for`]). Default chosen by
+    /// measurement with `write_concurrency` (BENCHMARKS.md).
     pub part_size: usize,
-    /// Parts of one object uploaded at once (default 8).
+    /// Parts of one object uploaded at once (default 16): the single
+    /// upload of a writer thread keeps this many parts in flight. OpenDAL
+    /// starts a part only when a slot frees up behind the oldest part in
+    /// flight, so a slow part holds the next ones back; more slots than
+    /// a typical file has parts keeps them all going from the start.
     pub write_concurrency: usize,
     /// Part size of reads: a read larger than this is split into ranged
     /// GETs of this size, fetched concurrently, and neighbouring records
@@ -66,8 +87,8 @@ pub struct OpendalOptions {
 impl Default for OpendalOptions {
     fn default() -> Self {
         OpendalOptions {
-            part_size: 16 << 20,
-            write_concurrency: 8,
+            part_size: 8 << 20,
+            write_concurrency: 16,
             read_chunk: 32 << 20,
             read_concurrency: 8,
             max_retries: 4,
@@ -279,6 +300,35 @@ impl OpendalFs {
                 handle: runtime::io_handle()?,
                 no_credentials: false,
             }),
+        })
+    }
+
+    /// An OpenDAL writer for `name` with parts of `part` bytes,
+    /// `write_concurrency` in flight.
+    fn open_writer(&self, name: &str, part: usize) -> Result<opendal::Writer> {
+        let o = &self.inner.options;
+        self.block_on(async {
+            self.inner
+                .op
+                .writer_with(&self.path(name))
+                .chunk(part)
+                .concurrent(o.write_concurrency)
+                .await
+        })
+        .map_err(|e| self.err("create", name, e))
+    }
+
+    /// The sink of [`FileSystem::create`].
+    fn sink(&self, name: &str) -> Result<OpendalSink> {
+        check_file_name(name)?;
+        let part = self.inner.options.part_size;
+        let writer = self.open_writer(name, part)?;
+        Ok(OpendalSink {
+            fs: self.clone(),
+            name: name.to_string(),
+            writer: Some(writer),
+            written: 0,
+            part,
         })
     }
 
@@ -509,9 +559,31 @@ struct OpendalSink {
     name: String,
     writer: Option<opendal::Writer>,
     written: u64,
+    /// The writer's part size.
+    part: usize,
 }
 
 impl FileSink for OpendalSink {
+    /// Before the first write: a file too large for 10,000 parts of
+    /// `part_size` gets a writer with larger parts ([`part_size_for`]).
+    fn expect_len(&mut self, len: u64) {
+        let part = part_size_for(len, self.fs.inner.options.part_size);
+        if self.written > 0 || part <= self.part || self.writer.is_none() {
+            return;
+        }
+        match self.fs.open_writer(&self.name, part) {
+            Ok(w) => {
+                // Nothing was written: the old writer started no upload.
+                if let Some(mut old) = self.writer.replace(w) {
+                    let _ = self.fs.block_on(old.abort());
+                }
+                self.part = part;
+            }
+            // Keep the writer of `part_size`; the limit is checked on write.
+            Err(e) => tracing::debug!("larger parts for {}: {e}", self.name),
+        }
+    }
+
     fn write(&mut self, buf: Bytes) -> Result<()> {
         let Some(w) = self.writer.as_mut() else {
             return Err(Error::invalid(format!(
@@ -520,6 +592,14 @@ impl FileSink for OpendalSink {
             )));
         };
         let n = buf.len() as u64;
+        let limit = S3_MAX_PARTS.saturating_mul(self.part as u64);
+        if self.fs.inner.op.info().scheme() == "s3" && self.written.saturating_add(n) > limit {
+            return Err(Error::invalid(format!(
+                "upload of {}/{}: more than {limit} bytes, the most S3 takes in {S3_MAX_PARTS} \
+                 parts of {} bytes; raise dcp_part_size (at most 5 GiB) or thread_count",
+                self.fs.inner.location, self.name, self.part
+            )));
+        }
         // `Bytes` converts into an OpenDAL `Buffer` without copying.
         runtime::block_on(&self.fs.inner.handle, w.write(buf))
             .map_err(|e| self.fs.err("upload", &self.name, e))?;
@@ -614,25 +694,11 @@ impl FileSystem for OpendalFs {
         .map_err(|e| self.err("prepare", "", e))
     }
 
+    /// A multipart upload of `part_size` parts, `write_concurrency` in
+    /// flight; larger parts when [`FileSink::expect_len`] says the file
+    /// would need more than 10,000.
     fn create(&self, name: &str) -> Result<Box<dyn FileSink>> {
-        check_file_name(name)?;
-        let o = &self.inner.options;
-        let writer = self
-            .block_on(async {
-                self.inner
-                    .op
-                    .writer_with(&self.path(name))
-                    .chunk(o.part_size)
-                    .concurrent(o.write_concurrency)
-                    .await
-            })
-            .map_err(|e| self.err("create", name, e))?;
-        Ok(Box::new(OpendalSink {
-            fs: self.clone(),
-            name: name.to_string(),
-            writer: Some(writer),
-            written: 0,
-        }))
+        Ok(Box::new(self.sink(name)?))
     }
 
     fn read_into(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -994,5 +1060,44 @@ mod tests {
         }
         assert_eq!(a, [100, 101, 102, 103, 104]);
         assert_eq!(c, (105..114).collect::<Vec<u8>>());
+    }
+
+    #[test]
+    fn part_size_grows_only_past_the_part_limit() {
+        const MIB: u64 = 1 << 20;
+        let p8 = 8 << 20;
+        // Up to ~77 GiB, 8 MiB parts fit in 10,000 parts (with the margin).
+        assert_eq!(part_size_for(0, p8), p8);
+        assert_eq!(part_size_for(70 << 30, p8), p8);
+        // 200 GiB: 200 GiB * 65/64 + 64 MiB over 10,000 parts, in whole MiB.
+        let big = 200u64 << 30;
+        let want = (big + big / 64 + 64 * MIB)
+            .div_ceil(S3_MAX_PARTS)
+            .next_multiple_of(MIB);
+        assert_eq!(part_size_for(big, p8) as u64, want);
+        assert!(want * S3_MAX_PARTS >= big + big / 64, "the object fits");
+        assert_eq!(want % MIB, 0);
+        // A larger configured part is kept; the S3 maximum caps the choice.
+        assert_eq!(part_size_for(big, 64 << 20), 64 << 20);
+        assert_eq!(part_size_for(u64::MAX, p8), S3_MAX_PART_SIZE);
+    }
+
+    #[test]
+    fn a_sink_told_a_large_length_uploads_larger_parts() {
+        let fs = OpendalFs::from_url("memory://parts/p", &HashMap::new()).unwrap();
+        let sink = |len: u64| {
+            let mut s = fs.sink("f.dcp").unwrap();
+            s.expect_len(len);
+            s.part
+        };
+        assert_eq!(sink(1 << 30), 8 << 20);
+        assert_eq!(sink(200 << 30), part_size_for(200 << 30, 8 << 20));
+        // After a write the writer is kept, whatever the hint.
+        let mut s = fs.sink("g.dcp").unwrap();
+        s.write(Bytes::from_static(b"abc")).unwrap();
+        s.expect_len(200 << 30);
+        assert_eq!(s.part, 8 << 20);
+        assert_eq!(Box::new(s).finish(false).unwrap(), 3);
+        assert_eq!(fs.read_small("g.dcp", 10).unwrap(), b"abc");
     }
 }

@@ -12,7 +12,8 @@
 //!
 //! # What it fixes, compared with torch's `FsspecWriter`
 //! - **Throughput.** Each data file is a multipart upload whose parts
-//!   (`part_size`, 16 MiB by default) go up `write_concurrency` (8) at a
+//!   (`part_size`, 8 MiB by default, larger for a file that would need
+//!   more than S3's 10,000 parts) go up `write_concurrency` (16) at a
 //!   time, and `thread_count` files per rank upload at once; the bytes of the
 //!   state dict are handed to the HTTP client without copying. On load,
 //!   each reader thread keeps `read_concurrency` (8) reads in flight
@@ -111,7 +112,9 @@ mod fs;
 mod runtime;
 mod storage;
 
-pub use fs::{OpendalFs, OpendalOptions, S3_MAX_PART_SIZE, S3_MIN_PART_SIZE};
+pub use fs::{
+    part_size_for, OpendalFs, OpendalOptions, S3_MAX_PARTS, S3_MAX_PART_SIZE, S3_MIN_PART_SIZE,
+};
 pub use opendal;
 pub use storage::{reader, reader_with, writer, writer_with};
 

@@ -515,3 +515,91 @@ fn memory_prefixes_are_separate() {
     assert!(b.list().unwrap().is_empty());
     assert_eq!(a.location(), format!("memory://{n}/a"));
 }
+
+/// Records the length each data file's sink is told before its first write.
+#[derive(Debug)]
+struct HintLayer {
+    inner: Arc<dyn FileSystem>,
+    hints: Arc<std::sync::Mutex<HashMap<String, (u64, bool)>>>,
+}
+
+struct HintSink {
+    name: String,
+    inner: Box<dyn FileSink>,
+    hints: Arc<std::sync::Mutex<HashMap<String, (u64, bool)>>>,
+    wrote: bool,
+}
+
+impl FileSink for HintSink {
+    fn expect_len(&mut self, len: u64) {
+        let before_writes = !self.wrote;
+        self.hints
+            .lock()
+            .unwrap()
+            .insert(self.name.clone(), (len, before_writes));
+        self.inner.expect_len(len)
+    }
+    fn write(&mut self, buf: bytes::Bytes) -> Result<()> {
+        self.wrote = true;
+        self.inner.write(buf)
+    }
+    fn finish(self: Box<Self>, sync: bool) -> Result<u64> {
+        self.inner.finish(sync)
+    }
+    fn abort(self: Box<Self>) {
+        self.inner.abort()
+    }
+}
+
+impl dcp_core::layer::FileSystemLayer for HintLayer {
+    fn inner(&self) -> &dyn FileSystem {
+        &*self.inner
+    }
+    fn create(&self, name: &str) -> Result<Box<dyn FileSink>> {
+        Ok(Box::new(HintSink {
+            name: name.to_string(),
+            inner: self.inner.create(name)?,
+            hints: self.hints.clone(),
+            wrote: false,
+        }))
+    }
+}
+
+/// Every data file's sink is told its length before the first write (what
+/// an S3 upload sizes its parts by), at least the length written and not
+/// far above it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_file_sinks_are_told_their_length_first() {
+    let hints = Arc::new(std::sync::Mutex::new(HashMap::new()));
+    let inner: Arc<dyn FileSystem> = Arc::new(
+        OpendalFs::from_url(&format!("memory://{}/p", unique("hint")), &HashMap::new()).unwrap(),
+    );
+    let fs: Arc<dyn FileSystem> = Arc::new(HintLayer {
+        inner,
+        hints: hints.clone(),
+    });
+    let saved = save_ranks(fs, 2, 3, 1 << 12, opts(2), T).await;
+    all_ok(&saved);
+    let md = saved[0].as_ref().unwrap().metadata.clone();
+    let hints = hints.lock().unwrap().clone();
+    assert_eq!(hints.len(), md.files.len(), "{hints:?}");
+    for f in &md.files {
+        let (hint, first) = hints[&f.name];
+        assert!(first, "{}: told after a write", f.name);
+        // Padding and prefixes: at most 64 + 64 bytes per record.
+        let records: u64 = md
+            .items
+            .iter()
+            .map(|(_, i)| match i {
+                dcp_core::metadata::ItemMeta::Tensor { chunks, .. } => chunks.len() as u64,
+                dcp_core::metadata::ItemMeta::Bytes { .. } => 1,
+            })
+            .sum();
+        assert!(
+            hint >= f.length && hint <= f.length + records * (64 + 64) + 4096,
+            "{}: told {hint}, wrote {} ({records} records)",
+            f.name,
+            f.length
+        );
+    }
+}

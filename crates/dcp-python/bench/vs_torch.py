@@ -213,13 +213,20 @@ def bench_s3(args: argparse.Namespace, runs: List[Dict[str, Any]]) -> None:
         dest = zeros_like(sd)
         payload = b"".join(v.view(-1).view(torch.uint8).numpy().tobytes()
                            for v in sd.values() if isinstance(v, torch.Tensor))
+        # dcp's own settings on top (`--dcp-options dcp_part_size=8MiB,...`).
+        dcp_options = dict(moto.options)
+        for kv in filter(None, args.dcp_options.split(",")):
+            k, sep, v = kv.partition("=")
+            if not sep or not k.startswith("dcp_"):
+                raise SystemExit(f"--dcp-options: {kv!r} is not dcp_KEY=VALUE")
+            dcp_options[k] = v
         tc = TransferConfig(max_concurrency=args.raw_concurrency,
                             multipart_threshold=8 << 20, multipart_chunksize=8 << 20)
         for run in range(args.runs):
             for threads in args.s3_threads:
                 impls = {
-                    "dcp": (lambda p, t=threads: dcp.torch.FsspecWriter(p, thread_count=t, **moto.options),
-                            lambda p, t=threads: dcp.torch.FsspecReader(p, thread_count=t, **moto.options)),
+                    "dcp": (lambda p, t=threads: dcp.torch.FsspecWriter(p, thread_count=t, **dcp_options),
+                            lambda p, t=threads: dcp.torch.FsspecReader(p, thread_count=t, **dcp_options)),
                     "torch": (lambda p, t=threads: FsspecWriter(p, thread_count=t, **moto.options),
                               lambda p: FsspecReader(p, **moto.options)),
                 }
@@ -438,6 +445,8 @@ def main() -> None:
     p.add_argument("--s3-hidden", type=int, default=1024)
     p.add_argument("--s3-threads", default="1,4")
     p.add_argument("--raw-concurrency", type=int, default=8)
+    p.add_argument("--dcp-options", default="",
+                   help="dcp storage options for the s3 part, e.g. dcp_part_size=16MiB,dcp_write_concurrency=8")
     p.add_argument("--reshard-runs", type=int, default=1)
     p.add_argument("--json", default=None, help="also write the JSON here")
     args = p.parse_args()

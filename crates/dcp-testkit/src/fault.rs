@@ -372,6 +372,9 @@ struct FaultSink {
 }
 
 impl FileSink for FaultSink {
+    fn expect_len(&mut self, len: u64) {
+        self.inner.expect_len(len)
+    }
     fn write(&mut self, buf: Bytes) -> Result<()> {
         let n = self.fs.tick(Op::Write, &self.name)?;
         let short = {

@@ -125,6 +125,9 @@ struct RecordingSink {
 }
 
 impl FileSink for RecordingSink {
+    fn expect_len(&mut self, len: u64) {
+        self.inner.expect_len(len)
+    }
     fn write(&mut self, buf: Bytes) -> Result<()> {
         self.inner.write(buf)
     }

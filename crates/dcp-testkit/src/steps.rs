@@ -128,6 +128,9 @@ struct StepSink {
 }
 
 impl FileSink for StepSink {
+    fn expect_len(&mut self, len: u64) {
+        self.inner.expect_len(len)
+    }
     fn write(&mut self, buf: Bytes) -> Result<()> {
         let inner = &mut self.inner;
         self.fs.step(Op::Write, &self.name, || inner.write(buf))

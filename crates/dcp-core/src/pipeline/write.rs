@@ -131,10 +131,17 @@ fn write_records(
         .header(&layouts, &cfg.save_id)
         .map_err(|e| e.context(format!("header of {}", job.file_name)))?;
     let mut pos = header.len() as u64;
+    // Record bytes, header, and each record's prefix and padding (bounded
+    // by the alignment); the footer is small.
+    let align = cfg.format.record_alignment();
+    let expected = layouts.iter().fold(pos, |n, l| {
+        n.saturating_add(l.length)
+            .saturating_add(align.saturating_add(64))
+    });
+    sink.expect_len(expected);
     if !header.is_empty() {
         sink.write(Bytes::from(header))?;
     }
-    let align = cfg.format.record_alignment();
     let mut results = Vec::with_capacity(job.records.len());
     for (rec, layout) in job.records.iter().zip(&layouts) {
         let prefix = cfg.format.record_prefix(layout)?;
