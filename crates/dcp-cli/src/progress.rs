@@ -150,6 +150,9 @@ impl FileSink for MeteredSink {
     fn expect_len(&mut self, len: u64) {
         self.inner.expect_len(len)
     }
+    fn keeps_bytes(&self) -> bool {
+        self.inner.keeps_bytes()
+    }
     fn write(&mut self, buf: Bytes) -> Result<()> {
         let n = buf.len() as u64;
         self.inner.write(buf)?;

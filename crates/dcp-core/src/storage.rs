@@ -241,6 +241,19 @@ pub trait FileSink: Send {
         let _ = len;
     }
 
+    /// Whether the sink may keep the `Bytes` given to [`FileSink::write`]
+    /// after it returns and release them only when more bytes arrive or the
+    /// file finishes (a multipart upload's part buffer, a store that uploads
+    /// on close). Pieces staged from a [`ChunkSource`](crate::stage::ChunkSource)
+    /// (device memory, within the writer thread's `per_thread_copy_ahead`
+    /// budget) go to such a sink as heap copies: otherwise the budget could
+    /// wait for bytes that only its own next piece would release. Host
+    /// memory goes as it is either way. Default false (the sink writes or
+    /// copies before `write` returns); wrapping sinks should forward it.
+    fn keeps_bytes(&self) -> bool {
+        false
+    }
+
     /// Complete the file; with `sync`, make it durable first. Returns the
     /// file's length.
     fn finish(self: Box<Self>, sync: bool) -> Result<u64>;

@@ -564,6 +564,12 @@ struct OpendalSink {
 }
 
 impl FileSink for OpendalSink {
+    /// OpenDAL's writer keeps what it is given until a part is full (and,
+    /// for a store without multipart uploads, until the file closes).
+    fn keeps_bytes(&self) -> bool {
+        true
+    }
+
     /// Before the first write: a file too large for 10,000 parts of
     /// `part_size` gets a writer with larger parts ([`part_size_for`]).
     fn expect_len(&mut self, len: u64) {

@@ -375,6 +375,9 @@ impl FileSink for FaultSink {
     fn expect_len(&mut self, len: u64) {
         self.inner.expect_len(len)
     }
+    fn keeps_bytes(&self) -> bool {
+        self.inner.keeps_bytes()
+    }
     fn write(&mut self, buf: Bytes) -> Result<()> {
         let n = self.fs.tick(Op::Write, &self.name)?;
         let short = {

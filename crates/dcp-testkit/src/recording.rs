@@ -128,6 +128,9 @@ impl FileSink for RecordingSink {
     fn expect_len(&mut self, len: u64) {
         self.inner.expect_len(len)
     }
+    fn keeps_bytes(&self) -> bool {
+        self.inner.keeps_bytes()
+    }
     fn write(&mut self, buf: Bytes) -> Result<()> {
         self.inner.write(buf)
     }

@@ -131,6 +131,9 @@ impl FileSink for StepSink {
     fn expect_len(&mut self, len: u64) {
         self.inner.expect_len(len)
     }
+    fn keeps_bytes(&self) -> bool {
+        self.inner.keeps_bytes()
+    }
     fn write(&mut self, buf: Bytes) -> Result<()> {
         let inner = &mut self.inner;
         self.fs.step(Op::Write, &self.name, || inner.write(buf))

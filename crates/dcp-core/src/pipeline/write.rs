@@ -157,7 +157,7 @@ fn write_records(
             sink.write(Bytes::from(prefix))?;
         }
         let start = pos;
-        let mut pieces = Pieces::new(&rec.data, cfg, lane);
+        let mut pieces = Pieces::new(&rec.data, cfg, lane, sink.keeps_bytes());
         let transforms = if cfg.transforms.is_empty() {
             while let Some(p) = pieces
                 .next()
@@ -207,7 +207,10 @@ enum Pieces<'a> {
 }
 
 impl<'a> Pieces<'a> {
-    fn new(data: &'a ChunkData, cfg: &WriteConfig, lane: &'a Lane) -> Pieces<'a> {
+    /// `copy_out`: staged pieces leave as heap copies, their budget given
+    /// back at once (for a sink that keeps the bytes it is given,
+    /// [`FileSink::keeps_bytes`]).
+    fn new(data: &'a ChunkData, cfg: &WriteConfig, lane: &'a Lane, copy_out: bool) -> Pieces<'a> {
         match data {
             ChunkData::Host(data) => Pieces::Host {
                 data,
@@ -226,6 +229,7 @@ impl<'a> Pieces<'a> {
                 next: 0,
                 len: src.len(),
                 inflight: VecDeque::new(),
+                copy_out,
             }),
         }
     }
@@ -249,7 +253,10 @@ impl<'a> Pieces<'a> {
 
 /// Staging one source: copies started in order on the lane, as many ahead
 /// as the budget allows (at least one), each piece holding its share of the
-/// budget until its bytes are dropped (written).
+/// budget until its bytes are dropped (written), or, with `copy_out`, until
+/// they are copied to the heap for a sink that keeps what it is given (a
+/// sink holding the last pieces until the next one arrives would otherwise
+/// leave the budget waiting on itself).
 struct Staging<'a> {
     src: &'a dyn ChunkSource,
     lane: &'a Lane,
@@ -257,6 +264,7 @@ struct Staging<'a> {
     next: u64,
     len: u64,
     inflight: VecDeque<(Box<dyn StagedCopy>, Permit, u64)>,
+    copy_out: bool,
 }
 
 impl Staging<'_> {
@@ -284,6 +292,12 @@ impl Staging<'_> {
                 "a staged copy of {n} bytes returned {}",
                 bytes.len()
             )));
+        }
+        if self.copy_out {
+            let owned = Bytes::copy_from_slice(&bytes);
+            drop(bytes);
+            drop(permit);
+            return Ok(Some(owned));
         }
         Ok(Some(permit.attach(bytes)))
     }
