@@ -9,14 +9,53 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 
+/// Per-dimension values of a [`ChunkBox`]: inline for tensors of up to
+/// four dimensions (no heap allocation), on the heap beyond. Derefs to
+/// `[u64]`; serialized exactly as a `Vec<u64>` is.
+pub type Dims = smallvec::SmallVec<[u64; 4]>;
+
 /// An axis-aligned box of a tensor in global coordinates: `offsets[d]` is
 /// where the box starts on dimension `d`, `sizes[d]` how far it extends.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ChunkBox {
     /// Start of the box on each dimension.
-    pub offsets: Vec<u64>,
+    #[serde(with = "dims_serde")]
+    pub offsets: Dims,
     /// Extent of the box on each dimension (zero allowed).
-    pub sizes: Vec<u64>,
+    #[serde(with = "dims_serde")]
+    pub sizes: Dims,
+}
+
+/// [`Dims`] as a sequence of `u64`, the encoding of a `Vec<u64>` (so the
+/// metadata format is unchanged). Decoding reserves no more than the inline
+/// capacity up front, whatever length the input claims: a hostile length
+/// fails at the end of the input instead of allocating.
+mod dims_serde {
+    use super::Dims;
+    use serde::de::{SeqAccess, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(d: &Dims, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(d.iter())
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Dims, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Dims;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a sequence of u64")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Dims, A::Error> {
+                let mut out = Dims::new();
+                while let Some(v) = seq.next_element::<u64>()? {
+                    out.push(v);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_seq(V)
+    }
 }
 
 impl fmt::Debug for ChunkBox {
@@ -32,8 +71,10 @@ impl fmt::Display for ChunkBox {
 }
 
 impl ChunkBox {
-    /// A box from offsets and sizes; refuses differing ranks.
-    pub fn new(offsets: Vec<u64>, sizes: Vec<u64>) -> Result<ChunkBox> {
+    /// A box from offsets and sizes (a `Vec<u64>`, a slice or [`Dims`]);
+    /// refuses differing ranks.
+    pub fn new(offsets: impl Into<Dims>, sizes: impl Into<Dims>) -> Result<ChunkBox> {
+        let (offsets, sizes) = (offsets.into(), sizes.into());
         if offsets.len() != sizes.len() {
             return Err(Error::invalid(format!(
                 "chunk offsets {offsets:?} and sizes {sizes:?} differ in rank"
@@ -45,8 +86,8 @@ impl ChunkBox {
     /// The box covering a whole tensor of `shape`.
     pub fn full(shape: &[u64]) -> ChunkBox {
         ChunkBox {
-            offsets: vec![0; shape.len()],
-            sizes: shape.to_vec(),
+            offsets: smallvec::smallvec![0; shape.len()],
+            sizes: Dims::from_slice(shape),
         }
     }
 
@@ -99,8 +140,8 @@ impl ChunkBox {
         if self.ndim() != other.ndim() {
             return None;
         }
-        let mut offsets = Vec::with_capacity(self.ndim());
-        let mut sizes = Vec::with_capacity(self.ndim());
+        let mut offsets = Dims::with_capacity(self.ndim());
+        let mut sizes = Dims::with_capacity(self.ndim());
         for d in 0..self.ndim() {
             let lo = self.offsets[d].max(other.offsets[d]);
             let hi = (self.offsets[d] + self.sizes[d]).min(other.offsets[d] + other.sizes[d]);

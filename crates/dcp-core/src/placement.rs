@@ -203,7 +203,7 @@ mod tests {
             .local_box(&[12], &[Placement::Shard(0), Placement::Shard(0)], 4)
             .unwrap()
             .unwrap();
-        assert_eq!((b.offsets, b.sizes), (vec![8], vec![2]));
+        assert_eq!((b.offsets.to_vec(), b.sizes.to_vec()), (vec![8], vec![2]));
     }
 
     #[test]

@@ -64,34 +64,67 @@ async fn load_inner(
     collective: &dyn Collective,
     options: &LoadOptions,
 ) -> Result<LoadResult> {
-    let (metadata, result) = match broadcast_head(reader, collective).await? {
+    let head = broadcast_head(reader, collective).await?;
+    let (metadata, result) = match &*head {
         Head::Whole(md) => {
-            let metadata = Arc::new(md);
+            let metadata = md.clone();
+            drop(head);
             let planned = options.planner.plan(&metadata, &dest);
             let result =
                 read_planned(planned, dest, &metadata, reader, collective, options).await?;
             (metadata, result)
         }
-        Head::Index(idx) => load_sectioned(&idx, dest, reader, collective, options).await?,
+        Head::Index(idx) => load_sectioned(idx, dest, reader, collective, options).await?,
     };
     finish(result, metadata, reader, collective).await
 }
 
 /// Rank 0 reads the metadata once (of sectioned metadata, only its header
 /// and index) and validates it, then broadcasts it; the others validate
-/// what they receive (a rank never trusts bytes it did not check).
-async fn broadcast_head(reader: &dyn StorageReader, collective: &dyn Collective) -> Result<Head> {
+/// what they receive (a rank never trusts bytes it did not check). Ranks of
+/// one process share rank 0's decoded value instead.
+async fn broadcast_head(
+    reader: &dyn StorageReader,
+    collective: &dyn Collective,
+) -> Result<Arc<Head>> {
     broadcast_decoded(collective, read_head(reader), Head::decode).await
 }
 
 /// Rank 0 runs `read` and decodes its bytes with `decode_with`, then
 /// broadcasts the bytes (or its error); every other rank decodes what it
-/// receives itself. Every rank returns the decoded value or the same error.
-async fn broadcast_decoded<T>(
+/// receives itself. Ranks of one process ([`Collective::shares_memory`])
+/// share rank 0's decoded value instead: one decode per process, not one
+/// per rank (rank 0 validated it in this address space). Every rank returns
+/// the decoded value or the same error.
+async fn broadcast_decoded<T: Send + Sync + 'static>(
     collective: &dyn Collective,
     read: impl std::future::Future<Output = Result<Vec<u8>>>,
     decode_with: impl Fn(&[u8]) -> Result<T>,
-) -> Result<T> {
+) -> Result<Arc<T>> {
+    type Shared<T> = std::result::Result<Arc<T>, WireError>;
+    if collective.shares_memory() {
+        let mine: crate::collective::LocalValue = if collective.rank() == ROOT {
+            let r = read.await.and_then(|b| decode_with(&b)).map(Arc::new);
+            Arc::new(wire(r, ROOT))
+        } else {
+            Arc::new(())
+        };
+        let all = collective.all_gather_local(mine).await?;
+        let root = all
+            .into_iter()
+            .nth(ROOT)
+            .and_then(|v| v.downcast::<Shared<T>>().ok())
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Collective,
+                    "rank 0 shared something other than the checkpoint's metadata",
+                )
+            })?;
+        return match &*root {
+            Ok(v) => Ok(v.clone()),
+            Err(w) => Err(Error::from_wire(w.clone())),
+        };
+    }
     let mut root = None;
     let msg = if collective.rank() == ROOT {
         let r = read.await.and_then(|b| {
@@ -107,8 +140,8 @@ async fn broadcast_decoded<T>(
     let bytes =
         decode::<std::result::Result<Vec<u8>, WireError>>(&msg)?.map_err(Error::from_wire)?;
     match root {
-        Some(v) => Ok(v),
-        None => decode_with(&bytes),
+        Some(v) => Ok(Arc::new(v)),
+        None => decode_with(&bytes).map(Arc::new),
     }
 }
 
@@ -232,9 +265,7 @@ pub(crate) async fn broadcast_metadata(
     reader: &dyn StorageReader,
     collective: &dyn Collective,
 ) -> Result<Arc<Metadata>> {
-    broadcast_decoded(collective, reader.read_metadata(), Metadata::decode)
-        .await
-        .map(Arc::new)
+    broadcast_decoded(collective, reader.read_metadata(), Metadata::decode).await
 }
 
 /// Agree on a load's outcome across ranks (all succeed, or all fail with

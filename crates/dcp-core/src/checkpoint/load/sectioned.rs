@@ -17,8 +17,10 @@ use std::sync::Arc;
 
 /// What rank 0 broadcasts, decoded: the whole metadata (one body, or a
 /// foreign checkpoint translated), or the index of sectioned metadata.
+// One per load, behind an `Arc`: the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Head {
-    Whole(Metadata),
+    Whole(Arc<Metadata>),
     Index(MetadataIndex),
 }
 
@@ -28,7 +30,7 @@ impl Head {
     pub(super) fn decode(bytes: &[u8]) -> Result<Head> {
         match sections::index_len(bytes)? {
             Some(n) if n == bytes.len() as u64 => Ok(Head::Index(MetadataIndex::decode(bytes)?)),
-            _ => Ok(Head::Whole(Metadata::decode(bytes)?)),
+            _ => Ok(Head::Whole(Arc::new(Metadata::decode(bytes)?))),
         }
     }
 }

@@ -31,7 +31,7 @@ pub(crate) async fn read_shared(
     collective: &dyn Collective,
     budget: u64,
 ) -> Result<Result<(DestStateDict, ReadStats)>> {
-    use crate::pipeline::exchange::{chunk_keys, needs_of, schedule, split_plan, Need};
+    use crate::pipeline::exchange::{chunk_keys, local_plan, needs_of, schedule, split_plan, Need};
     let rank = collective.rank();
     // Ranks of one process whose readers are all file-system readers lend
     // each other their buffers instead of exchanging bytes.
@@ -103,8 +103,8 @@ pub(crate) async fn read_shared(
             .collect::<Result<_>>()?;
         let needs: Vec<&[Need]> = lists.iter().map(|l| l.as_slice()).collect();
         let sched = schedule(md, &needs, budget, true);
-        let (local_plan, _) = split_plan(plan, &sched);
-        let state = read_local(reader, md, local_plan, dest).await;
+        let local = local_plan(plan, &sched);
+        let state = read_local(reader, md, local, dest).await;
         if sched.shared.is_empty() {
             return Ok(state);
         }
