@@ -94,53 +94,64 @@ async fn broadcast_head(
 /// broadcasts the bytes (or its error); every other rank decodes what it
 /// receives itself. Ranks of one process ([`Collective::shares_memory`])
 /// share rank 0's decoded value instead: one decode per process, not one
-/// per rank (rank 0 validated it in this address space). Every rank returns
-/// the decoded value or the same error.
+/// per rank (rank 0 validated it in this address space); a collective that
+/// cannot share values ([`Collective::all_gather_local`] unsupported) gets
+/// the bytes. Every rank returns the decoded value or the same error.
 async fn broadcast_decoded<T: Send + Sync + 'static>(
     collective: &dyn Collective,
     read: impl std::future::Future<Output = Result<Vec<u8>>>,
     decode_with: impl Fn(&[u8]) -> Result<T>,
 ) -> Result<Arc<T>> {
     type Shared<T> = std::result::Result<Arc<T>, WireError>;
-    if collective.shares_memory() {
-        let mine: crate::collective::LocalValue = if collective.rank() == ROOT {
-            let r = read.await.and_then(|b| decode_with(&b)).map(Arc::new);
-            Arc::new(wire(r, ROOT))
-        } else {
-            Arc::new(())
-        };
-        let all = collective.all_gather_local(mine).await?;
-        let root = all
-            .into_iter()
-            .nth(ROOT)
-            .and_then(|v| v.downcast::<Shared<T>>().ok())
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorKind::Collective,
-                    "rank 0 shared something other than the checkpoint's metadata",
-                )
-            })?;
-        return match &*root {
-            Ok(v) => Ok(v.clone()),
-            Err(w) => Err(Error::from_wire(w.clone())),
-        };
-    }
-    let mut root = None;
-    let msg = if collective.rank() == ROOT {
-        let r = read.await.and_then(|b| {
-            root = Some(decode_with(&b)?);
-            Ok(b)
+    // Rank 0's bytes and what they decode to (or its error).
+    let mut root: Option<(Vec<u8>, Shared<T>)> = None;
+    if collective.rank() == ROOT {
+        root = Some(match read.await {
+            Ok(b) => {
+                let v = wire(decode_with(&b).map(Arc::new), ROOT);
+                (b, v)
+            }
+            Err(e) => (Vec::new(), wire(Err(e), ROOT)),
         });
-        collective
-            .broadcast(Some(encode(&wire(r, ROOT))?), ROOT)
-            .await?
-    } else {
-        collective.broadcast(None, ROOT).await?
+    }
+    if collective.shares_memory() {
+        let mine: crate::collective::LocalValue = match &root {
+            Some((_, v)) => Arc::new(v.clone()),
+            None => Arc::new(()),
+        };
+        match collective.all_gather_local(mine).await {
+            Ok(all) => {
+                let shared = all
+                    .into_iter()
+                    .nth(ROOT)
+                    .and_then(|v| v.downcast::<Shared<T>>().ok())
+                    .ok_or_else(|| {
+                        Error::new(
+                            ErrorKind::Collective,
+                            "rank 0 shared something other than the checkpoint's metadata",
+                        )
+                    })?;
+                return (*shared).clone().map_err(Error::from_wire);
+            }
+            // Refused on every rank: the bytes, as between processes.
+            Err(e) if e.kind() == ErrorKind::Unsupported => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let msg = match &root {
+        Some((b, v)) => {
+            let sent: std::result::Result<&[u8], WireError> = match v {
+                Ok(_) => Ok(b),
+                Err(w) => Err(w.clone()),
+            };
+            collective.broadcast(Some(encode(&sent)?), ROOT).await?
+        }
+        None => collective.broadcast(None, ROOT).await?,
     };
     let bytes =
         decode::<std::result::Result<Vec<u8>, WireError>>(&msg)?.map_err(Error::from_wire)?;
     match root {
-        Some(v) => Ok(Arc::new(v)),
+        Some((_, v)) => v.map_err(Error::from_wire),
         None => decode_with(&bytes).map(Arc::new),
     }
 }
