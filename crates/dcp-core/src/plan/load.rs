@@ -56,7 +56,12 @@ pub struct DefaultLoadPlanner {
 
 impl LoadPlanner for DefaultLoadPlanner {
     fn plan(&self, md: &Metadata, dest: &DestStateDict) -> Result<LoadPlan> {
-        let mut plan = LoadPlan::default();
+        // About one read per destination item (many small items): sized up
+        // front rather than grown.
+        let mut plan = LoadPlan {
+            tensor_reads: Vec::with_capacity(dest.len()),
+            bytes_reads: Vec::new(),
+        };
         // Both the destination and the metadata are sorted by name: each
         // name is looked for after the previous one's place.
         let mut from = 0usize;

@@ -60,7 +60,19 @@ pub(super) async fn read_lent(
             base.push(count);
             count += l.0.as_ref().map_or(0, |d| d.slots.len());
         }
-        let mut plan = LoadPlan::default();
+        // Sized up front: growing a vector of many reads copies it and
+        // makes the allocator consolidate the small blocks freed before.
+        let reads: usize = sched
+            .shared
+            .iter()
+            .filter(|c| c.reader == rank)
+            .flat_map(|c| &c.users)
+            .map(|&(r, i)| needs[r][i].overlaps.len())
+            .sum();
+        let mut plan = LoadPlan {
+            tensor_reads: Vec::with_capacity(reads),
+            bytes_reads: Vec::new(),
+        };
         for c in sched.shared.iter().filter(|c| c.reader == rank) {
             for &(r, i) in &c.users {
                 let need = &needs[r][i];
