@@ -682,6 +682,31 @@ impl DestStateDict {
 mod tests {
     use super::*;
 
+    /// A box encodes exactly as two `Vec<u64>` did (metadata written before
+    /// `Dims` decodes unchanged), inline or spilled to the heap; a hostile
+    /// length fails at the end of the input instead of allocating.
+    #[test]
+    fn dims_encode_as_vectors_and_refuse_hostile_lengths() {
+        for n in [0usize, 1, 2, 4, 5, 9] {
+            let o: Vec<u64> = (0..n as u64).map(|d| d * 300).collect();
+            let s: Vec<u64> = (0..n as u64).map(|d| d + 1).collect();
+            let bx = ChunkBox::new(o.clone(), s.clone()).unwrap();
+            let bytes = postcard::to_allocvec(&bx).unwrap();
+            assert_eq!(bytes, postcard::to_allocvec(&(o, s)).unwrap());
+            assert_eq!(postcard::from_bytes::<ChunkBox>(&bytes).unwrap(), bx);
+        }
+        // Offsets claiming 2^62 elements, then three.
+        let mut hostile = Vec::new();
+        let mut v = 1u64 << 62;
+        while v >= 0x80 {
+            hostile.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        hostile.push(v as u8);
+        hostile.extend_from_slice(&[1, 2, 3]);
+        assert!(postcard::from_bytes::<ChunkBox>(&hostile).is_err());
+    }
+
     fn b(o: &[u64], s: &[u64]) -> ChunkBox {
         ChunkBox::new(o.to_vec(), s.to_vec()).unwrap()
     }
