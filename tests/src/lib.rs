@@ -624,7 +624,10 @@ fn box_along(shape: &[u64], dim: usize, (start, len): (u64, u64)) -> ChunkBox {
     let mut sizes = shape.to_vec();
     offsets[dim] = start;
     sizes[dim] = len;
-    ChunkBox { offsets, sizes }
+    ChunkBox {
+        offsets: offsets.into(),
+        sizes: sizes.into(),
+    }
 }
 
 /// The boxes each of `world` ranks covers under `sharding` (possibly the same

@@ -46,7 +46,7 @@ fn placements(md: &Metadata) -> BTreeMap<(String, Vec<u64>), (String, u64)> {
             ItemMeta::Tensor { chunks, .. } => {
                 for c in chunks {
                     out.insert(
-                        (name.clone(), c.region.offsets.clone()),
+                        (name.clone(), c.region.offsets.to_vec()),
                         (rank_of(c.storage.file), c.storage.length),
                     );
                 }

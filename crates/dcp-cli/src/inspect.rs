@@ -178,8 +178,8 @@ impl InspectReport {
                         .iter()
                         .map(|c| {
                             chunk(
-                                Some(c.region.offsets.clone()),
-                                Some(c.region.sizes.clone()),
+                                Some(c.region.offsets.to_vec()),
+                                Some(c.region.sizes.to_vec()),
                                 &c.storage,
                             )
                         })

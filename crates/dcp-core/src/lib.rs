@@ -67,7 +67,7 @@ pub use format::{FormatRegistry, SerializationFormat};
 pub use layer::FileSystemLayer;
 pub use metadata::{FormatKind, Metadata};
 pub use model::{
-    ChunkBox, DestChunk, DestData, DestItem, DestStateDict, DestTensor, Item, StateDict,
+    ChunkBox, DestChunk, DestData, DestItem, DestStateDict, DestTensor, Dims, Item, StateDict,
     TensorBuffer, TensorChunk, TensorItem,
 };
 pub use pipeline::ReadStats;

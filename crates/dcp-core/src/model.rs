@@ -9,14 +9,53 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 
+/// Per-dimension values of a [`ChunkBox`]: inline for tensors of up to
+/// four dimensions (no heap allocation), on the heap beyond. Derefs to
+/// `[u64]`; serialized exactly as a `Vec<u64>` is.
+pub type Dims = smallvec::SmallVec<[u64; 4]>;
+
 /// An axis-aligned box of a tensor in global coordinates: `offsets[d]` is
 /// where the box starts on dimension `d`, `sizes[d]` how far it extends.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ChunkBox {
     /// Start of the box on each dimension.
-    pub offsets: Vec<u64>,
+    #[serde(with = "dims_serde")]
+    pub offsets: Dims,
     /// Extent of the box on each dimension (zero allowed).
-    pub sizes: Vec<u64>,
+    #[serde(with = "dims_serde")]
+    pub sizes: Dims,
+}
+
+/// [`Dims`] as a sequence of `u64`, the encoding of a `Vec<u64>` (so the
+/// metadata format is unchanged). Decoding reserves no more than the inline
+/// capacity up front, whatever length the input claims: a hostile length
+/// fails at the end of the input instead of allocating.
+mod dims_serde {
+    use super::Dims;
+    use serde::de::{SeqAccess, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(d: &Dims, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(d.iter())
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Dims, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Dims;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a sequence of u64")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Dims, A::Error> {
+                let mut out = Dims::new();
+                while let Some(v) = seq.next_element::<u64>()? {
+                    out.push(v);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_seq(V)
+    }
 }
 
 impl fmt::Debug for ChunkBox {
@@ -32,8 +71,10 @@ impl fmt::Display for ChunkBox {
 }
 
 impl ChunkBox {
-    /// A box from offsets and sizes; refuses differing ranks.
-    pub fn new(offsets: Vec<u64>, sizes: Vec<u64>) -> Result<ChunkBox> {
+    /// A box from offsets and sizes (a `Vec<u64>`, a slice or [`Dims`]);
+    /// refuses differing ranks.
+    pub fn new(offsets: impl Into<Dims>, sizes: impl Into<Dims>) -> Result<ChunkBox> {
+        let (offsets, sizes) = (offsets.into(), sizes.into());
         if offsets.len() != sizes.len() {
             return Err(Error::invalid(format!(
                 "chunk offsets {offsets:?} and sizes {sizes:?} differ in rank"
@@ -45,8 +86,8 @@ impl ChunkBox {
     /// The box covering a whole tensor of `shape`.
     pub fn full(shape: &[u64]) -> ChunkBox {
         ChunkBox {
-            offsets: vec![0; shape.len()],
-            sizes: shape.to_vec(),
+            offsets: smallvec::smallvec![0; shape.len()],
+            sizes: Dims::from_slice(shape),
         }
     }
 
@@ -99,8 +140,8 @@ impl ChunkBox {
         if self.ndim() != other.ndim() {
             return None;
         }
-        let mut offsets = Vec::with_capacity(self.ndim());
-        let mut sizes = Vec::with_capacity(self.ndim());
+        let mut offsets = Dims::with_capacity(self.ndim());
+        let mut sizes = Dims::with_capacity(self.ndim());
         for d in 0..self.ndim() {
             let lo = self.offsets[d].max(other.offsets[d]);
             let hi = (self.offsets[d] + self.sizes[d]).min(other.offsets[d] + other.sizes[d]);
@@ -640,6 +681,31 @@ impl DestStateDict {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A box encodes exactly as two `Vec<u64>` did (metadata written before
+    /// `Dims` decodes unchanged), inline or spilled to the heap; a hostile
+    /// length fails at the end of the input instead of allocating.
+    #[test]
+    fn dims_encode_as_vectors_and_refuse_hostile_lengths() {
+        for n in [0usize, 1, 2, 4, 5, 9] {
+            let o: Vec<u64> = (0..n as u64).map(|d| d * 300).collect();
+            let s: Vec<u64> = (0..n as u64).map(|d| d + 1).collect();
+            let bx = ChunkBox::new(o.clone(), s.clone()).unwrap();
+            let bytes = postcard::to_allocvec(&bx).unwrap();
+            assert_eq!(bytes, postcard::to_allocvec(&(o, s)).unwrap());
+            assert_eq!(postcard::from_bytes::<ChunkBox>(&bytes).unwrap(), bx);
+        }
+        // Offsets claiming 2^62 elements, then three.
+        let mut hostile = Vec::new();
+        let mut v = 1u64 << 62;
+        while v >= 0x80 {
+            hostile.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        hostile.push(v as u8);
+        hostile.extend_from_slice(&[1, 2, 3]);
+        assert!(postcard::from_bytes::<ChunkBox>(&hostile).is_err());
+    }
 
     fn b(o: &[u64], s: &[u64]) -> ChunkBox {
         ChunkBox::new(o.to_vec(), s.to_vec()).unwrap()

@@ -17,7 +17,7 @@
 //! // Rows across mesh dimension 1, replicated along dimension 0.
 //! let p = [Placement::Replicate, Placement::Shard(0)];
 //! let b = mesh.local_box(&[10, 4], &p, 3).unwrap().unwrap();
-//! assert_eq!((b.offsets, b.sizes), (vec![5, 0], vec![5, 4]));
+//! assert_eq!((b.offsets.to_vec(), b.sizes.to_vec()), (vec![5, 0], vec![5, 4]));
 //! ```
 
 use crate::error::{Error, Result};
@@ -203,7 +203,7 @@ mod tests {
             .local_box(&[12], &[Placement::Shard(0), Placement::Shard(0)], 4)
             .unwrap()
             .unwrap();
-        assert_eq!((b.offsets, b.sizes), (vec![8], vec![2]));
+        assert_eq!((b.offsets.to_vec(), b.sizes.to_vec()), (vec![8], vec![2]));
     }
 
     #[test]

@@ -100,6 +100,40 @@ async fn lending_through_a_collective_without_local_values_is_refused() {
     }
 }
 
+/// Ranks of one process share rank 0's decoded metadata (one decode per
+/// process); ranks reaching each other by bytes each decode their own copy.
+/// Either way every rank holds the checkpoint's metadata as saved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranks_of_one_process_decode_the_metadata_once() {
+    let fs: Arc<dyn FileSystem> = Arc::new(MemoryFs::new("memory://decode-once"));
+    let saved = save_rows(fs.clone()).await[0].metadata.clone();
+    for bytes_only in [false, true] {
+        let fs = fs.clone();
+        let res = run_ranks(3, Duration::from_secs(20), move |g| {
+            let fs = fs.clone();
+            async move {
+                let mut dest = DestStateDict::new();
+                dest.want_bytes("step")?;
+                let r = FileSystemReader::new(fs, ReaderOptions::default());
+                let out = if bytes_only {
+                    load(dest, &r, &BytesOnly::new(g)).await?
+                } else {
+                    load(dest, &r, &g).await?
+                };
+                assert_eq!(out.state_dict.bytes("step"), Some(&b"42"[..]));
+                Ok(out.metadata)
+            }
+        })
+        .await;
+        let mds: Vec<Arc<Metadata>> = res.into_iter().map(|r| r.unwrap()).collect();
+        for md in &mds {
+            assert_eq!(**md, *saved);
+        }
+        let shared = mds.iter().all(|m| Arc::ptr_eq(m, &mds[0]));
+        assert_eq!(shared, !bytes_only, "bytes_only: {bytes_only}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reshard_rows_to_columns() {
     reshard(Mode::Lend, ReaderOptions::default().small_record).await;

@@ -463,7 +463,8 @@ impl Writer {
                             d.name()
                         )));
                     }
-                    let whole = region.offsets.iter().all(|&o| o == 0) && region.sizes == shape;
+                    let whole =
+                        region.offsets.iter().all(|&o| o == 0) && region.sizes[..] == shape[..];
                     (WriteIndex::Chunk(region), Some(d), whole)
                 }
                 None => (WriteIndex::Bytes, None, true),
@@ -791,7 +792,7 @@ impl Reader {
                 } => {
                     let cs: Vec<(Vec<u64>, Vec<u64>)> = chunks
                         .iter()
-                        .map(|c| (c.region.offsets.clone(), c.region.sizes.clone()))
+                        .map(|c| (c.region.offsets.to_vec(), c.region.sizes.to_vec()))
                         .collect();
                     items.append((name, "tensor", dtype.name(), shape.clone(), cs))?;
                 }

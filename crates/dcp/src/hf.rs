@@ -618,7 +618,10 @@ pub(crate) fn slabs(shape: &[u64], elem: u64, max: u64) -> Vec<ChunkBox> {
             sizes.push(len);
             offsets.extend(std::iter::repeat_n(0, shape.len() - d - 1));
             sizes.extend_from_slice(&shape[d + 1..]);
-            ChunkBox { offsets, sizes }
+            ChunkBox {
+                offsets: offsets.into(),
+                sizes: sizes.into(),
+            }
         };
         if inner <= max || d + 1 == shape.len() {
             let step = (max / inner.max(1)).max(1);

@@ -398,7 +398,7 @@ fn records_for(sd: &StateDict, plan: &SavePlan) -> Result<Vec<crate::checkpoint:
                     name: it.name.clone(),
                     index: it.index.clone(),
                     dtype: Some(t.dtype),
-                    whole: b.offsets.iter().all(|&o| o == 0) && b.sizes == t.shape,
+                    whole: b.offsets.iter().all(|&o| o == 0) && b.sizes[..] == t.shape[..],
                     data: c.data.clone(),
                 });
             }

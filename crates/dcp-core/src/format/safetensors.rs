@@ -115,7 +115,7 @@ impl SerializationFormat for Safetensors {
                 WriteIndex::Chunk(b) => SafetensorsEntry {
                     key: safetensors_key(r.name, Some(&b.offsets), r.whole),
                     dtype: r.dtype.unwrap_or(DType::U8),
-                    shape: b.sizes.clone(),
+                    shape: b.sizes.to_vec(),
                     length: r.length,
                 },
                 WriteIndex::Bytes => SafetensorsEntry {

@@ -262,8 +262,8 @@ fn assemble(md: &Metadata, sections: Vec<Vec<Section>>, area: &[u8]) -> Result<V
 fn bounding_box<'a>(mut boxes: impl Iterator<Item = &'a ChunkBox>) -> ChunkBox {
     let Some(first) = boxes.next() else {
         return ChunkBox {
-            offsets: Vec::new(),
-            sizes: Vec::new(),
+            offsets: crate::model::Dims::new(),
+            sizes: crate::model::Dims::new(),
         };
     };
     let mut lo = first.offsets.clone();

@@ -59,6 +59,45 @@ pub(crate) fn chunk_keys(plan: &LoadPlan) -> Vec<(u32, u32)> {
 
 /// This rank's needs, grouped by saved chunk in plan order.
 pub(crate) fn needs_of(plan: &LoadPlan) -> Vec<Need> {
+    needs_in_item_order(plan).unwrap_or_else(|| needs_by_map(plan))
+}
+
+/// [`needs_of`] for a plan whose reads come item by item (the default
+/// planner's: destination and metadata are both sorted by name), each
+/// item reading few saved chunks: grouped within each item's run, without
+/// a map. `None` for any other plan.
+fn needs_in_item_order(plan: &LoadPlan) -> Option<Vec<Need>> {
+    const MAX_RUN: usize = 32;
+    let mut out: Vec<Need> = Vec::new();
+    let mut run = 0usize;
+    for r in &plan.tensor_reads {
+        let (item, chunk) = (r.md_item as u32, r.saved_chunk as u32);
+        match out.last() {
+            Some(n) if n.item > item => return None,
+            Some(n) if n.item == item => {}
+            _ => run = out.len(),
+        }
+        let dest = (r.dest_item as u32, r.dest_chunk as u32);
+        let len = out.len();
+        match out[run..].iter_mut().find(|n| n.chunk == chunk) {
+            Some(n) => {
+                n.overlaps.push(r.overlap.clone());
+                n.dests.push(dest);
+            }
+            None if len - run >= MAX_RUN => return None,
+            None => out.push(Need {
+                item,
+                chunk,
+                overlaps: vec![r.overlap.clone()],
+                dests: vec![dest],
+            }),
+        }
+    }
+    Some(out)
+}
+
+/// [`needs_of`] for any plan.
+fn needs_by_map(plan: &LoadPlan) -> Vec<Need> {
     type Overlaps = (Vec<ChunkBox>, Vec<(u32, u32)>);
     let mut order: Vec<(u32, u32)> = Vec::new();
     let mut map: BTreeMap<(u32, u32), Overlaps> = BTreeMap::new();
@@ -172,24 +211,25 @@ pub(crate) fn schedule_windowed(md: &Metadata, needs: &[Vec<Need>], budget: u64)
 }
 
 fn schedule_by_need<N: AsRef<[Need]>>(md: &Metadata, needs: &[N], budget: u64) -> Schedule {
-    // (rank, index into its needs, bytes needed) per saved chunk.
-    type Users = Vec<(usize, usize, u64)>;
-    let mut users: BTreeMap<(u32, u32), Users> = BTreeMap::new();
+    // (saved chunk, rank, index into its needs, bytes needed), sorted by
+    // saved chunk then rank: one flat list, not a map of lists.
+    let mut flat: Vec<((u32, u32), usize, usize, u64)> =
+        Vec::with_capacity(needs.iter().map(|l| l.as_ref().len()).sum());
     for (rank, list) in needs.iter().enumerate() {
         for (i, n) in list.as_ref().iter().enumerate() {
             let elem = elem_size(md, n.item as usize) as u64;
             let bytes: u64 = n.overlaps.iter().map(|o| o.numel() * elem).sum();
-            users
-                .entry((n.item, n.chunk))
-                .or_default()
-                .push((rank, i, bytes));
+            flat.push(((n.item, n.chunk), rank, i, bytes));
         }
     }
+    flat.sort_unstable_by_key(|u| (u.0, u.1, u.2));
+    let users = flat.chunk_by(|a, b| a.0 == b.0).map(|g| (g[0].0, g));
     let world = needs.len();
     let mut load = vec![0u64; world];
     let mut out = Schedule::default();
     let mut round_cost = vec![0u64; world];
     let mut round: Vec<usize> = Vec::new();
+    let mut cost = vec![0u64; world];
     for ((item, chunk), us) in users {
         if us.len() < 2 {
             continue;
@@ -204,17 +244,17 @@ fn schedule_by_need<N: AsRef<[Need]>>(md: &Metadata, needs: &[N], budget: u64) -
         // much (within 1/8: an uneven split of columns) count as tied, and
         // the least loaded of them reads, so that ranks in separate
         // processes share the reading instead of the first taking it all.
-        let most = us.iter().map(|u| u.2).max().unwrap_or(0);
+        let most = us.iter().map(|u| u.3).max().unwrap_or(0);
         let reader = us
             .iter()
-            .filter(|u| u.2 >= most - most / 8)
-            .min_by(|a, b| load[a.0].cmp(&load[b.0]).then(a.0.cmp(&b.0)))
-            .map(|u| u.0)
+            .filter(|u| u.3 >= most - most / 8)
+            .min_by(|a, b| load[a.1].cmp(&load[b.1]).then(a.1.cmp(&b.1)))
+            .map(|u| u.1)
             .expect("at least two users");
         load[reader] += logical;
-        let mut cost = vec![0u64; world];
+        cost.iter_mut().for_each(|c| *c = 0);
         cost[reader] += logical;
-        for &(r, _, b) in &us {
+        for &(_, r, _, b) in us {
             if r != reader {
                 cost[r] += b;
                 cost[reader] += b;
@@ -223,7 +263,7 @@ fn schedule_by_need<N: AsRef<[Need]>>(md: &Metadata, needs: &[N], budget: u64) -
         let over = (0..world).any(|r| round_cost[r] + cost[r] > budget);
         if over && !round.is_empty() {
             out.rounds.push(std::mem::take(&mut round));
-            round_cost = vec![0; world];
+            round_cost.iter_mut().for_each(|c| *c = 0);
         }
         for r in 0..world {
             round_cost[r] += cost[r];
@@ -234,7 +274,7 @@ fn schedule_by_need<N: AsRef<[Need]>>(md: &Metadata, needs: &[N], budget: u64) -
             chunk,
             elem,
             reader,
-            users: us.iter().map(|&(r, i, _)| (r, i)).collect(),
+            users: us.iter().map(|&(_, r, i, _)| (r, i)).collect(),
         });
     }
     if !round.is_empty() {
@@ -312,26 +352,47 @@ pub(crate) fn window_layout(
     out
 }
 
+/// What of `plan` this rank reads itself: [`split_plan`]'s first half,
+/// for ranks that lend each other their buffers (the shared reads are
+/// served from the schedule and every rank's needs instead).
+pub(crate) fn local_plan(plan: LoadPlan, sched: &Schedule) -> LoadPlan {
+    let shared = |r: &ReadItem| {
+        sched
+            .shared
+            .binary_search_by_key(&(r.md_item, r.saved_chunk), |s| (s.item, s.chunk))
+            .is_ok()
+    };
+    LoadPlan {
+        tensor_reads: plan
+            .tensor_reads
+            .into_iter()
+            .filter(|r| !shared(r))
+            .collect(),
+        bytes_reads: plan.bytes_reads,
+    }
+}
+
 /// Split `plan` into what this rank reads itself and the read items served by
 /// the exchange (by shared chunk index), keeping plan order.
 pub(crate) fn split_plan(
     plan: LoadPlan,
     sched: &Schedule,
 ) -> (LoadPlan, BTreeMap<usize, Vec<ReadItem>>) {
-    let index: BTreeMap<(usize, usize), usize> = sched
-        .shared
-        .iter()
-        .enumerate()
-        .map(|(i, s)| ((s.item, s.chunk), i))
-        .collect();
+    // The shared chunks are sorted by (item, chunk) (see `schedule_by_need`).
+    let index = |key: (usize, usize)| {
+        sched
+            .shared
+            .binary_search_by_key(&key, |s| (s.item, s.chunk))
+            .ok()
+    };
     let mut local = LoadPlan {
         tensor_reads: Vec::new(),
         bytes_reads: plan.bytes_reads,
     };
     let mut shared: BTreeMap<usize, Vec<ReadItem>> = BTreeMap::new();
     for r in plan.tensor_reads {
-        match index.get(&(r.md_item, r.saved_chunk)) {
-            Some(&s) => shared.entry(s).or_default().push(r),
+        match index((r.md_item, r.saved_chunk)) {
+            Some(s) => shared.entry(s).or_default().push(r),
             None => local.tensor_reads.push(r),
         }
     }
@@ -464,6 +525,37 @@ mod tests {
         ChunkBox::new(o.to_vec(), s.to_vec()).unwrap()
     }
 
+    proptest::proptest! {
+        /// Grouping a plan item by item gives exactly the needs the map
+        /// gives (same groups, same order), whether the plan comes item by
+        /// item or not, and whatever the number of chunks per item.
+        #[test]
+        fn needs_without_a_map_match_the_map(
+            reads in proptest::collection::vec((0usize..6, 0usize..40, 0usize..3), 0..200),
+            in_item_order in proptest::bool::ANY,
+        ) {
+            let mut reads = reads;
+            if in_item_order {
+                reads.sort_by_key(|r| r.0);
+            }
+            let plan = LoadPlan {
+                tensor_reads: reads
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &(item, chunk, dc))| ReadItem {
+                        dest_item: item,
+                        dest_chunk: dc,
+                        md_item: item,
+                        saved_chunk: chunk,
+                        overlap: b([k as u64, 0], [1, 1]),
+                    })
+                    .collect(),
+                bytes_reads: Vec::new(),
+            };
+            proptest::prop_assert_eq!(needs_of(&plan), needs_by_map(&plan));
+        }
+    }
+
     /// Rows saved, columns loaded by 3 ranks split unevenly (9, 8, 8 of
     /// 25): every rank needs nearly as much of every chunk, so the reading
     /// is spread (one chunk each) instead of falling to rank 0, which
@@ -496,6 +588,45 @@ mod tests {
         let mut readers: Vec<usize> = s.shared.iter().map(|c| c.reader).collect();
         readers.sort_unstable();
         assert_eq!(readers, vec![0, 1, 2]);
+    }
+
+    /// The lending path's local plan is the message path's, without the
+    /// shared reads: only chunks no other rank reads stay.
+    #[test]
+    fn local_plan_keeps_what_no_other_rank_reads() {
+        let m = md(vec![
+            b([0, 0], [1, 6]),
+            b([1, 0], [1, 6]),
+            b([2, 0], [2, 6]),
+        ]);
+        let need = |chunk: u32, o: ChunkBox| Need {
+            item: 0,
+            chunk,
+            overlaps: vec![o],
+            dests: vec![(0, 0)],
+        };
+        let needs = vec![
+            vec![need(0, b([0, 0], [1, 6])), need(1, b([1, 0], [1, 3]))],
+            vec![need(1, b([1, 3], [1, 3])), need(2, b([2, 0], [2, 6]))],
+        ];
+        let s = schedule(&m, &needs, 1 << 20, true);
+        assert_eq!(s.shared.len(), 1);
+        let read = |chunk: usize, o: ChunkBox| ReadItem {
+            dest_item: 0,
+            dest_chunk: 0,
+            md_item: 0,
+            saved_chunk: chunk,
+            overlap: o,
+        };
+        let plan = LoadPlan {
+            tensor_reads: vec![read(0, b([0, 0], [1, 6])), read(1, b([1, 0], [1, 3]))],
+            bytes_reads: Vec::new(),
+        };
+        let local = local_plan(plan.clone(), &s);
+        let (split, shared) = split_plan(plan, &s);
+        assert_eq!(local, split);
+        assert_eq!(local.tensor_reads, vec![read(0, b([0, 0], [1, 6]))]);
+        assert_eq!(shared.len(), 1);
     }
 
     #[test]

@@ -56,9 +56,22 @@ pub struct DefaultLoadPlanner {
 
 impl LoadPlanner for DefaultLoadPlanner {
     fn plan(&self, md: &Metadata, dest: &DestStateDict) -> Result<LoadPlan> {
-        let mut plan = LoadPlan::default();
+        // About one read per destination item (many small items): sized up
+        // front rather than grown.
+        let mut plan = LoadPlan {
+            tensor_reads: Vec::with_capacity(dest.len()),
+            bytes_reads: Vec::new(),
+        };
+        // Both the destination and the metadata are sorted by name: each
+        // name is looked for after the previous one's place.
+        let mut from = 0usize;
         for (di, (name, item)) in dest.iter().enumerate() {
-            let Ok(mi) = md.items.binary_search_by(|(n, _)| n.as_str().cmp(name)) else {
+            let found = find_from(&md.items, from, name);
+            from = match found {
+                Ok(i) => i + 1,
+                Err(i) => i,
+            };
+            let Ok(mi) = found else {
                 if self.allow_missing {
                     continue;
                 }
@@ -86,14 +99,20 @@ impl LoadPlanner for DefaultLoadPlanner {
                             t.dtype, t.shape
                         )));
                     }
-                    let saved: Vec<&ChunkBox> = chunks.iter().map(|c| &c.region).collect();
-                    let index = SweepIndex::new(&saved);
+                    // One saved chunk (an item saved whole, or by one
+                    // rank): no index to build.
+                    let saved: Vec<&ChunkBox> = if chunks.len() > 1 {
+                        chunks.iter().map(|c| &c.region).collect()
+                    } else {
+                        Vec::new()
+                    };
+                    let index = (chunks.len() > 1).then(|| SweepIndex::new(&saved));
                     for (dc, d) in t.chunks.iter().enumerate() {
                         if d.region.is_empty() {
                             continue;
                         }
                         let mut covered: u64 = 0;
-                        index.for_each_overlap(&saved, &d.region, |sc, overlap| {
+                        let mut push = |sc: usize, overlap: ChunkBox| {
                             covered += overlap.numel();
                             plan.tensor_reads.push(ReadItem {
                                 dest_item: di,
@@ -102,7 +121,17 @@ impl LoadPlanner for DefaultLoadPlanner {
                                 saved_chunk: sc,
                                 overlap,
                             });
-                        });
+                        };
+                        match &index {
+                            Some(index) => index.for_each_overlap(&saved, &d.region, push),
+                            None => {
+                                if let Some(o) =
+                                    chunks.first().and_then(|c| c.region.intersect(&d.region))
+                                {
+                                    push(0, o);
+                                }
+                            }
+                        }
                         if covered != d.region.numel() {
                             return Err(Error::new(
                                 ErrorKind::NotFound,
@@ -130,6 +159,35 @@ impl LoadPlanner for DefaultLoadPlanner {
         }
         Ok(plan)
     }
+}
+
+/// Where `name` is in `items` (sorted by name), looked for at or after
+/// `from` by galloping: the place as `binary_search_by` gives it, in
+/// O(log distance) comparisons from `from` (a run of sorted names costs a
+/// few comparisons each, not log of the whole checkpoint). A name before
+/// `from` is searched for in the whole list.
+fn find_from<T>(
+    items: &[(String, T)],
+    from: usize,
+    name: &str,
+) -> std::result::Result<usize, usize> {
+    let from = from.min(items.len());
+    if from > 0 && items[from - 1].0.as_str() >= name {
+        return items.binary_search_by(|(n, _)| n.as_str().cmp(name));
+    }
+    let mut step = 1usize;
+    let mut hi = from;
+    while hi < items.len() && items[hi].0.as_str() < name {
+        hi = from + step;
+        step *= 2;
+    }
+    // The last probe below `name` (or `from`): the place is in lo..=hi.
+    let lo = from + step / 4;
+    let hi = (hi + 1).min(items.len());
+    items[lo..hi]
+        .binary_search_by(|(n, _)| n.as_str().cmp(name))
+        .map(|i| i + lo)
+        .map_err(|i| i + lo)
 }
 
 /// Saved chunks sorted along the dimension with the most distinct offsets;
@@ -325,5 +383,26 @@ mod tests {
             allow_missing: true,
         };
         assert_eq!(lenient.plan(&md, &d).unwrap(), LoadPlan::default());
+    }
+
+    proptest! {
+        /// Galloping from any place finds what a binary search of the
+        /// whole list finds, present or not.
+        #[test]
+        fn find_from_agrees_with_binary_search(
+            names in proptest::collection::btree_set(0u32..400, 0..120),
+            probes in proptest::collection::vec((0u32..420, 0usize..130), 1..40),
+        ) {
+            let items: Vec<(String, ())> =
+                names.iter().map(|n| (format!("n.{n:05}"), ())).collect();
+            for (p, from) in probes {
+                let name = format!("n.{p:05}");
+                prop_assert_eq!(
+                    find_from(&items, from, &name),
+                    items.binary_search_by(|(n, _)| n.as_str().cmp(&name)),
+                    "{} from {}", name, from
+                );
+            }
+        }
     }
 }

@@ -112,27 +112,31 @@ impl DestSlots {
     /// works on a shared `DestSlots`; what is left behind is empty).
     pub(crate) fn take(&self) -> DestStateDict {
         let names = std::mem::take(&mut *lock(&self.names));
-        let mut out = BTreeMap::new();
-        for ((name, m), slot) in names.into_iter().zip(&self.slots) {
-            let item = match (slot, m) {
-                (Slot::Tensor(chunks), Some((dtype, shape))) => {
-                    DestItem::Tensor(crate::model::DestTensor {
-                        dtype,
-                        shape,
-                        chunks: chunks
-                            .iter()
-                            .map(|(region, data)| crate::model::DestChunk {
-                                region: region.clone(),
-                                data: std::mem::take(&mut *lock(data)),
-                            })
-                            .collect(),
-                    })
-                }
-                (Slot::Bytes(b), _) => DestItem::Bytes(lock(b).take()),
-                (Slot::Tensor(_), None) => unreachable!("tensor slots carry their meta"),
-            };
-            out.insert(name, item);
-        }
+        // In name order already: collecting builds the map in one pass.
+        let out: BTreeMap<String, DestItem> = names
+            .into_iter()
+            .zip(&self.slots)
+            .map(|((name, m), slot)| {
+                let item = match (slot, m) {
+                    (Slot::Tensor(chunks), Some((dtype, shape))) => {
+                        DestItem::Tensor(crate::model::DestTensor {
+                            dtype,
+                            shape,
+                            chunks: chunks
+                                .iter()
+                                .map(|(region, data)| crate::model::DestChunk {
+                                    region: region.clone(),
+                                    data: std::mem::take(&mut *lock(data)),
+                                })
+                                .collect(),
+                        })
+                    }
+                    (Slot::Bytes(b), _) => DestItem::Bytes(lock(b).take()),
+                    (Slot::Tensor(_), None) => unreachable!("tensor slots carry their meta"),
+                };
+                (name, item)
+            })
+            .collect();
         DestStateDict::from_items(out)
     }
 }

@@ -1,0 +1,151 @@
+//! Shared reads across ranks: each saved chunk that several ranks need is
+//! read once, then lent (ranks of one process, [`lend`]), filled through
+//! memory shared by the ranks of a node ([`window`]), or exchanged as
+//! messages ([`message`]).
+
+mod lend;
+mod message;
+mod window;
+
+use crate::checkpoint::wire::{decode, encode, wire};
+use crate::checkpoint::StorageReader;
+use crate::collective::Collective;
+use crate::error::{Error, ErrorKind, Result, WireError};
+use crate::metadata::Metadata;
+use crate::model::DestStateDict;
+use crate::pipeline::read::ReadStats;
+use crate::plan::LoadPlan;
+use std::sync::Arc;
+
+/// A rank's destination items by index, for filling in place.
+type DestVec = Vec<(String, crate::model::DestItem)>;
+
+/// Load with shared reads (see [`LoadOptions::share_reads`]). The outer
+/// `Result` is a collective failure; the inner one this rank's outcome, which
+/// every rank then agrees on.
+pub(crate) async fn read_shared(
+    planned: Result<LoadPlan>,
+    dest: DestStateDict,
+    md: &Arc<Metadata>,
+    reader: &dyn StorageReader,
+    collective: &dyn Collective,
+    budget: u64,
+) -> Result<Result<(DestStateDict, ReadStats)>> {
+    use crate::pipeline::exchange::{chunk_keys, local_plan, needs_of, schedule, split_plan, Need};
+    let rank = collective.rank();
+    // Ranks of one process whose readers are all file-system readers lend
+    // each other their buffers instead of exchanging bytes.
+    let can_lend = collective.shares_memory() && reader.file_system_reader().is_some();
+    // Ranks in separate processes whose collective has memory shared by
+    // the ranks of a node fill each other's destinations through it.
+    let can_window = !collective.shares_memory()
+        && collective.node_ranks().is_some()
+        && reader.file_system_reader().is_some();
+    // Round 1: the saved chunks each rank reads, as sorted (item, chunk)
+    // pairs (a few bytes each), so that ranks sharing nothing (a load into
+    // the sharding that was saved) stop here without exchanging overlaps.
+    let keys_msg = wire(
+        planned
+            .as_ref()
+            .map(|p| (chunk_keys(p), can_lend, can_window))
+            .map_err(Error::detached),
+        rank,
+    );
+    let all = collective.all_gather(encode(&keys_msg)?).await?;
+    let mut every: Vec<(u32, u32)> = Vec::new();
+    let mut lend = true;
+    let mut window = true;
+    for b in &all {
+        match decode::<std::result::Result<(Vec<(u32, u32)>, bool, bool), WireError>>(b)? {
+            Ok((keys, l, w)) => {
+                every.extend(keys);
+                lend &= l;
+                window &= w;
+            }
+            // Every rank sees the same failure and stops here together.
+            Err(w) => return Ok(Err(Error::from_wire(w))),
+        }
+    }
+    let plan = planned.expect("errors returned above");
+    // Each rank's keys are distinct, so a repeated key is a chunk two or
+    // more ranks read.
+    every.sort_unstable();
+    let shared: std::collections::BTreeSet<(u32, u32)> = every
+        .windows(2)
+        .filter(|w| w[0] == w[1])
+        .map(|w| w[0])
+        .collect();
+    drop(every);
+    if shared.is_empty() {
+        return Ok(reader.read(md.clone(), plan, dest).await);
+    }
+    // Round 2: what each rank needs of the chunks it shares.
+    let mine: Vec<Need> = needs_of(&plan)
+        .into_iter()
+        .filter(|n| shared.contains(&(n.item, n.chunk)))
+        .collect();
+    if lend {
+        // Ranks of one process hand each other their lists as they are:
+        // nothing to encode, copy or decode.
+        let all = collective
+            .all_gather_local(Arc::new(mine) as crate::collective::LocalValue)
+            .await?;
+        let lists: Vec<Arc<Vec<Need>>> = all
+            .into_iter()
+            .map(|v| {
+                v.downcast::<Vec<Need>>().map_err(|_| {
+                    Error::new(
+                        ErrorKind::Collective,
+                        "a rank shared something other than its shared-read needs",
+                    )
+                })
+            })
+            .collect::<Result<_>>()?;
+        let needs: Vec<&[Need]> = lists.iter().map(|l| l.as_slice()).collect();
+        let sched = schedule(md, &needs, budget, true);
+        let local = local_plan(plan, &sched);
+        let state = read_local(reader, md, local, dest).await;
+        if sched.shared.is_empty() {
+            return Ok(state);
+        }
+        let fsr = reader
+            .file_system_reader()
+            .expect("every rank said it has a file-system reader");
+        return lend::read_lent(state, md, fsr, collective, &sched, &needs).await;
+    }
+    let all = collective.all_gather(encode(&mine)?).await?;
+    drop(mine);
+    let needs: Vec<Vec<Need>> = all
+        .iter()
+        .map(|b| decode::<Vec<Need>>(b))
+        .collect::<Result<_>>()?;
+    let sched = if window {
+        crate::pipeline::exchange::schedule_windowed(md, &needs, budget)
+    } else {
+        schedule(md, &needs, budget, false)
+    };
+    let (local_plan, shared_reads) = split_plan(plan, &sched);
+    let state = read_local(reader, md, local_plan, dest).await;
+    if window && !sched.shared.is_empty() {
+        let fsr = reader
+            .file_system_reader()
+            .expect("every rank said it has a file-system reader");
+        return window::read_windowed(state, md, fsr, collective, &sched, &needs, shared_reads)
+            .await;
+    }
+    message::read_exchanged(state, md, reader, collective, &sched, needs, shared_reads).await
+}
+
+/// Read what this rank reads alone; a plan with nothing in it (every chunk
+/// this rank needs is shared) leaves `dest` as it is without a pass over it.
+async fn read_local(
+    reader: &dyn StorageReader,
+    md: &Arc<Metadata>,
+    plan: LoadPlan,
+    dest: DestStateDict,
+) -> Result<(DestStateDict, ReadStats)> {
+    if plan.tensor_reads.is_empty() && plan.bytes_reads.is_empty() {
+        return Ok((dest, ReadStats::default()));
+    }
+    reader.read(md.clone(), plan, dest).await
+}
