@@ -139,7 +139,7 @@ async fn sinks_that_keep_bytes_never_stall_the_copy_ahead_budget() {
     .tensor("small", DType::F32, &[64], Sharding::Replicated);
     let copy_ahead = 1 << 20;
     for b in backends() {
-        let what = format!("{}", b.name());
+        let what = b.name().to_string();
         let dev = SimDevice::new(Duration::from_micros(50), 2e9).unwrap();
         let store = b.make_fs("keeps-bytes");
         let o = fast_writer()
