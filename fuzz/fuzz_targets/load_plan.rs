@@ -230,7 +230,10 @@ fn build(input: &Input) -> (Metadata, Vec<Vec<u8>>) {
                                     c.sizes.get(k).map_or(room, |&x| x as u64 % room + 1)
                                 })
                                 .collect();
-                            ChunkBox { offsets, sizes }
+                            ChunkBox {
+                                offsets: offsets.into(),
+                                sizes,
+                            }
                         } else {
                             ChunkBox {
                                 offsets: c.offsets.iter().take(4).map(|&x| x as u64).collect(),
