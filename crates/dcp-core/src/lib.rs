@@ -39,6 +39,7 @@ pub mod collective;
 pub mod dtype;
 pub mod error;
 pub mod format;
+mod heap;
 pub mod layer;
 pub mod local;
 pub mod location;

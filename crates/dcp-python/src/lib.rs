@@ -470,10 +470,14 @@ impl Writer {
                 None => (WriteIndex::Bytes, None, true),
             };
             plan.items.push(WriteItem {
-                name: name.clone(),
+                name: name.as_str().into(),
                 index: index.clone(),
                 dtype,
-                shape: if dtype.is_some() { shape } else { Vec::new() },
+                shape: if dtype.is_some() {
+                    shape.into()
+                } else {
+                    [].into()
+                },
                 nbytes: len,
                 replicated: false,
                 digest: None,

@@ -18,6 +18,7 @@
 //! ([`load_to_device`]) runs the same protocol, reading in bounded batches
 //! through staging buffers copied to the device while the next are read.
 
+mod assemble;
 mod async_save;
 mod device_load;
 mod foreign;
@@ -33,6 +34,7 @@ mod store;
 mod versioned;
 pub(crate) mod wire;
 
+pub use assemble::assemble_metadata;
 pub use async_save::{AsyncSave, AsyncSaver, WhenBusy};
 pub use device_load::{
     load_to_device, DeviceDest, DeviceLoadOptions, DeviceLoadResult, DeviceTensor,
@@ -45,7 +47,7 @@ pub use lease::{LeaseInfo, LEASE_FILE};
 pub use load::{load, load_from, load_with, read_metadata, LoadResult};
 pub use options::{LoadOptions, ReaderOptions, SaveOptions, WriterOptions};
 pub use plan_cache::{PlanCacheStats, SavePlanCache};
-pub use save::{assemble_metadata, save, save_with, SaveResult};
+pub use save::{save, save_with, SaveResult};
 pub use store::{RankWrite, StorageReader, StorageWriter, WriteRecord};
 
 /// The coordinator of saves and loads.

@@ -10,9 +10,10 @@
 //! dtype, name, chunk, record size or world size; a rank or coordinator
 //! without an entry) re-plans from full plans, as the first save did.
 
-use crate::checkpoint::save::Slots;
+use crate::checkpoint::assemble::Slots;
+use crate::checkpoint::wire::decode;
 use crate::checkpoint::RankWrite;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, WireError};
 use crate::metadata::{DataFile, FormatKind, ItemMeta, Metadata, StorageInfo};
 use crate::plan::{SavePlan, SavePlanner, WriteIndex};
 use serde::{Deserialize, Serialize};
@@ -202,22 +203,18 @@ pub(crate) enum Offer<P> {
 pub(crate) enum Assign<P> {
     /// This rank's assignment, from the planning `plan_id`.
     Plan { plan: P, plan_id: u64 },
+    /// Write every record this rank offered: the assignment is the offer
+    /// (see [`SavePlanner::assigns_offered_order`]), from the planning
+    /// `plan_id`.
+    Offered { plan_id: u64 },
     /// Write the cached assignment.
     Cached,
     /// Some rank's digest did not match: offer the whole plan again.
     Resend,
 }
 
-/// What a rank reports in the write-result gather.
-#[derive(Serialize, Deserialize)]
-pub(crate) enum Report {
-    /// Every record by name (a planned save).
-    Full(RankWrite),
-    /// The records' storage in assignment order (a cached save).
-    Compact(CompactWrite),
-}
-
-/// A cached save's write result: no names, records in assignment order.
+/// What a rank reports in the write-result gather: its files, and its
+/// records' storage in assignment order (no names).
 #[derive(Serialize, Deserialize)]
 pub(crate) struct CompactWrite {
     pub files: Vec<DataFile>,
@@ -241,7 +238,7 @@ impl CompactWrite {
             .records
             .iter()
             .zip(&plan.items)
-            .all(|(r, it)| r.0 == it.name && r.1 == it.index);
+            .all(|(r, it)| *r.0 == *it.name && r.1 == it.index);
         let storage = if in_order {
             w.records.into_iter().map(|r| r.2).collect()
         } else {
@@ -249,7 +246,7 @@ impl CompactWrite {
                 .items
                 .iter()
                 .enumerate()
-                .map(|(i, it)| ((it.name.as_str(), &it.index), i))
+                .map(|(i, it)| ((&*it.name, &it.index), i))
                 .collect();
             let mut out: Vec<Option<StorageInfo>> = vec![None; n];
             for (name, index, st) in w.records {
@@ -274,15 +271,81 @@ impl CompactWrite {
     }
 }
 
+/// Every rank's offer (`gathered[r]`, from the plan gather), decoded on up
+/// to as many threads as the machine has cores (at most 8), each message
+/// freed once decoded, names and shapes shared within each thread
+/// (`plan::intern`). The first failing rank's error, in rank order.
+pub(crate) fn decode_offers(
+    gathered: Vec<bytes::Bytes>,
+) -> std::result::Result<Vec<Offer<SavePlan>>, WireError> {
+    let one = |r: usize, b: bytes::Bytes| {
+        decode::<std::result::Result<Offer<SavePlan>, WireError>>(&b)
+            .map_err(|e| e.with_rank(r).to_wire())
+            .and_then(|x| x)
+    };
+    let n = gathered.len();
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |t| t.get())
+        .min(8)
+        .min(n / 64)
+        .max(1);
+    if threads == 1 {
+        return crate::plan::intern::sharing(|| {
+            gathered
+                .into_iter()
+                .enumerate()
+                .map(|(r, b)| one(r, b))
+                .collect()
+        });
+    }
+    let per = n.div_ceil(threads);
+    let mut parts: Vec<Vec<bytes::Bytes>> = Vec::with_capacity(threads);
+    let mut it = gathered.into_iter();
+    for _ in 0..threads {
+        parts.push(it.by_ref().take(per).collect());
+    }
+    let decoded: Vec<std::result::Result<Vec<Offer<SavePlan>>, WireError>> =
+        std::thread::scope(|s| {
+            let handles: Vec<_> = parts
+                .into_iter()
+                .enumerate()
+                .map(|(k, part)| {
+                    s.spawn(move || {
+                        crate::plan::intern::sharing(|| {
+                            part.into_iter()
+                                .enumerate()
+                                .map(|(i, b)| one(k * per + i, b))
+                                .collect()
+                        })
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(Error::plan("decoding a plan panicked").to_wire()))
+                })
+                .collect()
+        });
+    let mut out = Vec::with_capacity(n);
+    for d in decoded {
+        out.extend(d?);
+    }
+    Ok(out)
+}
+
 /// What the coordinator decided from the offers.
 pub(crate) enum Decision {
     /// Every rank's plan is unchanged: reuse `entry`.
     Cached(CoordEntry),
     /// Some rank offered a digest the coordinator cannot confirm.
     Resend,
-    /// Planned from full plans.
+    /// Planned from full plans; `offered[r]`: rank r's assignment is its
+    /// offer.
     Planned {
         global: Vec<SavePlan>,
+        offered: Vec<bool>,
         pending: PendingCoord,
     },
 }
@@ -356,25 +419,32 @@ pub(crate) fn coordinate(
         Some(_) => replica_groups(&plans),
         None => Vec::new(),
     };
+    let counts: Vec<usize> = plans.iter().map(|p| p.items.len()).collect();
     let global = planner.global_plan_owned(plans)?;
     if global.len() != n {
         return Err(Error::plan(
             "planner returned a plan per rank of the wrong count",
         ));
     }
+    let in_order = planner.assigns_offered_order();
+    let offered = global
+        .iter()
+        .zip(&counts)
+        .map(|(g, &c)| in_order && g.items.len() == c)
+        .collect();
     let pending = match cache {
         Some(_) => PendingCoord {
             plan_id: rand::random::<u64>(),
             layouts,
             replica_groups,
         },
-        None => PendingCoord {
-            plan_id: 0,
-            layouts: Vec::new(),
-            replica_groups: Vec::new(),
-        },
+        None => PendingCoord::unplanned(),
     };
-    Ok(Decision::Planned { global, pending })
+    Ok(Decision::Planned {
+        global,
+        offered,
+        pending,
+    })
 }
 
 /// Holders of every record with a replica checksum offered by two ranks or more.
@@ -403,6 +473,15 @@ fn replica_groups(plans: &[SavePlan]) -> Vec<ReplicaGroup> {
 }
 
 impl PendingCoord {
+    /// The state of a save planned without a cache: nothing to confirm later.
+    pub(crate) fn unplanned() -> PendingCoord {
+        PendingCoord {
+            plan_id: 0,
+            layouts: Vec::new(),
+            replica_groups: Vec::new(),
+        }
+    }
+
     /// The plan id ranks cache with their assignment.
     pub(crate) fn plan_id(&self) -> u64 {
         self.plan_id
@@ -432,7 +511,7 @@ impl CoordEntry {
         &mut self,
         save_id: &str,
         generation: u64,
-        writes: Vec<CompactWrite>,
+        writes: impl ExactSizeIterator<Item = Result<CompactWrite>>,
         format: FormatKind,
         user: &BTreeMap<String, String>,
     ) -> Result<Arc<Metadata>> {
@@ -443,7 +522,14 @@ impl CoordEntry {
                 self.world
             )));
         }
-        for (r, w) in writes.iter().enumerate() {
+        let skeleton = std::mem::replace(&mut self.skeleton, Arc::new(empty_metadata()));
+        let mut md = Arc::unwrap_or_clone(skeleton);
+        md.files.clear();
+        md.transforms.clear();
+        // Each write result decoded (by `writes`) and added in turn: never
+        // every decoded result at once.
+        for (r, w) in writes.enumerate() {
+            let w = w?;
             let want = self.slot_start[r + 1] - self.slot_start[r];
             if w.storage.len() != want {
                 return Err(Error::plan(format!(
@@ -452,12 +538,6 @@ impl CoordEntry {
                 ))
                 .with_rank(r));
             }
-        }
-        let skeleton = std::mem::replace(&mut self.skeleton, Arc::new(empty_metadata()));
-        let mut md = Arc::unwrap_or_clone(skeleton);
-        md.files.clear();
-        md.transforms.clear();
-        for (r, w) in writes.into_iter().enumerate() {
             let base = md.files.len() as u32;
             let remap: Vec<u32> = w
                 .transforms
@@ -483,10 +563,16 @@ impl CoordEntry {
                         Error::corrupt("write result names an unknown transform").with_rank(r)
                     })?;
                 }
-                match &mut md.items[i as usize].1 {
-                    ItemMeta::Tensor { chunks, .. } => chunks[j as usize].storage = st,
-                    ItemMeta::Bytes { storage, .. } => *storage = st,
-                }
+                let place = match md.items.get_mut(i as usize).map(|x| &mut x.1) {
+                    Some(ItemMeta::Tensor { chunks, .. }) => {
+                        chunks.get_mut(j as usize).map(|c| &mut c.storage)
+                    }
+                    Some(ItemMeta::Bytes { storage, .. }) if j == u32::MAX => Some(storage),
+                    _ => None,
+                };
+                *place.ok_or_else(|| {
+                    Error::plan("a record was assigned as a chunk and as a bytes item").with_rank(r)
+                })? = st;
             }
         }
         md.save_id = save_id.to_string();

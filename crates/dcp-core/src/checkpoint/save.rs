@@ -1,17 +1,17 @@
 //! The save protocol: plan, write, commit, agree on the outcome.
 
+use crate::checkpoint::assemble::skeleton;
 use crate::checkpoint::plan_cache::{
-    coordinate, layout_digest, replica_digests, Assign, CompactWrite, CoordEntry, Decision, Offer,
-    PendingCoord, RankEntry, Report,
+    coordinate, decode_offers, layout_digest, replica_digests, Assign, CompactWrite, CoordEntry,
+    Decision, Offer, PendingCoord, RankEntry,
 };
-use crate::checkpoint::wire::{decode, encode, first_error, wire};
-use crate::checkpoint::{RankWrite, SaveOptions, StorageWriter, WriteRecord, ROOT};
+use crate::checkpoint::wire::{decode, encode, wire};
+use crate::checkpoint::{SaveOptions, StorageWriter, WriteRecord, ROOT};
 use crate::collective::Collective;
 use crate::error::{Error, ErrorKind, Result, WireError};
-use crate::metadata::{ChunkMeta, FormatKind, ItemMeta, Metadata};
+use crate::metadata::Metadata;
 use crate::model::{Item, StateDict};
 use crate::plan::{SavePlan, WriteIndex};
-use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 use tracing::Instrument;
@@ -138,31 +138,32 @@ async fn save_phases(
             let gathered = gathered.expect("root receives");
             let outcome: std::result::Result<Decision, WireError> = (|| {
                 prep.clone()?;
-                // Each message freed once decoded.
-                let offers = first_error(
-                    gathered
-                        .into_iter()
-                        .enumerate()
-                        .map(|(r, b)| {
-                            decode::<std::result::Result<Offer<SavePlan>, WireError>>(&b)
-                                .map_err(|e| e.with_rank(r).to_wire())
-                                .and_then(|x| x)
-                        })
-                        .collect(),
-                )?;
+                // Each message freed once decoded; repeated names and
+                // shapes decoded once.
+                let offers = decode_offers(gathered)?;
                 wire(coordinate(cache, options.planner.as_ref(), offers), ROOT)
             })();
             let id = root_id.expect("the coordinator has a save id").to_string();
             let msgs = match outcome {
-                Ok(Decision::Planned { global, pending: p }) => {
+                Ok(Decision::Planned {
+                    global,
+                    offered,
+                    pending: p,
+                }) => {
                     let plan_id = p.plan_id();
+                    let same = encode(&Ok::<_, WireError>((
+                        &id,
+                        Assign::<SavePlan>::Offered { plan_id },
+                    )))?;
                     let msgs = global
                         .iter()
-                        .map(|g| {
-                            encode(&Ok::<_, WireError>((
+                        .zip(offered)
+                        .map(|(g, offered)| match offered {
+                            true => Ok(same.clone()),
+                            false => encode(&Ok::<_, WireError>((
                                 &id,
                                 Assign::Plan { plan: g, plan_id },
-                            )))
+                            ))),
                         })
                         .collect::<Result<Vec<_>>>()?;
                     global_plans = global;
@@ -196,7 +197,20 @@ async fn save_phases(
                     .with_rank(rank))
                 }
             },
-            Assign::Plan { plan, plan_id } => {
+            Assign::Plan { .. } | Assign::Offered { .. } => {
+                let (plan, plan_id) = match assign {
+                    Assign::Plan { plan, plan_id } => (plan, plan_id),
+                    Assign::Offered { plan_id } => match &local {
+                        Ok(p) => (p.clone(), plan_id),
+                        Err(_) => {
+                            return Err(Error::plan(
+                                "the coordinator assigned an offer this rank did not make",
+                            )
+                            .with_rank(rank))
+                        }
+                    },
+                    _ => unreachable!("matched above"),
+                };
                 let plan = Arc::new(plan);
                 let entry = layout.map(|layout| RankEntry {
                     world: n,
@@ -228,15 +242,9 @@ async fn save_phases(
         .unwrap_or_default();
     let bytes_written = written.as_ref().map(|w| w.bytes()).unwrap_or(0);
     let staged_peak_bytes = written.as_ref().map_or(0, |w| w.staged_peak_bytes);
-    // A cached save reports its records' storage in assignment order,
-    // without names.
-    let report = written.and_then(|w| {
-        if cached {
-            CompactWrite::from_write(w, &my_plan).map(Report::Compact)
-        } else {
-            Ok(Report::Full(w))
-        }
-    });
+    // Every rank reports its records' storage in assignment order, without
+    // names: the coordinator knows them from the plan.
+    let report = written.and_then(|w| CompactWrite::from_write(w, &my_plan));
     let gathered = match collective.gather(encode(&wire(report, rank))?, ROOT).await {
         Ok(g) => g,
         Err(e) => {
@@ -251,64 +259,40 @@ async fn save_phases(
     // 3. Commit on the coordinator, then agree on the outcome.
     let mut removed = Vec::new();
     let mut committed: Option<Arc<Metadata>> = None;
-    let mut slots: Option<Slots> = None;
+    let mut planned = false;
     let outcome = if rank == ROOT {
         let gathered = gathered.expect("root receives");
         let result: std::result::Result<Vec<u8>, WireError> = async {
             // Each rank's report decoded (and, for a planned save, added to
             // the metadata) in turn: never every decoded report at once.
-            let mut gathered: Vec<Option<bytes::Bytes>> = gathered.into_iter().map(Some).collect();
-            let mut next_report = |r: usize| {
-                let b = gathered[r].take().expect("each report once");
-                decode::<std::result::Result<Report, WireError>>(&b)
-                    .map_err(|e| e.with_rank(r).to_wire())
-                    .and_then(|x| x)
-            };
-            let mismatch = || {
-                Error::plan("a rank reported its writes for another kind of plan")
-                    .with_rank(ROOT)
-                    .to_wire()
-            };
-            let md = match cached_entry.as_mut() {
-                Some(entry) => {
-                    let writes = (0..n)
-                        .map(|r| match next_report(r)? {
-                            Report::Compact(c) => Ok(c),
-                            Report::Full(_) => Err(mismatch()),
-                        })
-                        .collect::<std::result::Result<Vec<_>, _>>()?;
-                    wire(
-                        entry.fill(
-                            &save_id,
-                            generation,
-                            writes,
-                            writer.format(),
-                            &options.user_metadata,
-                        ),
-                        ROOT,
-                    )?
-                }
+            // A planned save's metadata skeleton, from the assignments
+            // (freed rank by rank as it is built); a cached save's is the
+            // cache's.
+            let mut entry = match cached_entry.take() {
+                Some(entry) => entry,
                 None => {
-                    let mut a = Assembler::new(&global_plans);
-                    if pending.is_some() {
-                        a = a.tracking();
-                    }
-                    for r in 0..n {
-                        match next_report(r)? {
-                            Report::Full(w) => wire(a.add(w), ROOT)?,
-                            Report::Compact(_) => return Err(mismatch()),
-                        }
-                    }
-                    let (md, s) = a.finish_tracked(
-                        &save_id,
-                        generation,
-                        writer.format(),
-                        &options.user_metadata,
-                    );
-                    slots = s;
-                    Arc::new(md)
+                    let (md, s) = wire(skeleton(std::mem::take(&mut global_plans)), ROOT)?;
+                    let p = pending.take().unwrap_or_else(PendingCoord::unplanned);
+                    planned = true;
+                    p.complete(s, Arc::new(md))
                 }
             };
+            // Each report decoded as it is added, and freed.
+            let writes = gathered.into_iter().enumerate().map(|(r, b)| {
+                decode::<std::result::Result<CompactWrite, WireError>>(&b)
+                    .map_err(|e| e.with_rank(r))
+                    .and_then(|x| x.map_err(Error::from_wire))
+            });
+            let md = wire(
+                entry.fill(
+                    &save_id,
+                    generation,
+                    writes,
+                    writer.format(),
+                    &options.user_metadata,
+                ),
+                ROOT,
+            )?;
             let encoded = wire(md.encode(), ROOT)?;
             wire(
                 writer
@@ -326,16 +310,7 @@ async fn save_phases(
             // Only a committed save is cached; a failed one leaves the
             // coordinator without an entry, so the next save re-plans.
             if let Some(c) = cache {
-                match (cached_entry.take(), pending.take()) {
-                    (Some(entry), _) => c.set_coord(entry, true),
-                    (None, Some(p)) => match slots.take() {
-                        Some(s) => c.set_coord(p.complete(s, md.clone()), false),
-                        None => tracing::warn!(
-                            "save plan not cached: a record was not reported exactly once"
-                        ),
-                    },
-                    (None, None) => {}
-                }
+                c.set_coord(entry, !planned);
             }
             committed = Some(md);
             Ok(encoded)
@@ -395,7 +370,7 @@ fn records_for(sd: &StateDict, plan: &SavePlan) -> Result<Vec<crate::checkpoint:
                     Error::plan(format!("{}: assigned chunk ({b}) not held", it.name))
                 })?;
                 out.push(WriteRecord {
-                    name: it.name.clone(),
+                    name: it.name.to_string(),
                     index: it.index.clone(),
                     dtype: Some(t.dtype),
                     whole: b.offsets.iter().all(|&o| o == 0) && b.sizes[..] == t.shape[..],
@@ -403,7 +378,7 @@ fn records_for(sd: &StateDict, plan: &SavePlan) -> Result<Vec<crate::checkpoint:
                 });
             }
             (Item::Bytes { data, .. }, WriteIndex::Bytes) => out.push(WriteRecord {
-                name: it.name.clone(),
+                name: it.name.to_string(),
                 index: WriteIndex::Bytes,
                 dtype: None,
                 whole: true,
@@ -418,334 +393,4 @@ fn records_for(sd: &StateDict, plan: &SavePlan) -> Result<Vec<crate::checkpoint:
         }
     }
     Ok(out)
-}
-
-/// Build the checkpoint's metadata from every rank's plan (`plans[r]`: the
-/// records rank `r` was assigned, and the tensors it declared without data)
-/// and write results (`writes`, in rank order), as the coordinator of a save
-/// does before its commit. Public for drivers whose ranks are coordinated by
-/// another framework (the Python bindings under torch's planners), which
-/// call [`StorageWriter::write_rank`] on each rank and
-/// [`StorageWriter::commit`] with the result on the coordinator.
-pub fn assemble_metadata(
-    save_id: &str,
-    generation: u64,
-    plans: &[SavePlan],
-    writes: Vec<RankWrite>,
-    format: FormatKind,
-    user: &BTreeMap<String, String>,
-) -> Result<Metadata> {
-    let mut a = Assembler::new(plans);
-    for w in writes {
-        a.add(w)?;
-    }
-    Ok(a.finish(save_id, generation, format, user))
-}
-
-/// Where each rank's assigned records sit in the metadata, in assignment
-/// order: `slots[start[r]..start[r + 1]]` for rank r, each (item index,
-/// chunk index; `u32::MAX` for a bytes item).
-pub(crate) struct Slots {
-    pub start: Vec<usize>,
-    pub slots: Vec<(u32, u32)>,
-}
-
-/// [`assemble_metadata`] one rank's write result at a time, in rank order
-/// (the coordinator decodes and adds each as it goes, so it never holds
-/// every decoded write result at once); optionally noting where each
-/// assigned record lands ([`Slots`], for the plan cache).
-pub(crate) struct Assembler<'a> {
-    plans: &'a [SavePlan],
-    kinds: HashMap<&'a str, (Option<crate::DType>, &'a [u64], u64)>,
-    files: Vec<crate::metadata::DataFile>,
-    transforms: Vec<String>,
-    /// Item name -> index into `items`.
-    index: HashMap<String, usize>,
-    items: Vec<(String, ItemMeta)>,
-    ranks_added: usize,
-    /// With tracking: (item, chunk) of every assigned record before the
-    /// final sort, laid out as [`Slots`].
-    track: Option<Slots>,
-}
-
-impl<'a> Assembler<'a> {
-    pub(crate) fn new(plans: &'a [SavePlan]) -> Assembler<'a> {
-        let mut kinds: HashMap<&str, (Option<crate::DType>, &[u64], u64)> = HashMap::new();
-        for p in plans {
-            for it in &p.items {
-                kinds
-                    .entry(&it.name)
-                    .or_insert((it.dtype, &it.shape, it.nbytes));
-            }
-        }
-        Assembler {
-            plans,
-            kinds,
-            files: Vec::new(),
-            transforms: Vec::new(),
-            index: HashMap::new(),
-            items: Vec::new(),
-            ranks_added: 0,
-            track: None,
-        }
-    }
-
-    /// Also note where every assigned record lands (see [`Slots`]).
-    pub(crate) fn tracking(mut self) -> Assembler<'a> {
-        let mut start = Vec::with_capacity(self.plans.len() + 1);
-        let mut total = 0;
-        for p in self.plans {
-            start.push(total);
-            total += p.items.len();
-        }
-        start.push(total);
-        self.track = Some(Slots {
-            start,
-            slots: vec![(u32::MAX, u32::MAX); total],
-        });
-        self
-    }
-
-    /// Add the next rank's write result.
-    pub(crate) fn add(&mut self, w: RankWrite) -> Result<()> {
-        let rank = self.ranks_added;
-        self.ranks_added += 1;
-        // With tracking: each record's index in the rank's assignment.
-        let positions = match &self.track {
-            Some(_) => Some(assignment_positions(&w, self.plans.get(rank))?),
-            None => None,
-        };
-        let base = self.files.len() as u32;
-        let transforms = &mut self.transforms;
-        let remap: Vec<u32> = w
-            .transforms
-            .iter()
-            .map(|t| match transforms.iter().position(|x| x == t) {
-                Some(i) => i as u32,
-                None => {
-                    transforms.push(t.clone());
-                    (transforms.len() - 1) as u32
-                }
-            })
-            .collect();
-        self.files.extend(w.files);
-        for (j, (name, index, mut storage)) in w.records.into_iter().enumerate() {
-            storage.file += base;
-            for t in &mut storage.transforms {
-                t.descriptor = *remap
-                    .get(t.descriptor as usize)
-                    .ok_or_else(|| Error::corrupt("write result names an unknown transform"))?;
-            }
-            let (dtype, shape, nbytes) = self
-                .kinds
-                .get(name.as_str())
-                .copied()
-                .ok_or_else(|| Error::plan(format!("{name}: written but never planned")))?;
-            let slot = match index {
-                WriteIndex::Chunk(region) => {
-                    let i = match self.index.get(name.as_str()) {
-                        Some(&i) => i,
-                        None => {
-                            self.index.insert(name.clone(), self.items.len());
-                            self.items.push((
-                                name,
-                                ItemMeta::Tensor {
-                                    dtype: dtype.unwrap_or(crate::DType::U8),
-                                    shape: shape.to_vec(),
-                                    chunks: Vec::new(),
-                                },
-                            ));
-                            self.items.len() - 1
-                        }
-                    };
-                    match &mut self.items[i].1 {
-                        ItemMeta::Tensor { chunks, .. } => {
-                            chunks.push(ChunkMeta { region, storage });
-                            (i as u32, (chunks.len() - 1) as u32)
-                        }
-                        // Never planned (a name is a tensor or bytes
-                        // item on every rank); ignored, as before.
-                        ItemMeta::Bytes { .. } => (u32::MAX, u32::MAX),
-                    }
-                }
-                WriteIndex::Bytes => {
-                    let meta = ItemMeta::Bytes {
-                        length: nbytes,
-                        storage,
-                    };
-                    let i = match self.index.get(name.as_str()) {
-                        Some(&i) => {
-                            self.items[i].1 = meta;
-                            i
-                        }
-                        None => {
-                            self.index.insert(name.clone(), self.items.len());
-                            self.items.push((name, meta));
-                            self.items.len() - 1
-                        }
-                    };
-                    (i as u32, u32::MAX)
-                }
-            };
-            if let (Some(t), Some(pos)) = (&mut self.track, &positions) {
-                t.slots[t.start[rank] + pos[j]] = slot;
-            }
-        }
-        Ok(())
-    }
-
-    /// The metadata: declared tensors added, items sorted by name, each
-    /// tensor's chunks by offsets.
-    pub(crate) fn finish(
-        self,
-        save_id: &str,
-        generation: u64,
-        format: FormatKind,
-        user: &BTreeMap<String, String>,
-    ) -> Metadata {
-        self.finish_tracked(save_id, generation, format, user).0
-    }
-
-    /// [`finish`](Assembler::finish), with the [`Slots`] of every assigned
-    /// record when tracking (`None` when a record was not reported once).
-    pub(crate) fn finish_tracked(
-        mut self,
-        save_id: &str,
-        generation: u64,
-        format: FormatKind,
-        user: &BTreeMap<String, String>,
-    ) -> (Metadata, Option<Slots>) {
-        for d in self.plans.iter().flat_map(|p| &p.declared) {
-            if !self.index.contains_key(d.name.as_str()) {
-                self.index.insert(d.name.clone(), self.items.len());
-                self.items.push((
-                    d.name.clone(),
-                    ItemMeta::Tensor {
-                        dtype: d.dtype,
-                        shape: d.shape.clone(),
-                        chunks: Vec::new(),
-                    },
-                ));
-            }
-        }
-        drop(self.index);
-        // Items by name, each tensor's chunks by offsets (stable), noting
-        // where each item and chunk went.
-        let mut order: Vec<usize> = (0..self.items.len()).collect();
-        order.sort_unstable_by(|&a, &b| self.items[a].0.cmp(&self.items[b].0));
-        let mut new_item = vec![0u32; order.len()];
-        for (new, &old) in order.iter().enumerate() {
-            new_item[old] = new as u32;
-        }
-        let mut new_chunk: Vec<Vec<u32>> = Vec::new();
-        let tracking = self.track.is_some();
-        for (_, item) in &mut self.items {
-            let moved = match item {
-                // Already in order (rank order often is): nothing moves.
-                ItemMeta::Tensor { chunks, .. }
-                    if chunks.is_sorted_by(|a, b| a.region.offsets <= b.region.offsets) =>
-                {
-                    // Empty: the identity.
-                    Vec::new()
-                }
-                ItemMeta::Tensor { chunks, .. } if tracking => {
-                    let mut perm: Vec<u32> = (0..chunks.len() as u32).collect();
-                    perm.sort_by(|&a, &b| {
-                        chunks[a as usize]
-                            .region
-                            .offsets
-                            .cmp(&chunks[b as usize].region.offsets)
-                    });
-                    let mut old: Vec<Option<ChunkMeta>> =
-                        std::mem::take(chunks).into_iter().map(Some).collect();
-                    *chunks = perm
-                        .iter()
-                        .map(|&p| old[p as usize].take().expect("a permutation"))
-                        .collect();
-                    let mut inv = vec![0u32; perm.len()];
-                    for (new, &p) in perm.iter().enumerate() {
-                        inv[p as usize] = new as u32;
-                    }
-                    inv
-                }
-                ItemMeta::Tensor { chunks, .. } => {
-                    chunks.sort_by(|a, b| a.region.offsets.cmp(&b.region.offsets));
-                    Vec::new()
-                }
-                ItemMeta::Bytes { .. } => Vec::new(),
-            };
-            if tracking {
-                new_chunk.push(moved);
-            }
-        }
-        let mut old: Vec<Option<(String, ItemMeta)>> = std::mem::take(&mut self.items)
-            .into_iter()
-            .map(Some)
-            .collect();
-        let items = order
-            .iter()
-            .map(|&o| old[o].take().expect("a permutation"))
-            .collect();
-        let slots = self.track.take().and_then(|mut t| {
-            for s in &mut t.slots {
-                if s.0 == u32::MAX {
-                    return None;
-                }
-                let chunk = match s.1 {
-                    u32::MAX => u32::MAX,
-                    c => match &new_chunk[s.0 as usize] {
-                        m if m.is_empty() => c,
-                        m => m[c as usize],
-                    },
-                };
-                *s = (new_item[s.0 as usize], chunk);
-            }
-            Some(t)
-        });
-        let md = Metadata {
-            save_id: save_id.to_string(),
-            world_size: self.plans.len() as u32,
-            format,
-            files: self.files,
-            transforms: self.transforms,
-            items,
-            user: user.clone(),
-            generation,
-        };
-        (md, slots)
-    }
-}
-
-/// The index in `plan` (the rank's assignment) of each record of `w`;
-/// refuses a record not assigned, or a count that differs.
-fn assignment_positions(w: &RankWrite, plan: Option<&SavePlan>) -> Result<Vec<usize>> {
-    let plan = plan.ok_or_else(|| Error::plan("a write result from a rank without a plan"))?;
-    let n = plan.items.len();
-    if w.records.len() != n {
-        return Err(Error::plan(format!(
-            "the writer reported {} records for {n} assigned",
-            w.records.len()
-        )));
-    }
-    if w.records
-        .iter()
-        .zip(&plan.items)
-        .all(|(r, it)| r.0 == it.name && r.1 == it.index)
-    {
-        return Ok((0..n).collect());
-    }
-    let pos: HashMap<(&str, &WriteIndex), usize> = plan
-        .items
-        .iter()
-        .enumerate()
-        .map(|(i, it)| ((it.name.as_str(), &it.index), i))
-        .collect();
-    w.records
-        .iter()
-        .map(|(name, index, _)| {
-            pos.get(&(name.as_str(), index))
-                .copied()
-                .ok_or_else(|| Error::plan(format!("{name}: written but not assigned")))
-        })
-        .collect()
 }

@@ -4,11 +4,11 @@
 //! encode the assignments, decode every write result, build and encode the
 //! metadata), timing each phase. `dcp bench --workload scale` reports it.
 
+use crate::checkpoint::assemble::skeleton;
 use crate::checkpoint::plan_cache::{
-    coordinate, layout_digest, replica_digests, Assign, CompactWrite, Decision, Digest, Offer,
-    Report, SavePlanCache,
+    coordinate, decode_offers, layout_digest, replica_digests, Assign, CompactWrite, Decision,
+    Digest, Offer, SavePlanCache,
 };
-use crate::checkpoint::save::Assembler;
 use crate::checkpoint::wire::{decode, encode, first_error, wire};
 use crate::checkpoint::RankWrite;
 use crate::error::{Error, Result, WireError};
@@ -142,28 +142,29 @@ pub fn simulate_protocol_with(
 
     // 2. The coordinator plans and encodes the assignments.
     let t = Instant::now();
-    let offers: Vec<Offer<SavePlan>> = first_error(
-        gathered
-            .into_iter()
-            .map(|b| {
-                decode::<std::result::Result<Offer<SavePlan>, WireError>>(&b)
-                    .map_err(|e| e.to_wire())
-            })
-            .map(|r| r.and_then(|x| x))
-            .collect(),
-    )
-    .map_err(Error::from_wire)?;
-    let Decision::Planned { global, pending } = coordinate(Some(&cache), &planner, offers)? else {
+    let offers = decode_offers(gathered).map_err(Error::from_wire)?;
+    let Decision::Planned {
+        global,
+        offered,
+        pending,
+    } = coordinate(Some(&cache), &planner, offers)?
+    else {
         return Err(Error::plan("full plans were not planned"));
     };
     let plan_id = pending.plan_id();
+    let same = encode(&Ok::<_, WireError>((
+        SAVE_ID,
+        Assign::<SavePlan>::Offered { plan_id },
+    )))?;
     let assignments: Vec<Bytes> = global
         .iter()
-        .map(|p| {
-            encode(&Ok::<_, WireError>((
+        .zip(offered)
+        .map(|(p, offered)| match offered {
+            true => Ok(same.clone()),
+            false => encode(&Ok::<_, WireError>((
                 SAVE_ID,
                 Assign::Plan { plan: p, plan_id },
-            )))
+            ))),
         })
         .collect::<Result<_>>()?;
     cost.coordinator_plan = t.elapsed();
@@ -178,11 +179,14 @@ pub fn simulate_protocol_with(
         let (_id, assign) =
             decode::<std::result::Result<(String, Assign<SavePlan>), WireError>>(msg)?
                 .map_err(Error::from_wire)?;
-        let Assign::Plan { plan, .. } = assign else {
-            return Err(Error::plan("no assignment"));
+        let plan = match assign {
+            Assign::Plan { plan, .. } => plan,
+            // The rank's own offer, which it keeps.
+            Assign::Offered { .. } => planner.local_plan(&state_dict_of(rank)?, rank)?,
+            _ => return Err(Error::plan("no assignment")),
         };
-        let rw = rank_write(rank, &plan);
-        let msg = encode(&Ok::<_, WireError>(Report::Full(rw)))?;
+        let cw = CompactWrite::from_write(rank_write(rank, &plan), &plan)?;
+        let msg = encode(&Ok::<_, WireError>(cw))?;
         cost.rank_results = cost.rank_results.max(t.elapsed());
         cost.result_gather_bytes += msg.len() as u64;
         results.push(msg);
@@ -192,24 +196,20 @@ pub fn simulate_protocol_with(
 
     // 4. The coordinator builds and encodes the metadata.
     let t = Instant::now();
-    // Decoded and added rank by rank, as the coordinator of a save does.
-    let mut a = Assembler::new(&global).tracking();
-    for b in results {
-        match decode::<std::result::Result<Report, WireError>>(&b)? {
-            Ok(Report::Full(w)) => a.add(w)?,
-            Ok(Report::Compact(_)) => {
-                return Err(Error::plan("a compact report for a planned save"))
-            }
-            Err(w) => return Err(Error::from_wire(w)),
-        }
-    }
-    let (md, slots) = a.finish_tracked(SAVE_ID, 1, FormatKind::Raw, &BTreeMap::new());
-    let slots = slots.ok_or_else(|| Error::plan("a record was not reported exactly once"))?;
+    // The skeleton from the assignments (freed rank by rank), filled with
+    // the decoded write results, as the coordinator of a save does.
+    let (skel, slots) = skeleton(global)?;
+    let mut entry = pending.complete(slots, Arc::new(skel));
+    let md = entry.fill(
+        SAVE_ID,
+        1,
+        results.into_iter().map(|b| decode_write(&b)),
+        FormatKind::Raw,
+        &BTreeMap::new(),
+    )?;
     let encoded = md.encode()?;
     cost.coordinator_metadata = t.elapsed();
-    drop(global);
-    let md = Arc::new(md);
-    cache.set_coord(pending.complete(slots, md.clone()), false);
+    cache.set_coord(entry, false);
     cost.metadata_bytes = encoded.len() as u64;
     cost.chunks = md
         .items
@@ -337,28 +337,19 @@ fn cached(
             storage,
             staged_peak_bytes: 0,
         };
-        let msg = encode(&Ok::<_, WireError>(Report::Compact(cw)))?;
+        let msg = encode(&Ok::<_, WireError>(cw))?;
         cost.cached_result_gather_bytes += msg.len() as u64;
         results.push(msg);
     }
 
     let t = Instant::now();
-    let writes: Vec<CompactWrite> = first_error(
-        results
-            .iter()
-            .map(|b| decode::<std::result::Result<Report, WireError>>(b).map_err(|e| e.to_wire()))
-            .map(|r| match r {
-                Ok(Ok(Report::Compact(w))) => Ok(w),
-                Ok(Ok(Report::Full(_))) => {
-                    Err(Error::plan("a full report for a cached save").to_wire())
-                }
-                Ok(Err(w)) | Err(w) => Err(w),
-            })
-            .collect(),
-    )
-    .map_err(Error::from_wire)?;
-    drop(results);
-    let md = entry.fill(SAVE_ID, 2, writes, FormatKind::Raw, &BTreeMap::new())?;
+    let md = entry.fill(
+        SAVE_ID,
+        2,
+        results.into_iter().map(|b| decode_write(&b)),
+        FormatKind::Raw,
+        &BTreeMap::new(),
+    )?;
     md.encode()?;
     cost.cached_coordinator_metadata = t.elapsed();
     drop(md);
@@ -399,6 +390,11 @@ pub fn receive_metadata(encoded: &[u8], dest: &DestStateDict) -> Result<(Metadat
     Ok((idx.select(&ids, &fetched)?.metadata, bytes))
 }
 
+/// A write result as the coordinator decodes it.
+fn decode_write(b: &[u8]) -> Result<CompactWrite> {
+    decode::<std::result::Result<CompactWrite, WireError>>(b)?.map_err(Error::from_wire)
+}
+
 /// What `rank` reports after writing `plan` into one data file.
 fn rank_write(rank: usize, plan: &SavePlan) -> RankWrite {
     let mut offset = 0u64;
@@ -413,7 +409,7 @@ fn rank_write(rank: usize, plan: &SavePlan) -> RankWrite {
                 transforms: Vec::new(),
             };
             offset += it.nbytes;
-            (it.name.clone(), it.index.clone(), storage)
+            (it.name.to_string(), it.index.clone(), storage)
         })
         .collect();
     RankWrite {
@@ -498,9 +494,21 @@ mod tests {
         assert_eq!(b.generation, 2);
         b.generation = 1;
         assert_eq!(a, b);
-        // Digests and storage only: far less than the plans and write results.
+        // Digests instead of plans: far less than the plan gather.
         assert!(cached.cached_plan_gather_bytes * 5 < planned.plan_gather_bytes);
-        assert!(cached.cached_result_gather_bytes < planned.result_gather_bytes);
-        assert!(cached.cached_scatter_bytes * 5 < planned.scatter_bytes);
+        // Both report storage without names, in assignment order; both
+        // scatter a few bytes a rank (a cached plan, or "write what you
+        // offered"), never the plans.
+        assert_eq!(
+            cached.cached_result_gather_bytes,
+            planned.result_gather_bytes
+        );
+        assert!(planned.result_gather_bytes * 2 < planned.plan_gather_bytes);
+        assert!(
+            planned.scatter_bytes < 40 * ranks as u64,
+            "{}",
+            planned.scatter_bytes
+        );
+        assert!(cached.cached_scatter_bytes < 40 * ranks as u64);
     }
 }

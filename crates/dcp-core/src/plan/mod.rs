@@ -1,6 +1,7 @@
 //! Planners: which rank writes what on save, and which stored bytes fill
 //! which destination on load.
 
+pub(crate) mod intern;
 mod load;
 mod save;
 

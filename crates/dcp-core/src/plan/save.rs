@@ -4,8 +4,9 @@
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::{ChunkBox, Item, StateDict};
+use rustc_hash::FxHashMap as HashMap;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::sync::Arc;
 
 /// Which record of an item a write item is.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -19,14 +20,17 @@ pub enum WriteIndex {
 /// One record a rank offers to write.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WriteItem {
-    /// Item name.
-    pub name: String,
+    /// Item name (shared with every other record of the item decoded by
+    /// the coordinator).
+    #[serde(with = "super::intern::name")]
+    pub name: Arc<str>,
     /// Which record.
     pub index: WriteIndex,
     /// Element type (`None` for bytes items).
     pub dtype: Option<DType>,
-    /// Global shape (empty for bytes items).
-    pub shape: Vec<u64>,
+    /// Global shape (empty for bytes items; shared like the name).
+    #[serde(with = "super::intern::shape")]
+    pub shape: Arc<[u64]>,
     /// Logical bytes.
     pub nbytes: u64,
     /// Declared replicated: may be offered by several ranks.
@@ -81,6 +85,16 @@ pub trait SavePlanner: Send + Sync {
     fn global_plan_owned(&self, plans: Vec<SavePlan>) -> Result<Vec<SavePlan>> {
         self.global_plan(&plans)
     }
+
+    /// True when [`global_plan`](SavePlanner::global_plan) assigns each
+    /// rank a subsequence of the records it offered, in the order offered
+    /// (so an assignment as long as the offer *is* the offer). The
+    /// coordinator then tells such a rank "write what you offered" instead
+    /// of sending its assignment back. The default is false: every
+    /// assignment is sent.
+    fn assigns_offered_order(&self) -> bool {
+        false
+    }
 }
 
 /// The default planner: dedups records declared replicated (to the holder
@@ -110,6 +124,10 @@ impl SavePlanner for DefaultSavePlanner {
             match item {
                 Item::Tensor(t) => {
                     let mut seen = std::collections::HashSet::new();
+                    // One allocation of the name and shape per item, shared
+                    // by its chunks.
+                    let shared_name: Arc<str> = Arc::from(name.as_str());
+                    let shared_shape: Arc<[u64]> = Arc::from(t.shape.as_slice());
                     // Empty chunks hold no data and are not written.
                     if t.chunks.iter().all(|c| c.region.is_empty()) {
                         declared.push(TensorDecl {
@@ -126,10 +144,10 @@ impl SavePlanner for DefaultSavePlanner {
                             )));
                         }
                         items.push(WriteItem {
-                            name: name.clone(),
+                            name: shared_name.clone(),
                             index: WriteIndex::Chunk(c.region.clone()),
                             dtype: Some(t.dtype),
-                            shape: t.shape.clone(),
+                            shape: shared_shape.clone(),
                             nbytes: c.data.len(),
                             replicated: t.replicated,
                             // Sources (device memory) are compared only
@@ -141,10 +159,10 @@ impl SavePlanner for DefaultSavePlanner {
                     }
                 }
                 Item::Bytes { data, replicated } => items.push(WriteItem {
-                    name: name.clone(),
+                    name: Arc::from(name.as_str()),
                     index: WriteIndex::Bytes,
                     dtype: None,
-                    shape: vec![],
+                    shape: Arc::from([]),
                     nbytes: data.len() as u64,
                     replicated: *replicated,
                     digest: (*replicated && self.check_replicas).then(|| crc32c::crc32c(data)),
@@ -174,6 +192,11 @@ impl SavePlanner for DefaultSavePlanner {
             .collect())
     }
 
+    /// Assignments keep the offered order (indices ascending).
+    fn assigns_offered_order(&self) -> bool {
+        true
+    }
+
     fn global_plan_owned(&self, plans: Vec<SavePlan>) -> Result<Vec<SavePlan>> {
         let (assigned, mut declared) = self.assign(&plans)?;
         Ok(plans
@@ -181,13 +204,17 @@ impl SavePlanner for DefaultSavePlanner {
             .zip(assigned)
             .enumerate()
             .map(|(rank, (p, idx))| {
-                let mut keep = idx.into_iter().peekable();
-                let items = p
-                    .items
-                    .into_iter()
-                    .enumerate()
-                    .filter_map(|(i, it)| (keep.next_if_eq(&i).is_some()).then_some(it))
-                    .collect();
+                // Every record kept (the common case): the offer as it is.
+                let items = if idx.len() == p.items.len() {
+                    p.items
+                } else {
+                    let mut keep = idx.into_iter().peekable();
+                    p.items
+                        .into_iter()
+                        .enumerate()
+                        .filter_map(|(i, it)| (keep.next_if_eq(&i).is_some()).then_some(it))
+                        .collect()
+                };
                 SavePlan {
                     items,
                     declared: if rank == 0 {
@@ -233,8 +260,13 @@ impl DefaultSavePlanner {
                 show(b.0, b.1)
             ))
         };
-        let mut names: HashMap<&str, NameInfo<'_>> = HashMap::new();
-        let mut replicated: HashMap<(&str, &WriteIndex), Vec<(usize, usize)>> = HashMap::new();
+        let mut names: HashMap<&str, usize> = HashMap::default();
+        let mut infos: Vec<NameInfo<'_>> = Vec::new();
+        // Ranks usually offer the same items in the same order, and the
+        // coordinator's decoding shares their names: the name at the same
+        // position of the previous rank is tried before the map.
+        let mut hint: Vec<(&Arc<str>, usize)> = Vec::new();
+        let mut replicated: HashMap<(&str, &WriteIndex), Vec<(usize, usize)>> = HashMap::default();
         let mut load = vec![0u64; plans.len()];
         let mut assigned: Vec<Vec<usize>> = plans
             .iter()
@@ -242,14 +274,26 @@ impl DefaultSavePlanner {
             .collect();
         for (rank, plan) in plans.iter().enumerate() {
             for (i, it) in plan.items.iter().enumerate() {
-                let info = names.entry(&it.name).or_insert_with(|| NameInfo {
-                    dtype: it.dtype,
-                    shape: &it.shape,
-                    rank,
-                    boxes: Vec::new(),
-                    bytes_owner: None,
-                });
-                if info.dtype != it.dtype || info.shape != it.shape.as_slice() {
+                let at = match hint.get(i) {
+                    Some(&(h, at)) if Arc::ptr_eq(h, &it.name) => at,
+                    _ => *names.entry(&it.name).or_insert_with(|| {
+                        infos.push(NameInfo {
+                            dtype: it.dtype,
+                            shape: &it.shape,
+                            rank,
+                            boxes: Vec::new(),
+                            bytes_owner: None,
+                        });
+                        infos.len() - 1
+                    }),
+                };
+                if i < hint.len() {
+                    hint[i] = (&it.name, at);
+                } else {
+                    hint.push((&it.name, at));
+                }
+                let info = &mut infos[at];
+                if info.dtype != it.dtype || info.shape != &*it.shape {
                     return Err(mismatch(
                         &it.name,
                         info.rank,
@@ -285,7 +329,7 @@ impl DefaultSavePlanner {
         let mut declared: Vec<TensorDecl> = Vec::new();
         for (rank, plan) in plans.iter().enumerate() {
             for d in &plan.declared {
-                match names.get(d.name.as_str()) {
+                match names.get(d.name.as_str()).map(|&at| &infos[at]) {
                     Some(info)
                         if info.dtype != Some(d.dtype) || info.shape != d.shape.as_slice() =>
                     {
@@ -296,16 +340,14 @@ impl DefaultSavePlanner {
                     }
                     Some(_) => {}
                     None => {
-                        names.insert(
-                            &d.name,
-                            NameInfo {
-                                dtype: Some(d.dtype),
-                                shape: &d.shape,
-                                rank,
-                                boxes: Vec::new(),
-                                bytes_owner: None,
-                            },
-                        );
+                        names.insert(&d.name, infos.len());
+                        infos.push(NameInfo {
+                            dtype: Some(d.dtype),
+                            shape: &d.shape,
+                            rank,
+                            boxes: Vec::new(),
+                            bytes_owner: None,
+                        });
                         declared.push(d.clone());
                     }
                 }
@@ -314,7 +356,7 @@ impl DefaultSavePlanner {
         type Holders = Vec<(usize, usize)>;
         let mut shared: Vec<(&(&str, &WriteIndex), &Holders)> = Vec::new();
         for (key, hs) in &replicated {
-            if let Some(info) = names.get(key.0) {
+            if let Some(info) = names.get(key.0).map(|&at| &infos[at]) {
                 if matches!(key.1, WriteIndex::Bytes) {
                     if let Some(r0) = info.bytes_owner {
                         let r = hs[0].0;
@@ -350,16 +392,20 @@ impl DefaultSavePlanner {
                 .expect("at least one holder");
             load[r] += plans[r].items[i].nbytes;
             assigned[r].push(i);
-            if let (WriteIndex::Chunk(b), Some(info)) = (key.1, names.get_mut(key.0)) {
-                info.boxes.push((b, r));
+            if let (WriteIndex::Chunk(b), Some(&at)) = (key.1, names.get(key.0)) {
+                infos[at].boxes.push((b, r));
             }
         }
         // Chunks of one tensor must not overlap; two ranks offering the
         // same chunk without declaring it replicated is named as such.
-        for (name, info) in names {
+        let mut by_index: Vec<&str> = vec![""; infos.len()];
+        for (name, at) in names {
+            by_index[at] = name;
+        }
+        for (name, info) in by_index.into_iter().zip(infos) {
             let boxes: Vec<&ChunkBox> = info.boxes.iter().map(|(b, _)| *b).collect();
             if let Err(e) = crate::metadata::check_disjoint(name, boxes) {
-                let mut by_box: HashMap<&ChunkBox, Vec<usize>> = HashMap::new();
+                let mut by_box: HashMap<&ChunkBox, Vec<usize>> = HashMap::default();
                 for (b, r) in &info.boxes {
                     by_box.entry(b).or_default().push(*r);
                 }
@@ -369,7 +415,7 @@ impl DefaultSavePlanner {
                         .copied()
                         .find(|&r| {
                             plans[r].items.iter().any(|it| {
-                                it.name == name
+                                &*it.name == name
                                     && !it.replicated
                                     && it.index == WriteIndex::Chunk(b.clone())
                             })
@@ -442,7 +488,7 @@ mod tests {
         let count = |name: &str| {
             g.iter()
                 .flat_map(|p| &p.items)
-                .filter(|i| i.name == name)
+                .filter(|i| &*i.name == name)
                 .count()
         };
         assert_eq!(count("w"), 1);
@@ -451,7 +497,7 @@ mod tests {
         // The two replicated records land on different ranks.
         let owner = |name: &str| {
             g.iter()
-                .position(|p| p.items.iter().any(|i| i.name == name))
+                .position(|p| p.items.iter().any(|i| &*i.name == name))
                 .unwrap()
         };
         assert_ne!(owner("w"), owner("step"));
