@@ -500,6 +500,52 @@ const GCS_ANONYMOUS: [(&str, &str); 3] = [
     ("disable_config_load", "true"),
 ];
 
+/// The variable of the AWS SDKs that turns their default upload checksums
+/// off (`when_required`) or on (`when_supported`, the default).
+pub(crate) const AWS_CHECKSUM_ENV: &str = "AWS_REQUEST_CHECKSUM_CALCULATION";
+
+/// S3 upload checksums (OpenDAL's `checksum_algorithm`): CRC-32C unless
+/// the storage options choose (`checksum_algorithm=none` turns them off,
+/// any other value goes to OpenDAL) or [`AWS_CHECKSUM_ENV`] is
+/// `when_required`, as for the AWS SDKs. Every part of a multipart upload
+/// and every single PUT then carries `x-amz-checksum-crc32c`, which the
+/// store checks on receipt (a part damaged in transit is refused), and the
+/// upload declares the algorithm when it starts. Besides the integrity,
+/// the store need not compute a whole-object checksum of its own when
+/// completing the upload: moto, for one, then copies the whole object once
+/// more (BENCHMARKS.md). Refuses (`InvalidInput`) another value of the
+/// variable, naming it.
+fn upload_checksum(
+    cfg: &mut HashMap<String, String>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<()> {
+    const KEY: &str = "checksum_algorithm";
+    match cfg.get(KEY).map(|v| v.trim().to_ascii_lowercase()) {
+        Some(v) if v == "none" || v.is_empty() => {
+            cfg.remove(KEY);
+        }
+        Some(v) => {
+            cfg.insert(KEY.into(), v);
+        }
+        None => match env(AWS_CHECKSUM_ENV).map(|v| v.trim().to_ascii_lowercase()) {
+            Some(v) if v == "when_required" => {}
+            None => {
+                cfg.insert(KEY.into(), "crc32c".into());
+            }
+            Some(v) if v == "when_supported" => {
+                cfg.insert(KEY.into(), "crc32c".into());
+            }
+            Some(v) => {
+                return Err(Error::invalid(format!(
+                    "{AWS_CHECKSUM_ENV}={v:?}: expected \"when_supported\" (upload checksums, \
+                     the default) or \"when_required\" (none)"
+                )))
+            }
+        },
+    }
+    Ok(())
+}
+
 /// Service configuration: the environment, then the URL's bucket and root,
 /// then `storage_options` (which override both; `client_kwargs` expanded
 /// as [`expand_client_kwargs`] does).
@@ -507,7 +553,9 @@ const GCS_ANONYMOUS: [(&str, &str); 3] = [
 /// - S3: `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`, `AWS_REGION` /
 ///   `AWS_DEFAULT_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
 ///   `AWS_SESSION_TOKEN`; s3fs's `key`, `secret`, `token`,
-///   `endpoint_url`, `region_name`.
+///   `endpoint_url`, `region_name`. Uploads carry CRC-32C checksums
+///   unless `checksum_algorithm=none` or `AWS_REQUEST_CHECKSUM_CALCULATION=when_required`
+///   ([`upload_checksum`]).
 /// - GCS: `STORAGE_EMULATOR_HOST` (an emulator: its endpoint, anonymous
 ///   access), else `GOOGLE_APPLICATION_CREDENTIALS` (a service account or
 ///   authorized-user JSON file); gcsfs's `endpoint_url` and `token="anon"`.
@@ -555,6 +603,7 @@ pub(crate) fn service_config(
             // Most S3-compatible servers ignore the region, but signing needs one.
             cfg.entry("region".into())
                 .or_insert_with(|| "us-east-1".into());
+            upload_checksum(&mut cfg, &env)?;
         }
         Backend::Gcs => {
             if let Some(host) = env("STORAGE_EMULATOR_HOST") {
@@ -818,6 +867,66 @@ mod tests {
         let cfg = service_config(&t, &HashMap::new(), &|_| None).unwrap();
         assert_eq!(cfg["region"], "us-east-1");
         assert!(!cfg.contains_key("endpoint"));
+    }
+
+    /// S3 uploads carry CRC-32C checksums unless the storage options or
+    /// `AWS_REQUEST_CHECKSUM_CALCULATION=when_required` say otherwise; the
+    /// storage options win over the variable; another value of the variable
+    /// is refused naming it; GCS and Azure are untouched.
+    #[cfg(feature = "s3")]
+    #[test]
+    fn s3_upload_checksums_default_to_crc32c() {
+        let t = parse_url("s3://b/p").unwrap();
+        let so = |v: &str| -> HashMap<String, String> {
+            [("checksum_algorithm".to_string(), v.to_string())].into()
+        };
+        let with = |var: Option<&'static str>| {
+            move |k: &str| {
+                (k == AWS_CHECKSUM_ENV)
+                    .then(|| var.map(str::to_string))
+                    .flatten()
+            }
+        };
+        let algo = |opts: &HashMap<String, String>, var: Option<&'static str>| {
+            service_config(&t, opts, &with(var))
+                .unwrap()
+                .get("checksum_algorithm")
+                .cloned()
+        };
+        let none = HashMap::new();
+        assert_eq!(algo(&none, None).as_deref(), Some("crc32c"));
+        assert_eq!(
+            algo(&none, Some("WHEN_SUPPORTED")).as_deref(),
+            Some("crc32c")
+        );
+        assert_eq!(algo(&none, Some("when_required")), None);
+        assert_eq!(algo(&none, Some(" When_Required ")), None);
+        assert_eq!(algo(&so("none"), None), None);
+        assert_eq!(algo(&so("NONE"), Some("when_supported")), None);
+        assert_eq!(algo(&so(""), None), None);
+        assert_eq!(
+            algo(&so("CRC32C"), Some("when_required")).as_deref(),
+            Some("crc32c")
+        );
+        assert_eq!(algo(&so("md5"), None).as_deref(), Some("md5"));
+        let e = service_config(&t, &none, &with(Some("always"))).unwrap_err();
+        assert_eq!(e.kind(), dcp_core::ErrorKind::InvalidInput);
+        assert!(
+            e.message().contains("AWS_REQUEST_CHECKSUM_CALCULATION"),
+            "{e}"
+        );
+        assert!(e.message().contains("\"always\""), "{e}");
+        // OpenDAL refuses an algorithm it does not know, naming it.
+        let e =
+            build_operator(&t, service_config(&t, &so("sha1"), &|_| None).unwrap()).unwrap_err();
+        assert_eq!(e.kind(), dcp_core::ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("sha1"), "{e}");
+        #[cfg(feature = "gcs")]
+        {
+            let g = parse_url("gs://b/p").unwrap();
+            let cfg = service_config(&g, &HashMap::new(), &|_| None).unwrap();
+            assert!(!cfg.contains_key("checksum_algorithm"));
+        }
     }
 
     #[test]

@@ -52,7 +52,12 @@
 //! `storage_options`, which override them:
 //! - S3: `AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`,
 //!   `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`; s3fs's `key`, `secret`,
-//!   `token`, `endpoint_url`, `region_name`.
+//!   `token`, `endpoint_url`, `region_name`. Uploads carry a CRC-32C
+//!   checksum (`x-amz-checksum-crc32c` on every part and PUT, checked by
+//!   the store on receipt), as the AWS SDKs' do by default; like theirs,
+//!   `AWS_REQUEST_CHECKSUM_CALCULATION=when_required` turns this off (for an
+//!   S3-compatible store that refuses the headers), and so does the storage
+//!   option `checksum_algorithm=none`.
 //! - GCS: `STORAGE_EMULATOR_HOST` (`host:port` or a URL: an emulator, no
 //!   credentials), else `GOOGLE_APPLICATION_CREDENTIALS` (a JSON key file,
 //!   refused up front, naming it, when it cannot be read or is not one);

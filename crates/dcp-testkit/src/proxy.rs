@@ -32,6 +32,8 @@ struct State {
     dropped: std::sync::atomic::AtomicUsize,
     /// `METHOD target` (query string kept) of every request seen, in order.
     seen: Mutex<Vec<String>>,
+    /// The head (request line and headers) of every request seen, in order.
+    heads: Mutex<Vec<String>>,
     /// Forward nothing, either way.
     stalled: AtomicBool,
     /// Requests still to answer with `canned` instead of forwarding.
@@ -176,10 +178,26 @@ impl TcpProxy {
             .clone()
     }
 
+    /// The head of every HTTP request that passed through so far (request
+    /// line and headers, as sent, without the blank line; at most the first
+    /// 16 KiB), in the order they were seen.
+    pub fn request_heads(&self) -> Vec<String> {
+        self.state
+            .heads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Forget the requests seen so far.
     pub fn clear_requests(&self) {
         self.state
             .seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        self.state
+            .heads
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
@@ -250,6 +268,17 @@ fn request_line(chunk: &[u8]) -> Option<String> {
     (known && version.starts_with("HTTP/1.")).then(|| format!("{method} {target}"))
 }
 
+/// The head of the request that `chunk` begins with: up to the blank line
+/// that ends it, or the first 16 KiB of `chunk`, as text.
+fn request_head(chunk: &[u8]) -> String {
+    let head = &chunk[..chunk.len().min(16 << 10)];
+    let end = head
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(head.len());
+    String::from_utf8_lossy(&head[..end]).into_owned()
+}
+
 /// Copy client requests to the server on a thread until either side
 /// closes; mark `lose` when a request's reply is to be lost.
 fn requests(mut from: TcpStream, mut to: TcpStream, st: Arc<State>, lose: Arc<AtomicBool>) {
@@ -271,6 +300,10 @@ fn requests(mut from: TcpStream, mut to: TcpStream, st: Arc<State>, lose: Arc<At
             }
             if let Some(line) = request_line(&buf[..n]) {
                 st.seen.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+                st.heads
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(request_head(&buf[..n]));
                 let take = st
                     .canned_left
                     .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -420,6 +453,10 @@ mod tests {
         assert_eq!(proxy.replied_instead(), 2);
         assert_eq!(proxy.request_targets(), vec!["GET /x?a=1"; 3]);
         assert_eq!(proxy.requests(), vec!["GET /x"; 3]);
+        assert_eq!(
+            proxy.request_heads(),
+            vec!["GET /x?a=1 HTTP/1.1\r\nHost: h"; 3]
+        );
         // Stalled: the request is taken, no reply comes (the read times out).
         proxy.stall();
         let e = get(proxy.port).unwrap_err();
