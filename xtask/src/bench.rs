@@ -7,9 +7,12 @@
 //! loaded into the same sharding (warm and cold) and resharded into 3 ranks
 //! by columns, through dcp-fs's reader and through dcp-fsspec's on
 //! `file://`; the 4-rank runs again with `--checksum none`; many small
-//! tensors; an optimizer state. Targets are judged on the default runs. `--quick` shrinks
-//! every size; `--micro` also runs dcp-core's criterion micro-benchmarks
-//! (metadata codec, read planning, copy kernels).
+//! tensors; an optimizer state; the save and load protocols at 16,384
+//! simulated ranks (`--workload scale`, 1,024 with `--quick`). Targets are
+//! judged on the default runs. `--quick` shrinks every size; `--workloads
+//! many-small,optimizer` runs only those workloads' sets; `--micro` also runs
+//! dcp-core's criterion micro-benchmarks (metadata codec, read planning,
+//! copy kernels).
 
 use serde_json::Value;
 use std::path::PathBuf;
@@ -24,7 +27,12 @@ pub struct BenchOptions {
     dir: Option<String>,
     out: Option<PathBuf>,
     dry_run: bool,
+    /// Only the sets of these workloads (all when empty).
+    workloads: Vec<String>,
 }
+
+/// The workloads of the standard set.
+const WORKLOADS: [&str; 4] = ["llm", "many-small", "optimizer", "scale"];
 
 /// Parse the arguments after `bench`.
 pub fn parse(args: &[String]) -> Result<BenchOptions, String> {
@@ -50,6 +58,17 @@ pub fn parse(args: &[String]) -> Result<BenchOptions, String> {
                 )
             }
             "--dir" => o.dir = Some(value()?),
+            "--workloads" => {
+                for w in value()?.split(',') {
+                    if !WORKLOADS.contains(&w) {
+                        return Err(format!(
+                            "--workloads: unknown workload {w:?} (one of {})",
+                            WORKLOADS.join(", ")
+                        ));
+                    }
+                    o.workloads.push(w.to_string());
+                }
+            }
             "--out" => o.out = Some(PathBuf::from(value()?)),
             other => return Err(format!("bench: unknown argument {other:?}")),
         }
@@ -60,14 +79,15 @@ pub fn parse(args: &[String]) -> Result<BenchOptions, String> {
 /// The `dcp bench` argument lists of the standard set.
 pub fn runs(o: &BenchOptions) -> Vec<Vec<String>> {
     let reps = o.reps.unwrap_or(3).to_string();
-    let (llm, small, opt): (&[&str], &[&str], &[&str]) = if o.quick {
+    let (llm, small, opt, ranks): (&[&str], &[&str], &[&str], &str) = if o.quick {
         (
             &["--layers", "2", "--hidden", "1024", "--vocab", "8192"],
             &["--items", "10000"],
             &["--layers", "2", "--hidden", "512", "--vocab", "8192"],
+            "1024",
         )
     } else {
-        (&[], &[], &[])
+        (&[], &[], &[], "16384")
     };
     let sets: Vec<Vec<&str>> = vec![
         [
@@ -116,8 +136,21 @@ pub fn runs(o: &BenchOptions) -> Vec<Vec<String>> {
             llm,
         ]
         .concat(),
+        // The protocols at scale (one run: no storage, the reps do not apply).
+        vec![
+            "--workload",
+            "scale",
+            "--ranks",
+            ranks,
+            "--chunks-per-rank",
+            "1000",
+        ],
     ];
     sets.into_iter()
+        .filter(|s| {
+            let w = s[1 + s.iter().position(|&a| a == "--workload").expect("a workload")];
+            o.workloads.is_empty() || o.workloads.iter().any(|x| x == w)
+        })
         .map(|s| {
             let mut a: Vec<String> = ["bench", "--json", "--reps", &reps]
                 .iter()
@@ -298,6 +331,19 @@ pub fn summary(lines: &[Value]) -> String {
         "B/chunk"
     );
     for l in lines {
+        if l["workload"] == "scale" {
+            out.push_str(&format!(
+                "scale       {} ranks x {} chunks: save protocol {:.2} s, cached {:.1} ms, one rank's load plan {:.3} s, peak RSS {}, {:.1} B/chunk\n",
+                num(l, "ranks"),
+                num(l, "chunks") / num(l, "ranks").max(1.0),
+                num(l, "save_plan_seconds"),
+                num(l, "cached_save_plan_seconds") * 1e3,
+                num(l, "load_plan_seconds"),
+                bytes(num(l, "peak_rss")),
+                num(l, "metadata_bytes_per_chunk"),
+            ));
+            continue;
+        }
         if num(l, "reps") == 0.0 {
             out.push_str(&format!(
                 "{:<11} {:<13} cold not available\n",
@@ -437,6 +483,37 @@ pub fn targets(lines: &[Value]) -> String {
         "device_load (simulated): <= 1.15x max(copy, read)".to_string(),
         got,
     );
+    // The protocols at 16,384 ranks x 1,000 chunks (judged only there).
+    let at_scale = lines
+        .iter()
+        .find(|l| l["workload"] == "scale" && num(l, "ranks") >= 16384.0);
+    let scale_target = |name: &str, f: &dyn Fn(&Value) -> (bool, String)| {
+        (name.to_string(), at_scale.map(f))
+    };
+    for (name, got) in [
+        scale_target("scale 16,384 ranks: save protocol < 10 s", &|l| {
+            let s = num(l, "save_plan_seconds");
+            (s < 10.0, format!("{s:.2} s"))
+        }),
+        scale_target("scale 16,384 ranks: peak RSS < 4 GB", &|l| {
+            let b = num(l, "peak_rss");
+            (b < 4e9, bytes(b))
+        }),
+        scale_target("scale 16,384 ranks: metadata <= 25 B/chunk", &|l| {
+            let b = num(l, "metadata_bytes_per_chunk");
+            (b <= 25.0, format!("{b:.1} B/chunk"))
+        }),
+        scale_target("scale 16,384 ranks: one rank's load plan < 1 s", &|l| {
+            let s = num(l, "load_plan_seconds");
+            (s < 1.0, format!("{s:.3} s"))
+        }),
+        scale_target("scale 16,384 ranks: cached save plan < 100 ms", &|l| {
+            let s = num(l, "cached_save_plan_seconds");
+            (s < 0.1, format!("{:.1} ms", s * 1e3))
+        }),
+    ] {
+        line(name, got);
+    }
     out.push_str("  (1M-chunk metadata encode+decode < 1 s: cargo xtask bench --micro)\n");
     out
 }
@@ -456,7 +533,23 @@ mod tests {
         assert!(parse(&s(&["--reps", "0"])).is_err());
         let o = parse(&s(&["--quick", "--reps", "5", "--dir", "/d"])).unwrap();
         let r = runs(&o);
-        assert_eq!(r.len(), 6);
+        assert_eq!(r.len(), 7);
+        assert!(r[6]
+            .join(" ")
+            .contains("--workload scale --ranks 1024 --chunks-per-rank 1000"));
+        assert!(runs(&BenchOptions::default())[6]
+            .join(" ")
+            .contains("--ranks 16384"));
+        // Only the named workloads' sets.
+        let o = parse(&s(&["--workloads", "many-small,scale"])).unwrap();
+        let w: Vec<String> = runs(&o).iter().map(|a| a.join(" ")).collect();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].contains("--workload many-small") && w[1].contains("--workload scale"));
+        assert!(parse(&s(&["--workloads", "llm,bogus"]))
+            .unwrap_err()
+            .contains("bogus"));
+        let o = parse(&s(&["--quick", "--reps", "5", "--dir", "/d"])).unwrap();
+        let r = runs(&o);
         assert!(r[5]
             .join(" ")
             .contains("--scenarios async,device,device-load"));
@@ -519,5 +612,18 @@ mod tests {
         let table = summary(&lines);
         assert!(table.contains("cold not available"), "{table}");
         assert_eq!(table.lines().count(), 1 + lines.len());
+
+        // Scale: judged at 16,384 ranks only.
+        assert!(t.contains("NOT RUN scale 16,384 ranks: save protocol"), "{t}");
+        lines.push(json!({"workload": "scale", "ranks": 16384, "chunks": 16384000,
+                          "save_plan_seconds": 12.5, "cached_save_plan_seconds": 0.004,
+                          "load_plan_seconds": 0.05, "peak_rss": 3.2e9,
+                          "metadata_bytes_per_chunk": 13.1}));
+        let t = targets(&lines);
+        assert!(t.contains("MISSED scale 16,384 ranks: save protocol < 10 s     12.50 s"), "{t}");
+        assert!(t.contains("MET    scale 16,384 ranks: peak RSS < 4 GB"), "{t}");
+        assert!(t.contains("MET    scale 16,384 ranks: cached save plan < 100 ms 4.0 ms"), "{t}");
+        let table = summary(&lines);
+        assert!(table.contains("16384 ranks x 1000 chunks: save protocol 12.50 s"), "{table}");
     }
 }

@@ -62,8 +62,9 @@ fn bench_dry_run_and_unknown_commands_are_usage_errors() {
         String::from_utf8_lossy(&out.stderr)
     );
     let s = String::from_utf8(out.stdout).unwrap();
-    assert_eq!(s.matches(" -- bench --json --reps 3 ").count(), 6, "{s}");
+    assert_eq!(s.matches(" -- bench --json --reps 3 ").count(), 7, "{s}");
     assert!(s.contains("--scenarios async,device"), "{s}");
+    assert!(s.contains("--workload scale --ranks 1024"), "{s}");
     assert!(s.contains("--checksum none"), "{s}");
     assert!(s.contains("cargo bench -p dcp-core --bench core"), "{s}");
     let out = xtask(&["bench", "--bogus"]);
