@@ -148,7 +148,10 @@ pub fn runs(o: &BenchOptions) -> Vec<Vec<String>> {
     ];
     sets.into_iter()
         .filter(|s| {
-            let w = s[1 + s.iter().position(|&a| a == "--workload").expect("a workload")];
+            let w = s[1 + s
+                .iter()
+                .position(|&a| a == "--workload")
+                .expect("a workload")];
             o.workloads.is_empty() || o.workloads.iter().any(|x| x == w)
         })
         .map(|s| {
@@ -487,9 +490,8 @@ pub fn targets(lines: &[Value]) -> String {
     let at_scale = lines
         .iter()
         .find(|l| l["workload"] == "scale" && num(l, "ranks") >= 16384.0);
-    let scale_target = |name: &str, f: &dyn Fn(&Value) -> (bool, String)| {
-        (name.to_string(), at_scale.map(f))
-    };
+    let scale_target =
+        |name: &str, f: &dyn Fn(&Value) -> (bool, String)| (name.to_string(), at_scale.map(f));
     for (name, got) in [
         scale_target("scale 16,384 ranks: save protocol < 10 s", &|l| {
             let s = num(l, "save_plan_seconds");
@@ -614,16 +616,33 @@ mod tests {
         assert_eq!(table.lines().count(), 1 + lines.len());
 
         // Scale: judged at 16,384 ranks only.
-        assert!(t.contains("NOT RUN scale 16,384 ranks: save protocol"), "{t}");
-        lines.push(json!({"workload": "scale", "ranks": 16384, "chunks": 16384000,
+        assert!(
+            t.contains("NOT RUN scale 16,384 ranks: save protocol"),
+            "{t}"
+        );
+        lines.push(
+            json!({"workload": "scale", "ranks": 16384, "chunks": 16384000,
                           "save_plan_seconds": 12.5, "cached_save_plan_seconds": 0.004,
                           "load_plan_seconds": 0.05, "peak_rss": 3.2e9,
-                          "metadata_bytes_per_chunk": 13.1}));
+                          "metadata_bytes_per_chunk": 13.1}),
+        );
         let t = targets(&lines);
-        assert!(t.contains("MISSED scale 16,384 ranks: save protocol < 10 s     12.50 s"), "{t}");
-        assert!(t.contains("MET    scale 16,384 ranks: peak RSS < 4 GB"), "{t}");
-        assert!(t.contains("MET    scale 16,384 ranks: cached save plan < 100 ms 4.0 ms"), "{t}");
+        assert!(
+            t.contains("MISSED scale 16,384 ranks: save protocol < 10 s     12.50 s"),
+            "{t}"
+        );
+        assert!(
+            t.contains("MET    scale 16,384 ranks: peak RSS < 4 GB"),
+            "{t}"
+        );
+        assert!(
+            t.contains("MET    scale 16,384 ranks: cached save plan < 100 ms 4.0 ms"),
+            "{t}"
+        );
         let table = summary(&lines);
-        assert!(table.contains("16384 ranks x 1000 chunks: save protocol 12.50 s"), "{table}");
+        assert!(
+            table.contains("16384 ranks x 1000 chunks: save protocol 12.50 s"),
+            "{table}"
+        );
     }
 }

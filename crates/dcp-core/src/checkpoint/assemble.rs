@@ -1,18 +1,16 @@
-//! The coordinator's metadata, in two steps: a *skeleton* built from the
-//! assignments alone (every item, dtype, shape and chunk box, where each
-//! assigned record sits), then *filled* with the ranks' write results
-//! (files, offsets, lengths, transforms), which carry no names: a rank
-//! reports its records' storage in assignment order
-//! ([`CompactWrite`]). A planned save builds the skeleton from its global
-//! plan; a cached save reuses the last one (`plan_cache.rs`); both fill it
-//! the same way.
+//! The coordinator's metadata of a planned save, from the assignments
+//! (every item, dtype, shape and chunk box) and the ranks' write results,
+//! which carry no names: a rank reports its records' storage in assignment
+//! order ([`CompactWrite`]). It also notes where each assigned record sits
+//! ([`Slots`]), so a later save of the same layout fills this metadata in
+//! place (`plan_cache.rs`).
 //!
-//! The skeleton consumes the plans one rank at a time, so the coordinator
-//! never holds the decoded plans and the whole metadata at once beyond one
-//! rank's plan, and it sizes every tensor's chunk list up front (no vector
-//! doubling over 16,384 ranks).
+//! The plans are consumed one rank at a time (the freed memory returned to
+//! the system every [`TRIM_EVERY`] ranks), so the coordinator does not hold
+//! every decoded plan and the whole metadata at once, and every tensor's
+//! chunk list is sized up front (no vector doubling over 16,384 ranks).
 
-use crate::checkpoint::plan_cache::{CompactWrite, PendingCoord};
+use crate::checkpoint::plan_cache::{place_write, CompactWrite};
 use crate::checkpoint::RankWrite;
 use crate::error::{Error, Result};
 use crate::metadata::{ChunkMeta, FormatKind, ItemMeta, Metadata, StorageInfo};
@@ -30,12 +28,28 @@ pub(crate) struct Slots {
 }
 
 /// The metadata of a save whose ranks were assigned `plans` (`plans[r]`:
-/// the records rank r writes, and the tensors it declared without data),
-/// with empty storage, and where each assigned record sits in it. Items
-/// are sorted by name, each tensor's chunks by offsets; `world_size` is
-/// `plans.len()`. Refuses more than `u32::MAX` items or chunks of one item.
-pub(crate) fn skeleton(plans: Vec<SavePlan>) -> Result<(Metadata, Slots)> {
+/// the records rank r writes, and the tensors it declared without data)
+/// and wrote `writes` (rank r's files and its records' storage in
+/// assignment order, decoded one at a time), and where each assigned
+/// record sits in it. Items are sorted by name, each tensor's chunks by
+/// offsets; `world_size` is `plans.len()`. Refuses another count of write
+/// results or of records in one, a file or transform a result does not
+/// list, and more than `u32::MAX` items or chunks of one item.
+pub(crate) fn build(
+    plans: Vec<SavePlan>,
+    writes: impl ExactSizeIterator<Item = Result<CompactWrite>>,
+    save_id: &str,
+    generation: u64,
+    format: FormatKind,
+    user: &BTreeMap<String, String>,
+) -> Result<(Metadata, Slots)> {
     let world = plans.len();
+    if writes.len() != world {
+        return Err(Error::plan(format!(
+            "{} write results for {world} ranks",
+            writes.len()
+        )));
+    }
     let mut start = Vec::with_capacity(world + 1);
     let mut total = 0usize;
     for p in &plans {
@@ -116,25 +130,37 @@ pub(crate) fn skeleton(plans: Vec<SavePlan>) -> Result<(Metadata, Slots)> {
         .collect();
     drop(counts);
 
-    // Pass 2: the boxes, moved out of each rank's plan, which is then freed.
+    // Pass 2: the boxes, moved out of each rank's plan (which is then
+    // freed), with the storage from its write result.
+    let mut files = Vec::new();
+    let mut transforms = Vec::new();
     let mut declared = Vec::new();
     let mut k = 0usize;
-    for (r, p) in plans.into_iter().enumerate() {
+    for (r, (p, w)) in plans.into_iter().zip(writes).enumerate() {
         // The plans freed so far go back to the system, so the metadata
         // does not add to them (see `heap.rs`).
         if r % TRIM_EVERY == TRIM_EVERY - 1 {
             crate::heap::release_free_memory();
         }
-        for it in p.items {
+        let storage = place_write(&mut files, &mut transforms, r, w?, p.items.len())?;
+        for (it, st) in p.items.into_iter().zip(storage) {
             let (i, _) = slots[k];
             k += 1;
-            if let (WriteIndex::Chunk(region), ItemMeta::Tensor { chunks, .. }) =
-                (it.index, &mut items[i as usize].1)
-            {
-                chunks.push(ChunkMeta {
-                    region,
-                    storage: empty_storage(),
-                });
+            match (it.index, &mut items[i as usize].1) {
+                (WriteIndex::Chunk(region), ItemMeta::Tensor { chunks, .. }) => {
+                    chunks.push(ChunkMeta {
+                        region,
+                        storage: st,
+                    })
+                }
+                (WriteIndex::Bytes, ItemMeta::Bytes { storage, .. }) => *storage = st,
+                _ => {
+                    return Err(Error::plan(format!(
+                        "{}: assigned as a chunk and as a bytes item",
+                        it.name
+                    ))
+                    .with_rank(r))
+                }
             }
         }
         declared.extend(p.declared);
@@ -209,14 +235,14 @@ pub(crate) fn skeleton(plans: Vec<SavePlan>) -> Result<(Metadata, Slots)> {
         })
         .collect();
     let md = Metadata {
-        save_id: String::new(),
+        save_id: save_id.to_string(),
         world_size: world as u32,
-        format: FormatKind::Raw,
-        files: Vec::new(),
-        transforms: Vec::new(),
+        format,
+        files,
+        transforms,
         items,
-        user: BTreeMap::new(),
-        generation: 0,
+        user: user.clone(),
+        generation,
     };
     Ok((md, Slots { start, slots }))
 }
@@ -263,11 +289,8 @@ pub fn assemble_metadata(
         .zip(plans)
         .enumerate()
         .map(|(r, (w, p))| CompactWrite::from_write(w, p).map_err(|e| e.with_rank(r)));
-    let (md, slots) = skeleton(plans.to_vec())?;
-    let mut entry = PendingCoord::unplanned().complete(slots, Arc::new(md));
-    let md = entry.fill(save_id, generation, compact, format, user)?;
-    drop(entry);
-    Ok(Arc::unwrap_or_clone(md))
+    let (md, _) = build(plans.to_vec(), compact, save_id, generation, format, user)?;
+    Ok(md)
 }
 
 #[cfg(test)]

@@ -529,40 +529,10 @@ impl CoordEntry {
         // Each write result decoded (by `writes`) and added in turn: never
         // every decoded result at once.
         for (r, w) in writes.enumerate() {
-            let w = w?;
             let want = self.slot_start[r + 1] - self.slot_start[r];
-            if w.storage.len() != want {
-                return Err(Error::plan(format!(
-                    "rank {r} reported {} records for {want} assigned",
-                    w.storage.len()
-                ))
-                .with_rank(r));
-            }
-            let base = md.files.len() as u32;
-            let remap: Vec<u32> = w
-                .transforms
-                .iter()
-                .map(|t| match md.transforms.iter().position(|x| x == t) {
-                    Some(i) => i as u32,
-                    None => {
-                        md.transforms.push(t.clone());
-                        (md.transforms.len() - 1) as u32
-                    }
-                })
-                .collect();
-            let nfiles = w.files.len() as u32;
-            md.files.extend(w.files);
+            let storage = place_write(&mut md.files, &mut md.transforms, r, w?, want)?;
             let slots = &self.slots[self.slot_start[r]..self.slot_start[r + 1]];
-            for (&(i, j), mut st) in slots.iter().zip(w.storage) {
-                if st.file >= nfiles {
-                    return Err(Error::corrupt("write result names an unknown file").with_rank(r));
-                }
-                st.file += base;
-                for t in &mut st.transforms {
-                    t.descriptor = *remap.get(t.descriptor as usize).ok_or_else(|| {
-                        Error::corrupt("write result names an unknown transform").with_rank(r)
-                    })?;
-                }
+            for (&(i, j), st) in slots.iter().zip(storage) {
                 let place = match md.items.get_mut(i as usize).map(|x| &mut x.1) {
                     Some(ItemMeta::Tensor { chunks, .. }) => {
                         chunks.get_mut(j as usize).map(|c| &mut c.storage)
@@ -583,6 +553,54 @@ impl CoordEntry {
         self.skeleton = md.clone();
         Ok(md)
     }
+}
+
+/// Rank `r`'s write result `w` (of `want` assigned records) added to a
+/// checkpoint's `files` and `transforms`: its records' storage, in
+/// assignment order, with file and transform numbers of the whole
+/// checkpoint. Refuses another count of records, and a file or transform
+/// the result does not list.
+pub(crate) fn place_write(
+    files: &mut Vec<DataFile>,
+    transforms: &mut Vec<String>,
+    r: usize,
+    w: CompactWrite,
+    want: usize,
+) -> Result<Vec<StorageInfo>> {
+    if w.storage.len() != want {
+        return Err(Error::plan(format!(
+            "rank {r} reported {} records for {want} assigned",
+            w.storage.len()
+        ))
+        .with_rank(r));
+    }
+    let base = files.len() as u32;
+    let remap: Vec<u32> = w
+        .transforms
+        .iter()
+        .map(|t| match transforms.iter().position(|x| x == t) {
+            Some(i) => i as u32,
+            None => {
+                transforms.push(t.clone());
+                (transforms.len() - 1) as u32
+            }
+        })
+        .collect();
+    let nfiles = w.files.len() as u32;
+    files.extend(w.files);
+    let mut storage = w.storage;
+    for st in &mut storage {
+        if st.file >= nfiles {
+            return Err(Error::corrupt("write result names an unknown file").with_rank(r));
+        }
+        st.file += base;
+        for t in &mut st.transforms {
+            t.descriptor = *remap.get(t.descriptor as usize).ok_or_else(|| {
+                Error::corrupt("write result names an unknown transform").with_rank(r)
+            })?;
+        }
+    }
+    Ok(storage)
 }
 
 fn empty_metadata() -> Metadata {

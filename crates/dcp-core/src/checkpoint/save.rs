@@ -1,6 +1,6 @@
 //! The save protocol: plan, write, commit, agree on the outcome.
 
-use crate::checkpoint::assemble::skeleton;
+use crate::checkpoint::assemble::build;
 use crate::checkpoint::plan_cache::{
     coordinate, decode_offers, layout_digest, replica_digests, Assign, CompactWrite, CoordEntry,
     Decision, Offer, PendingCoord, RankEntry,
@@ -265,34 +265,46 @@ async fn save_phases(
         let result: std::result::Result<Vec<u8>, WireError> = async {
             // Each rank's report decoded (and, for a planned save, added to
             // the metadata) in turn: never every decoded report at once.
-            // A planned save's metadata skeleton, from the assignments
-            // (freed rank by rank as it is built); a cached save's is the
-            // cache's.
-            let mut entry = match cached_entry.take() {
-                Some(entry) => entry,
-                None => {
-                    let (md, s) = wire(skeleton(std::mem::take(&mut global_plans)), ROOT)?;
-                    let p = pending.take().unwrap_or_else(PendingCoord::unplanned);
-                    planned = true;
-                    p.complete(s, Arc::new(md))
-                }
-            };
             // Each report decoded as it is added, and freed.
             let writes = gathered.into_iter().enumerate().map(|(r, b)| {
                 decode::<std::result::Result<CompactWrite, WireError>>(&b)
                     .map_err(|e| e.with_rank(r))
                     .and_then(|x| x.map_err(Error::from_wire))
             });
-            let md = wire(
-                entry.fill(
-                    &save_id,
-                    generation,
-                    writes,
-                    writer.format(),
-                    &options.user_metadata,
-                ),
-                ROOT,
-            )?;
+            // A planned save's metadata from the assignments (freed rank by
+            // rank) and the reports; a cached save fills the cache's.
+            let (entry, md) = match cached_entry.take() {
+                Some(mut entry) => {
+                    let md = wire(
+                        entry.fill(
+                            &save_id,
+                            generation,
+                            writes,
+                            writer.format(),
+                            &options.user_metadata,
+                        ),
+                        ROOT,
+                    )?;
+                    (entry, md)
+                }
+                None => {
+                    let (md, s) = wire(
+                        build(
+                            std::mem::take(&mut global_plans),
+                            writes,
+                            &save_id,
+                            generation,
+                            writer.format(),
+                            &options.user_metadata,
+                        ),
+                        ROOT,
+                    )?;
+                    let p = pending.take().unwrap_or_else(PendingCoord::unplanned);
+                    planned = true;
+                    let md = Arc::new(md);
+                    (p.complete(s, md.clone()), md)
+                }
+            };
             let encoded = wire(md.encode(), ROOT)?;
             wire(
                 writer

@@ -4,7 +4,7 @@
 //! encode the assignments, decode every write result, build and encode the
 //! metadata), timing each phase. `dcp bench --workload scale` reports it.
 
-use crate::checkpoint::assemble::skeleton;
+use crate::checkpoint::assemble::build;
 use crate::checkpoint::plan_cache::{
     coordinate, decode_offers, layout_digest, replica_digests, Assign, CompactWrite, Decision,
     Digest, Offer, SavePlanCache,
@@ -196,17 +196,19 @@ pub fn simulate_protocol_with(
 
     // 4. The coordinator builds and encodes the metadata.
     let t = Instant::now();
-    // The skeleton from the assignments (freed rank by rank), filled with
-    // the decoded write results, as the coordinator of a save does.
-    let (skel, slots) = skeleton(global)?;
-    let mut entry = pending.complete(slots, Arc::new(skel));
-    let md = entry.fill(
+    // The metadata from the assignments (freed rank by rank) and the
+    // write results, each decoded as it is added, as the coordinator of a
+    // save does.
+    let (md, slots) = build(
+        global,
+        results.into_iter().map(|b| decode_write(&b)),
         SAVE_ID,
         1,
-        results.into_iter().map(|b| decode_write(&b)),
         FormatKind::Raw,
         &BTreeMap::new(),
     )?;
+    let md = Arc::new(md);
+    let entry = pending.complete(slots, md.clone());
     let encoded = md.encode()?;
     cost.coordinator_metadata = t.elapsed();
     cache.set_coord(entry, false);

@@ -162,6 +162,28 @@ pub(super) fn encode_sectioned(md: &Metadata, per_section: Option<usize>) -> Res
 /// Each item's sections (in chunk order) and the bytes of all sections,
 /// part-major.
 fn layout(md: &Metadata, per_section: Option<usize>) -> Result<(Vec<Vec<Section>>, Vec<u8>)> {
+    let records: usize = md
+        .items
+        .iter()
+        .map(|(_, i)| match i {
+            ItemMeta::Tensor { chunks, .. } => chunks.len(),
+            ItemMeta::Bytes { .. } => 0,
+        })
+        .sum();
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |t| t.get())
+        .min(8)
+        .min(records / PARALLEL_RECORDS)
+        .max(1);
+    layout_on(md, per_section, threads)
+}
+
+/// [`layout`] on `threads` threads (at most one per part index).
+fn layout_on(
+    md: &Metadata,
+    per_section: Option<usize>,
+    threads: usize,
+) -> Result<(Vec<Vec<Section>>, Vec<u8>)> {
     let enc = |e: postcard::Error| Error::invalid(format!("encode metadata: {e}"));
     // Per item: chunks per section, and sections (0 for an inline tensor).
     let shape: Vec<(usize, usize)> = md
@@ -178,34 +200,82 @@ fn layout(md: &Metadata, per_section: Option<usize>) -> Result<(Vec<Vec<Section>
         })
         .collect();
     let most = shape.iter().map(|s| s.1).max().unwrap_or(0);
+    // Part-major: the j-th section of every item, then the next j. Ranges
+    // of j are encoded on separate threads (each into its own bytes, its
+    // sections' offsets relative to them), then joined in order.
+    let encode_parts = |js: std::ops::Range<usize>| -> Result<(Vec<Vec<Section>>, Vec<u8>)> {
+        let mut sections: Vec<Vec<Section>> = shape.iter().map(|_| Vec::new()).collect();
+        let mut area: Vec<u8> = Vec::new();
+        for j in js {
+            for (i, (_, item)) in md.items.iter().enumerate() {
+                let ItemMeta::Tensor { chunks, .. } = item else {
+                    continue;
+                };
+                let (k, n) = shape[i];
+                if j >= n {
+                    continue;
+                }
+                let part = &chunks[j * k..((j + 1) * k).min(chunks.len())];
+                let start = area.len();
+                for c in part {
+                    area = postcard::to_extend(c, area).map_err(enc)?;
+                }
+                sections[i].push(Section {
+                    region: bounding_box(part.iter().map(|c| &c.region)),
+                    count: part.len() as u32,
+                    offset: start as u64,
+                    length: (area.len() - start) as u64,
+                    crc: crc32c::crc32c(&area[start..]),
+                });
+            }
+        }
+        Ok((sections, area))
+    };
+    let threads = threads.clamp(1, most.max(1));
+    let per = most.div_ceil(threads).max(1);
+    let pieces: Vec<Result<(Vec<Vec<Section>>, Vec<u8>)>> = if threads == 1 {
+        vec![encode_parts(0..most)]
+    } else {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads)
+                .map(|t| {
+                    let js = (t * per).min(most)..((t + 1) * per).min(most);
+                    s.spawn(move || encode_parts(js))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(Error::invalid("encoding metadata sections panicked"))
+                    })
+                })
+                .collect()
+        })
+    };
     let mut sections: Vec<Vec<Section>> = shape.iter().map(|s| Vec::with_capacity(s.1)).collect();
     let mut area: Vec<u8> = Vec::new();
-    // Part-major: the j-th section of every item, then the next j.
-    for j in 0..most {
-        for (i, (_, item)) in md.items.iter().enumerate() {
-            let ItemMeta::Tensor { chunks, .. } = item else {
-                continue;
-            };
-            let (k, n) = shape[i];
-            if j >= n {
-                continue;
-            }
-            let part = &chunks[j * k..((j + 1) * k).min(chunks.len())];
-            let start = area.len();
-            for c in part {
-                area = postcard::to_extend(c, area).map_err(enc)?;
-            }
-            sections[i].push(Section {
-                region: bounding_box(part.iter().map(|c| &c.region)),
-                count: part.len() as u32,
-                offset: start as u64,
-                length: (area.len() - start) as u64,
-                crc: crc32c::crc32c(&area[start..]),
-            });
+    for piece in pieces {
+        let (secs, bytes) = piece?;
+        let base = area.len() as u64;
+        if area.is_empty() {
+            area = bytes;
+        } else {
+            area.extend_from_slice(&bytes);
+        }
+        for (all, mine) in sections.iter_mut().zip(secs) {
+            all.extend(mine.into_iter().map(|mut x| {
+                x.offset += base;
+                x
+            }));
         }
     }
     Ok((sections, area))
 }
+
+/// Chunk records above which sections are encoded on more than one thread
+/// (one more thread per this many).
+const PARALLEL_RECORDS: usize = 1 << 20;
 
 /// The file of `md` whose tensors' sections are `sections` (per item, in
 /// chunk order; none for a tensor kept in the index) over `area`.
@@ -873,6 +943,24 @@ mod tests {
             panic!()
         };
         assert_eq!(chunks.len(), section_chunks(rows as usize));
+    }
+
+    /// Sections encoded on several threads are the bytes and offsets one
+    /// thread writes, for tensors of different section counts.
+    #[test]
+    fn sections_encoded_on_several_threads_are_those_of_one() {
+        let mut md = md_of(&["w", "x", "y"], 300);
+        // One tensor with fewer parts than the others.
+        if let ItemMeta::Tensor { chunks, .. } = &mut md.items[3].1 {
+            chunks.truncate(40);
+        }
+        let one = layout_on(&md, Some(7), 1).unwrap();
+        for threads in [2, 3, 8, 100] {
+            let many = layout_on(&md, Some(7), threads).unwrap();
+            assert_eq!(one.1, many.1, "{threads} threads");
+            assert_eq!(one.0, many.0, "{threads} threads");
+        }
+        assert_eq!(one.0.iter().map(Vec::len).sum::<usize>(), 43 * 2 + 6);
     }
 
     /// Plans against the selected sections read the same saved chunks
