@@ -52,7 +52,7 @@ pub(super) fn execute(
     fs: &dyn FileSystem,
     md: &Metadata,
     sched: &Schedule<'_>,
-    slots: &[&Slot],
+    slots: &[Slot<'_>],
     resolved: &[Option<Arc<dyn StreamTransformExtension>>],
     cfg: &ReadConfig,
 ) -> Result<ReadStats> {
@@ -148,7 +148,7 @@ struct Ctx<'a> {
     fs: &'a dyn FileSystem,
     md: &'a Metadata,
     records: &'a [Record<'a>],
-    slots: &'a [&'a Slot],
+    slots: &'a [Slot<'a>],
     resolved: &'a [Option<Arc<dyn StreamTransformExtension>>],
     bytes: &'a AtomicU64,
     requests: &'a AtomicU64,
