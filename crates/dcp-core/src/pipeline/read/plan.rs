@@ -74,7 +74,9 @@ pub(super) enum Task {
     /// Only on a file system with a request size of its own
     /// ([`ReadConfig::request_size`]), where a request costs a round trip.
     Group { file: u32, members: Vec<Member> },
-    /// Read `[start, start+len)` of a file once and serve several pieces.
+    /// Read `[start, start+len)` of a file once and serve several pieces
+    /// (from memory or a device, in groups of whole pieces into the
+    /// worker's reused buffer; from an object store, with one request).
     Span {
         file: u32,
         start: u64,
