@@ -16,7 +16,7 @@ pub type Dims = smallvec::SmallVec<[u64; 4]>;
 
 /// An axis-aligned box of a tensor in global coordinates: `offsets[d]` is
 /// where the box starts on dimension `d`, `sizes[d]` how far it extends.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ChunkBox {
     /// Start of the box on each dimension.
     #[serde(with = "dims_serde")]
@@ -55,6 +55,18 @@ mod dims_serde {
             }
         }
         d.deserialize_seq(V)
+    }
+}
+
+/// Copies the dimensions as slices (a `SmallVec`'s own `clone` goes
+/// element by element through an iterator; boxes are cloned once or more
+/// per planned read).
+impl Clone for ChunkBox {
+    fn clone(&self) -> ChunkBox {
+        ChunkBox {
+            offsets: Dims::from_slice(&self.offsets),
+            sizes: Dims::from_slice(&self.sizes),
+        }
     }
 }
 
@@ -675,6 +687,12 @@ impl DestStateDict {
 
     pub(crate) fn from_items(items: BTreeMap<String, DestItem>) -> Self {
         DestStateDict { items }
+    }
+
+    /// Every item, mutably, in name order (buffers moved out and back in
+    /// place while a load fills them, without rebuilding the map).
+    pub(crate) fn items_mut(&mut self) -> impl Iterator<Item = &mut DestItem> {
+        self.items.values_mut()
     }
 }
 

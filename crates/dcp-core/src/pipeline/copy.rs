@@ -3,9 +3,9 @@
 use crate::model::ChunkBox;
 
 /// Row-major element strides of a box.
-fn strides(b: &ChunkBox) -> Vec<u64> {
+fn strides(b: &ChunkBox) -> crate::model::Dims {
     let n = b.ndim();
-    let mut s = vec![1u64; n];
+    let mut s: crate::model::Dims = smallvec::smallvec![1u64; n];
     for d in (0..n.saturating_sub(1)).rev() {
         s[d] = s[d + 1] * b.sizes[d + 1];
     }
@@ -98,7 +98,7 @@ pub fn for_each_run(
 /// (once, with an empty index, when `sizes` is empty).
 fn odometer(sizes: &[u64], mut f: impl FnMut(&[u64])) {
     let k = sizes.len();
-    let mut idx = vec![0u64; k];
+    let mut idx: crate::model::Dims = smallvec::smallvec![0u64; k];
     loop {
         f(&idx);
         let mut d = k;
@@ -189,6 +189,18 @@ pub fn for_each_common_run(
     let run_bytes = run as usize * elem;
     let src_base = first_offset(src_box, region, &ss) as usize * elem;
     let dst_base = first_offset(dst_box, region, &ds) as usize * elem;
+    // One run, or one dimension of runs (rows of a matrix): no odometer.
+    if k == 0 {
+        f(src_base, dst_base, run_bytes);
+        return;
+    }
+    if k == 1 {
+        let (s_step, d_step) = (ss[0] as usize * elem, ds[0] as usize * elem);
+        for i in 0..region.sizes[0] as usize {
+            f(src_base + i * s_step, dst_base + i * d_step, run_bytes);
+        }
+        return;
+    }
     odometer(&region.sizes[..k], |idx| {
         let so = src_base + idx.iter().zip(&ss).map(|(i, s)| i * s).sum::<u64>() as usize * elem;
         let doff = dst_base + idx.iter().zip(&ds).map(|(i, s)| i * s).sum::<u64>() as usize * elem;

@@ -172,6 +172,10 @@ fn find_from<T>(
     name: &str,
 ) -> std::result::Result<usize, usize> {
     let from = from.min(items.len());
+    // The usual case: the next name is the next item (one comparison).
+    if items.get(from).is_some_and(|(n, _)| n == name) {
+        return Ok(from);
+    }
     if from > 0 && items[from - 1].0.as_str() >= name {
         return items.binary_search_by(|(n, _)| n.as_str().cmp(name));
     }

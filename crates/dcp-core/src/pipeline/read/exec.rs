@@ -52,7 +52,7 @@ pub(super) fn execute(
     fs: &dyn FileSystem,
     md: &Metadata,
     sched: &Schedule<'_>,
-    slots: &[&Slot],
+    slots: &[Slot<'_>],
     resolved: &[Option<Arc<dyn StreamTransformExtension>>],
     cfg: &ReadConfig,
 ) -> Result<ReadStats> {
@@ -148,7 +148,7 @@ struct Ctx<'a> {
     fs: &'a dyn FileSystem,
     md: &'a Metadata,
     records: &'a [Record<'a>],
-    slots: &'a [&'a Slot],
+    slots: &'a [Slot<'a>],
     resolved: &'a [Option<Arc<dyn StreamTransformExtension>>],
     bytes: &'a AtomicU64,
     requests: &'a AtomicU64,
@@ -227,7 +227,7 @@ impl<'a> Ctx<'a> {
                 // in and zero, and the copies out come from cache); from a
                 // device or an object store, read it with one request.
                 if n > SCATTER_BLOCK {
-                    let groups = self.piece_groups(pieces);
+                    let groups = self.piece_groups(pieces, SCATTER_BLOCK);
                     let (g_start, g_len, g_end) = groups[0];
                     if scratch.len() < g_len {
                         scratch.resize(g_len.max(SCATTER_BLOCK), 0);
@@ -263,6 +263,31 @@ impl<'a> Ctx<'a> {
                         .map_err(context)?;
                     return self.serve_pieces(*start, &scratch[..n], pieces);
                 }
+                // A larger span from a device where requests are cheap: read
+                // in groups of whole pieces of up to `SPAN_REUSE` bytes into
+                // the reused buffer, for the same reason (a group of one
+                // larger piece gets a buffer of its own). Where a request
+                // costs a round trip (an object store), one request.
+                if self.fs.read_request_size().is_none() {
+                    let mut from = 0;
+                    for (g_start, g_len, g_end) in self.piece_groups(pieces, SPAN_REUSE) {
+                        let group = &pieces[from..g_end];
+                        from = g_end;
+                        if g_len > SPAN_REUSE {
+                            let mut buf = vec![0u8; g_len];
+                            self.read(*file, g_start, &mut buf).map_err(context)?;
+                            self.serve_pieces(g_start, &buf, group)?;
+                            continue;
+                        }
+                        if scratch.len() < g_len {
+                            scratch.resize(g_len, 0);
+                        }
+                        self.read(*file, g_start, &mut scratch[..g_len])
+                            .map_err(context)?;
+                        self.serve_pieces(g_start, &scratch[..g_len], group)?;
+                    }
+                    return Ok(());
+                }
                 let mut buf = vec![0u8; n];
                 self.read(*file, *start, &mut buf).map_err(context)?;
                 self.serve_pieces(*start, &buf, pieces)
@@ -271,9 +296,9 @@ impl<'a> Ctx<'a> {
     }
 
     /// Cut a span's pieces (in offset order) into consecutive groups whose
-    /// extent is at most [`SCATTER_BLOCK`] bytes (or one piece, if larger):
+    /// extent is at most `limit` bytes (or one piece, if larger):
     /// `(file offset, length, end index into pieces)` each.
-    fn piece_groups(&self, pieces: &[Piece]) -> Vec<(u64, usize, usize)> {
+    fn piece_groups(&self, pieces: &[Piece], limit: usize) -> Vec<(u64, usize, usize)> {
         let extent = |p: &Piece| {
             let s = self.records[p.record].offset + p.rel_start;
             (s, s + p.len)
@@ -283,7 +308,7 @@ impl<'a> Ctx<'a> {
         for (i, p) in pieces.iter().enumerate() {
             let (s, e) = extent(p);
             cur = match cur {
-                Some((gs, ge)) if e.max(ge) - gs <= SCATTER_BLOCK as u64 => Some((gs, e.max(ge))),
+                Some((gs, ge)) if e.max(ge) - gs <= limit as u64 => Some((gs, e.max(ge))),
                 Some((gs, ge)) => {
                     out.push((gs, (ge - gs) as usize, i));
                     Some((s, e))

@@ -24,7 +24,6 @@ use crate::model::{ChunkBox, DestData, DestItem, DestStateDict};
 use crate::plan::LoadPlan;
 use crate::storage::FileSystem;
 use crate::transform::StreamTransformExtension;
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 pub(crate) use exec::decode_record;
@@ -59,85 +58,109 @@ pub(crate) struct ReadConfig {
     pub small_record: u64,
 }
 
-/// One destination item while reads fill it: each chunk's buffer behind its
-/// own lock, so workers (and, in one process, other ranks) write disjoint
-/// parts of it.
-pub(crate) enum Slot {
-    Tensor(Vec<(ChunkBox, Mutex<DestData>)>),
-    Bytes(Mutex<Option<Vec<u8>>>),
+/// A destination chunk while reads fill it: its box, and its buffer behind
+/// its own lock, so workers (and, in one process, other ranks) write
+/// disjoint parts of it.
+pub(crate) type SlotChunk = (ChunkBox, Mutex<DestData>);
+
+/// One destination item while reads fill it: a view of its chunks (in a
+/// [`DestSlots`]' flat column, or a lone chunk) or of its bytes.
+#[derive(Clone, Copy)]
+pub(crate) enum Slot<'a> {
+    Tensor(&'a [SlotChunk]),
+    Bytes(&'a Mutex<Option<Vec<u8>>>),
 }
 
-/// A destination item's dtype and shape (`None` for a bytes item).
-type ItemShape = Option<(crate::DType, Vec<u64>)>;
+/// Where one destination item's slot lies in a [`DestSlots`]' columns.
+#[derive(Clone, Copy)]
+enum SlotAt {
+    /// `chunks[start..end]`.
+    Tensor(usize, usize),
+    /// `bytes[i]`.
+    Bytes(usize),
+}
 
-/// A rank's destination state dict as [`Slot`]s, by destination item index
-/// (name order, as plans address it).
+/// A rank's destination state dict while reads fill it: every chunk's
+/// buffer moved out into one flat column (one allocation per rank, not one
+/// per item), the state dict itself kept as it is, without its buffers, to
+/// put them back into ([`DestSlots::take`]). Items are addressed by index
+/// (name order, as plans address them) through [`DestSlots::slots`].
 pub(crate) struct DestSlots {
-    /// Each item's name, and a tensor's dtype and shape; moved out by
-    /// [`DestSlots::take`] (behind a lock, as `take` works on a shared
-    /// `DestSlots`).
-    names: Mutex<Vec<(String, ItemShape)>>,
-    pub(crate) slots: Vec<Slot>,
+    /// The destination, its buffers moved out (behind a lock, as `take`
+    /// works on a shared `DestSlots`).
+    dest: Mutex<DestStateDict>,
+    chunks: Vec<SlotChunk>,
+    bytes: Vec<Mutex<Option<Vec<u8>>>>,
+    at: Vec<SlotAt>,
 }
 
 impl DestSlots {
-    pub(crate) fn new(dest: DestStateDict) -> DestSlots {
-        let items = dest.into_items();
-        let mut names = Vec::with_capacity(items.len());
-        let slots: Vec<Slot> = items
-            .into_iter()
-            .map(|(name, item)| match item {
+    pub(crate) fn new(mut dest: DestStateDict) -> DestSlots {
+        let (mut n_chunks, mut n_bytes) = (0usize, 0usize);
+        for (_, item) in dest.iter() {
+            match item {
+                DestItem::Tensor(t) => n_chunks += t.chunks.len(),
+                DestItem::Bytes(_) => n_bytes += 1,
+            }
+        }
+        let mut chunks = Vec::with_capacity(n_chunks);
+        let mut bytes = Vec::with_capacity(n_bytes);
+        let mut at = Vec::with_capacity(dest.len());
+        for item in dest.items_mut() {
+            match item {
                 DestItem::Tensor(t) => {
-                    names.push((name, Some((t.dtype, t.shape))));
-                    Slot::Tensor(
+                    let start = chunks.len();
+                    chunks.extend(
                         t.chunks
-                            .into_iter()
-                            .map(|c| (c.region, Mutex::new(c.data)))
-                            .collect(),
-                    )
+                            .iter_mut()
+                            .map(|c| (c.region.clone(), Mutex::new(std::mem::take(&mut c.data)))),
+                    );
+                    at.push(SlotAt::Tensor(start, chunks.len()));
                 }
                 DestItem::Bytes(b) => {
-                    names.push((name, None));
-                    Slot::Bytes(Mutex::new(b))
+                    at.push(SlotAt::Bytes(bytes.len()));
+                    bytes.push(Mutex::new(b.take()));
                 }
-            })
-            .collect();
+            }
+        }
         DestSlots {
-            names: Mutex::new(names),
-            slots,
+            dest: Mutex::new(dest),
+            chunks,
+            bytes,
+            at,
         }
     }
 
-    /// Move the buffers back out into a state dict (through the locks, so it
-    /// works on a shared `DestSlots`; what is left behind is empty).
+    /// Number of destination items.
+    pub(crate) fn len(&self) -> usize {
+        self.at.len()
+    }
+
+    /// Every item's slot, by destination item index.
+    pub(crate) fn slots(&self) -> impl Iterator<Item = Slot<'_>> + '_ {
+        self.at.iter().map(|a| match *a {
+            SlotAt::Tensor(s, e) => Slot::Tensor(&self.chunks[s..e]),
+            SlotAt::Bytes(i) => Slot::Bytes(&self.bytes[i]),
+        })
+    }
+
+    /// Move the buffers back into the state dict and return it (through
+    /// the locks, so it works on a shared `DestSlots`; what is left behind
+    /// is empty).
     pub(crate) fn take(&self) -> DestStateDict {
-        let names = std::mem::take(&mut *lock(&self.names));
-        // In name order already: collecting builds the map in one pass.
-        let out: BTreeMap<String, DestItem> = names
-            .into_iter()
-            .zip(&self.slots)
-            .map(|((name, m), slot)| {
-                let item = match (slot, m) {
-                    (Slot::Tensor(chunks), Some((dtype, shape))) => {
-                        DestItem::Tensor(crate::model::DestTensor {
-                            dtype,
-                            shape,
-                            chunks: chunks
-                                .iter()
-                                .map(|(region, data)| crate::model::DestChunk {
-                                    region: region.clone(),
-                                    data: std::mem::take(&mut *lock(data)),
-                                })
-                                .collect(),
-                        })
+        let mut dest = std::mem::take(&mut *lock(&self.dest));
+        for (item, a) in dest.items_mut().zip(&self.at) {
+            match (item, *a) {
+                (DestItem::Tensor(t), SlotAt::Tensor(s, e)) => {
+                    for (c, (_, m)) in t.chunks.iter_mut().zip(&self.chunks[s..e]) {
+                        c.data = std::mem::take(&mut *lock(m));
                     }
-                    (Slot::Bytes(b), _) => DestItem::Bytes(lock(b).take()),
-                    (Slot::Tensor(_), None) => unreachable!("tensor slots carry their meta"),
-                };
-                (name, item)
-            })
-            .collect();
-        DestStateDict::from_items(out)
+                }
+                (DestItem::Bytes(b), SlotAt::Bytes(i)) => *b = lock(&self.bytes[i]).take(),
+                _ => unreachable!("slots follow the state dict they were made of"),
+            }
+        }
+        dest
     }
 }
 
@@ -152,7 +175,7 @@ pub(crate) fn read_plan(
     cfg: &ReadConfig,
 ) -> Result<(DestStateDict, ReadStats)> {
     let dest = DestSlots::new(dest);
-    let slots: Vec<&Slot> = dest.slots.iter().collect();
+    let slots: Vec<Slot<'_>> = dest.slots().collect();
     let stats = read_slots(fs, md, plan, &slots, resolved, cfg)?;
     Ok((dest.take(), stats))
 }
@@ -164,7 +187,7 @@ pub(crate) fn read_slots(
     fs: &dyn FileSystem,
     md: &Metadata,
     plan: &LoadPlan,
-    slots: &[&Slot],
+    slots: &[Slot<'_>],
     resolved: &[Option<Arc<dyn StreamTransformExtension>>],
     cfg: &ReadConfig,
 ) -> Result<ReadStats> {

@@ -74,7 +74,9 @@ pub(super) enum Task {
     /// Only on a file system with a request size of its own
     /// ([`ReadConfig::request_size`]), where a request costs a round trip.
     Group { file: u32, members: Vec<Member> },
-    /// Read `[start, start+len)` of a file once and serve several pieces.
+    /// Read `[start, start+len)` of a file once and serve several pieces
+    /// (from memory or a device, in groups of whole pieces into the
+    /// worker's reused buffer; from an object store, with one request).
     Span {
         file: u32,
         start: u64,
@@ -147,7 +149,7 @@ impl Task {
 /// `None` when it cannot be: the targets' overlaps must be disjoint and
 /// cover the saved chunk exactly (every stored byte has exactly one
 /// destination), and the record must be stored as it is (no codec).
-fn scatter_runs(rec: &Record<'_>, slots: &[&Slot]) -> Option<Vec<Run>> {
+fn scatter_runs(rec: &Record<'_>, slots: &[Slot<'_>]) -> Option<Vec<Run>> {
     const MAX_TARGETS: usize = 256;
     let saved_box = rec.saved_box?;
     if rec.targets.is_empty() || rec.targets.len() > MAX_TARGETS || rec.length != rec.logical {
@@ -282,7 +284,7 @@ pub(super) struct Schedule<'a> {
 pub(super) fn schedule<'a>(
     md: &'a Metadata,
     plan: &LoadPlan,
-    slots: &[&Slot],
+    slots: &[Slot<'_>],
     kinds: &[Option<TransformKind>],
     cfg: &ReadConfig,
     file_len: impl FnMut(&str) -> Result<Option<u64>>,
@@ -304,7 +306,7 @@ pub(super) fn schedule<'a>(
 }
 
 /// Refuse a plan that names destinations `slots` does not have.
-fn check_destinations(plan: &LoadPlan, slots: &[&Slot]) -> Result<()> {
+fn check_destinations(plan: &LoadPlan, slots: &[Slot<'_>]) -> Result<()> {
     for r in &plan.tensor_reads {
         match slots.get(r.dest_item) {
             Some(Slot::Tensor(chunks)) if r.dest_chunk < chunks.len() => {}
@@ -328,8 +330,14 @@ fn check_destinations(plan: &LoadPlan, slots: &[&Slot]) -> Result<()> {
 /// The records `plan` touches, each with the destinations it feeds.
 fn collect_records<'a>(md: &'a Metadata, plan: &LoadPlan) -> Result<Vec<Record<'a>>> {
     // Records touched by the plan.
-    let mut records: Vec<Record<'_>> = Vec::new();
-    let mut by_key: BTreeMap<(usize, usize), usize> = BTreeMap::new();
+    let mut records: Vec<Record<'_>> =
+        Vec::with_capacity(plan.tensor_reads.len() + plan.bytes_reads.len());
+    // Each record's key, while the plan's keys only grow (plans come saved
+    // chunk by saved chunk, in order): a new key is a new record, with no
+    // map. The first key out of order builds the map from the records so
+    // far and every later key goes through it.
+    let mut keys: Vec<(usize, usize)> = Vec::with_capacity(plan.tensor_reads.len());
+    let mut by_key: Option<BTreeMap<(usize, usize), usize>> = None;
     for r in &plan.tensor_reads {
         let (name, item) = &md.items[r.md_item];
         let ItemMeta::Tensor { dtype, chunks, .. } = item else {
@@ -338,7 +346,23 @@ fn collect_records<'a>(md: &'a Metadata, plan: &LoadPlan) -> Result<Vec<Record<'
             )));
         };
         let c = &chunks[r.saved_chunk];
-        let idx = *by_key.entry((r.md_item, r.saved_chunk)).or_insert_with(|| {
+        let key = (r.md_item, r.saved_chunk);
+        let found = match (&by_key, keys.last()) {
+            (None, Some(&last)) if last == key => Some(keys.len() - 1),
+            (None, Some(&last)) if last > key => {
+                let map: BTreeMap<_, _> = keys.iter().enumerate().map(|(i, &k)| (k, i)).collect();
+                let found = map.get(&key).copied();
+                by_key = Some(map);
+                found
+            }
+            (None, _) => None,
+            (Some(map), _) => map.get(&key).copied(),
+        };
+        let idx = found.unwrap_or_else(|| {
+            if let Some(map) = &mut by_key {
+                map.insert(key, records.len());
+            }
+            keys.push(key);
             records.push(Record {
                 name,
                 file: c.storage.file,
@@ -432,7 +456,7 @@ type SpanPiece = (u32, u64, u64, Piece);
 fn choose_tasks(
     md: &Metadata,
     records: &[Record<'_>],
-    slots: &[&Slot],
+    slots: &[Slot<'_>],
     kinds: &[Option<TransformKind>],
     cfg: &ReadConfig,
 ) -> Result<(Vec<Task>, Vec<SpanPiece>)> {
@@ -732,17 +756,22 @@ fn assign_workers(tasks: &[Task], records: &[Record<'_>], thread_count: usize) -
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::read::SlotChunk;
     use std::sync::Mutex;
 
     fn b(o: [u64; 2], s: [u64; 2]) -> ChunkBox {
         ChunkBox::new(o.to_vec(), s.to_vec()).unwrap()
     }
 
-    fn slot(region: &ChunkBox) -> Slot {
-        Slot::Tensor(vec![(
+    fn chunk(region: &ChunkBox) -> SlotChunk {
+        (
             region.clone(),
             Mutex::new(vec![0u8; region.numel() as usize * 2].into()),
-        )])
+        )
+    }
+
+    fn slot(c: &SlotChunk) -> Slot<'_> {
+        Slot::Tensor(std::slice::from_ref(c))
     }
 
     fn record<'a>(saved: &'a ChunkBox, overlaps: &[ChunkBox]) -> Record<'a> {
@@ -772,8 +801,8 @@ mod tests {
         // Rows 4..8 of a [8, 6] bf16 tensor, loaded as three column shards.
         let saved = b([4, 0], [4, 6]);
         let dests = [b([0, 0], [8, 2]), b([0, 2], [8, 2]), b([0, 4], [8, 2])];
-        let slots: Vec<Slot> = dests.iter().map(slot).collect();
-        let refs: Vec<&Slot> = slots.iter().collect();
+        let chunks: Vec<SlotChunk> = dests.iter().map(chunk).collect();
+        let refs: Vec<Slot<'_>> = chunks.iter().map(slot).collect();
         let overlaps: Vec<ChunkBox> = dests.iter().map(|d| d.intersect(&saved).unwrap()).collect();
         let runs = scatter_runs(&record(&saved, &overlaps), &refs).expect("exact cover");
         assert_eq!(runs.len(), 12, "4 rows x 3 shards");
@@ -792,8 +821,8 @@ mod tests {
         // Row shards: each target's rows are contiguous in file and
         // destination, so runs merge into one per target.
         let rows = [b([4, 0], [1, 6]), b([5, 0], [3, 6])];
-        let slots: Vec<Slot> = rows.iter().map(slot).collect();
-        let refs: Vec<&Slot> = slots.iter().collect();
+        let chunks: Vec<SlotChunk> = rows.iter().map(chunk).collect();
+        let refs: Vec<Slot<'_>> = chunks.iter().map(slot).collect();
         let runs = scatter_runs(&record(&saved, &rows), &refs).expect("exact cover");
         assert_eq!(
             runs,
@@ -813,7 +842,7 @@ mod tests {
             ]
         );
         // A gap (a shard nobody loads) or a byte wanted twice: not scattered.
-        let refs3: Vec<&Slot> = refs.iter().copied().chain([refs[0]]).collect();
+        let refs3: Vec<Slot<'_>> = refs.iter().copied().chain([refs[0]]).collect();
         assert!(scatter_runs(&record(&saved, &rows[..1]), &refs).is_none());
         let twice = [rows[0].clone(), rows[1].clone(), rows[0].clone()];
         assert!(scatter_runs(&record(&saved, &twice), &refs3).is_none());
@@ -939,11 +968,73 @@ mod tests {
         }
     }
 
+    /// Reads of one saved chunk group into one record whatever their order:
+    /// in order without a map, and after the first key out of order
+    /// through one (reads of records seen before it, and after it).
+    #[test]
+    fn records_group_reads_in_and_out_of_order() {
+        let md = row_md(1024, 256); // 4 records of 1 KiB
+        let ItemMeta::Tensor { chunks, .. } = &md.items[0].1 else {
+            unreachable!()
+        };
+        let read = |c: usize, lo: u64, n: u64| crate::plan::ReadItem {
+            dest_item: 0,
+            dest_chunk: 0,
+            md_item: 0,
+            saved_chunk: c,
+            overlap: ChunkBox::new(vec![chunks[c].region.offsets[0] + lo], vec![n]).unwrap(),
+        };
+        let targets = |r: &Record<'_>| -> Vec<u64> {
+            r.targets
+                .iter()
+                .map(|t| match t {
+                    Target::Tensor { overlap, .. } => overlap.offsets[0],
+                    Target::Bytes { .. } => u64::MAX,
+                })
+                .collect()
+        };
+        // In order: 0, 0, 1, 2.
+        let plan = LoadPlan {
+            tensor_reads: vec![read(0, 0, 8), read(0, 8, 8), read(1, 0, 8), read(2, 0, 8)],
+            bytes_reads: Vec::new(),
+        };
+        let recs = collect_records(&md, &plan).unwrap();
+        let got: Vec<(u64, Vec<u64>)> = recs.iter().map(|r| (r.offset, targets(r))).collect();
+        assert_eq!(
+            got,
+            vec![(0, vec![0, 8]), (1024, vec![256]), (2048, vec![512])]
+        );
+        // Out of order: 1, 3, 1, 0, 3, 0, 2.
+        let plan = LoadPlan {
+            tensor_reads: vec![
+                read(1, 0, 4),
+                read(3, 0, 4),
+                read(1, 4, 4),
+                read(0, 0, 4),
+                read(3, 4, 4),
+                read(0, 4, 4),
+                read(2, 0, 4),
+            ],
+            bytes_reads: Vec::new(),
+        };
+        let recs = collect_records(&md, &plan).unwrap();
+        let got: Vec<(u64, Vec<u64>)> = recs.iter().map(|r| (r.offset, targets(r))).collect();
+        assert_eq!(
+            got,
+            vec![
+                (1024, vec![256, 260]),
+                (3072, vec![768, 772]),
+                (0, vec![0, 4]),
+                (2048, vec![512]),
+            ]
+        );
+    }
+
     #[test]
     fn small_records_coalesce_into_one_span() {
         let md = row_md(1024, 64); // 16 records of 256 bytes
-        let dest = slot(&ChunkBox::full(&[1024]));
-        let slots = [&dest];
+        let dest = chunk(&ChunkBox::full(&[1024]));
+        let slots = [slot(&dest)];
         let s = schedule(&md, &whole_plan(&md), &slots, &[], &cfg(4, 1 << 20), |_| {
             Ok(Some(4096))
         })
@@ -963,8 +1054,8 @@ mod tests {
     #[test]
     fn large_contiguous_records_read_directly_and_split_across_workers() {
         let md = row_md(1 << 20, 1 << 18); // 4 records of 1 MiB
-        let dest = slot(&ChunkBox::full(&[1 << 20]));
-        let slots = [&dest];
+        let dest = chunk(&ChunkBox::full(&[1 << 20]));
+        let slots = [slot(&dest)];
         let s = schedule(&md, &whole_plan(&md), &slots, &[], &cfg(2, 4096), |_| {
             Ok(Some(4 << 20))
         })
@@ -983,8 +1074,8 @@ mod tests {
     #[test]
     fn missing_and_short_files_are_refused_before_reading() {
         let md = row_md(1024, 64);
-        let dest = slot(&ChunkBox::full(&[1024]));
-        let slots = [&dest];
+        let dest = chunk(&ChunkBox::full(&[1024]));
+        let slots = [slot(&dest)];
         let plan = whole_plan(&md);
         let e = schedule(&md, &plan, &slots, &[], &cfg(1, 0), |_| Ok(None))
             .err()

@@ -58,7 +58,7 @@ pub(super) async fn read_lent(
         let mut count = 0usize;
         for l in &lent {
             base.push(count);
-            count += l.0.as_ref().map_or(0, |d| d.slots.len());
+            count += l.0.as_ref().map_or(0, DestSlots::len);
         }
         // Sized up front: growing a vector of many reads copies it and
         // makes the allocator consolidate the small blocks freed before.
@@ -94,11 +94,9 @@ pub(super) async fn read_lent(
                     let (fs, md, lent) = (reader.fs().clone(), md.clone(), lent.clone());
                     blocking(move || {
                         let md = located(fs.as_ref(), format.as_ref(), md, &plan)?;
-                        let slots: Vec<&Slot> = lent
+                        let slots: Vec<Slot<'_>> = lent
                             .iter()
-                            .flat_map(|l| {
-                                l.0.as_ref().map(|d| d.slots.iter()).into_iter().flatten()
-                            })
+                            .flat_map(|l| l.0.as_ref().map(|d| d.slots()).into_iter().flatten())
                             .collect();
                         read_slots(fs.as_ref(), &md, &plan, &slots, &resolved, &cfg)
                     })

@@ -70,11 +70,13 @@ pub(crate) async fn read_shared(
     // Each rank's keys are distinct, so a repeated key is a chunk two or
     // more ranks read.
     every.sort_unstable();
-    let shared: std::collections::BTreeSet<(u32, u32)> = every
+    // Sorted, distinct: looked up by binary search.
+    let mut shared: Vec<(u32, u32)> = every
         .windows(2)
         .filter(|w| w[0] == w[1])
         .map(|w| w[0])
         .collect();
+    shared.dedup();
     drop(every);
     if shared.is_empty() {
         return Ok(reader.read(md.clone(), plan, dest).await);
@@ -82,7 +84,7 @@ pub(crate) async fn read_shared(
     // Round 2: what each rank needs of the chunks it shares.
     let mine: Vec<Need> = needs_of(&plan)
         .into_iter()
-        .filter(|n| shared.contains(&(n.item, n.chunk)))
+        .filter(|n| shared.binary_search(&(n.item, n.chunk)).is_ok())
         .collect();
     if lend {
         // Ranks of one process hand each other their lists as they are:
@@ -102,7 +104,25 @@ pub(crate) async fn read_shared(
             })
             .collect::<Result<_>>()?;
         let needs: Vec<&[Need]> = lists.iter().map(|l| l.as_slice()).collect();
-        let sched = schedule(md, &needs, budget, true);
+        // Every rank would compute the same schedule: rank 0 computes it
+        // once for the process and the others take it.
+        let mine: crate::collective::LocalValue = if rank == crate::checkpoint::ROOT {
+            Arc::new(schedule(md, &needs, budget, true))
+        } else {
+            Arc::new(())
+        };
+        let sched = collective
+            .all_gather_local(mine)
+            .await?
+            .into_iter()
+            .nth(crate::checkpoint::ROOT)
+            .and_then(|v| v.downcast::<crate::pipeline::exchange::Schedule>().ok())
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Collective,
+                    "rank 0 shared something other than the shared-read schedule",
+                )
+            })?;
         let local = local_plan(plan, &sched);
         let state = read_local(reader, md, local, dest).await;
         if sched.shared.is_empty() {

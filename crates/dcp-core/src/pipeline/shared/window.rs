@@ -261,10 +261,10 @@ impl ServeJob<'_> {
         own: Vec<crate::plan::ReadItem>,
     ) -> Result<(DestStateDict, ReadStats, Vec<Vec<Bytes>>)> {
         use crate::model::DestData;
-        use crate::pipeline::read::{read_slots, DestSlots, Slot};
+        use crate::pipeline::read::{read_slots, DestSlots, Slot, SlotChunk};
         use std::sync::Mutex;
         let own_slots = DestSlots::new(dest);
-        let base = own_slots.slots.len();
+        let base = own_slots.len();
         let mut plan = LoadPlan {
             tensor_reads: own,
             bytes_reads: Vec::new(),
@@ -287,7 +287,7 @@ impl ServeJob<'_> {
             .map(|(s, o)| o.numel() as usize * self.sched.shared[*s].elem)
             .collect();
         let bufs = self.window.carve(&lens)?;
-        let mut extra: Vec<Slot> = Vec::with_capacity(pieces.len());
+        let mut extra: Vec<SlotChunk> = Vec::with_capacity(pieces.len());
         let read_item = |s: usize, dest_item: usize, overlap: &ChunkBox| {
             let c = &self.sched.shared[s];
             crate::plan::ReadItem {
@@ -300,10 +300,7 @@ impl ServeJob<'_> {
         };
         for ((s, o), buf) in pieces.iter().zip(bufs) {
             plan.tensor_reads.push(read_item(*s, base + extra.len(), o));
-            extra.push(Slot::Tensor(vec![(
-                (*o).clone(),
-                Mutex::new(DestData::Provided(buf)),
-            )]));
+            extra.push(((*o).clone(), Mutex::new(DestData::Provided(buf))));
         }
         let first_remote = extra.len();
         let mut remote_to: Vec<usize> = Vec::new();
@@ -316,10 +313,7 @@ impl ServeJob<'_> {
                 for o in &self.needs[r][i].overlaps {
                     let len = o.numel() as usize * c.elem;
                     plan.tensor_reads.push(read_item(s, base + extra.len(), o));
-                    extra.push(Slot::Tensor(vec![(
-                        o.clone(),
-                        Mutex::new(DestData::Owned(vec![0u8; len])),
-                    )]));
+                    extra.push((o.clone(), Mutex::new(DestData::Owned(vec![0u8; len]))));
                     remote_to.push(r);
                 }
             }
@@ -328,7 +322,10 @@ impl ServeJob<'_> {
         let (fs, md) = (self.reader.fs().clone(), self.md.clone());
         let (own_slots, extra, stats) = blocking(move || {
             let md = located(fs.as_ref(), format.as_ref(), md, &plan)?;
-            let slots: Vec<&Slot> = own_slots.slots.iter().chain(extra.iter()).collect();
+            let slots: Vec<Slot<'_>> = own_slots
+                .slots()
+                .chain(extra.iter().map(|c| Slot::Tensor(std::slice::from_ref(c))))
+                .collect();
             let stats = read_slots(fs.as_ref(), &md, &plan, &slots, &resolved, &cfg)?;
             drop(slots);
             Ok((own_slots, extra, stats))
@@ -336,16 +333,12 @@ impl ServeJob<'_> {
         .await?;
         let mut remote: Vec<Vec<Bytes>> = vec![Vec::new(); self.n];
         // The window's pieces are dropped here: the segment is written.
-        for (k, slot) in extra.into_iter().enumerate() {
+        for (k, (_, m)) in extra.into_iter().enumerate() {
             if k < first_remote {
                 continue;
             }
-            if let Slot::Tensor(mut v) = slot {
-                if let Some((_, m)) = v.pop() {
-                    let data = m.into_inner().unwrap_or_else(|p| p.into_inner());
-                    remote[remote_to[k - first_remote]].push(Bytes::from(data.into_vec()));
-                }
-            }
+            let data = m.into_inner().unwrap_or_else(|p| p.into_inner());
+            remote[remote_to[k - first_remote]].push(Bytes::from(data.into_vec()));
         }
         Ok((own_slots.take(), stats, remote))
     }
