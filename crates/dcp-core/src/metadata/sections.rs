@@ -159,9 +159,13 @@ pub(super) fn encode_sectioned(md: &Metadata, per_section: Option<usize>) -> Res
     assemble(md, sections, &area)
 }
 
-/// Each item's sections (in chunk order) and the bytes of all sections,
-/// part-major.
-fn layout(md: &Metadata, per_section: Option<usize>) -> Result<(Vec<Vec<Section>>, Vec<u8>)> {
+/// Each item's sections (in chunk order) and the bytes of all sections.
+type Layout = (Vec<Vec<Section>>, Vec<u8>);
+
+/// The [`Layout`] of `md`'s sections, part-major, encoded on as many
+/// threads as the machine has cores (at most 8, one per
+/// [`PARALLEL_RECORDS`] chunk records).
+fn layout(md: &Metadata, per_section: Option<usize>) -> Result<Layout> {
     let records: usize = md
         .items
         .iter()
@@ -179,11 +183,7 @@ fn layout(md: &Metadata, per_section: Option<usize>) -> Result<(Vec<Vec<Section>
 }
 
 /// [`layout`] on `threads` threads (at most one per part index).
-fn layout_on(
-    md: &Metadata,
-    per_section: Option<usize>,
-    threads: usize,
-) -> Result<(Vec<Vec<Section>>, Vec<u8>)> {
+fn layout_on(md: &Metadata, per_section: Option<usize>, threads: usize) -> Result<Layout> {
     let enc = |e: postcard::Error| Error::invalid(format!("encode metadata: {e}"));
     // Per item: chunks per section, and sections (0 for an inline tensor).
     let shape: Vec<(usize, usize)> = md
@@ -203,7 +203,7 @@ fn layout_on(
     // Part-major: the j-th section of every item, then the next j. Ranges
     // of j are encoded on separate threads (each into its own bytes, its
     // sections' offsets relative to them), then joined in order.
-    let encode_parts = |js: std::ops::Range<usize>| -> Result<(Vec<Vec<Section>>, Vec<u8>)> {
+    let encode_parts = |js: std::ops::Range<usize>| -> Result<Layout> {
         let mut sections: Vec<Vec<Section>> = shape.iter().map(|_| Vec::new()).collect();
         let mut area: Vec<u8> = Vec::new();
         for j in js {
@@ -233,7 +233,7 @@ fn layout_on(
     };
     let threads = threads.clamp(1, most.max(1));
     let per = most.div_ceil(threads).max(1);
-    let pieces: Vec<Result<(Vec<Vec<Section>>, Vec<u8>)>> = if threads == 1 {
+    let pieces: Vec<Result<Layout>> = if threads == 1 {
         vec![encode_parts(0..most)]
     } else {
         std::thread::scope(|s| {
