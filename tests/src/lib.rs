@@ -29,7 +29,7 @@ use dcp_core::mem::MemoryFs;
 use dcp_core::metadata::Metadata;
 use dcp_core::placement::{DeviceMesh, Placement};
 use dcp_core::{
-    load, save, ChunkBox, DType, DestItem, DestStateDict, DestTensor, Error, ErrorKind, FileSystem,
+    load, ChunkBox, DType, DestItem, DestStateDict, DestTensor, Error, ErrorKind, FileSystem,
     FileSystemReader, FileSystemWriter, LoadResult, ReaderOptions, Result, SaveResult, StateDict,
     TensorChunk, WriterOptions,
 };
@@ -956,6 +956,18 @@ pub async fn save_ranks_timeout(
     sds: Vec<StateDict>,
     timeout: Duration,
 ) -> Vec<Result<SaveResult>> {
+    save_ranks_options(fs, opts, sds, dcp_core::SaveOptions::default(), timeout).await
+}
+
+/// [`save_ranks`] with [`SaveOptions`](dcp_core::SaveOptions) (a planner,
+/// a plan cache) and a collective deadline.
+pub async fn save_ranks_options(
+    fs: Arc<dyn FileSystem>,
+    opts: WriterOptions,
+    sds: Vec<StateDict>,
+    options: dcp_core::SaveOptions,
+    timeout: Duration,
+) -> Vec<Result<SaveResult>> {
     let n = sds.len();
     let sds = Arc::new(sds);
     let writer = match FileSystemWriter::new(fs, opts) {
@@ -963,11 +975,10 @@ pub async fn save_ranks_timeout(
         Err(e) => return vec![Err(e)],
     };
     run_ranks(n, timeout, move |g| {
-        let sds = sds.clone();
-        let writer = writer.clone();
+        let (sds, writer, options) = (sds.clone(), writer.clone(), options.clone());
         async move {
             let rank = dcp_core::Collective::rank(&g);
-            save(&sds[rank], writer.as_ref(), &g).await
+            dcp_core::save_with(&sds[rank], writer.as_ref(), &g, &options).await
         }
     })
     .await

@@ -5,8 +5,8 @@
 //! detected and re-planned; replicated copies are still compared.
 
 use dcp_core::{
-    DType, ErrorKind, FileSystem, FileSystemWriter, Metadata, PlanCacheStats, ReaderOptions,
-    SaveOptions, SavePlanCache, SaveResult, StateDict,
+    DType, ErrorKind, FileSystem, Metadata, PlanCacheStats, ReaderOptions, SaveOptions,
+    SavePlanCache, SaveResult, StateDict,
 };
 use dcp_tests::*;
 use std::sync::Arc;
@@ -32,18 +32,9 @@ async fn save_all(
     sds: Vec<StateDict>,
     cache: Option<SavePlanCache>,
 ) -> Vec<dcp_core::Result<SaveResult>> {
-    let n = sds.len();
-    let sds = Arc::new(sds);
-    let writer = Arc::new(FileSystemWriter::new(fs, fast_writer().thread_count(2)).unwrap());
     let options = SaveOptions::default().plan_cache(cache);
-    dcp_core::local::run_ranks(n, std::time::Duration::from_secs(60), move |g| {
-        let (sds, writer, options) = (sds.clone(), writer.clone(), options.clone());
-        async move {
-            let rank = dcp_core::Collective::rank(&g);
-            dcp_core::save_with(&sds[rank], writer.as_ref(), &g, &options).await
-        }
-    })
-    .await
+    let opts = fast_writer().thread_count(2);
+    save_ranks_options(fs, opts, sds, options, std::time::Duration::from_secs(60)).await
 }
 
 /// The committed metadata, the same on every rank.

@@ -4,10 +4,7 @@
 //! offered" is only taken for assignments that are the whole offer.
 
 use dcp_core::plan::{DefaultSavePlanner, SavePlan, SavePlanner};
-use dcp_core::{
-    DType, FileSystem, FileSystemWriter, Metadata, ReaderOptions, SaveOptions, SaveResult,
-    StateDict,
-};
+use dcp_core::{DType, FileSystem, Metadata, ReaderOptions, SaveOptions, SaveResult, StateDict};
 use dcp_tests::*;
 use std::sync::Arc;
 
@@ -48,18 +45,9 @@ async fn save_all(
     sds: Vec<StateDict>,
     planner: Arc<dyn SavePlanner>,
 ) -> Vec<dcp_core::Result<SaveResult>> {
-    let n = sds.len();
-    let sds = Arc::new(sds);
-    let writer = Arc::new(FileSystemWriter::new(fs, fast_writer().thread_count(1)).unwrap());
     let options = SaveOptions::default().planner(planner);
-    dcp_core::local::run_ranks(n, std::time::Duration::from_secs(60), move |g| {
-        let (sds, writer, options) = (sds.clone(), writer.clone(), options.clone());
-        async move {
-            let rank = dcp_core::Collective::rank(&g);
-            dcp_core::save_with(&sds[rank], writer.as_ref(), &g, &options).await
-        }
-    })
-    .await
+    let opts = fast_writer().thread_count(1);
+    save_ranks_options(fs, opts, sds, options, std::time::Duration::from_secs(60)).await
 }
 
 /// Every record of `md` as (item, chunk offsets, file index, offset).
