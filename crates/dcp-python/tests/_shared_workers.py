@@ -16,6 +16,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
 import dcp.torch
+from _workers import leave
 
 
 def _init(rank: int, world: int, port: int, timeout_s: float = 120) -> None:
@@ -54,6 +55,7 @@ def save_rows(rank: int, world: int, port: int, path: str, names) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    leave()
 
 
 class _FailingPlanner(DefaultLoadPlanner):
@@ -129,3 +131,4 @@ def load(rank: int, world: int, port: int, path: str, out: str, dim: int, names,
         if not fail:
             dist.barrier()
         dist.destroy_process_group()
+    leave()

@@ -2,6 +2,7 @@
 so they live in an importable module)."""
 
 import os
+import sys
 import traceback
 
 import torch
@@ -10,6 +11,19 @@ import torch.distributed.checkpoint as tdcp
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
 
 import dcp.torch
+
+
+def leave() -> None:
+    """End a spawned rank whose work succeeded without the interpreter's
+    finalization. A DeviceMesh keeps torch's gloo group alive past
+    ``destroy_process_group``, and the group's worker threads destroyed
+    while the interpreter is torn down can abort the process ("terminate
+    called without an active exception", pytorch/pytorch#179291) after
+    every check passed; the process exits 0 instead, its output flushed.
+    A failing rank raises as before (spawn reports its traceback)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _init(rank: int, world: int, port: int) -> None:
@@ -89,6 +103,7 @@ def save_worker(rank: int, world: int, port: int, path: str, kwargs: dict) -> No
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    leave()
 
 
 def load_worker(rank: int, world: int, port: int, path: str, kwargs: dict = {}) -> None:
@@ -116,6 +131,7 @@ def load_worker(rank: int, world: int, port: int, path: str, kwargs: dict = {}) 
         raise
     finally:
         dist.destroy_process_group()
+    leave()
 
 
 def _fsdp_model(seed: int):
@@ -160,6 +176,7 @@ def fsdp2_save_worker(rank: int, world: int, port: int, path: str, ref: str) -> 
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    leave()
 
 
 def fsdp2_load_worker(rank: int, world: int, port: int, path: str, ref: str) -> None:
@@ -199,3 +216,4 @@ def fsdp2_load_worker(rank: int, world: int, port: int, path: str, ref: str) -> 
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    leave()
