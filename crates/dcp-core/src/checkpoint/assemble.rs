@@ -6,7 +6,8 @@
 //! place (`plan_cache.rs`).
 //!
 //! The plans are consumed one rank at a time (the freed memory returned to
-//! the system every [`TRIM_EVERY`] ranks), so the coordinator does not hold
+//! the system every [`TRIM_EVERY`] ranks of a save of at least
+//! [`TRIM_MIN_RECORDS`] records), so the coordinator does not hold
 //! every decoded plan and the whole metadata at once, and every tensor's
 //! chunk list is sized up front (no vector doubling over 16,384 ranks).
 
@@ -132,6 +133,7 @@ pub(crate) fn build(
 
     // Pass 2: the boxes, moved out of each rank's plan (which is then
     // freed), with the storage from its write result.
+    let trim = total >= TRIM_MIN_RECORDS;
     let mut files = Vec::new();
     let mut transforms = Vec::new();
     let mut declared = Vec::new();
@@ -139,7 +141,7 @@ pub(crate) fn build(
     for (r, (p, w)) in plans.into_iter().zip(writes).enumerate() {
         // The plans freed so far go back to the system, so the metadata
         // does not add to them (see `heap.rs`).
-        if r % TRIM_EVERY == TRIM_EVERY - 1 {
+        if trim && r % TRIM_EVERY == TRIM_EVERY - 1 {
             crate::heap::release_free_memory();
         }
         let storage = place_write(&mut files, &mut transforms, r, w?, p.items.len())?;
@@ -165,7 +167,9 @@ pub(crate) fn build(
         }
         declared.extend(p.declared);
     }
-    crate::heap::release_free_memory();
+    if trim {
+        crate::heap::release_free_memory();
+    }
     for d in declared {
         if !index.contains_key(d.name.as_str()) {
             let name: Arc<str> = Arc::from(d.name.as_str());
@@ -249,6 +253,11 @@ pub(crate) fn build(
 
 /// Ranks between two returns of freed plans to the system.
 const TRIM_EVERY: usize = 1024;
+
+/// Records below which a save's plans are too small to be worth returning
+/// to the system (the walk of the allocator's free lists would cost more
+/// than it gives back).
+const TRIM_MIN_RECORDS: usize = 1 << 20;
 
 fn empty_storage() -> StorageInfo {
     StorageInfo {
