@@ -503,6 +503,15 @@ impl PendingCoord {
 }
 
 impl CoordEntry {
+    /// The skeleton, taken out of the entry (left empty): moved when
+    /// nothing else holds it, else copied.
+    pub(crate) fn take_skeleton(&mut self) -> Metadata {
+        Arc::unwrap_or_clone(std::mem::replace(
+            &mut self.skeleton,
+            Arc::new(empty_metadata()),
+        ))
+    }
+
     /// The metadata of a cached save: the skeleton (reused in place when
     /// nothing else holds it) with every record's storage from `writes`
     /// (in rank order), files and transforms as
@@ -522,8 +531,7 @@ impl CoordEntry {
                 self.world
             )));
         }
-        let skeleton = std::mem::replace(&mut self.skeleton, Arc::new(empty_metadata()));
-        let mut md = Arc::unwrap_or_clone(skeleton);
+        let mut md = self.take_skeleton();
         md.files.clear();
         md.transforms.clear();
         // Each write result decoded (by `writes`) and added in turn: never

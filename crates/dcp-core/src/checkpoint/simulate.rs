@@ -246,9 +246,7 @@ pub fn simulate_protocol_with(
         )?;
     } else {
         let mut entry = cache.take_coord().expect("cached above");
-        let md = std::mem::replace(&mut entry.skeleton, Arc::new(empty()));
-        drop(entry);
-        cost.metadata = Some(Arc::unwrap_or_clone(md));
+        cost.metadata = Some(entry.take_skeleton());
     }
     Ok(cost)
 }
@@ -355,9 +353,7 @@ fn cached(
     md.encode()?;
     cost.cached_coordinator_metadata = t.elapsed();
     drop(md);
-    let md = std::mem::replace(&mut entry.skeleton, Arc::new(empty()));
-    drop(entry);
-    cost.metadata = Some(Arc::unwrap_or_clone(md));
+    cost.metadata = Some(entry.take_skeleton());
     Ok(())
 }
 
@@ -422,19 +418,6 @@ fn rank_write(rank: usize, plan: &SavePlan) -> RankWrite {
         transforms: Vec::new(),
         records,
         staged_peak_bytes: 0,
-    }
-}
-
-fn empty() -> Metadata {
-    Metadata {
-        save_id: String::new(),
-        world_size: 0,
-        format: FormatKind::Raw,
-        files: Vec::new(),
-        transforms: Vec::new(),
-        items: Vec::new(),
-        user: BTreeMap::new(),
-        generation: 0,
     }
 }
 
