@@ -8,7 +8,7 @@ use super::{lock, ReadConfig, ReadStats, Slot};
 use crate::error::{Error, Result};
 use crate::metadata::{AppliedTransform, Metadata};
 use crate::model::DestData;
-use crate::pipeline::copy::{copy_region_from, LineStreamer};
+use crate::pipeline::copy::{stream_region_from, LineStreamer};
 use crate::storage::FileSystem;
 use crate::transform::{StreamTransformExtension, TransformKind};
 use std::borrow::Cow;
@@ -696,7 +696,10 @@ impl<'a> Ctx<'a> {
                     let (dest_box, m) = &chunks[*dest_chunk];
                     let saved_box = rec.saved_box.expect("tensor record");
                     let mut dst = lock(m);
-                    copy_region_from(
+                    // A load's destinations are larger than the cache and
+                    // read later, if at all: long runs go past the cache
+                    // (measured: the many-small load 4 to 10% faster).
+                    stream_region_from(
                         rec.elem,
                         data,
                         p.rel_start as usize,
