@@ -65,10 +65,18 @@ impl LoadPlanner for DefaultLoadPlanner {
         // Both the destination and the metadata are sorted by name: each
         // name is looked for after the previous one's place.
         let mut from = 0usize;
+        // How far past `from` the previous name was: a destination that
+        // takes every k-th item of the checkpoint (a rank's share of
+        // round-robin items) finds each next name there with one
+        // comparison.
+        let mut stride = 0usize;
         for (di, (name, item)) in dest.iter().enumerate() {
-            let found = find_from(&md.items, from, name);
+            let found = find_from(&md.items, from, stride, name);
             from = match found {
-                Ok(i) => i + 1,
+                Ok(i) => {
+                    stride = i - from.min(i);
+                    i + 1
+                }
                 Err(i) => i,
             };
             let Ok(mi) = found else {
@@ -161,20 +169,29 @@ impl LoadPlanner for DefaultLoadPlanner {
     }
 }
 
-/// Where `name` is in `items` (sorted by name), looked for at or after
-/// `from` by galloping: the place as `binary_search_by` gives it, in
-/// O(log distance) comparisons from `from` (a run of sorted names costs a
-/// few comparisons each, not log of the whole checkpoint). A name before
-/// `from` is searched for in the whole list.
+/// Where `name` is in `items` (sorted by name, names unique), looked for
+/// at or after `from` by galloping: the place as `binary_search_by` gives
+/// it, in O(log distance) comparisons from `from` (a run of sorted names
+/// costs a few comparisons each, not log of the whole checkpoint). The
+/// item `stride` places past `from` is tried first (where the previous
+/// search found its name, relative to its start). A name before `from` is
+/// searched for in the whole list.
 fn find_from<T>(
     items: &[(String, T)],
     from: usize,
+    stride: usize,
     name: &str,
 ) -> std::result::Result<usize, usize> {
     let from = from.min(items.len());
-    // The usual case: the next name is the next item (one comparison).
+    // The usual cases: the next name is the next item, or as far past
+    // `from` as the previous one was (one comparison each; names are
+    // unique, so an equal name is the place).
     if items.get(from).is_some_and(|(n, _)| n == name) {
         return Ok(from);
+    }
+    let guess = from.saturating_add(stride);
+    if stride > 0 && items.get(guess).is_some_and(|(n, _)| n == name) {
+        return Ok(guess);
     }
     if from > 0 && items[from - 1].0.as_str() >= name {
         return items.binary_search_by(|(n, _)| n.as_str().cmp(name));
@@ -395,16 +412,16 @@ mod tests {
         #[test]
         fn find_from_agrees_with_binary_search(
             names in proptest::collection::btree_set(0u32..400, 0..120),
-            probes in proptest::collection::vec((0u32..420, 0usize..130), 1..40),
+            probes in proptest::collection::vec((0u32..420, 0usize..130, 0usize..12), 1..40),
         ) {
             let items: Vec<(String, ())> =
                 names.iter().map(|n| (format!("n.{n:05}"), ())).collect();
-            for (p, from) in probes {
+            for (p, from, stride) in probes {
                 let name = format!("n.{p:05}");
                 prop_assert_eq!(
-                    find_from(&items, from, &name),
+                    find_from(&items, from, stride, &name),
                     items.binary_search_by(|(n, _)| n.as_str().cmp(&name)),
-                    "{} from {}", name, from
+                    "{} from {} stride {}", name, from, stride
                 );
             }
         }
