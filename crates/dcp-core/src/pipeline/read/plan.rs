@@ -472,9 +472,10 @@ fn choose_tasks(
                 ))
             })
     };
-    // Decide how each record is read.
+    // Decide how each record is read. About one task or piece a record:
+    // sized up front rather than grown (a grown vector copies itself).
     let mut tasks: Vec<Task> = Vec::new();
-    let mut spans: Vec<(u32, u64, u64, Piece)> = Vec::new();
+    let mut spans: Vec<(u32, u64, u64, Piece)> = Vec::with_capacity(records.len());
     for (ri, rec) in records.iter().enumerate() {
         let mut has_codec = false;
         let mut has_checksum = false;
@@ -622,11 +623,10 @@ fn choose_tasks(
 
 /// Merge span pieces of one file that lie at most `coalesce_gap` apart into
 /// span tasks of at most `max_request` bytes.
-fn coalesce(mut spans: Vec<SpanPiece>, cfg: &ReadConfig, tasks: &mut Vec<Task>) {
+fn coalesce(spans: Vec<SpanPiece>, cfg: &ReadConfig, tasks: &mut Vec<Task>) {
     // Coalesce spans per file.
-    spans.sort_by_key(|(f, s, _, _)| (*f, *s));
     let mut cur: Option<Task> = None;
-    for (file, start, len, piece) in spans {
+    for (file, start, len, piece) in by_file_and_offset(spans) {
         if let Some(Task::Span {
             file: cf,
             start: cs,
@@ -657,6 +657,31 @@ fn coalesce(mut spans: Vec<SpanPiece>, cfg: &ReadConfig, tasks: &mut Vec<Task>) 
     if let Some(t) = cur.take() {
         tasks.push(t);
     }
+}
+
+/// `spans` ordered by file, then by offset. Pieces come in plan order,
+/// which within one file is usually already offset order (a save writes a
+/// rank's items in name order): they are dealt into one list per file and
+/// only a list out of order is sorted, so the usual case is linear, with
+/// no sort of the whole (large) list.
+fn by_file_and_offset(spans: Vec<SpanPiece>) -> Vec<SpanPiece> {
+    if spans.is_sorted_by_key(|(f, s, _, _)| (*f, *s)) {
+        return spans;
+    }
+    let n = spans.len();
+    let files = spans.iter().map(|(f, ..)| *f as usize + 1).max().unwrap_or(0);
+    let mut per_file: Vec<Vec<SpanPiece>> = (0..files).map(|_| Vec::new()).collect();
+    for sp in spans {
+        per_file[sp.0 as usize].push(sp);
+    }
+    let mut out = Vec::with_capacity(n);
+    for mut list in per_file {
+        if !list.is_sorted_by_key(|(_, s, _, _)| *s) {
+            list.sort_by_key(|(_, s, _, _)| *s);
+        }
+        out.append(&mut list);
+    }
+    out
 }
 
 /// Merge scatter and direct reads of neighbouring parts of records of one
