@@ -57,6 +57,49 @@ pub(crate) fn chunk_keys(plan: &LoadPlan) -> Vec<(u32, u32)> {
     k
 }
 
+/// The keys that two or more of `lists` hold, sorted and distinct; each
+/// list is sorted and distinct (a rank's [`chunk_keys`]). For a few lists
+/// (the ranks of a node, of a small job) a merge: linear, where sorting
+/// every rank's keys together would cost n log n on every rank; for many,
+/// that sort.
+pub(crate) fn repeated_keys(lists: &[Vec<(u32, u32)>]) -> Vec<(u32, u32)> {
+    const MERGE_MAX_LISTS: usize = 16;
+    if lists.len() > MERGE_MAX_LISTS {
+        let mut every: Vec<(u32, u32)> = lists.concat();
+        every.sort_unstable();
+        let mut shared: Vec<(u32, u32)> = every
+            .windows(2)
+            .filter(|w| w[0] == w[1])
+            .map(|w| w[0])
+            .collect();
+        shared.dedup();
+        return shared;
+    }
+    let mut heads = vec![0usize; lists.len()];
+    let mut shared = Vec::new();
+    loop {
+        let Some(min) = lists
+            .iter()
+            .zip(&heads)
+            .filter_map(|(l, &h)| l.get(h))
+            .min()
+            .copied()
+        else {
+            return shared;
+        };
+        let mut holders = 0;
+        for (l, h) in lists.iter().zip(heads.iter_mut()) {
+            if l.get(*h) == Some(&min) {
+                *h += 1;
+                holders += 1;
+            }
+        }
+        if holders > 1 {
+            shared.push(min);
+        }
+    }
+}
+
 /// This rank's needs, grouped by saved chunk in plan order.
 pub(crate) fn needs_of(plan: &LoadPlan) -> Vec<Need> {
     needs_in_item_order(plan).unwrap_or_else(|| needs_by_map(plan))
@@ -477,6 +520,36 @@ pub(crate) fn fill_from_compact(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The merge and the sort find the same repeated keys.
+    #[test]
+    fn repeated_keys_by_merge_and_by_sort_agree() {
+        let mut state = 7u64;
+        let mut next = move || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (state >> 33) as u32
+        };
+        for ranks in [0usize, 1, 2, 3, 4, 16, 17, 40] {
+            let lists: Vec<Vec<(u32, u32)>> = (0..ranks)
+                .map(|_| {
+                    let mut l: Vec<(u32, u32)> =
+                        (0..next() % 300).map(|_| (next() % 200, next() % 3)).collect();
+                    l.sort_unstable();
+                    l.dedup();
+                    l
+                })
+                .collect();
+            let mut every: Vec<(u32, u32)> = lists.concat();
+            every.sort_unstable();
+            let mut expect: Vec<(u32, u32)> = every
+                .windows(2)
+                .filter(|w| w[0] == w[1])
+                .map(|w| w[0])
+                .collect();
+            expect.dedup();
+            assert_eq!(repeated_keys(&lists), expect, "{ranks} ranks");
+        }
+    }
     use crate::metadata::{ChunkMeta, DataFile, FormatKind, StorageInfo};
     use crate::DType;
 

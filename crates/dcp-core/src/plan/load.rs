@@ -183,15 +183,15 @@ fn find_from<T>(
     name: &str,
 ) -> std::result::Result<usize, usize> {
     let from = from.min(items.len());
-    // The usual cases: the next name is the next item, or as far past
-    // `from` as the previous one was (one comparison each; names are
-    // unique, so an equal name is the place).
-    if items.get(from).is_some_and(|(n, _)| n == name) {
-        return Ok(from);
-    }
+    // The usual cases: the name is as far past `from` as the previous one
+    // was, or it is the next item (one comparison each; names are unique,
+    // so an equal name is the place).
     let guess = from.saturating_add(stride);
-    if stride > 0 && items.get(guess).is_some_and(|(n, _)| n == name) {
+    if items.get(guess).is_some_and(|(n, _)| n == name) {
         return Ok(guess);
+    }
+    if stride > 0 && items.get(from).is_some_and(|(n, _)| n == name) {
+        return Ok(from);
     }
     if from > 0 && items[from - 1].0.as_str() >= name {
         return items.binary_search_by(|(n, _)| n.as_str().cmp(name));

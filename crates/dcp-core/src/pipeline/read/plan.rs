@@ -670,7 +670,11 @@ fn by_file_and_offset(spans: Vec<SpanPiece>) -> Vec<SpanPiece> {
     }
     let n = spans.len();
     let files = spans.iter().map(|(f, ..)| *f as usize + 1).max().unwrap_or(0);
-    let mut per_file: Vec<Vec<SpanPiece>> = (0..files).map(|_| Vec::new()).collect();
+    let mut counts = vec![0usize; files];
+    for (f, ..) in &spans {
+        counts[*f as usize] += 1;
+    }
+    let mut per_file: Vec<Vec<SpanPiece>> = counts.into_iter().map(Vec::with_capacity).collect();
     for sp in spans {
         per_file[sp.0 as usize].push(sp);
     }

@@ -31,7 +31,9 @@ pub(crate) async fn read_shared(
     collective: &dyn Collective,
     budget: u64,
 ) -> Result<Result<(DestStateDict, ReadStats)>> {
-    use crate::pipeline::exchange::{chunk_keys, local_plan, needs_of, schedule, split_plan, Need};
+    use crate::pipeline::exchange::{
+        chunk_keys, local_plan, needs_of, repeated_keys, schedule, split_plan, Need,
+    };
     let rank = collective.rank();
     // Ranks of one process whose readers are all file-system readers lend
     // each other their buffers instead of exchanging bytes.
@@ -52,13 +54,13 @@ pub(crate) async fn read_shared(
         rank,
     );
     let all = collective.all_gather(encode(&keys_msg)?).await?;
-    let mut every: Vec<(u32, u32)> = Vec::new();
+    let mut lists: Vec<Vec<(u32, u32)>> = Vec::with_capacity(all.len());
     let mut lend = true;
     let mut window = true;
     for b in &all {
         match decode::<std::result::Result<(Vec<(u32, u32)>, bool, bool), WireError>>(b)? {
             Ok((keys, l, w)) => {
-                every.extend(keys);
+                lists.push(keys);
                 lend &= l;
                 window &= w;
             }
@@ -66,18 +68,12 @@ pub(crate) async fn read_shared(
             Err(w) => return Ok(Err(Error::from_wire(w))),
         }
     }
+    drop(all);
     let plan = planned.expect("errors returned above");
-    // Each rank's keys are distinct, so a repeated key is a chunk two or
-    // more ranks read.
-    every.sort_unstable();
-    // Sorted, distinct: looked up by binary search.
-    let mut shared: Vec<(u32, u32)> = every
-        .windows(2)
-        .filter(|w| w[0] == w[1])
-        .map(|w| w[0])
-        .collect();
-    shared.dedup();
-    drop(every);
+    // A key two or more ranks hold is a chunk they share (sorted, distinct:
+    // looked up by binary search).
+    let shared = repeated_keys(&lists);
+    drop(lists);
     if shared.is_empty() {
         return Ok(reader.read(md.clone(), plan, dest).await);
     }
