@@ -202,12 +202,18 @@ fn spread(md: &Metadata, world: usize, out: &mut Schedule) {
         }
         ItemMeta::Bytes { .. } => (0, 0, 0),
     };
-    let mut order: Vec<usize> = (0..out.shared.len()).collect();
-    order.sort_by_cached_key(|&i| place(&out.shared[i]));
-    let total: u64 = order.iter().map(|&i| place(&out.shared[i]).2).sum();
+    // Each chunk's place, looked up once (each lookup is a cache miss
+    // into the metadata), then ordered.
+    let mut order: Vec<((u32, u64, u64), usize)> = out
+        .shared
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (place(c), i))
+        .collect();
+    order.sort_unstable();
+    let total: u64 = order.iter().map(|&((_, _, len), _)| len).sum();
     let mut before = 0u64;
-    for i in order {
-        let len = place(&out.shared[i]).2;
+    for ((_, _, len), i) in order {
         // The rank whose equal share holds this record's middle byte.
         let mid = before + len / 2;
         let reader = (u128::from(mid) * world as u128 / u128::from(total.max(1))) as usize;
