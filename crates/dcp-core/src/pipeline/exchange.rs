@@ -532,14 +532,17 @@ mod tests {
     fn repeated_keys_by_merge_and_by_sort_agree() {
         let mut state = 7u64;
         let mut next = move || {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (state >> 33) as u32
         };
         for ranks in [0usize, 1, 2, 3, 4, 16, 17, 40] {
             let lists: Vec<Vec<(u32, u32)>> = (0..ranks)
                 .map(|_| {
-                    let mut l: Vec<(u32, u32)> =
-                        (0..next() % 300).map(|_| (next() % 200, next() % 3)).collect();
+                    let mut l: Vec<(u32, u32)> = (0..next() % 300)
+                        .map(|_| (next() % 200, next() % 3))
+                        .collect();
                     l.sort_unstable();
                     l.dedup();
                     l

@@ -669,7 +669,11 @@ fn by_file_and_offset(spans: Vec<SpanPiece>) -> Vec<SpanPiece> {
         return spans;
     }
     let n = spans.len();
-    let files = spans.iter().map(|(f, ..)| *f as usize + 1).max().unwrap_or(0);
+    let files = spans
+        .iter()
+        .map(|(f, ..)| *f as usize + 1)
+        .max()
+        .unwrap_or(0);
     let mut counts = vec![0usize; files];
     for (f, ..) in &spans {
         counts[*f as usize] += 1;
