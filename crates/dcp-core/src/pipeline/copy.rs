@@ -144,11 +144,7 @@ pub fn copy_region_from(
     dst_box: &ChunkBox,
     region: &ChunkBox,
 ) {
-    assert_eq!(dst.len() as u64, dst_box.numel() * elem as u64);
-    for_each_common_run(elem, src_box, dst_box, region, |so, doff, len| {
-        let so = so - src_start;
-        dst[doff..doff + len].copy_from_slice(&src[so..so + len]);
-    });
+    copy_runs(elem, src, src_start, src_box, dst, dst_box, region, false);
 }
 
 /// Runs shorter than this are copied with ordinary stores by
@@ -172,11 +168,32 @@ pub fn stream_region_from(
     dst_box: &ChunkBox,
     region: &ChunkBox,
 ) {
-    assert_eq!(dst.len() as u64, dst_box.numel() * elem as u64);
     // Every run of one region has the same length.
     let run_bytes = common_run(src_box, dst_box, region).1 as usize * elem;
-    if region.is_empty() || run_bytes < STREAM_MIN_RUN {
-        return copy_region_from(elem, src, src_start, src_box, dst, dst_box, region);
+    let stream = !region.is_empty() && run_bytes >= STREAM_MIN_RUN;
+    copy_runs(elem, src, src_start, src_box, dst, dst_box, region, stream);
+}
+
+/// The copy of [`copy_region_from`], each run written with ordinary stores
+/// or, with `stream`, through a [`LineStreamer`].
+#[allow(clippy::too_many_arguments)]
+fn copy_runs(
+    elem: usize,
+    src: &[u8],
+    src_start: usize,
+    src_box: &ChunkBox,
+    dst: &mut [u8],
+    dst_box: &ChunkBox,
+    region: &ChunkBox,
+    stream: bool,
+) {
+    assert_eq!(dst.len() as u64, dst_box.numel() * elem as u64);
+    if !stream {
+        for_each_common_run(elem, src_box, dst_box, region, |so, doff, len| {
+            let so = so - src_start;
+            dst[doff..doff + len].copy_from_slice(&src[so..so + len]);
+        });
+        return;
     }
     let mut w = LineStreamer::new(dst);
     for_each_common_run(elem, src_box, dst_box, region, |so, doff, len| {
