@@ -57,14 +57,15 @@ pub(crate) fn chunk_keys(plan: &LoadPlan) -> Vec<(u32, u32)> {
     k
 }
 
-/// The keys that two or more of `lists` hold, sorted and distinct; each
-/// list is sorted and distinct (a rank's [`chunk_keys`]). For a few lists
-/// (the ranks of a node, of a small job) a merge: linear, where sorting
-/// every rank's keys together would cost n log n on every rank; for many,
-/// that sort.
+/// The keys that two or more of `lists` hold, sorted and distinct. Each
+/// list should be sorted and distinct (a rank's [`chunk_keys`]): then, for
+/// a few lists (the ranks of a node, of a small job), a merge, linear where
+/// sorting every rank's keys together would cost n log n on every rank; for
+/// many lists, or any list out of order, that sort.
 pub(crate) fn repeated_keys(lists: &[Vec<(u32, u32)>]) -> Vec<(u32, u32)> {
     const MERGE_MAX_LISTS: usize = 16;
-    if lists.len() > MERGE_MAX_LISTS {
+    let ordered = || lists.iter().all(|l| l.windows(2).all(|w| w[0] < w[1]));
+    if lists.len() > MERGE_MAX_LISTS || !ordered() {
         let mut every: Vec<(u32, u32)> = lists.concat();
         every.sort_unstable();
         let mut shared: Vec<(u32, u32)> = every
@@ -526,6 +527,8 @@ pub(crate) fn fill_from_compact(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metadata::{ChunkMeta, DataFile, FormatKind, StorageInfo};
+    use crate::DType;
 
     /// The merge (up to 16 lists) and the sort (more) find the keys held
     /// more than once, and only those.
@@ -560,10 +563,15 @@ mod tests {
                 .map(|(k, _)| k)
                 .collect();
             assert_eq!(repeated_keys(&lists), expect, "{ranks} ranks");
+            // Lists out of order (not what a rank sends) are sorted, not
+            // merged.
+            let reversed: Vec<Vec<(u32, u32)>> = lists
+                .iter()
+                .map(|l| l.iter().rev().copied().collect())
+                .collect();
+            assert_eq!(repeated_keys(&reversed), expect, "{ranks} ranks reversed");
         }
     }
-    use crate::metadata::{ChunkMeta, DataFile, FormatKind, StorageInfo};
-    use crate::DType;
 
     fn md(chunks: Vec<ChunkBox>) -> Metadata {
         let mut off = 0;
