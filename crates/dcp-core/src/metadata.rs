@@ -437,12 +437,14 @@ impl Metadata {
             }
             Ok(())
         };
-        for w in self.items.windows(2) {
-            if w[0].0 >= w[1].0 {
-                return bad(format!("items not sorted or duplicated at {:?}", w[1].0));
-            }
-        }
+        // One pass over the items (each name is an allocation of its own:
+        // a second pass would miss the cache on every name again).
+        let mut previous: Option<&str> = None;
         for (name, item) in &self.items {
+            if previous.is_some_and(|p| p >= name.as_str()) {
+                return bad(format!("items not sorted or duplicated at {name:?}"));
+            }
+            previous = Some(name);
             crate::model::check_name(name).map_err(|e| e.context("invalid metadata"))?;
             match item {
                 ItemMeta::Bytes { length, storage } => {
