@@ -96,17 +96,17 @@ pub(crate) struct DestSlots {
 
 impl DestSlots {
     pub(crate) fn new(mut dest: DestStateDict) -> DestSlots {
+        let mut items: Vec<&mut DestItem> = dest.items_mut().collect();
         let (mut n_chunks, mut n_bytes) = (0usize, 0usize);
-        for (_, item) in dest.iter() {
-            match item {
+        for item in &items {
+            match &**item {
                 DestItem::Tensor(t) => n_chunks += t.chunks.len(),
                 DestItem::Bytes(_) => n_bytes += 1,
             }
         }
         let mut chunks = Vec::with_capacity(n_chunks);
         let mut bytes = Vec::with_capacity(n_bytes);
-        let mut at = Vec::with_capacity(dest.len());
-        let mut items: Vec<&mut DestItem> = dest.items_mut().collect();
+        let mut at = Vec::with_capacity(items.len());
         for item in items.chunks_mut(TOUCH_BATCH).flat_map(|batch| {
             touch_chunks(batch);
             batch.iter_mut()
