@@ -11,6 +11,7 @@ use crate::model::ChunkBox;
 use crate::pipeline::copy::{contiguous_range, spanning_range};
 use crate::plan::LoadPlan;
 use crate::transform::TransformKind;
+use smallvec::{smallvec, SmallVec};
 use std::collections::BTreeMap;
 
 #[derive(Clone, Debug)]
@@ -34,8 +35,17 @@ pub(super) struct Record<'a> {
     pub(super) transforms: &'a [AppliedTransform],
     pub(super) saved_box: Option<&'a ChunkBox>,
     pub(super) elem: usize,
-    pub(super) targets: Vec<Target>,
+    pub(super) targets: Targets,
 }
+
+/// A record's targets: inline for the usual one (a record feeds one
+/// destination chunk unless it is resharded), so building a schedule
+/// allocates nothing per record and serving a record follows no pointer.
+pub(super) type Targets = SmallVec<[Target; 1]>;
+
+/// The targets a piece feeds, as indices into its record's [`Targets`]:
+/// inline for up to two.
+pub(super) type PieceTargets = SmallVec<[usize; 2]>;
 
 /// A piece of a record inside a span: record index, byte range relative to
 /// the record's start, and the targets it feeds.
@@ -44,7 +54,7 @@ pub(super) struct Piece {
     pub(super) rel_start: u64,
     pub(super) len: u64,
     pub(super) whole: bool,
-    pub(super) targets: Vec<usize>,
+    pub(super) targets: PieceTargets,
 }
 
 pub(super) enum Task {
@@ -372,7 +382,7 @@ fn collect_records<'a>(md: &'a Metadata, plan: &LoadPlan) -> Result<Vec<Record<'
                 transforms: &c.storage.transforms,
                 saved_box: Some(&c.region),
                 elem: dtype.size(),
-                targets: Vec::new(),
+                targets: Targets::new(),
             });
             records.len() - 1
         });
@@ -398,7 +408,7 @@ fn collect_records<'a>(md: &'a Metadata, plan: &LoadPlan) -> Result<Vec<Record<'
             transforms: &storage.transforms,
             saved_box: None,
             elem: 1,
-            targets: vec![Target::Bytes {
+            targets: smallvec![Target::Bytes {
                 dest_item: b.dest_item,
             }],
         });
@@ -496,7 +506,7 @@ fn choose_tasks(
                     rel_start: 0,
                     len: rec.length,
                     whole: true,
-                    targets: vec![0],
+                    targets: smallvec![0],
                 },
             ));
             continue;
@@ -542,7 +552,7 @@ fn choose_tasks(
                 }
             }
         }
-        let mut rest: Vec<usize> = Vec::new();
+        let mut rest = PieceTargets::new();
         for (ti, t) in rec.targets.iter().enumerate() {
             let Target::Tensor {
                 dest_item,
