@@ -3,6 +3,7 @@
 
 pub mod copy;
 pub(crate) mod exchange;
+pub(crate) mod prefetch;
 pub(crate) mod read;
 pub(crate) mod shared;
 pub(crate) mod write;

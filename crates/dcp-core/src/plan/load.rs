@@ -4,6 +4,7 @@
 use crate::error::{Error, ErrorKind, Result};
 use crate::metadata::{ItemMeta, Metadata};
 use crate::model::{ChunkBox, DestItem, DestStateDict};
+use crate::pipeline::prefetch::prefetch;
 
 /// Stored bytes of one saved chunk that fill part of one destination chunk.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -70,7 +71,8 @@ impl LoadPlanner for DefaultLoadPlanner {
         // round-robin items) finds each next name there with one
         // comparison.
         let mut stride = 0usize;
-        for (di, (name, item)) in dest.iter().enumerate() {
+        let mut items = dest.iter().enumerate().peekable();
+        while let Some((di, (name, item))) = items.next() {
             let found = find_from(&md.items, from, stride, name);
             from = match found {
                 Ok(i) => {
@@ -79,6 +81,22 @@ impl LoadPlanner for DefaultLoadPlanner {
                 }
                 Err(i) => i,
             };
+            // What the next name's lookup and match read first: its name and
+            // the saved item where it is likely to be, each a cache miss
+            // (names and chunk lists are allocations of their own) that
+            // the CPU now waits for during this item's work.
+            if let Some((_, (next, next_item))) = items.peek() {
+                prefetch(next.as_str());
+                if let DestItem::Tensor(t) = next_item {
+                    prefetch(&t.chunks[..]);
+                }
+                if let Some((n, saved)) = md.items.get(from.saturating_add(stride)) {
+                    prefetch(n.as_str());
+                    if let ItemMeta::Tensor { chunks, .. } = saved {
+                        prefetch(&chunks[..]);
+                    }
+                }
+            }
             let Ok(mi) = found else {
                 if self.allow_missing {
                     continue;

@@ -21,6 +21,7 @@ mod plan;
 use crate::error::Result;
 use crate::metadata::Metadata;
 use crate::model::{ChunkBox, DestData, DestItem, DestStateDict};
+use crate::pipeline::prefetch::prefetch;
 use crate::plan::LoadPlan;
 use crate::storage::FileSystem;
 use crate::transform::StreamTransformExtension;
@@ -107,11 +108,9 @@ impl DestSlots {
         let mut chunks = Vec::with_capacity(n_chunks);
         let mut bytes = Vec::with_capacity(n_bytes);
         let mut at = Vec::with_capacity(items.len());
-        for item in items.chunks_mut(TOUCH_BATCH).flat_map(|batch| {
-            touch_chunks(batch);
-            batch.iter_mut()
-        }) {
-            match &mut **item {
+        for i in 0..items.len() {
+            prefetch_chunks(&items, i + PREFETCH_AHEAD);
+            match &mut *items[i] {
                 DestItem::Tensor(t) => {
                     let start = chunks.len();
                     chunks.extend(
@@ -154,12 +153,9 @@ impl DestSlots {
     pub(crate) fn take(&self) -> DestStateDict {
         let mut dest = std::mem::take(&mut *lock(&self.dest));
         let mut items: Vec<&mut DestItem> = dest.items_mut().collect();
-        let batches = items.chunks_mut(TOUCH_BATCH).flat_map(|batch| {
-            touch_chunks(batch);
-            batch.iter_mut()
-        });
-        for (item, a) in batches.zip(&self.at) {
-            match (&mut **item, *a) {
+        for (i, a) in self.at.iter().enumerate() {
+            prefetch_chunks(&items, i + PREFETCH_AHEAD);
+            match (&mut *items[i], *a) {
                 (DestItem::Tensor(t), SlotAt::Tensor(s, e)) => {
                     for (c, (_, m)) in t.chunks.iter_mut().zip(&self.chunks[s..e]) {
                         c.data = std::mem::take(&mut *lock(m));
@@ -173,27 +169,18 @@ impl DestSlots {
     }
 }
 
-/// Destination items are moved in and out of [`DestSlots`] in batches of
-/// this many.
-const TOUCH_BATCH: usize = 16;
+/// How many items ahead [`DestSlots`] hints the cache about the chunk
+/// records it moves buffers in and out of.
+const PREFETCH_AHEAD: usize = 8;
 
-/// Load the chunk records of a batch of destination items before they are
-/// moved, with loads that do not depend on each other, so that the CPU
-/// waits for their cache misses together rather than one after another (a
-/// state dict's chunk records lie scattered among its buffers: about one
-/// miss per record and cache line, which dominated the moves).
-fn touch_chunks(batch: &[&mut DestItem]) {
-    let mut touched = 0usize;
-    for item in batch {
-        if let DestItem::Tensor(t) = &**item {
-            for c in &t.chunks {
-                touched = touched
-                    .wrapping_add(c.region.ndim())
-                    .wrapping_add(usize::from(matches!(c.data, DestData::Owned(_))));
-            }
-        }
+/// Hint the cache about the chunk records of `items[i]`, if there is one: a
+/// state dict's chunk records lie scattered among its buffers, about one
+/// miss per record, which the CPU then waits for while it moves the
+/// buffers of the items before it instead of one after another.
+fn prefetch_chunks(items: &[&mut DestItem], i: usize) {
+    if let Some(DestItem::Tensor(t)) = items.get(i).map(|x| &**x) {
+        prefetch(&t.chunks[..]);
     }
-    std::hint::black_box(touched);
 }
 
 /// Execute `plan` against `fs`, filling `dest`. Blocking: runs up to
