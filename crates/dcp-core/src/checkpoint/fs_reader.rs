@@ -154,21 +154,37 @@ impl FileSystemReader {
         plan: &LoadPlan,
     ) -> Result<(Resolved, ReadConfig, Arc<dyn SerializationFormat>)> {
         let format = self.options.formats.resolve(&md.format)?;
-        // Resolve only the transforms the planned records use.
+        // Resolve only the transforms the planned records use. The look
+        // stops once every one is used (usually at the first record: most
+        // checkpoints apply the same transforms to every record), so a
+        // large plan costs no cache miss per read here.
         let mut used = vec![false; md.transforms.len()];
+        let mut unused = used.len();
         let mut mark = |s: &StorageInfo| {
             for t in &s.transforms {
-                used[t.descriptor as usize] = true;
+                if !std::mem::replace(&mut used[t.descriptor as usize], true) {
+                    unused -= 1;
+                }
             }
+            unused == 0
         };
-        for r in &plan.tensor_reads {
-            if let ItemMeta::Tensor { chunks, .. } = &md.items[r.md_item].1 {
-                mark(&chunks[r.saved_chunk].storage);
-            }
-        }
-        for b in &plan.bytes_reads {
-            if let ItemMeta::Bytes { storage, .. } = &md.items[b.md_item].1 {
-                mark(storage);
+        let tensors = plan
+            .tensor_reads
+            .iter()
+            .filter_map(|r| match &md.items[r.md_item].1 {
+                ItemMeta::Tensor { chunks, .. } => Some(&chunks[r.saved_chunk].storage),
+                ItemMeta::Bytes { .. } => None,
+            });
+        let bytes = plan
+            .bytes_reads
+            .iter()
+            .filter_map(|b| match &md.items[b.md_item].1 {
+                ItemMeta::Bytes { storage, .. } => Some(storage),
+                ItemMeta::Tensor { .. } => None,
+            });
+        for s in tensors.chain(bytes) {
+            if mark(s) {
+                break;
             }
         }
         // A format that relocates records may give them transforms of the
