@@ -21,6 +21,7 @@ use crate::transform::{Descriptor, TransformKind};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+mod items;
 pub mod sections;
 
 /// Magic bytes that open a `.metadata` file.
@@ -156,6 +157,7 @@ pub struct Metadata {
     /// Transform descriptor table (`name/version[:params]`).
     pub transforms: Vec<String>,
     /// Items, sorted by name, names unique.
+    #[serde(deserialize_with = "items::deserialize")]
     pub items: Vec<(String, ItemMeta)>,
     /// User key/value metadata.
     pub user: BTreeMap<String, String>,
@@ -175,6 +177,7 @@ struct MetadataV1 {
     format: FormatKind,
     files: Vec<DataFile>,
     transforms: Vec<String>,
+    #[serde(deserialize_with = "items::deserialize")]
     items: Vec<(String, ItemMeta)>,
     user: BTreeMap<String, String>,
 }
@@ -360,6 +363,8 @@ impl Metadata {
         }
         let undecodable =
             |e: postcard::Error| Error::corrupt(format!(".metadata body does not decode: {e}"));
+        // The items list reserved once, as long as the body could hold it.
+        let bound = items::ItemsBound::new(body.len());
         let (md, rest): (Metadata, &[u8]) = if version == 1 {
             let (v1, rest): (MetadataV1, &[u8]) =
                 postcard::take_from_bytes(body).map_err(undecodable)?;
@@ -367,6 +372,7 @@ impl Metadata {
         } else {
             postcard::take_from_bytes(body).map_err(undecodable)?
         };
+        drop(bound);
         if !rest.is_empty() {
             return Err(Error::corrupt(format!(
                 ".metadata body has {} trailing bytes",
