@@ -62,8 +62,9 @@ pub(crate) fn chunk_keys(plan: &LoadPlan) -> Vec<(u32, u32)> {
 /// a few lists (the ranks of a node, of a small job), a merge, linear where
 /// sorting every rank's keys together would cost n log n on every rank; for
 /// many lists, or any list out of order, that sort.
-pub(crate) fn repeated_keys(lists: &[Vec<(u32, u32)>]) -> Vec<(u32, u32)> {
+pub(crate) fn repeated_keys<L: AsRef<[(u32, u32)]>>(lists: &[L]) -> Vec<(u32, u32)> {
     const MERGE_MAX_LISTS: usize = 16;
+    let lists: Vec<&[(u32, u32)]> = lists.iter().map(AsRef::as_ref).collect();
     let ordered = || lists.iter().all(|l| l.windows(2).all(|w| w[0] < w[1]));
     if lists.len() > MERGE_MAX_LISTS || !ordered() {
         let mut every: Vec<(u32, u32)> = lists.concat();

@@ -17,6 +17,46 @@ use crate::pipeline::read::ReadStats;
 use crate::plan::LoadPlan;
 use std::sync::Arc;
 
+/// Round 1 of a shared read, from each rank: the saved chunks it reads
+/// (sorted, distinct), whether it can lend buffers, whether it can fill
+/// through a node window; or the error that kept it from planning.
+type KeysMsg = std::result::Result<(Vec<(u32, u32)>, bool, bool), WireError>;
+
+/// Every rank's `value`, in rank order. Ranks of one process share them
+/// ([`Collective::all_gather_local`]: an `Arc` each, nothing encoded or
+/// copied); other collectives gather them encoded.
+async fn all_gather_value<T>(collective: &dyn Collective, value: T) -> Result<Vec<Arc<T>>>
+where
+    T: serde::Serialize + serde::de::DeserializeOwned + Send + Sync + 'static,
+{
+    let value = Arc::new(value);
+    if collective.shares_memory() {
+        match collective
+            .all_gather_local(value.clone() as crate::collective::LocalValue)
+            .await
+        {
+            Ok(all) => {
+                return all
+                    .into_iter()
+                    .map(|v| {
+                        v.downcast::<T>().map_err(|_| {
+                            Error::new(
+                                ErrorKind::Collective,
+                                "a rank shared something other than what this round gathers",
+                            )
+                        })
+                    })
+                    .collect();
+            }
+            // Refused on every rank: encoded, as between processes.
+            Err(e) if e.kind() == ErrorKind::Unsupported => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let all = collective.all_gather(encode(&*value)?).await?;
+    all.iter().map(|b| decode::<T>(b).map(Arc::new)).collect()
+}
+
 /// A rank's destination items by index, for filling in place.
 type DestVec = Vec<(String, crate::model::DestItem)>;
 
@@ -46,34 +86,34 @@ pub(crate) async fn read_shared(
     // Round 1: the saved chunks each rank reads, as sorted (item, chunk)
     // pairs (a few bytes each), so that ranks sharing nothing (a load into
     // the sharding that was saved) stop here without exchanging overlaps.
-    let keys_msg = wire(
+    let keys_msg: KeysMsg = wire(
         planned
             .as_ref()
             .map(|p| (chunk_keys(p), can_lend, can_window))
             .map_err(Error::detached),
         rank,
     );
-    let all = collective.all_gather(encode(&keys_msg)?).await?;
-    let mut lists: Vec<Vec<(u32, u32)>> = Vec::with_capacity(all.len());
+    let all = all_gather_value(collective, keys_msg).await?;
+    let mut lists: Vec<&[(u32, u32)]> = Vec::with_capacity(all.len());
     let mut lend = true;
     let mut window = true;
-    for b in &all {
-        match decode::<std::result::Result<(Vec<(u32, u32)>, bool, bool), WireError>>(b)? {
+    for msg in &all {
+        match &**msg {
             Ok((keys, l, w)) => {
                 lists.push(keys);
-                lend &= l;
-                window &= w;
+                lend &= *l;
+                window &= *w;
             }
             // Every rank sees the same failure and stops here together.
-            Err(w) => return Ok(Err(Error::from_wire(w))),
+            Err(w) => return Ok(Err(Error::from_wire(w.clone()))),
         }
     }
-    drop(all);
     let plan = planned.expect("errors returned above");
     // A key two or more ranks hold is a chunk they share (sorted, distinct:
     // looked up by binary search).
     let shared = repeated_keys(&lists);
     drop(lists);
+    drop(all);
     if shared.is_empty() {
         return Ok(reader.read(md.clone(), plan, dest).await);
     }
