@@ -24,8 +24,13 @@ type KeysMsg = std::result::Result<(Vec<(u32, u32)>, bool, bool), WireError>;
 
 /// Every rank's `value`, in rank order. Ranks of one process share them
 /// ([`Collective::all_gather_local`]: an `Arc` each, nothing encoded or
-/// copied); other collectives gather them encoded.
-async fn all_gather_value<T>(collective: &dyn Collective, value: T) -> Result<Vec<Arc<T>>>
+/// copied); other collectives gather them encoded. `what` names the
+/// values in the error a rank that shared something else gets.
+async fn all_gather_value<T>(
+    collective: &dyn Collective,
+    value: T,
+    what: &str,
+) -> Result<Vec<Arc<T>>>
 where
     T: serde::Serialize + serde::de::DeserializeOwned + Send + Sync + 'static,
 {
@@ -42,7 +47,7 @@ where
                         v.downcast::<T>().map_err(|_| {
                             Error::new(
                                 ErrorKind::Collective,
-                                "a rank shared something other than what this round gathers",
+                                format!("a rank shared something other than its {what}"),
                             )
                         })
                     })
@@ -93,7 +98,7 @@ pub(crate) async fn read_shared(
             .map_err(Error::detached),
         rank,
     );
-    let all = all_gather_value(collective, keys_msg).await?;
+    let all = all_gather_value(collective, keys_msg, "chunk keys").await?;
     let mut lists: Vec<&[(u32, u32)]> = Vec::with_capacity(all.len());
     let mut lend = true;
     let mut window = true;
@@ -125,20 +130,7 @@ pub(crate) async fn read_shared(
     if lend {
         // Ranks of one process hand each other their lists as they are:
         // nothing to encode, copy or decode.
-        let all = collective
-            .all_gather_local(Arc::new(mine) as crate::collective::LocalValue)
-            .await?;
-        let lists: Vec<Arc<Vec<Need>>> = all
-            .into_iter()
-            .map(|v| {
-                v.downcast::<Vec<Need>>().map_err(|_| {
-                    Error::new(
-                        ErrorKind::Collective,
-                        "a rank shared something other than its shared-read needs",
-                    )
-                })
-            })
-            .collect::<Result<_>>()?;
+        let lists = all_gather_value(collective, mine, "shared-read needs").await?;
         let needs: Vec<&[Need]> = lists.iter().map(|l| l.as_slice()).collect();
         // Every rank would compute the same schedule: rank 0 computes it
         // once for the process and the others take it.
