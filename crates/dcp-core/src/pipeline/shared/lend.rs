@@ -4,7 +4,7 @@
 use crate::checkpoint::wire::{decode, encode, on_rank};
 use crate::checkpoint::{located, FileSystemReader};
 use crate::collective::Collective;
-use crate::error::{Error, ErrorKind, Result, WireError};
+use crate::error::{Error, Result, WireError};
 use crate::metadata::Metadata;
 use crate::model::DestStateDict;
 use crate::pipeline::blocking;
@@ -38,18 +38,7 @@ pub(super) async fn read_lent(
         Ok((dest, stats)) => (Arc::new(Lent(Some(DestSlots::new(dest)))), stats, Ok(())),
         Err(e) => (Arc::new(Lent(None)), ReadStats::default(), Err(e)),
     };
-    let values = collective
-        .all_gather_local(mine.clone() as crate::collective::LocalValue)
-        .await?;
-    let mut lent: Vec<Arc<Lent>> = Vec::with_capacity(values.len());
-    for v in values {
-        lent.push(v.downcast::<Lent>().map_err(|_| {
-            Error::new(
-                ErrorKind::Collective,
-                "a rank lent something other than its destination buffers",
-            )
-        })?);
-    }
+    let lent = super::gather_local(collective, mine.clone(), "destination buffers").await?;
     // Serve only when every rank lent its buffers (a failed rank has none;
     // the outcome exchange below then fails the load everywhere).
     if outcome.is_ok() && lent.iter().all(|l| l.0.is_some()) {

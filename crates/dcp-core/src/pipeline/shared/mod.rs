@@ -23,9 +23,9 @@ use std::sync::Arc;
 type KeysMsg = std::result::Result<(Vec<(u32, u32)>, bool, bool), WireError>;
 
 /// Every rank's `value`, in rank order. Ranks of one process share them
-/// ([`Collective::all_gather_local`]: an `Arc` each, nothing encoded or
-/// copied); other collectives gather them encoded. `what` names the
-/// values in the error a rank that shared something else gets.
+/// ([`gather_local`]: an `Arc` each, nothing encoded or copied); other
+/// collectives gather them encoded. `what` names the values in the error a
+/// rank that shared something else gets.
 async fn all_gather_value<T>(
     collective: &dyn Collective,
     value: T,
@@ -36,30 +36,38 @@ where
 {
     let value = Arc::new(value);
     if collective.shares_memory() {
-        match collective
-            .all_gather_local(value.clone() as crate::collective::LocalValue)
-            .await
-        {
-            Ok(all) => {
-                return all
-                    .into_iter()
-                    .map(|v| {
-                        v.downcast::<T>().map_err(|_| {
-                            Error::new(
-                                ErrorKind::Collective,
-                                format!("a rank shared something other than its {what}"),
-                            )
-                        })
-                    })
-                    .collect();
-            }
+        match gather_local(collective, value.clone(), what).await {
             // Refused on every rank: encoded, as between processes.
             Err(e) if e.kind() == ErrorKind::Unsupported => {}
-            Err(e) => return Err(e),
+            other => return other,
         }
     }
     let all = collective.all_gather(encode(&*value)?).await?;
     all.iter().map(|b| decode::<T>(b).map(Arc::new)).collect()
+}
+
+/// Every rank's `value`, in rank order, shared between the ranks of one
+/// process ([`Collective::all_gather_local`]; refused with
+/// [`ErrorKind::Unsupported`] by collectives that cannot). A rank that
+/// shared something other than a `T` is an error naming `what`.
+pub(super) async fn gather_local<T: Send + Sync + 'static>(
+    collective: &dyn Collective,
+    value: Arc<T>,
+    what: &str,
+) -> Result<Vec<Arc<T>>> {
+    collective
+        .all_gather_local(value as crate::collective::LocalValue)
+        .await?
+        .into_iter()
+        .map(|v| {
+            v.downcast::<T>().map_err(|_| {
+                Error::new(
+                    ErrorKind::Collective,
+                    format!("a rank shared something other than its {what}"),
+                )
+            })
+        })
+        .collect()
 }
 
 /// A rank's destination items by index, for filling in place.
