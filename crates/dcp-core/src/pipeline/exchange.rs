@@ -45,16 +45,21 @@ pub(crate) struct Schedule {
     pub rounds: Vec<Vec<usize>>,
 }
 
-/// The saved chunks `plan` reads, as sorted, distinct `(item, chunk)`.
-pub(crate) fn chunk_keys(plan: &LoadPlan) -> Vec<(u32, u32)> {
+/// The saved chunks `plan` reads, as sorted, distinct `(item, chunk)`, and
+/// whether its tensor reads come in that order already (the default
+/// planner's do).
+pub(crate) fn chunk_keys(plan: &LoadPlan) -> (Vec<(u32, u32)>, bool) {
     let mut k: Vec<(u32, u32)> = plan
         .tensor_reads
         .iter()
         .map(|r| (r.md_item as u32, r.saved_chunk as u32))
         .collect();
-    k.sort_unstable();
+    let ordered = k.is_sorted();
+    if !ordered {
+        k.sort_unstable();
+    }
     k.dedup();
-    k
+    (k, ordered)
 }
 
 /// The keys that two or more of `lists` hold, sorted and distinct. Each
@@ -171,25 +176,11 @@ fn needs_by_map(plan: &LoadPlan) -> Vec<Need> {
 
 /// Compute the schedule from every rank's needs. `budget` bounds, per rank
 /// and round, the decoded chunks it reads plus the slices it receives.
-///
-/// When slices travel between ranks, each shared chunk's reader is the user
-/// needing most of it (so little is sent), the least loaded on ties. When
-/// ranks `lend` each other their buffers nothing travels, so the readers
-/// split the shared chunks, in file order, into contiguous runs of about
-/// equal bytes: balanced, and each rank reads neighbouring records (spans
-/// coalesced across small records never pull in another reader's bytes,
-/// except at the runs' ends).
-pub(crate) fn schedule<N: AsRef<[Need]>>(
-    md: &Metadata,
-    needs: &[N],
-    budget: u64,
-    lend: bool,
-) -> Schedule {
-    let mut out = schedule_by_need(md, needs, budget);
-    if lend && !out.shared.is_empty() {
-        spread(md, needs.len(), &mut out);
-    }
-    out
+/// Each shared chunk's reader is the user needing most of it (so little is
+/// sent), the least loaded on ties. (Ranks of one process, which lend each
+/// other their buffers, need no schedule: see `shared::split`.)
+pub(crate) fn schedule<N: AsRef<[Need]>>(md: &Metadata, needs: &[N], budget: u64) -> Schedule {
+    schedule_by_need(md, needs, budget)
 }
 
 /// Give the shared chunks of `out` to `world` readers in file order, as
@@ -401,26 +392,6 @@ pub(crate) fn window_layout(
         }
     }
     out
-}
-
-/// What of `plan` this rank reads itself: [`split_plan`]'s first half,
-/// for ranks that lend each other their buffers (the shared reads are
-/// served from the schedule and every rank's needs instead).
-pub(crate) fn local_plan(plan: LoadPlan, sched: &Schedule) -> LoadPlan {
-    let shared = |r: &ReadItem| {
-        sched
-            .shared
-            .binary_search_by_key(&(r.md_item, r.saved_chunk), |s| (s.item, s.chunk))
-            .is_ok()
-    };
-    LoadPlan {
-        tensor_reads: plan
-            .tensor_reads
-            .into_iter()
-            .filter(|r| !shared(r))
-            .collect(),
-        bytes_reads: plan.bytes_reads,
-    }
 }
 
 /// Split `plan` into what this rank reads itself and the read items served by
@@ -678,16 +649,16 @@ mod tests {
                     .collect()
             })
             .collect();
-        let s = schedule(&m, &needs, 1 << 20, false);
+        let s = schedule(&m, &needs, 1 << 20);
         let mut readers: Vec<usize> = s.shared.iter().map(|c| c.reader).collect();
         readers.sort_unstable();
         assert_eq!(readers, vec![0, 1, 2]);
     }
 
-    /// The lending path's local plan is the message path's, without the
-    /// shared reads: only chunks no other rank reads stay.
+    /// Splitting a plan keeps for the rank only the chunks no other rank
+    /// reads, and hands the shared one's reads to the exchange.
     #[test]
-    fn local_plan_keeps_what_no_other_rank_reads() {
+    fn split_plan_keeps_what_no_other_rank_reads() {
         let m = md(vec![
             b([0, 0], [1, 6]),
             b([1, 0], [1, 6]),
@@ -703,7 +674,7 @@ mod tests {
             vec![need(0, b([0, 0], [1, 6])), need(1, b([1, 0], [1, 3]))],
             vec![need(1, b([1, 3], [1, 3])), need(2, b([2, 0], [2, 6]))],
         ];
-        let s = schedule(&m, &needs, 1 << 20, true);
+        let s = schedule(&m, &needs, 1 << 20);
         assert_eq!(s.shared.len(), 1);
         let read = |chunk: usize, o: ChunkBox| ReadItem {
             dest_item: 0,
@@ -716,11 +687,10 @@ mod tests {
             tensor_reads: vec![read(0, b([0, 0], [1, 6])), read(1, b([1, 0], [1, 3]))],
             bytes_reads: Vec::new(),
         };
-        let local = local_plan(plan.clone(), &s);
-        let (split, shared) = split_plan(plan, &s);
-        assert_eq!(local, split);
+        let (local, shared) = split_plan(plan, &s);
         assert_eq!(local.tensor_reads, vec![read(0, b([0, 0], [1, 6]))]);
         assert_eq!(shared.len(), 1);
+        assert_eq!(shared[&0], vec![read(1, b([1, 0], [1, 3]))]);
     }
 
     #[test]
@@ -757,21 +727,15 @@ mod tests {
                 },
             ],
         ];
-        let s = schedule(&m, &needs, 1 << 20, false);
+        let s = schedule(&m, &needs, 1 << 20);
         assert_eq!(s.shared.len(), 2);
         assert!(
             s.shared.iter().all(|c| c.reader == 0),
             "rank 0 needs more of each"
         );
         assert_eq!(s.rounds, vec![vec![0, 1]]);
-        // Ranks lending buffers split the shared chunks in file order into
-        // runs of equal bytes instead, in one round.
-        let s = schedule(&m, &needs, 1, true);
-        let readers: Vec<usize> = s.shared.iter().map(|c| c.reader).collect();
-        assert_eq!(readers, vec![0, 1]);
-        assert_eq!(s.rounds, vec![vec![0, 1]]);
         // A tiny budget puts each chunk in its own round.
-        let s = schedule(&m, &needs, 1, false);
+        let s = schedule(&m, &needs, 1);
         assert_eq!(s.rounds, vec![vec![0], vec![1]]);
         // Through a node window: spread in file order when one round fits
         // the budget (each rank then reads 24 bytes and moves 8 + 16: 48,
@@ -781,16 +745,10 @@ mod tests {
         let readers: Vec<usize> = s.shared.iter().map(|c| c.reader).collect();
         assert_eq!(readers, vec![0, 1]);
         assert_eq!(s.rounds, vec![vec![0, 1]]);
-        assert_eq!(
-            schedule_windowed(&m, &needs, 48),
-            schedule(&m, &needs, 48, false)
-        );
-        assert_eq!(
-            schedule_windowed(&m, &needs, 1),
-            schedule(&m, &needs, 1, false)
-        );
+        assert_eq!(schedule_windowed(&m, &needs, 48), schedule(&m, &needs, 48));
+        assert_eq!(schedule_windowed(&m, &needs, 1), schedule(&m, &needs, 1));
         // A chunk needed by one rank is not shared.
-        let s = schedule(&m, &[needs[0].clone(), vec![]], 1 << 20, false);
+        let s = schedule(&m, &[needs[0].clone(), vec![]], 1 << 20);
         assert!(s.shared.is_empty() && s.rounds.is_empty());
     }
 }

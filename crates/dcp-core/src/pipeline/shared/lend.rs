@@ -1,128 +1,115 @@
-//! Lending: ranks of one process read shared chunks straight into each
-//! other's destination buffers.
+//! Lending: ranks of one process read every chunk any of them needs once,
+//! straight into each other's destination buffers.
 
+use super::split::{cuts, served_plan, Key};
 use crate::checkpoint::wire::{decode, encode, on_rank};
-use crate::checkpoint::{located, FileSystemReader};
+use crate::checkpoint::{located, FileSystemReader, ROOT};
 use crate::collective::Collective;
-use crate::error::{Error, Result, WireError};
+use crate::error::{Error, ErrorKind, Result, WireError};
 use crate::metadata::Metadata;
 use crate::model::DestStateDict;
 use crate::pipeline::blocking;
-use crate::pipeline::read::ReadStats;
+use crate::pipeline::read::{read_slots, DestSlots, ReadStats, Slot};
 use crate::plan::LoadPlan;
 use std::sync::Arc;
 
-/// A rank's destination, lent to the other ranks of its process while they
-/// read shared chunks into it (`None`: the rank already failed).
-struct Lent(Option<crate::pipeline::read::DestSlots>);
+/// What a rank lends the other ranks of its process: its destination
+/// buffers and its plan; rank 0 also the cuts that say which rank reads
+/// which saved chunks ([`cuts`]).
+struct Lent {
+    slots: DestSlots,
+    plan: LoadPlan,
+    cuts: Option<Vec<Key>>,
+}
 
 /// Shared reads for ranks in one process (see [`read_shared`]): every rank
-/// lends its destination buffers to the others (`all_gather_local`), then
-/// reads the shared chunks it was scheduled to serve straight into the
-/// buffers of every rank that needs them, with one scattered read each. No
-/// chunk is staged in memory or copied between ranks, so no rounds or
-/// budget are needed. An all-gather of the outcome then ends the lending:
-/// after it no rank writes into another's buffers, and each takes its own
-/// back.
+/// lends its destination buffers and its plan to the others
+/// (`all_gather_local`). The saved chunks any rank reads, in key order,
+/// are cut into one run per rank of about equal bytes (by rank 0, while
+/// the others move their buffers into slots); each rank then reads its run
+/// once, straight into the buffers of every rank that needs each chunk,
+/// one scattered read per record. Nothing is staged in memory or copied
+/// between ranks, so no rounds or budget are needed. An all-gather of the
+/// outcome then ends the lending: after it no rank writes into another's
+/// buffers, and each takes its own back.
+///
+/// `keys` are every rank's sorted, distinct saved chunks (round 1 of
+/// [`read_shared`]); `ordered[q]` whether rank `q`'s plan reads them in
+/// key order.
 pub(super) async fn read_lent(
-    state: Result<(DestStateDict, ReadStats)>,
+    plan: LoadPlan,
+    dest: DestStateDict,
     md: &Arc<Metadata>,
     reader: &FileSystemReader,
     collective: &dyn Collective,
-    sched: &crate::pipeline::exchange::Schedule,
-    needs: &[&[crate::pipeline::exchange::Need]],
+    keys: &[&[Key]],
+    ordered: &[bool],
 ) -> Result<Result<(DestStateDict, ReadStats)>> {
-    use crate::pipeline::read::{read_slots, DestSlots, Slot};
     let rank = collective.rank();
-    let (mine, mut stats, mut outcome) = match state {
-        Ok((dest, stats)) => (Arc::new(Lent(Some(DestSlots::new(dest)))), stats, Ok(())),
-        Err(e) => (Arc::new(Lent(None)), ReadStats::default(), Err(e)),
-    };
+    let cuts = (rank == ROOT).then(|| cuts(md, keys, collective.world_size()));
+    let mine = Arc::new(Lent {
+        slots: DestSlots::new(dest),
+        plan,
+        cuts,
+    });
     let lent = super::gather_local(collective, mine.clone(), "destination buffers").await?;
-    // Serve only when every rank lent its buffers (a failed rank has none;
-    // the outcome exchange below then fails the load everywhere).
-    if outcome.is_ok() && lent.iter().all(|l| l.0.is_some()) {
-        // Every rank's destination items, one flat index space.
-        let mut base = Vec::with_capacity(lent.len());
-        let mut count = 0usize;
-        for l in &lent {
-            base.push(count);
-            count += l.0.as_ref().map_or(0, DestSlots::len);
-        }
-        // Sized up front: growing a vector of many reads copies it and
-        // makes the allocator consolidate the small blocks freed before.
-        let reads: usize = sched
-            .shared
-            .iter()
-            .filter(|c| c.reader == rank)
-            .flat_map(|c| &c.users)
-            .map(|&(r, i)| needs[r][i].overlaps.len())
-            .sum();
-        let mut plan = LoadPlan {
-            tensor_reads: Vec::with_capacity(reads),
-            bytes_reads: Vec::new(),
-        };
-        for c in sched.shared.iter().filter(|c| c.reader == rank) {
-            for &(r, i) in &c.users {
-                let need = &needs[r][i];
-                for (o, &(di, dc)) in need.overlaps.iter().zip(&need.dests) {
-                    plan.tensor_reads.push(crate::plan::ReadItem {
-                        dest_item: base[r] + di as usize,
-                        dest_chunk: dc as usize,
-                        md_item: c.item,
-                        saved_chunk: c.chunk,
-                        overlap: o.clone(),
-                    });
-                }
-            }
-        }
-        if !plan.tensor_reads.is_empty() {
-            let served = reader
-                .prepare_read(md, &plan)
-                .map(|(resolved, cfg, format)| {
-                    let (fs, md, lent) = (reader.fs().clone(), md.clone(), lent.clone());
-                    blocking(move || {
-                        let md = located(fs.as_ref(), format.as_ref(), md, &plan)?;
-                        let slots: Vec<Slot<'_>> = lent
-                            .iter()
-                            .flat_map(|l| l.0.as_ref().map(|d| d.slots()).into_iter().flatten())
-                            .collect();
-                        read_slots(fs.as_ref(), &md, &plan, &slots, &resolved, &cfg)
-                    })
-                });
-            match served {
-                Ok(task) => match task.await {
-                    Ok(s) => {
-                        stats.bytes_read += s.bytes_read;
-                        stats.requests += s.requests;
-                        stats.records += s.records;
-                    }
-                    Err(e) => outcome = Err(e),
-                },
-                Err(e) => outcome = Err(e),
-            }
-        }
-    }
+    let served = serve(&lent, md, reader, rank, ordered).await;
     drop(lent);
     // The end of the lending: once every rank is past this, nobody writes
     // into another rank's buffers.
-    let status: std::result::Result<(), WireError> = match &outcome {
-        Ok(()) => Ok(()),
+    let status: std::result::Result<(), WireError> = match &served {
+        Ok(_) => Ok(()),
         Err(e) => Err(on_rank(e, rank).to_wire()),
     };
     let all = collective.all_gather(encode(&status)?).await?;
-    if let Err(e) = outcome {
-        return Ok(Err(e));
-    }
+    let stats = match served {
+        Ok(s) => s,
+        Err(e) => return Ok(Err(e)),
+    };
     for b in &all {
         if let Err(w) = decode::<std::result::Result<(), WireError>>(b)? {
             return Ok(Err(Error::from_wire(w)));
         }
     }
-    let dest = mine
-        .0
-        .as_ref()
-        .map(DestSlots::take)
-        .expect("a rank that did not fail lent its buffers");
-    Ok(Ok((dest, stats)))
+    Ok(Ok((mine.slots.take(), stats)))
+}
+
+/// Read this rank's run of the saved chunks into every lent buffer that
+/// needs them.
+async fn serve(
+    lent: &[Arc<Lent>],
+    md: &Arc<Metadata>,
+    reader: &FileSystemReader,
+    rank: usize,
+    ordered: &[bool],
+) -> Result<ReadStats> {
+    let cuts = lent
+        .get(ROOT)
+        .and_then(|l| l.cuts.as_deref())
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Collective,
+                "rank 0 lent no cuts of the shared reads",
+            )
+        })?;
+    // Every rank's destination items, one flat index space.
+    let mut bases = Vec::with_capacity(lent.len());
+    let mut count = 0usize;
+    for l in lent {
+        bases.push(count);
+        count += l.slots.len();
+    }
+    let plans: Vec<&LoadPlan> = lent.iter().map(|l| &l.plan).collect();
+    let plan = served_plan(&plans, ordered, &bases, cuts, rank);
+    if plan.tensor_reads.is_empty() && plan.bytes_reads.is_empty() {
+        return Ok(ReadStats::default());
+    }
+    let (resolved, cfg, format) = reader.prepare_read(md, &plan)?;
+    let (fs, md, lent) = (reader.fs().clone(), md.clone(), lent.to_vec());
+    blocking(move || {
+        let md = located(fs.as_ref(), format.as_ref(), md, &plan)?;
+        let slots: Vec<Slot<'_>> = lent.iter().flat_map(|l| l.slots.slots()).collect();
+        read_slots(fs.as_ref(), &md, &plan, &slots, &resolved, &cfg)
+    })
+    .await
 }

@@ -5,6 +5,7 @@
 
 mod lend;
 mod message;
+mod split;
 mod window;
 
 use crate::checkpoint::wire::{decode, encode, wire};
@@ -18,9 +19,10 @@ use crate::plan::LoadPlan;
 use std::sync::Arc;
 
 /// Round 1 of a shared read, from each rank: the saved chunks it reads
-/// (sorted, distinct), whether it can lend buffers, whether it can fill
-/// through a node window; or the error that kept it from planning.
-type KeysMsg = std::result::Result<(Vec<(u32, u32)>, bool, bool), WireError>;
+/// (sorted, distinct), whether its plan reads them in that order, whether
+/// it can lend buffers, whether it can fill through a node window; or the
+/// error that kept it from planning.
+type KeysMsg = std::result::Result<(Vec<(u32, u32)>, bool, bool, bool), WireError>;
 
 /// Every rank's `value`, in rank order. Ranks of one process share them
 /// ([`gather_local`]: an `Arc` each, nothing encoded or copied); other
@@ -85,7 +87,7 @@ pub(crate) async fn read_shared(
     budget: u64,
 ) -> Result<Result<(DestStateDict, ReadStats)>> {
     use crate::pipeline::exchange::{
-        chunk_keys, local_plan, needs_of, repeated_keys, schedule, split_plan, Need,
+        chunk_keys, needs_of, repeated_keys, schedule, split_plan, Need,
     };
     let rank = collective.rank();
     // Ranks of one process whose readers are all file-system readers lend
@@ -102,18 +104,23 @@ pub(crate) async fn read_shared(
     let keys_msg: KeysMsg = wire(
         planned
             .as_ref()
-            .map(|p| (chunk_keys(p), can_lend, can_window))
+            .map(|p| {
+                let (keys, ordered) = chunk_keys(p);
+                (keys, ordered, can_lend, can_window)
+            })
             .map_err(Error::detached),
         rank,
     );
     let all = all_gather_value(collective, keys_msg, "chunk keys").await?;
     let mut lists: Vec<&[(u32, u32)]> = Vec::with_capacity(all.len());
+    let mut ordered: Vec<bool> = Vec::with_capacity(all.len());
     let mut lend = true;
     let mut window = true;
     for msg in &all {
         match &**msg {
-            Ok((keys, l, w)) => {
+            Ok((keys, o, l, w)) => {
                 lists.push(keys);
+                ordered.push(*o);
                 lend &= *l;
                 window &= *w;
             }
@@ -125,50 +132,24 @@ pub(crate) async fn read_shared(
     // A key two or more ranks hold is a chunk they share (sorted, distinct:
     // looked up by binary search).
     let shared = repeated_keys(&lists);
-    drop(lists);
-    drop(all);
     if shared.is_empty() {
         return Ok(reader.read(md.clone(), plan, dest).await);
     }
+    if lend {
+        // Ranks of one process read every chunk once between them,
+        // straight into each other's buffers.
+        let fsr = reader
+            .file_system_reader()
+            .expect("every rank said it has a file-system reader");
+        return lend::read_lent(plan, dest, md, fsr, collective, &lists, &ordered).await;
+    }
+    drop(lists);
+    drop(all);
     // Round 2: what each rank needs of the chunks it shares.
     let mine: Vec<Need> = needs_of(&plan)
         .into_iter()
         .filter(|n| shared.binary_search(&(n.item, n.chunk)).is_ok())
         .collect();
-    if lend {
-        // Ranks of one process hand each other their lists as they are:
-        // nothing to encode, copy or decode.
-        let lists = all_gather_value(collective, mine, "shared-read needs").await?;
-        let needs: Vec<&[Need]> = lists.iter().map(|l| l.as_slice()).collect();
-        // Every rank would compute the same schedule: rank 0 computes it
-        // once for the process and the others take it.
-        let mine: crate::collective::LocalValue = if rank == crate::checkpoint::ROOT {
-            Arc::new(schedule(md, &needs, budget, true))
-        } else {
-            Arc::new(())
-        };
-        let sched = collective
-            .all_gather_local(mine)
-            .await?
-            .into_iter()
-            .nth(crate::checkpoint::ROOT)
-            .and_then(|v| v.downcast::<crate::pipeline::exchange::Schedule>().ok())
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorKind::Collective,
-                    "rank 0 shared something other than the shared-read schedule",
-                )
-            })?;
-        let local = local_plan(plan, &sched);
-        let state = read_local(reader, md, local, dest).await;
-        if sched.shared.is_empty() {
-            return Ok(state);
-        }
-        let fsr = reader
-            .file_system_reader()
-            .expect("every rank said it has a file-system reader");
-        return lend::read_lent(state, md, fsr, collective, &sched, &needs).await;
-    }
     let all = collective.all_gather(encode(&mine)?).await?;
     drop(mine);
     let needs: Vec<Vec<Need>> = all
@@ -178,7 +159,7 @@ pub(crate) async fn read_shared(
     let sched = if window {
         crate::pipeline::exchange::schedule_windowed(md, &needs, budget)
     } else {
-        schedule(md, &needs, budget, false)
+        schedule(md, &needs, budget)
     };
     let (local_plan, shared_reads) = split_plan(plan, &sched);
     let state = read_local(reader, md, local_plan, dest).await;
