@@ -227,6 +227,9 @@ pub fn for_each_common_run(
         f(0, 0, elem);
         return;
     }
+    if n == 2 {
+        return matrix_runs(elem, src_box, dst_box, region, f);
+    }
     let ss = strides(src_box);
     let ds = strides(dst_box);
     let (k, run) = common_run(src_box, dst_box, region);
@@ -250,6 +253,36 @@ pub fn for_each_common_run(
         let doff = dst_base + idx.iter().zip(&ds).map(|(i, s)| i * s).sum::<u64>() as usize * elem;
         f(so, doff, run_bytes);
     });
+}
+
+/// [`for_each_common_run`] for boxes of two dimensions (a matrix: its rows,
+/// or one run when the region spans whole rows of both), without the
+/// general strides: the many small pieces of a resharded load are mostly
+/// of this shape, and their copies are short enough that working out the
+/// strides weighed on them. The boxes are checked as the caller does.
+fn matrix_runs(
+    elem: usize,
+    src_box: &ChunkBox,
+    dst_box: &ChunkBox,
+    region: &ChunkBox,
+    mut f: impl FnMut(usize, usize, usize),
+) {
+    let (rows, cols) = (region.sizes[0], region.sizes[1]);
+    let (src_cols, dst_cols) = (src_box.sizes[1], dst_box.sizes[1]);
+    let at = |b: &ChunkBox, width: u64| {
+        ((region.offsets[0] - b.offsets[0]) * width + region.offsets[1] - b.offsets[1]) as usize
+            * elem
+    };
+    let (src_base, dst_base) = (at(src_box, src_cols), at(dst_box, dst_cols));
+    if cols == src_cols && cols == dst_cols {
+        f(src_base, dst_base, (rows * cols) as usize * elem);
+        return;
+    }
+    let (s_step, d_step) = (src_cols as usize * elem, dst_cols as usize * elem);
+    let run = cols as usize * elem;
+    for i in 0..rows as usize {
+        f(src_base + i * s_step, dst_base + i * d_step, run);
+    }
 }
 
 /// How `region`'s elements split into runs contiguous in both boxes:
