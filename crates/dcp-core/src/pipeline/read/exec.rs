@@ -4,11 +4,12 @@
 //! transforms and verifying checksums.
 
 use super::plan::{Member, Piece, Record, Run, Schedule, Target, Task, SCATTER_BLOCK};
-use super::{lock, ReadConfig, ReadStats, Slot};
+use super::{lock, ReadConfig, ReadStats, Slot, SlotChunk};
 use crate::error::{Error, Result};
 use crate::metadata::{AppliedTransform, Metadata};
-use crate::model::DestData;
+use crate::model::{ChunkBox, DestData};
 use crate::pipeline::copy::{stream_region_from, LineStreamer};
+use crate::pipeline::prefetch::prefetch;
 use crate::storage::FileSystem;
 use crate::transform::{StreamTransformExtension, TransformKind};
 use std::borrow::Cow;
@@ -331,22 +332,57 @@ impl<'a> Ctx<'a> {
     /// last. A lock or unlock is a locked instruction, which waits for
     /// every store before it to complete: taken around each piece's
     /// copies, it stalled the copies of many small pieces on the memory
-    /// they write, once per piece.
+    /// they write, once per piece. The pieces' destinations are looked up
+    /// once, before the copies (which evict them from the cache), and
+    /// hinted to the cache a few pieces ahead of their copy.
     fn serve_pieces(&self, buf_start: u64, buf: &[u8], pieces: &[Piece]) -> Result<()> {
-        let addr = |c: &&Mutex<DestData>| std::ptr::from_ref(*c) as usize;
-        let mut chunks: Vec<&Mutex<DestData>> = Vec::with_capacity(pieces.len());
-        for p in pieces {
+        /// How many copies ahead the destinations are hinted.
+        const AHEAD: usize = 4;
+        let addr = |c: &Mutex<DestData>| std::ptr::from_ref(c) as usize;
+        // Each tensor target of the pieces, in order: its piece, its
+        // destination chunk and its overlap; each bytes target likewise.
+        let mut tensors: Vec<(usize, &SlotChunk, &ChunkBox)> = Vec::with_capacity(pieces.len());
+        let mut bytes: Vec<(usize, &Mutex<Option<Vec<u8>>>)> = Vec::new();
+        for (i, p) in pieces.iter().enumerate() {
+            if let Some(ahead) = pieces.get(i + AHEAD) {
+                prefetch(&self.records[ahead.record].targets[..]);
+            }
             let rec = &self.records[p.record];
             for &ti in &p.targets {
-                if let Target::Tensor { .. } = &rec.targets[ti] {
-                    chunks.push(self.dest_chunk(rec, ti));
+                match &rec.targets[ti] {
+                    Target::Bytes { dest_item } => {
+                        let Slot::Bytes(b) = &self.slots[*dest_item] else {
+                            unreachable!("planned as bytes")
+                        };
+                        bytes.push((i, b));
+                    }
+                    Target::Tensor {
+                        dest_item,
+                        dest_chunk,
+                        overlap,
+                    } => {
+                        let Slot::Tensor(slot) = &self.slots[*dest_item] else {
+                            unreachable!("planned as tensor")
+                        };
+                        tensors.push((i, &slot[*dest_chunk], overlap));
+                    }
                 }
             }
         }
-        chunks.sort_unstable_by_key(addr);
+        let mut chunks: Vec<&Mutex<DestData>> = tensors.iter().map(|t| &t.1 .1).collect();
+        chunks.sort_unstable_by_key(|c| addr(c));
         chunks.dedup_by_key(|c| addr(c));
+        let guard_of: Vec<usize> = tensors
+            .iter()
+            .map(|t| {
+                chunks
+                    .binary_search_by_key(&addr(&t.1 .1), |c| addr(c))
+                    .expect("every piece's chunk is listed")
+            })
+            .collect();
         let mut guards: Vec<_> = chunks.iter().map(|m| lock(m)).collect();
-        for p in pieces {
+        let (mut t, mut b) = (0usize, 0usize);
+        for (i, p) in pieces.iter().enumerate() {
             let rec = &self.records[p.record];
             let at = (rec.offset + p.rel_start - buf_start) as usize;
             let raw = &buf[at..at + p.len as usize];
@@ -355,42 +391,29 @@ impl<'a> Ctx<'a> {
             } else {
                 Cow::Borrowed(raw)
             };
-            for &ti in &p.targets {
-                match &rec.targets[ti] {
-                    Target::Bytes { dest_item } => {
-                        let Slot::Bytes(b) = &self.slots[*dest_item] else {
-                            unreachable!()
-                        };
-                        *lock(b) = Some(data.to_vec());
-                    }
-                    Target::Tensor {
-                        dest_item,
-                        dest_chunk,
-                        overlap,
-                    } => {
-                        let Slot::Tensor(slot) = &self.slots[*dest_item] else {
-                            unreachable!()
-                        };
-                        let (dest_box, m) = &slot[*dest_chunk];
-                        let g = chunks
-                            .binary_search_by_key(&addr(&m), addr)
-                            .expect("every piece's chunk is locked");
-                        let saved_box = rec.saved_box.expect("tensor record");
-                        // A load's destinations are larger than the cache
-                        // and read later, if at all: long runs go past the
-                        // cache (measured: the many-small load 4 to 10%
-                        // faster).
-                        stream_region_from(
-                            rec.elem,
-                            &data,
-                            p.rel_start as usize,
-                            saved_box,
-                            &mut guards[g],
-                            dest_box,
-                            overlap,
-                        );
-                    }
+            while let Some(&(_, (dest_box, _), overlap)) = tensors.get(t).filter(|x| x.0 == i) {
+                if let Some(&(_, ahead, ahead_overlap)) = tensors.get(t + AHEAD) {
+                    prefetch(ahead);
+                    prefetch(ahead_overlap);
                 }
+                let saved_box = rec.saved_box.expect("tensor record");
+                // A load's destinations are larger than the cache and read
+                // later, if at all: long runs go past the cache (measured:
+                // the many-small load 4 to 10% faster).
+                stream_region_from(
+                    rec.elem,
+                    &data,
+                    p.rel_start as usize,
+                    saved_box,
+                    &mut guards[guard_of[t]],
+                    dest_box,
+                    overlap,
+                );
+                t += 1;
+            }
+            while let Some(&(_, m)) = bytes.get(b).filter(|x| x.0 == i) {
+                *lock(m) = Some(data.to_vec());
+                b += 1;
             }
         }
         Ok(())
