@@ -168,10 +168,16 @@ pub fn stream_region_from(
     dst_box: &ChunkBox,
     region: &ChunkBox,
 ) {
-    // Every run of one region has the same length.
-    let run_bytes = common_run(src_box, dst_box, region).1 as usize * elem;
-    let stream = !region.is_empty() && run_bytes >= STREAM_MIN_RUN;
+    let stream = streams(elem, src_box, dst_box, region);
     copy_runs(elem, src, src_start, src_box, dst, dst_box, region, stream);
+}
+
+/// Whether [`stream_region_from`] writes `region` past the cache: when its
+/// runs (every run of one region has the same length) are at least
+/// [`STREAM_MIN_RUN`] bytes long. Otherwise it writes through the cache,
+/// and a caller can usefully hint the destination to the cache first.
+pub fn streams(elem: usize, src_box: &ChunkBox, dst_box: &ChunkBox, region: &ChunkBox) -> bool {
+    !region.is_empty() && common_run(src_box, dst_box, region).1 as usize * elem >= STREAM_MIN_RUN
 }
 
 /// The copy of [`copy_region_from`], each run written with ordinary stores

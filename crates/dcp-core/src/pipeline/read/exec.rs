@@ -8,7 +8,7 @@ use super::{lock, ReadConfig, ReadStats, Slot, SlotChunk};
 use crate::error::{Error, Result};
 use crate::metadata::{AppliedTransform, Metadata};
 use crate::model::{ChunkBox, DestData};
-use crate::pipeline::copy::{stream_region_from, LineStreamer};
+use crate::pipeline::copy::{spanning_range, stream_region_from, streams, LineStreamer};
 use crate::pipeline::prefetch::prefetch;
 use crate::storage::FileSystem;
 use crate::transform::{StreamTransformExtension, TransformKind};
@@ -121,6 +121,10 @@ pub(super) fn execute(
         records: records.len() as u64,
     })
 }
+
+/// At most this many bytes of a copy's destination are hinted to the cache
+/// ([`Ctx::hint_destination`]).
+const DEST_HINT: usize = 16 << 10;
 
 /// Spans up to this size are read into the worker's reused buffer (which
 /// then stays this large for the rest of the load); larger ones get a buffer
@@ -396,6 +400,14 @@ impl<'a> Ctx<'a> {
                     prefetch(ahead);
                     prefetch(ahead_overlap);
                 }
+                if let Some(&(pi, (next_box, _), next_overlap)) = tensors.get(t + 1) {
+                    self.hint_destination(
+                        &pieces[pi],
+                        next_box,
+                        next_overlap,
+                        &guards[guard_of[t + 1]],
+                    );
+                }
                 let saved_box = rec.saved_box.expect("tensor record");
                 // A load's destinations are larger than the cache and read
                 // later, if at all: long runs go past the cache (measured:
@@ -417,6 +429,33 @@ impl<'a> Ctx<'a> {
             }
         }
         Ok(())
+    }
+
+    /// Hint the cache about the destination bytes of the next copy (of
+    /// `overlap` of `piece` into `dest`, the buffer of `dest_box`), at
+    /// most [`DEST_HINT`] of them, when that copy writes through the cache
+    /// (short runs: a column piece of saved rows): its stores then find
+    /// their lines in the cache instead of each waiting for memory. A copy
+    /// that streams past the cache is not hinted (that would read lines
+    /// it overwrites whole).
+    fn hint_destination(
+        &self,
+        piece: &Piece,
+        dest_box: &ChunkBox,
+        overlap: &ChunkBox,
+        dest: &[u8],
+    ) {
+        let rec = &self.records[piece.record];
+        let Some(saved_box) = rec.saved_box else {
+            return;
+        };
+        if streams(rec.elem, saved_box, dest_box, overlap) {
+            return;
+        }
+        let (start, len) = spanning_range(rec.elem, dest_box, overlap);
+        if let Some(r) = dest.get(start..start + len.min(DEST_HINT)) {
+            prefetch(r);
+        }
     }
 
     /// Lock every destination chunk `runs` feed (in address order, so
