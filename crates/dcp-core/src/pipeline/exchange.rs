@@ -45,21 +45,16 @@ pub(crate) struct Schedule {
     pub rounds: Vec<Vec<usize>>,
 }
 
-/// The saved chunks `plan` reads, as sorted, distinct `(item, chunk)`, and
-/// whether its tensor reads come in that order already (the default
-/// planner's do).
-pub(crate) fn chunk_keys(plan: &LoadPlan) -> (Vec<(u32, u32)>, bool) {
+/// The saved chunks `plan` reads, as sorted, distinct `(item, chunk)`.
+pub(crate) fn chunk_keys(plan: &LoadPlan) -> Vec<(u32, u32)> {
     let mut k: Vec<(u32, u32)> = plan
         .tensor_reads
         .iter()
         .map(|r| (r.md_item as u32, r.saved_chunk as u32))
         .collect();
-    let ordered = k.is_sorted();
-    if !ordered {
-        k.sort_unstable();
-    }
+    k.sort_unstable();
     k.dedup();
-    (k, ordered)
+    k
 }
 
 /// The keys that two or more of `lists` hold, sorted and distinct. Each

@@ -19,10 +19,9 @@ use crate::plan::LoadPlan;
 use std::sync::Arc;
 
 /// Round 1 of a shared read, from each rank: the saved chunks it reads
-/// (sorted, distinct), whether its plan reads them in that order, whether
-/// it can lend buffers, whether it can fill through a node window; or the
-/// error that kept it from planning.
-type KeysMsg = std::result::Result<(Vec<(u32, u32)>, bool, bool, bool), WireError>;
+/// (sorted, distinct), whether it can lend buffers, whether it can fill
+/// through a node window; or the error that kept it from planning.
+type KeysMsg = std::result::Result<(Vec<(u32, u32)>, bool, bool), WireError>;
 
 /// Every rank's `value`, in rank order. Ranks of one process share them
 /// ([`gather_local`]: an `Arc` each, nothing encoded or copied); other
@@ -104,23 +103,18 @@ pub(crate) async fn read_shared(
     let keys_msg: KeysMsg = wire(
         planned
             .as_ref()
-            .map(|p| {
-                let (keys, ordered) = chunk_keys(p);
-                (keys, ordered, can_lend, can_window)
-            })
+            .map(|p| (chunk_keys(p), can_lend, can_window))
             .map_err(Error::detached),
         rank,
     );
     let all = all_gather_value(collective, keys_msg, "chunk keys").await?;
     let mut lists: Vec<&[(u32, u32)]> = Vec::with_capacity(all.len());
-    let mut ordered: Vec<bool> = Vec::with_capacity(all.len());
     let mut lend = true;
     let mut window = true;
     for msg in &all {
         match &**msg {
-            Ok((keys, o, l, w)) => {
+            Ok((keys, l, w)) => {
                 lists.push(keys);
-                ordered.push(*o);
                 lend &= *l;
                 window &= *w;
             }
@@ -135,16 +129,21 @@ pub(crate) async fn read_shared(
     if shared.is_empty() {
         return Ok(reader.read(md.clone(), plan, dest).await);
     }
+    drop(lists);
+    drop(all);
     if lend {
-        // Ranks of one process read every chunk once between them,
-        // straight into each other's buffers.
+        // Ranks of one process read every shared chunk once between them,
+        // straight into each other's buffers. What only this rank reads it
+        // reads first, alone, before it lends anything: a rank whose
+        // storage stalls there holds no lock on another rank's buffers,
+        // and the others' collective deadline names it.
+        let (local, plan) = split_shared(plan, &shared);
+        let state = read_local(reader, md, local, dest).await;
         let fsr = reader
             .file_system_reader()
             .expect("every rank said it has a file-system reader");
-        return lend::read_lent(plan, dest, md, fsr, collective, &lists, &ordered).await;
+        return lend::read_lent(state, plan, md, fsr, collective, &shared).await;
     }
-    drop(lists);
-    drop(all);
     // Round 2: what each rank needs of the chunks it shares.
     let mine: Vec<Need> = needs_of(&plan)
         .into_iter()
@@ -171,6 +170,26 @@ pub(crate) async fn read_shared(
             .await;
     }
     message::read_exchanged(state, md, reader, collective, &sched, needs, shared_reads).await
+}
+
+/// Split `plan` into the reads of chunks no other rank reads and those of
+/// the `shared` chunks (sorted keys), each in plan order.
+fn split_shared(plan: LoadPlan, shared: &[(u32, u32)]) -> (LoadPlan, LoadPlan) {
+    let (mine, theirs) = plan.tensor_reads.into_iter().partition(|r| {
+        shared
+            .binary_search(&(r.md_item as u32, r.saved_chunk as u32))
+            .is_err()
+    });
+    (
+        LoadPlan {
+            tensor_reads: mine,
+            bytes_reads: plan.bytes_reads,
+        },
+        LoadPlan {
+            tensor_reads: theirs,
+            bytes_reads: Vec::new(),
+        },
+    )
 }
 
 /// Read what this rank reads alone; a plan with nothing in it (every chunk
