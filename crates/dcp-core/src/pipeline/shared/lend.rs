@@ -1,5 +1,5 @@
-//! Lending: ranks of one process read every chunk any of them needs once,
-//! straight into each other's destination buffers.
+//! Lending: ranks of one process read every shared chunk once between
+//! them, straight into each other's destination buffers.
 
 use super::split::{cuts, served_plan, Key};
 use crate::checkpoint::wire::{decode, encode, on_rank};

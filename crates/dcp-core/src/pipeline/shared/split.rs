@@ -1,7 +1,8 @@
 //! Who reads what when the ranks of one process lend each other their
-//! buffers: every saved chunk any rank reads, in (item, chunk) order, cut
+//! buffers: the saved chunks two or more ranks read (each rank reads the
+//! others alone, before it lends anything), in (item, chunk) order, cut
 //! into one run per rank of about equal stored bytes ([`cuts`]), and each
-//! rank's part of every rank's plan ([`served_plan`]).
+//! rank's part of every rank's plan of them ([`served_plan`]).
 //!
 //! A rank serves a chunk whether or not it needs any of it (it writes
 //! straight into the buffers of the ranks that do), so the runs can be
@@ -24,8 +25,8 @@ const PREFETCH_AHEAD: usize = 8;
 /// lists than this are concatenated and sorted instead.
 const MERGE_MAX_LISTS: usize = 16;
 
-/// Cut the saved chunks of `lists` (every rank's sorted, distinct keys)
-/// into `world` runs in key order of about equal stored bytes: each chunk
+/// Cut the saved chunks of `lists` (sorted, distinct keys each; the lending
+/// path passes one list, the shared chunks) into `world` runs in key order of about equal stored bytes: each chunk
 /// goes to the rank whose equal share of the bytes holds the chunk's middle
 /// byte. Returns the first key of each run after the first (at most
 /// `world - 1`, ascending; fewer when the last ranks get nothing), which
