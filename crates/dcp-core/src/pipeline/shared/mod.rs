@@ -129,6 +129,9 @@ pub(crate) async fn read_shared(
     if shared.is_empty() {
         return Ok(reader.read(md.clone(), plan, dest).await);
     }
+    // Whether another rank reads every chunk this rank reads (a resharded
+    // load of small items): then there is nothing to split off.
+    let all_shared = is_subset(lists[rank], &shared);
     drop(lists);
     drop(all);
     if lend {
@@ -137,7 +140,23 @@ pub(crate) async fn read_shared(
         // reads first, alone, before it lends anything: a rank whose
         // storage stalls there holds no lock on another rank's buffers,
         // and the others' collective deadline names it.
-        let (local, plan) = split_shared(plan, &shared);
+        let (local, plan) = if all_shared {
+            let LoadPlan {
+                tensor_reads,
+                bytes_reads,
+            } = plan;
+            let local = LoadPlan {
+                tensor_reads: Vec::new(),
+                bytes_reads,
+            };
+            let shared = LoadPlan {
+                tensor_reads,
+                bytes_reads: Vec::new(),
+            };
+            (local, shared)
+        } else {
+            split_shared(plan, &shared)
+        };
         let state = read_local(reader, md, local, dest).await;
         let fsr = reader
             .file_system_reader()
@@ -172,6 +191,25 @@ pub(crate) async fn read_shared(
     message::read_exchanged(state, md, reader, collective, &sched, needs, shared_reads).await
 }
 
+/// Whether every key of `keys` is in `of` (both sorted and distinct): one
+/// merge walk.
+fn is_subset(keys: &[(u32, u32)], of: &[(u32, u32)]) -> bool {
+    if keys.len() > of.len() {
+        return false;
+    }
+    let mut j = 0;
+    for k in keys {
+        while j < of.len() && of[j] < *k {
+            j += 1;
+        }
+        if of.get(j) != Some(k) {
+            return false;
+        }
+        j += 1;
+    }
+    true
+}
+
 /// Split `plan` into the reads of chunks no other rank reads and those of
 /// the `shared` chunks (sorted keys), each in plan order.
 fn split_shared(plan: LoadPlan, shared: &[(u32, u32)]) -> (LoadPlan, LoadPlan) {
@@ -204,4 +242,67 @@ async fn read_local(
         return Ok((dest, ReadStats::default()));
     }
     reader.read(md.clone(), plan, dest).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The merge walk agrees with a lookup of each key, on lists with and
+    /// without keys missing from the other.
+    #[test]
+    fn subsets_by_merge_match_lookups() {
+        let of: Vec<(u32, u32)> = (0..40u32)
+            .filter(|i| i % 3 != 0)
+            .map(|i| (i / 4, i % 4))
+            .collect();
+        let cases: Vec<Vec<(u32, u32)>> = vec![
+            vec![],
+            of.clone(),
+            of.iter().copied().step_by(2).collect(),
+            vec![(0, 0)],
+            vec![(0, 1), (0, 3)],
+            vec![(0, 1), (9, 3)],
+            vec![(9, 3)],
+            vec![(99, 0)],
+            of.iter().copied().chain([(99, 0)]).collect(),
+        ];
+        for keys in cases {
+            let want = keys.iter().all(|k| of.binary_search(k).is_ok());
+            assert_eq!(is_subset(&keys, &of), want, "{keys:?}");
+        }
+    }
+
+    /// Splitting sends each read to the side its key says, in plan order,
+    /// and the bytes reads to the rank's own side.
+    #[test]
+    fn split_shared_keeps_plan_order_on_each_side() {
+        use crate::model::ChunkBox;
+        use crate::plan::{BytesRead, ReadItem};
+        let read = |md_item: usize, saved_chunk: usize| ReadItem {
+            dest_item: md_item,
+            dest_chunk: 0,
+            md_item,
+            saved_chunk,
+            overlap: ChunkBox::full(&[1]),
+        };
+        let plan = LoadPlan {
+            tensor_reads: vec![read(3, 0), read(1, 1), read(2, 0), read(1, 0)],
+            bytes_reads: vec![BytesRead {
+                dest_item: 9,
+                md_item: 9,
+            }],
+        };
+        let (mine, theirs) = split_shared(plan, &[(1, 0), (3, 0)]);
+        let keys = |p: &LoadPlan| -> Vec<(usize, usize)> {
+            p.tensor_reads
+                .iter()
+                .map(|r| (r.md_item, r.saved_chunk))
+                .collect()
+        };
+        assert_eq!(keys(&mine), vec![(1, 1), (2, 0)]);
+        assert_eq!(keys(&theirs), vec![(3, 0), (1, 0)]);
+        assert_eq!(mine.bytes_reads.len(), 1);
+        assert!(theirs.bytes_reads.is_empty());
+    }
 }
