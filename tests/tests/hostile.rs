@@ -563,7 +563,7 @@ fn overlapping_and_out_of_shape_chunks() {
 
     let mut md = c.md.clone();
     if let ItemMeta::Tensor { shape, .. } = &mut md.items[1].1 {
-        *shape = vec![u64::MAX, 3, 0, u64::MAX];
+        *shape = vec![u64::MAX, 3, 0, u64::MAX].into();
     }
     c.put_md(&md);
     assert_error(
@@ -595,7 +595,7 @@ fn transform_tables_out_of_range_or_unknown() {
         .transforms
         .push(AppliedTransform {
             descriptor: 7,
-            value: vec![],
+            value: vec![].into(),
             input_len: None,
         });
     c.put_md(&md);
@@ -614,7 +614,7 @@ fn transform_tables_out_of_range_or_unknown() {
         .transforms
         .push(AppliedTransform {
             descriptor: 0,
-            value: vec![],
+            value: vec![].into(),
             input_len: Some(64),
         });
     c.put_md(&md);
@@ -683,7 +683,7 @@ fn bytes_item_claiming_2_pow_40_bytes() {
                         file: 0,
                         offset: 0,
                         length: 1 << 40,
-                        transforms: vec![],
+                        transforms: Default::default(),
                     },
                 };
             }
@@ -708,14 +708,14 @@ fn huge_chunk_refused(label: &'static str, dest: ChunkBox) {
         md.files[0].length = 1 << 41;
         md.items[1].1 = ItemMeta::Tensor {
             dtype: DType::U8,
-            shape: vec![1 << 20, 1 << 20],
+            shape: vec![1 << 20, 1 << 20].into(),
             chunks: vec![ChunkMeta {
                 region: ChunkBox::full(&[1 << 20, 1 << 20]),
                 storage: dcp_core::metadata::StorageInfo {
                     file: 0,
                     offset: 0,
                     length: 1 << 40,
-                    transforms: vec![],
+                    transforms: Default::default(),
                 },
             }],
         };

@@ -328,7 +328,7 @@ async fn an_index_longer_than_the_first_read_is_read_in_full() {
                 file: 0,
                 offset: r * 4,
                 length: 4,
-                transforms: vec![],
+                transforms: Default::default(),
             },
         })
         .collect();
@@ -340,12 +340,12 @@ async fn an_index_longer_than_the_first_read_is_read_in_full() {
             name: "__0_0-0123456789abcdef.dcp".into(),
             length: rows * 4,
         }],
-        transforms: vec![],
+        transforms: Default::default(),
         items: vec![(
             "w".into(),
             ItemMeta::Tensor {
                 dtype: DType::U8,
-                shape: vec![rows, 4],
+                shape: vec![rows, 4].into(),
                 chunks,
             },
         )],

@@ -225,7 +225,7 @@ async fn translated_metadata_describes_the_checkpoint() {
                     shape: s,
                     chunks,
                 }) => {
-                    assert_eq!((d, s), (dtype, shape), "{name}: {n}");
+                    assert_eq!((d, &s[..]), (dtype, &shape[..]), "{name}: {n}");
                     let saved: u64 = chunks.iter().map(|c| c.region.numel()).sum();
                     // Every element saved once (the replicated one too).
                     assert_eq!(saved, shape.iter().product::<u64>(), "{name}: {n}");

@@ -345,7 +345,7 @@ pub fn run(args: ConvertArgs) -> Result<ExitCode, CliError> {
                     ItemMeta::Tensor { dtype, shape, .. } => dest.want_tensor(
                         name.clone(),
                         *dtype,
-                        shape.clone(),
+                        shape.to_vec(),
                         row_box(shape, n, rank)?,
                     )?,
                     ItemMeta::Bytes { .. } if rank == 0 => dest.want_bytes(name.clone())?,

@@ -167,7 +167,7 @@ impl InspectReport {
                     name: name.clone(),
                     kind: "tensor",
                     dtype: Some(dtype.name().to_string()),
-                    shape: Some(shape.clone()),
+                    shape: Some(shape.to_vec()),
                     bytes: chunks
                         .iter()
                         .map(|c| c.region.numel() * dtype.size() as u64)

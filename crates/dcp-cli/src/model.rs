@@ -228,7 +228,7 @@ impl ModelSpec {
                         dtype: d, shape: s, ..
                     },
                 ) => {
-                    if dtype != d || shape != s {
+                    if dtype != d || shape[..] != s[..] {
                         return Err(format!(
                             "{}: the checkpoint holds {d} {s:?}, the model expects {dtype} {shape:?}",
                             it.name

@@ -614,7 +614,7 @@ fn load_whole(location: &str) -> std::collections::BTreeMap<String, (String, Vec
                 .want_tensor(
                     name.clone(),
                     *dtype,
-                    shape.clone(),
+                    shape.to_vec(),
                     vec![dcp::ChunkBox::full(shape)],
                 )
                 .unwrap(),

@@ -10,7 +10,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use dcp_core::metadata::{ChunkMeta, DataFile, FormatKind, ItemMeta, Metadata, StorageInfo};
 use dcp_core::pipeline::copy::{copy_region, LineStreamer};
 use dcp_core::plan::{DefaultLoadPlanner, LoadPlanner};
-use dcp_core::{ChunkBox, DType, DestStateDict};
+use dcp_core::{ChunkBox, DType, DestStateDict, Dims};
 use std::hint::black_box;
 
 /// A metadata of `chunks` chunks: tensors of 1,000 chunks each on a 25 x 40
@@ -43,7 +43,7 @@ fn build(chunks: usize) -> Metadata {
                     file: f as u32,
                     offset: offsets[f],
                     length: len,
-                    transforms: vec![],
+                    transforms: Default::default(),
                 },
             });
             offsets[f] += len;
@@ -52,7 +52,7 @@ fn build(chunks: usize) -> Metadata {
             format!("model.layers.{it}.mlp.up_proj.weight"),
             ItemMeta::Tensor {
                 dtype: DType::BF16,
-                shape,
+                shape: shape.into(),
                 chunks: cs,
             },
         ));
@@ -63,7 +63,7 @@ fn build(chunks: usize) -> Metadata {
         world_size: 8,
         format: FormatKind::Raw,
         files,
-        transforms: vec![],
+        transforms: Default::default(),
         items: out,
         user: Default::default(),
         generation: 1,
@@ -118,7 +118,7 @@ fn planning(c: &mut Criterion) {
                     file: 0,
                     offset: off,
                     length: b.numel() * 2,
-                    transforms: vec![],
+                    transforms: Default::default(),
                 },
             };
             off += b.numel() * 2;
@@ -133,12 +133,12 @@ fn planning(c: &mut Criterion) {
             name: "f".into(),
             length: off,
         }],
-        transforms: vec![],
+        transforms: Default::default(),
         items: vec![(
             "w".into(),
             ItemMeta::Tensor {
                 dtype: DType::BF16,
-                shape: shape.to_vec(),
+                shape: Dims::from_slice(&shape),
                 chunks,
             },
         )],
@@ -151,7 +151,7 @@ fn planning(c: &mut Criterion) {
     let small_saved = grid(small, [25, 40]);
     let mut md_small = md.clone();
     if let ItemMeta::Tensor { shape, chunks, .. } = &mut md_small.items[0].1 {
-        *shape = small.to_vec();
+        *shape = Dims::from_slice(&small);
         let mut off = 0;
         for (c, b) in chunks.iter_mut().zip(&small_saved) {
             c.region = b.clone();

@@ -15,7 +15,7 @@
 
 use crate::dtype::DType;
 use crate::error::{Error, ErrorKind, Result};
-use crate::model::ChunkBox;
+use crate::model::{ChunkBox, Dims};
 use crate::storage::check_file_name;
 use crate::transform::{Descriptor, TransformKind};
 use serde::{Deserialize, Serialize};
@@ -88,13 +88,22 @@ pub struct DataFile {
     pub length: u64,
 }
 
+/// A transform's recorded value: a checksum's 4 bytes fit inline, so a
+/// record's metadata allocates nothing for it.
+pub type TransformValue = smallvec::SmallVec<[u8; 8]>;
+
+/// The transforms applied to a record: one (a checksum) fits inline.
+pub type Transforms = smallvec::SmallVec<[AppliedTransform; 1]>;
+
 /// One transform applied to a record, with the value its encoder returned.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AppliedTransform {
     /// Index into [`Metadata::transforms`].
     pub descriptor: u32,
-    /// The encoder's recorded value (a checksum), possibly empty.
-    pub value: Vec<u8>,
+    /// The encoder's recorded value (a checksum), possibly empty; up to 8
+    /// bytes are held inline.
+    #[serde(with = "crate::model::inline_seq")]
+    pub value: TransformValue,
     /// For a codec, the length of its input (the exact output length its
     /// decoder must produce); `None` for checksums.
     pub input_len: Option<u64>,
@@ -109,8 +118,9 @@ pub struct StorageInfo {
     pub offset: u64,
     /// Stored length (after transforms).
     pub length: u64,
-    /// Transforms in order of application.
-    pub transforms: Vec<AppliedTransform>,
+    /// Transforms in order of application (one is held inline).
+    #[serde(with = "crate::model::inline_seq")]
+    pub transforms: Transforms,
 }
 
 /// One saved chunk of a tensor.
@@ -130,7 +140,8 @@ pub enum ItemMeta {
         /// Element type.
         dtype: DType,
         /// Global shape.
-        shape: Vec<u64>,
+        #[serde(with = "crate::model::inline_seq")]
+        shape: Dims,
         /// Saved chunks, pairwise disjoint.
         chunks: Vec<ChunkMeta>,
     },
@@ -570,7 +581,7 @@ mod tests {
             file,
             offset,
             length,
-            transforms: vec![],
+            transforms: Default::default(),
         };
         Metadata {
             save_id: "00112233aabbccdd".into(),
@@ -586,7 +597,7 @@ mod tests {
                     length: 64,
                 },
             ],
-            transforms: vec![],
+            transforms: Default::default(),
             items: vec![
                 (
                     "a".into(),
@@ -599,7 +610,7 @@ mod tests {
                     "w".into(),
                     ItemMeta::Tensor {
                         dtype: DType::F32,
-                        shape: vec![4, 2],
+                        shape: vec![4, 2].into(),
                         chunks: vec![
                             ChunkMeta {
                                 region: ChunkBox::new(vec![0, 0], vec![2, 2]).unwrap(),
@@ -716,7 +727,7 @@ mod tests {
         assert!(md.validate().unwrap_err().message().contains("sorted"));
         let mut md = sample();
         if let ItemMeta::Tensor { shape, .. } = &mut md.items[1].1 {
-            *shape = vec![u64::MAX, u64::MAX];
+            *shape = vec![u64::MAX, u64::MAX].into();
         }
         assert!(md.validate().unwrap_err().message().contains("overflow"));
     }

@@ -19,42 +19,57 @@ pub type Dims = smallvec::SmallVec<[u64; 4]>;
 #[derive(PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ChunkBox {
     /// Start of the box on each dimension.
-    #[serde(with = "dims_serde")]
+    #[serde(with = "inline_seq")]
     pub offsets: Dims,
     /// Extent of the box on each dimension (zero allowed).
-    #[serde(with = "dims_serde")]
+    #[serde(with = "inline_seq")]
     pub sizes: Dims,
 }
 
-/// [`Dims`] as a sequence of `u64`, the encoding of a `Vec<u64>` (so the
-/// metadata format is unchanged). Decoding reserves no more than the inline
-/// capacity up front, whatever length the input claims: a hostile length
-/// fails at the end of the input instead of allocating.
-mod dims_serde {
-    use super::Dims;
-    use serde::de::{SeqAccess, Visitor};
-    use serde::{Deserializer, Serializer};
+/// A [`SmallVec`](smallvec::SmallVec) as a sequence of its elements, the
+/// encoding of a `Vec` (so the metadata format is the same as with `Vec`s).
+/// Decoding reserves no more than the inline capacity up front, whatever
+/// length the input claims: a hostile length fails at the end of the input
+/// instead of allocating.
+pub(crate) mod inline_seq {
+    use serde::de::{Deserialize, SeqAccess, Visitor};
+    use serde::{Deserializer, Serialize, Serializer};
+    use smallvec::{Array, SmallVec};
+    use std::marker::PhantomData;
 
-    pub(super) fn serialize<S: Serializer>(d: &Dims, s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<A, S>(d: &SmallVec<A>, s: S) -> Result<S::Ok, S::Error>
+    where
+        A: Array,
+        A::Item: Serialize,
+        S: Serializer,
+    {
         s.collect_seq(d.iter())
     }
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Dims, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Dims;
+    pub(crate) fn deserialize<'de, A, D>(d: D) -> Result<SmallVec<A>, D::Error>
+    where
+        A: Array,
+        A::Item: Deserialize<'de>,
+        D: Deserializer<'de>,
+    {
+        struct V<A>(PhantomData<A>);
+        impl<'de, A: Array> Visitor<'de> for V<A>
+        where
+            A::Item: Deserialize<'de>,
+        {
+            type Value = SmallVec<A>;
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a sequence of u64")
+                f.write_str("a sequence")
             }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Dims, A::Error> {
-                let mut out = Dims::new();
-                while let Some(v) = seq.next_element::<u64>()? {
+            fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<SmallVec<A>, S::Error> {
+                let mut out = SmallVec::new();
+                while let Some(v) = seq.next_element()? {
                     out.push(v);
                 }
                 Ok(out)
             }
         }
-        d.deserialize_seq(V)
+        d.deserialize_seq(V(PhantomData))
     }
 }
 

@@ -798,7 +798,7 @@ impl Reader {
                         .iter()
                         .map(|c| (c.region.offsets.to_vec(), c.region.sizes.to_vec()))
                         .collect();
-                    items.append((name, "tensor", dtype.name(), shape.clone(), cs))?;
+                    items.append((name, "tensor", dtype.name(), shape.to_vec(), cs))?;
                 }
                 ItemMeta::Bytes { length, .. } => {
                     items.append((name, "bytes", *length, py.None(), py.None()))?;
@@ -962,7 +962,7 @@ impl Reader {
         let mut dest = DestStateDict::new();
         for (name, chunks) in by_name {
             let (dtype, shape) = match md.item(&name) {
-                Some(ItemMeta::Tensor { dtype, shape, .. }) => (*dtype, shape.clone()),
+                Some(ItemMeta::Tensor { dtype, shape, .. }) => (*dtype, shape.to_vec()),
                 Some(_) => {
                     return Err(PyValueError::new_err(format!(
                         "dcp: {name} is a bytes item in {}, not a tensor",

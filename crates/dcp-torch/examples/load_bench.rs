@@ -77,7 +77,7 @@ fn main() {
                                     DestChunk::new(b, vec![0xa5; n])
                                 })
                                 .collect();
-                            d.insert_tensor(name.clone(), *dtype, shape.clone(), chunks)
+                            d.insert_tensor(name.clone(), *dtype, shape.to_vec(), chunks)
                                 .unwrap();
                         }
                         ItemMeta::Bytes { .. } => d.want_bytes(name.clone()).unwrap(),

@@ -16,7 +16,7 @@
 
 use crate::record::{self, Record};
 use dcp_core::format::SerializationFormat;
-use dcp_core::metadata::{AppliedTransform, StorageInfo, MAX_NDIM};
+use dcp_core::metadata::{AppliedTransform, StorageInfo, TransformValue, Transforms, MAX_NDIM};
 use dcp_core::transform::Descriptor;
 use dcp_core::{
     DType, Error, ErrorKind, ExtensionFactory, FileSystem, Result, StreamEncoder,
@@ -216,13 +216,13 @@ impl SerializationFormat for TorchSaveFormat {
         // copy when its storage is larger).
         let transforms = match tag.crc32 {
             Some(descriptor) if rec.storage_offset == 0 && len == rec.data_len => {
-                vec![AppliedTransform {
+                Transforms::from_buf([AppliedTransform {
                     descriptor,
-                    value: rec.crc32.to_le_bytes().to_vec(),
+                    value: TransformValue::from_slice(&rec.crc32.to_le_bytes()),
                     input_len: None,
-                }]
+                }])
             }
-            _ => Vec::new(),
+            _ => Transforms::new(),
         };
         Ok(Some(StorageInfo {
             file: stored.file,

@@ -32,7 +32,7 @@
 use crate::format::{RecordTag, TorchSave, FORMAT_NAME};
 use crate::pickle::{self, uints, Global, Object, Pickle, Value};
 use dcp_core::metadata::{
-    AppliedTransform, ChunkMeta, DataFile, FormatKind, ItemMeta, Metadata, StorageInfo,
+    AppliedTransform, ChunkMeta, DataFile, FormatKind, ItemMeta, Metadata, StorageInfo, Transforms,
 };
 use dcp_core::storage::check_file_name;
 use dcp_core::{ChunkBox, DType, Error, ErrorKind, FileSystem, MetadataTranslator, Result};
@@ -434,11 +434,11 @@ impl Translation<'_> {
             file,
             offset: s.offset,
             length: s.length,
-            transforms: vec![AppliedTransform {
+            transforms: Transforms::from_buf([AppliedTransform {
                 descriptor,
-                value: tag.encode(),
+                value: tag.encode().into(),
                 input_len: Some(input_len),
-            }],
+            }]),
         })
     }
 
@@ -576,7 +576,7 @@ pub fn translate(fs: &dyn FileSystem, bytes: &[u8]) -> Result<Metadata> {
                                 file,
                                 offset: e.offset,
                                 length: e.length,
-                                transforms: Vec::new(),
+                                transforms: Transforms::new(),
                             }
                         }
                         _ => {
@@ -596,7 +596,7 @@ pub fn translate(fs: &dyn FileSystem, bytes: &[u8]) -> Result<Metadata> {
                     name.clone(),
                     ItemMeta::Tensor {
                         dtype: *dtype,
-                        shape: size.clone(),
+                        shape: size.as_slice().into(),
                         chunks: out,
                     },
                 ));

@@ -447,7 +447,7 @@ fn plan(md: &Metadata, options: &ExportOptions) -> Result<(Vec<Plan>, Vec<String
             name: name.clone(),
             out,
             dtype: *dtype,
-            shape: shape.clone(),
+            shape: shape.to_vec(),
             bytes,
         });
     }

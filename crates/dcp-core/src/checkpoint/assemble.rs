@@ -14,7 +14,7 @@
 use crate::checkpoint::plan_cache::{place_write, CompactWrite};
 use crate::checkpoint::RankWrite;
 use crate::error::{Error, Result};
-use crate::metadata::{ChunkMeta, FormatKind, ItemMeta, Metadata, StorageInfo};
+use crate::metadata::{ChunkMeta, FormatKind, ItemMeta, Metadata, StorageInfo, Transforms};
 use crate::plan::{SavePlan, WriteIndex};
 use rustc_hash::FxHashMap;
 use std::collections::BTreeMap;
@@ -122,7 +122,7 @@ pub(crate) fn build(
             } else {
                 ItemMeta::Tensor {
                     dtype: dtype.unwrap_or(crate::DType::U8),
-                    shape: shape.to_vec(),
+                    shape: crate::model::Dims::from_slice(&shape),
                     chunks: Vec::with_capacity(count as usize),
                 }
             };
@@ -178,7 +178,7 @@ pub(crate) fn build(
                 name,
                 ItemMeta::Tensor {
                     dtype: d.dtype,
-                    shape: d.shape,
+                    shape: d.shape.into(),
                     chunks: Vec::new(),
                 },
             ));
@@ -264,7 +264,7 @@ fn empty_storage() -> StorageInfo {
         file: 0,
         offset: 0,
         length: 0,
-        transforms: Vec::new(),
+        transforms: Transforms::new(),
     }
 }
 
@@ -348,7 +348,7 @@ mod tests {
                     file: 0,
                     offset,
                     length: it.nbytes,
-                    transforms: Vec::new(),
+                    transforms: Default::default(),
                 },
             ));
             offset += it.nbytes;
@@ -358,7 +358,7 @@ mod tests {
                 name: format!("__{rank}_0.dcp"),
                 length: offset,
             }],
-            transforms: Vec::new(),
+            transforms: Default::default(),
             records,
             staged_peak_bytes: 0,
         }
@@ -396,7 +396,7 @@ mod tests {
         let ItemMeta::Tensor { chunks, shape, .. } = &md.items[3].1 else {
             panic!("w is a tensor")
         };
-        assert_eq!(shape, &[4, 2]);
+        assert_eq!(&shape[..], &[4, 2]);
         // Chunks by offsets: rank 1's (file 1, written first) first.
         assert_eq!(chunks[0].region.offsets[..], [0, 0]);
         assert_eq!((chunks[0].storage.file, chunks[0].storage.offset), (1, 0));

@@ -430,7 +430,7 @@ fn cut_parts(
                 shape,
                 chunks,
             }) => {
-                if t.dtype != *dtype || t.shape != *shape {
+                if t.dtype != *dtype || t.shape[..] != shape[..] {
                     return Err(Error::invalid(format!(
                         "{name}: saved as {dtype} {shape:?}, destination asks for {} {:?}",
                         t.dtype, t.shape

@@ -617,7 +617,7 @@ fn empty_metadata() -> Metadata {
         world_size: 0,
         format: FormatKind::Raw,
         files: Vec::new(),
-        transforms: Vec::new(),
+        transforms: Default::default(),
         items: Vec::new(),
         user: BTreeMap::new(),
         generation: 0,

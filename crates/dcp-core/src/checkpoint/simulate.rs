@@ -13,7 +13,7 @@ use crate::checkpoint::wire::{decode, encode, first_error, wire};
 use crate::checkpoint::RankWrite;
 use crate::error::{Error, Result, WireError};
 use crate::metadata::sections::{index_len, MetadataIndex};
-use crate::metadata::{DataFile, FormatKind, Metadata, StorageInfo};
+use crate::metadata::{DataFile, FormatKind, Metadata, StorageInfo, Transforms};
 use crate::model::{DestStateDict, StateDict};
 use crate::plan::{DefaultLoadPlanner, DefaultSavePlanner, LoadPlanner, SavePlan, SavePlanner};
 use bytes::Bytes;
@@ -322,7 +322,7 @@ fn cached(
                     file: 0,
                     offset,
                     length: n,
-                    transforms: Vec::new(),
+                    transforms: Transforms::new(),
                 };
                 offset += n;
                 s
@@ -404,7 +404,7 @@ fn rank_write(rank: usize, plan: &SavePlan) -> RankWrite {
                 file: 0,
                 offset,
                 length: it.nbytes,
-                transforms: Vec::new(),
+                transforms: Transforms::new(),
             };
             offset += it.nbytes;
             (it.name.to_string(), it.index.clone(), storage)

@@ -34,7 +34,7 @@ use super::{
 };
 use crate::dtype::DType;
 use crate::error::{Error, ErrorKind, Result};
-use crate::model::{ChunkBox, DestItem, DestStateDict};
+use crate::model::{ChunkBox, DestItem, DestStateDict, Dims};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -769,7 +769,7 @@ impl MetadataIndex {
                         name.clone(),
                         ItemMeta::Tensor {
                             dtype: *dtype,
-                            shape: shape.clone(),
+                            shape: Dims::from_slice(shape),
                             chunks,
                         },
                     ));
@@ -814,7 +814,7 @@ mod tests {
             file: 0,
             offset,
             length,
-            transforms: vec![],
+            transforms: Default::default(),
         }
     }
 
@@ -834,7 +834,7 @@ mod tests {
                 "b".to_string(),
                 ItemMeta::Tensor {
                     dtype: DType::U8,
-                    shape: vec![3],
+                    shape: vec![3].into(),
                     chunks: vec![ChunkMeta {
                         region: ChunkBox::full(&[3]),
                         storage: st(64, 3),
@@ -857,7 +857,7 @@ mod tests {
                 n.to_string(),
                 ItemMeta::Tensor {
                     dtype: DType::U8,
-                    shape: vec![rows, 4],
+                    shape: vec![rows, 4].into(),
                     chunks,
                 },
             ));
@@ -870,7 +870,7 @@ mod tests {
                 name: "__0_0-00112233aabbccdd.dcp".into(),
                 length: at,
             }],
-            transforms: vec![],
+            transforms: Default::default(),
             items,
             user: BTreeMap::from([("step".into(), "7".into())]),
             generation: 3,

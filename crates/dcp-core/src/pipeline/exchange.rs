@@ -552,7 +552,7 @@ mod tests {
                         file: 0,
                         offset: off,
                         length,
-                        transforms: vec![],
+                        transforms: Default::default(),
                     },
                 };
                 off += length;
@@ -567,12 +567,12 @@ mod tests {
                 name: "f".into(),
                 length: off,
             }],
-            transforms: vec![],
+            transforms: Default::default(),
             items: vec![(
                 "t".into(),
                 ItemMeta::Tensor {
                     dtype: DType::BF16,
-                    shape: vec![4, 6],
+                    shape: vec![4, 6].into(),
                     chunks,
                 },
             )],
@@ -628,7 +628,7 @@ mod tests {
             b([4, 0], [2, 25]),
         ]);
         if let ItemMeta::Tensor { shape, .. } = &mut m.items[0].1 {
-            *shape = vec![6, 25];
+            *shape = vec![6, 25].into();
         }
         let cols = [(0, 9), (9, 8), (17, 8)];
         let needs: Vec<Vec<Need>> = cols

@@ -11,7 +11,7 @@
 
 use crate::error::Result;
 use crate::format::{padding, RecordLayout, SerializationFormat};
-use crate::metadata::{AppliedTransform, DataFile, StorageInfo};
+use crate::metadata::{AppliedTransform, DataFile, StorageInfo, TransformValue};
 use crate::plan::WriteIndex;
 use crate::stage::budget::{Budget, Permit};
 use crate::stage::{ChunkData, ChunkSource, StagedCopy};
@@ -180,7 +180,7 @@ fn write_records(
                 file: file_index,
                 offset: start,
                 length: pos - start,
-                transforms,
+                transforms: transforms.into(),
             },
         });
     }
@@ -365,7 +365,7 @@ fn encode_record(
         pending = out;
         applied.push(AppliedTransform {
             descriptor: idx,
-            value,
+            value: TransformValue::from_slice(&value),
             input_len: (kind == TransformKind::Codec).then_some(input_len),
         });
     }

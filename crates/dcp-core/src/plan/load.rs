@@ -119,7 +119,7 @@ impl LoadPlanner for DefaultLoadPlanner {
                         chunks,
                     },
                 ) => {
-                    if t.dtype != *dtype || t.shape != *shape {
+                    if t.dtype != *dtype || t.shape[..] != shape[..] {
                         return Err(Error::invalid(format!(
                             "{name}: saved as {dtype} {shape:?}, destination asks for {} {:?}",
                             t.dtype, t.shape
@@ -315,7 +315,7 @@ mod tests {
                     file: 0,
                     offset: off,
                     length: len,
-                    transforms: vec![],
+                    transforms: Default::default(),
                 },
             });
             off += len;
@@ -328,12 +328,12 @@ mod tests {
                 name: "f".into(),
                 length: off,
             }],
-            transforms: vec![],
+            transforms: Default::default(),
             items: vec![(
                 "t".into(),
                 ItemMeta::Tensor {
                     dtype: DType::BF16,
-                    shape,
+                    shape: shape.into(),
                     chunks,
                 },
             )],

@@ -767,7 +767,7 @@ impl<'a> Ctx<'a> {
         for (enc, i) in encoders {
             let t = &rec.transforms[i];
             let actual = enc.finish(&mut Vec::new())?;
-            if actual != t.value {
+            if actual[..] != t.value[..] {
                 return Err(Error::new(
                     crate::ErrorKind::ChecksumMismatch,
                     format!(

@@ -952,7 +952,7 @@ mod tests {
                     file: 0,
                     offset: i * per * 4,
                     length: per * 4,
-                    transforms: Vec::new(),
+                    transforms: Default::default(),
                 },
             })
             .collect();
@@ -964,12 +964,12 @@ mod tests {
                 name: "__0_0-x.dcp".into(),
                 length: n * 4,
             }],
-            transforms: Vec::new(),
+            transforms: Default::default(),
             items: vec![(
                 "w".into(),
                 ItemMeta::Tensor {
                     dtype: crate::DType::F32,
-                    shape: vec![n],
+                    shape: vec![n].into(),
                     chunks,
                 },
             )],

@@ -239,7 +239,7 @@ async fn read_saved_chunks(
         dest.want_tensor(
             name.clone(),
             *dtype,
-            shape.clone(),
+            shape.to_vec(),
             cs.iter().map(|&c| saved[c].region.clone()).collect(),
         )?;
         for (dc, &c) in cs.iter().enumerate() {

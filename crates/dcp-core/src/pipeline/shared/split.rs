@@ -188,7 +188,7 @@ mod tests {
                             file: 0,
                             offset: off,
                             length: l,
-                            transforms: vec![],
+                            transforms: Default::default(),
                         };
                         off += l;
                         ChunkMeta {
@@ -201,7 +201,7 @@ mod tests {
                     format!("t{i}"),
                     ItemMeta::Tensor {
                         dtype: DType::U8,
-                        shape: vec![lens.len() as u64],
+                        shape: vec![lens.len() as u64].into(),
                         chunks,
                     },
                 )
@@ -215,7 +215,7 @@ mod tests {
                 name: "f".into(),
                 length: off,
             }],
-            transforms: vec![],
+            transforms: Default::default(),
             items,
             user: Default::default(),
             generation: 1,
