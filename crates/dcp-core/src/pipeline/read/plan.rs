@@ -44,8 +44,9 @@ pub(super) struct Record<'a> {
 pub(super) type Targets = SmallVec<[Target; 1]>;
 
 /// The targets a piece feeds, as indices into its record's [`Targets`]:
-/// inline for up to two.
-pub(super) type PieceTargets = SmallVec<[usize; 2]>;
+/// inline for up to four (a record lent to the ranks of a node that
+/// reshard it feeds one target per rank).
+pub(super) type PieceTargets = SmallVec<[usize; 4]>;
 
 /// A piece of a record inside a span: record index, byte range relative to
 /// the record's start, and the targets it feeds.
@@ -348,7 +349,7 @@ fn collect_records<'a>(md: &'a Metadata, plan: &LoadPlan) -> Result<Vec<Record<'
     // far and every later key goes through it.
     let mut keys: Vec<(usize, usize)> = Vec::with_capacity(plan.tensor_reads.len());
     let mut by_key: Option<BTreeMap<(usize, usize), usize>> = None;
-    for r in &plan.tensor_reads {
+    for (at, r) in plan.tensor_reads.iter().enumerate() {
         let (name, item) = &md.items[r.md_item];
         let ItemMeta::Tensor { dtype, chunks, .. } = item else {
             return Err(Error::invalid(format!(
@@ -373,6 +374,12 @@ fn collect_records<'a>(md: &'a Metadata, plan: &LoadPlan) -> Result<Vec<Record<'
                 map.insert(key, records.len());
             }
             keys.push(key);
+            // The reads of one saved chunk come together (a plan in key
+            // order): its targets are reserved at once, not grown.
+            let feeds = plan.tensor_reads[at..]
+                .iter()
+                .take_while(|n| (n.md_item, n.saved_chunk) == key)
+                .count();
             records.push(Record {
                 name,
                 file: c.storage.file,
@@ -382,7 +389,7 @@ fn collect_records<'a>(md: &'a Metadata, plan: &LoadPlan) -> Result<Vec<Record<'
                 transforms: &c.storage.transforms,
                 saved_box: Some(&c.region),
                 elem: dtype.size(),
-                targets: Targets::new(),
+                targets: Targets::with_capacity(feeds),
             });
             records.len() - 1
         });
