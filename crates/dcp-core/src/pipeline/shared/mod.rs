@@ -129,40 +129,23 @@ pub(crate) async fn read_shared(
     if shared.is_empty() {
         return Ok(reader.read(md.clone(), plan, dest).await);
     }
-    // Whether another rank reads every chunk this rank reads (a resharded
-    // load of small items): then there is nothing to split off.
-    let all_shared = is_subset(lists[rank], &shared);
-    drop(lists);
-    drop(all);
     if lend {
         // Ranks of one process read every shared chunk once between them,
         // straight into each other's buffers. What only this rank reads it
         // reads first, alone, before it lends anything: a rank whose
         // storage stalls there holds no lock on another rank's buffers,
         // and the others' collective deadline names it.
-        let (local, plan) = if all_shared {
-            let LoadPlan {
-                tensor_reads,
-                bytes_reads,
-            } = plan;
-            let local = LoadPlan {
-                tensor_reads: Vec::new(),
-                bytes_reads,
-            };
-            let shared = LoadPlan {
-                tensor_reads,
-                bytes_reads: Vec::new(),
-            };
-            (local, shared)
-        } else {
-            split_shared(plan, &shared)
-        };
+        let (local, plan) = split_shared(plan, lists[rank], &shared);
+        drop(lists);
+        drop(all);
         let state = read_local(reader, md, local, dest).await;
         let fsr = reader
             .file_system_reader()
             .expect("every rank said it has a file-system reader");
         return lend::read_lent(state, plan, md, fsr, collective, &shared).await;
     }
+    drop(lists);
+    drop(all);
     // Round 2: what each rank needs of the chunks it shares.
     let mine: Vec<Need> = needs_of(&plan)
         .into_iter()
@@ -210,9 +193,27 @@ fn is_subset(keys: &[(u32, u32)], of: &[(u32, u32)]) -> bool {
     true
 }
 
-/// Split `plan` into the reads of chunks no other rank reads and those of
-/// the `shared` chunks (sorted keys), each in plan order.
-fn split_shared(plan: LoadPlan, shared: &[(u32, u32)]) -> (LoadPlan, LoadPlan) {
+/// Split `plan`, whose chunk keys are `keys` (sorted, distinct), into the
+/// reads of chunks no other rank reads and those of the `shared` chunks
+/// (sorted keys), each in plan order; the bytes reads go with the first.
+/// When every key is shared (a resharded load of small items), one merge
+/// walk over the keys says so and the reads move whole.
+fn split_shared(
+    plan: LoadPlan,
+    keys: &[(u32, u32)],
+    shared: &[(u32, u32)],
+) -> (LoadPlan, LoadPlan) {
+    if is_subset(keys, shared) {
+        let local = LoadPlan {
+            tensor_reads: Vec::new(),
+            bytes_reads: plan.bytes_reads,
+        };
+        let lent = LoadPlan {
+            tensor_reads: plan.tensor_reads,
+            bytes_reads: Vec::new(),
+        };
+        return (local, lent);
+    }
     let (mine, theirs) = plan.tensor_reads.into_iter().partition(|r| {
         shared
             .binary_search(&(r.md_item as u32, r.saved_chunk as u32))
@@ -293,15 +294,24 @@ mod tests {
                 md_item: 9,
             }],
         };
-        let (mine, theirs) = split_shared(plan, &[(1, 0), (3, 0)]);
+        let plan_keys = [(1, 0), (1, 1), (2, 0), (3, 0)];
         let keys = |p: &LoadPlan| -> Vec<(usize, usize)> {
             p.tensor_reads
                 .iter()
                 .map(|r| (r.md_item, r.saved_chunk))
                 .collect()
         };
+        // Some keys shared: split by key.
+        let (mine, theirs) = split_shared(plan.clone(), &plan_keys, &[(1, 0), (3, 0)]);
         assert_eq!(keys(&mine), vec![(1, 1), (2, 0)]);
         assert_eq!(keys(&theirs), vec![(3, 0), (1, 0)]);
+        assert_eq!(mine.bytes_reads.len(), 1);
+        assert!(theirs.bytes_reads.is_empty());
+        // Every key shared (and more): the reads move whole, in order.
+        let every = [(0, 5), (1, 0), (1, 1), (2, 0), (3, 0), (4, 0)];
+        let (mine, theirs) = split_shared(plan, &plan_keys, &every);
+        assert!(mine.tensor_reads.is_empty());
+        assert_eq!(keys(&theirs), vec![(3, 0), (1, 1), (2, 0), (1, 0)]);
         assert_eq!(mine.bytes_reads.len(), 1);
         assert!(theirs.bytes_reads.is_empty());
     }
