@@ -137,7 +137,7 @@ fn storage(s: &FStorage, logical: u64, nfiles: usize, ntransforms: usize) -> Sto
                 } else {
                     (t.descriptor as usize % (ntransforms + 1)) as u32
                 },
-                value: t.value.clone(),
+                value: t.value[..].into(),
                 input_len: if t.small_input_len {
                     t.input_len.map(|l| l % logical.saturating_add(2))
                 } else {
@@ -254,7 +254,7 @@ fn build(input: &Input) -> (Metadata, Vec<Vec<u8>>) {
                     .collect();
                 ItemMeta::Tensor {
                     dtype: dt,
-                    shape,
+                    shape: shape.into(),
                     chunks,
                 }
             }
@@ -314,8 +314,8 @@ fn build(input: &Input) -> (Metadata, Vec<Vec<u8>>) {
                 let rec = &data[o..o + l];
                 for t in &mut st.transforms {
                     match md.transforms.get(t.descriptor as usize).map(String::as_str) {
-                        Some("crc32c/1") => t.value = crc32c::crc32c(rec).to_le_bytes().to_vec(),
-                        Some("crc32/1") => t.value = crc32fast::hash(rec).to_le_bytes().to_vec(),
+                        Some("crc32c/1") => t.value = crc32c::crc32c(rec).to_le_bytes()[..].into(),
+                        Some("crc32/1") => t.value = crc32fast::hash(rec).to_le_bytes()[..].into(),
                         _ => {}
                     }
                 }
@@ -367,7 +367,7 @@ fn dest_for(md: &Metadata, input: &Input) -> DestStateDict {
                         _ => {}
                     }
                 }
-                let _ = dest.want_tensor(name.clone(), dt, shape.clone(), regions);
+                let _ = dest.want_tensor(name.clone(), dt, shape.to_vec(), regions);
             }
         }
     }

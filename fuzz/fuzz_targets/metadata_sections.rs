@@ -86,7 +86,7 @@ fuzz_target!(|data: &[u8]| {
                     Some(c) if pick & 1 == 0 => c.region.clone(),
                     _ => ChunkBox::full(shape),
                 };
-                let _ = dest.want_tensor(name.clone(), *dtype, shape.clone(), vec![region]);
+                let _ = dest.want_tensor(name.clone(), *dtype, shape.to_vec(), vec![region]);
             }
         }
         let ids = idx.sections_for(&dest);

@@ -19,7 +19,7 @@ fn st(file: u32, offset: u64, length: u64, transforms: Vec<AppliedTransform>) ->
         file,
         offset,
         length,
-        transforms,
+        transforms: transforms.into(),
     }
 }
 
@@ -27,7 +27,7 @@ fn st(file: u32, offset: u64, length: u64, transforms: Vec<AppliedTransform>) ->
 pub fn samples() -> Vec<Metadata> {
     let crc = |v: u32| AppliedTransform {
         descriptor: 0,
-        value: v.to_le_bytes().to_vec(),
+        value: v.to_le_bytes()[..].into(),
         input_len: None,
     };
     let a = Metadata {
@@ -57,7 +57,7 @@ pub fn samples() -> Vec<Metadata> {
                 "w".into(),
                 ItemMeta::Tensor {
                     dtype: DType::F32,
-                    shape: vec![4, 2],
+                    shape: vec![4, 2].into(),
                     chunks: vec![
                         ChunkMeta {
                             region: ChunkBox::new(vec![0, 0], vec![2, 2]).unwrap(),
@@ -71,7 +71,7 @@ pub fn samples() -> Vec<Metadata> {
                                 16,
                                 vec![AppliedTransform {
                                     descriptor: 1,
-                                    value: vec![],
+                                    value: Default::default(),
                                     input_len: Some(16),
                                 }],
                             ),
@@ -97,7 +97,7 @@ pub fn samples() -> Vec<Metadata> {
                 "s".into(),
                 ItemMeta::Tensor {
                     dtype: DType::I64,
-                    shape: vec![],
+                    shape: Default::default(),
                     chunks: vec![ChunkMeta {
                         region: ChunkBox::full(&[]),
                         storage: st(0, 100, 8, vec![]),
@@ -108,7 +108,7 @@ pub fn samples() -> Vec<Metadata> {
                 "t".into(),
                 ItemMeta::Tensor {
                     dtype: DType::BF16,
-                    shape: vec![3, 5, 7],
+                    shape: vec![3, 5, 7].into(),
                     chunks: vec![
                         ChunkMeta {
                             region: ChunkBox::new(vec![0, 0, 0], vec![3, 5, 3]).unwrap(),
