@@ -149,10 +149,10 @@ impl std::fmt::Display for Where<'_> {
     }
 }
 
-struct Ctx<'a> {
+struct Ctx<'a, 'p> {
     fs: &'a dyn FileSystem,
     md: &'a Metadata,
-    records: &'a [Record<'a>],
+    records: &'a [Record<'p>],
     slots: &'a [Slot<'a>],
     resolved: &'a [Option<Arc<dyn StreamTransformExtension>>],
     bytes: &'a AtomicU64,
@@ -160,7 +160,7 @@ struct Ctx<'a> {
     verify: bool,
 }
 
-impl<'a> Ctx<'a> {
+impl<'a, 'p> Ctx<'a, 'p> {
     fn file_name(&self, file: u32) -> &str {
         &self.md.files[file as usize].name
     }
@@ -192,18 +192,13 @@ impl<'a> Ctx<'a> {
                 verify,
             } => {
                 let rec = &self.records[*record];
-                let Target::Tensor {
-                    dest_item,
-                    dest_chunk,
-                    ..
-                } = &rec.targets[*target]
-                else {
+                let Target::Tensor(r) = rec.targets[*target] else {
                     unreachable!()
                 };
-                let Slot::Tensor(chunks) = &self.slots[*dest_item] else {
+                let Slot::Tensor(chunks) = &self.slots[r.dest_item] else {
                     unreachable!()
                 };
-                let mut buf = lock(&chunks[*dest_chunk].1);
+                let mut buf = lock(&chunks[r.dest_chunk].1);
                 let dst = &mut buf[*dest_start..*dest_start + *len];
                 self.read(rec.file, rec.offset + rel_start, dst)
                     .map_err(|e| e.context(rec.name))?;
@@ -360,15 +355,11 @@ impl<'a> Ctx<'a> {
                         };
                         bytes.push((i, b));
                     }
-                    Target::Tensor {
-                        dest_item,
-                        dest_chunk,
-                        overlap,
-                    } => {
-                        let Slot::Tensor(slot) = &self.slots[*dest_item] else {
+                    Target::Tensor(r) => {
+                        let Slot::Tensor(slot) = &self.slots[r.dest_item] else {
                             unreachable!("planned as tensor")
                         };
-                        tensors.push((i, &slot[*dest_chunk], overlap));
+                        tensors.push((i, &slot[r.dest_chunk], &r.overlap));
                     }
                 }
             }
@@ -548,18 +539,13 @@ impl<'a> Ctx<'a> {
 
     /// The destination chunk a tensor target of `rec` fills.
     fn dest_chunk(&self, rec: &Record<'_>, target: usize) -> &'a Mutex<DestData> {
-        let Target::Tensor {
-            dest_item,
-            dest_chunk,
-            ..
-        } = &rec.targets[target]
-        else {
+        let Target::Tensor(r) = rec.targets[target] else {
             unreachable!("scatter targets are tensors")
         };
-        let Slot::Tensor(chunks) = self.slots[*dest_item] else {
+        let Slot::Tensor(chunks) = self.slots[r.dest_item] else {
             unreachable!("planned as tensor")
         };
-        &chunks[*dest_chunk].1
+        &chunks[r.dest_chunk].1
     }
 
     /// Read the neighbouring record parts `members` of `file` with one

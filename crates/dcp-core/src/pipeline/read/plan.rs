@@ -9,21 +9,20 @@ use crate::error::{Error, Result};
 use crate::metadata::{AppliedTransform, ItemMeta, Metadata};
 use crate::model::ChunkBox;
 use crate::pipeline::copy::{contiguous_range, spanning_range};
-use crate::plan::LoadPlan;
+use crate::plan::{LoadPlan, ReadItem};
 use crate::transform::TransformKind;
 use smallvec::{smallvec, SmallVec};
 use std::collections::BTreeMap;
 
-#[derive(Clone, Debug)]
-pub(super) enum Target {
-    Tensor {
-        dest_item: usize,
-        dest_chunk: usize,
-        overlap: ChunkBox,
-    },
-    Bytes {
-        dest_item: usize,
-    },
+/// What one read of a record fills: a tensor read of the load plan (its
+/// destination item and chunk, and the overlap it copies), borrowed rather
+/// than copied (a resharded load of small items has a few of them per
+/// record, and copying each overlap cost an allocation per record); or a
+/// bytes item, whole.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Target<'a> {
+    Tensor(&'a ReadItem),
+    Bytes { dest_item: usize },
 }
 
 pub(super) struct Record<'a> {
@@ -35,13 +34,13 @@ pub(super) struct Record<'a> {
     pub(super) transforms: &'a [AppliedTransform],
     pub(super) saved_box: Option<&'a ChunkBox>,
     pub(super) elem: usize,
-    pub(super) targets: Targets,
+    pub(super) targets: Targets<'a>,
 }
 
-/// A record's targets: inline for the usual one (a record feeds one
-/// destination chunk unless it is resharded), so building a schedule
-/// allocates nothing per record and serving a record follows no pointer.
-pub(super) type Targets = SmallVec<[Target; 1]>;
+/// A record's targets: inline for up to four (one, unless the record is
+/// resharded; one per rank when the ranks of a process that reshard it
+/// share its read), so building a schedule allocates nothing per record.
+pub(super) type Targets<'a> = SmallVec<[Target<'a>; 4]>;
 
 /// The targets a piece feeds, as indices into its record's [`Targets`]:
 /// inline for up to four (a record lent to the ranks of a node that
@@ -168,18 +167,13 @@ fn scatter_runs(rec: &Record<'_>, slots: &[Slot<'_>]) -> Option<Vec<Run>> {
     }
     let mut boxes: Vec<(&ChunkBox, &ChunkBox)> = Vec::with_capacity(rec.targets.len());
     for t in &rec.targets {
-        let Target::Tensor {
-            dest_item,
-            dest_chunk,
-            overlap,
-        } = t
-        else {
+        let Target::Tensor(r) = *t else {
             return None;
         };
-        let Slot::Tensor(chunks) = slots.get(*dest_item)? else {
+        let Slot::Tensor(chunks) = slots.get(r.dest_item)? else {
             return None;
         };
-        boxes.push((overlap, &chunks.get(*dest_chunk)?.0));
+        boxes.push((&r.overlap, &chunks.get(r.dest_chunk)?.0));
     }
     let covered: u64 = boxes.iter().map(|(o, _)| o.numel()).sum();
     if covered != saved_box.numel() {
@@ -294,7 +288,7 @@ pub(super) struct Schedule<'a> {
 /// is missing.
 pub(super) fn schedule<'a>(
     md: &'a Metadata,
-    plan: &LoadPlan,
+    plan: &'a LoadPlan,
     slots: &[Slot<'_>],
     kinds: &[Option<TransformKind>],
     cfg: &ReadConfig,
@@ -339,7 +333,7 @@ fn check_destinations(plan: &LoadPlan, slots: &[Slot<'_>]) -> Result<()> {
 }
 
 /// The records `plan` touches, each with the destinations it feeds.
-fn collect_records<'a>(md: &'a Metadata, plan: &LoadPlan) -> Result<Vec<Record<'a>>> {
+fn collect_records<'a>(md: &'a Metadata, plan: &'a LoadPlan) -> Result<Vec<Record<'a>>> {
     // Records touched by the plan.
     let mut records: Vec<Record<'_>> =
         Vec::with_capacity(plan.tensor_reads.len() + plan.bytes_reads.len());
@@ -393,11 +387,7 @@ fn collect_records<'a>(md: &'a Metadata, plan: &LoadPlan) -> Result<Vec<Record<'
             });
             records.len() - 1
         });
-        records[idx].targets.push(Target::Tensor {
-            dest_item: r.dest_item,
-            dest_chunk: r.dest_chunk,
-            overlap: r.overlap.clone(),
-        });
+        records[idx].targets.push(Target::Tensor(r));
     }
     for b in &plan.bytes_reads {
         let (name, item) = &md.items[b.md_item];
@@ -523,15 +513,12 @@ fn choose_tasks(
         // direct reads already do that (every target contiguous, nothing
         // to verify) or it is small enough to ride in a coalesced span.
         if !has_codec && rec.length >= cfg.small_record.max(1) {
-            let all_direct = rec.targets.iter().all(|t| match t {
-                Target::Tensor {
-                    dest_item,
-                    dest_chunk,
-                    overlap,
-                } => match slots[*dest_item] {
+            let all_direct = rec.targets.iter().all(|t| match *t {
+                Target::Tensor(r) => match slots[r.dest_item] {
                     Slot::Tensor(chunks) => {
-                        contiguous_range(rec.elem, saved_box, overlap).is_some()
-                            && contiguous_range(rec.elem, &chunks[*dest_chunk].0, overlap).is_some()
+                        contiguous_range(rec.elem, saved_box, &r.overlap).is_some()
+                            && contiguous_range(rec.elem, &chunks[r.dest_chunk].0, &r.overlap)
+                                .is_some()
                     }
                     Slot::Bytes(_) => false,
                 },
@@ -561,18 +548,14 @@ fn choose_tasks(
         }
         let mut rest = PieceTargets::new();
         for (ti, t) in rec.targets.iter().enumerate() {
-            let Target::Tensor {
-                dest_item,
-                dest_chunk,
-                overlap,
-            } = t
-            else {
+            let Target::Tensor(r) = *t else {
                 unreachable!("tensor record")
             };
-            let Slot::Tensor(chunks) = &slots[*dest_item] else {
+            let overlap = &r.overlap;
+            let Slot::Tensor(chunks) = &slots[r.dest_item] else {
                 unreachable!("planned as tensor")
             };
-            let dest_box = &chunks[*dest_chunk].0;
+            let dest_box = &chunks[r.dest_chunk].0;
             // Small records go through coalesced span reads: one request for
             // many neighbours beats a request each, and the extra copy of a
             // few KiB is cheaper than a system call or an HTTP round trip.
@@ -613,10 +596,10 @@ fn choose_tasks(
             let mut lo = u64::MAX;
             let mut hi = 0u64;
             for &ti in &rest {
-                let Target::Tensor { overlap, .. } = &rec.targets[ti] else {
+                let Target::Tensor(r) = rec.targets[ti] else {
                     unreachable!()
                 };
-                let (s, l) = spanning_range(rec.elem, saved_box, overlap);
+                let (s, l) = spanning_range(rec.elem, saved_box, &r.overlap);
                 lo = lo.min(s as u64);
                 hi = hi.max((s + l) as u64);
             }
@@ -824,7 +807,22 @@ mod tests {
         Slot::Tensor(std::slice::from_ref(c))
     }
 
-    fn record<'a>(saved: &'a ChunkBox, overlaps: &[ChunkBox]) -> Record<'a> {
+    /// A read of each overlap, into chunk 0 of destination item `i`.
+    fn reads(overlaps: &[ChunkBox]) -> Vec<ReadItem> {
+        overlaps
+            .iter()
+            .enumerate()
+            .map(|(i, o)| ReadItem {
+                dest_item: i,
+                dest_chunk: 0,
+                md_item: 0,
+                saved_chunk: 0,
+                overlap: o.clone(),
+            })
+            .collect()
+    }
+
+    fn record<'a>(saved: &'a ChunkBox, reads: &'a [ReadItem]) -> Record<'a> {
         Record {
             name: "t",
             file: 0,
@@ -834,15 +832,7 @@ mod tests {
             transforms: &[],
             saved_box: Some(saved),
             elem: 2,
-            targets: overlaps
-                .iter()
-                .enumerate()
-                .map(|(i, o)| Target::Tensor {
-                    dest_item: i,
-                    dest_chunk: 0,
-                    overlap: o.clone(),
-                })
-                .collect(),
+            targets: reads.iter().map(Target::Tensor).collect(),
         }
     }
 
@@ -854,7 +844,7 @@ mod tests {
         let chunks: Vec<SlotChunk> = dests.iter().map(chunk).collect();
         let refs: Vec<Slot<'_>> = chunks.iter().map(slot).collect();
         let overlaps: Vec<ChunkBox> = dests.iter().map(|d| d.intersect(&saved).unwrap()).collect();
-        let runs = scatter_runs(&record(&saved, &overlaps), &refs).expect("exact cover");
+        let runs = scatter_runs(&record(&saved, &reads(&overlaps)), &refs).expect("exact cover");
         assert_eq!(runs.len(), 12, "4 rows x 3 shards");
         for (i, r) in runs.iter().enumerate() {
             let (row, shard) = (i / 3, i % 3);
@@ -873,7 +863,7 @@ mod tests {
         let rows = [b([4, 0], [1, 6]), b([5, 0], [3, 6])];
         let chunks: Vec<SlotChunk> = rows.iter().map(chunk).collect();
         let refs: Vec<Slot<'_>> = chunks.iter().map(slot).collect();
-        let runs = scatter_runs(&record(&saved, &rows), &refs).expect("exact cover");
+        let runs = scatter_runs(&record(&saved, &reads(&rows)), &refs).expect("exact cover");
         assert_eq!(
             runs,
             vec![
@@ -893,9 +883,9 @@ mod tests {
         );
         // A gap (a shard nobody loads) or a byte wanted twice: not scattered.
         let refs3: Vec<Slot<'_>> = refs.iter().copied().chain([refs[0]]).collect();
-        assert!(scatter_runs(&record(&saved, &rows[..1]), &refs).is_none());
+        assert!(scatter_runs(&record(&saved, &reads(&rows[..1])), &refs).is_none());
         let twice = [rows[0].clone(), rows[1].clone(), rows[0].clone()];
-        assert!(scatter_runs(&record(&saved, &twice), &refs3).is_none());
+        assert!(scatter_runs(&record(&saved, &reads(&twice)), &refs3).is_none());
     }
 
     #[test]
@@ -1038,7 +1028,7 @@ mod tests {
             r.targets
                 .iter()
                 .map(|t| match t {
-                    Target::Tensor { overlap, .. } => overlap.offsets[0],
+                    Target::Tensor(r) => r.overlap.offsets[0],
                     Target::Bytes { .. } => u64::MAX,
                 })
                 .collect()
@@ -1085,7 +1075,8 @@ mod tests {
         let md = row_md(1024, 64); // 16 records of 256 bytes
         let dest = chunk(&ChunkBox::full(&[1024]));
         let slots = [slot(&dest)];
-        let s = schedule(&md, &whole_plan(&md), &slots, &[], &cfg(4, 1 << 20), |_| {
+        let plan = whole_plan(&md);
+        let s = schedule(&md, &plan, &slots, &[], &cfg(4, 1 << 20), |_| {
             Ok(Some(4096))
         })
         .unwrap();
@@ -1106,7 +1097,8 @@ mod tests {
         let md = row_md(1 << 20, 1 << 18); // 4 records of 1 MiB
         let dest = chunk(&ChunkBox::full(&[1 << 20]));
         let slots = [slot(&dest)];
-        let s = schedule(&md, &whole_plan(&md), &slots, &[], &cfg(2, 4096), |_| {
+        let plan = whole_plan(&md);
+        let s = schedule(&md, &plan, &slots, &[], &cfg(2, 4096), |_| {
             Ok(Some(4 << 20))
         })
         .unwrap();
