@@ -8,7 +8,7 @@ use crate::format::SerializationFormat;
 use crate::metadata::{ItemMeta, Metadata, StorageInfo, MAGIC, MAX_METADATA_LEN};
 use crate::model::DestStateDict;
 use crate::pipeline::blocking;
-use crate::pipeline::read::{read_plan, ReadConfig, ReadStats};
+use crate::pipeline::read::{read_plan, read_slots, DestSlots, ReadConfig, ReadStats, Reads, Slot};
 use crate::plan::LoadPlan;
 use crate::storage::{FileSystem, METADATA_FILE};
 use async_trait::async_trait;
@@ -128,10 +128,10 @@ impl StorageReader for FileSystemReader {
         plan: LoadPlan,
         dest: DestStateDict,
     ) -> Result<(DestStateDict, ReadStats)> {
-        let (resolved, cfg, format) = self.prepare_read(&md, &plan)?;
+        let (resolved, cfg, format) = self.prepare_read(&md, &Reads::Plan(&plan))?;
         let fs = self.fs.clone();
         blocking(move || {
-            let md = located(fs.as_ref(), format.as_ref(), md, &plan)?;
+            let md = located(fs.as_ref(), format.as_ref(), md, &Reads::Plan(&plan))?;
             read_plan(fs.as_ref(), &md, &plan, dest, &resolved, &cfg)
         })
         .await
@@ -146,12 +146,33 @@ impl StorageReader for FileSystemReader {
 pub(crate) type Resolved = Vec<Option<Arc<dyn crate::transform::StreamTransformExtension>>>;
 
 impl FileSystemReader {
-    /// Resolve the serialization format and the transforms `plan` needs,
-    /// and the settings of its read.
+    /// Read `plan` into `slots` (a destination already moved into read
+    /// slots) and hand them back, as [`StorageReader::read`] does a whole
+    /// destination.
+    pub(crate) async fn read_into_slots(
+        &self,
+        md: Arc<Metadata>,
+        plan: LoadPlan,
+        slots: DestSlots,
+    ) -> Result<(DestSlots, ReadStats)> {
+        let (resolved, cfg, format) = self.prepare_read(&md, &Reads::Plan(&plan))?;
+        let fs = self.fs.clone();
+        blocking(move || {
+            let md = located(fs.as_ref(), format.as_ref(), md, &Reads::Plan(&plan))?;
+            let all: Vec<Slot<'_>> = slots.slots().collect();
+            let stats = read_slots(fs.as_ref(), &md, &Reads::Plan(&plan), &all, &resolved, &cfg)?;
+            drop(all);
+            Ok((slots, stats))
+        })
+        .await
+    }
+
+    /// Resolve the serialization format and the transforms `reads` need,
+    /// and the settings of their read.
     pub(crate) fn prepare_read(
         &self,
         md: &Metadata,
-        plan: &LoadPlan,
+        reads: &Reads<'_>,
     ) -> Result<(Resolved, ReadConfig, Arc<dyn SerializationFormat>)> {
         let format = self.options.formats.resolve(&md.format)?;
         // Resolve only the transforms the planned records use. The look
@@ -168,15 +189,14 @@ impl FileSystemReader {
             }
             unused == 0
         };
-        let tensors = plan
-            .tensor_reads
-            .iter()
-            .filter_map(|r| match &md.items[r.md_item].1 {
+        let tensors = reads
+            .tensors()
+            .filter_map(|(r, _)| match &md.items[r.md_item].1 {
                 ItemMeta::Tensor { chunks, .. } => Some(&chunks[r.saved_chunk].storage),
                 ItemMeta::Bytes { .. } => None,
             });
-        let bytes = plan
-            .bytes_reads
+        let bytes = reads
+            .bytes()
             .iter()
             .filter_map(|b| match &md.items[b.md_item].1 {
                 ItemMeta::Bytes { storage, .. } => Some(storage),
@@ -221,14 +241,14 @@ impl FileSystemReader {
     }
 }
 
-/// `md` with the records `plan` reads where `format` finds them
+/// `md` with the records `reads` read where `format` finds them
 /// ([`SerializationFormat::locate`]); `md` itself when the format never
 /// moves records. Blocking: a format may read the data files.
 pub(crate) fn located(
     fs: &dyn FileSystem,
     format: &dyn SerializationFormat,
     md: Arc<Metadata>,
-    plan: &LoadPlan,
+    reads: &Reads<'_>,
 ) -> Result<Arc<Metadata>> {
     if !format.relocates() {
         return Ok(md);
@@ -258,7 +278,7 @@ pub(crate) fn located(
         Ok(())
     };
     let mut seen = std::collections::BTreeSet::new();
-    for r in &plan.tensor_reads {
+    for (r, _) in reads.tensors() {
         if seen.insert((r.md_item, r.saved_chunk)) {
             let (name, item) = &mut out.items[r.md_item];
             if let ItemMeta::Tensor { chunks, .. } = item {
@@ -266,7 +286,7 @@ pub(crate) fn located(
             }
         }
     }
-    for b in &plan.bytes_reads {
+    for b in reads.bytes() {
         let (name, item) = &mut out.items[b.md_item];
         if let ItemMeta::Bytes { storage, .. } = item {
             relocate(name, storage)?;

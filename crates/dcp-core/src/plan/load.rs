@@ -41,9 +41,18 @@ pub struct LoadPlan {
 
 /// Decides which stored bytes fill which destination.
 pub trait LoadPlanner: Send + Sync {
-    /// Plan one rank's reads.
+    /// Plan one rank's reads. A planner plans from `dest`'s names, dtypes,
+    /// shapes and regions, never from its buffers: the buffers may already
+    /// be moved out for reading (ranks of one process that lend each other
+    /// their buffers move them while rank 0 reads the metadata), each then
+    /// empty.
     fn plan(&self, metadata: &Metadata, dest: &DestStateDict) -> Result<LoadPlan>;
 }
+
+/// How many destination entries ahead the default planner hints the
+/// cache about the entries themselves (the names and items in the state
+/// dict's tree nodes).
+const FAR_AHEAD: usize = 8;
 
 /// The default planner. Refuses a destination whose dtype or shape differs
 /// from the saved item, a region that no saved chunk covers, and (unless
@@ -72,7 +81,15 @@ impl LoadPlanner for DefaultLoadPlanner {
         // comparison.
         let mut stride = 0usize;
         let mut items = dest.iter().enumerate().peekable();
+        // The entries [`FAR_AHEAD`] on, hinted to the cache: reading the
+        // next entry's name and chunk list (to hint what they point to,
+        // below) would otherwise miss first.
+        let mut far = dest.iter().skip(FAR_AHEAD);
         while let Some((di, (name, item))) = items.next() {
+            if let Some((n, it)) = far.next() {
+                prefetch(n);
+                prefetch(it);
+            }
             let found = find_from(&md.items, from, stride, name);
             from = match found {
                 Ok(i) => {

@@ -9,7 +9,8 @@ use crate::collective::Collective;
 use crate::error::{Error, ErrorKind, Result, WireError};
 use crate::metadata::Metadata;
 use crate::model::DestStateDict;
-use crate::pipeline::shared::read_shared;
+use crate::pipeline::read::{Dest, DestSlots};
+use crate::pipeline::shared::{moves_slots_early, read_alone, read_shared};
 use crate::pipeline::ReadStats;
 use crate::plan::LoadPlan;
 use sectioned::{load_sectioned, read_head, Head};
@@ -64,17 +65,26 @@ async fn load_inner(
     collective: &dyn Collective,
     options: &LoadOptions,
 ) -> Result<LoadResult> {
+    // A rank that will lend its buffers moves them into read slots now,
+    // while rank 0 reads the metadata.
+    let dest = if moves_slots_early(reader, collective, options.share_reads) {
+        Dest::Slots(DestSlots::new(dest))
+    } else {
+        Dest::Whole(dest)
+    };
     let head = broadcast_head(reader, collective).await?;
     let (metadata, result) = match &*head {
         Head::Whole(md) => {
             let metadata = md.clone();
             drop(head);
-            let planned = options.planner.plan(&metadata, &dest);
+            let planned = dest.plan(options.planner.as_ref(), &metadata);
             let result =
                 read_planned(planned, dest, &metadata, reader, collective, options).await?;
             (metadata, result)
         }
-        Head::Index(idx) => load_sectioned(idx, dest, reader, collective, options).await?,
+        Head::Index(idx) => {
+            load_sectioned(idx, dest.into_whole(), reader, collective, options).await?
+        }
     };
     finish(result, metadata, reader, collective).await
 }
@@ -222,7 +232,15 @@ async fn read_agreed(
     collective: &dyn Collective,
     options: &LoadOptions,
 ) -> Result<LoadResult> {
-    let result = read_planned(planned, dest, &metadata, reader, collective, options).await?;
+    let result = read_planned(
+        planned,
+        Dest::Whole(dest),
+        &metadata,
+        reader,
+        collective,
+        options,
+    )
+    .await?;
     finish(result, metadata, reader, collective).await
 }
 
@@ -231,7 +249,7 @@ async fn read_agreed(
 /// rank's outcome, not yet agreed.
 async fn read_planned(
     planned: Result<LoadPlan>,
-    dest: DestStateDict,
+    dest: Dest,
     metadata: &Arc<Metadata>,
     reader: &dyn StorageReader,
     collective: &dyn Collective,
@@ -249,7 +267,7 @@ async fn read_planned(
         .await
     } else {
         Ok(match planned {
-            Ok(plan) => reader.read(metadata.clone(), plan, dest).await,
+            Ok(plan) => read_alone(reader, metadata, plan, dest).await,
             Err(e) => Err(e),
         })
     }

@@ -230,7 +230,7 @@ pub(super) async fn load_sectioned(
     };
     let result = read_shared(
         planned,
-        dest,
+        crate::pipeline::read::Dest::Whole(dest),
         &md,
         reader,
         collective,

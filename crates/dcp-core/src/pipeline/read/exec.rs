@@ -192,10 +192,10 @@ impl<'a, 'p> Ctx<'a, 'p> {
                 verify,
             } => {
                 let rec = &self.records[*record];
-                let Target::Tensor(r) = rec.targets[*target] else {
+                let Target::Tensor(r, dest_item) = rec.targets[*target] else {
                     unreachable!()
                 };
-                let Slot::Tensor(chunks) = &self.slots[r.dest_item] else {
+                let Slot::Tensor(chunks) = &self.slots[dest_item] else {
                     unreachable!()
                 };
                 let mut buf = lock(&chunks[r.dest_chunk].1);
@@ -355,8 +355,8 @@ impl<'a, 'p> Ctx<'a, 'p> {
                         };
                         bytes.push((i, b));
                     }
-                    Target::Tensor(r) => {
-                        let Slot::Tensor(slot) = &self.slots[r.dest_item] else {
+                    Target::Tensor(r, dest_item) => {
+                        let Slot::Tensor(slot) = &self.slots[*dest_item] else {
                             unreachable!("planned as tensor")
                         };
                         tensors.push((i, &slot[r.dest_chunk], &r.overlap));
@@ -539,10 +539,10 @@ impl<'a, 'p> Ctx<'a, 'p> {
 
     /// The destination chunk a tensor target of `rec` fills.
     fn dest_chunk(&self, rec: &Record<'_>, target: usize) -> &'a Mutex<DestData> {
-        let Target::Tensor(r) = rec.targets[target] else {
+        let Target::Tensor(r, dest_item) = rec.targets[target] else {
             unreachable!("scatter targets are tensors")
         };
-        let Slot::Tensor(chunks) = self.slots[r.dest_item] else {
+        let Slot::Tensor(chunks) = self.slots[dest_item] else {
             unreachable!("planned as tensor")
         };
         &chunks[r.dest_chunk].1

@@ -17,6 +17,7 @@
 
 mod exec;
 mod plan;
+mod reads;
 
 use crate::error::Result;
 use crate::metadata::Metadata;
@@ -28,6 +29,7 @@ use crate::transform::StreamTransformExtension;
 use std::sync::{Arc, Mutex};
 
 pub(crate) use exec::decode_record;
+pub(crate) use reads::Reads;
 
 /// What one rank's load read from storage.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -169,6 +171,49 @@ impl DestSlots {
     }
 }
 
+/// A rank's destination on its way through a load: whole, or already moved
+/// into read slots (ranks of one process that lend each other their
+/// buffers move them while rank 0 reads the metadata, when they would
+/// otherwise wait idle).
+pub(crate) enum Dest {
+    Whole(DestStateDict),
+    Slots(DestSlots),
+}
+
+impl Dest {
+    /// Plan this destination's reads with `planner`; of slots, against the
+    /// state dict whose buffers they hold (see [`LoadPlanner`]: planners
+    /// plan from names, dtypes, shapes and regions only).
+    ///
+    /// [`LoadPlanner`]: crate::plan::LoadPlanner
+    pub(crate) fn plan(
+        &self,
+        planner: &dyn crate::plan::LoadPlanner,
+        md: &Metadata,
+    ) -> Result<LoadPlan> {
+        match self {
+            Dest::Whole(d) => planner.plan(md, d),
+            Dest::Slots(s) => planner.plan(md, &lock(&s.dest)),
+        }
+    }
+
+    /// The destination as slots (moving its buffers now if it is whole).
+    pub(crate) fn into_slots(self) -> DestSlots {
+        match self {
+            Dest::Whole(d) => DestSlots::new(d),
+            Dest::Slots(s) => s,
+        }
+    }
+
+    /// The destination whole (its buffers moved back if it is in slots).
+    pub(crate) fn into_whole(self) -> DestStateDict {
+        match self {
+            Dest::Whole(d) => d,
+            Dest::Slots(s) => s.take(),
+        }
+    }
+}
+
 /// How many items ahead [`DestSlots`] hints the cache about the chunk
 /// records it moves buffers in and out of.
 const PREFETCH_AHEAD: usize = 8;
@@ -178,6 +223,12 @@ const PREFETCH_AHEAD: usize = 8;
 /// miss per record, which the CPU then waits for while it moves the
 /// buffers of the items before it instead of one after another.
 fn prefetch_chunks(items: &[&mut DestItem], i: usize) {
+    // Reading `items[i]` to find its chunk records is a miss of its own
+    // (the items lie in the state dict's tree nodes): hint the item as far
+    // ahead again, so that it is in the cache when its turn here comes.
+    if let Some(x) = items.get(i + PREFETCH_AHEAD) {
+        prefetch(&**x);
+    }
     if let Some(DestItem::Tensor(t)) = items.get(i).map(|x| &**x) {
         prefetch(&t.chunks[..]);
     }
@@ -195,27 +246,28 @@ pub(crate) fn read_plan(
 ) -> Result<(DestStateDict, ReadStats)> {
     let dest = DestSlots::new(dest);
     let slots: Vec<Slot<'_>> = dest.slots().collect();
-    let stats = read_slots(fs, md, plan, &slots, resolved, cfg)?;
+    let stats = read_slots(fs, md, &Reads::Plan(plan), &slots, resolved, cfg)?;
     Ok((dest.take(), stats))
 }
 
-/// Execute `plan` against `fs`, filling `slots` (indexed by the plan's
-/// `dest_item`; they may belong to several ranks of one process). Blocking:
-/// runs up to `thread_count` scoped worker threads.
+/// Execute `reads` against `fs`, filling `slots` (indexed by the reads'
+/// destination items, [`Reads::tensor`]; they may belong to several ranks
+/// of one process). Blocking: runs up to `thread_count` scoped worker
+/// threads.
 pub(crate) fn read_slots(
     fs: &dyn FileSystem,
     md: &Metadata,
-    plan: &LoadPlan,
+    reads: &Reads<'_>,
     slots: &[Slot<'_>],
     resolved: &[Option<Arc<dyn StreamTransformExtension>>],
     cfg: &ReadConfig,
 ) -> Result<ReadStats> {
-    let _span = tracing::debug_span!("read", reads = plan.tensor_reads.len()).entered();
+    let _span = tracing::debug_span!("read", reads = reads.tensor_len()).entered();
     let kinds: Vec<_> = resolved
         .iter()
         .map(|r| r.as_ref().map(|t| t.kind()))
         .collect();
-    let schedule = plan::schedule(md, plan, slots, &kinds, cfg, |name| fs.file_len(name))?;
+    let schedule = plan::schedule(md, reads, slots, &kinds, cfg, |name| fs.file_len(name))?;
     exec::execute(fs, md, &schedule, slots, resolved, cfg)
 }
 

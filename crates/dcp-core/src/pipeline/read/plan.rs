@@ -4,24 +4,26 @@
 //! runs which task. Pure: file lengths come in through a function, so every
 //! step is unit-tested on its own.
 
+use super::reads::Reads;
 use super::{ReadConfig, Slot};
 use crate::error::{Error, Result};
 use crate::metadata::{AppliedTransform, ItemMeta, Metadata};
 use crate::model::ChunkBox;
 use crate::pipeline::copy::{contiguous_range, spanning_range};
-use crate::plan::{LoadPlan, ReadItem};
+use crate::plan::ReadItem;
 use crate::transform::TransformKind;
 use smallvec::{smallvec, SmallVec};
 use std::collections::BTreeMap;
 
-/// What one read of a record fills: a tensor read of the load plan (its
-/// destination item and chunk, and the overlap it copies), borrowed rather
-/// than copied (a resharded load of small items has a few of them per
-/// record, and copying each overlap cost an allocation per record); or a
+/// What one read of a record fills: a tensor read of a load plan (its
+/// destination chunk and the overlap it copies), borrowed rather than
+/// copied (a resharded load of small items has a few of them per record,
+/// and copying each overlap cost an allocation per record), with the
+/// destination item it fills among the slots ([`Reads::tensor`]); or a
 /// bytes item, whole.
 #[derive(Clone, Copy, Debug)]
 pub(super) enum Target<'a> {
-    Tensor(&'a ReadItem),
+    Tensor(&'a ReadItem, usize),
     Bytes { dest_item: usize },
 }
 
@@ -167,10 +169,10 @@ fn scatter_runs(rec: &Record<'_>, slots: &[Slot<'_>]) -> Option<Vec<Run>> {
     }
     let mut boxes: Vec<(&ChunkBox, &ChunkBox)> = Vec::with_capacity(rec.targets.len());
     for t in &rec.targets {
-        let Target::Tensor(r) = *t else {
+        let Target::Tensor(r, dest_item) = *t else {
             return None;
         };
-        let Slot::Tensor(chunks) = slots.get(r.dest_item)? else {
+        let Slot::Tensor(chunks) = slots.get(dest_item)? else {
             return None;
         };
         boxes.push((&r.overlap, &chunks.get(r.dest_chunk)?.0));
@@ -288,14 +290,14 @@ pub(super) struct Schedule<'a> {
 /// is missing.
 pub(super) fn schedule<'a>(
     md: &'a Metadata,
-    plan: &'a LoadPlan,
+    reads: &Reads<'a>,
     slots: &[Slot<'_>],
     kinds: &[Option<TransformKind>],
     cfg: &ReadConfig,
     file_len: impl FnMut(&str) -> Result<Option<u64>>,
 ) -> Result<Schedule<'a>> {
-    check_destinations(plan, slots)?;
-    let records = collect_records(md, plan)?;
+    check_destinations(reads, slots)?;
+    let records = collect_records(md, reads)?;
     check_lengths(md, &records, file_len)?;
     let (mut tasks, spans) = choose_tasks(md, &records, slots, kinds, cfg)?;
     coalesce(spans, cfg, &mut tasks);
@@ -311,9 +313,9 @@ pub(super) fn schedule<'a>(
 }
 
 /// Refuse a plan that names destinations `slots` does not have.
-fn check_destinations(plan: &LoadPlan, slots: &[Slot<'_>]) -> Result<()> {
-    for r in &plan.tensor_reads {
-        match slots.get(r.dest_item) {
+fn check_destinations(reads: &Reads<'_>, slots: &[Slot<'_>]) -> Result<()> {
+    for (r, dest_item) in reads.tensors() {
+        match slots.get(dest_item) {
             Some(Slot::Tensor(chunks)) if r.dest_chunk < chunks.len() => {}
             _ => {
                 return Err(Error::invalid(
@@ -322,7 +324,7 @@ fn check_destinations(plan: &LoadPlan, slots: &[Slot<'_>]) -> Result<()> {
             }
         }
     }
-    for b in &plan.bytes_reads {
+    for b in reads.bytes() {
         if !matches!(slots.get(b.dest_item), Some(Slot::Bytes(_))) {
             return Err(Error::invalid(
                 "load plan names a destination bytes item that does not exist",
@@ -333,17 +335,16 @@ fn check_destinations(plan: &LoadPlan, slots: &[Slot<'_>]) -> Result<()> {
 }
 
 /// The records `plan` touches, each with the destinations it feeds.
-fn collect_records<'a>(md: &'a Metadata, plan: &'a LoadPlan) -> Result<Vec<Record<'a>>> {
+fn collect_records<'a>(md: &'a Metadata, reads: &Reads<'a>) -> Result<Vec<Record<'a>>> {
     // Records touched by the plan.
-    let mut records: Vec<Record<'_>> =
-        Vec::with_capacity(plan.tensor_reads.len() + plan.bytes_reads.len());
+    let mut records: Vec<Record<'_>> = Vec::with_capacity(reads.tensor_len() + reads.bytes().len());
     // Each record's key, while the plan's keys only grow (plans come saved
     // chunk by saved chunk, in order): a new key is a new record, with no
     // map. The first key out of order builds the map from the records so
     // far and every later key goes through it.
-    let mut keys: Vec<(usize, usize)> = Vec::with_capacity(plan.tensor_reads.len());
+    let mut keys: Vec<(usize, usize)> = Vec::with_capacity(reads.tensor_len());
     let mut by_key: Option<BTreeMap<(usize, usize), usize>> = None;
-    for (at, r) in plan.tensor_reads.iter().enumerate() {
+    for (at, (r, dest_item)) in reads.tensors().enumerate() {
         let (name, item) = &md.items[r.md_item];
         let ItemMeta::Tensor { dtype, chunks, .. } = item else {
             return Err(Error::invalid(format!(
@@ -370,8 +371,8 @@ fn collect_records<'a>(md: &'a Metadata, plan: &'a LoadPlan) -> Result<Vec<Recor
             keys.push(key);
             // The reads of one saved chunk come together (a plan in key
             // order): its targets are reserved at once, not grown.
-            let feeds = plan.tensor_reads[at..]
-                .iter()
+            let feeds = (at..reads.tensor_len())
+                .map(|i| reads.tensor(i).0)
                 .take_while(|n| (n.md_item, n.saved_chunk) == key)
                 .count();
             records.push(Record {
@@ -387,9 +388,9 @@ fn collect_records<'a>(md: &'a Metadata, plan: &'a LoadPlan) -> Result<Vec<Recor
             });
             records.len() - 1
         });
-        records[idx].targets.push(Target::Tensor(r));
+        records[idx].targets.push(Target::Tensor(r, dest_item));
     }
-    for b in &plan.bytes_reads {
+    for b in reads.bytes() {
         let (name, item) = &md.items[b.md_item];
         let ItemMeta::Bytes { length, storage } = item else {
             return Err(Error::invalid(format!(
@@ -514,7 +515,7 @@ fn choose_tasks(
         // to verify) or it is small enough to ride in a coalesced span.
         if !has_codec && rec.length >= cfg.small_record.max(1) {
             let all_direct = rec.targets.iter().all(|t| match *t {
-                Target::Tensor(r) => match slots[r.dest_item] {
+                Target::Tensor(r, dest_item) => match slots[dest_item] {
                     Slot::Tensor(chunks) => {
                         contiguous_range(rec.elem, saved_box, &r.overlap).is_some()
                             && contiguous_range(rec.elem, &chunks[r.dest_chunk].0, &r.overlap)
@@ -548,11 +549,11 @@ fn choose_tasks(
         }
         let mut rest = PieceTargets::new();
         for (ti, t) in rec.targets.iter().enumerate() {
-            let Target::Tensor(r) = *t else {
+            let Target::Tensor(r, dest_item) = *t else {
                 unreachable!("tensor record")
             };
             let overlap = &r.overlap;
-            let Slot::Tensor(chunks) = &slots[r.dest_item] else {
+            let Slot::Tensor(chunks) = &slots[dest_item] else {
                 unreachable!("planned as tensor")
             };
             let dest_box = &chunks[r.dest_chunk].0;
@@ -596,7 +597,7 @@ fn choose_tasks(
             let mut lo = u64::MAX;
             let mut hi = 0u64;
             for &ti in &rest {
-                let Target::Tensor(r) = rec.targets[ti] else {
+                let Target::Tensor(r, _) = rec.targets[ti] else {
                     unreachable!()
                 };
                 let (s, l) = spanning_range(rec.elem, saved_box, &r.overlap);
@@ -790,6 +791,7 @@ fn assign_workers(tasks: &[Task], records: &[Record<'_>], thread_count: usize) -
 mod tests {
     use super::*;
     use crate::pipeline::read::SlotChunk;
+    use crate::plan::LoadPlan;
     use std::sync::Mutex;
 
     fn b(o: [u64; 2], s: [u64; 2]) -> ChunkBox {
@@ -832,7 +834,10 @@ mod tests {
             transforms: &[],
             saved_box: Some(saved),
             elem: 2,
-            targets: reads.iter().map(Target::Tensor).collect(),
+            targets: reads
+                .iter()
+                .map(|r| Target::Tensor(r, r.dest_item))
+                .collect(),
         }
     }
 
@@ -1028,7 +1033,7 @@ mod tests {
             r.targets
                 .iter()
                 .map(|t| match t {
-                    Target::Tensor(r) => r.overlap.offsets[0],
+                    Target::Tensor(r, _) => r.overlap.offsets[0],
                     Target::Bytes { .. } => u64::MAX,
                 })
                 .collect()
@@ -1038,7 +1043,7 @@ mod tests {
             tensor_reads: vec![read(0, 0, 8), read(0, 8, 8), read(1, 0, 8), read(2, 0, 8)],
             bytes_reads: Vec::new(),
         };
-        let recs = collect_records(&md, &plan).unwrap();
+        let recs = collect_records(&md, &Reads::Plan(&plan)).unwrap();
         let got: Vec<(u64, Vec<u64>)> = recs.iter().map(|r| (r.offset, targets(r))).collect();
         assert_eq!(
             got,
@@ -1057,7 +1062,7 @@ mod tests {
             ],
             bytes_reads: Vec::new(),
         };
-        let recs = collect_records(&md, &plan).unwrap();
+        let recs = collect_records(&md, &Reads::Plan(&plan)).unwrap();
         let got: Vec<(u64, Vec<u64>)> = recs.iter().map(|r| (r.offset, targets(r))).collect();
         assert_eq!(
             got,
@@ -1076,9 +1081,14 @@ mod tests {
         let dest = chunk(&ChunkBox::full(&[1024]));
         let slots = [slot(&dest)];
         let plan = whole_plan(&md);
-        let s = schedule(&md, &plan, &slots, &[], &cfg(4, 1 << 20), |_| {
-            Ok(Some(4096))
-        })
+        let s = schedule(
+            &md,
+            &Reads::Plan(&plan),
+            &slots,
+            &[],
+            &cfg(4, 1 << 20),
+            |_| Ok(Some(4096)),
+        )
         .unwrap();
         assert_eq!(s.records.len(), 16);
         assert_eq!(s.tasks.len(), 1, "one coalesced request");
@@ -1098,7 +1108,7 @@ mod tests {
         let dest = chunk(&ChunkBox::full(&[1 << 20]));
         let slots = [slot(&dest)];
         let plan = whole_plan(&md);
-        let s = schedule(&md, &plan, &slots, &[], &cfg(2, 4096), |_| {
+        let s = schedule(&md, &Reads::Plan(&plan), &slots, &[], &cfg(2, 4096), |_| {
             Ok(Some(4 << 20))
         })
         .unwrap();
@@ -1119,14 +1129,18 @@ mod tests {
         let dest = chunk(&ChunkBox::full(&[1024]));
         let slots = [slot(&dest)];
         let plan = whole_plan(&md);
-        let e = schedule(&md, &plan, &slots, &[], &cfg(1, 0), |_| Ok(None))
-            .err()
-            .unwrap();
+        let e = schedule(&md, &Reads::Plan(&plan), &slots, &[], &cfg(1, 0), |_| {
+            Ok(None)
+        })
+        .err()
+        .unwrap();
         assert_eq!(e.kind(), crate::ErrorKind::NotFound);
         assert!(e.message().contains("__0_0-x.dcp is missing"), "{e}");
-        let e = schedule(&md, &plan, &slots, &[], &cfg(1, 0), |_| Ok(Some(4000)))
-            .err()
-            .unwrap();
+        let e = schedule(&md, &Reads::Plan(&plan), &slots, &[], &cfg(1, 0), |_| {
+            Ok(Some(4000))
+        })
+        .err()
+        .unwrap();
         assert_eq!(e.kind(), crate::ErrorKind::Corrupt);
         assert!(
             e.message()
@@ -1135,9 +1149,11 @@ mod tests {
         );
         let mut bad = plan.clone();
         bad.tensor_reads[0].dest_chunk = 7;
-        let e = schedule(&md, &bad, &slots, &[], &cfg(1, 0), |_| Ok(Some(4096)))
-            .err()
-            .unwrap();
+        let e = schedule(&md, &Reads::Plan(&bad), &slots, &[], &cfg(1, 0), |_| {
+            Ok(Some(4096))
+        })
+        .err()
+        .unwrap();
         assert_eq!(e.kind(), crate::ErrorKind::InvalidInput);
     }
 }

@@ -1,7 +1,7 @@
 //! Lending: ranks of one process read every shared chunk once between
 //! them, straight into each other's destination buffers.
 
-use super::split::{cuts, served_plan, Key};
+use super::split::{cuts, served_reads, Key};
 use crate::checkpoint::wire::{decode, encode, on_rank};
 use crate::checkpoint::{located, FileSystemReader, ROOT};
 use crate::collective::Collective;
@@ -9,7 +9,7 @@ use crate::error::{Error, ErrorKind, Result, WireError};
 use crate::metadata::Metadata;
 use crate::model::DestStateDict;
 use crate::pipeline::blocking;
-use crate::pipeline::read::{read_slots, DestSlots, ReadStats, Slot};
+use crate::pipeline::read::{read_slots, Dest, DestSlots, ReadStats, Slot};
 use crate::plan::LoadPlan;
 use std::sync::Arc;
 
@@ -37,7 +37,7 @@ struct Lent {
 /// ends the lending: after it no rank writes into another's buffers, and
 /// each takes its own back.
 pub(super) async fn read_lent(
-    state: Result<(DestStateDict, ReadStats)>,
+    state: Result<(Dest, ReadStats)>,
     plan: LoadPlan,
     md: &Arc<Metadata>,
     reader: &FileSystemReader,
@@ -51,7 +51,7 @@ pub(super) async fn read_lent(
         .windows(2)
         .all(|w| (w[0].md_item, w[0].saved_chunk) <= (w[1].md_item, w[1].saved_chunk));
     let (slots, mut stats, failed) = match state {
-        Ok((dest, stats)) => (Some(DestSlots::new(dest)), stats, None),
+        Ok((dest, stats)) => (Some(dest.into_slots()), stats, None),
         Err(e) => (None, ReadStats::default(), Some(e)),
     };
     let mine = Arc::new(Lent {
@@ -98,44 +98,44 @@ pub(super) async fn read_lent(
 }
 
 /// Read this rank's run of the shared chunks into every lent buffer that
-/// needs them.
+/// needs them. The reads are the lent plans' own, borrowed; working them
+/// out is part of the blocking work, with the lent values moved into it.
 async fn serve(
     lent: &[Arc<Lent>],
     md: &Arc<Metadata>,
     reader: &FileSystemReader,
     rank: usize,
 ) -> Result<ReadStats> {
-    let cuts = lent
-        .get(ROOT)
-        .and_then(|l| l.cuts.as_deref())
-        .ok_or_else(|| {
-            Error::new(
-                ErrorKind::Collective,
-                "rank 0 lent no cuts of the shared reads",
-            )
-        })?;
-    // Every rank's destination items, one flat index space.
-    let mut bases = Vec::with_capacity(lent.len());
-    let mut count = 0usize;
-    for l in lent {
-        bases.push(count);
-        count += l.slots.as_ref().map_or(0, DestSlots::len);
+    if lent.get(ROOT).and_then(|l| l.cuts.as_ref()).is_none() {
+        return Err(Error::new(
+            ErrorKind::Collective,
+            "rank 0 lent no cuts of the shared reads",
+        ));
     }
-    let plans: Vec<&LoadPlan> = lent.iter().map(|l| &l.plan).collect();
-    let ordered: Vec<bool> = lent.iter().map(|l| l.ordered).collect();
-    let plan = served_plan(&plans, &ordered, &bases, cuts, rank);
-    if plan.tensor_reads.is_empty() && plan.bytes_reads.is_empty() {
-        return Ok(ReadStats::default());
-    }
-    let (resolved, cfg, format) = reader.prepare_read(md, &plan)?;
-    let (fs, md, lent) = (reader.fs().clone(), md.clone(), lent.to_vec());
+    let (reader, md, lent) = (reader.clone(), md.clone(), lent.to_vec());
     blocking(move || {
-        let md = located(fs.as_ref(), format.as_ref(), md, &plan)?;
+        let cuts = lent[ROOT].cuts.as_deref().expect("checked above");
+        // Every rank's destination items, one flat index space.
+        let mut bases = Vec::with_capacity(lent.len());
+        let mut count = 0usize;
+        for l in &lent {
+            bases.push(count);
+            count += l.slots.as_ref().map_or(0, DestSlots::len);
+        }
+        let plans: Vec<&LoadPlan> = lent.iter().map(|l| &l.plan).collect();
+        let ordered: Vec<bool> = lent.iter().map(|l| l.ordered).collect();
+        let reads = served_reads(&plans, &ordered, &bases, cuts, rank);
+        if reads.is_empty() {
+            return Ok(ReadStats::default());
+        }
+        let (resolved, cfg, format) = reader.prepare_read(&md, &reads)?;
+        let fs = reader.fs();
+        let md = located(fs.as_ref(), format.as_ref(), md, &reads)?;
         let slots: Vec<Slot<'_>> = lent
             .iter()
             .flat_map(|l| l.slots.as_ref().map(|s| s.slots()).into_iter().flatten())
             .collect();
-        read_slots(fs.as_ref(), &md, &plan, &slots, &resolved, &cfg)
+        read_slots(fs.as_ref(), &md, &reads, &slots, &resolved, &cfg)
     })
     .await
 }

@@ -14,7 +14,7 @@ use crate::collective::Collective;
 use crate::error::{Error, ErrorKind, Result, WireError};
 use crate::metadata::Metadata;
 use crate::model::DestStateDict;
-use crate::pipeline::read::ReadStats;
+use crate::pipeline::read::{Dest, ReadStats};
 use crate::plan::LoadPlan;
 use std::sync::Arc;
 
@@ -79,7 +79,7 @@ type DestVec = Vec<(String, crate::model::DestItem)>;
 /// every rank then agrees on.
 pub(crate) async fn read_shared(
     planned: Result<LoadPlan>,
-    dest: DestStateDict,
+    dest: Dest,
     md: &Arc<Metadata>,
     reader: &dyn StorageReader,
     collective: &dyn Collective,
@@ -127,7 +127,7 @@ pub(crate) async fn read_shared(
     // looked up by binary search).
     let shared = repeated_keys(&lists);
     if shared.is_empty() {
-        return Ok(reader.read(md.clone(), plan, dest).await);
+        return Ok(read_alone(reader, md, plan, dest).await);
     }
     if lend {
         // Ranks of one process read every shared chunk once between them,
@@ -163,7 +163,9 @@ pub(crate) async fn read_shared(
         schedule(md, &needs, budget)
     };
     let (local_plan, shared_reads) = split_plan(plan, &sched);
-    let state = read_local(reader, md, local_plan, dest).await;
+    let state = read_local(reader, md, local_plan, dest)
+        .await
+        .map(|(d, s)| (d.into_whole(), s));
     if window && !sched.shared.is_empty() {
         let fsr = reader
             .file_system_reader()
@@ -231,18 +233,78 @@ fn split_shared(
     )
 }
 
+/// Read `plan` into `dest` (whole, or already in read slots) and return it
+/// whole: what a rank reads when it shares nothing.
+pub(crate) async fn read_alone(
+    reader: &dyn StorageReader,
+    md: &Arc<Metadata>,
+    plan: LoadPlan,
+    dest: Dest,
+) -> Result<(DestStateDict, ReadStats)> {
+    match dest {
+        Dest::Whole(d) => reader.read(md.clone(), plan, d).await,
+        Dest::Slots(s) => {
+            let (s, stats) = slots_reader(reader)?
+                .read_into_slots(md.clone(), plan, s)
+                .await?;
+            Ok((s.take(), stats))
+        }
+    }
+}
+
 /// Read what this rank reads alone; a plan with nothing in it (every chunk
 /// this rank needs is shared) leaves `dest` as it is without a pass over it.
 async fn read_local(
     reader: &dyn StorageReader,
     md: &Arc<Metadata>,
     plan: LoadPlan,
-    dest: DestStateDict,
-) -> Result<(DestStateDict, ReadStats)> {
+    dest: Dest,
+) -> Result<(Dest, ReadStats)> {
     if plan.tensor_reads.is_empty() && plan.bytes_reads.is_empty() {
         return Ok((dest, ReadStats::default()));
     }
-    reader.read(md.clone(), plan, dest).await
+    match dest {
+        Dest::Whole(d) => {
+            let (d, stats) = reader.read(md.clone(), plan, d).await?;
+            Ok((Dest::Whole(d), stats))
+        }
+        Dest::Slots(s) => {
+            let (s, stats) = slots_reader(reader)?
+                .read_into_slots(md.clone(), plan, s)
+                .await?;
+            Ok((Dest::Slots(s), stats))
+        }
+    }
+}
+
+/// The file-system reader that reads into a destination already in read
+/// slots (only ranks with one move their buffers early, see
+/// [`moves_slots_early`]).
+fn slots_reader(reader: &dyn StorageReader) -> Result<&crate::checkpoint::FileSystemReader> {
+    reader.file_system_reader().ok_or_else(|| {
+        Error::new(
+            ErrorKind::Unsupported,
+            "a destination in read slots needs a file-system reader",
+        )
+    })
+}
+
+/// Whether this rank moves its destination's buffers into read slots
+/// before the metadata arrives: a rank other than rank 0 (which reads the
+/// metadata meanwhile) of ranks in one process that lend each other their
+/// buffers (shared reads asked for, a file-system reader, a collective
+/// whose ranks share memory). It would otherwise wait idle for rank 0,
+/// and move them later anyway, when it lends them or reads alone.
+pub(crate) fn moves_slots_early(
+    reader: &dyn StorageReader,
+    collective: &dyn Collective,
+    share_reads: bool,
+) -> bool {
+    share_reads
+        && collective.world_size() > 1
+        && collective.rank() != crate::checkpoint::ROOT
+        && collective.shares_memory()
+        && reader.file_system_reader().is_some()
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! buffers: the saved chunks two or more ranks read (each rank reads the
 //! others alone, before it lends anything), in (item, chunk) order, cut
 //! into one run per rank of about equal stored bytes ([`cuts`]), and each
-//! rank's part of every rank's plan of them ([`served_plan`]).
+//! rank's part of every rank's plan of them ([`served_reads`]).
 //!
 //! A rank serves a chunk whether or not it needs any of it (it writes
 //! straight into the buffers of the ranks that do), so the runs can be
@@ -12,6 +12,7 @@
 
 use crate::metadata::{ItemMeta, Metadata};
 use crate::pipeline::prefetch::prefetch;
+use crate::pipeline::read::Reads;
 use crate::plan::{LoadPlan, ReadItem};
 
 /// A saved chunk: (metadata item index, chunk index).
@@ -30,7 +31,7 @@ const MERGE_MAX_LISTS: usize = 16;
 /// goes to the rank whose equal share of the bytes holds the chunk's middle
 /// byte. Returns the first key of each run after the first (at most
 /// `world - 1`, ascending; fewer when the last ranks get nothing), which
-/// [`reader_of`] and [`served_plan`] read. A key the metadata does not
+/// [`reader_of`] and [`served_reads`] read. A key the metadata does not
 /// have counts as empty (the planner that named it fails the read later).
 pub(super) fn cuts(md: &Metadata, lists: &[&[Key]], world: usize) -> Vec<Key> {
     let union = union(lists);
@@ -106,21 +107,21 @@ fn union(lists: &[&[Key]]) -> Vec<Key> {
     }
 }
 
-/// The plan rank `rank` serves, over one flat index of every rank's
+/// The reads rank `rank` serves, over one flat index of every rank's
 /// destination items (rank `q`'s at `bases[q]` on): the tensor reads of
 /// every rank's plan (`plans[q]`) whose saved chunk `rank` reads under
-/// `cuts`, grouped by saved chunk in key order (each chunk's reads
-/// together, by rank), then `rank`'s own bytes reads. `ordered[q]` says
+/// `cuts`, borrowed, grouped by saved chunk in key order (each chunk's
+/// reads together, by rank), then `rank`'s own bytes reads. `ordered[q]` says
 /// whether `plans[q]`'s tensor reads come in key order (the default
 /// planner's do): then `rank`'s part of it is found by binary search
 /// rather than a pass over every read.
-pub(super) fn served_plan(
-    plans: &[&LoadPlan],
+pub(super) fn served_reads<'p>(
+    plans: &[&'p LoadPlan],
     ordered: &[bool],
     bases: &[usize],
     cuts: &[Key],
     rank: usize,
-) -> LoadPlan {
+) -> Reads<'p> {
     let key = |r: &ReadItem| (r.md_item as u32, r.saved_chunk as u32);
     // This rank's run of keys: [lo, hi), either end open (`None`); no run
     // at all for a rank past the last cut.
@@ -129,11 +130,11 @@ pub(super) fn served_plan(
         Some(i) => cuts.get(i).copied().map(Some),
     };
     let hi = cuts.get(rank).copied();
-    let mut mine: Vec<(Key, usize, &ReadItem)> = Vec::new();
+    let mut mine: Vec<(Key, usize, &'p ReadItem)> = Vec::new();
     if let Some(lo) = lo {
-        for (q, plan) in plans.iter().enumerate() {
+        for (q, &plan) in plans.iter().enumerate() {
             let reads = &plan.tensor_reads[..];
-            let part: Box<dyn Iterator<Item = &ReadItem>> = if ordered[q] {
+            let part: Box<dyn Iterator<Item = &'p ReadItem>> = if ordered[q] {
                 let start = lo.map_or(0, |l| reads.partition_point(|r| key(r) < l));
                 let end = hi.map_or(reads.len(), |h| reads.partition_point(|r| key(r) < h));
                 Box::new(reads[start..end.max(start)].iter())
@@ -147,15 +148,12 @@ pub(super) fn served_plan(
     // parts of ordered plans are sorted runs, which the sort merges.
     mine.sort_by_key(|m| m.0);
     let own = plans.get(rank).map_or(&[][..], |p| &p.bytes_reads[..]);
-    LoadPlan {
-        tensor_reads: mine
+    Reads::Served {
+        tensor: mine
             .into_iter()
-            .map(|(_, q, r)| ReadItem {
-                dest_item: bases[q] + r.dest_item,
-                ..r.clone()
-            })
+            .map(|(_, q, r)| (r, bases[q] + r.dest_item))
             .collect(),
-        bytes_reads: own
+        bytes: own
             .iter()
             .map(|b| crate::plan::BytesRead {
                 dest_item: bases[rank] + b.dest_item,
@@ -288,10 +286,9 @@ mod tests {
         };
         let bases = [0, 3];
         let cuts: Vec<Key> = vec![(1, 0)];
-        let tags = |p: &LoadPlan| -> Vec<(usize, u64)> {
-            p.tensor_reads
-                .iter()
-                .map(|r| (r.dest_item, r.overlap.offsets[0]))
+        let tags = |p: &Reads<'_>| -> Vec<(usize, u64)> {
+            p.tensors()
+                .map(|(r, dest_item)| (dest_item, r.overlap.offsets[0]))
                 .collect()
         };
         let mut unordered = p1.clone();
@@ -300,18 +297,18 @@ mod tests {
             ([&p0, &p1], [true, true]),
             ([&p0, &unordered], [true, false]),
         ] {
-            let s0 = served_plan(&plans, &ordered, &bases, &cuts, 0);
-            let s1 = served_plan(&plans, &ordered, &bases, &cuts, 1);
+            let s0 = served_reads(&plans, &ordered, &bases, &cuts, 0);
+            let s1 = served_reads(&plans, &ordered, &bases, &cuts, 1);
             assert_eq!(tags(&s0), vec![(0, 0), (0, 1), (3, 10)]);
             assert_eq!(tags(&s1), vec![(4, 11), (1, 2), (5, 12)]);
             // Bytes reads stay with their own rank.
-            assert_eq!(s0.bytes_reads[0].dest_item, 2);
-            assert!(s1.bytes_reads.is_empty());
+            assert_eq!(s0.bytes()[0].dest_item, 2);
+            assert!(s1.bytes().is_empty());
         }
         // A rank past the cuts (nothing left for it) serves no tensor
         // reads, only its own bytes reads.
-        let s = served_plan(&[&p0, &p1, &p0], &[true; 3], &[0, 3, 6], &cuts, 2);
-        assert!(s.tensor_reads.is_empty());
-        assert_eq!(s.bytes_reads[0].dest_item, 8);
+        let s = served_reads(&[&p0, &p1, &p0], &[true; 3], &[0, 3, 6], &cuts, 2);
+        assert_eq!(s.tensor_len(), 0);
+        assert_eq!(s.bytes()[0].dest_item, 8);
     }
 }

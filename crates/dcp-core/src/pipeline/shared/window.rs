@@ -261,7 +261,7 @@ impl ServeJob<'_> {
         own: Vec<crate::plan::ReadItem>,
     ) -> Result<(DestStateDict, ReadStats, Vec<Vec<Bytes>>)> {
         use crate::model::DestData;
-        use crate::pipeline::read::{read_slots, DestSlots, Slot, SlotChunk};
+        use crate::pipeline::read::{read_slots, DestSlots, Reads, Slot, SlotChunk};
         use std::sync::Mutex;
         let own_slots = DestSlots::new(dest);
         let base = own_slots.len();
@@ -318,15 +318,22 @@ impl ServeJob<'_> {
                 }
             }
         }
-        let (resolved, cfg, format) = self.reader.prepare_read(self.md, &plan)?;
+        let (resolved, cfg, format) = self.reader.prepare_read(self.md, &Reads::Plan(&plan))?;
         let (fs, md) = (self.reader.fs().clone(), self.md.clone());
         let (own_slots, extra, stats) = blocking(move || {
-            let md = located(fs.as_ref(), format.as_ref(), md, &plan)?;
+            let md = located(fs.as_ref(), format.as_ref(), md, &Reads::Plan(&plan))?;
             let slots: Vec<Slot<'_>> = own_slots
                 .slots()
                 .chain(extra.iter().map(|c| Slot::Tensor(std::slice::from_ref(c))))
                 .collect();
-            let stats = read_slots(fs.as_ref(), &md, &plan, &slots, &resolved, &cfg)?;
+            let stats = read_slots(
+                fs.as_ref(),
+                &md,
+                &Reads::Plan(&plan),
+                &slots,
+                &resolved,
+                &cfg,
+            )?;
             drop(slots);
             Ok((own_slots, extra, stats))
         })
