@@ -8,7 +8,7 @@ use crate::format::SerializationFormat;
 use crate::metadata::{ItemMeta, Metadata, StorageInfo, MAGIC, MAX_METADATA_LEN};
 use crate::model::DestStateDict;
 use crate::pipeline::blocking;
-use crate::pipeline::read::{read_plan, read_slots, DestSlots, ReadConfig, ReadStats, Reads, Slot};
+use crate::pipeline::read::{read_slots, Dest, DestSlots, ReadConfig, ReadStats, Reads, Slot};
 use crate::plan::LoadPlan;
 use crate::storage::{FileSystem, METADATA_FILE};
 use async_trait::async_trait;
@@ -128,13 +128,8 @@ impl StorageReader for FileSystemReader {
         plan: LoadPlan,
         dest: DestStateDict,
     ) -> Result<(DestStateDict, ReadStats)> {
-        let (resolved, cfg, format) = self.prepare_read(&md, &Reads::Plan(&plan))?;
-        let fs = self.fs.clone();
-        blocking(move || {
-            let md = located(fs.as_ref(), format.as_ref(), md, &Reads::Plan(&plan))?;
-            read_plan(fs.as_ref(), &md, &plan, dest, &resolved, &cfg)
-        })
-        .await
+        let (slots, stats) = self.read_into_slots(md, plan, Dest::Whole(dest)).await?;
+        Ok((slots.take(), stats))
     }
 
     fn file_system_reader(&self) -> Option<&FileSystemReader> {
@@ -146,18 +141,19 @@ impl StorageReader for FileSystemReader {
 pub(crate) type Resolved = Vec<Option<Arc<dyn crate::transform::StreamTransformExtension>>>;
 
 impl FileSystemReader {
-    /// Read `plan` into `slots` (a destination already moved into read
-    /// slots) and hand them back, as [`StorageReader::read`] does a whole
-    /// destination.
+    /// Read `plan` into `dest` (whole: its buffers are moved into read
+    /// slots first, in the blocking work; or already in slots) and hand
+    /// back its slots.
     pub(crate) async fn read_into_slots(
         &self,
         md: Arc<Metadata>,
         plan: LoadPlan,
-        slots: DestSlots,
+        dest: Dest,
     ) -> Result<(DestSlots, ReadStats)> {
         let (resolved, cfg, format) = self.prepare_read(&md, &Reads::Plan(&plan))?;
         let fs = self.fs.clone();
         blocking(move || {
+            let slots = dest.into_slots();
             let md = located(fs.as_ref(), format.as_ref(), md, &Reads::Plan(&plan))?;
             let all: Vec<Slot<'_>> = slots.slots().collect();
             let stats = read_slots(fs.as_ref(), &md, &Reads::Plan(&plan), &all, &resolved, &cfg)?;

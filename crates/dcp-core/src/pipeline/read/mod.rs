@@ -234,22 +234,6 @@ fn prefetch_chunks(items: &[&mut DestItem], i: usize) {
     }
 }
 
-/// Execute `plan` against `fs`, filling `dest`. Blocking: runs up to
-/// `thread_count` scoped worker threads.
-pub(crate) fn read_plan(
-    fs: &dyn FileSystem,
-    md: &Metadata,
-    plan: &LoadPlan,
-    dest: DestStateDict,
-    resolved: &[Option<Arc<dyn StreamTransformExtension>>],
-    cfg: &ReadConfig,
-) -> Result<(DestStateDict, ReadStats)> {
-    let dest = DestSlots::new(dest);
-    let slots: Vec<Slot<'_>> = dest.slots().collect();
-    let stats = read_slots(fs, md, &Reads::Plan(plan), &slots, resolved, cfg)?;
-    Ok((dest.take(), stats))
-}
-
 /// Execute `reads` against `fs`, filling `slots` (indexed by the reads'
 /// destination items, [`Reads::tensor`]; they may belong to several ranks
 /// of one process). Blocking: runs up to `thread_count` scoped worker

@@ -245,7 +245,7 @@ pub(crate) async fn read_alone(
         Dest::Whole(d) => reader.read(md.clone(), plan, d).await,
         Dest::Slots(s) => {
             let (s, stats) = slots_reader(reader)?
-                .read_into_slots(md.clone(), plan, s)
+                .read_into_slots(md.clone(), plan, Dest::Slots(s))
                 .await?;
             Ok((s.take(), stats))
         }
@@ -270,7 +270,7 @@ async fn read_local(
         }
         Dest::Slots(s) => {
             let (s, stats) = slots_reader(reader)?
-                .read_into_slots(md.clone(), plan, s)
+                .read_into_slots(md.clone(), plan, Dest::Slots(s))
                 .await?;
             Ok((Dest::Slots(s), stats))
         }
