@@ -243,9 +243,9 @@ pub(crate) async fn read_alone(
 ) -> Result<(DestStateDict, ReadStats)> {
     match dest {
         Dest::Whole(d) => reader.read(md.clone(), plan, d).await,
-        Dest::Slots(s) => {
+        slots => {
             let (s, stats) = slots_reader(reader)?
-                .read_into_slots(md.clone(), plan, Dest::Slots(s))
+                .read_into_slots(md.clone(), plan, slots)
                 .await?;
             Ok((s.take(), stats))
         }
@@ -268,9 +268,9 @@ async fn read_local(
             let (d, stats) = reader.read(md.clone(), plan, d).await?;
             Ok((Dest::Whole(d), stats))
         }
-        Dest::Slots(s) => {
+        slots => {
             let (s, stats) = slots_reader(reader)?
-                .read_into_slots(md.clone(), plan, Dest::Slots(s))
+                .read_into_slots(md.clone(), plan, slots)
                 .await?;
             Ok((Dest::Slots(s), stats))
         }
@@ -294,7 +294,10 @@ fn slots_reader(reader: &dyn StorageReader) -> Result<&crate::checkpoint::FileSy
 /// metadata meanwhile) of ranks in one process that lend each other their
 /// buffers (shared reads asked for, a file-system reader, a collective
 /// whose ranks share memory). It would otherwise wait idle for rank 0,
-/// and move them later anyway, when it lends them or reads alone.
+/// and move them later anyway, when it lends them or reads alone. Only
+/// sectioned metadata (known once it arrives; large sharded checkpoints)
+/// takes them back out to plan its sections: one more pass over the
+/// rank's own destination.
 pub(crate) fn moves_slots_early(
     reader: &dyn StorageReader,
     collective: &dyn Collective,
