@@ -44,8 +44,8 @@ pub trait LoadPlanner: Send + Sync {
     /// Plan one rank's reads. A planner plans from `dest`'s names, dtypes,
     /// shapes and regions, never from its buffers: the buffers may already
     /// be moved out for reading (ranks of one process that lend each other
-    /// their buffers move them while rank 0 reads the metadata), each then
-    /// empty.
+    /// their buffers move them while rank 0 reads the metadata, rank 0
+    /// included), each then empty.
     fn plan(&self, metadata: &Metadata, dest: &DestStateDict) -> Result<LoadPlan>;
 }
 

@@ -65,14 +65,15 @@ async fn load_inner(
     collective: &dyn Collective,
     options: &LoadOptions,
 ) -> Result<LoadResult> {
-    // A rank that will lend its buffers moves them into read slots now,
-    // while rank 0 reads the metadata.
-    let dest = if moves_slots_early(reader, collective, options.share_reads) {
-        Dest::Slots(DestSlots::new(dest))
+    // Ranks that will lend their buffers move them into read slots while
+    // rank 0 reads the metadata (rank 0 on a blocking thread beside it).
+    let (dest, head) = if moves_slots_early(reader, collective, options.share_reads) {
+        let moving = crate::pipeline::blocking(move || Ok(DestSlots::new(dest)));
+        let (moved, head) = tokio::join!(moving, broadcast_head(reader, collective));
+        (Dest::Slots(moved?), head?)
     } else {
-        Dest::Whole(dest)
+        (Dest::Whole(dest), broadcast_head(reader, collective).await?)
     };
-    let head = broadcast_head(reader, collective).await?;
     let (metadata, result) = match &*head {
         Head::Whole(md) => {
             let metadata = md.clone();

@@ -173,8 +173,8 @@ impl DestSlots {
 
 /// A rank's destination on its way through a load: whole, or already moved
 /// into read slots (ranks of one process that lend each other their
-/// buffers move them while rank 0 reads the metadata, when they would
-/// otherwise wait idle).
+/// buffers move them while rank 0 reads the metadata, when the other
+/// ranks would otherwise wait idle).
 pub(crate) enum Dest {
     Whole(DestStateDict),
     Slots(DestSlots),

@@ -290,14 +290,15 @@ fn slots_reader(reader: &dyn StorageReader) -> Result<&crate::checkpoint::FileSy
 }
 
 /// Whether this rank moves its destination's buffers into read slots
-/// before the metadata arrives: a rank other than rank 0 (which reads the
-/// metadata meanwhile) of ranks in one process that lend each other their
-/// buffers (shared reads asked for, a file-system reader, a collective
-/// whose ranks share memory). It would otherwise wait idle for rank 0,
-/// and move them later anyway, when it lends them or reads alone. Only
-/// sectioned metadata (known once it arrives; large sharded checkpoints)
-/// takes them back out to plan its sections: one more pass over the
-/// rank's own destination.
+/// while rank 0 reads the metadata: every rank of ranks in one process
+/// that lend each other their buffers (shared reads asked for, a
+/// file-system reader, a collective whose ranks share memory). The others
+/// would otherwise wait idle for rank 0, and rank 0 moves its own on a
+/// blocking thread beside its read and decode (done later, the others
+/// would wait for it before lending); every rank moves them anyway, when
+/// it lends them or reads alone. Only sectioned metadata (known once it
+/// arrives; large sharded checkpoints) takes them back out to plan its
+/// sections: one more pass over the rank's own destination.
 pub(crate) fn moves_slots_early(
     reader: &dyn StorageReader,
     collective: &dyn Collective,
@@ -305,7 +306,6 @@ pub(crate) fn moves_slots_early(
 ) -> bool {
     share_reads
         && collective.world_size() > 1
-        && collective.rank() != crate::checkpoint::ROOT
         && collective.shares_memory()
         && reader.file_system_reader().is_some()
 }
