@@ -50,8 +50,7 @@ pub trait LoadPlanner: Send + Sync {
 }
 
 /// How many destination entries ahead the default planner hints the
-/// cache about the entries themselves (the names and items in the state
-/// dict's tree nodes).
+/// cache about what each entry points to (its name and chunk list).
 const FAR_AHEAD: usize = 8;
 
 /// The default planner. Refuses a destination whose dtype or shape differs
@@ -81,14 +80,16 @@ impl LoadPlanner for DefaultLoadPlanner {
         // comparison.
         let mut stride = 0usize;
         let mut items = dest.iter().enumerate().peekable();
-        // The entries [`FAR_AHEAD`] on, hinted to the cache: reading the
-        // next entry's name and chunk list (to hint what they point to,
-        // below) would otherwise miss first.
+        // What the entry [`FAR_AHEAD`] on points to, hinted to the cache:
+        // its name and chunk list (allocations of their own, each a miss
+        // that the CPU now waits for during the entries before it).
         let mut far = dest.iter().skip(FAR_AHEAD);
         while let Some((di, (name, item))) = items.next() {
             if let Some((n, it)) = far.next() {
-                prefetch(n);
-                prefetch(it);
+                prefetch(n.as_str());
+                if let DestItem::Tensor(t) = it {
+                    prefetch(&t.chunks[..]);
+                }
             }
             let found = find_from(&md.items, from, stride, name);
             from = match found {
@@ -98,15 +99,11 @@ impl LoadPlanner for DefaultLoadPlanner {
                 }
                 Err(i) => i,
             };
-            // What the next name's lookup and match read first: its name and
-            // the saved item where it is likely to be, each a cache miss
-            // (names and chunk lists are allocations of their own) that
-            // the CPU now waits for during this item's work.
-            if let Some((_, (next, next_item))) = items.peek() {
-                prefetch(next.as_str());
-                if let DestItem::Tensor(t) = next_item {
-                    prefetch(&t.chunks[..]);
-                }
+            // What the next name's lookup and match read first in the
+            // checkpoint: the saved item where it is likely to be, a cache
+            // miss (names and chunk lists are allocations of their own)
+            // that the CPU now waits for during this item's work.
+            if items.peek().is_some() {
                 if let Some((n, saved)) = md.items.get(from.saturating_add(stride)) {
                     prefetch(n.as_str());
                     if let ItemMeta::Tensor { chunks, .. } = saved {

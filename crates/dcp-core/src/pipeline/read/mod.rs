@@ -99,10 +99,10 @@ pub(crate) struct DestSlots {
 
 impl DestSlots {
     pub(crate) fn new(mut dest: DestStateDict) -> DestSlots {
-        let mut items: Vec<&mut DestItem> = dest.items_mut().collect();
+        let items = dest.items_mut();
         let (mut n_chunks, mut n_bytes) = (0usize, 0usize);
-        for item in &items {
-            match &**item {
+        for (_, item) in items.iter() {
+            match item {
                 DestItem::Tensor(t) => n_chunks += t.chunks.len(),
                 DestItem::Bytes(_) => n_bytes += 1,
             }
@@ -111,8 +111,8 @@ impl DestSlots {
         let mut bytes = Vec::with_capacity(n_bytes);
         let mut at = Vec::with_capacity(items.len());
         for i in 0..items.len() {
-            prefetch_chunks(&items, i + PREFETCH_AHEAD);
-            match &mut *items[i] {
+            prefetch_chunks(items, i + PREFETCH_AHEAD);
+            match &mut items[i].1 {
                 DestItem::Tensor(t) => {
                     let start = chunks.len();
                     chunks.extend(
@@ -154,10 +154,10 @@ impl DestSlots {
     /// is empty).
     pub(crate) fn take(&self) -> DestStateDict {
         let mut dest = std::mem::take(&mut *lock(&self.dest));
-        let mut items: Vec<&mut DestItem> = dest.items_mut().collect();
+        let items = dest.items_mut();
         for (i, a) in self.at.iter().enumerate() {
-            prefetch_chunks(&items, i + PREFETCH_AHEAD);
-            match (&mut *items[i], *a) {
+            prefetch_chunks(items, i + PREFETCH_AHEAD);
+            match (&mut items[i].1, *a) {
                 (DestItem::Tensor(t), SlotAt::Tensor(s, e)) => {
                     for (c, (_, m)) in t.chunks.iter_mut().zip(&self.chunks[s..e]) {
                         c.data = std::mem::take(&mut *lock(m));
@@ -215,21 +215,16 @@ impl Dest {
 }
 
 /// How many items ahead [`DestSlots`] hints the cache about the chunk
-/// records it moves buffers in and out of.
+/// records it moves buffers in and out of (the items themselves lie in one
+/// vector, which the hardware prefetcher follows).
 const PREFETCH_AHEAD: usize = 8;
 
 /// Hint the cache about the chunk records of `items[i]`, if there is one: a
 /// state dict's chunk records lie scattered among its buffers, about one
 /// miss per record, which the CPU then waits for while it moves the
 /// buffers of the items before it instead of one after another.
-fn prefetch_chunks(items: &[&mut DestItem], i: usize) {
-    // Reading `items[i]` to find its chunk records is a miss of its own
-    // (the items lie in the state dict's tree nodes): hint the item as far
-    // ahead again, so that it is in the cache when its turn here comes.
-    if let Some(x) = items.get(i + PREFETCH_AHEAD) {
-        prefetch(&**x);
-    }
-    if let Some(DestItem::Tensor(t)) = items.get(i).map(|x| &**x) {
+fn prefetch_chunks(items: &[(String, DestItem)], i: usize) {
+    if let Some((_, DestItem::Tensor(t))) = items.get(i) {
         prefetch(&t.chunks[..]);
     }
 }
