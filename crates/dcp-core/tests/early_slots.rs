@@ -83,8 +83,9 @@ impl LoadPlanner for Recording {
     }
 }
 
-/// Load with `n` ranks, rank `k` asking for `region(k)` of every tensor;
-/// check every byte and return what the planner saw, by rank.
+/// Load with `n` ranks, rank `k` asking for `region(k)` of every tensor
+/// (odd ranks in reverse name order); check every byte and return what the
+/// planner saw, by rank.
 async fn load_regions(
     fs: Arc<dyn FileSystem>,
     n: usize,
@@ -100,7 +101,14 @@ async fn load_regions(
         async move {
             let b = region(g.rank(), n);
             let mut dest = DestStateDict::new();
-            for t in 0..3 {
+            // Odd ranks ask in reverse name order: the load merges the
+            // names inserted out of order before it walks the destination.
+            let order = if g.rank() % 2 == 1 {
+                [2, 1, 0]
+            } else {
+                [0, 1, 2]
+            };
+            for t in order {
                 dest.want_tensor(format!("t{t}"), DType::U32, vec![R, C], vec![b.clone()])?;
             }
             let reader = FileSystemReader::new(fs, ReaderOptions::default());

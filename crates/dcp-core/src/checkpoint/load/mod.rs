@@ -60,11 +60,14 @@ pub async fn load_with(
 }
 
 async fn load_inner(
-    dest: DestStateDict,
+    mut dest: DestStateDict,
     reader: &dyn StorageReader,
     collective: &dyn Collective,
     options: &LoadOptions,
 ) -> Result<LoadResult> {
+    // Names inserted out of order join the sorted vector once, before the
+    // load walks it (nothing to do for a destination built in name order).
+    dest.settle();
     // Ranks that will lend their buffers move them into read slots while
     // rank 0 reads the metadata (rank 0 on a blocking thread beside it).
     let (dest, head) = if moves_slots_early(reader, collective, options.share_reads) {
@@ -213,7 +216,10 @@ pub async fn load_from(
             }
         }
         let (planned, dest) = match dest {
-            Ok(d) => (options.planner.plan(&metadata, &d), d),
+            Ok(mut d) => {
+                d.settle();
+                (options.planner.plan(&metadata, &d), d)
+            }
             Err(e) => (Err(e), DestStateDict::new()),
         };
         read_agreed(planned, dest, metadata, reader, collective, options).await
