@@ -281,17 +281,7 @@ impl StateDict {
         let name = name.into();
         check_name(&name)?;
         for c in &chunks {
-            c.region
-                .check_within(&shape)
-                .map_err(|e| e.context(&name))?;
-            let want = c.region.numel() as u128 * dtype.size() as u128;
-            if u128::from(c.data.len()) != want {
-                return Err(Error::invalid(format!(
-                    "{name}: chunk ({}) has {} bytes, expected {want} for {dtype}",
-                    c.region,
-                    c.data.len()
-                )));
-            }
+            check_chunk(&name, &shape, dtype, &c.region, c.data.len(), "chunk")?;
         }
         let item = Item::Tensor(TensorItem {
             dtype,
@@ -377,6 +367,27 @@ impl StateDict {
 pub(crate) fn check_name(name: &str) -> Result<()> {
     if name.is_empty() || name.contains('\0') || name.len() > 64 * 1024 {
         return Err(Error::invalid(format!("invalid item name {name:?}")));
+    }
+    Ok(())
+}
+
+/// Check that a chunk (`what`: "chunk", "destination chunk") of item
+/// `name` lies within `shape` and that its buffer of `len` bytes holds its
+/// box of `dtype` elements exactly.
+pub(crate) fn check_chunk(
+    name: &str,
+    shape: &[u64],
+    dtype: DType,
+    region: &ChunkBox,
+    len: u64,
+    what: &str,
+) -> Result<()> {
+    region.check_within(shape).map_err(|e| e.context(name))?;
+    let want = region.numel() as u128 * dtype.size() as u128;
+    if u128::from(len) != want {
+        return Err(Error::invalid(format!(
+            "{name}: {what} ({region}) has {len} bytes, expected {want} for {dtype}"
+        )));
     }
     Ok(())
 }

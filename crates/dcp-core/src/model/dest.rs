@@ -1,7 +1,7 @@
 //! Destinations of a load: the state dict a rank fills ([`DestStateDict`]),
 //! its items, chunks and their buffers ([`DestData`], [`TensorBuffer`]).
 
-use super::{check_name, ChunkBox};
+use super::{check_chunk, check_name, ChunkBox};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use std::collections::BTreeMap;
@@ -266,17 +266,14 @@ impl DestStateDict {
         let name = name.into();
         check_name(&name)?;
         for c in &chunks {
-            c.region
-                .check_within(&shape)
-                .map_err(|e| e.context(&name))?;
-            let want = c.region.numel() as u128 * dtype.size() as u128;
-            if c.data.len() as u128 != want {
-                return Err(Error::invalid(format!(
-                    "{name}: destination chunk ({}) has {} bytes, expected {want}",
-                    c.region,
-                    c.data.len()
-                )));
-            }
+            check_chunk(
+                &name,
+                &shape,
+                dtype,
+                &c.region,
+                c.data.len() as u64,
+                "destination chunk",
+            )?;
         }
         self.put(
             name,
